@@ -1,0 +1,42 @@
+# ringflow_add_test(name SOURCES ... LABELS ... [MPI_RANKS n...] [CUDA])
+#
+# Builds one Catch2 binary. Without MPI_RANKS it is registered once; with
+# MPI_RANKS it is registered once per rank count as name_npN, run through
+# ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} N (with --oversubscribe and,
+# as root, --allow-run-as-root for OpenMPI). CUDA tests exit 77 = skipped.
+function(ringflow_add_test name)
+  cmake_parse_arguments(ARG "CUDA" "" "SOURCES;LABELS;MPI_RANKS" ${ARGN})
+  if(ARG_MPI_RANKS)
+    set(_main ${PROJECT_SOURCE_DIR}/tests/support/mpi_main.cpp)
+  elseif(ARG_CUDA)
+    set(_main ${PROJECT_SOURCE_DIR}/tests/support/cuda_main.cpp)
+  else()
+    set(_main ${PROJECT_SOURCE_DIR}/tests/support/main.cpp)
+  endif()
+  add_executable(${name} ${ARG_SOURCES} ${_main})
+  target_link_libraries(${name} PRIVATE ringflow::ringflow ringflow::cuda Catch2::Catch2)
+  target_include_directories(${name} PRIVATE ${PROJECT_SOURCE_DIR}/tests)
+  ringflow_set_warnings(${name})
+  set_target_properties(${name} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/tests)
+
+  if(ARG_MPI_RANKS)
+    set(_extra_flags --oversubscribe)
+    execute_process(COMMAND id -u OUTPUT_VARIABLE _uid OUTPUT_STRIP_TRAILING_WHITESPACE)
+    if(_uid STREQUAL "0")
+      list(APPEND _extra_flags --allow-run-as-root)
+    endif()
+    foreach(n ${ARG_MPI_RANKS})
+      add_test(NAME ${name}_np${n}
+               COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${n} ${_extra_flags}
+                       ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${name}> ${MPIEXEC_POSTFLAGS})
+      set_tests_properties(${name}_np${n} PROPERTIES LABELS "${ARG_LABELS}" PROCESSORS ${n}
+                           TIMEOUT 600)
+    endforeach()
+  else()
+    add_test(NAME ${name} COMMAND ${name})
+    set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT 600)
+    if(ARG_CUDA)
+      set_tests_properties(${name} PROPERTIES SKIP_RETURN_CODE 77)
+    endif()
+  endif()
+endfunction()

@@ -1,0 +1,59 @@
+// communicator: argument checks for point-to-point, split, shared state.
+#include "ringflow/comm/communicator.hpp"
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <string_view>
+
+namespace ringflow {
+
+struct communicator::state {
+  std::atomic<std::uint64_t> sequence{0};
+  std::atomic<bool> checked{checked_by_default()};
+};
+
+bool checked_by_default() {
+  const char* env = std::getenv("RINGFLOW_CHECK");
+  if (env == nullptr) return false;
+  const std::string_view v(env);
+  return v == "1" || v == "on" || v == "true" || v == "yes";
+}
+
+communicator::communicator(std::shared_ptr<transport> t)
+    : transport_(std::move(t)), state_(std::make_shared<state>()) {
+  if (!transport_) throw usage_error("communicator: null transport");
+}
+
+communicator communicator::split(int color, int key) const {
+  auto t = transport_->split(color, key);
+  if (!t) return communicator();
+  communicator c(std::move(t));
+  c.set_checked(checked());
+  return c;
+}
+
+bool communicator::checked() const noexcept { return state_->checked.load(std::memory_order_relaxed); }
+
+void communicator::set_checked(bool on) const noexcept {
+  state_->checked.store(on, std::memory_order_relaxed);
+}
+
+std::uint64_t communicator::next_sequence() const noexcept {
+  return state_->sequence.fetch_add(1, std::memory_order_relaxed);
+}
+
+void communicator::check_p2p(int peer, int tag, const char* what) const {
+  if (peer < 0 || peer >= size()) {
+    throw usage_error(fmt::format("{} on rank {}: peer {} is outside the communicator of size {}",
+                                  what, rank(), peer, size()));
+  }
+  if (tag < 0 || tag > max_user_tag) {
+    throw usage_error(fmt::format(
+        "{} on rank {}: tag {} is outside [0, {}] (tags above are reserved for collectives)", what,
+        rank(), tag, max_user_tag));
+  }
+}
+
+}  // namespace ringflow

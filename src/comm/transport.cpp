@@ -1,0 +1,77 @@
+// request plumbing shared by every backend, and the default timeout.
+#include "ringflow/comm/transport.hpp"
+
+#include <cstdlib>
+#include <exception>
+
+#include "ringflow/core/error.hpp"
+#include "ringflow/core/log.hpp"
+
+namespace ringflow {
+
+request& request::operator=(request&& other) noexcept {
+  if (this != &other) {
+    if (state_) {
+      try {
+        state_->wait();
+      } catch (const std::exception& e) {
+        log::error("a pending request was overwritten and failed: {}", e.what());
+      }
+    }
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+request::~request() {
+  if (!state_) return;
+  try {
+    state_->wait();
+  } catch (const std::exception& e) {
+    log::error("a pending request was destroyed and failed: {}", e.what());
+  }
+}
+
+bool request::test() {
+  if (!state_) return true;
+  if (!state_->test()) return false;
+  state_.reset();
+  return true;
+}
+
+void request::wait() {
+  if (!state_) return;
+  // Reset even on failure: a failed request is finished, not pending.
+  auto s = std::move(state_);
+  s->wait();
+}
+
+void wait_all(std::span<request> requests) {
+  std::exception_ptr first;
+  for (auto& r : requests) {
+    try {
+      r.wait();
+    } catch (...) {
+      if (!first) first = std::current_exception();
+    }
+  }
+  if (first) std::rethrow_exception(first);
+}
+
+std::chrono::milliseconds default_timeout() {
+  static const std::chrono::milliseconds value = [] {
+    const char* env = std::getenv("RINGFLOW_TIMEOUT");
+    if (env == nullptr || *env == '\0') return std::chrono::milliseconds(300'000);
+    char* end = nullptr;
+    const double seconds = std::strtod(env, &end);
+    if (end == env || *end != '\0' || seconds < 0) {
+      log::warn("RINGFLOW_TIMEOUT='{}' is not a number of seconds; using 300", env);
+      return std::chrono::milliseconds(300'000);
+    }
+    if (seconds == 0) return std::chrono::milliseconds::max();
+    return std::chrono::milliseconds(static_cast<long long>(seconds * 1000.0));
+  }();
+  return value;
+}
+
+}  // namespace ringflow

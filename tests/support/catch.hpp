@@ -1,0 +1,12 @@
+// One include for Catch2 v2 (Debian 12: catch2/catch.hpp) and v3 (catch_all.hpp).
+#pragma once
+
+#if __has_include(<catch2/catch_all.hpp>)
+#include <catch2/catch_all.hpp>
+#define RINGFLOW_CATCH2_V3 1
+#else
+#include <catch2/catch.hpp>
+#endif
+
+// Catch2 v3 moved Approx into Catch:: (still there) and split matchers; both
+// versions accept Catch::Approx / Catch::Matchers::* in the forms we use.
