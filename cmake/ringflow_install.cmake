@@ -25,11 +25,7 @@ install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/ringflow
         COMPONENT ringflow_development
         FILES_MATCHING PATTERN "*.hpp" PATTERN "*.h" PATTERN "*.cuh" PATTERN "*.inl")
 
-# The benchmark tool, once bench/ defines it.
-if(TARGET ringflow-bench)
-  install(TARGETS ringflow-bench RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
-          COMPONENT ringflow_runtime)
-endif()
+# (bench/ installs ringflow-bench itself.)
 
 install(EXPORT ringflowTargets
         NAMESPACE ringflow::

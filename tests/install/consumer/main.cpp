@@ -1,10 +1,10 @@
 // Consumer of an installed ringflow: 4 thread ranks allreduce and check the result.
-#include <ringflow/ringflow.hpp>
-#include <ringflow/cuda/device.hpp>
-
 #include <cstdio>
 #include <span>
 #include <vector>
+
+#include <ringflow/cuda/device.hpp>
+#include <ringflow/ringflow.hpp>
 
 int main() {
   constexpr int ranks = 4;
