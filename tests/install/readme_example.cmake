@@ -1,0 +1,35 @@
+# Script for the readme_example test: the README's first program must be the
+# code of examples/allreduce_hello.cpp, byte for byte, so the README compiles.
+#   cmake -DSOURCE_DIR=<repo> [-DOUT_DIR=<dir for the README's version>] -P readme_example.cmake
+set(_example examples/allreduce_hello.cpp)
+file(READ ${SOURCE_DIR}/README.md readme)
+file(READ ${SOURCE_DIR}/${_example} code)
+
+string(FIND "${readme}" "<!-- example: ${_example}" at)
+if(at EQUAL -1)
+  message(FATAL_ERROR "README.md has no '<!-- example: ${_example}' marker before its first program")
+endif()
+string(SUBSTRING "${readme}" ${at} -1 rest)
+string(FIND "${rest}" "```cpp\n" open)
+if(open EQUAL -1)
+  message(FATAL_ERROR "README.md: no ```cpp block after the ${_example} marker")
+endif()
+math(EXPR open "${open} + 7")
+string(SUBSTRING "${rest}" ${open} -1 rest)
+string(FIND "${rest}" "\n```" close)
+if(close EQUAL -1)
+  message(FATAL_ERROR "README.md: the ```cpp block after the ${_example} marker is not closed")
+endif()
+math(EXPR close "${close} + 1")
+string(SUBSTRING "${rest}" 0 ${close} snippet)
+
+if(NOT snippet STREQUAL code)
+  set(_where "")
+  if(OUT_DIR)
+    file(WRITE ${OUT_DIR}/readme_snippet.cpp "${snippet}")
+    set(_where " (the README's version is in ${OUT_DIR}/readme_snippet.cpp; diff the two)")
+  endif()
+  message(FATAL_ERROR "README.md's first program differs from ${_example}: copy the file into "
+                      "the README${_where}")
+endif()
+message(STATUS "README.md shows ${_example} exactly")
