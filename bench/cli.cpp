@@ -1,0 +1,268 @@
+// ringflow-bench command line parsing and validation (no MPI calls: every rank parses the same argv).
+#include "cli.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <limits>
+#include <string_view>
+
+#include "ringflow/core/error.hpp"
+
+namespace ringflow::bench {
+namespace {
+
+constexpr dtype all_dtypes[] = {dtype::f32, dtype::f64, dtype::f16, dtype::bf16,
+                                dtype::i32, dtype::i64, dtype::i8,  dtype::u8};
+constexpr op_kind all_ops[] = {op_kind::sum, op_kind::prod, op_kind::min, op_kind::max,
+                               op_kind::avg};
+
+long long parse_int(const std::string& flag, const std::string& text, long long lo, long long hi) {
+  long long v = 0;
+  const char* end = text.data() + text.size();
+  auto [p, ec] = std::from_chars(text.data(), end, v);
+  if (text.empty() || ec != std::errc() || p != end) {
+    throw bad_flag(fmt::format("{} expects an integer, got '{}'", flag, text));
+  }
+  if (v < lo || v > hi) {
+    throw bad_flag(fmt::format("{} {} is out of range [{}, {}]", flag, v, lo, hi));
+  }
+  return v;
+}
+
+dtype parse_dtype(const std::string& flag, const std::string& text) {
+  for (dtype t : all_dtypes) {
+    if (text == dtype_name(t)) return t;
+  }
+  // nccl-tests spellings
+  if (text == "float32" || text == "fp32") return dtype::f32;
+  if (text == "float64" || text == "fp64") return dtype::f64;
+  if (text == "float16" || text == "fp16") return dtype::f16;
+  if (text == "bf16") return dtype::bf16;
+  if (text == "int") return dtype::i32;
+  throw bad_flag(fmt::format(
+      "{} '{}' is not a dtype: use float, double, half, bfloat16, int32, int64, int8 or uint8",
+      flag, text));
+}
+
+op_kind parse_op(const std::string& flag, const std::string& text) {
+  for (op_kind k : all_ops) {
+    if (text == op_name(k)) return k;
+  }
+  throw bad_flag(
+      fmt::format("{} '{}' is not a reduce op: use sum, prod, min, max or avg", flag, text));
+}
+
+}  // namespace
+
+std::size_t parse_bytes(const std::string& flag, const std::string& text) {
+  std::size_t v = 0;
+  const char* begin = text.data();
+  const char* end = text.data() + text.size();
+  auto [p, ec] = std::from_chars(begin, end, v);
+  if (text.empty() || ec != std::errc() || p == begin) {
+    throw bad_flag(fmt::format("{} expects a byte count such as 1024, 64K, 4M or 1G, got '{}'",
+                               flag, text));
+  }
+  std::string suffix(p, end);
+  std::transform(suffix.begin(), suffix.end(), suffix.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  std::size_t scale = 1;
+  if (!suffix.empty() && (suffix[0] == 'k' || suffix[0] == 'm' || suffix[0] == 'g')) {
+    scale = suffix[0] == 'k' ? (std::size_t{1} << 10)
+            : suffix[0] == 'm' ? (std::size_t{1} << 20)
+                               : (std::size_t{1} << 30);
+    suffix.erase(0, 1);
+    if (suffix == "ib" || suffix == "b") suffix.clear();
+  } else if (suffix == "b") {
+    suffix.clear();
+  }
+  if (!suffix.empty()) {
+    throw bad_flag(fmt::format("{} '{}': unknown size suffix (use K, M or G)", flag, text));
+  }
+  if (v > std::numeric_limits<std::size_t>::max() / scale) {
+    throw bad_flag(fmt::format("{} '{}' is too large", flag, text));
+  }
+  return v * scale;
+}
+
+bench_cli parse_cli(int argc, char** argv) {
+  bench_cli cli;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string value;
+    bool has_inline = false;
+    if (arg.rfind("--", 0) == 0) {  // --flag=value
+      if (const auto eq = arg.find('='); eq != std::string::npos) {
+        value = arg.substr(eq + 1);
+        arg.resize(eq);
+        has_inline = true;
+      }
+    }
+    auto take = [&]() -> std::string {
+      if (has_inline) return value;
+      if (i + 1 >= argc) throw bad_flag(fmt::format("{} needs a value", arg));
+      return argv[++i];
+    };
+    auto no_value = [&] {
+      if (has_inline) throw bad_flag(fmt::format("{} takes no value", arg));
+    };
+
+    if (arg == "-h" || arg == "--help") {
+      no_value();
+      cli.help = true;
+    } else if (arg == "-b" || arg == "--minbytes") {
+      cli.min_bytes = parse_bytes(arg, take());
+    } else if (arg == "-e" || arg == "--maxbytes") {
+      cli.max_bytes = parse_bytes(arg, take());
+    } else if (arg == "-f" || arg == "--stepfactor") {
+      cli.factor = static_cast<std::size_t>(parse_int(arg, take(), 2, 1 << 20));
+    } else if (arg == "-n" || arg == "--iters") {
+      cli.iters = static_cast<int>(parse_int(arg, take(), 1, 1000000));
+    } else if (arg == "-w" || arg == "--warmup_iters") {
+      cli.warmup = static_cast<int>(parse_int(arg, take(), 0, 1000000));
+    } else if (arg == "-c" || arg == "--check") {
+      cli.check = parse_int(arg, take(), 0, 1) == 1;
+    } else if (arg == "-d" || arg == "--datatype") {
+      cli.cfg.type = parse_dtype(arg, take());
+    } else if (arg == "-o" || arg == "--op") {
+      cli.cfg.op = parse_op(arg, take());
+    } else if (arg == "-r" || arg == "--root") {
+      cli.cfg.root = static_cast<int>(parse_int(arg, take(), 0, 1 << 30));
+    } else if (arg == "--algo") {
+      cli.algo = take();
+    } else if (arg == "--coll") {
+      cli.coll = take();
+    } else if (arg == "--csv") {
+      cli.csv_path = take();
+      if (cli.csv_path.empty()) throw bad_flag("--csv needs a path (or - for stdout)");
+    } else if (arg == "--json") {
+      cli.json_path = take();
+      if (cli.json_path.empty()) throw bad_flag("--json needs a path (or - for stdout)");
+    } else if (arg == "--baseline") {
+      cli.baseline = take();
+      if (cli.baseline != "mpi") {
+        throw bad_flag(fmt::format("--baseline '{}': the only baseline is 'mpi'", cli.baseline));
+      }
+    } else if (arg == "--reps") {
+      cli.reps = static_cast<int>(parse_int(arg, take(), 1, 100000));
+    } else if (arg == "--segment") {
+      cli.cfg.segment_bytes = parse_bytes(arg, take());
+      if (cli.cfg.segment_bytes == 0) throw bad_flag("--segment must be at least 1 byte");
+    } else if (arg == "-x" || arg == "--extended") {
+      no_value();
+      cli.extended = true;
+    } else {
+      throw bad_flag(fmt::format("unknown flag '{}'", argv[i]));
+    }
+  }
+  if (cli.min_bytes == 0) throw bad_flag("-b must be at least 1 byte");
+  if (cli.min_bytes > cli.max_bytes) {
+    throw bad_flag(fmt::format("-b {} is larger than -e {}", cli.min_bytes, cli.max_bytes));
+  }
+  if (cli.csv_path == "-" && cli.json_path == "-") {
+    throw bad_flag("--csv - and --json - both want stdout; give one of them a file");
+  }
+  return cli;
+}
+
+const collective_entry& resolve(bench_cli& cli, int nranks) {
+  const collective_entry* match = nullptr;
+  std::vector<std::string> names, algos;
+  for (const auto& e : collectives()) {
+    if (std::find(names.begin(), names.end(), e.name) == names.end()) names.emplace_back(e.name);
+    if (e.name != cli.coll) continue;
+    algos.insert(algos.end(), e.algos.begin(), e.algos.end());
+    const bool accepts =
+        cli.algo.empty() || std::find(e.algos.begin(), e.algos.end(), cli.algo) != e.algos.end();
+    if (accepts && match == nullptr) match = &e;
+  }
+  if (algos.empty()) {
+    throw bad_flag(fmt::format("--coll '{}' is not a collective: use {}", cli.coll,
+                               fmt::join(names, ", ")));
+  }
+  if (match == nullptr) {
+    throw bad_flag(fmt::format("--algo '{}' is not available for {}: use {}", cli.algo, cli.coll,
+                               fmt::join(algos, ", ")));
+  }
+  if (cli.algo.empty()) cli.algo = match->algos.front();
+  const collective_entry& e = *match;
+  cli.cfg.algo_name = cli.algo;
+  try {
+    cli.cfg.algorithm = parse_algo(cli.algo);
+  } catch (const ringflow::usage_error&) {
+    cli.cfg.algorithm = algo::automatic;  // a bench-only algorithm: its entry decides
+  }
+  if (cli.cfg.algorithm == algo::native && mpi_datatype(cli.cfg.type) == MPI_DATATYPE_NULL) {
+    throw bad_flag(fmt::format("--algo native: MPI has no {} type; use -d float, double, int8, "
+                               "uint8, int32 or int64, or --algo ring",
+                               dtype_name(cli.cfg.type)));
+  }
+  if (!cli.baseline.empty()) {
+    if (e.run_baseline == nullptr) {
+      throw bad_flag(fmt::format("--baseline mpi: {} has no MPI baseline", e.name));
+    }
+    if (mpi_datatype(cli.cfg.type) == MPI_DATATYPE_NULL) {
+      throw bad_flag(fmt::format("--baseline mpi: MPI has no {} type; use -d float, double, int8, "
+                                 "uint8, int32 or int64",
+                                 dtype_name(cli.cfg.type)));
+    }
+    // MPI counts are int.
+    const bench_shape s = e.shape(cli.max_bytes, dtype_size(cli.cfg.type), nranks, 0);
+    if (s.total > static_cast<std::size_t>(std::numeric_limits<int>::max())) {
+      throw bad_flag(fmt::format("--baseline mpi: -e {} needs {} elements, more than MPI's int "
+                                 "count allows",
+                                 cli.max_bytes, s.total));
+    }
+  }
+  if (cli.cfg.root >= nranks) {
+    throw bad_flag(fmt::format("-r {} is not a rank (there are {} ranks)", cli.cfg.root, nranks));
+  }
+  return e;
+}
+
+std::vector<std::size_t> message_sizes(const bench_cli& cli) {
+  std::vector<std::size_t> sizes;
+  for (std::size_t b = cli.min_bytes; b <= cli.max_bytes;) {
+    sizes.push_back(b);
+    if (b > std::numeric_limits<std::size_t>::max() / cli.factor) break;
+    b *= cli.factor;
+  }
+  return sizes;
+}
+
+std::string usage_text() {
+  return R"(usage: mpirun -np N ringflow-bench [flags]
+
+Times one ringflow collective over a range of message sizes, nccl-tests style.
+
+  -b, --minbytes BYTES     smallest message (K/M/G suffixes; default 1K)
+  -e, --maxbytes BYTES     largest message (default 64M)
+  -f, --stepfactor F       multiply the size by F each step (default 4)
+  -n, --iters N            timed iterations per repetition (default 20)
+  -w, --warmup_iters N     untimed iterations before timing (default 5)
+      --reps R             repetitions; times are the median over them (default 5)
+  -c, --check 0|1          check the result of a fresh run after timing (default 1)
+  -d, --datatype TYPE      float double half bfloat16 int32 int64 int8 uint8 (default float)
+  -o, --op OP              sum prod min max avg (default sum)
+  -r, --root RANK          broadcast root (default 0)
+      --coll NAME          allreduce reduce_scatter allgather broadcast (default allreduce)
+      --algo NAME          ring | native | auto (native: MPI_Allreduce, allreduce only)
+      --segment BYTES      ring pipeline segment (default: the library's, 256K)
+      --baseline mpi       interleave the matching MPI collective rep by rep with
+                           ringflow and print its busbw and ratio = ringflow/mpi
+      --csv PATH           write one CSV row per size (- for stdout, replaces the table)
+      --json PATH          write the run as JSON (- for stdout, replaces the table)
+  -x, --extended           also print min and max over the repetitions
+  -h, --help               this text
+
+time  = median over --reps of (mean time of -n iterations, slowest rank)
+algbw = size / time;  busbw = algbw * factor: allreduce 2(n-1)/n,
+        reduce_scatter and allgather (n-1)/n, broadcast 1 (see docs/benchmarks.md)
+Exit status: 0 ok, 1 wrong results or a failure, 2 bad flags.
+)";
+}
+
+}  // namespace ringflow::bench

@@ -1,0 +1,54 @@
+// ringflow-bench command line: the flags (nccl-tests names plus ringflow's own) and their parser.
+#pragma once
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "harness.hpp"
+
+namespace ringflow::bench {
+
+/// A bad command line; the message names the flag. Exit status 2.
+class bad_flag : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct bench_cli {
+  std::size_t min_bytes = 1024;
+  std::size_t max_bytes = std::size_t{64} << 20;
+  std::size_t factor = 4;
+  int iters = 20;
+  int warmup = 5;
+  int reps = 5;
+  bool check = true;
+  bool extended = false;
+  bool help = false;
+  std::string coll = "allreduce";
+  std::string algo;  // empty: the collective's default
+  std::string baseline;  // "" or "mpi"
+  std::string csv_path;  // "" none, "-" stdout
+  std::string json_path;
+  bench_config cfg;
+};
+
+/// Parses argv (without touching MPI); throws bad_flag naming the flag.
+bench_cli parse_cli(int argc, char** argv);
+
+/// Checks what needs the table or the rank count (collective, algorithm,
+/// dtype support, root); throws bad_flag. Fills cli.cfg.algorithm.
+const collective_entry& resolve(bench_cli& cli, int nranks);
+
+/// The message sizes to run, in bytes.
+std::vector<std::size_t> message_sizes(const bench_cli& cli);
+
+/// The --help text.
+std::string usage_text();
+
+/// "1K" -> 1024, "4M" -> 4194304, "1G", "512"; accepts K/M/G (x1024) with an
+/// optional B or iB, any case. Throws bad_flag naming `flag`.
+std::size_t parse_bytes(const std::string& flag, const std::string& text);
+
+}  // namespace ringflow::bench
