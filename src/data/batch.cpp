@@ -69,29 +69,31 @@ std::span<const std::size_t> prefetcher::slice(std::size_t b) const {
 }
 
 void prefetcher::run_worker() {
-  for (std::size_t b = 0; b < num_batches_; ++b) {
-    batch item;
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      space_.wait(lock, [this] { return stop_ || queue_.size() < depth_; });
-      if (stop_) return;
-      if (!spare_.empty()) {
-        item = std::move(spare_.back());
-        spare_.pop_back();
+  // Any failure, including allocation, becomes error_: the consumer is woken
+  // and rethrows it, so it never waits for a batch that will not come.
+  try {
+    for (std::size_t b = 0; b < num_batches_; ++b) {
+      batch item;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        space_.wait(lock, [this] { return stop_ || queue_.size() < depth_; });
+        if (stop_) return;
+        if (!spare_.empty()) {
+          item = std::move(spare_.back());
+          spare_.pop_back();
+        }
       }
-    }
-    try {
       assemble_batch(dataset_, slice(b), item);
-    } catch (...) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.push_back(std::move(item));
+      }
+      ready_.notify_all();
+    }
+  } catch (...) {
+    {
       std::lock_guard<std::mutex> lock(mutex_);
       error_ = std::current_exception();
-      ready_.notify_all();
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      queue_.push_back(std::move(item));
-      ++produced_;
     }
     ready_.notify_all();
   }

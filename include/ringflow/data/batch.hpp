@@ -89,7 +89,6 @@ class prefetcher {
   std::deque<batch> queue_;
   std::vector<batch> spare_;       // storage returned by the consumer
   std::exception_ptr error_;
-  std::size_t produced_ = 0;
   bool stop_ = false;
   std::thread worker_;
 };
