@@ -1,0 +1,92 @@
+// Optimizers over a parameter_store's flat value/grad buffers: SGD (momentum,
+// Nesterov, weight decay) and AdamW (decoupled weight decay).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ringflow/ad/parameter_store.hpp"
+
+namespace ringflow::ad {
+
+/// SGD settings (PyTorch semantics). With momentum m and buffer v:
+///   g += weight_decay * p;  v = m v + (1 - dampening) g  (v = g on step 1);
+///   g = nesterov ? g + m v : v;  p -= lr g.
+struct sgd_options {
+  double lr = 0.01;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  bool nesterov = false;
+  double weight_decay = 0.0;
+};
+
+/// Stochastic gradient descent.
+/// @code
+///   ad::sgd opt(model.parameters(), {.lr = 0.1, .momentum = 0.9, .nesterov = true});
+/// @endcode
+template <class S>
+class basic_sgd {
+ public:
+  explicit basic_sgd(parameter_store<S> params, sgd_options opts = {});
+  /// One update from the current gradients.
+  void step();
+  /// Zeroes the parameters' gradients.
+  void zero_grad() { params_.zero_grad(); }
+  double lr() const { return opts_.lr; }
+  void set_lr(double lr) { opts_.lr = lr; }
+  const sgd_options& options() const { return opts_; }
+  const parameter_store<S>& parameters() const { return params_; }
+
+ private:
+  parameter_store<S> params_;
+  sgd_options opts_;
+  std::vector<S> velocity_;
+  bool started_ = false;
+};
+
+/// AdamW settings. Per step t (from 1):
+///   p -= lr * weight_decay * p;          (decoupled: not added to g)
+///   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+///   p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+struct adamw_options {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+};
+
+/// Adam with decoupled weight decay (Loshchilov & Hutter).
+/// @code
+///   ad::adamw opt(model.parameters(), {.lr = 1e-3});
+///   opt.step();
+/// @endcode
+template <class S>
+class basic_adamw {
+ public:
+  explicit basic_adamw(parameter_store<S> params, adamw_options opts = {});
+  void step();
+  void zero_grad() { params_.zero_grad(); }
+  double lr() const { return opts_.lr; }
+  void set_lr(double lr) { opts_.lr = lr; }
+  /// Steps taken so far.
+  std::int64_t steps() const { return t_; }
+  const adamw_options& options() const { return opts_; }
+  const parameter_store<S>& parameters() const { return params_; }
+
+ private:
+  parameter_store<S> params_;
+  adamw_options opts_;
+  std::vector<S> m_, v_;
+  std::int64_t t_ = 0;
+};
+
+using sgd = basic_sgd<float>;
+using adamw = basic_adamw<float>;
+
+extern template class basic_sgd<float>;
+extern template class basic_sgd<double>;
+extern template class basic_adamw<float>;
+extern template class basic_adamw<double>;
+
+}  // namespace ringflow::ad

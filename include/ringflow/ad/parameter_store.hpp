@@ -1,0 +1,91 @@
+// Named parameters packed into one contiguous value buffer and one gradient
+// buffer, so a trainer can allreduce every gradient in place without copies.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "ringflow/ad/tensor.hpp"
+
+namespace ringflow::ad {
+
+/// Where one parameter lives inside its store.
+template <class S>
+struct parameter_info {
+  std::string name;        ///< e.g. "0.weight"
+  std::size_t offset = 0;  ///< first element in all_values() / all_grads()
+  std::size_t size = 0;    ///< element count
+  basic_tensor<S> tensor;  ///< the parameter (value/grad are views into the store)
+};
+
+/// A new parameter outside any store (own buffers): requires_grad, named.
+/// Modules create these; parameter_store::pack moves them into one buffer.
+template <class S>
+basic_tensor<S> make_parameter(std::string name, shape s);
+
+/// Owns one std::vector for all parameter values and one for all gradients;
+/// every parameter's value() and grad() are Eigen::Map views into them at
+/// [offset, offset + size). A cheap handle: copies share the same store.
+/// @code
+///   auto params = model.parameters();
+///   allreduce(comm, params.all_grads(), ringflow::avg);   // no copy
+///   for (auto& p : params) fmt::print("{} {} {}\n", p.name, p.offset, p.size);
+/// @endcode
+template <class S>
+class parameter_store {
+ public:
+  using hook_type = std::function<void(std::size_t index, const basic_tensor<S>& param)>;
+
+  parameter_store();
+
+  /// Appends a new zero parameter and returns it (re-packs the buffers).
+  basic_tensor<S> add(std::string name, shape s);
+  /// Makes `params` (in this order) the store's contents: values are copied
+  /// into fresh contiguous buffers (gradients too) and every parameter's
+  /// storage is re-pointed there. A parameter packed into another store later
+  /// leaves this one stale (check_bound() then throws).
+  void pack(const std::vector<std::pair<std::string, basic_tensor<S>>>& params);
+
+  /// Number of parameters.
+  std::size_t size() const;
+  /// Total element count (the length of all_values() and all_grads()).
+  std::size_t numel() const;
+  const parameter_info<S>& operator[](std::size_t i) const;
+  /// The parameter called `name`; throws usage_error naming the known ones.
+  const parameter_info<S>& at(std::string_view name) const;
+  const parameter_info<S>* begin() const;
+  const parameter_info<S>* end() const;
+
+  /// Every parameter value, back to back, in parameter order.
+  std::span<S> all_values() const;
+  /// Every gradient, back to back; all_grads()[p.offset + k] IS p's grad element k.
+  std::span<S> all_grads() const;
+  void zero_grad() const;
+
+  /// Calls hook(index, param) during backward as soon as that parameter's
+  /// gradient is final: exactly once per parameter reached by the backward,
+  /// in the order gradients complete (typically last layer first).
+  void set_grad_ready_hook(hook_type hook) const;
+
+  /// Throws usage_error if a parameter was re-packed into another store
+  /// (say, after its module was added to a bigger model).
+  void check_bound() const;
+
+  /// True when the two handles share one store.
+  bool same_store(const parameter_store& other) const { return state_ == other.state_; }
+
+ private:
+  struct state;
+  std::shared_ptr<state> state_;
+};
+
+extern template class parameter_store<float>;
+extern template class parameter_store<double>;
+
+}  // namespace ringflow::ad

@@ -1,0 +1,182 @@
+// Contiguous parameter storage: packing, views, hooks and staleness checks.
+#include "ringflow/ad/parameter_store.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+namespace ringflow::ad {
+
+template <class S>
+basic_tensor<S> make_parameter(std::string name, shape s) {
+  auto t = basic_tensor<S>::zeros(s, /*requires_grad=*/true);
+  t.node()->name = std::move(name);
+  t.node()->is_parameter = true;
+  t.grad();  // parameters always have a gradient buffer
+  return t;
+}
+
+template <class S>
+struct parameter_store<S>::state {
+  std::shared_ptr<std::vector<S>> values = std::make_shared<std::vector<S>>();
+  std::shared_ptr<std::vector<S>> grads = std::make_shared<std::vector<S>>();
+  std::vector<parameter_info<S>> params;
+  hook_type hook;
+};
+
+template <class S>
+parameter_store<S>::parameter_store() : state_(std::make_shared<state>()) {}
+
+template <class S>
+basic_tensor<S> parameter_store<S>::add(std::string name, shape s) {
+  auto p = make_parameter<S>(std::move(name), s);
+  std::vector<std::pair<std::string, basic_tensor<S>>> all;
+  for (const auto& info : state_->params) all.emplace_back(info.name, info.tensor);
+  all.emplace_back(p.node()->name, p);
+  pack(all);
+  return p;
+}
+
+namespace {
+template <class S>
+void install_hook(detail::node<S>& n, std::size_t i,
+                  const typename parameter_store<S>::hook_type& hook) {
+  if (!hook) {
+    n.grad_ready = nullptr;
+    return;
+  }
+  n.grad_ready = [hook, i](detail::node<S>& self) {
+    hook(i, basic_tensor<S>(self.shared_from_this()));
+  };
+}
+}  // namespace
+
+template <class S>
+void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_tensor<S>>>& params) {
+  std::unordered_set<const detail::node<S>*> seen;
+  std::size_t total = 0;
+  for (const auto& [name, t] : params) {
+    if (!t.defined() || !t.is_leaf()) {
+      throw usage_error(fmt::format(
+          "ad::parameter_store::pack: '{}' is {}; parameters must be leaf tensors (see "
+          "ad::make_parameter)",
+          name, t.defined() ? "the result of an op" : "empty"));
+    }
+    if (!seen.insert(t.node().get()).second) {
+      throw usage_error(fmt::format(
+          "ad::parameter_store::pack: '{}' is listed twice; a shared parameter must appear "
+          "once",
+          name));
+    }
+    total += static_cast<std::size_t>(t.numel());
+  }
+  auto values = std::make_shared<std::vector<S>>(total);
+  auto grads = std::make_shared<std::vector<S>>(total);
+  std::vector<parameter_info<S>> infos;
+  std::size_t offset = 0;
+  for (const auto& [name, t] : params) {
+    auto& n = *t.node();
+    const auto size = static_cast<std::size_t>(n.dims.numel());
+    std::copy_n(n.value.get(), size, values->data() + offset);
+    if (n.grad) std::copy_n(n.grad.get(), size, grads->data() + offset);
+    n.value = std::shared_ptr<S>(values, values->data() + offset);
+    n.grad = std::shared_ptr<S>(grads, grads->data() + offset);
+    n.name = name;
+    n.is_parameter = true;
+    n.requires_grad = true;
+    infos.push_back({name, offset, size, t});
+    offset += size;
+  }
+  state_->values = std::move(values);
+  state_->grads = std::move(grads);
+  state_->params = std::move(infos);
+  for (std::size_t i = 0; i < state_->params.size(); ++i) {
+    install_hook<S>(*state_->params[i].tensor.node(), i, state_->hook);
+  }
+}
+
+template <class S>
+std::size_t parameter_store<S>::size() const {
+  return state_->params.size();
+}
+
+template <class S>
+std::size_t parameter_store<S>::numel() const {
+  return state_->values->size();
+}
+
+template <class S>
+const parameter_info<S>& parameter_store<S>::operator[](std::size_t i) const {
+  if (i >= state_->params.size()) {
+    throw usage_error(fmt::format("ad::parameter_store: index {} out of range (size {})", i,
+                                  state_->params.size()));
+  }
+  return state_->params[i];
+}
+
+template <class S>
+const parameter_info<S>& parameter_store<S>::at(std::string_view name) const {
+  for (const auto& p : state_->params) {
+    if (p.name == name) return p;
+  }
+  std::string known;
+  for (const auto& p : state_->params) known += (known.empty() ? "" : ", ") + p.name;
+  throw usage_error(fmt::format("ad::parameter_store::at: no parameter '{}'; known: {}", name,
+                                known.empty() ? "(none)" : known));
+}
+
+template <class S>
+const parameter_info<S>* parameter_store<S>::begin() const {
+  return state_->params.data();
+}
+
+template <class S>
+const parameter_info<S>* parameter_store<S>::end() const {
+  return state_->params.data() + state_->params.size();
+}
+
+template <class S>
+std::span<S> parameter_store<S>::all_values() const {
+  return {state_->values->data(), state_->values->size()};
+}
+
+template <class S>
+std::span<S> parameter_store<S>::all_grads() const {
+  return {state_->grads->data(), state_->grads->size()};
+}
+
+template <class S>
+void parameter_store<S>::zero_grad() const {
+  std::fill(state_->grads->begin(), state_->grads->end(), S(0));
+}
+
+template <class S>
+void parameter_store<S>::set_grad_ready_hook(hook_type hook) const {
+  state_->hook = std::move(hook);
+  for (std::size_t i = 0; i < state_->params.size(); ++i) {
+    install_hook<S>(*state_->params[i].tensor.node(), i, state_->hook);
+  }
+}
+
+template <class S>
+void parameter_store<S>::check_bound() const {
+  for (const auto& p : state_->params) {
+    const auto& n = *p.tensor.node();
+    if (n.value.get() != state_->values->data() + p.offset ||
+        n.grad.get() != state_->grads->data() + p.offset) {
+      throw usage_error(fmt::format(
+          "ad::parameter_store: parameter '{}' was re-packed into another store (its module "
+          "was added to another model?); get the store again with model.parameters() and "
+          "rebuild the optimizer",
+          p.name));
+    }
+  }
+}
+
+template class parameter_store<float>;
+template class parameter_store<double>;
+template basic_tensor<float> make_parameter<float>(std::string, shape);
+template basic_tensor<double> make_parameter<double>(std::string, shape);
+
+}  // namespace ringflow::ad
