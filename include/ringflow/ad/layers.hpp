@@ -150,7 +150,7 @@ class basic_sequential : public basic_module<S> {
 /// Options of the mlp builder.
 struct mlp_options {
   /// Weight init; by default Kaiming for relu/gelu, Xavier for tanh/sigmoid/none.
-  std::optional<init_kind> init;
+  std::optional<init_kind> init = std::nullopt;
   /// Dropout probability after each hidden activation (0: none).
   double dropout = 0.0;
   bool bias = true;
