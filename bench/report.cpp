@@ -78,22 +78,27 @@ void table_printer::header() const {
     fmt::print(out_, "# RINGFLOW_CHECK is on: ringflow times include the fingerprint exchange\n");
   }
   fmt::print(out_, "#\n");
+  // Three header lines: group labels, column names, units.
+  std::string l0 = fmt::format("#{:41}", "");
   std::string l1 = fmt::format("#{:>11} {:>12} {:>9} {:>6}", "size", "count", "type", "redop");
   std::string l2 = fmt::format("#{:>11} {:>12} {:>9} {:>6}", "(B)", "(elements)", "", "");
-  auto side = [&](std::string_view tag) {
-    l1 += fmt::format("  {:>9} {:>7} {:>7} {:>6}", std::string(tag) + "time", "algbw", "busbw",
-                      "#wrong");
+  auto side = [&](const std::string& label) {
+    const std::size_t width = i.extended ? 54 : 34;
+    l0 += fmt::format("  {:^{}}", label, width - 2);
+    l1 += fmt::format("  {:>9} {:>7} {:>7} {:>6}", "time", "algbw", "busbw", "#wrong");
     l2 += fmt::format("  {:>9} {:>7} {:>7} {:>6}", "(us)", "(GB/s)", "(GB/s)", "");
     if (i.extended) {
       l1 += fmt::format(" {:>9} {:>9}", "min", "max");
       l2 += fmt::format(" {:>9} {:>9}", "(us)", "(us)");
     }
   };
-  side("");
+  side(fmt::format("ringflow {}", i.algo));
   if (!i.baseline_call.empty()) {
-    side("mpi:");
+    side(i.baseline_call);
     l1 += fmt::format(" {:>6}", "ratio");
   }
+  for (std::string* l : {&l0, &l1, &l2}) l->erase(l->find_last_not_of(' ') + 1);
+  fmt::print(out_, "{}\n", l0);
   fmt::print(out_, "{}\n{}\n", l1, l2);
   std::fflush(out_);
 }
