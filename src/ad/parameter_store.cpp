@@ -83,8 +83,7 @@ void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_ten
     n.value = std::shared_ptr<S>(values, values->data() + offset);
     n.grad = std::shared_ptr<S>(grads, grads->data() + offset);
     n.name = name;
-    n.is_parameter = true;
-    n.requires_grad = true;
+    n.is_parameter = true;  // requires_grad is left as is: a frozen parameter stays frozen
     infos.push_back({name, offset, size, t});
     offset += size;
   }

@@ -218,6 +218,17 @@ void weight_grad_pass<S>::add(std::shared_ptr<detail::node<S>> consumer, std::si
 }
 
 template <class S>
+weight_grad_pass<S>::~weight_grad_pass() {
+  if (edges_.empty()) return;
+  try {
+    log::warn("ad::weight_grad_pass dropped with {} deferred parameter gradient(s) never run; "
+              "call run() (or ad::run_weight_grads) after a backward with defer_weight_grads",
+              edges_.size());
+  } catch (...) {  // destructors never throw
+  }
+}
+
+template <class S>
 void weight_grad_pass<S>::run() {
   // Edges were recorded in reverse topological order (last layer first), so
   // hooks fire in the order a data-parallel trainer wants to start allreduce.

@@ -11,6 +11,7 @@
 #include <cstdlib>
 
 #include "ringflow/backends/mpi.hpp"
+#include "ringflow/coll/collectives.hpp"
 
 int main(int argc, char** argv) {
   setenv("RINGFLOW_CHECK", "1", /*overwrite=*/0);
@@ -20,6 +21,7 @@ int main(int argc, char** argv) {
   // Only rank 0 prints the summary; the others report failures only.
   if (world.rank() != 0) session.configData().showSuccessfulTests = false;
   const int failed = session.run(argc, argv);
-  const int any_failed = ringflow::mpi::any_rank_true(world, failed != 0);
+  int any_failed = failed != 0 ? 1 : 0;
+  ringflow::allreduce(world, std::span<int>(&any_failed, 1), ringflow::max);
   return any_failed ? 1 : 0;
 }

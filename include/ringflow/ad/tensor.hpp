@@ -192,6 +192,8 @@ template <class S>
 class weight_grad_pass {
  public:
   weight_grad_pass() = default;
+  /// Logs a warning when dropped with deferred gradients never run.
+  ~weight_grad_pass();
   weight_grad_pass(weight_grad_pass&&) noexcept = default;
   weight_grad_pass& operator=(weight_grad_pass&&) noexcept = default;
 
