@@ -5,6 +5,10 @@
 #include <fmt/format.h>
 #include <mpi.h>
 
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <climits>
 #include <cstdio>
@@ -37,6 +41,35 @@ std::string mpi_error_text(int code) {
     }                                                                                         \
   } while (0)
 
+// Whether a waiting rank should yield its core while it polls. Spinning is
+// fastest when every rank has a core; with more ranks than cores
+// (--oversubscribe) a spinning rank starves the very rank it waits for.
+// Decided once per process from the node's rank count (MPI_Comm_split_type)
+// and the cores this process may run on; RINGFLOW_YIELD=0/1 overrides.
+std::atomic<int> yield_when_idle{-1};
+
+void decide_yield(MPI_Comm comm) {
+  if (yield_when_idle.load() >= 0) return;
+  if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
+    yield_when_idle.store(std::string_view(env) == "0" ? 0 : 1);
+    return;
+  }
+  MPI_Comm node = MPI_COMM_NULL;
+  int local = 1;
+  if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+  }
+  cpu_set_t set;
+  int cores = static_cast<int>(std::thread::hardware_concurrency());
+  if (sched_getaffinity(0, sizeof set, &set) == 0) cores = CPU_COUNT(&set);
+  // Affinity may pin each rank to one core; the node's core count matters.
+  cores = std::max(cores, static_cast<int>(std::thread::hardware_concurrency()));
+  yield_when_idle.store(local > cores ? 1 : 0);
+  log::debug("mpi: {} ranks on this node, {} cores: {} while waiting", local, cores,
+             local > cores ? "yielding" : "spinning");
+}
+
 // Messages larger than INT_MAX bytes go out as several MPI messages.
 constexpr std::size_t max_piece = std::size_t{1} << 30;
 
@@ -67,9 +100,9 @@ class mpi_request final : public detail::request_state {
   }
 
   void wait() override {
-    // Poll instead of MPI_Wait so a lost peer becomes timeout_error, not a hang.
-    // Yield after a short spin: with more ranks than cores (--oversubscribe) a
-    // hard spin starves the very rank we wait for.
+    // Poll instead of MPI_Wait so a lost peer becomes timeout_error, not a
+    // hang; yield between polls only when oversubscribed (decide_yield).
+    const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
     const auto deadline = detail::deadline_after(timeout_);
     std::vector<MPI_Status> st(reqs_.size());
     for (unsigned spins = 0;; ++spins) {
@@ -81,7 +114,7 @@ class mpi_request final : public detail::request_state {
         return;
       }
       if (spins >= 128) {
-        std::this_thread::yield();
+        if (yield) std::this_thread::yield();
         if ((spins & 1023u) == 0 && std::chrono::steady_clock::now() > deadline) {
           throw timeout_error(fmt::format(
               "rank {}: MPI {} {} bytes {} rank {} (tag {}) did not complete within {} ms "
@@ -320,6 +353,7 @@ communicator from_comm(MPI_Comm comm) {
   MPI_Comm dup = MPI_COMM_NULL;
   const int rc = MPI_Comm_dup(comm, &dup);
   if (rc != MPI_SUCCESS) throw comm_error("MPI_Comm_dup failed: " + mpi_error_text(rc));
+  decide_yield(dup);
   return communicator(std::make_shared<mpi_transport>(dup));
 }
 

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <memory>
+#include <type_traits>
 #include <span>
 #include <vector>
 
@@ -59,6 +61,29 @@ inline std::size_t segment_elems(std::size_t segment_bytes, std::size_t elem_siz
 }
 
 inline int ring_mod(long x, int p) { return static_cast<int>(((x % p) + p) % p); }
+
+/// Per-thread scratch memory that is reused across calls: allocating (and
+/// zero-filling, and page-faulting) a fresh staging buffer per collective
+/// costs more than a 1 MiB allreduce itself. `which` selects one of two
+/// independent buffers. Contents are uninitialized.
+template <class T>
+T* scratch(std::size_t count, int which) {
+  static_assert(std::is_trivially_copyable_v<T>);
+  struct buffer {
+    std::unique_ptr<std::byte[]> data;
+    std::size_t bytes = 0;
+  };
+  thread_local buffer buffers[2];
+  buffer& b = buffers[which];
+  const std::size_t need = count * sizeof(T) + 64;
+  if (b.bytes < need) {
+    b.data.reset(new std::byte[need]);
+    b.bytes = need;
+  }
+  void* p = b.data.get();
+  std::size_t space = b.bytes;
+  return static_cast<T*>(std::align(64, count * sizeof(T), p, space));
+}
 
 /// Allgather phase of a ring over finished chunks already in `out` (chunk r
 /// must be final in out when called). Optionally the first-step sends of
@@ -144,17 +169,17 @@ void ring_reduce_scatter_phase(transport& t, const T* in, T* acc, T* own_out, st
 
   // Staging slots: the next ring_depth receives are always posted.
   const std::size_t depth = std::min<std::size_t>(ring_depth, units.size());
-  std::vector<T> slots(depth * seg);
+  T* slots = scratch<T>(depth * seg, 0);
   std::vector<request> recvs(depth);
   auto post = [&](std::size_t i) {
-    recvs[i % depth] = t.irecv(slots.data() + (i % depth) * seg, units[i].n * sizeof(T), left,
+    recvs[i % depth] = t.irecv(slots + (i % depth) * seg, units[i].n * sizeof(T), left,
                                ring_rs_tag);
   };
   for (std::size_t i = 0; i < depth; ++i) post(i);
   for (std::size_t i = 0; i < units.size(); ++i) {
     recvs[i % depth].wait();
     const unit& u = units[i];
-    const T* staged = slots.data() + (i % depth) * seg;
+    const T* staged = slots + (i % depth) * seg;
     reduce_inplace(u.dst, u.mine, staged, u.n, op);
     if (u.last) finish_range(u.dst, u.n, op, p);
     if (i + depth < units.size()) post(i + depth);
@@ -202,9 +227,9 @@ void ring_reduce_scatter(transport& t, const T* in, T* out, std::size_t count, c
     return;
   }
   const std::size_t seg = segment_elems(segment_bytes, sizeof(T));
-  std::vector<T> scratch(count);  // partial sums of the chunks passing through
+  T* partial = scratch<T>(count, 1);  // partial sums of the chunks passing through
   std::vector<request> sends;
-  ring_reduce_scatter_phase(t, in, scratch.data(), out, count, op, seg, sends, nullptr);
+  ring_reduce_scatter_phase(t, in, partial, out, count, op, seg, sends, nullptr);
   wait_all(sends);
 }
 
