@@ -137,6 +137,13 @@ std::size_t total_wrong(MPI_Comm mpi, std::size_t mine) {
   return static_cast<std::size_t>(out);
 }
 
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
 void finish_side(side_result& s, std::size_t bytes, double factor) {
   s.time.summarize();
   s.algbw = s.time.median_us > 0 ? static_cast<double>(bytes) / s.time.median_us / 1e3 : 0.0;
@@ -247,6 +254,15 @@ int run_bench(const communicator& comm, MPI_Comm mpi, bench_cli& cli,
       row.has_baseline = true;
       finish_side(row.baseline, row.shape.bytes, factor);
       row.ratio = row.baseline.busbw > 0 ? row.ringflow.busbw / row.baseline.busbw : 0.0;
+      // Rep k of each side ran back to back, so their quotient cancels slow
+      // drifts in machine load better than the quotient of the medians.
+      std::vector<double> pairs;
+      for (int k = 0; k < cli.reps; ++k) {
+        const double rf = row.ringflow.time.reps_us[static_cast<std::size_t>(k)];
+        const double mp = row.baseline.time.reps_us[static_cast<std::size_t>(k)];
+        if (rf > 0) pairs.push_back(mp / rf);
+      }
+      row.paired_ratio = median(std::move(pairs));
     }
     if (table) printer.row(row);
     rows.push_back(std::move(row));

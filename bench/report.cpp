@@ -96,6 +96,7 @@ void table_printer::header() const {
   if (!i.baseline_call.empty()) {
     side(i.baseline_call);
     l1 += fmt::format(" {:>6}", "ratio");
+    if (i.extended) l1 += fmt::format(" {:>6}", "paired");
   }
   for (std::string* l : {&l0, &l1, &l2}) l->erase(l->find_last_not_of(' ') + 1);
   fmt::print(out_, "{}\n", l0);
@@ -120,6 +121,7 @@ void table_printer::row(const size_result& r) const {
   if (r.has_baseline) {
     side(r.baseline);
     line += fmt::format(" {:>6.2f}", r.ratio);
+    if (info_.extended) line += fmt::format(" {:>6.2f}", r.paired_ratio);
   }
   fmt::print(out_, "{}\n", line);
   std::fflush(out_);
@@ -128,12 +130,15 @@ void table_printer::row(const size_result& r) const {
 void table_printer::footer(const std::vector<size_result>& rows) const {
   std::size_t wrong = 0, base_wrong = 0;
   double bus = 0;
-  std::vector<double> ratios;
+  std::vector<double> ratios, paired;
   for (const auto& r : rows) {
     wrong += r.ringflow.wrong;
     base_wrong += r.baseline.wrong;
     bus += r.ringflow.busbw;
-    if (r.has_baseline && r.shape.bytes >= mib) ratios.push_back(r.ratio);
+    if (r.has_baseline && r.shape.bytes >= mib) {
+      ratios.push_back(r.ratio);
+      paired.push_back(r.paired_ratio);
+    }
   }
   fmt::print(out_, "#\n");
   if (info_.check) {
@@ -149,6 +154,11 @@ void table_printer::footer(const std::vector<size_result>& rows) const {
     fmt::print(out_, "# ratio over sizes >= 1 MiB: min {:.3f}, median {:.3f}, max {:.3f}\n",
                *std::min_element(ratios.begin(), ratios.end()), median_of(ratios),
                *std::max_element(ratios.begin(), ratios.end()));
+    if (info_.extended) {
+      fmt::print(out_, "# paired ratio over sizes >= 1 MiB: min {:.3f}, median {:.3f}, max {:.3f}\n",
+                 *std::min_element(paired.begin(), paired.end()), median_of(paired),
+                 *std::max_element(paired.begin(), paired.end()));
+    }
   }
   std::fflush(out_);
 }
@@ -160,7 +170,7 @@ void write_csv(std::FILE* out, const run_info& info, const std::vector<size_resu
   fmt::print(out, ",coll,type,op,count,p50_us,min_us,max_us,iters,reps,segment_bytes");
   if (base) {
     fmt::print(out, ",baseline,baseline_time_us,baseline_algbw_GBs,baseline_min_us,"
-                    "baseline_max_us,baseline_wrong");
+                    "baseline_max_us,baseline_wrong,paired_ratio");
   }
   fmt::print(out, "\n");
   for (const auto& r : rows) {
@@ -174,9 +184,9 @@ void write_csv(std::FILE* out, const run_info& info, const std::vector<size_resu
                info.reps, info.segment_bytes);
     if (base) {
       const auto& b = r.baseline;
-      fmt::print(out, ",{},{:.3f},{:.6f},{:.3f},{:.3f},{}", info.baseline_call, b.time.median_us,
-                 b.algbw, b.time.min_us, b.time.max_us,
-                 info.check ? fmt::format("{}", b.wrong) : std::string());
+      fmt::print(out, ",{},{:.3f},{:.6f},{:.3f},{:.3f},{},{:.4f}", info.baseline_call,
+                 b.time.median_us, b.algbw, b.time.min_us, b.time.max_us,
+                 info.check ? fmt::format("{}", b.wrong) : std::string(), r.paired_ratio);
     }
     fmt::print(out, "\n");
   }
@@ -221,7 +231,8 @@ void write_json(std::FILE* out, const run_info& info, const std::vector<size_res
     fmt::print(out, "{}\n    {{\"bytes\": {}, \"count\": {}, \"ringflow\": {}", k ? "," : "",
                r.shape.bytes, r.shape.count, side(r.ringflow));
     if (r.has_baseline) {
-      fmt::print(out, ",\n     \"baseline\": {}, \"ratio\": {:.4f}", side(r.baseline), r.ratio);
+      fmt::print(out, ",\n     \"baseline\": {}, \"ratio\": {:.4f}, \"paired_ratio\": {:.4f}",
+                 side(r.baseline), r.ratio, r.paired_ratio);
     }
     fmt::print(out, "}}");
   }

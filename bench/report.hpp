@@ -30,7 +30,8 @@ struct size_result {
   side_result ringflow;
   bool has_baseline = false;
   side_result baseline;
-  double ratio = 0;  // ringflow busbw / baseline busbw
+  double ratio = 0;         // ringflow busbw / baseline busbw (of the median times)
+  double paired_ratio = 0;  // median over reps k of baseline time k / ringflow time k
 };
 
 /// What the header lines and the CSV/JSON metadata say about the run.
