@@ -267,3 +267,17 @@ TEST_CASE("two-phase backward with interleaved micro-batches", "[ad][two-phase]"
     CHECK(near(params.all_grads()[i], reference[i], 1e-12));
   }
 }
+
+TEST_CASE("a frozen parameter gets no gradient and no hook", "[ad][hooks]") {
+  ad::basic_linear<double> layer(3, 2, 1);
+  auto params = layer.parameters();
+  auto bias = layer.bias();
+  bias.set_requires_grad(false);  // freeze the bias (handles share the node)
+  std::vector<int> fired(params.size(), 0);
+  params.set_grad_ready_hook([&](std::size_t i, const dtensor&) { ++fired[i]; });
+  ad::sum(layer(random_input({4, 3}, 1))).backward();
+  CHECK(fired[0] == 1);
+  CHECK(fired[1] == 0);
+  CHECK(layer.bias().grad().isZero());
+  CHECK_FALSE(layer.weight().grad().isZero());
+}
