@@ -3,6 +3,7 @@
 
 #include "ringflow/backends/local.hpp"
 #include "ringflow/backends/mpi.hpp"
+#include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/core/dtype.hpp"

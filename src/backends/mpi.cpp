@@ -206,6 +206,12 @@ class mpi_transport final : public transport {
     return t;
   }
 
+  bool concurrent_use_ok() const noexcept override {
+    int provided = MPI_THREAD_SINGLE;
+    MPI_Query_thread(&provided);
+    return provided >= MPI_THREAD_MULTIPLE;
+  }
+
   bool native_allreduce(const void* in, void* out, std::size_t count, dtype type,
                         op_kind op) override {
     MPI_Datatype mt;
@@ -318,7 +324,7 @@ void environment::init(int* argc, char*** argv, threading level) {
 }
 
 environment::environment(int& argc, char**& argv, threading level) { init(&argc, &argv, level); }
-environment::environment() { init(nullptr, nullptr, threading::funneled); }
+environment::environment() { init(nullptr, nullptr, threading::multiple); }
 
 environment::~environment() {
   if (!owns_) return;

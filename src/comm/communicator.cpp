@@ -12,6 +12,7 @@ namespace ringflow {
 struct communicator::state {
   std::atomic<std::uint64_t> sequence{0};
   std::atomic<bool> checked{checked_by_default()};
+  std::shared_ptr<void> attachment;
 };
 
 bool checked_by_default() {
@@ -43,6 +44,8 @@ void communicator::set_checked(bool on) const noexcept {
 std::uint64_t communicator::next_sequence() const noexcept {
   return state_->sequence.fetch_add(1, std::memory_order_relaxed);
 }
+
+std::shared_ptr<void>& communicator::attachment() const noexcept { return state_->attachment; }
 
 void communicator::check_p2p(int peer, int tag, const char* what) const {
   if (peer < 0 || peer >= size()) {

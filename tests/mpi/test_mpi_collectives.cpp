@@ -2,6 +2,7 @@
 // thread backend, plus the native algorithm and MPI-specific errors.
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/coll/async.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
 
@@ -92,4 +93,17 @@ TEST_CASE("mpi: a message of the wrong size is a comm_error", "[mpi]") {
     REQUIRE_THROWS_AS(world.recv(std::span<int>(v.data(), 4), 0, 5), comm_error);
   }
   barrier(world);
+}
+
+TEST_CASE("mpi: async allreduce overlaps blocking calls and matches them", "[mpi][async]") {
+  auto world = mpi::world();
+  std::vector<float> a(300001), b;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    a[i] = std::cos(static_cast<float>(i) * 0.01f + static_cast<float>(world.rank()));
+  }
+  b = a;
+  auto h = allreduce_async(world, std::span(a), sum);
+  allreduce(world, std::span(b), sum);
+  h.wait();
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }

@@ -16,7 +16,9 @@ enum class threading { single, funneled, serialized, multiple };
 /// other ranks stop instead of hanging.
 class environment {
  public:
-  environment(int& argc, char**& argv, threading level = threading::funneled);
+  /// Asks for MPI_THREAD_MULTIPLE by default: the nonblocking collectives
+  /// run on a progress thread while the caller keeps using MPI.
+  environment(int& argc, char**& argv, threading level = threading::multiple);
   environment();
   ~environment();
   environment(const environment&) = delete;

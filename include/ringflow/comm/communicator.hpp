@@ -67,6 +67,10 @@ class communicator {
   /// Number of collectives started on this communicator (same on every rank).
   std::uint64_t next_sequence() const noexcept;
 
+  /// Storage for the layers above (the async engine of coll/async.hpp),
+  /// shared by all copies of this communicator and destroyed with the last.
+  std::shared_ptr<void>& attachment() const noexcept;
+
  private:
   struct state;
   void check_p2p(int peer, int tag, const char* what) const;

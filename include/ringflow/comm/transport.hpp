@@ -98,6 +98,10 @@ class transport {
     return false;
   }
 
+  /// True when two threads may use this transport at once (the async
+  /// collectives' progress thread needs it). MPI: MPI_THREAD_MULTIPLE.
+  virtual bool concurrent_use_ok() const noexcept { return true; }
+
   /// How long a blocking wait may take on this transport.
   std::chrono::milliseconds timeout() const noexcept { return timeout_; }
   void set_timeout(std::chrono::milliseconds t) noexcept { timeout_ = t; }
