@@ -408,6 +408,54 @@ int view_axis(const char* op, const shape& s, int dim) {
 }
 }  // namespace
 
+namespace {
+template <class S>
+basic_tensor<S> reduce_dim(const char* op, const basic_tensor<S>& x, int dim, bool keepdim,
+                           bool average) {
+  const auto& nx = need(x, op);
+  const int axis = view_axis(op, nx.dims, dim);
+  const index n = axis == 0 ? nx.rows() : nx.cols();  // elements reduced per output
+  if (n == 0) throw usage_error(fmt::format("ad::{}: dim {} of {} is empty", op, dim, nx.dims.str()));
+  shape s;
+  if (nx.dims.rank() == 1) {
+    s = keepdim ? shape{1} : shape{};
+  } else if (axis == 0) {
+    s = keepdim ? shape{1, nx.cols()} : shape{nx.cols()};
+  } else {
+    s = keepdim ? shape{nx.rows(), 1} : shape{nx.rows()};
+  }
+  const S factor = average ? S(1) / static_cast<S>(n) : S(1);
+  auto out = make_node<S>(op, s);
+  using vector = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+  Eigen::Map<vector> ov(out->value.get(), s.numel());
+  if (axis == 0) {
+    ov = nx.value_map().colwise().sum().transpose() * factor;
+  } else {
+    ov = nx.value_map().rowwise().sum() * factor;
+  }
+  return finish<S>(std::move(out), {x.node()}, [axis, factor](detail::node<S>& self, std::size_t) {
+    self.grad_map();
+    const Eigen::Map<vector> g(self.grad.get(), self.dims.numel());
+    auto in = self.inputs[0]->grad_map();
+    if (axis == 0) {
+      in.rowwise() += g.transpose() * factor;
+    } else {
+      in.colwise() += g * factor;
+    }
+  });
+}
+}  // namespace
+
+template <class S>
+basic_tensor<S> sum(const basic_tensor<S>& x, int dim, bool keepdim) {
+  return reduce_dim<S>("sum", x, dim, keepdim, false);
+}
+
+template <class S>
+basic_tensor<S> mean(const basic_tensor<S>& x, int dim, bool keepdim) {
+  return reduce_dim<S>("mean", x, dim, keepdim, true);
+}
+
 template <class S>
 basic_tensor<S> concat(const std::vector<basic_tensor<S>>& parts, int dim) {
   if (parts.empty()) throw usage_error("ad::concat: no tensors given");
@@ -531,6 +579,8 @@ std::vector<int> argmax_rows(const basic_tensor<S>& x) {
   template basic_tensor<S> scale(const basic_tensor<S>&, S);                                  \
   template basic_tensor<S> sum(const basic_tensor<S>&);                                       \
   template basic_tensor<S> mean(const basic_tensor<S>&);                                      \
+  template basic_tensor<S> sum(const basic_tensor<S>&, int, bool);                            \
+  template basic_tensor<S> mean(const basic_tensor<S>&, int, bool);                           \
   template basic_tensor<S> relu(const basic_tensor<S>&);                                      \
   template basic_tensor<S> gelu(const basic_tensor<S>&);                                      \
   template basic_tensor<S> tanh(const basic_tensor<S>&);                                      \

@@ -86,6 +86,23 @@ void basic_adamw<S>::step() {
   }
 }
 
+template <class S>
+double clip_grad_norm(const parameter_store<S>& params, double max_norm) {
+  if (!(max_norm > 0)) {
+    throw usage_error(fmt::format("ad::clip_grad_norm: max_norm {} must be positive", max_norm));
+  }
+  double sq = 0;
+  for (S g : params.all_grads()) sq += static_cast<double>(g) * static_cast<double>(g);
+  const double norm = std::sqrt(sq);
+  if (norm > max_norm) {
+    const S k = static_cast<S>(max_norm / norm);
+    for (S& g : params.all_grads()) g *= k;
+  }
+  return norm;
+}
+
+template double clip_grad_norm<float>(const parameter_store<float>&, double);
+template double clip_grad_norm<double>(const parameter_store<double>&, double);
 template class basic_sgd<float>;
 template class basic_sgd<double>;
 template class basic_adamw<float>;

@@ -99,6 +99,19 @@ TEST_CASE("gradcheck: reductions", "[ad][gradcheck]") {
                   [](const inputs_t& in) { return ad::sum(in[0]); });
   check_gradients("mean", {random_tensor({3, 4}, 10)},
                   [](const inputs_t& in) { return ad::mean(in[0]); });
+  for (int dim : {0, 1}) {
+    for (bool keep : {false, true}) {
+      const std::string tag = " dim " + std::to_string(dim) + (keep ? " keepdim" : "");
+      check_gradients("sum" + tag, {random_tensor({3, 4}, 40)},
+                      [=](const inputs_t& in) { return ad::sum(in[0], dim, keep); });
+      check_gradients("mean" + tag, {random_tensor({3, 4}, 41)},
+                      [=](const inputs_t& in) { return ad::mean(in[0], dim, keep); });
+    }
+  }
+  check_gradients("sum rank 1", {random_tensor({5}, 42)},
+                  [](const inputs_t& in) { return ad::sum(in[0], 0); });
+  check_gradients("x - mean(x, 1, keepdim)", {random_tensor({3, 4}, 43)},
+                  [](const inputs_t& in) { return in[0] - ad::mean(in[0], 1, true); });
 }
 
 TEST_CASE("gradcheck: activations", "[ad][gradcheck]") {

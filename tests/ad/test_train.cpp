@@ -107,6 +107,15 @@ TEST_CASE("AdamW steps against hand-computed values", "[ad][optim]") {
   CHECK(opt.steps() == 2);
 }
 
+TEST_CASE("clip_grad_norm scales all gradients to the limit", "[ad][optim]") {
+  auto store = one_param({0.0, 0.0}, {3.0, 4.0});
+  CHECK(ad::clip_grad_norm(store, 10.0) == 5.0);
+  CHECK(store.all_grads()[0] == 3.0);
+  CHECK(ad::clip_grad_norm(store, 1.0) == 5.0);
+  CHECK(near(store.all_grads()[0], 0.6, 1e-12));
+  CHECK(near(store.all_grads()[1], 0.8, 1e-12));
+}
+
 TEST_CASE("an optimizer refuses a re-packed store", "[ad][optim]") {
   ad::sequential net;
   auto& layer = net.add(ad::linear(2, 2, 1));

@@ -42,6 +42,13 @@ basic_tensor<S> sum(const basic_tensor<S>& x);
 /// Mean of all elements: a scalar (rank 0).
 template <class S>
 basic_tensor<S> mean(const basic_tensor<S>& x);
+/// Sum along `dim` (0 or 1 for rank 2, 0 for rank 1): [B,N] -> [N] (dim 0)
+/// or [B] (dim 1); with keepdim, [1,N] or [B,1] (which broadcast back).
+template <class S>
+basic_tensor<S> sum(const basic_tensor<S>& x, int dim, bool keepdim = false);
+/// Mean along `dim`; shapes as for sum(x, dim, keepdim).
+template <class S>
+basic_tensor<S> mean(const basic_tensor<S>& x, int dim, bool keepdim = false);
 
 template <class S>
 basic_tensor<S> relu(const basic_tensor<S>& x);

@@ -81,6 +81,11 @@ class basic_adamw {
   std::int64_t t_ = 0;
 };
 
+/// The L2 norm of all gradients; if it exceeds max_norm, scales every
+/// gradient by max_norm / norm. Returns the norm before clipping.
+template <class S>
+double clip_grad_norm(const parameter_store<S>& params, double max_norm);
+
 using sgd = basic_sgd<float>;
 using adamw = basic_adamw<float>;
 
