@@ -36,7 +36,7 @@ basic_sgd<S>::basic_sgd(parameter_store<S> params, sgd_options opts)
 
 template <class S>
 void basic_sgd<S>::step() {
-  if (opts_.momentum > 0) check_store(params_, velocity_.size(), "sgd");
+  check_store(params_, opts_.momentum > 0 ? velocity_.size() : params_.numel(), "sgd");
   auto p = params_.all_values();
   auto g = params_.all_grads();
   const S lr = static_cast<S>(opts_.lr), wd = static_cast<S>(opts_.weight_decay);
@@ -45,12 +45,12 @@ void basic_sgd<S>::step() {
     S d = g[i] + wd * p[i];
     if (opts_.momentum > 0) {
       S& v = velocity_[i];
-      v = started_ ? mom * v + damp * d : d;
+      v = t_ > 0 ? mom * v + damp * d : d;
       d = opts_.nesterov ? d + mom * v : v;
     }
     p[i] -= lr * d;
   }
-  started_ = true;
+  ++t_;
 }
 
 template <class S>

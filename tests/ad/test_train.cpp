@@ -107,6 +107,24 @@ TEST_CASE("AdamW steps against hand-computed values", "[ad][optim]") {
   CHECK(opt.steps() == 2);
 }
 
+TEST_CASE("AdamW state can be saved and restored", "[ad][optim]") {
+  auto a = one_param({1.0, 2.0}, {0.5, -0.5});
+  auto b = one_param({1.0, 2.0}, {0.5, -0.5});
+  ad::basic_adamw<double> oa(a, {.lr = 0.1});
+  oa.step();
+  oa.step();
+  // b resumes from a's checkpoint.
+  std::copy(a.all_values().begin(), a.all_values().end(), b.all_values().begin());
+  ad::basic_adamw<double> ob(b, {.lr = 0.1});
+  std::copy(oa.first_moment().begin(), oa.first_moment().end(), ob.first_moment().begin());
+  std::copy(oa.second_moment().begin(), oa.second_moment().end(), ob.second_moment().begin());
+  ob.set_steps(oa.steps());
+  oa.step();
+  ob.step();
+  CHECK(a.all_values()[0] == b.all_values()[0]);
+  CHECK(a.all_values()[1] == b.all_values()[1]);
+}
+
 TEST_CASE("clip_grad_norm scales all gradients to the limit", "[ad][optim]") {
   auto store = one_param({0.0, 0.0}, {3.0, 4.0});
   CHECK(ad::clip_grad_norm(store, 10.0) == 5.0);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "ringflow/ad/parameter_store.hpp"
@@ -37,11 +38,17 @@ class basic_sgd {
   const sgd_options& options() const { return opts_; }
   const parameter_store<S>& parameters() const { return params_; }
 
+  /// Optimizer state, for checkpoints: the momentum buffer (empty without
+  /// momentum; same layout as all_values()) and the step count.
+  std::span<S> velocity() { return velocity_; }
+  std::int64_t steps() const { return t_; }
+  void set_steps(std::int64_t t) { t_ = t; }
+
  private:
   parameter_store<S> params_;
   sgd_options opts_;
   std::vector<S> velocity_;
-  bool started_ = false;
+  std::int64_t t_ = 0;
 };
 
 /// AdamW settings. Per step t (from 1):
@@ -69,10 +76,15 @@ class basic_adamw {
   void zero_grad() { params_.zero_grad(); }
   double lr() const { return opts_.lr; }
   void set_lr(double lr) { opts_.lr = lr; }
-  /// Steps taken so far.
-  std::int64_t steps() const { return t_; }
   const adamw_options& options() const { return opts_; }
   const parameter_store<S>& parameters() const { return params_; }
+
+  /// Optimizer state, for checkpoints: first and second moments (same
+  /// layout as all_values()) and the step count (bias correction uses it).
+  std::span<S> first_moment() { return m_; }
+  std::span<S> second_moment() { return v_; }
+  std::int64_t steps() const { return t_; }
+  void set_steps(std::int64_t t) { t_ = t; }
 
  private:
   parameter_store<S> params_;
