@@ -96,27 +96,43 @@ shape broadcast_shape(const char* op, const shape& a, const shape& b) {
   return shape{};
 }
 
-template <class S>
-matrix<S> broadcast_value(const detail::node<S>& n, const shape& out) {
-  return expand<S>(n.value_map(), out.rows(), out.cols());
+// Calls fn(a, b) with both operands as [out.rows, out.cols] Eigen arrays:
+// the values themselves when no broadcasting is needed, else expanded copies.
+template <class S, class Fn>
+decltype(auto) with_operands(const detail::node<S>& na, const detail::node<S>& nb, const shape& out,
+                             Fn&& fn) {
+  const bool a_full = na.rows() == out.rows() && na.cols() == out.cols();
+  const bool b_full = nb.rows() == out.rows() && nb.cols() == out.cols();
+  if (a_full && b_full) return fn(na.value_map().array(), nb.value_map().array());
+  const matrix<S> av = expand<S>(na.value_map(), out.rows(), out.cols());
+  const matrix<S> bv = expand<S>(nb.value_map(), out.rows(), out.cols());
+  return fn(av.array(), bv.array());
 }
 
+// `backward(i, g, a, b)` gives the gradient of input i at the output's shape;
+// it is summed down to the input's shape where that input was broadcast.
 template <class S, class Forward, class Backward>
 basic_tensor<S> elementwise_binary(const char* op, const basic_tensor<S>& a,
-                                   const basic_tensor<S>& b, Forward forward, Backward backward) {
+                                   const basic_tensor<S>& b, Forward forward, Backward backward,
+                                   bool backward_reads_values = true) {
   const auto& na = need(a, op);
   const auto& nb = need(b, op);
   const shape s = broadcast_shape(op, na.dims, nb.dims);
   auto out = make_node<S>(op, s);
-  const matrix<S> av = broadcast_value(na, s), bv = broadcast_value(nb, s);
-  out->value_map() = forward(av.array(), bv.array()).matrix();
+  auto ov = out->value_map();
+  with_operands<S>(na, nb, s, [&](const auto& x, const auto& y) { ov = forward(x, y).matrix(); });
   return finish<S>(std::move(out), {a.node(), b.node()},
-                   [backward, s](detail::node<S>& self, std::size_t i) {
-                     const matrix<S> av = broadcast_value(*self.inputs[0], s);
-                     const matrix<S> bv = broadcast_value(*self.inputs[1], s);
-                     const matrix<S> g = self.grad_map();
-                     const matrix<S> gi = backward(i, g.array(), av.array(), bv.array()).matrix();
-                     accumulate_reduced(*self.inputs[i], gi);
+                   [backward, s, backward_reads_values](detail::node<S>& self, std::size_t i) {
+                     const auto g = self.grad_map().array();
+                     if (!backward_reads_values) {  // add, sub: no operand copies needed
+                       accumulate_reduced(*self.inputs[i], backward(i, g, g, g).matrix());
+                       return;
+                     }
+                     with_operands<S>(*self.inputs[0], *self.inputs[1], s,
+                                      [&](const auto& x, const auto& y) {
+                                        accumulate_reduced(*self.inputs[i],
+                                                           backward(i, g, x, y).matrix());
+                                      });
                    });
 }
 
@@ -164,7 +180,7 @@ template <class S>
 basic_tensor<S> add(const basic_tensor<S>& a, const basic_tensor<S>& b) {
   return elementwise_binary<S>(
       "add", a, b, [](const auto& x, const auto& y) { return x + y; },
-      [](std::size_t, const auto& g, const auto&, const auto&) { return g; });
+      [](std::size_t, const auto& g, const auto&, const auto&) { return g; }, false);
 }
 
 template <class S>
@@ -174,7 +190,8 @@ basic_tensor<S> sub(const basic_tensor<S>& a, const basic_tensor<S>& b) {
       [](std::size_t i, const auto& g, const auto&, const auto&) -> array<S> {
         if (i == 0) return g;
         return -g;
-      });
+      },
+      false);
 }
 
 template <class S>
