@@ -8,9 +8,7 @@
 
 namespace ringflow::ad {
 
-double uniform01(generator& rng) {
-  return static_cast<double>(rng() >> 11) * 0x1.0p-53;
-}
+double uniform01(generator& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
 
 double normal01(generator& rng) {
   const double u1 = 1.0 - uniform01(rng);  // (0, 1]: log is finite

@@ -44,8 +44,8 @@ template <class S>
 basic_linear<S>::basic_linear(index in_features, index out_features, std::uint64_t seed,
                               init_kind init, bool bias) {
   if (in_features <= 0 || out_features <= 0) {
-    throw usage_error(fmt::format(
-        "ad::linear: sizes {} -> {} must both be positive", in_features, out_features));
+    throw usage_error(
+        fmt::format("ad::linear: sizes {} -> {} must both be positive", in_features, out_features));
   }
   weight_ = make_parameter<S>("weight", shape{in_features, out_features});
   generator rng(seed);
@@ -104,14 +104,14 @@ template <class S>
 basic_mlp<S>::basic_mlp(std::vector<index> sizes, activation hidden, std::uint64_t seed,
                         mlp_options opts) {
   if (sizes.size() < 2) {
-    throw usage_error(fmt::format(
-        "ad::mlp: {} size(s) given; pass at least the input and output widths, e.g. "
-        "{{784, 256, 10}}",
-        sizes.size()));
+    throw usage_error(
+        fmt::format("ad::mlp: {} size(s) given; pass at least the input and output widths, e.g. "
+                    "{{784, 256, 10}}",
+                    sizes.size()));
   }
-  const init_kind init = opts.init.value_or(
-      hidden == activation::relu || hidden == activation::gelu ? init_kind::kaiming_uniform
-                                                              : init_kind::xavier_uniform);
+  const init_kind init = opts.init.value_or(hidden == activation::relu || hidden == activation::gelu
+                                                ? init_kind::kaiming_uniform
+                                                : init_kind::xavier_uniform);
   generator seeds(seed);  // one derived seed per layer: layers do not share draws
   for (std::size_t i = 0; i + 1 < sizes.size(); ++i) {
     this->add(basic_linear<S>(sizes[i], sizes[i + 1], seeds(), init, opts.bias));
@@ -122,11 +122,11 @@ basic_mlp<S>::basic_mlp(std::vector<index> sizes, activation hidden, std::uint64
   }
 }
 
-#define RINGFLOW_AD_LAYERS(S)                                              \
-  template basic_tensor<S> apply<S>(activation, const basic_tensor<S>&);   \
-  template class basic_module<S>;                                          \
-  template class basic_linear<S>;                                          \
-  template class basic_sequential<S>;                                      \
+#define RINGFLOW_AD_LAYERS(S)                                            \
+  template basic_tensor<S> apply<S>(activation, const basic_tensor<S>&); \
+  template class basic_module<S>;                                        \
+  template class basic_linear<S>;                                        \
+  template class basic_sequential<S>;                                    \
   template class basic_mlp<S>;
 RINGFLOW_AD_LAYERS(float)
 RINGFLOW_AD_LAYERS(double)

@@ -128,11 +128,10 @@ basic_tensor<S> elementwise_binary(const char* op, const basic_tensor<S>& a,
                        accumulate_reduced(*self.inputs[i], backward(i, g, g, g).matrix());
                        return;
                      }
-                     with_operands<S>(*self.inputs[0], *self.inputs[1], s,
-                                      [&](const auto& x, const auto& y) {
-                                        accumulate_reduced(*self.inputs[i],
-                                                           backward(i, g, x, y).matrix());
-                                      });
+                     with_operands<S>(
+                         *self.inputs[0], *self.inputs[1], s, [&](const auto& x, const auto& y) {
+                           accumulate_reduced(*self.inputs[i], backward(i, g, x, y).matrix());
+                         });
                    });
 }
 
@@ -294,7 +293,8 @@ basic_tensor<S> sigmoid(const basic_tensor<S>& x) {
 template <class S>
 basic_tensor<S> exp(const basic_tensor<S>& x) {
   return elementwise_unary<S>(
-      "exp", x, [](const auto& v) { return v.exp(); }, [](const auto&, const auto& y) { return y; });
+      "exp", x, [](const auto& v) { return v.exp(); },
+      [](const auto&, const auto& y) { return y; });
 }
 
 template <class S>
@@ -357,7 +357,8 @@ basic_tensor<S> softmax_cross_entropy(const basic_tensor<S>& logits, std::span<c
   *out->value = total / static_cast<S>(logp.rows());
   // The closure keeps softmax - onehot (scaled by 1/B): the whole gradient.
   matrix<S> dlogits = logp.array().exp().matrix();
-  for (index b = 0; b < dlogits.rows(); ++b) dlogits(b, labels[static_cast<std::size_t>(b)]) -= S(1);
+  for (index b = 0; b < dlogits.rows(); ++b)
+    dlogits(b, labels[static_cast<std::size_t>(b)]) -= S(1);
   dlogits /= static_cast<S>(dlogits.rows());
   return finish<S>(std::move(out), {logits.node()},
                    [dlogits = std::move(dlogits)](detail::node<S>& self, std::size_t) {
@@ -370,9 +371,9 @@ basic_tensor<S> mse(const basic_tensor<S>& prediction, const basic_tensor<S>& ta
   const auto& np = need(prediction, "mse");
   const auto& nt = need(target, "mse");
   if (np.rows() != nt.rows() || np.cols() != nt.cols() || np.dims.numel() == 0) {
-    throw usage_error(fmt::format(
-        "ad::mse: prediction {} and target {} must have the same (non-empty) shape",
-        np.dims.str(), nt.dims.str()));
+    throw usage_error(
+        fmt::format("ad::mse: prediction {} and target {} must have the same (non-empty) shape",
+                    np.dims.str(), nt.dims.str()));
   }
   auto out = make_node<S>("mse", shape{});
   *out->value = (np.value_map() - nt.value_map()).squaredNorm() / static_cast<S>(np.dims.numel());
@@ -390,10 +391,10 @@ template <class S>
 basic_tensor<S> reshape(const basic_tensor<S>& x, shape s) {
   const auto& nx = need(x, "reshape");
   if (s.numel() != nx.dims.numel()) {
-    throw usage_error(fmt::format(
-        "ad::reshape: cannot reshape {} ({} elements) to {} ({} elements); the element "
-        "counts must match",
-        nx.dims.str(), nx.dims.numel(), s.str(), s.numel()));
+    throw usage_error(
+        fmt::format("ad::reshape: cannot reshape {} ({} elements) to {} ({} elements); the element "
+                    "counts must match",
+                    nx.dims.str(), nx.dims.numel(), s.str(), s.numel()));
   }
   auto out = std::make_shared<detail::node<S>>();
   out->op = "reshape";
@@ -432,7 +433,8 @@ basic_tensor<S> reduce_dim(const char* op, const basic_tensor<S>& x, int dim, bo
   const auto& nx = need(x, op);
   const int axis = view_axis(op, nx.dims, dim);
   const index n = axis == 0 ? nx.rows() : nx.cols();  // elements reduced per output
-  if (n == 0) throw usage_error(fmt::format("ad::{}: dim {} of {} is empty", op, dim, nx.dims.str()));
+  if (n == 0)
+    throw usage_error(fmt::format("ad::{}: dim {} of {} is empty", op, dim, nx.dims.str()));
   shape s;
   if (nx.dims.rank() == 1) {
     s = keepdim ? shape{1} : shape{};
@@ -528,9 +530,9 @@ basic_tensor<S> slice(const basic_tensor<S>& x, int dim, index begin, index end)
   const int axis = view_axis("slice", nx.dims, dim);
   const index extent = axis == 0 ? nx.rows() : nx.cols();
   if (begin < 0 || end > extent || begin > end) {
-    throw usage_error(fmt::format(
-        "ad::slice: range [{}, {}) is outside dim {} of shape {} (size {})", begin, end, dim,
-        nx.dims.str(), extent));
+    throw usage_error(
+        fmt::format("ad::slice: range [{}, {}) is outside dim {} of shape {} (size {})", begin, end,
+                    dim, nx.dims.str(), extent));
   }
   const index len = end - begin;
   const shape s = nx.dims.rank() == 1 ? shape{len}
@@ -587,32 +589,32 @@ std::vector<int> argmax_rows(const basic_tensor<S>& x) {
   return out;
 }
 
-#define RINGFLOW_AD_OPS(S)                                                                    \
-  template basic_tensor<S> matmul(const basic_tensor<S>&, const basic_tensor<S>&);            \
-  template basic_tensor<S> add(const basic_tensor<S>&, const basic_tensor<S>&);               \
-  template basic_tensor<S> sub(const basic_tensor<S>&, const basic_tensor<S>&);               \
-  template basic_tensor<S> mul(const basic_tensor<S>&, const basic_tensor<S>&);               \
-  template basic_tensor<S> div(const basic_tensor<S>&, const basic_tensor<S>&);               \
-  template basic_tensor<S> scale(const basic_tensor<S>&, S);                                  \
-  template basic_tensor<S> sum(const basic_tensor<S>&);                                       \
-  template basic_tensor<S> mean(const basic_tensor<S>&);                                      \
-  template basic_tensor<S> sum(const basic_tensor<S>&, int, bool);                            \
-  template basic_tensor<S> mean(const basic_tensor<S>&, int, bool);                           \
-  template basic_tensor<S> relu(const basic_tensor<S>&);                                      \
-  template basic_tensor<S> gelu(const basic_tensor<S>&);                                      \
-  template basic_tensor<S> tanh(const basic_tensor<S>&);                                      \
-  template basic_tensor<S> sigmoid(const basic_tensor<S>&);                                   \
-  template basic_tensor<S> exp(const basic_tensor<S>&);                                       \
-  template basic_tensor<S> log(const basic_tensor<S>&);                                       \
-  template basic_tensor<S> log_softmax(const basic_tensor<S>&);                               \
-  template basic_tensor<S> softmax(const basic_tensor<S>&);                                   \
+#define RINGFLOW_AD_OPS(S)                                                                      \
+  template basic_tensor<S> matmul(const basic_tensor<S>&, const basic_tensor<S>&);              \
+  template basic_tensor<S> add(const basic_tensor<S>&, const basic_tensor<S>&);                 \
+  template basic_tensor<S> sub(const basic_tensor<S>&, const basic_tensor<S>&);                 \
+  template basic_tensor<S> mul(const basic_tensor<S>&, const basic_tensor<S>&);                 \
+  template basic_tensor<S> div(const basic_tensor<S>&, const basic_tensor<S>&);                 \
+  template basic_tensor<S> scale(const basic_tensor<S>&, S);                                    \
+  template basic_tensor<S> sum(const basic_tensor<S>&);                                         \
+  template basic_tensor<S> mean(const basic_tensor<S>&);                                        \
+  template basic_tensor<S> sum(const basic_tensor<S>&, int, bool);                              \
+  template basic_tensor<S> mean(const basic_tensor<S>&, int, bool);                             \
+  template basic_tensor<S> relu(const basic_tensor<S>&);                                        \
+  template basic_tensor<S> gelu(const basic_tensor<S>&);                                        \
+  template basic_tensor<S> tanh(const basic_tensor<S>&);                                        \
+  template basic_tensor<S> sigmoid(const basic_tensor<S>&);                                     \
+  template basic_tensor<S> exp(const basic_tensor<S>&);                                         \
+  template basic_tensor<S> log(const basic_tensor<S>&);                                         \
+  template basic_tensor<S> log_softmax(const basic_tensor<S>&);                                 \
+  template basic_tensor<S> softmax(const basic_tensor<S>&);                                     \
   template basic_tensor<S> softmax_cross_entropy(const basic_tensor<S>&, std::span<const int>); \
-  template basic_tensor<S> mse(const basic_tensor<S>&, const basic_tensor<S>&);               \
-  template basic_tensor<S> reshape(const basic_tensor<S>&, shape);                            \
-  template basic_tensor<S> flatten(const basic_tensor<S>&);                                   \
-  template basic_tensor<S> concat(const std::vector<basic_tensor<S>>&, int);                  \
-  template basic_tensor<S> slice(const basic_tensor<S>&, int, index, index);                  \
-  template basic_tensor<S> dropout(const basic_tensor<S>&, double, generator&, bool);         \
+  template basic_tensor<S> mse(const basic_tensor<S>&, const basic_tensor<S>&);                 \
+  template basic_tensor<S> reshape(const basic_tensor<S>&, shape);                              \
+  template basic_tensor<S> flatten(const basic_tensor<S>&);                                     \
+  template basic_tensor<S> concat(const std::vector<basic_tensor<S>>&, int);                    \
+  template basic_tensor<S> slice(const basic_tensor<S>&, int, index, index);                    \
+  template basic_tensor<S> dropout(const basic_tensor<S>&, double, generator&, bool);           \
   template std::vector<int> argmax_rows(const basic_tensor<S>&);
 RINGFLOW_AD_OPS(float)
 RINGFLOW_AD_OPS(double)

@@ -58,10 +58,10 @@ void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_ten
   std::size_t total = 0;
   for (const auto& [name, t] : params) {
     if (!t.defined() || !t.is_leaf()) {
-      throw usage_error(fmt::format(
-          "ad::parameter_store::pack: '{}' is {}; parameters must be leaf tensors (see "
-          "ad::make_parameter)",
-          name, t.defined() ? "the result of an op" : "empty"));
+      throw usage_error(
+          fmt::format("ad::parameter_store::pack: '{}' is {}; parameters must be leaf tensors (see "
+                      "ad::make_parameter)",
+                      name, t.defined() ? "the result of an op" : "empty"));
     }
     if (!seen.insert(t.node().get()).second) {
       throw usage_error(fmt::format(

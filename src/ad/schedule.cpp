@@ -15,7 +15,9 @@ lr_schedule::lr_schedule(std::function<double(std::int64_t)> f) : f_(std::move(f
   if (!f_) throw usage_error("ad::lr_schedule: empty function");
 }
 
-double lr_schedule::operator()(std::int64_t step) const { return f_(std::max<std::int64_t>(step, 0)); }
+double lr_schedule::operator()(std::int64_t step) const {
+  return f_(std::max<std::int64_t>(step, 0));
+}
 
 lr_schedule constant_lr(double lr) {
   return lr_schedule([lr](std::int64_t) { return lr; });
@@ -25,9 +27,8 @@ lr_schedule step_lr(double base, std::int64_t step_size, double gamma) {
   if (step_size <= 0) {
     throw usage_error(fmt::format("ad::step_lr: step_size {} must be positive", step_size));
   }
-  return lr_schedule([=](std::int64_t s) {
-    return base * std::pow(gamma, static_cast<double>(s / step_size));
-  });
+  return lr_schedule(
+      [=](std::int64_t s) { return base * std::pow(gamma, static_cast<double>(s / step_size)); });
 }
 
 lr_schedule cosine_lr(double base, std::int64_t total_steps, double min_lr) {
@@ -35,7 +36,8 @@ lr_schedule cosine_lr(double base, std::int64_t total_steps, double min_lr) {
     throw usage_error(fmt::format("ad::cosine_lr: total_steps {} must be positive", total_steps));
   }
   return lr_schedule([=](std::int64_t s) {
-    const double t = static_cast<double>(std::min(s, total_steps)) / static_cast<double>(total_steps);
+    const double t =
+        static_cast<double>(std::min(s, total_steps)) / static_cast<double>(total_steps);
     return min_lr + (base - min_lr) * 0.5 * (1.0 + std::cos(std::numbers::pi * t));
   });
 }

@@ -149,10 +149,10 @@ template <class S>
 S basic_tensor<S>::item() const {
   auto& n = checked();
   if (n.dims.numel() != 1) {
-    throw usage_error(fmt::format(
-        "ad::tensor::item: tensor has shape {} ({} elements); item() needs exactly one "
-        "element (reduce with ad::sum or ad::mean first)",
-        n.dims.str(), n.dims.numel()));
+    throw usage_error(
+        fmt::format("ad::tensor::item: tensor has shape {} ({} elements); item() needs exactly one "
+                    "element (reduce with ad::sum or ad::mean first)",
+                    n.dims.str(), n.dims.numel()));
   }
   return *n.value;
 }
@@ -221,9 +221,10 @@ template <class S>
 weight_grad_pass<S>::~weight_grad_pass() {
   if (edges_.empty()) return;
   try {
-    log::warn("ad::weight_grad_pass dropped with {} deferred parameter gradient(s) never run; "
-              "call run() (or ad::run_weight_grads) after a backward with defer_weight_grads",
-              edges_.size());
+    log::warn(
+        "ad::weight_grad_pass dropped with {} deferred parameter gradient(s) never run; "
+        "call run() (or ad::run_weight_grads) after a backward with defer_weight_grads",
+        edges_.size());
   } catch (...) {  // destructors never throw
   }
 }
@@ -344,12 +345,12 @@ weight_grad_pass<S> backward(const basic_tensor<S>& root, const basic_tensor<S>&
   return run_backward<S>(root, &seed, opts);
 }
 
-#define RINGFLOW_AD_INSTANTIATE(S)                                                       \
-  template std::shared_ptr<S> detail::allocate<S>(index);                                \
-  template struct detail::node<S>;                                                       \
-  template class basic_tensor<S>;                                                        \
-  template class weight_grad_pass<S>;                                                    \
-  template weight_grad_pass<S> backward<S>(const basic_tensor<S>&, backward_options);    \
+#define RINGFLOW_AD_INSTANTIATE(S)                                                         \
+  template std::shared_ptr<S> detail::allocate<S>(index);                                  \
+  template struct detail::node<S>;                                                         \
+  template class basic_tensor<S>;                                                          \
+  template class weight_grad_pass<S>;                                                      \
+  template weight_grad_pass<S> backward<S>(const basic_tensor<S>&, backward_options);      \
   template weight_grad_pass<S> backward<S>(const basic_tensor<S>&, const basic_tensor<S>&, \
                                            backward_options);
 RINGFLOW_AD_INSTANTIATE(float)

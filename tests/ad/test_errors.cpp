@@ -33,7 +33,9 @@ TEST_CASE("broadcast errors name both shapes", "[ad][errors]") {
     INFO(msg);
     CHECK(contains(msg, "[4,3] and [1,5]"));
   }
-  const auto msg = usage_message([&] { (void)(ad::tensor::zeros({2, 3}) + ad::tensor::zeros({4})); });
+  const auto msg = usage_message([&] {
+    (void)(ad::tensor::zeros({2, 3}) + ad::tensor::zeros({4}));
+  });
   INFO(msg);
   CHECK(contains(msg, "[2,3] and [4]"));
 }

@@ -148,11 +148,17 @@ TEST_CASE("gradcheck: shape ops", "[ad][gradcheck]") {
   check_gradients("flatten", {random_tensor({3, 4}, 23)},
                   [](const inputs_t& in) { return ad::flatten(in[0]) * ad::flatten(in[0]); });
   check_gradients("concat dim 0", {random_tensor({2, 3}, 24), random_tensor({4, 3}, 25)},
-                  [](const inputs_t& in) { return ad::concat({in[0], in[1]}, 0); });
+                  [](const inputs_t& in) {
+                    return ad::concat({in[0], in[1]}, 0);
+                  });
   check_gradients("concat dim 1", {random_tensor({2, 3}, 26), random_tensor({2, 1}, 27)},
-                  [](const inputs_t& in) { return ad::concat({in[0], in[1], in[0]}, 1); });
+                  [](const inputs_t& in) {
+                    return ad::concat({in[0], in[1], in[0]}, 1);
+                  });
   check_gradients("concat rank 1", {random_tensor({3}, 28), random_tensor({2}, 29)},
-                  [](const inputs_t& in) { return ad::concat({in[0], in[1]}, 0); });
+                  [](const inputs_t& in) {
+                    return ad::concat({in[0], in[1]}, 0);
+                  });
   check_gradients("slice dim 0", {random_tensor({5, 3}, 30)},
                   [](const inputs_t& in) { return ad::slice(in[0], 0, 1, 4); });
   check_gradients("slice dim 1", {random_tensor({3, 5}, 31)},

@@ -80,9 +80,7 @@ TEST_CASE("no_grad records no graph and is scoped", "[ad][graph]") {
     ad::generator rng(1);
     auto d = ad::dropout(x, 0.5, rng);
     CHECK(d.node() == x.node());  // identity
-    {
-      ad::no_grad nested;
-    }
+    { ad::no_grad nested; }
     CHECK_FALSE(ad::grad_enabled());
   }
   CHECK(ad::grad_enabled());
@@ -261,7 +259,7 @@ TEST_CASE("two-phase backward with interleaved micro-batches", "[ad][two-phase]"
   auto w2 = ad::backward(loss2, {.defer_weight_grads = true});  // B(2)
   w1.run();                                                     // W(1)
   for (int f : fired) CHECK(f == 1);
-  w2.run();                                                     // W(2)
+  w2.run();  // W(2)
   for (int f : fired) CHECK(f == 2);
   for (std::size_t i = 0; i < reference.size(); ++i) {
     CHECK(near(params.all_grads()[i], reference[i], 1e-12));

@@ -190,8 +190,10 @@ TEST_CASE("seeded initialization is reproducible and well scaled", "[ad][init]")
   const struct {
     ad::init_kind kind;
     double var;
-  } cases[] = {{ad::init_kind::kaiming_uniform, 2.0 / 50}, {ad::init_kind::kaiming_normal, 2.0 / 50},
-               {ad::init_kind::xavier_uniform, 2.0 / 80}, {ad::init_kind::xavier_normal, 2.0 / 80}};
+  } cases[] = {{ad::init_kind::kaiming_uniform, 2.0 / 50},
+               {ad::init_kind::kaiming_normal, 2.0 / 50},
+               {ad::init_kind::xavier_uniform, 2.0 / 80},
+               {ad::init_kind::xavier_normal, 2.0 / 80}};
   for (const auto& k : cases) {
     ad::generator rng(7);
     ad::initialize(std::span<double>(w), k.kind, 50, 30, rng);

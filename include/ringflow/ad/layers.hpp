@@ -127,8 +127,8 @@ class basic_sequential : public basic_module<S> {
 
   /// Appends a layer (moved in) and returns a reference to it.
   template <class M>
-    requires std::is_base_of_v<basic_module<S>, std::remove_cvref_t<M>>
-  std::remove_cvref_t<M>& add(M&& layer) {
+  requires std::is_base_of_v<basic_module<S>, std::remove_cvref_t<M>> std::remove_cvref_t<M>
+  &add(M&& layer) {
     auto p = std::make_unique<std::remove_cvref_t<M>>(std::forward<M>(layer));
     auto& ref = *p;
     layers_.push_back(std::move(p));
@@ -165,8 +165,8 @@ struct mlp_options {
 template <class S>
 class basic_mlp : public basic_sequential<S> {
  public:
-  basic_mlp(std::vector<index> sizes, activation hidden = activation::relu,
-            std::uint64_t seed = 0, mlp_options opts = {});
+  basic_mlp(std::vector<index> sizes, activation hidden = activation::relu, std::uint64_t seed = 0,
+            mlp_options opts = {});
 };
 
 using module = basic_module<float>;

@@ -109,19 +109,33 @@ template <class S>
 std::vector<int> argmax_rows(const basic_tensor<S>& x);
 
 template <class S>
-basic_tensor<S> operator+(const basic_tensor<S>& a, const basic_tensor<S>& b) { return add(a, b); }
+basic_tensor<S> operator+(const basic_tensor<S>& a, const basic_tensor<S>& b) {
+  return add(a, b);
+}
 template <class S>
-basic_tensor<S> operator-(const basic_tensor<S>& a, const basic_tensor<S>& b) { return sub(a, b); }
+basic_tensor<S> operator-(const basic_tensor<S>& a, const basic_tensor<S>& b) {
+  return sub(a, b);
+}
 /// Elementwise product (use matmul for the matrix product).
 template <class S>
-basic_tensor<S> operator*(const basic_tensor<S>& a, const basic_tensor<S>& b) { return mul(a, b); }
+basic_tensor<S> operator*(const basic_tensor<S>& a, const basic_tensor<S>& b) {
+  return mul(a, b);
+}
 template <class S>
-basic_tensor<S> operator/(const basic_tensor<S>& a, const basic_tensor<S>& b) { return div(a, b); }
+basic_tensor<S> operator/(const basic_tensor<S>& a, const basic_tensor<S>& b) {
+  return div(a, b);
+}
 template <class S>
-basic_tensor<S> operator*(const basic_tensor<S>& a, std::type_identity_t<S> c) { return scale(a, c); }
+basic_tensor<S> operator*(const basic_tensor<S>& a, std::type_identity_t<S> c) {
+  return scale(a, c);
+}
 template <class S>
-basic_tensor<S> operator*(std::type_identity_t<S> c, const basic_tensor<S>& a) { return scale(a, c); }
+basic_tensor<S> operator*(std::type_identity_t<S> c, const basic_tensor<S>& a) {
+  return scale(a, c);
+}
 template <class S>
-basic_tensor<S> operator-(const basic_tensor<S>& a) { return scale(a, S(-1)); }
+basic_tensor<S> operator-(const basic_tensor<S>& a) {
+  return scale(a, S(-1));
+}
 
 }  // namespace ringflow::ad

@@ -4,7 +4,6 @@
 #pragma once
 
 #include <Eigen/Core>
-
 #include <cstddef>
 #include <cstdint>
 #include <functional>
