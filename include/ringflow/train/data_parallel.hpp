@@ -1,0 +1,159 @@
+// Data-parallel training: gradients averaged across ranks in buckets whose allreduce overlaps backward.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "ringflow/ad/parameter_store.hpp"
+#include "ringflow/ad/tensor.hpp"
+#include "ringflow/coll/options.hpp"
+#include "ringflow/comm/communicator.hpp"
+#include "ringflow/train/timeline.hpp"
+
+namespace ringflow::train {
+
+/// Default cap of a gradient bucket. Chosen by measurement (docs/training.md,
+/// bench/programs/bench_buckets.cpp): 256 KiB reaches the bandwidth plateau of
+/// the ring on this class of machine while still cutting a small model into
+/// several buckets, so the first allreduces start early in backward.
+inline constexpr std::size_t default_bucket_cap_bytes = 256 * 1024;
+/// Default cap of the first bucket (the last parameters, whose gradients are
+/// ready first): small, so communication starts as early as possible.
+inline constexpr std::size_t default_first_bucket_cap_bytes = 64 * 1024;
+
+/// A contiguous slice [offset, offset + size) of the store's gradient buffer,
+/// averaged by one allreduce.
+struct bucket {
+  std::size_t offset = 0;            ///< first element in all_grads()
+  std::size_t size = 0;              ///< element count
+  std::vector<std::size_t> params;   ///< parameter indices, in reverse store order
+  std::size_t bytes() const { return size * sizeof(float); }
+};
+
+/// Cuts the parameters into buckets in reverse registration order (the order
+/// backward produces gradients): bucket 0 holds the last parameters. A bucket
+/// is closed before a parameter that would push it past its cap (the first
+/// bucket's cap is `first_cap_bytes`, the others `cap_bytes`); a parameter
+/// larger than the cap gets a bucket of its own. Because the store is one
+/// buffer in registration order, every bucket is a contiguous slice: the
+/// allreduce runs in place, with no copy. A cap of 0 puts every parameter in
+/// its own bucket. Pure function of the layout: every rank gets the same plan.
+std::vector<bucket> plan_buckets(const ad::parameter_store<float>& params, std::size_t cap_bytes,
+                                 std::size_t first_cap_bytes);
+
+/// Options of data_parallel.
+struct data_parallel_options {
+  std::size_t bucket_cap_bytes = default_bucket_cap_bytes;
+  std::size_t first_bucket_cap_bytes = default_first_bucket_cap_bytes;
+  /// The rank whose initial parameters every rank starts from.
+  int root = 0;
+  /// Broadcast the root's parameters in the constructor (off: the caller
+  /// guarantees identical parameters, e.g. after loading a checkpoint).
+  bool broadcast_parameters = true;
+  /// Algorithm and segment size of the bucket allreduces.
+  coll_options coll = {};
+  /// Where to write the trace; empty: RINGFLOW_TIMELINE, or no trace.
+  std::filesystem::path timeline_path = {};
+};
+
+/// Timing of one step (seconds), measured on this rank.
+struct step_stats {
+  double backward_s = 0;  ///< inside backward()
+  double comm_s = 0;      ///< sum of the bucket allreduces (on the progress thread)
+  double wait_s = 0;      ///< finish() blocked waiting for them (communication not hidden)
+  std::size_t buckets_launched_in_backward = 0;  ///< buckets started before finish()
+};
+
+/// Data-parallel wrapper over a model's parameter store.
+///
+/// The constructor checks that every rank has the same parameter layout,
+/// broadcasts the root's parameters, and installs the store's grad-ready
+/// hook. During backward, when the last gradient of a bucket is final its
+/// allreduce(avg) is queued on the communicator's progress thread
+/// (coll/async.hpp), so it runs while backward continues. Buckets are always
+/// launched in bucket order (0, 1, 2, ...): a bucket that is ready early waits
+/// for the ones before it, so every rank queues the same collectives in the
+/// same order whatever order its hooks fire in.
+///
+/// finish() ends the step: it launches every bucket not launched yet, in
+/// order, after setting to zero the gradient of each parameter that got none
+/// in this step (a parameter unused by this rank's forward contributes zero to
+/// the average, on this rank only), then waits for all of them. After it the
+/// gradient buffer holds the average over ranks, bit-identical on every rank.
+///
+/// @code
+///   ad::mlp model({784, 256, 10}, ad::activation::relu, 42);
+///   train::data_parallel dp(comm, model.parameters());
+///   ad::adamw opt(model.parameters());
+///   for (...) {
+///     opt.zero_grad();
+///     ad::tensor loss;
+///     { auto f = dp.span("forward"); loss = ad::softmax_cross_entropy(model(x), labels); }
+///     dp.backward(loss);   // allreduces start inside
+///     dp.step(opt);        // finish() + opt.step()
+///   }
+/// @endcode
+///
+/// One backward per step: a parameter reporting its gradient twice before
+/// finish() is a usage_error (gradient accumulation without sync is not
+/// supported yet). Collectives the caller runs on `comm` itself (say, a loss
+/// allreduce) do not mix with the bucket traffic, which uses a duplicate.
+class data_parallel {
+ public:
+  data_parallel(communicator comm, ad::parameter_store<float> params,
+                data_parallel_options opts = {});
+  /// Waits for pending buckets (never throws; failures are logged) and writes
+  /// the timeline if one is on.
+  ~data_parallel();
+  data_parallel(data_parallel&&) noexcept;
+  data_parallel& operator=(data_parallel&&) noexcept;
+  data_parallel(const data_parallel&) = delete;
+  data_parallel& operator=(const data_parallel&) = delete;
+
+  /// RAII span on the compute lane of the timeline (e.g. "forward").
+  train::timeline::scoped_span span(std::string_view name) const;
+
+  /// ad::backward(loss) inside a "backward" span; buckets launch from the
+  /// hooks as their gradients complete. (Calling loss.backward() directly
+  /// works too; only the span is missing.)
+  void backward(const ad::tensor& loss);
+
+  /// Launches the buckets not launched yet and waits for all; the gradients
+  /// are then averaged. Rethrows a failed allreduce (a comm_error naming the
+  /// rank that failed). Calling it twice in a row is fine (the second call
+  /// averages again: call it once per step).
+  void finish();
+
+  /// finish(), then opt.step() inside an "optimizer" span.
+  template <class Optimizer>
+  void step(Optimizer& opt) {
+    finish();
+    auto s = trace().scope("optimizer", steps() - 1);  // the step just finished
+    opt.step();
+  }
+
+  const std::vector<bucket>& buckets() const;
+  /// Steps finished so far (finish() calls).
+  std::int64_t steps() const;
+  /// Timing of the last finished step.
+  const step_stats& last_step() const;
+  /// How many times each parameter's grad-ready hook fired in the last
+  /// finished step (1 for every parameter backward reached, 0 for unused).
+  const std::vector<std::uint32_t>& ready_counts() const;
+
+  const communicator& comm() const;
+  const ad::parameter_store<float>& parameters() const;
+  const train::timeline& trace() const;
+  /// Writes the timeline file now (also done by the destructor). Throws on failure.
+  void write_timeline() const;
+
+ private:
+  struct state;
+  std::unique_ptr<state> state_;
+};
+
+}  // namespace ringflow::train

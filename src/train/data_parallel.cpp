@@ -1,0 +1,295 @@
+// data_parallel: bucket planning, grad-ready hooks launching bucket allreduces in order, finish().
+#include "ringflow/train/data_parallel.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <utility>
+
+#include "ringflow/coll/async.hpp"
+#include "ringflow/coll/collectives.hpp"
+#include "ringflow/core/log.hpp"
+
+namespace ringflow::train {
+
+std::vector<bucket> plan_buckets(const ad::parameter_store<float>& params, std::size_t cap_bytes,
+                                 std::size_t first_cap_bytes) {
+  std::vector<bucket> out;
+  bucket current;
+  std::size_t current_cap = first_cap_bytes;
+  for (std::size_t k = params.size(); k-- > 0;) {
+    const auto& p = params[k];
+    const std::size_t bytes = p.size * sizeof(float);
+    if (!current.params.empty() && current.bytes() + bytes > current_cap) {
+      out.push_back(std::move(current));
+      current = bucket{};
+      current_cap = cap_bytes;
+    }
+    // Reverse order: each parameter extends the bucket downwards.
+    current.offset = p.offset;
+    current.size += p.size;
+    current.params.push_back(k);
+  }
+  if (!current.params.empty()) out.push_back(std::move(current));
+  return out;
+}
+
+namespace {
+// FNV-1a over the parameter names and sizes: equal on every rank that built
+// the same model.
+std::uint64_t layout_hash(const ad::parameter_store<float>& params) {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  const auto mix = [&](const void* data, std::size_t n) {
+    const auto* b = static_cast<const unsigned char*>(data);
+    for (std::size_t i = 0; i < n; ++i) {
+      h ^= b[i];
+      h *= 0x100000001b3ull;
+    }
+  };
+  for (const auto& p : params) {
+    mix(p.name.data(), p.name.size() + 1);
+    const std::uint64_t size = p.size;
+    mix(&size, sizeof size);
+  }
+  return h;
+}
+
+struct bucket_record {
+  double start_us = 0;
+  double end_us = 0;
+};
+}  // namespace
+
+struct data_parallel::state {
+  communicator comm;
+  ad::parameter_store<float> params;
+  data_parallel_options opts;
+  train::timeline tl;
+  std::vector<bucket> buckets;
+  std::vector<std::size_t> bucket_of;    // parameter -> bucket
+  std::vector<bool> expected;            // requires_grad when built
+  std::vector<std::size_t> expected_in;  // per bucket: expected parameters
+  // Per step.
+  std::vector<std::uint32_t> fired;
+  std::vector<std::size_t> pending;
+  std::vector<collective_handle> handles;
+  std::vector<bucket_record> records;
+  std::size_t next = 0;  // first bucket not launched
+  std::int64_t step = 0;
+  step_stats current;
+  step_stats last;
+  std::vector<std::uint32_t> last_fired;
+
+  void reset_step() {
+    std::fill(fired.begin(), fired.end(), 0u);
+    pending = expected_in;
+    std::fill(records.begin(), records.end(), bucket_record{});
+    next = 0;
+    current = {};
+  }
+
+  void on_ready(std::size_t i) {
+    if (i >= fired.size()) return;
+    if (!expected[i]) {
+      throw usage_error(fmt::format(
+          "train::data_parallel on rank {}: parameter '{}' did not require a gradient when the "
+          "data_parallel was built; rebuild it after changing requires_grad",
+          comm.rank(), params[i].name));
+    }
+    if (++fired[i] > 1) {
+      throw usage_error(fmt::format(
+          "train::data_parallel on rank {}: parameter '{}' reported its gradient twice in step "
+          "{}; call finish() (or step()) once after each backward",
+          comm.rank(), params[i].name, step));
+    }
+    const std::size_t b = bucket_of[i];
+    if (--pending[b] == 0) launch_ready();
+  }
+
+  // Launches buckets strictly in order, so every rank queues the same sequence.
+  void launch_ready() {
+    while (next < buckets.size() && pending[next] == 0) {
+      launch(next++);
+      ++current.buckets_launched_in_backward;
+    }
+  }
+
+  void launch(std::size_t b) {
+    const bucket& bk = buckets[b];
+    const std::span<float> data = params.all_grads().subspan(bk.offset, bk.size);
+    bucket_record* rec = &records[b];
+    const std::int64_t at_step = step;
+    const coll_options coll = opts.coll;
+    const train::timeline trace = tl;
+    // Enqueued by hand (rather than allreduce_async) to timestamp the
+    // allreduce where it runs: on the progress thread.
+    handles[b] = collective_handle(detail::enqueue(
+        comm, [data, rec, at_step, coll, trace, b](const communicator& c) {
+          const double t0 = now_us();
+          allreduce(c, data, avg, coll);
+          const double t1 = now_us();
+          rec->start_us = t0;
+          rec->end_us = t1;
+          if (trace.enabled()) {
+            trace_event e;
+            e.name = fmt::format("allreduce bucket {}", b);
+            e.lane = lane::comm;
+            e.start_us = t0;
+            e.duration_us = t1 - t0;
+            e.step = at_step;
+            e.bucket = static_cast<std::int64_t>(b);
+            e.bytes = static_cast<std::int64_t>(data.size_bytes());
+            trace.record(std::move(e));
+          }
+        }));
+  }
+
+  void wait_quietly() noexcept {
+    for (auto& h : handles) {
+      try {
+        h.wait();
+      } catch (const std::exception& e) {
+        log::error("train::data_parallel on rank {}: a bucket allreduce failed: {}", comm.rank(),
+                   e.what());
+      }
+    }
+  }
+};
+
+data_parallel::data_parallel(communicator comm, ad::parameter_store<float> params,
+                             data_parallel_options opts)
+    : state_(std::make_unique<state>()) {
+  auto& s = *state_;
+  if (!comm.valid()) throw usage_error("train::data_parallel: the communicator is not valid");
+  if (opts.root < 0 || opts.root >= comm.size()) {
+    throw usage_error(fmt::format("train::data_parallel on rank {}: root {} is outside [0, {})",
+                                  comm.rank(), opts.root, comm.size()));
+  }
+  params.check_bound();
+  s.comm = std::move(comm);
+  s.params = std::move(params);
+  s.opts = std::move(opts);
+  s.tl = s.opts.timeline_path.empty() ? train::timeline::from_env(s.comm.rank())
+                                      : train::timeline(s.comm.rank(), s.opts.timeline_path);
+  s.buckets = plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes);
+  s.bucket_of.assign(s.params.size(), 0);
+  s.expected.assign(s.params.size(), false);
+  s.expected_in.assign(s.buckets.size(), 0);
+  for (std::size_t b = 0; b < s.buckets.size(); ++b) {
+    for (const std::size_t i : s.buckets[b].params) {
+      s.bucket_of[i] = b;
+      s.expected[i] = s.params[i].tensor.requires_grad();
+      if (s.expected[i]) ++s.expected_in[b];
+    }
+  }
+  s.fired.assign(s.params.size(), 0);
+  s.last_fired = s.fired;
+  s.handles.resize(s.buckets.size());
+  s.records.resize(s.buckets.size());
+  s.reset_step();
+
+  // Same model everywhere? max over {h, ~h} gives the max and (negated) min hash.
+  const std::uint64_t h = layout_hash(s.params);
+  std::array<std::int64_t, 2> hm{static_cast<std::int64_t>(h), ~static_cast<std::int64_t>(h)};
+  // The first async call creates the progress thread at the same point on
+  // every rank (it splits the communicator).
+  allreduce_async(s.comm, std::span<std::int64_t>(hm), max).wait();
+  if (static_cast<std::uint64_t>(hm[0]) != h || static_cast<std::uint64_t>(~hm[1]) != h) {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: the ranks built different models (this rank: {} "
+        "parameters, {} elements, layout hash {:016x}); build the same model on every rank",
+        s.comm.rank(), s.params.size(), s.params.numel(), h));
+  }
+  if (s.opts.broadcast_parameters) {
+    broadcast_async(s.comm, s.params.all_values(), s.opts.root).wait();
+  }
+  state* raw = state_.get();
+  s.params.set_grad_ready_hook(
+      [raw](std::size_t i, const ad::tensor&) { raw->on_ready(i); });
+}
+
+data_parallel::~data_parallel() {
+  if (!state_) return;
+  state_->params.set_grad_ready_hook(nullptr);
+  state_->wait_quietly();
+  try {
+    state_->tl.write();
+  } catch (const std::exception& e) {
+    log::error("{}", e.what());
+  }
+}
+
+data_parallel::data_parallel(data_parallel&&) noexcept = default;
+
+data_parallel& data_parallel::operator=(data_parallel&& other) noexcept {
+  if (this != &other) {
+    if (state_) {
+      state_->params.set_grad_ready_hook(nullptr);
+      state_->wait_quietly();
+    }
+    state_ = std::move(other.state_);
+  }
+  return *this;
+}
+
+train::timeline::scoped_span data_parallel::span(std::string_view name) const {
+  return state_->tl.scope(name, state_->step);
+}
+
+void data_parallel::backward(const ad::tensor& loss) {
+  auto& s = *state_;
+  const double t0 = now_us();
+  ad::backward(loss);
+  const double t1 = now_us();
+  s.tl.record("backward", lane::compute, t0, t1, s.step);
+  s.current.backward_s += (t1 - t0) * 1e-6;
+}
+
+void data_parallel::finish() {
+  auto& s = *state_;
+  // Buckets whose hooks did not all fire: a parameter that got no gradient
+  // contributes zero (from this rank). Launched in bucket order, like the rest.
+  for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
+    auto grads = s.params.all_grads();
+    for (const std::size_t i : s.buckets[b].params) {
+      if (s.fired[i] == 0) {
+        const auto& p = s.params[i];
+        std::fill_n(grads.begin() + static_cast<std::ptrdiff_t>(p.offset), p.size, 0.0f);
+      }
+    }
+    s.launch(b);
+  }
+  s.next = s.buckets.size();
+  const double w0 = now_us();
+  std::exception_ptr failure;
+  try {
+    wait_all(std::span<collective_handle>(s.handles));
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  const double w1 = now_us();
+  s.tl.record("wait", lane::compute, w0, w1, s.step);
+  s.current.wait_s = (w1 - w0) * 1e-6;
+  s.current.comm_s = 0;
+  for (const auto& r : s.records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
+  s.last = s.current;
+  s.last_fired = s.fired;
+  ++s.step;
+  s.reset_step();
+  if (failure) std::rethrow_exception(failure);
+}
+
+const std::vector<bucket>& data_parallel::buckets() const { return state_->buckets; }
+std::int64_t data_parallel::steps() const { return state_->step; }
+const step_stats& data_parallel::last_step() const { return state_->last; }
+const std::vector<std::uint32_t>& data_parallel::ready_counts() const {
+  return state_->last_fired;
+}
+const communicator& data_parallel::comm() const { return state_->comm; }
+const ad::parameter_store<float>& data_parallel::parameters() const { return state_->params; }
+const train::timeline& data_parallel::trace() const { return state_->tl; }
+void data_parallel::write_timeline() const { state_->tl.write(); }
+
+}  // namespace ringflow::train
