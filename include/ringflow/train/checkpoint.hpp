@@ -33,9 +33,9 @@ inline constexpr std::uint32_t checkpoint_format_version = 1;
 /// layout, and the step count. Build one with optimizer_state_of().
 struct optimizer_state {
   std::string kind = "none";  ///< "adamw", "sgd" or "none"
-  std::vector<std::pair<std::string, std::span<float>>> buffers;
-  std::function<std::int64_t()> get_steps;
-  std::function<void(std::int64_t)> set_steps;
+  std::vector<std::pair<std::string, std::span<float>>> buffers = {};
+  std::function<std::int64_t()> get_steps = {};
+  std::function<void(std::int64_t)> set_steps = {};
 };
 
 /// The state of an AdamW (moments "m", "v" and the step count).
@@ -47,12 +47,12 @@ optimizer_state optimizer_state_of(ad::sgd& opt);
 /// (the parameters and optimizer buffers in place, the sampler through
 /// load_state, `step` and `extra` by assignment).
 struct training_state {
-  ad::parameter_store<float> params;
-  optimizer_state optimizer;          ///< kind "none": no optimizer state saved
+  ad::parameter_store<float> params = {};
+  optimizer_state optimizer = {};     ///< kind "none": no optimizer state saved
   data::sampler* sampler = nullptr;   ///< null: no sampler state saved
   std::int64_t step = 0;              ///< training steps taken
   int world_size = 1;                 ///< ranks that wrote it (recorded; see docs/training.md)
-  std::map<std::string, std::string> extra;  ///< free-form settings (e.g. "global_batch")
+  std::map<std::string, std::string> extra = {};  ///< free-form settings (e.g. "global_batch")
 };
 
 /// What load_checkpoint found in the file besides what it restored.
