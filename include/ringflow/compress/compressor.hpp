@@ -1,0 +1,261 @@
+// Gradient compressors: the runtime-polymorphic `compressor` interface and the
+// six implementations (none, fp16, bf16, int8, top-k, 1-bit sign, PowerSGD).
+//
+// Why a virtual interface and not a concept: the compressor is picked per
+// bucket at run time (`--compress topk:0.01`, or by the cost model in auto
+// mode), so buckets hold heterogeneous compressors; the virtual call happens
+// once per bucket, never per element. The per-element math lives in
+// kernels.hpp as header functors, which is where inlining matters (and what
+// the CUDA kernels reuse).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ringflow/comm/communicator.hpp"
+#include "ringflow/core/half.hpp"
+
+namespace ringflow::compress {
+
+/// How the encoded payloads of the ranks are combined.
+enum class combine {
+  sum,     ///< payloads are summed in compressed form: they ride on allreduce
+  gather,  ///< payloads are allgathered and each rank decodes and sums them
+};
+
+/// One collective a compressed allreduce issues: its kind and the bytes of one
+/// rank's contribution (for allreduce: the whole buffer; for allgather: one piece).
+struct wire_round {
+  combine kind = combine::sum;
+  std::size_t bytes = 0;
+  std::size_t element_size = 4;  ///< element size on the wire (for the exact ring byte count)
+};
+
+/// Bytes one ring collective makes rank `rank` send (exact for ringflow's ring:
+/// reduce-scatter sends every chunk but its own, allgather every chunk but the
+/// next rank's). For combine::gather, `round.bytes` is one rank's piece.
+std::size_t ring_bytes_sent(const wire_round& round, int ranks, int rank);
+
+/// Traffic of one compressed allreduce (or the running total of many).
+struct traffic {
+  std::size_t calls = 0;
+  std::size_t elements = 0;       ///< gradient elements reduced
+  std::size_t raw_bytes = 0;      ///< 4 * elements: the fp32 bucket
+  std::size_t payload_bytes = 0;  ///< one rank's encoded payload (all rounds)
+  std::size_t bytes_sent = 0;     ///< what this rank put on the wire
+  std::size_t plain_bytes_sent = 0;  ///< what an fp32 ring allreduce would have sent
+
+  traffic& operator+=(const traffic& o);
+  /// raw_bytes / payload_bytes (1 for none, 2 for fp16, ~32 for sign...).
+  double ratio() const;
+};
+
+/// A gradient compressor. encode/decode work on one rank's data; reduce() is
+/// the collective form that every compressed allreduce goes through.
+///
+/// Contract of reduce(): on entry `data` is this rank's input x_r; on return it
+/// holds sum_r t_r on every rank (bitwise the same on all ranks), where t_r is
+/// what rank r transmitted, i.e. its decoded contribution. If `mine` is not
+/// empty it receives t_r, so error feedback can keep x_r - t_r.
+class compressor {
+ public:
+  virtual ~compressor() = default;
+
+  /// The spec that make_compressor() parses back, e.g. "topk:0.01".
+  virtual std::string name() const = 0;
+  /// Whether the payload is summed by allreduce or needs an allgather.
+  virtual combine how() const = 0;
+  /// Whether the compression is biased enough to need error feedback
+  /// (top-k, sign, PowerSGD). compressed_allreduce does not force it.
+  virtual bool wants_error_feedback() const { return false; }
+
+  /// Bytes of encode()'s payload for n elements.
+  virtual std::size_t payload_bytes(std::size_t n) const = 0;
+  /// The collectives reduce() issues for n elements on `ranks` ranks.
+  virtual std::vector<wire_round> wire_plan(std::size_t n, int ranks) const = 0;
+
+  /// Encodes `in` into out (out.size() == payload_bytes(in.size())).
+  /// `bucket_id` keys per-bucket state (PowerSGD's warm start).
+  virtual void encode(std::span<const float> in, std::span<std::byte> out,
+                      std::uint64_t bucket_id = 0) = 0;
+  /// out += decode(payload). The decode-and-accumulate form is what both the
+  /// allgather path and a fused GPU kernel want.
+  virtual void decode_add(std::span<const std::byte> payload, std::span<float> out) const = 0;
+  /// out = decode(payload).
+  void decode(std::span<const std::byte> payload, std::span<float> out) const;
+
+  /// The collective (see the class comment). Adds its traffic to `stats`.
+  virtual void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+                      std::uint64_t bucket_id, traffic& stats) = 0;
+
+  /// Running total over every reduce() of this compressor.
+  const traffic& cumulative() const noexcept { return cumulative_; }
+
+ protected:
+  traffic cumulative_;
+  /// Fills the byte counts of `stats` from wire_plan and adds them to cumulative_.
+  void account(std::size_t n, const communicator& comm, traffic& stats);
+};
+
+/// Parses a spec: none | fp16 | bf16 | int8[:block] | topk:<ratio> | sign[:block]
+/// | powersgd:<rank>. Throws usage_error naming the bad part.
+std::unique_ptr<compressor> make_compressor(std::string_view spec, std::uint64_t seed = 0);
+
+/// No compression: the fp32 ring allreduce (the baseline auto mode compares with).
+class none_compressor final : public compressor {
+ public:
+  std::string name() const override { return "none"; }
+  combine how() const override { return combine::sum; }
+  std::size_t payload_bytes(std::size_t n) const override { return 4 * n; }
+  std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
+  void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
+  void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) override;
+};
+
+/// fp16 or bf16 on the wire. reduce() rounds each rank's values to 16 bits and
+/// runs the ring allreduce in that type: every hop adds in fp32 and rounds the
+/// partial sum back to 16 bits (see docs/compression.md for the error bound).
+/// fp16 overflows to Inf above 65504 (sums included); bf16 has fp32's range.
+class half_compressor final : public compressor {
+ public:
+  enum class format { fp16, bf16 };
+  explicit half_compressor(format f) : format_(f) {}
+  std::string name() const override { return format_ == format::fp16 ? "fp16" : "bf16"; }
+  combine how() const override { return combine::sum; }
+  std::size_t payload_bytes(std::size_t n) const override { return 2 * n; }
+  std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
+  void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
+  void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) override;
+
+ private:
+  format format_;
+  std::vector<half> wire_fp16_;
+  std::vector<bfloat16> wire_bf16_;
+};
+
+/// int8 with one fp32 scale per block of `block` elements and seeded
+/// stochastic rounding. Payload: the block scales, then one int8 per element.
+/// reduce(): a max-allreduce of the block scales gives every rank the same
+/// scale; each rank quantizes to [-L, L] with L = floor(127 / ranks), so the
+/// int8 ring sum (done in int32 per hop, stored back in int8) can never
+/// overflow: |sum| <= ranks * L <= 127. Precision therefore drops with the
+/// rank count (L = 31 at 4 ranks, 7 at 16); more than 127 ranks is rejected.
+class int8_compressor final : public compressor {
+ public:
+  explicit int8_compressor(std::size_t block = 256, std::uint64_t seed = 0);
+  std::string name() const override;
+  combine how() const override { return combine::sum; }
+  std::size_t payload_bytes(std::size_t n) const override;
+  std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
+  void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
+  void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) override;
+  std::size_t block() const noexcept { return block_; }
+
+ private:
+  std::size_t block_;
+  std::uint64_t seed_;
+  std::uint64_t step_ = 0;  // per-call counter: the random stream differs each call
+  std::vector<float> scales_;
+  std::vector<std::int8_t> q_;
+};
+
+/// Top-k by magnitude: keeps k = ceil(ratio * n) elements as (uint32 index,
+/// float value) pairs, allgathered. Selection is exact: tensors of up to
+/// `exact_limit` elements use nth_element; larger ones first keep the elements
+/// above a threshold estimated from a seeded sample (with slack), then select
+/// among those, falling back to the full nth_element if too few passed.
+/// Ties are broken by the lower index, so the choice is deterministic.
+class topk_compressor final : public compressor {
+ public:
+  explicit topk_compressor(double ratio, std::uint64_t seed = 0,
+                           std::size_t exact_limit = std::size_t{1} << 16);
+  std::string name() const override;
+  combine how() const override { return combine::gather; }
+  bool wants_error_feedback() const override { return true; }
+  std::size_t k(std::size_t n) const;
+  std::size_t payload_bytes(std::size_t n) const override { return 8 * k(n); }
+  std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
+  void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
+  void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) override;
+
+ private:
+  double ratio_;
+  std::uint64_t seed_;
+  std::size_t exact_limit_;
+  std::uint64_t step_ = 0;
+  std::vector<std::uint32_t> idx_;
+  std::vector<std::uint8_t> send_, recv_;
+};
+
+/// 1-bit scaled sign: one bit per element (32 per uint32 word) and one fp32
+/// scale per block of `block` elements, the mean |x| of the block.
+/// Payload: the block scales, then ceil(n / 32) words. Allgathered.
+class sign_compressor final : public compressor {
+ public:
+  explicit sign_compressor(std::size_t block = 256);
+  std::string name() const override;
+  combine how() const override { return combine::gather; }
+  bool wants_error_feedback() const override { return true; }
+  std::size_t payload_bytes(std::size_t n) const override;
+  std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
+  void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
+  void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) override;
+
+ private:
+  std::size_t block_;
+  std::vector<std::uint8_t> send_, recv_;
+};
+
+/// PowerSGD of rank r: the bucket is viewed as a rows x cols matrix M
+/// (rows = ceil(sqrt(n)), zero padded), and reduce() runs one power iteration
+/// with warm start: P = M Q; allreduce P; P = orthonormal basis of P
+/// (Householder QR); Q = M^T P; allreduce Q; result P Q^T. Q is kept per
+/// bucket id between calls. This rank's transmitted part is P (M^T P)^T, so
+/// the sum of the ranks' parts is exactly the result. The rank is clamped to
+/// min(rows, cols) for tiny buckets. Payload: P and Q in fp32.
+class powersgd_compressor final : public compressor {
+ public:
+  explicit powersgd_compressor(int rank, std::uint64_t seed = 0);
+  std::string name() const override;
+  combine how() const override { return combine::sum; }
+  bool wants_error_feedback() const override { return true; }
+  std::size_t payload_bytes(std::size_t n) const override;
+  std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
+  void encode(std::span<const float> in, std::span<std::byte> out,
+              std::uint64_t bucket_id = 0) override;
+  void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) override;
+
+  /// The matrix shape a bucket of n elements is viewed as, and the rank used.
+  struct shape {
+    std::size_t rows = 0, cols = 0, rank = 0;
+  };
+  shape shape_of(std::size_t n) const;
+  /// Forgets the warm-start Q of every bucket.
+  void reset() { warm_.clear(); }
+
+ private:
+  std::vector<float>& warm_q(std::uint64_t bucket_id, const shape& s);
+  int rank_;
+  std::uint64_t seed_;
+  std::map<std::uint64_t, std::vector<float>> warm_;
+};
+
+}  // namespace ringflow::compress

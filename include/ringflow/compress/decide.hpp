@@ -1,0 +1,90 @@
+// Deciding where compression pays: an alpha-beta model of the ring
+// collectives plus measured encode/decode speed, per bucket, and the `auto`
+// policy built on it.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ringflow/compress/compressor.hpp"
+
+namespace ringflow::compress {
+
+/// A link in the alpha-beta model: one message of b bytes takes
+/// alpha_s + b * beta_s_per_byte.
+struct link_model {
+  double alpha_s = 20e-6;             ///< per-message latency
+  double beta_s_per_byte = 8.0 / 10e9;  ///< 10 Gb/s
+
+  /// A link of `gbps` gigabits per second and `alpha_us` microseconds latency.
+  static link_model from_gbps(double gbps, double alpha_us = 20.0);
+  /// From RINGFLOW_LINK_GBPS and RINGFLOW_LINK_ALPHA_US (defaults 10 and 20).
+  static link_model from_env();
+};
+
+/// Predicted time of one ring collective (ringflow's ring, unsegmented):
+/// allreduce of B bytes: 2(p-1) alpha + 2(p-1)/p * B * beta;
+/// allgather of p pieces of b bytes: (p-1) alpha + (p-1) * b * beta.
+double predict_round(const link_model& link, const wire_round& round, int ranks);
+
+/// Codec speed of a compressor on this machine, in GB/s of fp32 input
+/// (4 bytes per element, whatever the payload size).
+struct codec_speed {
+  double encode_gbps = 0;  ///< encode() of one bucket
+  double decode_gbps = 0;  ///< decode_add() of one payload
+};
+
+/// Times encode and decode_add of `c` on n pseudo-random floats; the median
+/// of `reps` runs after one warm-up.
+codec_speed measure_codec(compressor& c, std::size_t n, int reps = 5);
+
+/// Predicted time of one bucket, plain fp32 allreduce vs compressed.
+struct prediction {
+  double plain_s = 0;       ///< fp32 ring allreduce
+  double wire_s = 0;        ///< the compressor's collectives
+  double codec_s = 0;       ///< encode + the decodes (p of them for allgather)
+  double compressed_s() const { return wire_s + codec_s; }
+  double speedup() const { return compressed_s() > 0 ? plain_s / compressed_s() : 0; }
+};
+
+/// codec_s = 4n/encode + d * 4n/decode, d = 1 for combine::sum and `ranks`
+/// for combine::gather (each rank decodes every rank's payload).
+prediction predict(const compressor& c, std::size_t n, int ranks, const link_model& link,
+                   const codec_speed& speed);
+
+/// The `auto` policy: per bucket, the candidate with the lowest predicted
+/// time, but only where it beats the plain fp32 allreduce by `margin`
+/// (a fraction: 0.1 = 10% faster); otherwise "none".
+///
+/// @code
+/// ringflow::compress::auto_policy pol(link_model::from_gbps(10), comm.size());
+/// pol.calibrate();                        // measures the candidates' codecs here
+/// auto c = ringflow::compress::make_compressor(pol.choose(bucket.size()));
+/// @endcode
+class auto_policy {
+ public:
+  auto_policy(link_model link, int ranks,
+              std::vector<std::string> candidates = {"bf16", "int8"}, double margin = 0.1);
+  /// Measures every candidate's codec speed on n elements (a second or less).
+  void calibrate(std::size_t n = std::size_t{1} << 20);
+  /// Sets a candidate's codec speed (instead of measuring it).
+  void set_speed(const std::string& spec, codec_speed s) { speed_[spec] = s; }
+  /// The spec to use for a bucket of n elements ("none" where nothing wins).
+  std::string choose(std::size_t n) const;
+  /// The predictions for every candidate (calibrate() or set_speed() first).
+  std::map<std::string, prediction> predictions(std::size_t n) const;
+  const std::vector<std::string>& candidates() const noexcept { return candidates_; }
+
+ private:
+  link_model link_;
+  int ranks_;
+  std::vector<std::string> candidates_;
+  double margin_;
+  std::map<std::string, codec_speed> speed_;
+  std::map<std::string, std::unique_ptr<compressor>> probes_;  // for wire_plan()
+};
+
+}  // namespace ringflow::compress

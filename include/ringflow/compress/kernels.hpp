@@ -1,0 +1,161 @@
+// Per-element compression math as RINGFLOW_HOST_DEVICE functors, shared by the
+// CPU reference (src/compress/) and the fused CUDA kernels of the GPU path.
+//
+// Rules for this file, so nvcc device code can call everything unchanged:
+// no std:: containers, no exceptions, no <cmath> calls, no allocation; plain
+// arithmetic on scalars and raw pointers, bit casts through core/half.hpp.
+#pragma once
+
+#include <cstdint>
+
+#include "ringflow/core/config.hpp"
+#include "ringflow/core/half.hpp"
+
+namespace ringflow::compress::kernels {
+
+// ---------------------------------------------------------------------------
+// Counter-based random numbers: a pure function of (seed, stream, index), so a
+// CPU loop and a GPU thread that handles element `index` draw the same number
+// without sharing any generator state.
+
+/// splitmix64 finalizer: a bijective 64-bit mix with good avalanche.
+RINGFLOW_HOST_DEVICE inline std::uint64_t mix64(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+/// Key of one call's random stream: seed, a per-call counter and the rank, mixed
+/// so that neighbouring (step, rank) pairs give unrelated streams.
+RINGFLOW_HOST_DEVICE inline std::uint64_t stream_key(std::uint64_t seed, std::uint64_t step,
+                                                     std::uint64_t rank) {
+  return mix64(mix64(mix64(seed) ^ step) ^ (rank * 0x632be59bd9b4e019ull));
+}
+
+/// Uniform float in [0, 1) for element `index` of stream `key` (24 random bits,
+/// so every value is exact in float and 1.0 is never returned).
+RINGFLOW_HOST_DEVICE inline float uniform01(std::uint64_t key, std::uint64_t index) {
+  const std::uint64_t h = mix64(key ^ mix64(index));
+  return static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+}
+
+// ---------------------------------------------------------------------------
+// Small float helpers without <cmath>.
+
+RINGFLOW_HOST_DEVICE inline bool is_nan(float x) { return x != x; }
+
+RINGFLOW_HOST_DEVICE inline float abs_value(float x) {
+  return ringflow::detail::bits_float(ringflow::detail::float_bits(x) & 0x7fffffffu);
+}
+
+/// Sort key of |x| for selection (top-k): the bits of |x|, which order like
+/// the magnitudes for non-negative floats and put NaN above +Inf, so a NaN is
+/// never dropped silently: it is the first thing transmitted.
+RINGFLOW_HOST_DEVICE inline std::uint32_t magnitude_key(float x) {
+  return ringflow::detail::float_bits(x) & 0x7fffffffu;
+}
+
+// ---------------------------------------------------------------------------
+// fp16 / bf16: round to nearest even on encode, exact on decode.
+
+struct encode_half {
+  RINGFLOW_HOST_DEVICE std::uint16_t operator()(float x) const {
+    return ringflow::detail::float_to_half_bits(x);
+  }
+};
+struct decode_half {
+  RINGFLOW_HOST_DEVICE float operator()(std::uint16_t b) const {
+    return ringflow::detail::half_bits_to_float(b);
+  }
+};
+struct encode_bf16 {
+  RINGFLOW_HOST_DEVICE std::uint16_t operator()(float x) const {
+    return ringflow::detail::float_to_bf16_bits(x);
+  }
+};
+struct decode_bf16 {
+  RINGFLOW_HOST_DEVICE float operator()(std::uint16_t b) const {
+    return ringflow::detail::bf16_bits_to_float(b);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// int8 block quantization with stochastic rounding.
+//
+// A block with scale s (its max |x|, or the max over ranks of that) and
+// `levels` L maps x to q in [-L, L] with step s / L: q = floor(x/step) + b,
+// b ~ Bernoulli(frac(x/step)), so E[q * step] = x (unbiased) and
+// |q * step - x| < step.
+
+/// Step of a block: scale / levels; 0 for an all-zero block.
+RINGFLOW_HOST_DEVICE inline float int8_step(float scale, int levels) {
+  return scale / static_cast<float>(levels);
+}
+
+struct quantize_int8 {
+  float inv_step;  ///< levels / scale, or 0 for a zero block
+  int levels;      ///< L: q is clamped to [-L, L]
+  std::uint64_t key;  ///< random stream of this call (see stream_key)
+
+  /// `index` is the element's position in the bucket (the random counter).
+  RINGFLOW_HOST_DEVICE std::int8_t operator()(float x, std::uint64_t index) const {
+    float v = x * inv_step;
+    // NaN/Inf make the block scale non-finite, so decode yields NaN for the
+    // whole block anyway; encode 0 here to keep the conversion defined.
+    if (is_nan(v)) return 0;
+    const float lim = static_cast<float>(levels);
+    if (v >= lim) return static_cast<std::int8_t>(levels);
+    if (v <= -lim) return static_cast<std::int8_t>(-levels);
+    // floor without <cmath>: |v| < 128, so the int conversion is exact.
+    int f = static_cast<int>(v);
+    if (static_cast<float>(f) > v) --f;
+    const float frac = v - static_cast<float>(f);
+    if (uniform01(key, index) < frac) ++f;
+    return static_cast<std::int8_t>(f);
+  }
+};
+
+struct dequantize_int8 {
+  float step;  ///< scale / levels
+  RINGFLOW_HOST_DEVICE float operator()(std::int32_t q) const {
+    return static_cast<float>(q) * step;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// 1-bit scaled sign: bit i of a 32-bit word is 1 when element i is negative;
+// decoding gives -scale or +scale (zero and +0 decode as +scale).
+
+RINGFLOW_HOST_DEVICE inline std::uint32_t sign_bit(float x) {
+  return ringflow::detail::float_bits(x) >> 31;  // -0.0 counts as negative: harmless
+}
+
+/// Packs up to 32 values x[0..count) into one word (unused high bits are 0).
+RINGFLOW_HOST_DEVICE inline std::uint32_t pack_signs(const float* x, unsigned count) {
+  std::uint32_t w = 0;
+  for (unsigned i = 0; i < count; ++i) w |= sign_bit(x[i]) << i;
+  return w;
+}
+
+RINGFLOW_HOST_DEVICE inline float unpack_sign(std::uint32_t word, unsigned bit, float scale) {
+  return ((word >> bit) & 1u) ? -scale : scale;
+}
+
+// ---------------------------------------------------------------------------
+// Error feedback, per element. With g the new gradient and r the residual:
+//   c      = g + r                     (what is compressed this step)
+//   r_next = c - decode(encode(c))     (what was not transmitted)
+// A fused kernel reads g and r once and writes r_next and the payload once.
+
+struct ef_compensate {
+  RINGFLOW_HOST_DEVICE float operator()(float g, float r) const { return g + r; }
+};
+
+struct ef_residual {
+  RINGFLOW_HOST_DEVICE float operator()(float c, float transmitted) const {
+    return c - transmitted;
+  }
+};
+
+}  // namespace ringflow::compress::kernels

@@ -1,0 +1,138 @@
+// Alpha-beta predictions for plain vs compressed allreduce, codec timing,
+// and the per-bucket `auto` policy.
+#include "ringflow/compress/decide.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <string_view>
+
+#include "ringflow/compress/kernels.hpp"
+#include "ringflow/core/error.hpp"
+
+namespace ringflow::compress {
+
+namespace {
+double env_or(const char* name, double fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const double x = std::strtod(v, &end);
+  if (end == v || *end != '\0' || !(x > 0)) {
+    throw usage_error(fmt::format("{}='{}' is not a positive number", name, v));
+  }
+  return x;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+}  // namespace
+
+link_model link_model::from_gbps(double gbps, double alpha_us) {
+  if (!(gbps > 0)) throw usage_error(fmt::format("link model: gbps must be > 0, got {}", gbps));
+  if (!(alpha_us >= 0)) {
+    throw usage_error(fmt::format("link model: alpha_us must be >= 0, got {}", alpha_us));
+  }
+  return {alpha_us * 1e-6, 8.0 / (gbps * 1e9)};
+}
+
+link_model link_model::from_env() {
+  return from_gbps(env_or("RINGFLOW_LINK_GBPS", 10.0), env_or("RINGFLOW_LINK_ALPHA_US", 20.0));
+}
+
+double predict_round(const link_model& link, const wire_round& round, int ranks) {
+  if (ranks <= 1) return 0.0;
+  const double p = ranks;
+  const auto b = static_cast<double>(round.bytes);
+  if (round.kind == combine::sum) {
+    return 2 * (p - 1) * link.alpha_s + 2 * (p - 1) / p * b * link.beta_s_per_byte;
+  }
+  return (p - 1) * link.alpha_s + (p - 1) * b * link.beta_s_per_byte;
+}
+
+codec_speed measure_codec(compressor& c, std::size_t n, int reps) {
+  if (n == 0) throw usage_error("measure_codec: n must be >= 1");
+  std::vector<float> x(n), out(n, 0.0f);
+  const std::uint64_t key = kernels::stream_key(42, 0, 0);
+  for (std::size_t i = 0; i < n; ++i) x[i] = kernels::uniform01(key, i) * 2.0f - 1.0f;
+  std::vector<std::byte> payload(c.payload_bytes(n));
+  using clock = std::chrono::steady_clock;
+  std::vector<double> enc, dec;
+  for (int rep = 0; rep <= std::max(1, reps); ++rep) {
+    const auto t0 = clock::now();
+    c.encode(x, payload, 0);
+    const auto t1 = clock::now();
+    c.decode_add(payload, out);
+    const auto t2 = clock::now();
+    if (rep == 0) continue;  // warm-up: page faults, caches
+    enc.push_back(std::chrono::duration<double>(t1 - t0).count());
+    dec.push_back(std::chrono::duration<double>(t2 - t1).count());
+  }
+  const double bytes = 4.0 * static_cast<double>(n);
+  return {bytes / median(enc) / 1e9, bytes / median(dec) / 1e9};
+}
+
+prediction predict(const compressor& c, std::size_t n, int ranks, const link_model& link,
+                   const codec_speed& speed) {
+  prediction out;
+  out.plain_s = predict_round(link, wire_round{combine::sum, 4 * n, 4}, ranks);
+  for (const wire_round& w : c.wire_plan(n, ranks)) out.wire_s += predict_round(link, w, ranks);
+  if (c.name() != "none") {
+    const double bytes = 4.0 * static_cast<double>(n);
+    const double decodes = c.how() == combine::gather ? std::max(ranks, 1) : 1;
+    if (speed.encode_gbps > 0) out.codec_s += bytes / (speed.encode_gbps * 1e9);
+    if (speed.decode_gbps > 0) out.codec_s += decodes * bytes / (speed.decode_gbps * 1e9);
+  }
+  return out;
+}
+
+auto_policy::auto_policy(link_model link, int ranks, std::vector<std::string> candidates,
+                         double margin)
+    : link_(link), ranks_(ranks), candidates_(std::move(candidates)), margin_(margin) {
+  if (ranks < 1) throw usage_error(fmt::format("auto_policy: ranks must be >= 1, got {}", ranks));
+  if (!(margin >= 0 && margin < 1)) {
+    throw usage_error(fmt::format("auto_policy: margin must be in [0, 1), got {}", margin));
+  }
+  for (const std::string& spec : candidates_) probes_[spec] = make_compressor(spec);
+}
+
+void auto_policy::calibrate(std::size_t n) {
+  for (const std::string& spec : candidates_) {
+    auto c = make_compressor(spec);
+    speed_[spec] = measure_codec(*c, n);
+  }
+}
+
+std::map<std::string, prediction> auto_policy::predictions(std::size_t n) const {
+  std::map<std::string, prediction> out;
+  for (const std::string& spec : candidates_) {
+    auto it = speed_.find(spec);
+    if (it == speed_.end()) {
+      throw usage_error(fmt::format(
+          "auto_policy: no codec speed for '{}'; call calibrate() or set_speed() first", spec));
+    }
+    out[spec] = predict(*probes_.at(spec), n, ranks_, link_, it->second);
+  }
+  return out;
+}
+
+std::string auto_policy::choose(std::size_t n) const {
+  if (n == 0 || ranks_ == 1) return "none";
+  std::string best = "none";
+  double best_s = 0;
+  for (const auto& [spec, pr] : predictions(n)) {
+    if (pr.compressed_s() < (1.0 - margin_) * pr.plain_s &&
+        (best == "none" || pr.compressed_s() < best_s)) {
+      best = spec;
+      best_s = pr.compressed_s();
+    }
+  }
+  return best;
+}
+
+}  // namespace ringflow::compress
