@@ -124,6 +124,17 @@ basic_tensor<S> basic_tensor<S>::from_data(const S* data, ad::shape s) {
 }
 
 template <class S>
+basic_tensor<S> basic_tensor<S>::from_data(std::span<const S> data, ad::shape s) {
+  if (static_cast<index>(data.size()) != s.numel()) {
+    throw usage_error(fmt::format(
+        "ad::tensor::from_data: {} values given for shape {} ({} elements); pass exactly "
+        "rows*cols values in row-major order",
+        data.size(), s.str(), s.numel()));
+  }
+  return from_data(data.data(), s);
+}
+
+template <class S>
 detail::node<S>& basic_tensor<S>::checked() const {
   if (!node_) {
     throw usage_error(

@@ -94,6 +94,10 @@ TEST_CASE("from_data views the caller's buffer without copying", "[ad][graph]") 
   CHECK(x.value()(1, 2) == 6.0f);
   buffer[0] = 10.0f;
   CHECK(x.value()(0, 0) == 10.0f);
+  auto y = ad::tensor::from_data(std::span<const float>(buffer), {3, 2});
+  CHECK(y.data().data() == buffer.data());
+  CHECK_THROWS_AS(ad::tensor::from_data(std::span<const float>(buffer), {4, 2}),
+                  ringflow::usage_error);
 }
 
 TEST_CASE("contiguous parameter storage: all_grads aliases every parameter", "[ad][storage]") {

@@ -137,6 +137,8 @@ class basic_tensor {
   /// The caller keeps the buffer alive and unchanged while the tensor or any
   /// graph built from it lives. Ops never write into it.
   static basic_tensor from_data(const S* data, ad::shape s);
+  /// from_data with a size check: data.size() must equal s.numel().
+  static basic_tensor from_data(std::span<const S> data, ad::shape s);
 
   bool defined() const { return node_ != nullptr; }
   const ad::shape& shape() const { return checked().dims; }
