@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ringflow/backends/local.hpp"
+#include "ringflow/compress/bucket_compression.hpp"
 #include "ringflow/compress/compressed_allreduce.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "ringflow/core/error.hpp"
@@ -274,4 +275,33 @@ TEST_CASE("a NaN on one rank reaches every rank", "[compress][nan]") {
     });
     REQUIRE(saw == std::vector<int>{1, 1, 1});
   }
+}
+
+TEST_CASE("bucket_compression keeps a compressor per bucket and agrees on auto choices",
+          "[compress][bucket]") {
+  std::vector<std::string> picks(3);
+  std::vector<std::vector<float>> outs(3);
+  std::vector<double> resid(3);
+  local::run(3, [&](communicator& c) {
+    bucket_compression_options o;
+    o.link = link_model::from_gbps(0.01, 1);  // very slow link: compression wins for big buckets
+    bucket_compression autoc("auto", o);
+    std::vector<float> big = rank_input(c.rank(), 50000), small = rank_input(c.rank(), 4);
+    autoc.reduce(c, std::span(big), 0);
+    autoc.reduce(c, std::span(small), 1);
+    bucket_compression topk("topk:0.1");
+    std::vector<float> g = rank_input(c.rank(), 1000);
+    topk.reduce(c, std::span(g), 0);
+    const auto r = static_cast<std::size_t>(c.rank());
+    picks[r] = autoc.spec_of(0) + "/" + autoc.spec_of(1);
+    outs[r] = big;
+    resid[r] = topk.residuals().residual_l1();
+  });
+  INFO(picks[0]);
+  REQUIRE(picks[0] == picks[1]);
+  REQUIRE(picks[0] == picks[2]);
+  REQUIRE(picks[0].substr(0, 4) != "none");  // 200 KB at 10 Mb/s: compress
+  REQUIRE(same_bits(outs[0], outs[1]));
+  REQUIRE(resid[0] > 0);  // top-k gets error feedback by default
+  REQUIRE_THROWS_AS(bucket_compression("topk:2"), usage_error);
 }

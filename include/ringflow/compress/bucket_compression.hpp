@@ -1,0 +1,79 @@
+// Per-bucket compression for a data-parallel trainer: one compressor and one
+// error-feedback residual per bucket, chosen from a `--compress` spec
+// (none|fp16|bf16|int8|topk:<ratio>|sign|powersgd:<rank>|auto).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ringflow/comm/communicator.hpp"
+#include "ringflow/compress/compressed_allreduce.hpp"
+#include "ringflow/compress/compressor.hpp"
+#include "ringflow/compress/decide.hpp"
+
+namespace ringflow::compress {
+
+/// Options of bucket_compression.
+struct bucket_compression_options {
+  std::uint64_t seed = 0;
+  /// Error feedback: on for the compressors that want it (top-k, sign,
+  /// PowerSGD) unless forced either way here.
+  std::optional<bool> error_feedback = {};
+  /// The link `auto` plans for (default: RINGFLOW_LINK_GBPS / _ALPHA_US).
+  std::optional<link_model> link = {};
+  /// The compressors `auto` chooses among (besides none).
+  std::vector<std::string> auto_candidates = {"bf16", "int8"};
+};
+
+/// Compressed averaging of a trainer's gradient buckets.
+///
+/// Call reduce() for every bucket of every step, with the same bucket index
+/// for the same slice each step, on every rank in the same order (it runs
+/// collectives). In `auto` mode the first reduce() of a bucket picks its
+/// compressor with the cost model on rank 0 and broadcasts the choice, so
+/// every rank uses the same one even though codec timings differ per rank.
+///
+/// @code
+/// ringflow::compress::bucket_compression bc("topk:0.01");
+/// for (std::size_t b = 0; b < buckets.size(); ++b)
+///   bc.reduce(comm, grads.subspan(buckets[b].offset, buckets[b].size), b);  // averaged in place
+/// fmt::print("{} bytes sent\n", bc.total().bytes_sent);
+/// @endcode
+class bucket_compression {
+ public:
+  explicit bucket_compression(std::string spec, bucket_compression_options opts = {});
+
+  /// Averages `grads` over the ranks of `comm` in place through the bucket's
+  /// compressor. Returns this call's traffic (also added to total()).
+  traffic reduce(const communicator& comm, std::span<float> grads, std::size_t bucket_index);
+
+  /// The spec given to the constructor ("auto" included).
+  const std::string& spec() const noexcept { return spec_; }
+  /// The compressor a bucket uses ("" before its first reduce()).
+  std::string spec_of(std::size_t bucket_index) const;
+  /// Traffic of every reduce() so far.
+  const traffic& total() const noexcept { return total_; }
+  /// The residuals (empty unless error feedback is on for some bucket).
+  const error_feedback& residuals() const noexcept { return ef_; }
+
+ private:
+  struct slot {
+    std::unique_ptr<compressor> c;
+    bool ef = false;
+  };
+  slot& slot_for(const communicator& comm, std::size_t bucket_index, std::size_t n);
+
+  std::string spec_;
+  bucket_compression_options opts_;
+  std::vector<slot> slots_;
+  error_feedback ef_;
+  traffic total_;
+  std::unique_ptr<auto_policy> policy_;
+};
+
+}  // namespace ringflow::compress
