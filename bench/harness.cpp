@@ -1,6 +1,7 @@
 // ringflow-bench main: flags, buffers, warmup, the interleaved timing loop, the check, the output.
 #include <fmt/format.h>
 #include <mpi.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -101,6 +102,13 @@ std::string mpi_library() {
   return s;
 }
 
+// CPUs this process may run on (taskset, cgroup cpusets), 0 if unknown.
+int usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) != 0) return 0;
+  return CPU_COUNT(&set);
+}
+
 std::string host_name() {
   char name[256] = {};
   gethostname(name, sizeof name - 1);
@@ -187,6 +195,7 @@ int run_bench(const communicator& comm, MPI_Comm mpi, bench_cli& cli,
   info.host = host_name();
   info.hosts = count_hosts(mpi, info.host, nranks);
   info.nproc = std::thread::hardware_concurrency();
+  info.usable_cpus = usable_cpus();
   info.cpu_model = cpu_model();
   info.mpi_library = mpi_library();
   info.backend = std::string(comm.backend());

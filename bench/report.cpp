@@ -59,7 +59,11 @@ void table_printer::header() const {
              RINGFLOW_VERSION_MAJOR, RINGFLOW_VERSION_MINOR, RINGFLOW_VERSION_PATCH, i.coll,
              i.algo, i.ranks, i.hosts, i.hosts == 1 ? "" : "s");
   fmt::print(out_, "# backend {}: {}\n", i.backend, i.mpi_library);
-  fmt::print(out_, "# machine {}: {} cpus, {}\n", i.host, i.nproc, i.cpu_model);
+  fmt::print(out_, "# machine {}: {} cpus{}, {}\n", i.host, i.nproc,
+             i.usable_cpus > 0 && static_cast<unsigned>(i.usable_cpus) != i.nproc
+                 ? fmt::format(" (rank 0 may run on {})", i.usable_cpus)
+                 : std::string(),
+             i.cpu_model);
   fmt::print(out_, "# dtype {}, op {}{}, iters {}, warmup {}, reps {}, segment {} B{}, check {}\n",
              i.type, i.op, i.coll == "broadcast" ? fmt::format(", root {}", i.root) : "", i.iters,
              i.warmup, i.reps, i.segment_bytes, i.segment_default ? " (default)" : "",
@@ -214,8 +218,10 @@ void write_json(std::FILE* out, const run_info& info, const std::vector<size_res
   fmt::print(out, "    \"coll\": {}, \"algo\": {}, \"type\": {}, \"op\": {}, \"root\": {},\n",
              json_string(info.coll), json_string(info.algo), json_string(info.type),
              json_string(info.op), info.root);
-  fmt::print(out, "    \"ranks\": {}, \"hosts\": {}, \"host\": {}, \"nproc\": {}, \"cpu\": {},\n",
-             info.ranks, info.hosts, json_string(info.host), info.nproc,
+  fmt::print(out,
+             "    \"ranks\": {}, \"hosts\": {}, \"host\": {}, \"nproc\": {}, \"usable_cpus\": {}, "
+             "\"cpu\": {},\n",
+             info.ranks, info.hosts, json_string(info.host), info.nproc, info.usable_cpus,
              json_string(info.cpu_model));
   fmt::print(out, "    \"backend\": {}, \"mpi_library\": {},\n", json_string(info.backend),
              json_string(info.mpi_library));
