@@ -151,6 +151,9 @@ bench_cli parse_cli(int argc, char** argv) {
     } else if (arg == "--segment") {
       cli.cfg.segment_bytes = parse_bytes(arg, take());
       if (cli.cfg.segment_bytes == 0) throw bad_flag("--segment must be at least 1 byte");
+    } else if (arg == "--calibrate") {
+      no_value();
+      cli.calibrate = true;
     } else if (arg == "-x" || arg == "--extended") {
       no_value();
       cli.extended = true;
@@ -249,7 +252,12 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
   -o, --op OP              sum prod min max avg (default sum)
   -r, --root RANK          broadcast root (default 0)
       --coll NAME          allreduce reduce_scatter allgather broadcast (default allreduce)
-      --algo NAME          ring | native | auto (native: MPI_Allreduce, allreduce only)
+      --algo NAME          ring | native | auto (native: MPI_Allreduce, allreduce only);
+                           allreduce also: recursive_doubling halving_doubling tree
+                           double_tree hierarchical shm, and all (every algorithm,
+                           auto and MPI_Allreduce interleaved at each size)
+      --calibrate          measure alpha, beta, gamma here and save the cost model to
+                           $RINGFLOW_COST_MODEL or ~/.cache/ringflow/cost_model.json
       --segment BYTES      ring pipeline segment (default: the library's, 256K)
       --baseline mpi       interleave the matching MPI collective rep by rep with
                            ringflow and print its busbw and ratio = ringflow/mpi

@@ -26,6 +26,7 @@ struct bench_cli {
   bool check = true;
   bool extended = false;
   bool help = false;
+  bool calibrate = false;  // --calibrate: measure and save the cost model (bench/calibrate.cpp)
   std::string coll = "allreduce";
   std::string algo;  // empty: the collective's default
   std::string baseline;  // "" or "mpi"

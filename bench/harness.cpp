@@ -17,6 +17,7 @@
 
 #include "cli.hpp"
 #include "harness.hpp"
+#include "modes.hpp"
 #include "report.hpp"
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/backends/mpi_interop.hpp"
@@ -310,8 +311,13 @@ int main(int argc, char** argv) {
         if (rank == 0) std::fputs(usage_text().c_str(), stdout);
         return 0;
       }
-      const collective_entry& entry = resolve(cli, comm.size());
-      status = run_bench(comm, mpi, cli, entry);
+      if (cli.calibrate) {
+        status = run_calibration(comm, mpi, cli);
+      } else {
+        const collective_entry& entry = resolve(cli, comm.size());
+        status = cli.algo == "all" ? run_algo_sweep(comm, mpi, cli, entry)
+                                   : run_bench(comm, mpi, cli, entry);
+      }
     } catch (const bad_flag& e) {
       if (rank == 0 && e.what()[0] != '\0') {
         std::fprintf(stderr, "ringflow-bench: error: %s\n(ringflow-bench --help lists the flags)\n",

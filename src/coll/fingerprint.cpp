@@ -36,11 +36,17 @@ std::string fingerprint::describe() const {
 }
 
 algo parse_algo(std::string_view text) {
-  for (algo a : {algo::automatic, algo::ring, algo::native}) {
+  for (algo a : all_algos) {
     if (text == algo_name(a)) return a;
   }
   if (text == "automatic") return algo::automatic;
-  throw usage_error(fmt::format("unknown algorithm '{}': use auto, ring or native", text));
+  if (text == "rd") return algo::recursive_doubling;
+  if (text == "hd" || text == "rabenseifner") return algo::halving_doubling;
+  if (text == "dtree") return algo::double_tree;
+  throw usage_error(fmt::format(
+      "unknown algorithm '{}': use auto, ring, native, recursive_doubling, halving_doubling, tree, "
+      "double_tree, hierarchical or shm",
+      text));
 }
 
 namespace detail {

@@ -243,4 +243,111 @@ inline void check_large_bitwise(const communicator& c, std::size_t count, failur
   }
 }
 
+/// The allreduce algorithms other than ring and native, each written against
+/// the transport and so testable on every backend.
+inline constexpr algo transport_algorithms[] = {algo::recursive_doubling, algo::halving_doubling,
+                                                algo::tree,  algo::double_tree,
+                                                algo::hierarchical, algo::automatic};
+
+/// A segment size that splits the interesting counts into many segments
+/// without making thousands of messages (0 is the algorithm's default).
+inline std::size_t small_segment(algo a) {
+  return a == algo::tree || a == algo::double_tree || a == algo::hierarchical ? 256 : 0;
+}
+
+template <class T, class Op>
+void check_algorithm_op(const communicator& c, algo a, const Op& op, failures& out) {
+  for (std::size_t count : interesting_counts(c.size())) {
+    check_allreduce<T>(c, count, op, false, coll_options{a, 0}, out);
+    check_allreduce<T>(c, count, op, true, coll_options{a, small_segment(a)}, out);
+  }
+}
+
+template <class T>
+void check_algorithm_all_ops_one_count(const communicator& c, algo a, std::size_t count,
+                                       failures& out) {
+  check_allreduce<T>(c, count, sum, false, coll_options{a, 0}, out);
+  check_allreduce<T>(c, count, prod, true, coll_options{a, 0}, out);
+  check_allreduce<T>(c, count, min, false, coll_options{a, 0}, out);
+  check_allreduce<T>(c, count, max, true, coll_options{a, 0}, out);
+  check_allreduce<T>(c, count, avg, false, coll_options{a, 0}, out);
+}
+
+/// One algorithm, sampled: float, int32 and half x sum, avg, max at every
+/// interesting count (in and out of place), plus every dtype x op at one
+/// count (the full matrix is run for the ring).
+inline void check_algorithm(const communicator& c, algo a, failures& out) {
+  check_algorithm_op<float>(c, a, sum, out);
+  check_algorithm_op<float>(c, a, avg, out);
+  check_algorithm_op<float>(c, a, max, out);
+  check_algorithm_op<std::int32_t>(c, a, sum, out);
+  check_algorithm_op<std::int32_t>(c, a, avg, out);
+  check_algorithm_op<std::int32_t>(c, a, max, out);
+  check_algorithm_op<half>(c, a, sum, out);
+  check_algorithm_op<half>(c, a, avg, out);
+  check_algorithm_op<half>(c, a, max, out);
+  const std::size_t one = static_cast<std::size_t>(3 * c.size() + 2);
+  check_algorithm_all_ops_one_count<float>(c, a, one, out);
+  check_algorithm_all_ops_one_count<double>(c, a, one, out);
+  check_algorithm_all_ops_one_count<std::int8_t>(c, a, one, out);
+  check_algorithm_all_ops_one_count<std::uint8_t>(c, a, one, out);
+  check_algorithm_all_ops_one_count<std::int32_t>(c, a, one, out);
+  check_algorithm_all_ops_one_count<std::int64_t>(c, a, one, out);
+  check_algorithm_all_ops_one_count<half>(c, a, one, out);
+  check_algorithm_all_ops_one_count<bfloat16>(c, a, one, out);
+}
+
+/// A large float sum with non-exact values through algorithm `a`: identical
+/// bits on every rank and on a second run, and close to the exact sum.
+inline void check_large_bitwise_algo(const communicator& c, algo a, std::size_t count,
+                                     failures& out) {
+  std::vector<float> a1(count), a2(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    a1[i] = std::sin(static_cast<float>(i) * 0.37f + static_cast<float>(c.rank()) * 1.3f) * 1e3f;
+  }
+  a2 = a1;
+  std::vector<float> res(count);
+  allreduce(c, std::span<const float>(a1), std::span<float>(res), sum, coll_options{a, 0});
+  allreduce(c, std::span<float>(a2), sum, coll_options{a, 0});
+  if (std::memcmp(res.data(), a2.data(), count * sizeof(float)) != 0) {
+    out.push_back(fmt::format("rank {}: {}: two identical allreduces gave different bits",
+                              c.rank(), algo_name(a)));
+  }
+  std::vector<float> ref = res;
+  broadcast(c, std::span<float>(ref), 0);
+  if (std::memcmp(res.data(), ref.data(), count * sizeof(float)) != 0) {
+    out.push_back(fmt::format("rank {}: {}: result bits differ from rank 0's", c.rank(),
+                              algo_name(a)));
+  }
+  for (std::size_t i = 0; i < count; i += 9973) {
+    double want = 0;
+    for (int r = 0; r < c.size(); ++r) {
+      want += static_cast<double>(
+          std::sin(static_cast<float>(i) * 0.37f + static_cast<float>(r) * 1.3f) * 1e3f);
+    }
+    if (std::abs(res[i] - want) > 1e-3 * c.size()) {
+      out.push_back(fmt::format("rank {}: {}: element {} = {}, want about {}", c.rank(),
+                                algo_name(a), i, res[i], want));
+      return;
+    }
+  }
+}
+
+/// min/max are not commutative bit for bit (min(+0, -0) keeps the first; a
+/// NaN keeps its payload): every rank must still get the same bits.
+inline void check_signed_zero_agreement(const communicator& c, algo a, failures& out) {
+  const std::size_t count = 64;
+  std::vector<float> v(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    v[i] = ((static_cast<std::size_t>(c.rank()) + i) % 2) ? -0.0f : 0.0f;
+  }
+  allreduce(c, std::span<float>(v), min, coll_options{a, 0});
+  std::vector<float> ref = v;
+  broadcast(c, std::span<float>(ref), 0);
+  if (std::memcmp(v.data(), ref.data(), count * sizeof(float)) != 0) {
+    out.push_back(fmt::format("rank {}: {}: min of signed zeros differs from rank 0's bits",
+                              c.rank(), algo_name(a)));
+  }
+}
+
 }  // namespace ringflow::testing

@@ -9,10 +9,16 @@
 #include <type_traits>
 
 #include "ringflow/coll/broadcast.hpp"
+#include "ringflow/coll/context.hpp"
 #include "ringflow/coll/fingerprint.hpp"
+#include "ringflow/coll/halving_doubling.hpp"
+#include "ringflow/coll/hierarchical.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/partition.hpp"
+#include "ringflow/coll/recursive_doubling.hpp"
+#include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/ring.hpp"
+#include "ringflow/coll/tree.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/error.hpp"
@@ -23,6 +29,78 @@ namespace ringflow {
 namespace detail {
 inline std::size_t segment_or_default(const coll_options& o) {
   return o.segment_bytes ? o.segment_bytes : default_segment_bytes;
+}
+
+/// Runs the allreduce algorithm `opt` names (after the argument checks).
+template <class T, class Op>
+void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t count, const Op& op,
+                   const coll_options& opt) {
+  algo a = opt.algorithm;
+  if (a == algo::automatic) {
+    // One rank or nothing to do: no need to consult (or exchange) the model.
+    a = (comm.size() == 1 || count == 0) ? algo::ring
+                                         : automatic_allreduce_algo(comm, count * sizeof(T));
+  }
+  transport& t = comm.raw();
+  switch (a) {
+    case algo::automatic:
+    case algo::ring:
+      ring_allreduce(t, in, out, count, op, segment_or_default(opt));
+      return;
+    case algo::native:
+      if (!t.native_allreduce(in, out, count, dtype_of<T>, Op::kind)) {
+        throw not_supported_error(fmt::format(
+            "allreduce on rank {}: the '{}' backend has no native allreduce for {} {}; use "
+            "algo::ring",
+            comm.rank(), comm.backend(), dtype_name(dtype_of<T>), op_name(Op::kind)));
+      }
+      if constexpr (Op::kind == op_kind::avg) finish_range(out, count, op, comm.size());
+      return;
+    case algo::recursive_doubling:
+      recursive_doubling_allreduce(t, in, out, count, op);
+      return;
+    case algo::halving_doubling:
+      halving_doubling_allreduce(t, in, out, count, op);
+      return;
+    case algo::tree:
+      tree_allreduce(t, in, out, count, op, opt.segment_bytes, 1);
+      return;
+    case algo::double_tree:
+      tree_allreduce(t, in, out, count, op, opt.segment_bytes, 2);
+      return;
+    case algo::hierarchical:
+      if (count == 0) return;
+      hierarchical_allreduce(t, in, out, count, op, context_of(comm)->topo, opt.segment_bytes);
+      return;
+    case algo::shm: {
+      const allreduce_fn fn = registered_algorithm(algo::shm);
+      if (fn == nullptr) {
+        throw not_supported_error(fmt::format(
+            "allreduce on rank {}: algo::shm is not available: no shared-memory allreduce is "
+            "registered (build and link ringflow's shm backend, or use another algorithm)",
+            comm.rank()));
+      }
+      if (!fn(comm, out, in, count, dtype_of<T>, Op::kind)) {
+        throw not_supported_error(fmt::format(
+            "allreduce on rank {}: algo::shm cannot serve this call ({} {} x {} on {} ranks; are "
+            "all ranks on one node?); use another algorithm",
+            comm.rank(), dtype_name(dtype_of<T>), op_name(Op::kind), count, comm.size()));
+      }
+      return;
+    }
+  }
+  throw usage_error(fmt::format("allreduce on rank {}: unknown algorithm {}", comm.rank(),
+                                static_cast<int>(a)));
+}
+
+/// reduce_scatter and allgather run the ring; asking for another algorithm
+/// is an error rather than a silent substitution.
+inline void require_ring(const communicator& comm, const coll_options& opt, const char* what) {
+  if (opt.algorithm != algo::automatic && opt.algorithm != algo::ring) {
+    throw not_supported_error(fmt::format(
+        "{} on rank {}: algo::{} is only available for allreduce; use algo::ring or algo::automatic",
+        what, comm.rank(), algo_name(opt.algorithm)));
+  }
 }
 
 template <class T>
@@ -51,22 +129,7 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
         comm.rank()));
   }
   detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
-  switch (opt.algorithm) {
-    case algo::native:
-      if (!comm.raw().native_allreduce(in.data(), out.data(), in.size(), dtype_of<T>, Op::kind)) {
-        throw not_supported_error(fmt::format(
-            "allreduce on rank {}: the '{}' backend has no native allreduce for {} {}; use "
-            "algo::ring",
-            comm.rank(), comm.backend(), dtype_name(dtype_of<T>), op_name(Op::kind)));
-      }
-      if constexpr (Op::kind == op_kind::avg) detail::finish_range(out.data(), out.size(), op, comm.size());
-      return;
-    case algo::automatic:
-    case algo::ring:
-      detail::ring_allreduce(comm.raw(), in.data(), out.data(), in.size(), op,
-                             detail::segment_or_default(opt));
-      return;
-  }
+  detail::run_allreduce(comm, in.data(), out.data(), in.size(), op, opt);
 }
 
 /// In-place allreduce.
@@ -99,9 +162,7 @@ void reduce_scatter(const communicator& comm, std::span<const std::type_identity
         "ranks has {} (see ringflow::partition)",
         comm.rank(), out.size(), comm.rank(), in.size(), comm.size(), own.count));
   }
-  if (opt.algorithm == algo::native) {
-    throw not_supported_error("reduce_scatter: algo::native is only available for allreduce");
-  }
+  detail::require_ring(comm, opt, "reduce_scatter");
   detail::begin_collective(comm, coll_kind::reduce_scatter, dtype_of<T>, Op::kind, in.size());
   detail::ring_reduce_scatter(comm.raw(), in.data(), out.data(), in.size(), op,
                               detail::segment_or_default(opt));
@@ -119,9 +180,7 @@ void allgather(const communicator& comm, std::span<const std::type_identity_t<T>
         "has {} (see ringflow::partition)",
         comm.rank(), in.size(), comm.rank(), out.size(), comm.size(), own.count));
   }
-  if (opt.algorithm == algo::native) {
-    throw not_supported_error("allgather: algo::native is only available for allreduce");
-  }
+  detail::require_ring(comm, opt, "allgather");
   detail::begin_collective(comm, coll_kind::allgather, dtype_of<T>, op_kind::sum, out.size());
   detail::ring_allgather(comm.raw(), in.data(), out.data(), out.size(),
                          detail::segment_or_default(opt));
@@ -154,12 +213,27 @@ inline void barrier(const communicator& comm) {
       ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t);       \
   extern template void ringflow::detail::ring_reduce_scatter<T, ringflow::OP>(                  \
       ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t);
+#define RINGFLOW_ALGOS_EXTERN(T, OP)                                                            \
+  extern template void ringflow::detail::recursive_doubling_allreduce<T, ringflow::OP>(         \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                    \
+  extern template void ringflow::detail::halving_doubling_allreduce<T, ringflow::OP>(           \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                    \
+  extern template void ringflow::detail::tree_allreduce<T, ringflow::OP>(                       \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t, int);  \
+  extern template void ringflow::detail::hierarchical_allreduce<T, ringflow::OP>(               \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&,                     \
+      const ringflow::topology&, std::size_t);
 #define RINGFLOW_RING_EXTERN_ALL_OPS(T) \
   RINGFLOW_RING_EXTERN(T, sum_op)       \
   RINGFLOW_RING_EXTERN(T, prod_op)      \
   RINGFLOW_RING_EXTERN(T, min_op)       \
   RINGFLOW_RING_EXTERN(T, max_op)       \
-  RINGFLOW_RING_EXTERN(T, avg_op)
+  RINGFLOW_RING_EXTERN(T, avg_op)       \
+  RINGFLOW_ALGOS_EXTERN(T, sum_op)      \
+  RINGFLOW_ALGOS_EXTERN(T, prod_op)     \
+  RINGFLOW_ALGOS_EXTERN(T, min_op)      \
+  RINGFLOW_ALGOS_EXTERN(T, max_op)      \
+  RINGFLOW_ALGOS_EXTERN(T, avg_op)
 RINGFLOW_RING_EXTERN_ALL_OPS(float)
 RINGFLOW_RING_EXTERN_ALL_OPS(double)
 RINGFLOW_RING_EXTERN_ALL_OPS(std::int8_t)
@@ -170,3 +244,4 @@ RINGFLOW_RING_EXTERN_ALL_OPS(ringflow::half)
 RINGFLOW_RING_EXTERN_ALL_OPS(ringflow::bfloat16)
 #undef RINGFLOW_RING_EXTERN_ALL_OPS
 #undef RINGFLOW_RING_EXTERN
+#undef RINGFLOW_ALGOS_EXTERN

@@ -33,10 +33,16 @@ namespace detail {
 /// usage_error on every rank, naming which ranks called what.
 void verify_fingerprint(const communicator& comm, const fingerprint& mine);
 
-/// Takes the next sequence number and, in checked mode, verifies.
+/// Drops the cached per-communicator context (coll/context.hpp).
+void forget_context(const communicator& comm) noexcept;
+
+/// Takes the next sequence number and, in checked mode, verifies. Collective
+/// #0 of a communicator also drops any context cached under its transport's
+/// address (a previous communicator may have lived there).
 inline void begin_collective(const communicator& comm, coll_kind kind, dtype type, op_kind op,
                              std::size_t count, int root = -1) {
   const std::uint64_t seq = comm.next_sequence();
+  if (seq == 0) forget_context(comm);
   if (comm.checked()) {
     fingerprint fp;
     fp.sequence = seq;

@@ -6,32 +6,59 @@
 
 namespace ringflow {
 
-/// Which algorithm a collective uses.
+/// Which algorithm a collective uses. Only allreduce offers all of them;
+/// reduce_scatter and allgather run the ring (automatic means ring there).
+/// See docs/collectives.md for when each one wins.
 enum class algo {
-  automatic,  ///< ringflow picks (today: ring; see docs/architecture.md)
-  ring,       ///< pipelined ring reduce-scatter + allgather
-  native,     ///< the backend's own collective (MPI_Allreduce); allreduce only
+  automatic,           ///< ringflow picks with its cost model (see ringflow::explain)
+  ring,                ///< pipelined ring reduce-scatter + allgather
+  native,              ///< the backend's own collective (MPI_Allreduce); allreduce only
+  recursive_doubling,  ///< log2(p) full-buffer exchanges: few messages, for small buffers
+  halving_doubling,    ///< Rabenseifner: recursive-halving reduce-scatter + doubling allgather
+  tree,                ///< pipelined binary-tree reduce + broadcast
+  double_tree,         ///< two complementary binary trees, each carrying half the buffer
+  hierarchical,        ///< intra-node reduce-scatter, inter-node ring, intra-node allgather
+  shm,                 ///< intra-node shared memory (registered by the shm backend)
 };
+
+/// Every algorithm, in declaration order.
+inline constexpr algo all_algos[] = {algo::automatic,          algo::ring,
+                                     algo::native,             algo::recursive_doubling,
+                                     algo::halving_doubling,   algo::tree,
+                                     algo::double_tree,        algo::hierarchical,
+                                     algo::shm};
 
 constexpr std::string_view algo_name(algo a) {
   switch (a) {
     case algo::automatic: return "auto";
     case algo::ring: return "ring";
     case algo::native: return "native";
+    case algo::recursive_doubling: return "recursive_doubling";
+    case algo::halving_doubling: return "halving_doubling";
+    case algo::tree: return "tree";
+    case algo::double_tree: return "double_tree";
+    case algo::hierarchical: return "hierarchical";
+    case algo::shm: return "shm";
   }
   return "unknown";
 }
 
-/// Parses "auto", "ring", "native"; throws usage_error otherwise.
+/// Parses an algo_name() ("auto", "ring", "recursive_doubling", ...; also
+/// "automatic", "rd", "hd", "dtree"); throws usage_error otherwise.
 algo parse_algo(std::string_view text);
 
 /// Default ring segment: large enough that per-message overhead is small,
 /// small enough that reducing one segment overlaps receiving the next.
 inline constexpr std::size_t default_segment_bytes = 256 * 1024;
 
+/// Default tree segment: smaller than the ring's, because a tree pays its
+/// depth in segments before the pipeline is full.
+inline constexpr std::size_t default_tree_segment_bytes = 64 * 1024;
+
 struct coll_options {
   algo algorithm = algo::automatic;
-  /// Bytes per pipelined ring segment; 0 means default_segment_bytes.
+  /// Bytes per pipelined segment (ring, tree, double_tree, and the
+  /// inter-node ring of hierarchical); 0 means the algorithm's default.
   std::size_t segment_bytes = 0;
 };
 

@@ -1,0 +1,201 @@
+// ringflow-bench --algo all: every allreduce algorithm, auto and MPI_Allreduce
+// at each size, interleaved rep by rep (rotating who goes first), so slow
+// phases of a shared machine hit all of them alike; medians, p99, min, max.
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "modes.hpp"
+#include "ringflow/coll/cost_model.hpp"
+
+namespace ringflow::bench {
+namespace {
+
+struct contender {
+  std::string name;
+  algo algorithm = algo::ring;
+  bool fixed = true;  // a fixed ringflow algorithm (auto and mpi are not)
+  bool mpi = false;   // MPI_Allreduce
+  std::vector<double> reps_us;
+  double median_us = 0, p99_us = 0, min_us = 0, max_us = 0;
+  std::size_t wrong = 0;
+};
+
+double percentile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const auto lo = static_cast<std::size_t>(pos);
+  const std::size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+template <class F>
+double timed_rep(MPI_Comm mpi, int iters, F&& call) {
+  MPI_Barrier(mpi);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int k = 0; k < iters; ++k) call();
+  const double mine =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+  double slowest = 0;
+  MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, mpi);
+  return slowest / iters;
+}
+
+// Column labels: the two long algorithm names shortened.
+std::string label(std::string_view name) {
+  if (name == "recursive_doubling") return "rec_dbl";
+  if (name == "halving_doubling") return "halv_dbl";
+  return std::string(name);
+}
+
+std::string human(std::size_t b) {
+  if (b >= (1u << 20) && b % (1u << 20) == 0) return fmt::format("{}M", b >> 20);
+  if (b >= 1024 && b % 1024 == 0) return fmt::format("{}K", b >> 10);
+  return fmt::format("{}", b);
+}
+
+}  // namespace
+
+int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
+                   const collective_entry& entry) {
+  const int rank = comm.rank(), nranks = comm.size();
+  if (entry.name != "allreduce") {
+    throw bad_flag("--algo all is available for --coll allreduce only");
+  }
+  const explanation shape = explain(comm, 0);
+  std::vector<contender> who;
+  for (algo a : {algo::ring, algo::recursive_doubling, algo::halving_doubling, algo::tree,
+                 algo::double_tree, algo::hierarchical}) {
+    if (a == algo::hierarchical && (shape.shape.nodes < 2 || shape.shape.ranks_per_node < 2)) {
+      continue;  // one level only: nothing hierarchical about it
+    }
+    who.push_back({std::string(algo_name(a)), a, true, false, {}, 0, 0, 0, 0, 0});
+  }
+  who.push_back({"auto", algo::automatic, false, false, {}, 0, 0, 0, 0, 0});
+  if (mpi_datatype(cli.cfg.type) != MPI_DATATYPE_NULL) {
+    who.push_back({"mpi", algo::native, false, true, {}, 0, 0, 0, 0, 0});
+  }
+
+  const std::size_t elem = dtype_size(cli.cfg.type);
+  const std::vector<std::size_t> sizes = message_sizes(cli);
+  const std::size_t max_bytes = sizes.empty() ? elem : sizes.back();
+  auto alloc = [](std::size_t bytes) {
+    return std::unique_ptr<void, decltype(&std::free)>(
+        std::aligned_alloc(4096, std::max<std::size_t>(4096, (bytes + 4095) / 4096 * 4096)),
+        &std::free);
+  };
+  auto send = alloc(max_bytes), recv = alloc(max_bytes);
+
+  std::FILE* csv = nullptr;
+  if (rank == 0 && !cli.csv_path.empty()) {
+    csv = cli.csv_path == "-" ? stdout : std::fopen(cli.csv_path.c_str(), "w");
+    if (csv == nullptr) std::fprintf(stderr, "ringflow-bench: cannot write %s\n", cli.csv_path.c_str());
+  }
+  const bool table = rank == 0 && cli.csv_path != "-";
+  if (table) {
+    fmt::print("# ringflow-bench allreduce --algo all: {} ranks, {}, {} {}, median of {} reps x {} "
+               "iters (rotating order), times in us\n",
+               nranks, fmt::format("{} node{} x {}", shape.shape.nodes,
+                                   shape.shape.nodes == 1 ? "" : "s", shape.shape.ranks_per_node),
+               dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters);
+    fmt::print("# cost model: {}\n", shape.model_origin);
+    std::string head = fmt::format("{:>8}", "size");
+    for (const auto& c : who) head += fmt::format(" {:>10}", label(c.name));
+    head += fmt::format("  {:>12} {:>12} {:>9}", "best", "auto picks", "auto/best");
+    fmt::print("{}\n", head);
+  }
+  if (csv != nullptr) {
+    fmt::print(csv, "bytes,algo,ranks,nodes,median_us,p99_us,min_us,max_us,busbw_GBs,wrong,"
+                    "auto_choice,best_fixed\n");
+  }
+
+  bench_config cfg = cli.cfg;
+  const bench_context ctx{comm, mpi, cfg};
+  int status = 0;
+  for (std::size_t bytes : sizes) {
+    const bench_shape s = entry.shape(bytes, elem, nranks, rank);
+    if (s.total == 0) continue;
+    const bench_buffers bufs{send.get(), recv.get(), s};
+    auto run = [&](contender& c) {
+      if (c.mpi) {
+        entry.run_baseline(ctx, bufs);
+      } else {
+        cfg.algorithm = c.algorithm;
+        entry.run(ctx, bufs);
+      }
+    };
+    entry.fill(ctx, bufs);
+    for (auto& c : who) {
+      c.reps_us.clear();
+      for (int k = 0; k < cli.warmup; ++k) run(c);
+    }
+    for (int k = 0; k < cli.reps; ++k) {
+      for (std::size_t j = 0; j < who.size(); ++j) {
+        contender& c = who[(j + static_cast<std::size_t>(k)) % who.size()];
+        c.reps_us.push_back(timed_rep(mpi, cli.iters, [&] { run(c); }));
+      }
+    }
+    for (auto& c : who) {
+      c.median_us = percentile(c.reps_us, 0.5);
+      c.p99_us = percentile(c.reps_us, 0.99);
+      c.min_us = *std::min_element(c.reps_us.begin(), c.reps_us.end());
+      c.max_us = *std::max_element(c.reps_us.begin(), c.reps_us.end());
+      c.wrong = 0;
+      if (cli.check) {
+        entry.fill(ctx, bufs);
+        run(c);
+        unsigned long long mine = entry.count_wrong(ctx, bufs), all = 0;
+        MPI_Allreduce(&mine, &all, 1, MPI_UNSIGNED_LONG_LONG, MPI_SUM, mpi);
+        c.wrong = static_cast<std::size_t>(all);
+        if (all != 0) status = 1;
+      }
+    }
+    const explanation e = explain(comm, s.total * elem, cli.cfg.type);
+    const contender* best = nullptr;
+    const contender* automatic = nullptr;
+    for (const auto& c : who) {
+      if (c.fixed && (best == nullptr || c.median_us < best->median_us)) best = &c;
+      if (c.name == "auto") automatic = &c;
+    }
+    const double ratio = automatic->median_us / best->median_us;
+    if (table) {
+      std::string line = fmt::format("{:>8}", human(s.total * elem));
+      for (const auto& c : who) {
+        line += fmt::format(" {:>10.1f}{}", c.median_us, c.wrong ? "!" : "");
+      }
+      line += fmt::format("  {:>12} {:>12} {:>9.3f}", label(best->name), label(algo_name(e.choice)),
+                          ratio);
+      fmt::print("{}\n", line);
+      std::fflush(stdout);
+    }
+    if (csv != nullptr) {
+      const double factor = entry.bus_factor(nranks);
+      for (const auto& c : who) {
+        fmt::print(csv, "{},{},{},{},{:.2f},{:.2f},{:.2f},{:.2f},{:.3f},{},{},{}\n",
+                   s.total * elem, c.name, nranks, e.shape.nodes, c.median_us, c.p99_us, c.min_us,
+                   c.max_us,
+                   c.median_us > 0 ? static_cast<double>(s.total * elem) / c.median_us / 1e3 * factor
+                                   : 0.0,
+                   c.wrong, algo_name(e.choice), best->name);
+      }
+      std::fflush(csv);
+    }
+  }
+  if (table) {
+    fmt::print("# auto/best: auto's median over the best fixed ringflow algorithm's median at that "
+               "size ('!' marks wrong results)\n");
+  }
+  if (csv != nullptr && csv != stdout) std::fclose(csv);
+  return status;
+}
+
+}  // namespace ringflow::bench

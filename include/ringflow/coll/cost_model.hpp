@@ -1,0 +1,101 @@
+// The alpha-beta-gamma cost model behind algo::automatic: a predicted time
+// for every allreduce algorithm from per-message latency (alpha), per-byte
+// transfer time (beta) and per-byte reduction time (gamma), separately for
+// links inside a node and between nodes. Formulas: docs/collectives.md.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ringflow/coll/options.hpp"
+#include "ringflow/comm/communicator.hpp"
+#include "ringflow/core/dtype.hpp"
+
+namespace ringflow {
+
+/// Cost of one point-to-point message of b bytes: alpha + b * beta.
+struct link_cost {
+  double alpha = 0;  ///< seconds per message
+  double beta = 0;   ///< seconds per byte
+};
+
+/// Machine parameters of the model.
+struct cost_model {
+  link_cost intra;    ///< between ranks of one node
+  link_cost inter;    ///< between nodes
+  double gamma = 0;   ///< seconds per byte reduced (float sum, one core)
+  std::string origin = "built-in";  ///< "built-in" or the file it came from
+  std::string machine;              ///< free text: where it was calibrated
+
+  /// The JSON document `ringflow-bench --calibrate` writes (docs/collectives.md).
+  std::string to_json() const;
+  /// Parses to_json()'s format; throws usage_error naming `origin` and the problem.
+  static cost_model from_json(std::string_view text, std::string_view origin);
+};
+
+/// Defaults measured on the development machine (docs/collectives.md).
+cost_model builtin_cost_model();
+
+/// Where the calibrated model lives: $RINGFLOW_COST_MODEL, else
+/// $XDG_CACHE_HOME/ringflow/cost_model.json, else ~/.cache/ringflow/cost_model.json.
+std::string cost_model_path();
+
+/// The model at cost_model_path() if that file exists, else the built-in one.
+/// A malformed file is logged and ignored (a bad cache must not break training).
+cost_model local_cost_model();
+
+/// Writes `m` to `path` (creating the directory); throws ringflow::error.
+void save_cost_model(const cost_model& m, const std::string& path);
+
+/// The shape the model needs: how many ranks, on how many nodes.
+struct cluster_shape {
+  int ranks = 1;
+  int nodes = 1;
+  int ranks_per_node = 1;  ///< on the largest node
+};
+
+/// Predicted seconds of one allreduce of `bytes` with algorithm `a`
+/// (ring, recursive_doubling, halving_doubling, tree, double_tree,
+/// hierarchical); a negative value when the model does not cover `a` there.
+double predict_seconds(algo a, const cost_model& m, const cluster_shape& shape,
+                       std::size_t bytes, std::size_t segment_bytes = 0);
+
+/// One candidate's prediction.
+struct algo_prediction {
+  algo algorithm = algo::ring;
+  double seconds = 0;
+};
+
+/// What algo::automatic picks and why.
+struct explanation {
+  algo choice = algo::ring;
+  double predicted_s = 0;
+  algo runner_up = algo::ring;  ///< equals choice when there is a single candidate
+  double runner_up_s = 0;
+  std::size_t bytes = 0;
+  cluster_shape shape;
+  std::string model_origin;
+  std::vector<algo_prediction> candidates;  ///< fastest first
+
+  /// "allreduce of 1048576 bytes on 4 ranks (1 node x 4): ring 812.3 us, runner-up ..."
+  std::string to_string() const;
+};
+
+/// The fastest candidate for (shape, bytes) under `m`: a pure function, so
+/// every rank that holds the same model picks the same algorithm.
+explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
+
+/// What algo::automatic does for an allreduce of `bytes` on `comm`: the model
+/// of rank 0 (sent to the others once per communicator) and the node layout.
+/// Collective: every rank calls it, in the same order relative to the other
+/// collectives (the first call on a communicator may exchange the model);
+/// `type` is accepted for the future, the model treats all dtypes alike.
+///
+/// @code
+/// fmt::print("{}\n", ringflow::explain(comm, 4 << 20, ringflow::dtype::f32).to_string());
+/// @endcode
+explanation explain(const communicator& comm, std::size_t bytes, dtype type = dtype::f32);
+
+}  // namespace ringflow

@@ -1,0 +1,258 @@
+// The alpha-beta-gamma model: per-algorithm formulas, the choice, the file.
+#include "ringflow/coll/cost_model.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "ringflow/coll/fold.hpp"
+#include "ringflow/core/error.hpp"
+#include "ringflow/core/log.hpp"
+
+namespace ringflow {
+
+cost_model builtin_cost_model() {
+  // Measured with `mpirun -np 2 ringflow-bench --calibrate` on the
+  // development machine (2 cores, OpenMPI 4.1 shared memory); see
+  // docs/collectives.md. One machine, so inter == intra.
+  cost_model m;
+  m.intra = {2.0e-6, 1.6e-10};
+  m.inter = m.intra;
+  m.gamma = 1.5e-10;
+  m.origin = "built-in";
+  m.machine = "ringflow development machine (2 cores, shared memory)";
+  return m;
+}
+
+namespace {
+
+double log2i(int q) { return std::log2(static_cast<double>(q)); }
+
+std::size_t seg_count(double bytes, std::size_t seg) {
+  if (bytes <= 0) return 1;
+  return std::max<std::size_t>(1, static_cast<std::size_t>(std::ceil(bytes / static_cast<double>(seg))));
+}
+
+// Ring over p ranks on links `l`: 2(p-1) steps of n/p bytes, each cut into
+// segments of `seg` bytes (one message each).
+double ring_time(const link_cost& l, double gamma, int p, double n, std::size_t seg) {
+  if (p <= 1) return 0;
+  const double steps = 2.0 * (p - 1);
+  const double msgs = steps * static_cast<double>(seg_count(n / p, seg));
+  return msgs * l.alpha + steps / p * n * l.beta + (p - 1.0) / p * n * gamma;
+}
+
+// The fold of a non-power-of-two count: the whole buffer in and out once.
+double fold_time(const link_cost& l, double gamma, int p, double n) {
+  if (detail::pow2_floor(p) == p) return 0;
+  return 2 * (l.alpha + n * l.beta) + n * gamma;
+}
+
+}  // namespace
+
+double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                       std::size_t segment_bytes) {
+  const int p = s.ranks;
+  const double n = static_cast<double>(bytes);
+  const double g = m.gamma;
+  if (p <= 1) return 0;
+  // Flat algorithms cross node boundaries in every step that matters, so
+  // they are charged the inter-node link when there are several nodes.
+  const link_cost& l = s.nodes > 1 ? m.inter : m.intra;
+  switch (a) {
+    case algo::ring:
+      return ring_time(l, g, p, n, segment_bytes ? segment_bytes : default_segment_bytes);
+    case algo::recursive_doubling: {
+      const int q = detail::pow2_floor(p);
+      return log2i(q) * (l.alpha + n * l.beta + n * g) + fold_time(l, g, p, n);
+    }
+    case algo::halving_doubling: {
+      const int q = detail::pow2_floor(p);
+      return 2 * log2i(q) * l.alpha + 2.0 * (q - 1) / q * n * l.beta + (q - 1.0) / q * n * g +
+             fold_time(l, g, p, n);
+    }
+    case algo::tree:
+    case algo::double_tree: {
+      // Pipelined: (depth + segments - 1) steps; in a step an interior rank
+      // takes a segment from each of its c children and reduces it, and
+      // hands the result to c children on the way down. In the double tree
+      // each half has half the segments and a rank is interior in one tree
+      // and a leaf (one send up, one receive down) in the other.
+      const std::size_t seg = segment_bytes ? segment_bytes : default_tree_segment_bytes;
+      const int depth = static_cast<int>(std::floor(std::log2(static_cast<double>(p))));
+      const double c = std::min(2, p - 1);
+      const double sb = std::min(n, static_cast<double>(seg));
+      const double interior = c * (2 * l.alpha + 2 * sb * l.beta + sb * g);
+      if (a == algo::tree) {
+        const double k = static_cast<double>(seg_count(n, seg));
+        return (depth + k - 1) * interior;
+      }
+      const double sh = std::min(n / 2, static_cast<double>(seg));
+      const double k = static_cast<double>(seg_count(n / 2, seg));
+      const double step = c * (2 * l.alpha + 2 * sh * l.beta + sh * g) + 2 * (l.alpha + sh * l.beta);
+      return (depth + 1 + k - 1) * step;
+    }
+    case algo::hierarchical: {
+      if (s.nodes <= 1 || s.ranks_per_node <= 1) return -1;
+      const int L = s.ranks_per_node;
+      const double piece = n / L;
+      const double intra = 2 * (L - 1) * (m.intra.alpha + piece * m.intra.beta) + (L - 1) * piece * g;
+      return intra + ring_time(m.inter, g, s.nodes, piece,
+                               segment_bytes ? segment_bytes : default_segment_bytes);
+    }
+    default:
+      return -1;
+  }
+}
+
+explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes) {
+  explanation e;
+  e.bytes = bytes;
+  e.shape = shape;
+  e.model_origin = m.origin;
+  for (algo a : {algo::ring, algo::recursive_doubling, algo::halving_doubling, algo::tree,
+                 algo::double_tree, algo::hierarchical}) {
+    const double t = predict_seconds(a, m, shape, bytes);
+    if (t >= 0) e.candidates.push_back({a, t});
+  }
+  // Stable: on a tie the earlier (simpler) algorithm wins, on every rank.
+  std::stable_sort(e.candidates.begin(), e.candidates.end(),
+                   [](const algo_prediction& x, const algo_prediction& y) {
+                     return x.seconds < y.seconds;
+                   });
+  e.choice = e.candidates.front().algorithm;
+  e.predicted_s = e.candidates.front().seconds;
+  const auto& second = e.candidates.size() > 1 ? e.candidates[1] : e.candidates[0];
+  e.runner_up = second.algorithm;
+  e.runner_up_s = second.seconds;
+  return e;
+}
+
+std::string explanation::to_string() const {
+  std::string s = fmt::format(
+      "allreduce of {} bytes on {} rank{} ({} node{} x {}): {} predicted {:.1f} us; runner-up {} "
+      "{:.1f} us (model: {})",
+      bytes, shape.ranks, shape.ranks == 1 ? "" : "s", shape.nodes, shape.nodes == 1 ? "" : "s",
+      shape.ranks_per_node, algo_name(choice), predicted_s * 1e6, algo_name(runner_up),
+      runner_up_s * 1e6, model_origin);
+  return s;
+}
+
+// ---- the file -------------------------------------------------------------
+
+std::string cost_model::to_json() const {
+  return fmt::format(
+      "{{\n"
+      "  \"format\": \"ringflow-cost-model\",\n"
+      "  \"version\": 1,\n"
+      "  \"machine\": \"{}\",\n"
+      "  \"intra_alpha_s\": {:.6e},\n"
+      "  \"intra_beta_s_per_byte\": {:.6e},\n"
+      "  \"inter_alpha_s\": {:.6e},\n"
+      "  \"inter_beta_s_per_byte\": {:.6e},\n"
+      "  \"gamma_s_per_byte\": {:.6e}\n"
+      "}}\n",
+      machine, intra.alpha, intra.beta, inter.alpha, inter.beta, gamma);
+}
+
+namespace {
+// The value after "key": in a flat JSON object (the only shape we write).
+std::string_view json_value(std::string_view text, std::string_view key) {
+  const std::string quoted = fmt::format("\"{}\"", key);
+  const auto k = text.find(quoted);
+  if (k == std::string_view::npos) return {};
+  auto v = text.find(':', k + quoted.size());
+  if (v == std::string_view::npos) return {};
+  ++v;
+  while (v < text.size() && std::isspace(static_cast<unsigned char>(text[v]))) ++v;
+  if (v < text.size() && text[v] == '"') {
+    const auto end = text.find('"', v + 1);
+    return end == std::string_view::npos ? std::string_view{} : text.substr(v + 1, end - v - 1);
+  }
+  auto end = v;
+  while (end < text.size() && text[end] != ',' && text[end] != '}' &&
+         !std::isspace(static_cast<unsigned char>(text[end]))) {
+    ++end;
+  }
+  return text.substr(v, end - v);
+}
+
+double json_number(std::string_view text, std::string_view key, std::string_view origin) {
+  const std::string_view v = json_value(text, key);
+  // strtod: from_chars for double needs a newer libstdc++ than some users have.
+  const std::string s(v);
+  char* end = nullptr;
+  errno = 0;
+  const double d = s.empty() ? 0 : std::strtod(s.c_str(), &end);
+  if (s.empty() || errno != 0 || end != s.c_str() + s.size() || !std::isfinite(d) || d < 0) {
+    throw usage_error(fmt::format("cost model {}: \"{}\" is missing or not a non-negative number{}",
+                                  origin, key, s.empty() ? "" : fmt::format(" ('{}')", s)));
+  }
+  return d;
+}
+}  // namespace
+
+cost_model cost_model::from_json(std::string_view text, std::string_view origin) {
+  if (json_value(text, "format") != "ringflow-cost-model") {
+    throw usage_error(fmt::format(
+        "cost model {}: not a ringflow cost model (no \"format\": \"ringflow-cost-model\"); "
+        "rerun ringflow-bench --calibrate",
+        origin));
+  }
+  cost_model m;
+  m.intra.alpha = json_number(text, "intra_alpha_s", origin);
+  m.intra.beta = json_number(text, "intra_beta_s_per_byte", origin);
+  m.inter.alpha = json_number(text, "inter_alpha_s", origin);
+  m.inter.beta = json_number(text, "inter_beta_s_per_byte", origin);
+  m.gamma = json_number(text, "gamma_s_per_byte", origin);
+  m.machine = std::string(json_value(text, "machine"));
+  m.origin = std::string(origin);
+  return m;
+}
+
+std::string cost_model_path() {
+  if (const char* p = std::getenv("RINGFLOW_COST_MODEL"); p != nullptr && *p != '\0') return p;
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x != nullptr && *x != '\0') {
+    return std::string(x) + "/ringflow/cost_model.json";
+  }
+  const char* home = std::getenv("HOME");
+  return std::string(home != nullptr && *home != '\0' ? home : ".") + "/.cache/ringflow/cost_model.json";
+}
+
+cost_model local_cost_model() {
+  const std::string path = cost_model_path();
+  std::ifstream f(path);
+  if (!f) return builtin_cost_model();
+  std::stringstream ss;
+  ss << f.rdbuf();
+  try {
+    return cost_model::from_json(ss.str(), path);
+  } catch (const error& e) {
+    log::warn("{}; using the built-in cost model", e.what());
+    return builtin_cost_model();
+  }
+}
+
+void save_cost_model(const cost_model& m, const std::string& path) {
+  const std::filesystem::path p(path);
+  std::error_code ec;
+  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
+  std::ofstream f(path);
+  if (!f) {
+    throw usage_error(fmt::format("cannot write the cost model to {}: {}", path,
+                                  std::strerror(errno)));
+  }
+  f << m.to_json();
+  if (!f.flush()) throw usage_error(fmt::format("writing the cost model to {} failed", path));
+}
+
+}  // namespace ringflow

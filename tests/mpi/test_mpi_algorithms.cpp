@@ -1,0 +1,88 @@
+// Every allreduce algorithm over MPI (mpirun -np 1..5): the sampled
+// correctness matrix, emulated nodes for the hierarchical one, and the
+// automatic choice agreeing across ranks whose cost-model files differ.
+#include <cstdlib>
+#include <cstdio>
+#include <string>
+
+#include "ringflow/backends/mpi.hpp"
+#include "ringflow/coll/cost_model.hpp"
+#include "support/catch.hpp"
+#include "support/coll_checks.hpp"
+
+using namespace ringflow;
+using ringflow::testing::failures;
+
+namespace {
+void require_none(const failures& f) {
+  for (std::size_t i = 0; i < f.size() && i < 10; ++i) UNSCOPED_INFO(f[i]);
+  REQUIRE(f.empty());
+}
+}  // namespace
+
+TEST_CASE("mpi: every allreduce algorithm matches the serial reference", "[mpi][algorithms]") {
+  auto world = mpi::world();
+  for (algo a : testing::transport_algorithms) {
+    INFO(algo_name(a));
+    failures f;
+    testing::check_algorithm(world, a, f);
+    testing::check_signed_zero_agreement(world, a, f);
+    require_none(f);
+  }
+}
+
+TEST_CASE("mpi: hierarchical allreduce on emulated nodes of 2", "[mpi][algorithms]") {
+  setenv("RINGFLOW_NODE_SIZE", "2", 1);
+  auto world = mpi::world();  // a fresh communicator: its context is built now
+  failures f;
+  testing::check_algorithm_op<float>(world, algo::hierarchical, sum, f);
+  testing::check_algorithm_op<std::int32_t>(world, algo::hierarchical, avg, f);
+  testing::check_algorithm_all_ops_one_count<half>(world, algo::hierarchical, 1000, f);
+  const explanation e = explain(world, 1 << 20);
+  if (e.shape.nodes != (world.size() + 1) / 2) {
+    f.push_back(fmt::format("rank {}: explain sees {} nodes", world.rank(), e.shape.nodes));
+  }
+  unsetenv("RINGFLOW_NODE_SIZE");
+  require_none(f);
+}
+
+TEST_CASE("mpi: 10^6+3 floats through every algorithm, identical bits on every rank",
+          "[mpi][algorithms]") {
+  auto world = mpi::world();
+  failures f;
+  for (algo a : testing::transport_algorithms) testing::check_large_bitwise_algo(world, a, 1000003, f);
+  require_none(f);
+}
+
+TEST_CASE("mpi: every rank takes rank 0's cost model, whatever its own file says",
+          "[mpi][cost_model]") {
+  auto world = mpi::world();
+  // Rank 0: latency is dear (recursive doubling everywhere); the others: a
+  // model that would pick something else. All must follow rank 0.
+  cost_model m;
+  if (world.rank() == 0) {
+    m.intra = {1.0, 1e-12};
+  } else {
+    m.intra = {1e-9, 1e-6};
+  }
+  m.inter = m.intra;
+  m.gamma = 1e-12;
+  const std::string path = fmt::format("ringflow_test_model_rank{}.json", world.rank());
+  save_cost_model(m, path);
+  setenv("RINGFLOW_COST_MODEL", path.c_str(), 1);
+  auto fresh = mpi::world();
+  const explanation e = explain(fresh, 1 << 20);
+  failures f;
+  if (world.size() > 1 && e.choice != algo::recursive_doubling) {
+    f.push_back(fmt::format("rank {}: picked {}, rank 0's model picks recursive_doubling",
+                            world.rank(), algo_name(e.choice)));
+  }
+  if (e.model_origin != "ringflow_test_model_rank0.json" && world.size() > 1) {
+    f.push_back(fmt::format("rank {}: model from {}", world.rank(), e.model_origin));
+  }
+  // And the automatic allreduce runs it correctly.
+  testing::check_allreduce<float>(fresh, 4099, sum, false, coll_options{}, f);
+  unsetenv("RINGFLOW_COST_MODEL");
+  std::remove(path.c_str());
+  require_none(f);
+}
