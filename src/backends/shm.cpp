@@ -1,0 +1,594 @@
+// Shared-memory allreduce for the ranks of one node: segment set-up over MPI,
+// the block pipeline, and waits that time out instead of hanging.
+//
+// Segment (one per communicator, cached as an MPI attribute so it lives and
+// dies with the communicator):
+//   header line | per rank: arrived, reduced, descriptor lines | data
+//   data = staging[rank][2 slots] + result[2 slots], each block_bytes long.
+// Block h of a call (global index g = first block of the call + h) uses slot
+// g % 2. Rank r, per block:
+//   copy in:  the parts of its input block that other ranks reduce -> staging[r]
+//             (its own slice it reduces straight from its user buffer)
+//   arrived[r] = g + 1
+//   wait arrived[q] > g for all q; reduce slice r, reading the p inputs in rank
+//             order, into result (and straight into its own output)
+//   reduced[r] = g + 1; copy in block h + 1 meanwhile
+//   wait reduced[q] > g for all q; copy the other slices of result -> output
+// Two slots suffice without further waits: a rank writes staging slot g % 2
+// again only after it saw every rank's reduced > g - 1, and result slot g % 2
+// only after every rank arrived at g, which each does after copying out g - 2.
+#include "ringflow/backends/shm.hpp"
+
+#include <fcntl.h>
+#include <mpi.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+
+#include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/core/log.hpp"
+
+// coll/ dispatches algo::shm through its registry when the tree has one.
+#if __has_include("ringflow/coll/registry.hpp")
+#include "ringflow/coll/registry.hpp"
+#define RINGFLOW_SHM_HAS_REGISTRY 1
+#endif
+
+namespace ringflow {
+namespace {
+
+// Counters each get two cache lines: the adjacent-line prefetcher pairs lines,
+// and a spinning reader must not steal the line another rank is writing.
+constexpr std::size_t line_bytes = 128;
+constexpr int slots = 2;
+constexpr std::uint64_t magic = 0x72666c6f77736d31ull;  // "rflowsm1"
+// Reduce in sub-blocks this size so the partial result stays in L1 while the
+// next rank's input is folded in.
+constexpr std::size_t sub_block_bytes = 8 * 1024;
+// Slice boundaries fall on this many bytes, so no two ranks write one line.
+constexpr std::size_t slice_align = 64;
+// Busy polls before a waiting rank starts yielding its core anyway (other
+// processes may be using the node's cores).
+constexpr unsigned spin_before_yield = 2000;
+
+struct header {
+  std::uint64_t magic;
+  std::uint64_t block_bytes;
+  std::int32_t size;
+  std::int32_t broken;  // 0, or 1 + the rank that gave up: peers stop waiting
+};
+
+// What a rank is about to reduce; every rank must agree.
+struct descriptor {
+  std::uint64_t count;
+  std::uint64_t first_block;
+  std::uint32_t type;
+  std::uint32_t op;
+};
+
+std::string errno_text(int e) { return std::strerror(e); }
+
+void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
+
+// Per communicator: the mapped segment and where this rank stands in it.
+struct node_state {
+  bool usable = false;
+  std::string why_not;  // when !usable
+  int rank = 0;
+  int size = 1;
+  std::size_t block_bytes = shm::default_block_bytes;
+  std::byte* base = nullptr;
+  std::size_t bytes = 0;
+  std::size_t data_offset = 0;
+  std::uint64_t next_block = 0;  // global index of this rank's next block
+  bool yield = false;
+  int broken_by = -1;  // rank that failed; the segment's counters are lost
+
+  node_state() = default;
+  node_state(const node_state&) = delete;
+  node_state& operator=(const node_state&) = delete;
+  ~node_state() {
+    if (base != nullptr) munmap(base, bytes);
+  }
+
+  header& head() const { return *reinterpret_cast<header*>(base); }
+  std::uint64_t& arrived(int r) const {
+    return *reinterpret_cast<std::uint64_t*>(base + line_bytes * (1 + 3 * static_cast<std::size_t>(r)));
+  }
+  std::uint64_t& reduced(int r) const {
+    return *reinterpret_cast<std::uint64_t*>(base + line_bytes * (2 + 3 * static_cast<std::size_t>(r)));
+  }
+  descriptor& desc(int r) const {
+    return *reinterpret_cast<descriptor*>(base + line_bytes * (3 + 3 * static_cast<std::size_t>(r)));
+  }
+  std::byte* staging(int r, int slot) const {
+    return base + data_offset + (static_cast<std::size_t>(r) * slots + static_cast<std::size_t>(slot)) * block_bytes;
+  }
+  std::byte* result(int slot) const {
+    return base + data_offset + (static_cast<std::size_t>(size) * slots + static_cast<std::size_t>(slot)) * block_bytes;
+  }
+};
+
+std::size_t control_bytes(int size) {
+  const std::size_t c = line_bytes * (1 + 3 * static_cast<std::size_t>(size));
+  return (c + 4095) / 4096 * 4096;
+}
+
+// RINGFLOW_SHM_BLOCK: bytes with an optional K or M suffix, rounded up to 4 KiB.
+std::size_t block_from_env() {
+  const char* env = std::getenv("RINGFLOW_SHM_BLOCK");
+  if (env == nullptr || *env == '\0') return shm::default_block_bytes;
+  char* end = nullptr;
+  unsigned long long v = std::strtoull(env, &end, 10);
+  if (end != nullptr && (*end == 'k' || *end == 'K')) v <<= 10;
+  if (end != nullptr && (*end == 'm' || *end == 'M')) v <<= 20;
+  v = std::clamp<unsigned long long>(v, 4096, 64ull << 20);
+  return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
+}
+
+// Yield while waiting when the node has more ranks than cores (a spinning
+// rank would starve the one it waits for); RINGFLOW_YIELD=0/1 overrides.
+bool decide_yield(int local_ranks) {
+  if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
+    return std::string_view(env) != "0";
+  }
+  int cores = static_cast<int>(std::thread::hardware_concurrency());
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) cores = std::max(cores, CPU_COUNT(&set));
+  return local_ranks > cores;
+}
+
+#define RINGFLOW_SHM_CHECK_MPI(call, rank)                                                    \
+  do {                                                                                        \
+    const int rf_rc_ = (call);                                                                \
+    if (rf_rc_ != MPI_SUCCESS) {                                                              \
+      throw comm_error(fmt::format("shm set-up on rank {}: {} failed (MPI error {})", (rank), \
+                                   #call, rf_rc_));                                           \
+    }                                                                                         \
+  } while (0)
+
+// Collective over `mc`: finds the node, creates and maps the segment.
+void set_up(node_state& st, MPI_Comm mc) {
+  MPI_Comm_rank(mc, &st.rank);
+  MPI_Comm_size(mc, &st.size);
+  MPI_Comm node = MPI_COMM_NULL;
+  RINGFLOW_SHM_CHECK_MPI(
+      MPI_Comm_split_type(mc, MPI_COMM_TYPE_SHARED, st.rank, MPI_INFO_NULL, &node), st.rank);
+  int local = 0;
+  MPI_Comm_size(node, &local);
+  MPI_Comm_free(&node);
+  if (local != st.size) {
+    // Every rank sees a node smaller than the communicator, so all agree.
+    st.why_not = fmt::format(
+        "the communicator's {} ranks span several nodes (rank {} shares its node with {}); the "
+        "shm path works within one node: use a hierarchical or ring algorithm",
+        st.size, st.rank, local);
+    return;
+  }
+  st.usable = true;
+  st.yield = decide_yield(local);
+  if (st.size == 1) return;  // nothing to share
+
+  struct {
+    char name[64];
+    std::uint64_t block;
+    std::int32_t err;
+  } msg{};
+  std::string failure;
+  int fd = -1;
+  if (st.rank == 0) {
+    msg.block = block_from_env();
+    static std::atomic<unsigned> serial{0};
+    const auto stamp = static_cast<unsigned long long>(
+        std::chrono::steady_clock::now().time_since_epoch().count());
+    std::snprintf(msg.name, sizeof msg.name, "/ringflow-shm-%d-%u-%llx", static_cast<int>(getpid()),
+                  serial.fetch_add(1), stamp & 0xffffffffffull);
+    fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) msg.err = errno;
+  }
+  RINGFLOW_SHM_CHECK_MPI(MPI_Bcast(&msg, sizeof msg, MPI_BYTE, 0, mc), st.rank);
+  if (msg.err != 0) {
+    throw comm_error(fmt::format(
+        "shm set-up on rank {}: rank 0 could not create shared memory {}: {}; check that "
+        "/dev/shm is mounted and writable, or use algo::ring",
+        st.rank, msg.name, errno_text(msg.err)));
+  }
+  st.block_bytes = msg.block;
+  st.data_offset = control_bytes(st.size);
+  st.bytes = st.data_offset + (static_cast<std::size_t>(st.size) + 1) * slots * st.block_bytes;
+  if (st.rank == 0) {
+    if (ftruncate(fd, static_cast<off_t>(st.bytes)) != 0) {
+      failure = fmt::format("ftruncate({} bytes): {}", st.bytes, errno_text(errno));
+    }
+  } else {
+    fd = shm_open(msg.name, O_RDWR, 0600);
+    if (fd < 0) failure = fmt::format("shm_open({}): {}", msg.name, errno_text(errno));
+  }
+  // Everyone waits for rank 0's ftruncate before mapping.
+  int bad = failure.empty() ? -1 : st.rank, worst = -1;
+  RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
+  if (worst < 0) {
+    void* p = mmap(nullptr, st.bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (p == MAP_FAILED) {
+      failure = fmt::format("mmap({} bytes): {}", st.bytes, errno_text(errno));
+    } else {
+      st.base = static_cast<std::byte*>(p);
+    }
+  }
+  if (fd >= 0) close(fd);
+  bad = failure.empty() ? -1 : st.rank;
+  RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
+  // Every rank has mapped it (or failed): the name can go, so nothing is left
+  // behind in /dev/shm even if a rank crashes later.
+  if (st.rank == 0) shm_unlink(msg.name);
+  if (worst >= 0) {
+    throw comm_error(fmt::format(
+        "shm set-up on rank {}: rank {} could not map the node's shared memory{}{}; check "
+        "/dev/shm space and limits, or use algo::ring",
+        st.rank, worst, failure.empty() ? "" : ": ", failure));
+  }
+  if (st.rank == 0) {
+    st.head().magic = magic;
+    st.head().block_bytes = st.block_bytes;
+    st.head().size = st.size;
+  }
+  // The header is written before any rank publishes a counter.
+  RINGFLOW_SHM_CHECK_MPI(MPI_Barrier(mc), st.rank);
+  log::debug("shm: rank {} of {} mapped {} bytes ({} KiB blocks), {} while waiting", st.rank,
+             st.size, st.bytes, st.block_bytes / 1024, st.yield ? "yielding" : "spinning");
+}
+
+int delete_state(MPI_Comm, int, void* attr, void*) {
+  delete static_cast<node_state*>(attr);
+  return MPI_SUCCESS;
+}
+
+int state_keyval() {
+  static int key = MPI_KEYVAL_INVALID;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, delete_state, &key, nullptr);
+  });
+  return key;
+}
+
+// The communicator's state, set up on first use (collective then).
+node_state& state_of(const communicator& comm) {
+  if (comm.backend() != "mpi") {
+    throw not_supported_error(fmt::format(
+        "shm allreduce on rank {}: the communicator uses the '{}' backend; the shm path needs "
+        "processes of the mpi backend (use algo::ring for threads)",
+        comm.rank(), comm.backend()));
+  }
+  const MPI_Comm mc = mpi::native_handle(comm);
+  const int key = state_keyval();
+  void* value = nullptr;
+  int found = 0;
+  MPI_Comm_get_attr(mc, key, &value, &found);
+  if (found) return *static_cast<node_state*>(value);
+  auto st = std::make_unique<node_state>();
+  set_up(*st, mc);
+  if (MPI_Comm_set_attr(mc, key, st.get()) != MPI_SUCCESS) {
+    throw comm_error(fmt::format("shm set-up on rank {}: MPI_Comm_set_attr failed", st->rank));
+  }
+  return *st.release();
+}
+
+node_state& usable_state_of(const communicator& comm) {
+  node_state& st = state_of(comm);
+  if (!st.usable) {
+    throw not_supported_error(fmt::format("shm allreduce on rank {}: {}", st.rank, st.why_not));
+  }
+  return st;
+}
+
+// Waits for the other ranks' counters; throws instead of hanging.
+class waiter {
+ public:
+  waiter(node_state& st, std::chrono::milliseconds timeout, std::size_t count, dtype type)
+      : st_(st), timeout_(timeout), count_(count), type_(type) {}
+
+  // Until counter(q) >= target for every q != this rank.
+  template <class Counter>
+  void until(Counter counter, std::uint64_t target, const char* doing, std::uint64_t block,
+             std::uint64_t blocks) {
+    for (int q = 0; q < st_.size; ++q) {
+      if (q == st_.rank) continue;
+      std::atomic_ref<std::uint64_t> c(counter(q));
+      if (c.load(std::memory_order_acquire) >= target) continue;
+      slow_wait(c, target, q, doing, block, blocks);
+    }
+  }
+
+ private:
+  void slow_wait(std::atomic_ref<std::uint64_t>& c, std::uint64_t target, int q, const char* doing,
+                 std::uint64_t block, std::uint64_t blocks) {
+    if (!have_deadline_) {
+      deadline_ = detail::deadline_after(timeout_);
+      have_deadline_ = true;
+    }
+    std::atomic_ref<std::int32_t> broken(st_.head().broken);
+    for (unsigned spins = 1; c.load(std::memory_order_acquire) < target; ++spins) {
+      if (st_.yield || spins > spin_before_yield) {
+        sched_yield();
+      } else {
+        cpu_relax();
+      }
+      if ((spins & 127u) != 0) continue;
+      if (const int b = broken.load(std::memory_order_relaxed); b != 0) {
+        st_.broken_by = b - 1;
+        throw comm_error(fmt::format(
+            "rank {}: shm allreduce aborted because rank {} gave up in the same call (see its "
+            "error); this communicator's shm segment is unusable: create a new communicator",
+            st_.rank, b - 1));
+      }
+      if (std::chrono::steady_clock::now() > deadline_) {
+        int expected = 0;
+        broken.compare_exchange_strong(expected, st_.rank + 1);
+        st_.broken_by = st_.rank;
+        throw timeout_error(fmt::format(
+            "rank {}: shm allreduce of {} {} waited {} ms for rank {} to {} block {} of {} "
+            "(RINGFLOW_TIMEOUT); is rank {} stuck, dead or calling a different collective?",
+            st_.rank, count_, dtype_name(type_), timeout_.count(), q, doing, block + 1, blocks,
+            q));
+      }
+    }
+  }
+
+  node_state& st_;
+  std::chrono::milliseconds timeout_;
+  std::size_t count_;
+  dtype type_;
+  bool have_deadline_ = false;
+  std::chrono::steady_clock::time_point deadline_{};
+};
+
+// Slice `r` of a block of `n` elements, on slice_align byte boundaries.
+struct slice {
+  std::size_t offset = 0;
+  std::size_t count = 0;
+};
+
+template <class T>
+slice slice_of(std::size_t n, int p, int r) {
+  constexpr std::size_t unit = std::max<std::size_t>(1, slice_align / sizeof(T));
+  const std::size_t units = (n + unit - 1) / unit;
+  const std::size_t per = units / static_cast<std::size_t>(p);
+  const std::size_t extra = units % static_cast<std::size_t>(p);
+  const auto i = static_cast<std::size_t>(r);
+  const std::size_t first = i * per + std::min(i, extra);
+  const std::size_t len = per + (i < extra ? 1 : 0);
+  const std::size_t off = std::min(n, first * unit);
+  return {off, std::min(n, (first + len) * unit) - off};
+}
+
+template <class T, class Op>
+void combine(T* __restrict dst, const T* __restrict a, const T* __restrict b, std::size_t n,
+             const Op& op) {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = op(a[i], b[i]);
+}
+
+template <class T, class Op>
+void accumulate(T* __restrict dst, const T* __restrict b, std::size_t n, const Op& op) {
+  for (std::size_t i = 0; i < n; ++i) dst[i] = op(dst[i], b[i]);
+}
+
+template <class T, class Op>
+void finish_all(T* dst, std::size_t n, const Op& op, int p) {
+  if constexpr (Op::kind == op_kind::avg) {
+    for (std::size_t i = 0; i < n; ++i) dst[i] = finish(op, dst[i], p);
+  } else {
+    (void)dst, (void)n, (void)op, (void)p;
+  }
+}
+
+template <class T, class Op>
+void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
+         std::size_t count, const Op& op) {
+  const int p = st.size, me = st.rank;
+  const std::size_t per_block = st.block_bytes / sizeof(T);
+  const std::size_t blocks = (count + per_block - 1) / per_block;
+  const std::uint64_t first = st.next_block;
+  waiter wait(st, timeout, count, dtype_of<T>);
+  auto arrived = [&](int q) -> std::uint64_t& { return st.arrived(q); };
+  auto reduced = [&](int q) -> std::uint64_t& { return st.reduced(q); };
+  auto block_len = [&](std::size_t h) { return std::min(per_block, count - h * per_block); };
+
+  // Stages the parts of block h the other ranks reduce; announces it.
+  auto copy_in = [&](std::size_t h) {
+    const std::uint64_t g = first + h;
+    const std::size_t n = block_len(h);
+    const slice own = slice_of<T>(n, p, me);
+    const T* src = in + h * per_block;
+    T* dst = reinterpret_cast<T*>(st.staging(me, static_cast<int>(g % slots)));
+    std::memcpy(static_cast<void*>(dst), src, own.offset * sizeof(T));
+    std::memcpy(static_cast<void*>(dst + own.offset + own.count), src + own.offset + own.count,
+                (n - own.offset - own.count) * sizeof(T));
+    std::atomic_ref<std::uint64_t>(st.arrived(me)).store(g + 1, std::memory_order_release);
+  };
+
+  st.desc(me) = descriptor{count, first, static_cast<std::uint32_t>(dtype_of<T>),
+                           static_cast<std::uint32_t>(Op::kind)};
+  copy_in(0);
+
+  const std::size_t sub = std::max<std::size_t>(1, sub_block_bytes / sizeof(T));
+  std::vector<const T*> src(static_cast<std::size_t>(p));
+  for (std::size_t h = 0; h < blocks; ++h) {
+    const std::uint64_t g = first + h;
+    const int slot = static_cast<int>(g % slots);
+    const std::size_t n = block_len(h);
+    const std::size_t base = h * per_block;
+
+    wait.until(arrived, g + 1, "stage its input of", h, blocks);
+    if (h == 0) {
+      for (int q = 0; q < p; ++q) {
+        const descriptor d = st.desc(q);
+        if (d.count == count && d.type == static_cast<std::uint32_t>(dtype_of<T>) &&
+            d.op == static_cast<std::uint32_t>(Op::kind) && d.first_block == first) {
+          continue;
+        }
+        // Every rank sees some rank that differs from it, so all of them get
+        // here; each closes block `first` so the segment stays usable, and
+        // waits until all have read the descriptors before one moves on to
+        // its next call (and rewrites its own).
+        std::atomic_ref<std::uint64_t>(st.reduced(me)).store(first + 1, std::memory_order_release);
+        wait.until(reduced, first + 1, "check the arguments of", h, blocks);
+        st.next_block = first + 1;
+        throw usage_error(fmt::format(
+            "shm allreduce on rank {}: rank {} called it with count={}, type={}, op={}, this rank "
+            "with count={}, type={}, op={}; every rank must pass the same count, type and op",
+            me, q, d.count, dtype_name(static_cast<dtype>(d.type)),
+            op_name(static_cast<op_kind>(d.op)), count, dtype_name(dtype_of<T>), op_name(Op::kind)));
+      }
+    }
+
+    // Reduce this rank's slice in rank order; its own input comes straight
+    // from the user buffer, which nobody else reads.
+    const slice own = slice_of<T>(n, p, me);
+    T* res = reinterpret_cast<T*>(st.result(slot));
+    for (int q = 0; q < p; ++q) {
+      src[static_cast<std::size_t>(q)] =
+          q == me ? in + base : reinterpret_cast<const T*>(st.staging(q, slot));
+    }
+    for (std::size_t o = own.offset; o < own.offset + own.count; o += sub) {
+      const std::size_t m = std::min(sub, own.offset + own.count - o);
+      combine(res + o, src[0] + o, src[1] + o, m, op);
+      for (int q = 2; q < p; ++q) accumulate(res + o, src[static_cast<std::size_t>(q)] + o, m, op);
+      finish_all(res + o, m, op, p);
+      // In place, this overwrites input elements already folded in above.
+      std::memcpy(static_cast<void*>(out + base + o), res + o, m * sizeof(T));
+    }
+    std::atomic_ref<std::uint64_t>(st.reduced(me)).store(g + 1, std::memory_order_release);
+
+    // Stage the next block while the others finish reducing this one.
+    if (h + 1 < blocks) copy_in(h + 1);
+
+    wait.until(reduced, g + 1, "reduce its slice of", h, blocks);
+    std::memcpy(static_cast<void*>(out + base), res, own.offset * sizeof(T));
+    std::memcpy(static_cast<void*>(out + base + own.offset + own.count),
+                res + own.offset + own.count, (n - own.offset - own.count) * sizeof(T));
+  }
+  st.next_block = first + blocks;
+}
+
+template <class T>
+void run_op(node_state& st, std::chrono::milliseconds timeout, const void* in, void* out,
+            std::size_t count, op_kind op) {
+  const auto* i = static_cast<const T*>(in);
+  auto* o = static_cast<T*>(out);
+  switch (op) {
+    case op_kind::sum: return run(st, timeout, i, o, count, sum_op{});
+    case op_kind::prod: return run(st, timeout, i, o, count, prod_op{});
+    case op_kind::min: return run(st, timeout, i, o, count, min_op{});
+    case op_kind::max: return run(st, timeout, i, o, count, max_op{});
+    case op_kind::avg: return run(st, timeout, i, o, count, avg_op{});
+  }
+  throw usage_error(fmt::format("shm allreduce on rank {}: unknown reduce op {}", st.rank,
+                                static_cast<int>(op)));
+}
+
+// One rank: a copy, and avg divides by 1 like every other algorithm does.
+template <class T>
+void single_rank(const void* in, void* out, std::size_t count, op_kind op) {
+  auto* o = static_cast<T*>(out);
+  if (in != out) std::memcpy(out, in, count * sizeof(T));
+  if (op == op_kind::avg) finish_all(o, count, avg_op{}, 1);
+}
+
+template <class F>
+void with_type(dtype type, F&& f) {
+  switch (type) {
+    case dtype::f32: return f(float{});
+    case dtype::f64: return f(double{});
+    case dtype::i8: return f(std::int8_t{});
+    case dtype::u8: return f(std::uint8_t{});
+    case dtype::i32: return f(std::int32_t{});
+    case dtype::i64: return f(std::int64_t{});
+    case dtype::f16: return f(half{});
+    case dtype::bf16: return f(bfloat16{});
+  }
+  throw usage_error(fmt::format("shm allreduce: unknown dtype {}", static_cast<int>(type)));
+}
+
+}  // namespace
+
+namespace detail {
+
+void shm_allreduce(const communicator& comm, const void* in, void* out, std::size_t count,
+                   dtype type, op_kind op) {
+  node_state& st = usable_state_of(comm);
+  if (st.broken_by >= 0) {
+    throw comm_error(fmt::format(
+        "shm allreduce on rank {}: this communicator's shm segment is unusable since rank {} "
+        "gave up in an earlier call (timeout or error); create a new communicator to go on",
+        st.rank, st.broken_by));
+  }
+  if (count == 0) return;
+  with_type(type, [&]<class T>(T) {
+    if (st.size == 1) {
+      single_rank<T>(in, out, count, op);
+    } else {
+      run_op<T>(st, comm.raw().timeout(), in, out, count, op);
+    }
+  });
+}
+
+bool shm_register() noexcept {
+#ifdef RINGFLOW_SHM_HAS_REGISTRY
+  static const bool done = [] {
+    register_algorithm(algo::shm, &shm::try_allreduce);
+    return true;
+  }();
+  return done;
+#else
+  return true;
+#endif
+}
+
+}  // namespace detail
+
+namespace {
+// For shared-library builds, where no header needs to pull this file in.
+[[maybe_unused]] const bool registered_at_load = detail::shm_register();
+}  // namespace
+
+namespace shm {
+
+bool try_allreduce(const communicator& comm, void* out, const void* in, std::size_t count,
+                   dtype type, op_kind op) {
+  if (comm.backend() != "mpi") return false;
+  if (!state_of(comm).usable) return false;
+  detail::shm_allreduce(comm, in, out, count, type, op);
+  return true;
+}
+
+bool usable(const communicator& comm) {
+  if (comm.backend() != "mpi") return false;
+  return state_of(comm).usable;
+}
+
+std::size_t block_bytes(const communicator& comm) { return usable_state_of(comm).block_bytes; }
+
+}  // namespace shm
+}  // namespace ringflow
