@@ -55,13 +55,14 @@ const T* as(std::span<const std::byte> s, std::size_t byte_offset = 0) {
 // max |x| of a block; NaN if the block holds one (so the shared scale, and
 // with it the decoded block, becomes NaN on every rank instead of hiding it).
 float block_absmax(const float* x, std::size_t n) {
-  float m = 0.0f;
+  // Max of the |x| bit patterns: orders like the magnitudes, and a NaN's bits
+  // are above +Inf's, so a NaN wins without a branch.
+  std::uint32_t m = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    const float a = kernels::abs_value(x[i]);
-    if (kernels::is_nan(a)) return a;
+    const std::uint32_t a = kernels::magnitude_key(x[i]);
     m = a > m ? a : m;
   }
-  return m;
+  return ringflow::detail::bits_float(m);
 }
 
 // Inverse step for quantize_int8: 0 for zero or non-finite scales (the
@@ -469,8 +470,16 @@ void sign_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   const std::size_t nb = ceil_div(n, block_);
   const float* scales = as<float>(payload);
   const auto* words = as<std::uint32_t>(payload, 4 * nb);
-  for (std::size_t i = 0; i < n; ++i) {
-    out[i] += kernels::unpack_sign(words[i / 32], static_cast<unsigned>(i % 32), scales[i / block_]);
+  // Block by block, word by word: no division per element (block is a multiple of 32).
+  for (std::size_t b = 0; b < nb; ++b) {
+    const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
+    const float s = scales[b];
+    for (std::size_t w = lo / 32; 32 * w < hi; ++w) {
+      const std::uint32_t word = words[w];
+      float* o = out.data() + 32 * w;
+      const auto bits = static_cast<unsigned>(std::min<std::size_t>(32, n - 32 * w));
+      for (unsigned j = 0; j < bits; ++j) o[j] += kernels::unpack_sign(word, j, s);
+    }
   }
 }
 

@@ -34,9 +34,10 @@ RINGFLOW_HOST_DEVICE inline std::uint64_t stream_key(std::uint64_t seed, std::ui
 }
 
 /// Uniform float in [0, 1) for element `index` of stream `key` (24 random bits,
-/// so every value is exact in float and 1.0 is never returned).
+/// so every value is exact in float and 1.0 is never returned). This is
+/// draw `index` of a splitmix64 sequence started at `key`: one mix per element.
 RINGFLOW_HOST_DEVICE inline float uniform01(std::uint64_t key, std::uint64_t index) {
-  const std::uint64_t h = mix64(key ^ mix64(index));
+  const std::uint64_t h = mix64(key + index * 0x9e3779b97f4a7c15ull);
   return static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
 }
 
@@ -111,7 +112,7 @@ struct quantize_int8 {
     int f = static_cast<int>(v);
     if (static_cast<float>(f) > v) --f;
     const float frac = v - static_cast<float>(f);
-    if (uniform01(key, index) < frac) ++f;
+    f += uniform01(key, index) < frac ? 1 : 0;  // a select, not an unpredictable branch
     return static_cast<std::int8_t>(f);
   }
 };
@@ -138,8 +139,10 @@ RINGFLOW_HOST_DEVICE inline std::uint32_t pack_signs(const float* x, unsigned co
   return w;
 }
 
+/// -scale or +scale: the bit is moved into the float's sign bit (branch-free).
 RINGFLOW_HOST_DEVICE inline float unpack_sign(std::uint32_t word, unsigned bit, float scale) {
-  return ((word >> bit) & 1u) ? -scale : scale;
+  return ringflow::detail::bits_float(ringflow::detail::float_bits(scale) ^
+                                      (((word >> bit) & 1u) << 31));
 }
 
 // ---------------------------------------------------------------------------
