@@ -1,22 +1,35 @@
-// train_fashion_mnist: trains an MLP on Fashion-MNIST in one process and prints its test accuracy.
+// train_fashion_mnist: data-parallel MLP training on Fashion-MNIST over MPI ranks; prints the test accuracy.
 //
-//   build/bin/train_fashion_mnist --epochs 8 --batch 128 --lr 1e-3 --hidden 256,128
+//   mpirun -np 4 build/bin/train_fashion_mnist --epochs 6 --batch 128
+//   mpirun -np 4 build/bin/train_fashion_mnist --checkpoint-dir ck --resume
 //
-// Progress goes to stderr; the last line on stdout is test_accuracy=<fraction>.
+// --batch is the GLOBAL batch: each of the N ranks takes batch/N samples per
+// step, so the optimization is the same whatever N is. Rank 0 reports on
+// stderr (a live bar on a terminal, plain lines otherwise); the last line on
+// its stdout is test_accuracy=<fraction>.
 #include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/core/log.hpp>
 #include <ringflow/data/batch.hpp>
 #include <ringflow/data/dataset.hpp>
 #include <ringflow/data/sampler.hpp>
+#include <ringflow/train/checkpoint.hpp>
+#include <ringflow/train/data_parallel.hpp>
 
 #include <Eigen/Core>
 #include <fmt/format.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -24,13 +37,14 @@
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
+namespace rt = ringflow::train;
 
 namespace {
 
 constexpr int exit_usage = 2;
 
 struct options {
-  int epochs = 8;
+  int epochs = 6;
   std::size_t batch = 128;
   double lr = 1e-3;
   std::uint64_t seed = 42;
@@ -38,25 +52,40 @@ struct options {
   int threads = 1;
   std::string data_dir;
   std::size_t limit = 0;
+  std::string checkpoint_dir;
+  bool resume = false;
+  std::int64_t checkpoint_every = 0;
+  std::size_t bucket_kib = rt::default_bucket_cap_bytes / 1024;
+  std::string progress = "auto";
+  ringflow::algo algorithm = ringflow::algo::automatic;
 };
 
 void print_help() {
   std::printf(
-      "train_fashion_mnist: train an MLP on Fashion-MNIST (one process) and report test accuracy.\n"
+      "train_fashion_mnist: data-parallel MLP training on Fashion-MNIST; reports test accuracy.\n"
       "\n"
-      "Usage: train_fashion_mnist [flags]   (--flag value or --flag=value)\n"
-      "  --epochs N       passes over the training set (default 8)\n"
-      "  --batch N        mini-batch size (default 128)\n"
-      "  --lr X           peak AdamW learning rate, cosine-decayed to 0 (default 1e-3)\n"
-      "  --seed N         seed of weights and shuffling (default 42)\n"
-      "  --hidden A,B,..  hidden layer widths, comma-separated (default 256,128)\n"
-      "  --threads N      Eigen threads (default 1; only effective when built with OpenMP)\n"
-      "  --data-dir DIR   folder with the Fashion-MNIST IDX files\n"
-      "                   (default $RINGFLOW_DATA_DIR or /usr/share/datasets/fashion-mnist)\n"
-      "  --limit N        load only the first N samples of each split (quick runs)\n"
-      "  --help           this text\n"
+      "Usage: mpirun -np N train_fashion_mnist [flags]   (--flag value or --flag=value)\n"
+      "  --epochs N             passes over the training set (default 6)\n"
+      "  --batch N              GLOBAL mini-batch, split evenly over the N ranks (default 128;\n"
+      "                         must be a multiple of the rank count)\n"
+      "  --lr X                 peak AdamW learning rate, warm-up then cosine to 0 (default 1e-3)\n"
+      "  --seed N               seed of weights and shuffling (default 42)\n"
+      "  --hidden A,B,..        hidden layer widths, comma-separated (default 256,128)\n"
+      "  --threads N            Eigen threads per rank (default 1; needs an OpenMP build)\n"
+      "  --data-dir DIR         folder with the Fashion-MNIST IDX files\n"
+      "                         (default $RINGFLOW_DATA_DIR or /usr/share/datasets/fashion-mnist)\n"
+      "  --limit N              load only the first N samples of each split (quick runs)\n"
+      "  --checkpoint-dir DIR   save DIR/checkpoint.rfck (atomically) after every epoch\n"
+      "  --checkpoint-every N   ... and every N steps\n"
+      "  --resume               continue from DIR/checkpoint.rfck (needs --checkpoint-dir)\n"
+      "  --bucket-kib N         gradient bucket cap in KiB (default %zu)\n"
+      "  --progress MODE        auto (a bar on a terminal), bar, lines or none (default auto)\n"
+      "  --algo NAME            bucket allreduce: auto, ring or native (MPI_Allreduce) (default auto)\n"
+      "  --help                 this text\n"
       "\n"
-      "Progress lines go to stderr; the last line on stdout is test_accuracy=<fraction>.\n");
+      "Environment: RINGFLOW_TIMELINE=trace.json writes a Chrome trace per rank\n"
+      "(trace.rank0.json, ...). The last line on stdout is test_accuracy=<fraction>.\n",
+      rt::default_bucket_cap_bytes / 1024);
 }
 
 // Thrown for a bad command line: main prints it and exits with status 2.
@@ -113,10 +142,7 @@ std::optional<options> parse_args(int argc, char** argv) {
   options o;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      print_help();
-      return std::nullopt;
-    }
+    if (arg == "--help" || arg == "-h") return std::nullopt;
     std::string value;
     bool have_value = false;
     if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
@@ -146,9 +172,37 @@ std::optional<options> parse_args(int argc, char** argv) {
       if (o.data_dir.empty()) throw bad_flag("--data-dir needs a non-empty folder");
     } else if (arg == "--limit") {
       o.limit = static_cast<std::size_t>(parse_int(arg, take(), 1, INT64_MAX));
+    } else if (arg == "--checkpoint-dir") {
+      o.checkpoint_dir = take();
+      if (o.checkpoint_dir.empty()) throw bad_flag("--checkpoint-dir needs a non-empty folder");
+    } else if (arg == "--checkpoint-every") {
+      o.checkpoint_every = parse_int(arg, take(), 1, INT64_MAX);
+    } else if (arg == "--resume") {
+      if (have_value) throw bad_flag("--resume takes no value");
+      o.resume = true;
+    } else if (arg == "--bucket-kib") {
+      o.bucket_kib = static_cast<std::size_t>(parse_int(arg, take(), 0, 1 << 22));
+    } else if (arg == "--algo") {
+      const std::string name = take();
+      try {
+        o.algorithm = ringflow::parse_algo(name);
+      } catch (const ringflow::usage_error&) {
+        throw bad_flag(fmt::format("--algo expects auto, ring or native, got '{}'", name));
+      }
+    } else if (arg == "--progress") {
+      o.progress = take();
+      if (o.progress != "auto" && o.progress != "bar" && o.progress != "lines" &&
+          o.progress != "none") {
+        throw bad_flag(fmt::format("--progress expects auto, bar, lines or none, got '{}'",
+                                   o.progress));
+      }
     } else {
       throw bad_flag(fmt::format("unknown argument '{}'", argv[i]));
     }
+  }
+  if (o.resume && o.checkpoint_dir.empty()) throw bad_flag("--resume needs --checkpoint-dir");
+  if (o.checkpoint_every > 0 && o.checkpoint_dir.empty()) {
+    throw bad_flag("--checkpoint-every needs --checkpoint-dir");
   }
   return o;
 }
@@ -158,24 +212,93 @@ double seconds_since(clock_type::time_point t) {
   return std::chrono::duration<double>(clock_type::now() - t).count();
 }
 
-// Fraction of `ds` the model classifies correctly, in slices viewed without copying.
-double accuracy(ad::mlp& model, const rd::dataset& ds) {
+// Test accuracy over all ranks: rank r classifies slices r, r + N, ... of the
+// test set (viewed in place) and the correct counts are summed.
+double accuracy(const ringflow::communicator& comm, ad::mlp& model, const rd::dataset& ds) {
   ad::no_grad guard;
   model.eval();
-  const std::size_t slice = 1000;
-  std::size_t correct = 0;
-  for (std::size_t begin = 0; begin < ds.size(); begin += slice) {
+  const std::size_t slice = 500;
+  std::array<double, 2> counts{0, 0};  // correct, seen
+  std::size_t k = 0;
+  for (std::size_t begin = 0; begin < ds.size(); begin += slice, ++k) {
+    if (static_cast<int>(k % static_cast<std::size_t>(comm.size())) != comm.rank()) continue;
     const std::size_t n = std::min(slice, ds.size() - begin);
     auto x = ad::tensor::from_data(ds.sample(begin), {static_cast<ad::index>(n),
                                                        static_cast<ad::index>(ds.features())});
     const auto predicted = ad::argmax_rows(model(x));
-    for (std::size_t i = 0; i < n; ++i) correct += predicted[i] == ds.labels[begin + i] ? 1 : 0;
+    for (std::size_t i = 0; i < n; ++i) counts[0] += predicted[i] == ds.labels[begin + i] ? 1 : 0;
+    counts[1] += static_cast<double>(n);
   }
+  ringflow::allreduce(comm, std::span<double>(counts), ringflow::sum);
   model.train();
-  return static_cast<double>(correct) / static_cast<double>(ds.size());
+  return counts[0] / counts[1];
 }
 
-int train(const options& o) {
+// Rank 0's report: a bar redrawn in place on a terminal, or plain lines.
+class progress_report {
+ public:
+  progress_report(bool active, std::string mode) : active_(active) {
+    bar_ = mode == "bar" || (mode == "auto" && ::isatty(STDERR_FILENO) != 0);
+    quiet_ = mode == "none";
+  }
+  bool bar() const { return bar_; }
+
+  struct window {
+    int epoch, epochs;
+    std::size_t step, steps;
+    double loss, acc, samples_per_s, comm_share, hidden;
+  };
+
+  void update(const window& w) {
+    if (!active_ || quiet_) return;
+    if (bar_) {
+      const int width = 24;
+      const int filled = static_cast<int>(width * static_cast<double>(w.step) /
+                                          static_cast<double>(std::max<std::size_t>(1, w.steps)));
+      fmt::print(stderr,
+                 "\r\033[Kepoch {}/{} [{}{}] {:3.0f}% loss {:.4f} acc {:.3f} {:.0f} samples/s "
+                 "comm {:.0f}% ({:.0f}% hidden)",
+                 w.epoch, w.epochs, std::string(static_cast<std::size_t>(filled), '#'),
+                 std::string(static_cast<std::size_t>(width - filled), '.'),
+                 100.0 * static_cast<double>(w.step) / static_cast<double>(w.steps), w.loss,
+                 w.acc, w.samples_per_s, 100 * w.comm_share, 100 * w.hidden);
+      std::fflush(stderr);
+    } else {
+      fmt::print(stderr,
+                 "epoch {}/{} step {}/{} loss {:.4f} acc {:.3f} samples/s {:.0f} comm {:.1f}% "
+                 "({:.0f}% hidden)\n",
+                 w.epoch, w.epochs, w.step, w.steps, w.loss, w.acc, w.samples_per_s,
+                 100 * w.comm_share, 100 * w.hidden);
+    }
+  }
+  // A line that stays (epoch summaries, messages).
+  template <class... Args>
+  void line(fmt::format_string<Args...> f, Args&&... args) {
+    if (!active_) return;
+    if (bar_) fmt::print(stderr, "\r\033[K");
+    fmt::print(stderr, f, std::forward<Args>(args)...);
+    fmt::print(stderr, "\n");
+  }
+
+ private:
+  bool active_;
+  bool bar_ = false;
+  bool quiet_ = false;
+};
+
+int train(const options& o, const ringflow::communicator& comm) {
+  const int rank = comm.rank(), np = comm.size();
+  progress_report report(rank == 0, o.progress);
+  if (o.batch % static_cast<std::size_t>(np) != 0) {
+    if (rank == 0) {
+      std::fprintf(stderr,
+                   "train_fashion_mnist: --batch %zu (global) is not a multiple of the %d ranks; "
+                   "pick a multiple, e.g. %zu\n",
+                   o.batch, np, (o.batch / static_cast<std::size_t>(np) + 1) * static_cast<std::size_t>(np));
+    }
+    return exit_usage;
+  }
+  const std::size_t local_batch = o.batch / static_cast<std::size_t>(np);
   Eigen::setNbThreads(o.threads);
   const auto t_load = clock_type::now();
   auto fm = rd::load_fashion_mnist(
@@ -193,92 +316,181 @@ int train(const options& o) {
   sizes.push_back(fm.train.num_classes);
   ad::mlp model(sizes, ad::activation::relu, o.seed);
   ad::adamw opt(model.parameters(), {.lr = o.lr, .weight_decay = 1e-4});
-
-  // One process: rank 0 of 1. Under MPI pass comm.rank(), comm.size().
-  rd::sampler sampler(fm.train.size(), 0, 1, o.seed);
-  const std::size_t steps_per_epoch = rd::batch_count(sampler.per_rank(), o.batch, true);
+  rd::sampler sampler(fm.train.size(), rank, np, o.seed);
+  const std::size_t steps_per_epoch = rd::batch_count(sampler.per_rank(), local_batch, true);
   const auto total_steps = static_cast<std::int64_t>(steps_per_epoch) * o.epochs;
   const auto schedule = ad::warmup_cosine(o.lr, std::min<std::int64_t>(100, total_steps / 10),
                                           total_steps);
 
+  // Checkpoint: everything needed to continue exactly where a run stopped.
+  rt::training_state state{.params = model.parameters(),
+                           .optimizer = rt::optimizer_state_of(opt),
+                           .sampler = &sampler,
+                           .step = 0,
+                           .world_size = np,
+                           .extra = {}};
+  const std::filesystem::path ckpt =
+      o.checkpoint_dir.empty() ? std::filesystem::path()
+                               : std::filesystem::path(o.checkpoint_dir) / "checkpoint.rfck";
+  if (!ckpt.empty() && rank == 0) std::filesystem::create_directories(ckpt.parent_path());
+  int start_epoch = 0;
+  bool resumed = false;
+  if (o.resume) {
+    const auto info = rt::load_checkpoint(comm, ckpt, state);
+    const std::string saved_batch = state.extra.count("global_batch") ? state.extra["global_batch"] : "?";
+    if (saved_batch != std::to_string(o.batch)) {
+      throw ringflow::usage_error(fmt::format(
+          "--resume: '{}' was trained with --batch {}, this run has --batch {}; use the same "
+          "global batch",
+          ckpt.string(), saved_batch, o.batch));
+    }
+    resumed = true;
+    start_epoch = static_cast<int>(sampler.epoch());
+    if (sampler.position() + local_batch > sampler.per_rank()) ++start_epoch;  // epoch was done
+    report.line("train_fashion_mnist: resumed from '{}' at step {} (epoch {}, sample {} of {} "
+                "per rank; written by {} rank(s))",
+                ckpt.string(), state.step, start_epoch + 1, sampler.position(),
+                sampler.per_rank(), info.world_size);
+  }
+  state.extra["global_batch"] = std::to_string(o.batch);
+  state.extra["seed"] = std::to_string(o.seed);
+
+  rt::data_parallel dp(comm, model.parameters(),
+                       {.bucket_cap_bytes = o.bucket_kib * 1024,
+                        .first_bucket_cap_bytes = std::min(o.bucket_kib * 1024,
+                                                           rt::default_first_bucket_cap_bytes),
+                        .coll = {.algorithm = o.algorithm}});
+
   std::string layout = fmt::format("{}", sizes[0]);
   for (std::size_t i = 1; i < sizes.size(); ++i) layout += fmt::format("-{}", sizes[i]);
-  fmt::print(stderr,
-             "train_fashion_mnist: {} train / {} test samples loaded in {:.2f}s; mlp {} ({} "
-             "parameters), batch {}, {} steps/epoch, AdamW lr {} cosine, Eigen threads {}\n",
-             fm.train.size(), fm.test.size(), seconds_since(t_load), layout,
-             model.parameters().numel(), o.batch, steps_per_epoch, o.lr, Eigen::nbThreads());
+  report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; mlp "
+              "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
+              "steps/epoch, AdamW lr {} warm-up + cosine",
+              np, fm.train.size(), fm.test.size(), seconds_since(t_load), layout,
+              model.parameters().numel(), dp.buckets().size(), o.batch, local_batch,
+              steps_per_epoch, o.lr);
+
+  const auto save = [&] {
+    if (ckpt.empty()) return;
+    rt::save_checkpoint(comm, ckpt, state);
+  };
 
   const auto t_train = clock_type::now();
-  std::int64_t step = 0;
   double test_acc = 0.0;
-  for (int epoch = 0; epoch < o.epochs; ++epoch) {
-    sampler.set_epoch(static_cast<std::uint64_t>(epoch));
-    // drop_last: every step sees a full batch (the few left-over samples are
-    // in a different place of next epoch's shuffle).
-    rd::prefetcher batches(fm.train, sampler.remaining(), o.batch, {.depth = 2, .drop_last = true});
+  const std::size_t report_every =
+      report.bar() ? std::max<std::size_t>(1, steps_per_epoch / 50)
+                   : std::max<std::size_t>(1, steps_per_epoch / 4);
+  for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
+    if (!(resumed && epoch == static_cast<int>(sampler.epoch()))) {
+      sampler.set_epoch(static_cast<std::uint64_t>(epoch));
+    }
+    rd::prefetcher batches(fm.train, sampler.remaining(), local_batch,
+                           {.depth = 2, .drop_last = true});
+    const std::size_t first_step = sampler.position() / local_batch;
     rd::batch b;
     const auto t_epoch = clock_type::now();
     auto t_window = t_epoch;
-    double loss_window = 0.0, loss_epoch = 0.0;
-    std::size_t n_window = 0, samples_window = 0;
-    const std::size_t report_every = std::max<std::size_t>(1, steps_per_epoch / 4);
-    for (std::size_t s = 0; batches.next(b); ++s, ++step) {
-      opt.set_lr(schedule(step));
-      auto x = ad::tensor::from_data(b.images.data(), {static_cast<ad::index>(b.size()),
-                                                       static_cast<ad::index>(b.images.cols())});
-      auto loss = ad::softmax_cross_entropy(model(x), std::span<const int>(b.labels));
+    // Summed over ranks at each report: loss sum, correct, samples, wait s, comm s.
+    std::array<double, 5> window{0, 0, 0, 0, 0};
+    double epoch_wait = 0, epoch_comm = 0;
+    std::size_t epoch_samples = 0;
+    for (std::size_t s = first_step; batches.next(b); ++s, ++state.step) {
+      opt.set_lr(schedule(state.step));
       opt.zero_grad();
-      loss.backward();
-      opt.step();
+      ad::tensor loss;
+      std::vector<int> predicted;
+      {
+        auto span = dp.span("forward");
+        auto x = ad::tensor::from_data(b.images.data(), {static_cast<ad::index>(b.size()),
+                                                         static_cast<ad::index>(b.images.cols())});
+        auto logits = model(x);
+        loss = ad::softmax_cross_entropy(logits, std::span<const int>(b.labels));
+        predicted = ad::argmax_rows(logits);
+      }
+      dp.backward(loss);
+      dp.step(opt);
       sampler.advance(b.size());
 
       const double l = loss.item();
       if (!std::isfinite(l)) {
-        throw ringflow::error(fmt::format("loss became {} at epoch {} step {}; lower --lr", l,
-                                          epoch + 1, s + 1));
+        throw ringflow::error(fmt::format("rank {}: loss became {} at epoch {} step {}; lower --lr",
+                                          rank, l, epoch + 1, s + 1));
       }
-      loss_window += l;
-      loss_epoch += l;
-      ++n_window;
-      samples_window += b.size();
+      window[0] += l;
+      for (std::size_t i = 0; i < b.size(); ++i) window[1] += predicted[i] == b.labels[i] ? 1 : 0;
+      window[2] += static_cast<double>(b.size());
+      window[3] += dp.last_step().wait_s;
+      window[4] += dp.last_step().comm_s;
       if ((s + 1) % report_every == 0 || s + 1 == steps_per_epoch) {
-        fmt::print(stderr, "epoch {}/{} step {}/{} loss {:.4f} lr {:.2e} samples/s {:.0f}\n",
-                   epoch + 1, o.epochs, s + 1, steps_per_epoch, loss_window / n_window,
-                   opt.lr(), samples_window / seconds_since(t_window));
-        loss_window = 0.0;
-        n_window = samples_window = 0;
+        const double wall = seconds_since(t_window);
+        const double steps_in_window = window[2] / static_cast<double>(local_batch);
+        ringflow::allreduce(comm, std::span<double>(window), ringflow::sum);
+        epoch_wait += window[3] / np;
+        epoch_comm += window[4] / np;
+        epoch_samples += static_cast<std::size_t>(window[2]);
+        report.update({epoch + 1, o.epochs, s + 1, steps_per_epoch,
+                       window[0] / (steps_in_window * np), window[1] / window[2],
+                       window[2] / wall, window[3] / np / wall,
+                       window[4] > 0 ? std::max(0.0, 1.0 - window[3] / window[4]) : 0.0});
+        window = {0, 0, 0, 0, 0};
         t_window = clock_type::now();
+      }
+      if (o.checkpoint_every > 0 && state.step % o.checkpoint_every == o.checkpoint_every - 1) {
+        ++state.step;  // the step just taken counts
+        save();
+        --state.step;
       }
     }
     const double epoch_s = seconds_since(t_epoch);
-    test_acc = accuracy(model, fm.test);
-    fmt::print(stderr,
-               "epoch {}/{} done: train loss {:.4f}, test accuracy {:.4f}, {:.1f}s ({:.0f} "
-               "samples/s)\n",
-               epoch + 1, o.epochs, loss_epoch / static_cast<double>(steps_per_epoch), test_acc,
-               epoch_s, static_cast<double>(steps_per_epoch * o.batch) / epoch_s);
+    test_acc = accuracy(comm, model, fm.test);
+    report.line("epoch {}/{} done: test accuracy {:.4f}, {:.1f}s, {:.0f} samples/s, {:.1f}% of "
+                "the time waiting on communication ({:.0f}% of it hidden behind backward)",
+                epoch + 1, o.epochs, test_acc, epoch_s,
+                static_cast<double>(epoch_samples) / epoch_s, 100 * epoch_wait / epoch_s,
+                epoch_comm > 0 ? std::max(0.0, 100 * (1 - epoch_wait / epoch_comm)) : 0.0);
+    save();
   }
-  fmt::print(stderr, "trained {} epochs in {:.1f}s\n", o.epochs, seconds_since(t_train));
-  std::printf("test_accuracy=%.4f\n", test_acc);
+  if (start_epoch >= o.epochs) test_acc = accuracy(comm, model, fm.test);
+  report.line("trained {} epoch(s) in {:.1f}s on {} rank(s)", o.epochs - start_epoch,
+              seconds_since(t_train), np);
+  if (rank == 0) {
+    std::printf("test_accuracy=%.4f\n", test_acc);
+    std::fflush(stdout);
+  }
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Each rank runs backward on one thread while the progress thread drives
+  // the bucket allreduces: a progress thread spinning in MPI polls would take
+  // the core from backward (OpenMPI binds each rank to one core when ranks <=
+  // cores), so waiting ranks yield unless the user decided otherwise.
+  setenv("RINGFLOW_YIELD", "1", /*overwrite=*/0);
+  ringflow::mpi::environment env(argc, argv);
+  auto comm = ringflow::mpi::world();
   std::optional<options> o;
   try {
     o = parse_args(argc, argv);
   } catch (const bad_flag& e) {
-    std::fprintf(stderr, "train_fashion_mnist: %s; see --help\n", e.what());
+    if (comm.rank() == 0) std::fprintf(stderr, "train_fashion_mnist: %s; see --help\n", e.what());
     return exit_usage;
   }
-  if (!o) return 0;
+  if (!o) {
+    if (comm.rank() == 0) print_help();
+    return 0;
+  }
   try {
-    return train(*o);
+    return train(*o, comm);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_fashion_mnist: %s\n", e.what());
+    // Errors here are the same on every rank (data files, checkpoints, flags),
+    // so rank 0 speaks for all; RINGFLOW_LOG_LEVEL=info shows every rank's.
+    if (comm.rank() == 0) {
+      std::fprintf(stderr, "\ntrain_fashion_mnist: %s\n", e.what());
+    } else {
+      ringflow::log::info("train_fashion_mnist (rank {}): {}", comm.rank(), e.what());
+    }
     return 1;
   }
 }

@@ -1,0 +1,159 @@
+// data_parallel and collective checkpoints over MPI (mpirun -np 1..5): averaging, identical parameters, unused parameters, resume.
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "ringflow/ad/autodiff.hpp"
+#include "ringflow/backends/mpi.hpp"
+#include "ringflow/coll/collectives.hpp"
+#include "ringflow/train/checkpoint.hpp"
+#include "ringflow/train/data_parallel.hpp"
+#include "support/catch.hpp"
+
+using namespace ringflow;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<float> inputs(std::size_t n, unsigned seed) {
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    v[i] = static_cast<float>((i * 2654435761u + seed * 40503u) % 1000) / 500.0f - 1.0f;
+  }
+  return v;
+}
+
+// Every rank's copy of `v` equals rank 0's, bit for bit (agreed on all ranks).
+bool same_on_all_ranks(const communicator& comm, std::vector<float> v) {
+  std::vector<float> root = v;
+  broadcast(comm, std::span<float>(root), 0);
+  int same = std::memcmp(root.data(), v.data(), v.size() * sizeof(float)) == 0 ? 1 : 0;
+  allreduce(comm, std::span<int>(&same, 1), min);
+  return same == 1;
+}
+
+// One step on this rank's 4 samples of a global batch of 4 * size.
+float train_step(ad::mlp& model, ad::adamw& opt, train::data_parallel& dp, int rank, int step) {
+  const auto x = inputs(4 * 8, static_cast<unsigned>(100 * step + rank));
+  const std::vector<int> y = {0, 1, 2, (rank + step) % 3};
+  opt.zero_grad();
+  auto loss = ad::softmax_cross_entropy(model(ad::tensor::from_data(x.data(), {4, 8})),
+                                        std::span<const int>(y));
+  dp.backward(loss);
+  dp.step(opt);
+  return loss.item();
+}
+
+}  // namespace
+
+TEST_CASE("mpi: data_parallel averages gradients and keeps parameters bitwise identical",
+          "[mpi][train]") {
+  auto world = mpi::world();
+  ad::mlp model({8, 16, 3}, ad::activation::relu, 10 + static_cast<unsigned>(world.rank()));
+  train::data_parallel dp(world, model.parameters(), {.bucket_cap_bytes = 256,
+                                                      .first_bucket_cap_bytes = 64});
+  ad::adamw opt(model.parameters(), {.lr = 1e-2});
+  auto v = model.parameters().all_values();
+  REQUIRE(same_on_all_ranks(world, {v.begin(), v.end()}));  // broadcast from rank 0
+
+  // The averaged gradient equals the mean of the ranks' own gradients.
+  const auto x = inputs(4 * 8, static_cast<unsigned>(world.rank()));
+  const std::vector<int> y = {0, 1, 2, 1};
+  model.zero_grad();
+  dp.backward(ad::softmax_cross_entropy(model(ad::tensor::from_data(x.data(), {4, 8})),
+                                        std::span<const int>(y)));
+  auto g = model.parameters().all_grads();
+  // This rank's own gradient, from a copy of the model (the buckets launched
+  // during backward may already have averaged parts of g).
+  std::vector<double> own;
+  {
+    ad::mlp copy({8, 16, 3}, ad::activation::relu, 10);
+    auto cv = copy.parameters().all_values();
+    std::copy(v.begin(), v.end(), cv.begin());
+    copy.zero_grad();
+    ad::softmax_cross_entropy(copy(ad::tensor::from_data(x.data(), {4, 8})),
+                              std::span<const int>(y))
+        .backward();
+    auto cg = copy.parameters().all_grads();
+    own.assign(cg.begin(), cg.end());
+  }
+  dp.finish();
+  allreduce(world, std::span<double>(own), sum);
+  for (std::size_t i = 0; i < own.size(); ++i) {
+    REQUIRE(std::abs(g[i] - own[i] / world.size()) < 1e-5);
+  }
+  REQUIRE(same_on_all_ranks(world, {g.begin(), g.end()}));
+
+  for (int step = 0; step < 4; ++step) {
+    train_step(model, opt, dp, world.rank(), step);
+    for (auto n : dp.ready_counts()) REQUIRE(n == 1);
+    v = model.parameters().all_values();
+    REQUIRE(same_on_all_ranks(world, {v.begin(), v.end()}));
+  }
+}
+
+TEST_CASE("mpi: a parameter unused on some ranks does not hang", "[mpi][train]") {
+  auto world = mpi::world();
+  ad::parameter_store<float> store;
+  auto a = store.add("a", {4, 2});
+  auto b = store.add("b", {4, 2});
+  for (auto& v : store.all_values()) v = 0.5f;
+  train::data_parallel dp(world, store, {.bucket_cap_bytes = 0, .first_bucket_cap_bytes = 0});
+  for (int step = 0; step < 3; ++step) {
+    store.zero_grad();
+    const auto x = inputs(8, static_cast<unsigned>(world.rank()));
+    auto xt = ad::tensor::from_data(x.data(), {2, 4});
+    auto y = ad::matmul(xt, a);
+    if ((world.rank() + step) % 2 == 1) y = y + ad::matmul(xt, b);  // b: odd ranks, then even
+    dp.backward(ad::sum(y));
+    dp.finish();
+    auto g = store.all_grads();
+    REQUIRE(same_on_all_ranks(world, {g.begin(), g.end()}));
+  }
+}
+
+TEST_CASE("mpi: collective checkpoint save and load resume the same losses", "[mpi][train]") {
+  auto world = mpi::world();
+  // Rank 0 picks a fresh folder; the others learn its name.
+  std::string dir;
+  if (world.rank() == 0) {
+    dir = (fs::temp_directory_path() / ("ringflow_mpi_ckpt_" + std::to_string(::getpid()))).string();
+    fs::create_directories(dir);
+  }
+  std::int64_t len = static_cast<std::int64_t>(dir.size());
+  broadcast(world, std::span<std::int64_t>(&len, 1), 0);
+  std::vector<std::uint8_t> name(dir.begin(), dir.end());
+  name.resize(static_cast<std::size_t>(len));
+  broadcast(world, std::span<std::uint8_t>(name), 0);
+  const fs::path file = fs::path(std::string(name.begin(), name.end())) / "ck.rfck";
+
+  std::vector<float> first, second;
+  {
+    ad::mlp model({8, 16, 3}, ad::activation::relu, 3);
+    ad::adamw opt(model.parameters(), {.lr = 1e-2});
+    train::data_parallel dp(world, model.parameters());
+    train::training_state st{.params = model.parameters(),
+                             .optimizer = train::optimizer_state_of(opt),
+                             .world_size = world.size()};
+    for (int s = 0; s < 3; ++s) train_step(model, opt, dp, world.rank(), s);
+    st.step = 3;
+    train::save_checkpoint(world, file, st);
+    for (int s = 3; s < 6; ++s) first.push_back(train_step(model, opt, dp, world.rank(), s));
+  }
+  {
+    ad::mlp model({8, 16, 3}, ad::activation::relu, 77);
+    ad::adamw opt(model.parameters(), {.lr = 1e-2});
+    train::training_state st{.params = model.parameters(),
+                             .optimizer = train::optimizer_state_of(opt)};
+    train::load_checkpoint(world, file, st);
+    REQUIRE(st.step == 3);
+    train::data_parallel dp(world, model.parameters(), {.broadcast_parameters = false});
+    for (int s = 3; s < 6; ++s) second.push_back(train_step(model, opt, dp, world.rank(), s));
+  }
+  REQUIRE(std::memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);
+  barrier(world);
+  if (world.rank() == 0) fs::remove_all(file.parent_path());
+}
