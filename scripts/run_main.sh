@@ -26,8 +26,9 @@ if [[ "$(id -u)" == 0 ]]; then
   mpirun_cmd+=(--allow-run-as-root)  # OpenMPI refuses root without it
 fi
 
-# The demo program and its arguments: swap this one line for the training run.
-demo=("$BUILD_DIR/bin/allreduce_hello")
+# The demo: data-parallel Fashion-MNIST training (global batch 128 split over the
+# ranks); 6 epochs reach about 0.89 test accuracy. EPOCHS overrides.
+demo=("$BUILD_DIR/bin/train_fashion_mnist" --epochs "${EPOCHS:-6}")
 
 step "demo: ${mpirun_cmd[*]} ${demo[*]}"
 if [[ ! -x "${demo[0]}" ]]; then
