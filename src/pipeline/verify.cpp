@@ -489,7 +489,9 @@ std::string to_svg(const schedule& s, const verify_report& r, const std::string&
                 {weight_fill[0], "weight grads (BW)"},
                 {forward_fill[1], "2nd model chunk (lighter)"}};
   double lx = left;
+  const bool chunks = s.stages() > s.ranks();
   for (const auto& l : legend) {
+    if (!chunks && l.fill == forward_fill[1]) continue;
     out += fmt::format(
         "<rect x=\"{:.0f}\" y=\"{:.0f}\" width=\"14\" height=\"14\" fill=\"{}\"/>"
         "<text x=\"{:.0f}\" y=\"{:.0f}\" font-size=\"12\">{}</text>\n",

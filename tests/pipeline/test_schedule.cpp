@@ -219,4 +219,5 @@ TEST_CASE("ASCII grid and SVG pictures", "[pipeline]") {
   std::size_t rects = 0;
   for (std::size_t at = svg.find("<rect"); at != std::string::npos; at = svg.find("<rect", at + 1)) ++rects;
   CHECK(rects == r.timeline.size() + 1 + 2 + 4);  // ops, background, lanes, legend
+  CHECK(contains(to_svg(g, verify(g)), "forward"));
 }
