@@ -20,10 +20,12 @@
 #include "ringflow/backends/shm.hpp"
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <mpi.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -34,6 +36,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -45,11 +48,7 @@
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/core/log.hpp"
 
-// coll/ dispatches algo::shm through its registry when the tree has one.
-#if __has_include("ringflow/coll/registry.hpp")
 #include "ringflow/coll/registry.hpp"
-#define RINGFLOW_SHM_HAS_REGISTRY 1
-#endif
 
 namespace ringflow {
 namespace {
@@ -64,9 +63,41 @@ constexpr std::uint64_t magic = 0x72666c6f77736d31ull;  // "rflowsm1"
 constexpr std::size_t sub_block_bytes = 8 * 1024;
 // Slice boundaries fall on this many bytes, so no two ranks write one line.
 constexpr std::size_t slice_align = 64;
-// Busy polls before a waiting rank starts yielding its core anyway (other
-// processes may be using the node's cores).
-constexpr unsigned spin_before_yield = 2000;
+// How long a waiting rank polls before it sleeps on a futex: long enough to
+// catch a peer that is a few microseconds behind, short enough that a rank
+// whose peer was descheduled gives the core back. Oversubscribed (more
+// ranks than cores), the peer may need this very core: sleep almost at once.
+constexpr auto spin_for = std::chrono::microseconds(50);
+constexpr auto spin_for_oversubscribed = std::chrono::microseconds(2);
+// A sleeping rank wakes at least this often to check its deadline and
+// whether a peer gave up.
+constexpr long sleep_slice_ns = 2'000'000;
+// The smallest block a call is cut into (below, per-block costs dominate).
+constexpr std::size_t min_block_bytes = 64 * 1024;
+
+// A published counter: the value, and how many ranks sleep waiting on it
+// (the publisher only pays for a futex wake when someone sleeps).
+struct counter_line {
+  std::uint64_t value;
+  std::uint32_t sleepers;
+};
+
+long futex(void* addr, int op, std::uint32_t val, const timespec* ts) {
+  return syscall(SYS_futex, addr, op, val, ts, nullptr, 0);
+}
+
+// The futex word is the low half of the 64-bit counter (little-endian x86 and
+// arm64): it changes with every increment, which is all FUTEX_WAIT compares.
+std::uint32_t* futex_word(counter_line& c) { return reinterpret_cast<std::uint32_t*>(&c.value); }
+
+void publish(counter_line& c, std::uint64_t v) {
+  // seq_cst on both sides (store here, then load sleepers; increment sleepers
+  // there, then load value) so a sleeper either sees v or is woken.
+  std::atomic_ref<std::uint64_t>(c.value).store(v, std::memory_order_seq_cst);
+  if (std::atomic_ref<std::uint32_t>(c.sleepers).load(std::memory_order_seq_cst) != 0) {
+    futex(futex_word(c), FUTEX_WAKE, INT_MAX, nullptr);
+  }
+}
 
 struct header {
   std::uint64_t magic;
@@ -97,7 +128,7 @@ struct node_state {
   std::string why_not;  // when !usable
   int rank = 0;
   int size = 1;
-  std::size_t block_bytes = shm::default_block_bytes;
+  std::size_t block_bytes = shm::default_block_bytes;  // the largest block (slot size)
   std::byte* base = nullptr;
   std::size_t bytes = 0;
   std::size_t data_offset = 0;
@@ -113,11 +144,11 @@ struct node_state {
   }
 
   header& head() const { return *reinterpret_cast<header*>(base); }
-  std::uint64_t& arrived(int r) const {
-    return *reinterpret_cast<std::uint64_t*>(base + line_bytes * (1 + 3 * static_cast<std::size_t>(r)));
+  counter_line& arrived(int r) const {
+    return *reinterpret_cast<counter_line*>(base + line_bytes * (1 + 3 * static_cast<std::size_t>(r)));
   }
-  std::uint64_t& reduced(int r) const {
-    return *reinterpret_cast<std::uint64_t*>(base + line_bytes * (2 + 3 * static_cast<std::size_t>(r)));
+  counter_line& reduced(int r) const {
+    return *reinterpret_cast<counter_line*>(base + line_bytes * (2 + 3 * static_cast<std::size_t>(r)));
   }
   descriptor& desc(int r) const {
     return *reinterpret_cast<descriptor*>(base + line_bytes * (3 + 3 * static_cast<std::size_t>(r)));
@@ -143,7 +174,7 @@ std::size_t block_from_env() {
   unsigned long long v = std::strtoull(env, &end, 10);
   if (end != nullptr && (*end == 'k' || *end == 'K')) v <<= 10;
   if (end != nullptr && (*end == 'm' || *end == 'M')) v <<= 20;
-  v = std::clamp<unsigned long long>(v, 4096, 64ull << 20);
+  v = std::clamp<unsigned long long>(v, 4096, 256ull << 20);
   return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
 }
 
@@ -187,18 +218,20 @@ void set_up(node_state& st, MPI_Comm mc) {
     return;
   }
   st.usable = true;
-  st.yield = decide_yield(local);
   if (st.size == 1) return;  // nothing to share
 
+  // Rank 0 decides everything that must agree (name, block, waiting style).
   struct {
     char name[64];
     std::uint64_t block;
     std::int32_t err;
+    std::int32_t yield;
   } msg{};
   std::string failure;
   int fd = -1;
   if (st.rank == 0) {
     msg.block = block_from_env();
+    msg.yield = decide_yield(local) ? 1 : 0;
     static std::atomic<unsigned> serial{0};
     const auto stamp = static_cast<unsigned long long>(
         std::chrono::steady_clock::now().time_since_epoch().count());
@@ -215,21 +248,28 @@ void set_up(node_state& st, MPI_Comm mc) {
         st.rank, msg.name, errno_text(msg.err)));
   }
   st.block_bytes = msg.block;
+  st.yield = msg.yield != 0;
   st.data_offset = control_bytes(st.size);
   st.bytes = st.data_offset + (static_cast<std::size_t>(st.size) + 1) * slots * st.block_bytes;
   if (st.rank == 0) {
-    if (ftruncate(fd, static_cast<off_t>(st.bytes)) != 0) {
-      failure = fmt::format("ftruncate({} bytes): {}", st.bytes, errno_text(errno));
+    // Allocate now: a /dev/shm too small for the segment is an error here,
+    // not a SIGBUS in the middle of a later allreduce.
+    if (const int e = posix_fallocate(fd, 0, static_cast<off_t>(st.bytes)); e != 0) {
+      failure = fmt::format("allocating {} bytes in /dev/shm: {} (set RINGFLOW_SHM_BLOCK "
+                            "smaller than {} to need less)",
+                            st.bytes, errno_text(e), st.block_bytes);
     }
   } else {
     fd = shm_open(msg.name, O_RDWR, 0600);
     if (fd < 0) failure = fmt::format("shm_open({}): {}", msg.name, errno_text(errno));
   }
-  // Everyone waits for rank 0's ftruncate before mapping.
+  // Everyone waits for rank 0's allocation before mapping.
   int bad = failure.empty() ? -1 : st.rank, worst = -1;
   RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
   if (worst < 0) {
-    void* p = mmap(nullptr, st.bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    // Not MAP_POPULATE: pages fault in as blocks first use them, so a
+    // communicator that only reduces small buffers maps little.
+    void* p = mmap(nullptr, st.bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
       failure = fmt::format("mmap({} bytes): {}", st.bytes, errno_text(errno));
     } else {
@@ -303,56 +343,76 @@ node_state& usable_state_of(const communicator& comm) {
   return st;
 }
 
-// Waits for the other ranks' counters; throws instead of hanging.
+// Waits for the other ranks' counters: polls briefly, then sleeps on a futex
+// in slices, checking the deadline and whether a peer gave up; throws
+// instead of hanging.
 class waiter {
  public:
   waiter(node_state& st, std::chrono::milliseconds timeout, std::size_t count, dtype type)
       : st_(st), timeout_(timeout), count_(count), type_(type) {}
 
-  // Until counter(q) >= target for every q != this rank.
+  // Until counter(q).value >= target for every q != this rank.
   template <class Counter>
   void until(Counter counter, std::uint64_t target, const char* doing, std::uint64_t block,
              std::uint64_t blocks) {
     for (int q = 0; q < st_.size; ++q) {
       if (q == st_.rank) continue;
-      std::atomic_ref<std::uint64_t> c(counter(q));
-      if (c.load(std::memory_order_acquire) >= target) continue;
+      counter_line& c = counter(q);
+      if (std::atomic_ref<std::uint64_t>(c.value).load(std::memory_order_acquire) >= target) {
+        continue;
+      }
       slow_wait(c, target, q, doing, block, blocks);
     }
   }
 
  private:
-  void slow_wait(std::atomic_ref<std::uint64_t>& c, std::uint64_t target, int q, const char* doing,
+  void slow_wait(counter_line& c, std::uint64_t target, int q, const char* doing,
                  std::uint64_t block, std::uint64_t blocks) {
+    const auto start = std::chrono::steady_clock::now();
     if (!have_deadline_) {
       deadline_ = detail::deadline_after(timeout_);
       have_deadline_ = true;
     }
+    std::atomic_ref<std::uint64_t> value(c.value);
+    const auto spin = st_.yield ? spin_for_oversubscribed : spin_for;
+    for (unsigned polls = 1;; ++polls) {
+      if (value.load(std::memory_order_acquire) >= target) return;
+      cpu_relax();
+      if ((polls & 63u) == 0 && std::chrono::steady_clock::now() - start > spin) break;
+    }
+    std::atomic_ref<std::uint32_t> sleepers(c.sleepers);
+    const timespec slice{0, sleep_slice_ns};
+    for (;;) {
+      sleepers.fetch_add(1, std::memory_order_seq_cst);
+      const std::uint64_t v = value.load(std::memory_order_seq_cst);
+      if (v < target) {
+        // Returns at once if the word moved since `v` was read (no lost wake).
+        futex(futex_word(c), FUTEX_WAIT, static_cast<std::uint32_t>(v), &slice);
+      }
+      sleepers.fetch_sub(1, std::memory_order_seq_cst);
+      if (value.load(std::memory_order_acquire) >= target) return;
+      check_peers_and_deadline(q, doing, block, blocks);
+    }
+  }
+
+  void check_peers_and_deadline(int q, const char* doing, std::uint64_t block,
+                                std::uint64_t blocks) {
     std::atomic_ref<std::int32_t> broken(st_.head().broken);
-    for (unsigned spins = 1; c.load(std::memory_order_acquire) < target; ++spins) {
-      if (st_.yield || spins > spin_before_yield) {
-        sched_yield();
-      } else {
-        cpu_relax();
-      }
-      if ((spins & 127u) != 0) continue;
-      if (const int b = broken.load(std::memory_order_relaxed); b != 0) {
-        st_.broken_by = b - 1;
-        throw comm_error(fmt::format(
-            "rank {}: shm allreduce aborted because rank {} gave up in the same call (see its "
-            "error); this communicator's shm segment is unusable: create a new communicator",
-            st_.rank, b - 1));
-      }
-      if (std::chrono::steady_clock::now() > deadline_) {
-        int expected = 0;
-        broken.compare_exchange_strong(expected, st_.rank + 1);
-        st_.broken_by = st_.rank;
-        throw timeout_error(fmt::format(
-            "rank {}: shm allreduce of {} {} waited {} ms for rank {} to {} block {} of {} "
-            "(RINGFLOW_TIMEOUT); is rank {} stuck, dead or calling a different collective?",
-            st_.rank, count_, dtype_name(type_), timeout_.count(), q, doing, block + 1, blocks,
-            q));
-      }
+    if (const int b = broken.load(std::memory_order_relaxed); b != 0) {
+      st_.broken_by = b - 1;
+      throw comm_error(fmt::format(
+          "rank {}: shm allreduce aborted because rank {} gave up in the same call (see its "
+          "error); this communicator's shm segment is unusable: create a new communicator",
+          st_.rank, b - 1));
+    }
+    if (std::chrono::steady_clock::now() > deadline_) {
+      int expected = 0;
+      broken.compare_exchange_strong(expected, st_.rank + 1);
+      st_.broken_by = st_.rank;
+      throw timeout_error(fmt::format(
+          "rank {}: shm allreduce of {} {} waited {} ms for rank {} to {} block {} of {} "
+          "(RINGFLOW_TIMEOUT); is rank {} stuck, dead or calling a different collective?",
+          st_.rank, count_, dtype_name(type_), timeout_.count(), q, doing, block + 1, blocks, q));
     }
   }
 
@@ -363,6 +423,19 @@ class waiter {
   bool have_deadline_ = false;
   std::chrono::steady_clock::time_point deadline_{};
 };
+
+// Elements per block for a call of `count` elements: at least two blocks so
+// staging block h+1 overlaps waiting for block h, but blocks as large as the
+// slots allow, because every block costs two waits on all ranks, and a wait
+// is what hurts most on a loaded or oversubscribed node. Depends only on
+// values every rank shares, so all ranks cut the buffer alike.
+template <class T>
+std::size_t block_elems(const node_state& st, std::size_t count) {
+  const std::size_t bytes = count * sizeof(T);
+  std::size_t b = (bytes / 2 + 4095) / 4096 * 4096;
+  b = std::clamp(b, std::min(min_block_bytes, st.block_bytes), st.block_bytes);
+  return b / sizeof(T);
+}
 
 // Slice `r` of a block of `n` elements, on slice_align byte boundaries.
 struct slice {
@@ -407,12 +480,12 @@ template <class T, class Op>
 void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
          std::size_t count, const Op& op) {
   const int p = st.size, me = st.rank;
-  const std::size_t per_block = st.block_bytes / sizeof(T);
+  const std::size_t per_block = block_elems<T>(st, count);
   const std::size_t blocks = (count + per_block - 1) / per_block;
   const std::uint64_t first = st.next_block;
   waiter wait(st, timeout, count, dtype_of<T>);
-  auto arrived = [&](int q) -> std::uint64_t& { return st.arrived(q); };
-  auto reduced = [&](int q) -> std::uint64_t& { return st.reduced(q); };
+  auto arrived = [&](int q) -> counter_line& { return st.arrived(q); };
+  auto reduced = [&](int q) -> counter_line& { return st.reduced(q); };
   auto block_len = [&](std::size_t h) { return std::min(per_block, count - h * per_block); };
 
   // Stages the parts of block h the other ranks reduce; announces it.
@@ -425,7 +498,7 @@ void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
     std::memcpy(static_cast<void*>(dst), src, own.offset * sizeof(T));
     std::memcpy(static_cast<void*>(dst + own.offset + own.count), src + own.offset + own.count,
                 (n - own.offset - own.count) * sizeof(T));
-    std::atomic_ref<std::uint64_t>(st.arrived(me)).store(g + 1, std::memory_order_release);
+    publish(st.arrived(me), g + 1);
   };
 
   st.desc(me) = descriptor{count, first, static_cast<std::uint32_t>(dtype_of<T>),
@@ -452,7 +525,7 @@ void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
         // here; each closes block `first` so the segment stays usable, and
         // waits until all have read the descriptors before one moves on to
         // its next call (and rewrites its own).
-        std::atomic_ref<std::uint64_t>(st.reduced(me)).store(first + 1, std::memory_order_release);
+        publish(st.reduced(me), first + 1);
         wait.until(reduced, first + 1, "check the arguments of", h, blocks);
         st.next_block = first + 1;
         throw usage_error(fmt::format(
@@ -479,7 +552,7 @@ void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
       // In place, this overwrites input elements already folded in above.
       std::memcpy(static_cast<void*>(out + base + o), res + o, m * sizeof(T));
     }
-    std::atomic_ref<std::uint64_t>(st.reduced(me)).store(g + 1, std::memory_order_release);
+    publish(st.reduced(me), g + 1);
 
     // Stage the next block while the others finish reducing this one.
     if (h + 1 < blocks) copy_in(h + 1);
@@ -555,15 +628,11 @@ void shm_allreduce(const communicator& comm, const void* in, void* out, std::siz
 }
 
 bool shm_register() noexcept {
-#ifdef RINGFLOW_SHM_HAS_REGISTRY
   static const bool done = [] {
     register_algorithm(algo::shm, &shm::try_allreduce);
     return true;
   }();
   return done;
-#else
-  return true;
-#endif
 }
 
 }  // namespace detail

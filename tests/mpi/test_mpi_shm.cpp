@@ -22,19 +22,34 @@ void require_none(const failures& f) {
   REQUIRE(f.empty());
 }
 
-// A fresh communicator whose segment uses `block` bytes per pipeline step
-// (rank 0's RINGFLOW_SHM_BLOCK is read when the segment is created).
+// Sets RINGFLOW_SHM_BLOCK while it lives (rank 0 reads it when a
+// communicator's segment is created): small blocks make many-block calls out
+// of small buffers, and small segments are quick to set up.
+class block_env {
+ public:
+  explicit block_env(const char* block) {
+    if (const char* old = std::getenv("RINGFLOW_SHM_BLOCK")) saved_ = old;
+    setenv("RINGFLOW_SHM_BLOCK", block, 1);
+  }
+  ~block_env() {
+    if (saved_.empty()) {
+      unsetenv("RINGFLOW_SHM_BLOCK");
+    } else {
+      setenv("RINGFLOW_SHM_BLOCK", saved_.c_str(), 1);
+    }
+  }
+  block_env(const block_env&) = delete;
+  block_env& operator=(const block_env&) = delete;
+
+ private:
+  std::string saved_;
+};
+
+// A fresh communicator whose segment's largest block is `block` bytes.
 communicator with_block(const char* block) {
-  const char* old = std::getenv("RINGFLOW_SHM_BLOCK");
-  const std::string saved = old ? old : "";
-  setenv("RINGFLOW_SHM_BLOCK", block, 1);
+  block_env env(block);
   communicator c = mpi::world();
   (void)shm::usable(c);  // creates the segment now, while the variable is set
-  if (old) {
-    setenv("RINGFLOW_SHM_BLOCK", saved.c_str(), 1);
-  } else {
-    unsetenv("RINGFLOW_SHM_BLOCK");
-  }
   return c;
 }
 
@@ -116,7 +131,7 @@ std::uint64_t bits_hash(const void* data, std::size_t bytes) {
 
 TEST_CASE("shm: 10^6+3 elements, bit-identical to the ring, on every rank and run",
           "[mpi][shm]") {
-  auto world = mpi::world();
+  auto world = with_block("1M");  // 4 MB of floats: 4 blocks
   const std::size_t n = 1000003;
   failures f;
   check_shm<float>(world, n, sum, false, f);
@@ -169,9 +184,12 @@ TEST_CASE("shm: consecutive calls of changing sizes and types reuse the segment"
 }
 
 TEST_CASE("shm: sub-communicators get their own segments", "[mpi][shm]") {
-  auto world = mpi::world();
+  auto world = with_block("64K");
   communicator sub = world.split(world.rank() % 2, world.rank());
-  REQUIRE(shm::usable(sub));
+  {
+    block_env env("64K");
+    REQUIRE(shm::usable(sub));
+  }
   std::vector<std::int32_t> v(10007, world.rank());
   shm::allreduce(sub, std::span(v), sum);
   std::int32_t want = 0;
@@ -185,7 +203,7 @@ TEST_CASE("shm: sub-communicators get their own segments", "[mpi][shm]") {
 }
 
 TEST_CASE("shm: ranks that disagree on the count get usage_error, then go on", "[mpi][shm]") {
-  auto world = mpi::world();
+  auto world = with_block("64K");
   world.set_checked(false);  // the shm path's own check, not the fingerprints
   if (world.size() < 2) return;
   std::vector<float> g(world.rank() == 1 ? 99 : 100, 1.0f);
@@ -203,7 +221,7 @@ TEST_CASE("shm: ranks that disagree on the count get usage_error, then go on", "
 }
 
 TEST_CASE("shm: a rank that never arrives is a timeout_error naming it", "[mpi][shm]") {
-  auto world = mpi::world();
+  auto world = with_block("64K");
   world.set_checked(false);
   world.raw().set_timeout(std::chrono::milliseconds(200));
   std::vector<float> g(1000, 1.0f);
@@ -246,9 +264,8 @@ TEST_CASE("shm: mismatched spans are usage errors", "[mpi][shm]") {
                   usage_error);
 }
 
-#if __has_include("ringflow/coll/registry.hpp")
 TEST_CASE("shm: ringflow::allreduce with algo::shm runs the shm path", "[mpi][shm]") {
-  auto world = mpi::world();
+  auto world = with_block("64K");
   failures f;
   for (std::size_t n : testing::interesting_counts(world.size())) {
     testing::check_allreduce<float>(world, n, sum, false, coll_options{algo::shm, 0}, f);
@@ -267,4 +284,3 @@ TEST_CASE("shm: ringflow::allreduce with algo::shm runs the shm path", "[mpi][sh
     throw std::runtime_error("expected not_supported_error");
   });
 }
-#endif

@@ -49,14 +49,16 @@ bool usable(const communicator& comm);
 bool try_allreduce(const communicator& comm, void* out, const void* in, std::size_t count,
                    dtype type, op_kind op);
 
-/// Block size in bytes that each pipeline step moves per rank (rank 0's
-/// RINGFLOW_SHM_BLOCK, else default_block_bytes), for reports.
+/// The largest block in bytes that one pipeline step moves per rank (rank 0's
+/// RINGFLOW_SHM_BLOCK, else default_block_bytes): the segment holds
+/// 2 (ranks + 1) blocks. A call of B bytes is cut into blocks of
+/// max(64 KiB, B / 2) bytes, at most this many.
 std::size_t block_bytes(const communicator& comm);
 
-/// Default pipeline block per rank: small enough that a block's staging,
-/// result and user data stay in a core's L2 while it is copied in, reduced
-/// and copied out.
-inline constexpr std::size_t default_block_bytes = 256 * 1024;
+/// Default largest block per rank. Each block costs every rank two waits;
+/// on a loaded or oversubscribed node a wait can cost a scheduler slice, so
+/// fewer, larger blocks beat cache-sized ones there (see docs/shm.md).
+inline constexpr std::size_t default_block_bytes = 4 * 1024 * 1024;
 
 /// Allreduce through node shared memory. Results are bitwise identical on
 /// every rank and from run to run: element i is always combined in rank
