@@ -6,7 +6,8 @@
 #define RINGFLOW_CATCH2_V3 1
 #else
 #include <catch2/catch.hpp>
+// v3 spells it Catch::Approx; v2 keeps it in Catch::Detail. One name for both.
+namespace Catch {
+using Detail::Approx;
+}
 #endif
-
-// Catch2 v3 moved Approx into Catch:: (still there) and split matchers; both
-// versions accept Catch::Approx / Catch::Matchers::* in the forms we use.
