@@ -172,6 +172,14 @@ bench_cli parse_cli(int argc, char** argv) {
 }
 
 const collective_entry& resolve(bench_cli& cli, int nranks) {
+  // Without --algo the default is ring wherever a collective has one:
+  // entries register in static-initialization order, which C++ leaves open.
+  if (cli.algo.empty()) {
+    for (const auto& e : collectives()) {
+      const bool has_ring = std::find(e.algos.begin(), e.algos.end(), "ring") != e.algos.end();
+      if (e.name == cli.coll && has_ring) cli.algo = "ring";
+    }
+  }
   const collective_entry* match = nullptr;
   std::vector<std::string> names, algos;
   for (const auto& e : collectives()) {
