@@ -148,7 +148,7 @@ train_result train_with(const std::string& spec, const rd::train_test& fm, int r
       out.t = bc.total();
       std::map<std::string, int> picks;
       for (std::size_t id = 0; !bc.spec_of(id).empty(); ++id) ++picks[bc.spec_of(id)];
-      for (const auto& [k, v] : picks) out.picks += fmt::format("{}x{} ", v, k);
+      for (const auto& [k, v] : picks) out.picks += fmt::format("{}{}x{}", out.picks.empty() ? "" : " ", v, k);
     }
   });
   return out;

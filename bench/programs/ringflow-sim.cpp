@@ -47,6 +47,8 @@ constexpr const char* help = R"(ringflow-sim: predicted step time with and witho
   --ranks P          data-parallel ranks, default 16
   --link-gbps G      link bandwidth in Gb/s, default 10
   --alpha-us A       per-message latency in microseconds, default 20
+  --cost-model       take alpha and beta from the collectives' calibrated cost
+                     model of this machine (inter-node link) instead
   --compute-ms C     forward+backward time per step, added to every row (no
                      overlap modelled), default 0
   --compressors s,.. default none,fp16,bf16,int8,topk:0.01,sign,powersgd:4,auto
@@ -58,6 +60,7 @@ constexpr const char* help = R"(ringflow-sim: predicted step time with and witho
 int main(int argc, char** argv) try {
   double params = 25.6e6, bucket_mb = 25, gbps = 10, alpha_us = 20, compute_ms = 0;
   int ranks = 16;
+  bool use_cost_model = false;
   std::size_t calib = std::size_t{1} << 20;
   std::vector<std::size_t> buckets;
   std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "sign",
@@ -68,6 +71,10 @@ int main(int argc, char** argv) try {
     if (a == "-h" || a == "--help") {
       fmt::print("{}", help);
       return 0;
+    }
+    if (a == "--cost-model") {
+      use_cost_model = true;
+      continue;
     }
     if (i + 1 >= argc) {
       fmt::print(stderr, "ringflow-sim: {} needs a value\n{}", a, help);
@@ -101,7 +108,12 @@ int main(int argc, char** argv) try {
   }
   std::size_t total = 0;
   for (auto b : buckets) total += b;
-  const link_model link = link_model::from_gbps(gbps, alpha_us);
+  const link_model link = use_cost_model ? link_model::from_cost_model(ringflow::local_cost_model())
+                                         : link_model::from_gbps(gbps, alpha_us);
+  if (use_cost_model) {
+    gbps = 8.0 / link.beta_s_per_byte / 1e9;
+    alpha_us = link.alpha_s * 1e6;
+  }
 
   // Measure every compressor that appears (auto's candidates included) once.
   std::map<std::string, codec_speed> speed;
@@ -116,7 +128,7 @@ int main(int argc, char** argv) try {
   auto_policy pol(link, ranks, auto_from);
   for (const auto& s : auto_from) pol.set_speed(s, speed[s]);
 
-  fmt::print("ringflow-sim: {} parameters in {} buckets, {} ranks, {} Gb/s, alpha {} us, compute "
+  fmt::print("ringflow-sim: {} parameters in {} buckets, {} ranks, {:.4g} Gb/s, alpha {:.3g} us, compute "
              "{} ms; codecs measured on this CPU with {} elements\n\n",
              total, buckets.size(), ranks, gbps, alpha_us, compute_ms, calib);
   fmt::print("| compressor | enc GB/s | dec GB/s | sent MB/rank | wire ms | codec ms | step ms | "

@@ -36,7 +36,7 @@ bucket_compression::slot& bucket_compression::slot_for(const communicator& comm,
     std::int32_t pick = -1;  // -1: none, else an index into auto_candidates
     if (comm.rank() == 0) {
       if (!policy_) {
-        policy_ = std::make_unique<auto_policy>(opts_.link.value_or(link_model::from_env()),
+        policy_ = std::make_unique<auto_policy>(opts_.link ? *opts_.link : link_model::for_this_machine(),
                                                 comm.size(), opts_.auto_candidates);
         policy_->calibrate(std::min<std::size_t>(n, std::size_t{1} << 20));
       }

@@ -53,6 +53,16 @@ link_model link_model::from_env() {
   return from_gbps(env_or("RINGFLOW_LINK_GBPS", 10.0), env_or("RINGFLOW_LINK_ALPHA_US", 20.0));
 }
 
+link_model link_model::from_cost_model(const cost_model& m) {
+  return {m.inter.alpha, m.inter.beta};
+}
+
+link_model link_model::for_this_machine() {
+  const char* g = std::getenv("RINGFLOW_LINK_GBPS");
+  if (g && *g) return from_env();
+  return from_cost_model(local_cost_model());
+}
+
 double predict_round(const link_model& link, const wire_round& round, int ranks) {
   if (ranks <= 1) return 0.0;
   const double p = ranks;

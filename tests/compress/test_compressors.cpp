@@ -326,6 +326,10 @@ TEST_CASE("the alpha-beta model prefers compression on slow links and big bucket
   quick.set_speed("bf16", codec_speed{4, 4});
   quick.set_speed("int8", codec_speed{1, 2});
   REQUIRE(quick.choose(n) == "none");  // the codec costs more than the bytes it saves
+  const cost_model cm = builtin_cost_model();
+  const link_model from_cm = link_model::from_cost_model(cm);
+  REQUIRE(from_cm.alpha_s == cm.inter.alpha);
+  REQUIRE(from_cm.beta_s_per_byte == cm.inter.beta);
   auto_policy one(slow, 1);
   REQUIRE(one.choose(n) == "none");
   auto_policy uncalibrated(slow, 4);

@@ -24,7 +24,8 @@ struct bucket_compression_options {
   /// Error feedback: on for the compressors that want it (top-k, sign,
   /// PowerSGD) unless forced either way here.
   std::optional<bool> error_feedback = {};
-  /// The link `auto` plans for (default: RINGFLOW_LINK_GBPS / _ALPHA_US).
+  /// The link `auto` plans for (default: link_model::for_this_machine(), i.e.
+  /// RINGFLOW_LINK_GBPS / _ALPHA_US if set, else the calibrated cost model).
   std::optional<link_model> link = {};
   /// The compressors `auto` chooses among (besides none).
   std::vector<std::string> auto_candidates = {"bf16", "int8"};

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "ringflow/coll/cost_model.hpp"
 #include "ringflow/compress/compressor.hpp"
 
 namespace ringflow::compress {
@@ -23,6 +24,12 @@ struct link_model {
   static link_model from_gbps(double gbps, double alpha_us = 20.0);
   /// From RINGFLOW_LINK_GBPS and RINGFLOW_LINK_ALPHA_US (defaults 10 and 20).
   static link_model from_env();
+  /// The inter-node link of the collectives' cost model (coll/cost_model.hpp).
+  static link_model from_cost_model(const cost_model& m);
+  /// What `auto` plans for by default: RINGFLOW_LINK_GBPS (and _ALPHA_US) when
+  /// set, else the inter-node link of local_cost_model() (the calibrated model
+  /// of this machine, or the built-in one).
+  static link_model for_this_machine();
 };
 
 /// Predicted time of one ring collective (ringflow's ring, unsegmented):
