@@ -14,9 +14,10 @@
 //             order, into result (and straight into its own output)
 //   reduced[r] = g + 1; copy in block h + 1 meanwhile
 //   wait reduced[q] > g for all q; copy the other slices of result -> output
-// Two slots suffice without further waits: a rank writes staging slot g % 2
-// again only after it saw every rank's reduced > g - 1, and result slot g % 2
-// only after every rank arrived at g, which each does after copying out g - 2.
+// Two slots suffice without further waits: a rank stages block g into slot
+// g % 2 only after it saw every rank's reduced > g - 2 (all read block g - 2
+// from it), and writes result slot g % 2 only after every rank arrived at g,
+// which each does after copying out block g - 2.
 #include "ringflow/backends/shm.hpp"
 
 #include <fcntl.h>
@@ -133,7 +134,7 @@ struct node_state {
   std::size_t bytes = 0;
   std::size_t data_offset = 0;
   std::uint64_t next_block = 0;  // global index of this rank's next block
-  bool yield = false;
+  bool oversubscribed = false;  // rank 0's verdict, so all ranks wait alike
   int broken_by = -1;  // rank that failed; the segment's counters are lost
 
   node_state() = default;
@@ -178,9 +179,10 @@ std::size_t block_from_env() {
   return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
 }
 
-// Yield while waiting when the node has more ranks than cores (a spinning
-// rank would starve the one it waits for); RINGFLOW_YIELD=0/1 overrides.
-bool decide_yield(int local_ranks) {
+// Whether the node has more ranks than cores, so a waiting rank should give
+// its core up almost at once (it may be the core the awaited rank needs);
+// RINGFLOW_YIELD=0/1 overrides, as for the mpi backend.
+bool oversubscribed(int local_ranks) {
   if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
     return std::string_view(env) != "0";
   }
@@ -231,7 +233,7 @@ void set_up(node_state& st, MPI_Comm mc) {
   int fd = -1;
   if (st.rank == 0) {
     msg.block = block_from_env();
-    msg.yield = decide_yield(local) ? 1 : 0;
+    msg.yield = oversubscribed(local) ? 1 : 0;
     static std::atomic<unsigned> serial{0};
     const auto stamp = static_cast<unsigned long long>(
         std::chrono::steady_clock::now().time_since_epoch().count());
@@ -248,7 +250,7 @@ void set_up(node_state& st, MPI_Comm mc) {
         st.rank, msg.name, errno_text(msg.err)));
   }
   st.block_bytes = msg.block;
-  st.yield = msg.yield != 0;
+  st.oversubscribed = msg.yield != 0;
   st.data_offset = control_bytes(st.size);
   st.bytes = st.data_offset + (static_cast<std::size_t>(st.size) + 1) * slots * st.block_bytes;
   if (st.rank == 0) {
@@ -295,8 +297,9 @@ void set_up(node_state& st, MPI_Comm mc) {
   }
   // The header is written before any rank publishes a counter.
   RINGFLOW_SHM_CHECK_MPI(MPI_Barrier(mc), st.rank);
-  log::debug("shm: rank {} of {} mapped {} bytes ({} KiB blocks), {} while waiting", st.rank,
-             st.size, st.bytes, st.block_bytes / 1024, st.yield ? "yielding" : "spinning");
+  log::debug("shm: rank {} of {} mapped {} bytes (blocks up to {} KiB), {}", st.rank, st.size,
+             st.bytes, st.block_bytes / 1024,
+             st.oversubscribed ? "more ranks than cores" : "a core per rank");
 }
 
 int delete_state(MPI_Comm, int, void* attr, void*) {
@@ -374,7 +377,7 @@ class waiter {
       have_deadline_ = true;
     }
     std::atomic_ref<std::uint64_t> value(c.value);
-    const auto spin = st_.yield ? spin_for_oversubscribed : spin_for;
+    const auto spin = st_.oversubscribed ? spin_for_oversubscribed : spin_for;
     for (unsigned polls = 1;; ++polls) {
       if (value.load(std::memory_order_acquire) >= target) return;
       cpu_relax();

@@ -9,6 +9,7 @@
 #include "ringflow/backends/local.hpp"
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/backends/shm.hpp"
+#include "ringflow/coll/async.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
 
@@ -283,4 +284,18 @@ TEST_CASE("shm: ringflow::allreduce with algo::shm runs the shm path", "[mpi][sh
     }
     throw std::runtime_error("expected not_supported_error");
   });
+}
+
+TEST_CASE("shm: async and blocking shm calls at once use separate segments", "[mpi][shm]") {
+  block_env env("64K");  // for the progress thread's duplicate as well
+  auto world = mpi::world();
+  std::vector<float> a(300001), b;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    a[i] = std::cos(static_cast<float>(i) * 0.01f + static_cast<float>(world.rank()));
+  }
+  b = a;
+  auto h = allreduce_async(world, std::span(a), sum, coll_options{algo::shm, 0});
+  allreduce(world, std::span(b), sum, algo::shm);
+  h.wait();
+  CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
