@@ -64,12 +64,21 @@ constexpr std::uint64_t magic = 0x72666c6f77736d31ull;  // "rflowsm1"
 constexpr std::size_t sub_block_bytes = 8 * 1024;
 // Slice boundaries fall on this many bytes, so no two ranks write one line.
 constexpr std::size_t slice_align = 64;
-// How long a waiting rank polls before it sleeps on a futex: long enough to
-// catch a peer that is a few microseconds behind, short enough that a rank
-// whose peer was descheduled gives the core back. Oversubscribed (more
-// ranks than cores), the peer may need this very core: sleep almost at once.
+// How long a waiting rank polls before it sleeps on a futex. With a core per
+// rank: long enough to catch a peer that is a few microseconds behind, short
+// enough to hand the core back when the peer was descheduled. On this loaded
+// 2-core node 20-50 us beat 1 ms and 100 ms clearly (docs/shm.md).
+// Oversubscribed (more ranks than cores), the awaited rank may need this
+// very core: sleep almost at once.
 constexpr auto spin_for = std::chrono::microseconds(50);
 constexpr auto spin_for_oversubscribed = std::chrono::microseconds(2);
+
+// RINGFLOW_SHM_SPIN_US overrides the poll time (rank 0's, for tuning).
+std::chrono::microseconds spin_from_env(std::chrono::microseconds fallback) {
+  const char* env = std::getenv("RINGFLOW_SHM_SPIN_US");
+  if (env == nullptr || *env == '\0') return fallback;
+  return std::chrono::microseconds(std::max(0LL, std::strtoll(env, nullptr, 10)));
+}
 // A sleeping rank wakes at least this often to check its deadline and
 // whether a peer gave up.
 constexpr long sleep_slice_ns = 2'000'000;
@@ -135,6 +144,7 @@ struct node_state {
   std::size_t data_offset = 0;
   std::uint64_t next_block = 0;  // global index of this rank's next block
   bool oversubscribed = false;  // rank 0's verdict, so all ranks wait alike
+  std::chrono::microseconds spin{0};  // poll this long before sleeping
   int broken_by = -1;  // rank that failed; the segment's counters are lost
 
   node_state() = default;
@@ -228,12 +238,14 @@ void set_up(node_state& st, MPI_Comm mc) {
     std::uint64_t block;
     std::int32_t err;
     std::int32_t yield;
+    std::int64_t spin_us;
   } msg{};
   std::string failure;
   int fd = -1;
   if (st.rank == 0) {
     msg.block = block_from_env();
     msg.yield = oversubscribed(local) ? 1 : 0;
+    msg.spin_us = spin_from_env(msg.yield ? spin_for_oversubscribed : spin_for).count();
     static std::atomic<unsigned> serial{0};
     const auto stamp = static_cast<unsigned long long>(
         std::chrono::steady_clock::now().time_since_epoch().count());
@@ -251,6 +263,7 @@ void set_up(node_state& st, MPI_Comm mc) {
   }
   st.block_bytes = msg.block;
   st.oversubscribed = msg.yield != 0;
+  st.spin = std::chrono::microseconds(msg.spin_us);
   st.data_offset = control_bytes(st.size);
   st.bytes = st.data_offset + (static_cast<std::size_t>(st.size) + 1) * slots * st.block_bytes;
   if (st.rank == 0) {
@@ -377,7 +390,7 @@ class waiter {
       have_deadline_ = true;
     }
     std::atomic_ref<std::uint64_t> value(c.value);
-    const auto spin = st_.oversubscribed ? spin_for_oversubscribed : spin_for;
+    const auto spin = st_.spin;
     for (unsigned polls = 1;; ++polls) {
       if (value.load(std::memory_order_acquire) >= target) return;
       cpu_relax();
