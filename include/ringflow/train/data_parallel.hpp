@@ -16,11 +16,15 @@
 
 namespace ringflow::train {
 
-/// Default cap of a gradient bucket. Chosen by measurement (docs/training.md,
-/// bench/programs/bench_buckets.cpp): 256 KiB reaches the bandwidth plateau of
-/// the ring on this class of machine while still cutting a small model into
-/// several buckets, so the first allreduces start early in backward.
-inline constexpr std::size_t default_bucket_cap_bytes = 256 * 1024;
+/// Default cap of a gradient bucket, chosen by measurement (docs/training.md,
+/// bench/programs/bench_buckets.cpp --part sweep): on the 2-core development
+/// machine with 4 oversubscribed ranks every extra allreduce costs scheduler
+/// round trips and overlap has no idle core to use, so 1 MiB (two buckets for
+/// the 0.9 MB Fashion-MNIST MLP) was as fast as one bucket and 1.6-2.2x faster
+/// than 16-256 KiB; it still cuts 200 tensors of 4 KiB into 2 allreduces.
+/// Machines with spare cores or a network to hide behind favour more buckets
+/// (PyTorch DDP uses 25 MiB on GPUs); set data_parallel_options::bucket_cap_bytes.
+inline constexpr std::size_t default_bucket_cap_bytes = 1024 * 1024;
 /// Default cap of the first bucket (the last parameters, whose gradients are
 /// ready first): small, so communication starts as early as possible.
 inline constexpr std::size_t default_first_bucket_cap_bytes = 64 * 1024;
