@@ -44,7 +44,9 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
+#include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/core/log.hpp"
