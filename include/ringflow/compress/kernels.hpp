@@ -108,11 +108,13 @@ struct quantize_int8 {
     const float lim = static_cast<float>(levels);
     if (v >= lim) return static_cast<std::int8_t>(levels);
     if (v <= -lim) return static_cast<std::int8_t>(-levels);
-    // floor without <cmath>: |v| < 128, so the int conversion is exact.
+    // floor without <cmath>: |v| < 128, so the int conversion is exact. The
+    // two data-dependent steps are arithmetic on comparisons, not branches:
+    // for random signs and random draws a branch mispredicts half the time.
     int f = static_cast<int>(v);
-    if (static_cast<float>(f) > v) --f;
+    f -= static_cast<int>(static_cast<float>(f) > v);
     const float frac = v - static_cast<float>(f);
-    f += uniform01(key, index) < frac ? 1 : 0;  // a select, not an unpredictable branch
+    f += static_cast<int>(uniform01(key, index) < frac);
     return static_cast<std::int8_t>(f);
   }
 };
