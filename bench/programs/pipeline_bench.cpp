@@ -41,43 +41,6 @@ struct options {
   std::string svg_dir;
 };
 
-// Writes docs/img/pipeline_<kind>.svg for p ranks and m micro-batches
-// (forward 1, backward 2 per stage; an interleaved chunk half of that) and
-// prints each schedule's ASCII grid.
-int write_pictures(const options& o) {
-  const int p = o.ranks;
-  const int m = o.micro_batches.back();
-  struct kind {
-    const char* file;
-    pl::schedule s;
-    double scale;
-  };
-  const kind kinds[] = {{"gpipe", pl::gpipe(p, m), 1.0},
-                        {"1f1b", pl::one_f_one_b(p, m), 1.0},
-                        {"interleaved", pl::interleaved_1f1b(p, o.chunks, m), 1.0 / o.chunks}};
-  for (const auto& k : kinds) {
-    const auto costs = pl::stage_costs::uniform(k.s.stages(), k.scale, 2 * k.scale);
-    const auto report = pl::verify(k.s, costs);
-    const std::string title =
-        k.s.stages() > p
-            ? fmt::format("interleaved 1F1B: {} ranks x {} chunks, {} micro-batches", p,
-                          o.chunks, m)
-            : fmt::format("{}: {} ranks, {} micro-batches", k.s.name == "gpipe" ? "GPipe" : "1F1B",
-                          p, m);
-    const std::string path = fmt::format("{}/pipeline_{}.svg", o.svg_dir, k.file);
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    if (f == nullptr) {
-      std::fprintf(stderr, "pipeline_bench: cannot write %s\n", path.c_str());
-      return 1;
-    }
-    const std::string svg = pl::to_svg(k.s, report, title);
-    std::fwrite(svg.data(), 1, svg.size(), f);
-    std::fclose(f);
-    fmt::print("{}\n{}\n", path, pl::ascii_grid(k.s, report));
-  }
-  return 0;
-}
-
 // Sleeps for the stage's cost and holds a real activation buffer from
 // forward to the end of backward, so the peak memory is measured, not assumed.
 class sleep_runner : public pl::stage_runner {
@@ -146,6 +109,67 @@ measurement measure(const pl::schedule& s, double f_us, double b_us, std::size_t
   m.bubble = 1.0 - busy / (static_cast<double>(p) * m.seconds);
   m.peak_bytes = peaks;
   return m;
+}
+
+// Writes docs/img/pipeline_<kind>.svg for p ranks and m micro-batches
+// (forward 1, backward 2 per stage; an interleaved chunk half of that) and
+// prints each schedule's ASCII grid.
+int write_pictures(const options& o) {
+  const int p = o.ranks;
+  const int m = o.micro_batches.back();
+  struct kind {
+    const char* file;
+    pl::schedule s;
+    double scale;
+  };
+  const kind kinds[] = {{"gpipe", pl::gpipe(p, m), 1.0},
+                        {"1f1b", pl::one_f_one_b(p, m), 1.0},
+                        {"interleaved", pl::interleaved_1f1b(p, o.chunks, m), 1.0 / o.chunks}};
+  for (const auto& k : kinds) {
+    const auto costs = pl::stage_costs::uniform(k.s.stages(), k.scale, 2 * k.scale);
+    const auto report = pl::verify(k.s, costs);
+    const std::string title =
+        k.s.stages() > p
+            ? fmt::format("interleaved 1F1B: {} ranks x {} chunks, {} micro-batches", p,
+                          o.chunks, m)
+            : fmt::format("{}: {} ranks, {} micro-batches", k.s.name == "gpipe" ? "GPipe" : "1F1B",
+                          p, m);
+    const std::string predicted = title + " (predicted: forward 1, backward 2 per stage)";
+    const std::string path = fmt::format("{}/pipeline_{}.svg", o.svg_dir, k.file);
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "pipeline_bench: cannot write %s\n", path.c_str());
+      return 1;
+    }
+    const std::string svg = pl::to_svg(k.s, report, predicted);
+    std::fwrite(svg.data(), 1, svg.size(), f);
+    std::fclose(f);
+    fmt::print("{}\n{}\n", path, pl::ascii_grid(k.s, report));
+  }
+  // The same 1F1B measured: threads sleeping the forward and backward times.
+  const auto s = pl::one_f_one_b(p, m);
+  std::vector<std::vector<pl::trace_event>> events(static_cast<std::size_t>(p));
+  ringflow::local::run(p, [&](ringflow::communicator& c) {
+    sleep_runner runner(o.forward_us, o.backward_us, 1024);
+    pl::executor ex(c, s, {.trace = true});
+    ex.run(runner);
+    events[static_cast<std::size_t>(c.rank())] = ex.events();
+  });
+  const auto measured = pl::measured_report(s, events);
+  const std::string path = fmt::format("{}/pipeline_1f1b_measured.svg", o.svg_dir);
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (f == nullptr) {
+    std::fprintf(stderr, "pipeline_bench: cannot write %s\n", path.c_str());
+    return 1;
+  }
+  const std::string svg = pl::to_svg(
+      s, measured,
+      fmt::format("1F1B: {} ranks, {} micro-batches (measured on threads: sleeps of {:.0f} / {:.0f} us)",
+                  p, m, o.forward_us, o.backward_us));
+  std::fwrite(svg.data(), 1, svg.size(), f);
+  std::fclose(f);
+  fmt::print("{}\n{}\n", path, pl::ascii_grid(s, measured));
+  return 0;
 }
 
 double median(std::vector<double> v) {

@@ -155,7 +155,8 @@ run_stats executor::run(stage_runner& runner) {
     const double t1 = now_us();
     stats.wait_seconds += (t1 - t0) * 1e-6;
     if (trace_ && t1 - t0 >= 1.0) {
-      events_.push_back({"wait " + to_string(ins), "wait", t0, t1 - t0, ins.stage, ins.micro_batch});
+      events_.push_back(
+          {"wait " + to_string(ins), "wait", t0, t1 - t0, ins.stage, ins.micro_batch, ins.op});
     }
     into[{ins.stage, ins.micro_batch}] = std::move(it->second.data);
     recvs.erase(it);
@@ -218,7 +219,7 @@ run_stats executor::run(stage_runner& runner) {
     if (trace_ && (is_compute(ins.op) || ins.op == op_kind::reduce_grads ||
                    ins.op == op_kind::optimizer_step)) {
       events_.push_back({to_string(ins), category_of(ins.op), t0, t1 - t0, ins.stage,
-                         ins.micro_batch});
+                         ins.micro_batch, ins.op});
     }
     // Free the buffers of sends that have completed, oldest first.
     while (!sends.empty() && sends.front().req.test()) sends.pop_front();
@@ -285,6 +286,44 @@ std::string chrome_trace_json(const std::vector<std::vector<trace_event>>& per_r
     append_events(body, per_rank[r], static_cast<int>(r), t0, first);
   }
   return finish_json(body, static_cast<int>(per_rank.size()), 0);
+}
+
+verify_report measured_report(const schedule& s,
+                              const std::vector<std::vector<trace_event>>& per_rank) {
+  if (static_cast<int>(per_rank.size()) != s.ranks()) {
+    throw usage_error(fmt::format("pipeline::measured_report: {} ranks of events for schedule "
+                                  "'{}' of {} ranks",
+                                  per_rank.size(), s.name, s.ranks()));
+  }
+  double t0 = std::numeric_limits<double>::infinity();
+  for (const auto& events : per_rank) {
+    for (const auto& e : events) t0 = std::min(t0, e.start_us);
+  }
+  verify_report rep;
+  rep.peak_activations.assign(per_rank.size(), 0);
+  rep.busy.assign(per_rank.size(), 0.0);
+  for (std::size_t r = 0; r < per_rank.size(); ++r) {
+    int live = 0;
+    std::size_t step = 0;
+    for (const auto& e : per_rank[r]) {
+      if (!is_compute(e.op) || e.category == "wait") continue;
+      const double a = e.start_us - t0;
+      const double b = a + e.duration_us;
+      rep.timeline.push_back({static_cast<int>(r), step++, {e.op, e.stage, e.micro_batch}, a, b});
+      rep.busy[r] += e.duration_us;
+      rep.makespan = std::max(rep.makespan, b);
+      if (e.op == op_kind::forward) {
+        rep.peak_activations[r] = std::max(rep.peak_activations[r], ++live);
+      } else if (e.op == op_kind::backward || e.op == op_kind::backward_weight) {
+        --live;
+      }
+    }
+  }
+  double busy = 0;
+  for (double b : rep.busy) busy += b;
+  rep.bubble_fraction =
+      rep.makespan > 0 ? 1.0 - busy / (static_cast<double>(s.ranks()) * rep.makespan) : 0.0;
+  return rep;
 }
 
 void write_chrome_trace(const std::string& path, const communicator& comm,

@@ -444,7 +444,7 @@ std::string to_svg(const schedule& s, const verify_report& r, const std::string&
                     : title;
   out += fmt::format(
       "<text x=\"{:.0f}\" y=\"20\" font-size=\"15\" font-weight=\"bold\">{}</text>\n"
-      "<text x=\"{:.0f}\" y=\"36\" font-size=\"12\" fill=\"#555\">predicted bubble {:.1f}%; "
+      "<text x=\"{:.0f}\" y=\"36\" font-size=\"12\" fill=\"#555\">bubble {:.1f}%; "
       "peak in-flight activations per rank:",
       left, heading, left, 100.0 * r.bubble_fraction);
   for (int p : r.peak_activations) out += fmt::format(" {}", p);

@@ -273,6 +273,16 @@ TEST_CASE("executor traces, peak activations and errors", "[pipeline][executor]"
       CHECK(stats[1].peak_activations == 1);
     }
     CHECK(bytes[0] > 0);
+    const auto measured = pl::measured_report(s, events);
+    std::size_t computes = 0;
+    for (const auto& prog : s.programs) {
+      for (const auto& ins : prog) computes += pl::is_compute(ins.op) ? 1 : 0;
+    }
+    CHECK(measured.timeline.size() == computes);
+    CHECK(measured.bubble_fraction >= 0.0);
+    CHECK(measured.bubble_fraction < 1.0);
+    CHECK(measured.peak_activations[0] == stats[0].peak_activations);
+    CHECK(pl::to_svg(s, measured).find("</svg>") != std::string::npos);
     const auto json = pl::chrome_trace_json(events);
     CHECK(json.find("\"traceEvents\"") != std::string::npos);
     CHECK(json.find("\"ph\":\"X\"") != std::string::npos);

@@ -58,6 +58,7 @@ struct trace_event {
   double duration_us = 0;
   int stage = -1;
   int micro_batch = -1;
+  op_kind op = op_kind::forward;  ///< for waits: the receive
 };
 
 /// What one run did on this rank.
@@ -130,5 +131,15 @@ void write_chrome_trace(const std::string& path, const communicator& comm,
 
 /// Chrome trace JSON for the given per-rank events (index = pid).
 std::string chrome_trace_json(const std::vector<std::vector<trace_event>>& per_rank);
+
+/// A measured run in the verifier's terms (times in microseconds from the
+/// first event; compute events only), so ascii_grid and to_svg can draw
+/// what really happened next to what was predicted.
+/// @code
+///   auto measured = pipeline::measured_report(sched, events_of_every_rank);
+///   std::string svg = pipeline::to_svg(sched, measured, "1F1B, measured");
+/// @endcode
+verify_report measured_report(const schedule& s,
+                              const std::vector<std::vector<trace_event>>& per_rank);
 
 }  // namespace ringflow::pipeline
