@@ -29,12 +29,15 @@ function(ringflow_add_test name)
       add_test(NAME ${name}_np${n}
                COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${n} ${_extra_flags}
                        ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${name}> ${MPIEXEC_POSTFLAGS})
+      # A failing rank should stop its peers within a minute, not after the
+      # 300 s default wait: the tests never wait legitimately that long.
       set_tests_properties(${name}_np${n} PROPERTIES LABELS "${ARG_LABELS}" PROCESSORS ${n}
-                           TIMEOUT 600)
+                           TIMEOUT 600 ENVIRONMENT "RINGFLOW_TIMEOUT=60")
     endforeach()
   else()
     add_test(NAME ${name} COMMAND ${name})
-    set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT 600)
+    set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT 600
+                         ENVIRONMENT "RINGFLOW_TIMEOUT=60")
     if(ARG_CUDA)
       set_tests_properties(${name} PROPERTIES SKIP_RETURN_CODE 77)
     endif()
