@@ -54,17 +54,31 @@ void decide_yield(MPI_Comm comm) {
     yield_when_idle.store(std::string_view(env) == "0" ? 0 : 1);
     return;
   }
+  // Cores = the union of the CPUs the node's ranks may run on: bind-to-core
+  // gives each rank one CPU but the ranks still have one each, while taskset
+  // or a container limits the union below the machine's core count.
+  cpu_set_t mine;
+  CPU_ZERO(&mine);
+  if (sched_getaffinity(0, sizeof mine, &mine) != 0) {
+    for (unsigned c = 0; c < std::thread::hardware_concurrency() && c < CPU_SETSIZE; ++c) {
+      CPU_SET(c, &mine);
+    }
+  }
   MPI_Comm node = MPI_COMM_NULL;
   int local = 1;
+  int cores = CPU_COUNT(&mine);
   if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
     MPI_Comm_size(node, &local);
+    std::vector<cpu_set_t> all(static_cast<std::size_t>(local));
+    if (MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, node) ==
+        MPI_SUCCESS) {
+      cpu_set_t either;
+      CPU_ZERO(&either);
+      for (auto& s : all) CPU_OR(&either, &either, &s);
+      cores = CPU_COUNT(&either);
+    }
     MPI_Comm_free(&node);
   }
-  cpu_set_t set;
-  int cores = static_cast<int>(std::thread::hardware_concurrency());
-  if (sched_getaffinity(0, sizeof set, &set) == 0) cores = CPU_COUNT(&set);
-  // Affinity may pin each rank to one core; the node's core count matters.
-  cores = std::max(cores, static_cast<int>(std::thread::hardware_concurrency()));
   yield_when_idle.store(local > cores ? 1 : 0);
   log::debug("mpi: {} ranks on this node, {} cores: {} while waiting", local, cores,
              local > cores ? "yielding" : "spinning");
