@@ -254,7 +254,7 @@ void data_parallel::finish() {
   for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
     auto grads = s.params.all_grads();
     for (const std::size_t i : s.buckets[b].params) {
-      if (s.fired[i] == 0) {
+      if (s.expected[i] && s.fired[i] == 0) {
         const auto& p = s.params[i];
         std::fill_n(grads.begin() + static_cast<std::ptrdiff_t>(p.offset), p.size, 0.0f);
       }

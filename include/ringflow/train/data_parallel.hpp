@@ -102,6 +102,10 @@ struct step_stats {
 ///   }
 /// @endcode
 ///
+/// The data_parallel owns the store's grad-ready hook while it lives: do not
+/// install another one (the buckets would then only launch at finish(), with
+/// the gradients of parameters whose hook "did not fire" set to zero).
+///
 /// One backward per step: a parameter reporting its gradient twice before
 /// finish() is a usage_error (gradient accumulation without sync is not
 /// supported yet). Collectives the caller runs on `comm` itself (say, a loss
