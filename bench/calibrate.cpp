@@ -1,6 +1,7 @@
 // ringflow-bench --calibrate: measures the cost model's parameters here and
-// saves them. alpha and beta come from ping-pong over ringflow's own
-// transport (what the algorithms pay per message and per byte), between two
+// saves them. alpha and beta come from timed message exchanges over
+// ringflow's own transport (what the algorithms pay per message and per
+// byte), small ones for alpha, a least-squares slope over large ones for beta, between two
 // ranks of one node and, when the layout has several nodes, between nodes;
 // gamma from a timed float-sum reduction on one core.
 #include <fmt/format.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "modes.hpp"
@@ -22,75 +24,89 @@ namespace {
 
 constexpr int pingpong_tag = 77;
 
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+// The fastest repetition: on a shared machine other work only ever adds
+// time, so the minimum is the best estimate of what the hardware does.
+double fastest(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
-// One-way time of a `bytes` message between ranks a and b (half the round
-// trip), median of `reps` timings of `iters` round trips; the same on all ranks.
-double one_way_seconds(const communicator& comm, MPI_Comm mpi, int a, int b, std::size_t bytes,
+// Time of one exchange of `bytes` between ranks a and b (each sends one
+// message to the other), the fastest of `reps` timings of `iters` exchanges;
+// the same on all ranks.
+double exchange_seconds(const communicator& comm, MPI_Comm mpi, int a, int b, std::size_t bytes,
                        int iters, int reps) {
   transport& t = comm.raw();
-  std::vector<char> buf(std::max<std::size_t>(bytes, 1));
+  std::vector<char> buf(std::max<std::size_t>(bytes, 1)), rbuf(buf.size());
   std::vector<double> times;
   for (int rep = 0; rep < reps; ++rep) {
     MPI_Barrier(mpi);
     const auto t0 = std::chrono::steady_clock::now();
-    if (comm.rank() == a) {
+    if (comm.rank() == a || comm.rank() == b) {
+      // Both directions at once, receive posted first: the pattern of every
+      // step of the ring, recursive doubling and halving-doubling (a strict
+      // ping-pong measures the MPI rendezvous handshake instead).
+      const int peer = comm.rank() == a ? b : a;
       for (int i = 0; i < iters; ++i) {
-        t.isend(buf.data(), bytes, b, pingpong_tag).wait();
-        t.irecv(buf.data(), bytes, b, pingpong_tag).wait();
-      }
-    } else if (comm.rank() == b) {
-      for (int i = 0; i < iters; ++i) {
-        t.irecv(buf.data(), bytes, a, pingpong_tag).wait();
-        t.isend(buf.data(), bytes, a, pingpong_tag).wait();
+        request rq = t.irecv(rbuf.data(), bytes, peer, pingpong_tag);
+        request sq = t.isend(buf.data(), bytes, peer, pingpong_tag);
+        rq.wait();
+        sq.wait();
       }
     }
-    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
-               (2.0 * iters);
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
     MPI_Bcast(&s, 1, MPI_DOUBLE, a, mpi);
     times.push_back(s);
   }
-  return median_of(times);
+  return fastest(times);
 }
 
-// alpha: the smallest message; beta: least-squares slope over large ones.
+// alpha: an 8-byte exchange; beta: the slope between a 64 KiB and a 1 MiB
+// exchange (both in the transport's large-message regime, which is where
+// the algorithms' segments live; smaller messages take a different protocol
+// in most MPIs and would bend a least-squares line).
 link_cost fit_link(const communicator& comm, MPI_Comm mpi, int a, int b, int reps) {
   link_cost l;
-  l.alpha = one_way_seconds(comm, mpi, a, b, 8, 2000, reps);
-  std::vector<double> xs, ys;
-  for (std::size_t bytes : {std::size_t{64} << 10, std::size_t{256} << 10, std::size_t{1} << 20,
-                            std::size_t{4} << 20}) {
-    const int iters = static_cast<int>(std::max<std::size_t>(10, (std::size_t{64} << 20) / bytes / 4));
-    xs.push_back(static_cast<double>(bytes));
-    ys.push_back(one_way_seconds(comm, mpi, a, b, bytes, iters, reps));
+  l.alpha = exchange_seconds(comm, mpi, a, b, 8, 2000, reps);
+  const std::size_t small = std::size_t{64} << 10, large = std::size_t{1} << 20;
+  const double ts = exchange_seconds(comm, mpi, a, b, small, 256, reps);
+  const double tl = exchange_seconds(comm, mpi, a, b, large, 32, reps);
+  if (comm.rank() == 0 && std::getenv("RINGFLOW_CALIBRATE_VERBOSE")) {
+    fmt::print("#   {} <-> {}: 8 B {:.2f} us, 64 KiB {:.2f} us, 1 MiB {:.2f} us\n", a, b,
+               l.alpha * 1e6, ts * 1e6, tl * 1e6);
   }
-  double mx = 0, my = 0;
-  for (std::size_t i = 0; i < xs.size(); ++i) mx += xs[i] / xs.size(), my += ys[i] / ys.size();
-  double sxy = 0, sxx = 0;
-  for (std::size_t i = 0; i < xs.size(); ++i) {
-    sxy += (xs[i] - mx) * (ys[i] - my);
-    sxx += (xs[i] - mx) * (xs[i] - mx);
+  l.beta = std::max(0.0, (tl - ts) / static_cast<double>(large - small));
+  // The large-message line's intercept is the rendezvous alpha; the first
+  // size that sits closer to that line than to the small-message one is
+  // where the transport switches protocol.
+  l.large_alpha = std::max(l.alpha, ts - static_cast<double>(small) * l.beta);
+  l.large_from = static_cast<double>(small);
+  for (std::size_t bytes = 512; bytes < small; bytes *= 2) {
+    const double tb = exchange_seconds(comm, mpi, a, b, bytes, 500, reps);
+    const double b_d = static_cast<double>(bytes);
+    if (tb > l.alpha + b_d * l.beta + 0.5 * (l.large_alpha - l.alpha)) {
+      l.large_from = b_d;
+      break;
+    }
   }
-  l.beta = std::max(0.0, sxy / sxx);
   return l;
 }
 
-// Seconds per byte of dst = op(a, b) over floats, median of a few timings.
+// Seconds per byte of acc = op(acc, incoming) over floats, as the
+// algorithms reduce (in place, out of cache), fastest of a few timings.
 double reduce_seconds_per_byte(int reps) {
-  const std::size_t n = std::size_t{1} << 20;  // 4 MiB: out of the small caches
-  std::vector<float> x(n, 1.5f), y(n, 2.5f), z(n);
+  const std::size_t n = std::size_t{4} << 20;  // 16 MiB per buffer: out of the caches
+  std::vector<float> acc(n, 0.0f), in(n, 1.0f);
   std::vector<double> times;
+  int rounds = 0;
   for (int rep = 0; rep < reps; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
-    for (int k = 0; k < 10; ++k) detail::combine_to(z.data(), x.data(), y.data(), n, sum_op{});
+    for (int k = 0; k < 4; ++k, ++rounds) {
+      detail::combine_to(acc.data(), static_cast<const float*>(acc.data()), in.data(), n, sum_op{});
+    }
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
-                    (10.0 * n * sizeof(float)));
-    if (z[n / 2] != 4.0f) std::abort();  // keeps the loop from being optimized away
+                    (4.0 * static_cast<double>(n * sizeof(float))));
   }
-  return median_of(times);
+  // Uses the result, so the loops cannot be dropped.
+  if (acc[n / 3] != static_cast<float>(rounds)) std::abort();
+  return fastest(times);
 }
 
 }  // namespace
@@ -100,9 +116,9 @@ int run_calibration(const communicator& comm, MPI_Comm mpi, const bench_cli& cli
   if (p < 2) {
     throw bad_flag("--calibrate needs at least 2 ranks (mpirun -np 2 or more)");
   }
-  const auto ctx = detail::context_of(comm);
+  const auto ctx = detail::context_of(comm, comm.next_sequence());
   const topology& topo = ctx->topo;
-  const int reps = std::max(3, cli.reps);
+  const int reps = std::max(7, cli.reps);
   cost_model m;
   // Two ranks of one node, if any node has two; else the first two ranks.
   int a = 0, b = 1;
@@ -131,11 +147,14 @@ int run_calibration(const communicator& comm, MPI_Comm mpi, const bench_cli& cli
     try {
       save_cost_model(m, path);
       fmt::print("# ringflow cost model for {}\n", m.machine);
-      fmt::print("intra: alpha {:.3f} us, beta {:.4f} ns/B ({:.2f} GB/s)\n", m.intra.alpha * 1e6,
-                 m.intra.beta * 1e9, m.intra.beta > 0 ? 1e-9 / m.intra.beta : 0.0);
-      fmt::print("inter: alpha {:.3f} us, beta {:.4f} ns/B ({:.2f} GB/s){}\n", m.inter.alpha * 1e6,
-                 m.inter.beta * 1e9, m.inter.beta > 0 ? 1e-9 / m.inter.beta : 0.0,
-                 topo.node_count() > 1 ? "" : " (one node: same as intra)");
+      auto show = [](const char* what, const link_cost& l, const char* note) {
+        fmt::print("{}: alpha {:.3f} us (from {:.0f} bytes: {:.3f} us), beta {:.4f} ns/B ({:.2f} "
+                   "GB/s){}\n",
+                   what, l.alpha * 1e6, l.large_from, l.large_alpha * 1e6, l.beta * 1e9,
+                   l.beta > 0 ? 1e-9 / l.beta : 0.0, note);
+      };
+      show("intra", m.intra, "");
+      show("inter", m.inter, topo.node_count() > 1 ? "" : " (one node: same as intra)");
       fmt::print("gamma: {:.4f} ns/B ({:.2f} GB/s reduced)\n", m.gamma * 1e9,
                  m.gamma > 0 ? 1e-9 / m.gamma : 0.0);
       fmt::print("saved to {} (RINGFLOW_COST_MODEL overrides the path)\n", path);

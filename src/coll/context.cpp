@@ -23,12 +23,16 @@ struct wire_record {
   char origin[128];
   std::int32_t node_size;  // RINGFLOW_NODE_SIZE; 0 unset, -1 malformed
   std::int32_t reserved;
-  double model[5];
+  double model[9];
 };
 
+struct cache_entry {
+  std::shared_ptr<const comm_context> context;
+  std::uint64_t last_seq = 0;
+};
 std::mutex cache_mutex;
-std::map<const transport*, std::shared_ptr<const comm_context>>& cache() {
-  static std::map<const transport*, std::shared_ptr<const comm_context>> c;
+std::map<const transport*, cache_entry>& cache() {
+  static std::map<const transport*, cache_entry> c;
   return c;
 }
 
@@ -47,7 +51,9 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
   if (r == 0) {
     const cost_model m = local_cost_model();
     std::strncpy(mine.origin, m.origin.c_str(), sizeof mine.origin - 1);
-    const double v[5] = {m.intra.alpha, m.intra.beta, m.inter.alpha, m.inter.beta, m.gamma};
+    const double v[9] = {m.intra.alpha,       m.intra.beta,       m.intra.large_alpha,
+                         m.intra.large_from,  m.inter.alpha,      m.inter.beta,
+                         m.inter.large_alpha, m.inter.large_from, m.gamma};
     std::memcpy(mine.model, v, sizeof v);
   }
   std::vector<wire_record> all(static_cast<std::size_t>(p));
@@ -71,9 +77,9 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
     for (const auto& w : all) names.emplace_back(w.host, strnlen(w.host, sizeof w.host));
     ctx->topo = topology::from_names(names);
   }
-  ctx->model.intra = {root.model[0], root.model[1]};
-  ctx->model.inter = {root.model[2], root.model[3]};
-  ctx->model.gamma = root.model[4];
+  ctx->model.intra = {root.model[0], root.model[1], root.model[2], root.model[3]};
+  ctx->model.inter = {root.model[4], root.model[5], root.model[6], root.model[7]};
+  ctx->model.gamma = root.model[8];
   ctx->model.origin = std::string(root.origin, strnlen(root.origin, sizeof root.origin));
   ctx->shape = {p, ctx->topo.node_count(), ctx->topo.max_node_size()};
   return ctx;
@@ -81,16 +87,19 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
 
 }  // namespace
 
-std::shared_ptr<const comm_context> context_of(const communicator& comm) {
+std::shared_ptr<const comm_context> context_of(const communicator& comm, std::uint64_t seq) {
   const transport* key = &comm.raw();
   {
     std::lock_guard lock(cache_mutex);
     auto it = cache().find(key);
-    if (it != cache().end()) return it->second;
+    if (it != cache().end() && it->second.last_seq < seq && it->second.context->shape.ranks == comm.size()) {
+      it->second.last_seq = seq;
+      return it->second.context;
+    }
   }
   auto ctx = build_context(comm);
   std::lock_guard lock(cache_mutex);
-  cache()[key] = ctx;
+  cache()[key] = cache_entry{ctx, seq};
   return ctx;
 }
 
@@ -99,20 +108,21 @@ void forget_context(const communicator& comm) noexcept {
   cache().erase(&comm.raw());
 }
 
-algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes) {
-  const auto ctx = context_of(comm);
-  return choose_algorithm(ctx->model, ctx->shape, bytes).choice;
+algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes, std::uint64_t seq) {
+  const auto ctx = context_of(comm, seq);
+  return fastest_algorithm(ctx->model, ctx->shape, bytes);
 }
 
 }  // namespace detail
 
 explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/) {
-  if (comm.next_sequence() == 0) detail::forget_context(comm);
+  const std::uint64_t seq = comm.next_sequence();
+  if (seq == 0) detail::forget_context(comm);
   if (comm.size() == 1) {
     cost_model m = local_cost_model();
     return choose_algorithm(m, cluster_shape{}, bytes);
   }
-  const auto ctx = detail::context_of(comm);
+  const auto ctx = detail::context_of(comm, seq);
   return choose_algorithm(ctx->model, ctx->shape, bytes);
 }
 

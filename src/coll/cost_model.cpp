@@ -25,9 +25,9 @@ cost_model builtin_cost_model() {
   // development machine (2 cores, OpenMPI 4.1 shared memory); see
   // docs/collectives.md. One machine, so inter == intra.
   cost_model m;
-  m.intra = {2.0e-6, 1.6e-10};
+  m.intra = {0.58e-6, 0.079e-9, 3.4e-6, 4096};
   m.inter = m.intra;
-  m.gamma = 1.5e-10;
+  m.gamma = 0.031e-9;
   m.origin = "built-in";
   m.machine = "ringflow development machine (2 cores, shared memory)";
   return m;
@@ -47,14 +47,15 @@ std::size_t seg_count(double bytes, std::size_t seg) {
 double ring_time(const link_cost& l, double gamma, int p, double n, std::size_t seg) {
   if (p <= 1) return 0;
   const double steps = 2.0 * (p - 1);
-  const double msgs = steps * static_cast<double>(seg_count(n / p, seg));
-  return msgs * l.alpha + steps / p * n * l.beta + (p - 1.0) / p * n * gamma;
+  const double k = static_cast<double>(seg_count(n / p, seg));
+  // k messages of (n/p)/k bytes per step
+  return steps * k * l.message(n / p / k) + (p - 1.0) / p * n * gamma;
 }
 
 // The fold of a non-power-of-two count: the whole buffer in and out once.
 double fold_time(const link_cost& l, double gamma, int p, double n) {
   if (detail::pow2_floor(p) == p) return 0;
-  return 2 * (l.alpha + n * l.beta) + n * gamma;
+  return 2 * l.message(n) + n * gamma;
 }
 
 }  // namespace
@@ -73,12 +74,14 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
       return ring_time(l, g, p, n, segment_bytes ? segment_bytes : default_segment_bytes);
     case algo::recursive_doubling: {
       const int q = detail::pow2_floor(p);
-      return log2i(q) * (l.alpha + n * l.beta + n * g) + fold_time(l, g, p, n);
+      return log2i(q) * (l.message(n) + n * g) + fold_time(l, g, p, n);
     }
     case algo::halving_doubling: {
+      // Round k moves n/2^k bytes each way, in both phases.
       const int q = detail::pow2_floor(p);
-      return 2 * log2i(q) * l.alpha + 2.0 * (q - 1) / q * n * l.beta + (q - 1.0) / q * n * g +
-             fold_time(l, g, p, n);
+      double t = fold_time(l, g, p, n);
+      for (int w = 2; w <= q; w *= 2) t += 2 * l.message(n / w) + n / w * g;
+      return t;
     }
     case algo::tree:
     case algo::double_tree: {
@@ -91,21 +94,21 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
       const int depth = static_cast<int>(std::floor(std::log2(static_cast<double>(p))));
       const double c = std::min(2, p - 1);
       const double sb = std::min(n, static_cast<double>(seg));
-      const double interior = c * (2 * l.alpha + 2 * sb * l.beta + sb * g);
+      const double interior = c * (2 * l.message(sb) + sb * g);
       if (a == algo::tree) {
         const double k = static_cast<double>(seg_count(n, seg));
         return (depth + k - 1) * interior;
       }
       const double sh = std::min(n / 2, static_cast<double>(seg));
       const double k = static_cast<double>(seg_count(n / 2, seg));
-      const double step = c * (2 * l.alpha + 2 * sh * l.beta + sh * g) + 2 * (l.alpha + sh * l.beta);
+      const double step = c * (2 * l.message(sh) + sh * g) + 2 * l.message(sh);
       return (depth + 1 + k - 1) * step;
     }
     case algo::hierarchical: {
       if (s.nodes <= 1 || s.ranks_per_node <= 1) return -1;
       const int L = s.ranks_per_node;
       const double piece = n / L;
-      const double intra = 2 * (L - 1) * (m.intra.alpha + piece * m.intra.beta) + (L - 1) * piece * g;
+      const double intra = 2 * (L - 1) * m.intra.message(piece) + (L - 1) * piece * g;
       return intra + ring_time(m.inter, g, s.nodes, piece,
                                segment_bytes ? segment_bytes : default_segment_bytes);
     }
@@ -114,13 +117,27 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
   }
 }
 
+namespace {
+constexpr algo candidates[] = {algo::ring, algo::recursive_doubling, algo::halving_doubling,
+                               algo::tree, algo::double_tree, algo::hierarchical};
+}  // namespace
+
+algo fastest_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes) {
+  algo best = algo::ring;
+  double best_s = -1;
+  for (algo a : candidates) {
+    const double t = predict_seconds(a, m, shape, bytes);
+    if (t >= 0 && (best_s < 0 || t < best_s)) best = a, best_s = t;
+  }
+  return best;
+}
+
 explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes) {
   explanation e;
   e.bytes = bytes;
   e.shape = shape;
   e.model_origin = m.origin;
-  for (algo a : {algo::ring, algo::recursive_doubling, algo::halving_doubling, algo::tree,
-                 algo::double_tree, algo::hierarchical}) {
+  for (algo a : candidates) {
     const double t = predict_seconds(a, m, shape, bytes);
     if (t >= 0) e.candidates.push_back({a, t});
   }
@@ -157,11 +174,16 @@ std::string cost_model::to_json() const {
       "  \"machine\": \"{}\",\n"
       "  \"intra_alpha_s\": {:.6e},\n"
       "  \"intra_beta_s_per_byte\": {:.6e},\n"
+      "  \"intra_large_alpha_s\": {:.6e},\n"
+      "  \"intra_large_from_bytes\": {:.0f},\n"
       "  \"inter_alpha_s\": {:.6e},\n"
       "  \"inter_beta_s_per_byte\": {:.6e},\n"
+      "  \"inter_large_alpha_s\": {:.6e},\n"
+      "  \"inter_large_from_bytes\": {:.0f},\n"
       "  \"gamma_s_per_byte\": {:.6e}\n"
       "}}\n",
-      machine, intra.alpha, intra.beta, inter.alpha, inter.beta, gamma);
+      machine, intra.alpha, intra.beta, intra.large_alpha, intra.large_from, inter.alpha,
+      inter.beta, inter.large_alpha, inter.large_from, gamma);
 }
 
 namespace {
@@ -213,6 +235,14 @@ cost_model cost_model::from_json(std::string_view text, std::string_view origin)
   m.intra.beta = json_number(text, "intra_beta_s_per_byte", origin);
   m.inter.alpha = json_number(text, "inter_alpha_s", origin);
   m.inter.beta = json_number(text, "inter_beta_s_per_byte", origin);
+  // Optional (absent: one alpha for every message size).
+  auto optional = [&](std::string_view key) {
+    return json_value(text, key).empty() ? 0.0 : json_number(text, key, origin);
+  };
+  m.intra.large_alpha = optional("intra_large_alpha_s");
+  m.intra.large_from = optional("intra_large_from_bytes");
+  m.inter.large_alpha = optional("inter_large_alpha_s");
+  m.inter.large_from = optional("inter_large_from_bytes");
   m.gamma = json_number(text, "gamma_s_per_byte", origin);
   m.machine = std::string(json_value(text, "machine"));
   m.origin = std::string(origin);

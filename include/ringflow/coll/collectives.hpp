@@ -32,14 +32,15 @@ inline std::size_t segment_or_default(const coll_options& o) {
 }
 
 /// Runs the allreduce algorithm `opt` names (after the argument checks).
+/// `seq` is the collective's sequence number (from begin_collective).
 template <class T, class Op>
 void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t count, const Op& op,
-                   const coll_options& opt) {
+                   const coll_options& opt, std::uint64_t seq) {
   algo a = opt.algorithm;
   if (a == algo::automatic) {
     // One rank or nothing to do: no need to consult (or exchange) the model.
     a = (comm.size() == 1 || count == 0) ? algo::ring
-                                         : automatic_allreduce_algo(comm, count * sizeof(T));
+                                         : automatic_allreduce_algo(comm, count * sizeof(T), seq);
   }
   transport& t = comm.raw();
   switch (a) {
@@ -70,7 +71,8 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
       return;
     case algo::hierarchical:
       if (count == 0) return;
-      hierarchical_allreduce(t, in, out, count, op, context_of(comm)->topo, opt.segment_bytes);
+      hierarchical_allreduce(t, in, out, count, op, context_of(comm, seq)->topo,
+                             opt.segment_bytes);
       return;
     case algo::shm: {
       const allreduce_fn fn = registered_algorithm(algo::shm);
@@ -128,8 +130,9 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
         "allreduce on rank {}: input and output overlap without being the same buffer",
         comm.rank()));
   }
-  detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
-  detail::run_allreduce(comm, in.data(), out.data(), in.size(), op, opt);
+  const std::uint64_t seq =
+      detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
+  detail::run_allreduce(comm, in.data(), out.data(), in.size(), op, opt, seq);
 }
 
 /// In-place allreduce.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 
 #include "ringflow/coll/cost_model.hpp"
@@ -18,17 +19,20 @@ struct comm_context {
   cluster_shape shape;
 };
 
-/// The context of `comm`. The first call after the communicator's first
-/// collective is itself collective (one small allgather); later calls are a
-/// lookup. The cache is keyed by transport and dropped at every
-/// communicator's collective #0 (forget_context), which all ranks reach at
-/// the same point, so all ranks agree on when the exchange happens.
-std::shared_ptr<const comm_context> context_of(const communicator& comm);
+/// The context of `comm`, for the collective with sequence number `seq`.
+/// The first call on a communicator is itself collective (one small
+/// allgather); later calls are a lookup. The cache is keyed by transport
+/// address, so it must notice a new communicator at an old address on every
+/// rank alike: it is dropped at collective #0 (forget_context), and an entry
+/// last used at a sequence number >= `seq` is stale (sequence numbers only
+/// grow on one communicator), which also covers code that takes sequence
+/// numbers without begin_collective.
+std::shared_ptr<const comm_context> context_of(const communicator& comm, std::uint64_t seq);
 
 /// Drops the cached context of comm's transport (called at collective #0).
 void forget_context(const communicator& comm) noexcept;
 
 /// The algorithm algo::automatic runs for an allreduce of `bytes` (p > 1).
-algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes);
+algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes, std::uint64_t seq);
 
 }  // namespace ringflow::detail

@@ -15,10 +15,20 @@
 
 namespace ringflow {
 
-/// Cost of one point-to-point message of b bytes: alpha + b * beta.
+/// Cost of one point-to-point message of b bytes: alpha + b * beta, where
+/// alpha is large_alpha from large_from bytes on (most transports switch from
+/// an eager copy to a rendezvous handshake there, which costs a round trip).
 struct link_cost {
-  double alpha = 0;  ///< seconds per message
-  double beta = 0;   ///< seconds per byte
+  double alpha = 0;        ///< seconds per message (small messages)
+  double beta = 0;         ///< seconds per byte
+  double large_alpha = 0;  ///< seconds per message from large_from bytes on (0: alpha)
+  double large_from = 0;   ///< bytes where large_alpha starts (0: never)
+
+  /// Seconds for one message of `bytes`.
+  double message(double bytes) const {
+    const bool large = large_from > 0 && bytes >= large_from && large_alpha > 0;
+    return (large ? large_alpha : alpha) + bytes * beta;
+  }
 };
 
 /// Machine parameters of the model.
@@ -86,6 +96,10 @@ struct explanation {
 /// The fastest candidate for (shape, bytes) under `m`: a pure function, so
 /// every rank that holds the same model picks the same algorithm.
 explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
+
+/// choose_algorithm(m, shape, bytes).choice without building the explanation
+/// (no allocation: this is what every automatic allreduce calls).
+algo fastest_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
 
 /// What algo::automatic does for an allreduce of `bytes` on `comm`: the model
 /// of rank 0 (sent to the others once per communicator) and the node layout.

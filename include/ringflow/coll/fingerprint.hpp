@@ -36,11 +36,12 @@ void verify_fingerprint(const communicator& comm, const fingerprint& mine);
 /// Drops the cached per-communicator context (coll/context.hpp).
 void forget_context(const communicator& comm) noexcept;
 
-/// Takes the next sequence number and, in checked mode, verifies. Collective
-/// #0 of a communicator also drops any context cached under its transport's
-/// address (a previous communicator may have lived there).
-inline void begin_collective(const communicator& comm, coll_kind kind, dtype type, op_kind op,
-                             std::size_t count, int root = -1) {
+/// Takes the next sequence number (returned) and, in checked mode, verifies.
+/// Collective #0 of a communicator also drops any context cached under its
+/// transport's address (a previous communicator may have lived there).
+/// Code that runs a collective of its own should call this too.
+inline std::uint64_t begin_collective(const communicator& comm, coll_kind kind, dtype type,
+                                      op_kind op, std::size_t count, int root = -1) {
   const std::uint64_t seq = comm.next_sequence();
   if (seq == 0) forget_context(comm);
   if (comm.checked()) {
@@ -53,6 +54,7 @@ inline void begin_collective(const communicator& comm, coll_kind kind, dtype typ
     fp.op = op;
     verify_fingerprint(comm, fp);
   }
+  return seq;
 }
 }  // namespace detail
 
