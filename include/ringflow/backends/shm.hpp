@@ -89,7 +89,8 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
         "shm::allreduce on rank {}: input and output overlap without being the same buffer",
         comm.rank()));
   }
-  (void)comm.next_sequence();  // a collective like any other on this communicator
+  // No comm.next_sequence(): coll/ does per-communicator work at collective
+  // #0 (begin_collective), so only coll/ may take sequence numbers.
   detail::shm_allreduce(comm, in.data(), out.data(), in.size(), dtype_of<T>, Op::kind);
 }
 
