@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "gloo_peer.hpp"
 #include "modes.hpp"
 #include "ringflow/coll/cost_model.hpp"
 
@@ -54,6 +55,7 @@ double timed_rep(MPI_Comm mpi, int iters, F&& call) {
 std::string label(std::string_view name) {
   if (name == "recursive_doubling") return "rec_dbl";
   if (name == "halving_doubling") return "halv_dbl";
+  if (name == "gloo_ring_chunked") return "gloo_rchnk";
   return std::string(name);
 }
 
@@ -84,6 +86,11 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
   if (mpi_datatype(cli.cfg.type) != MPI_DATATYPE_NULL) {
     who.push_back({"mpi", algo::native, false, true, {}, 0, 0, 0, 0, 0});
   }
+  // Gloo's allreduces as peers (float sum only; none when built without Gloo).
+  gloo_peer gloo(mpi, cli.cfg.type, cli.cfg.op);
+  for (const auto& name : gloo.names()) {
+    who.push_back({name, algo::native, false, false, {}, 0, 0, 0, 0, 0});
+  }
 
   const std::size_t elem = dtype_size(cli.cfg.type);
   const std::vector<std::size_t> sizes = message_sizes(cli);
@@ -108,6 +115,7 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
                                    shape.shape.nodes == 1 ? "" : "s", shape.shape.ranks_per_node),
                dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters);
     fmt::print("# cost model: {}\n", shape.model_origin);
+    if (!gloo.skip_reason().empty()) fmt::print("# gloo: not run: {}\n", gloo.skip_reason());
     std::string head = fmt::format("{:>8}", "size");
     for (const auto& c : who) head += fmt::format(" {:>10}", label(c.name));
     head += fmt::format("  {:>12} {:>12} {:>9}", "best", "auto picks", "auto/best");
@@ -125,8 +133,11 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     const bench_shape s = entry.shape(bytes, elem, nranks, rank);
     if (s.total == 0) continue;
     const bench_buffers bufs{send.get(), recv.get(), s};
+    gloo.prepare(bufs);
     auto run = [&](contender& c) {
-      if (c.mpi) {
+      if (gloo.runs(c.name)) {
+        gloo.run(c.name, bufs);
+      } else if (c.mpi) {
         entry.run_baseline(ctx, bufs);
       } else {
         cfg.algorithm = c.algorithm;
