@@ -8,6 +8,12 @@
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::detail {
+
+// Defined by the shm backend (src/backends/shm.cpp) in the same library.
+// Calling it from here makes the linker keep that object file even in a
+// static build where the program never includes backends/shm.hpp.
+bool shm_register() noexcept;
+
 namespace {
 constexpr std::size_t slots = std::size(all_algos);
 std::array<std::atomic<allreduce_fn>, slots>& table() {
@@ -25,6 +31,8 @@ void register_algorithm(algo a, allreduce_fn fn) {
 }
 
 allreduce_fn registered_algorithm(algo a) noexcept {
+  static const bool builtins = shm_register();
+  (void)builtins;
   const auto i = static_cast<std::size_t>(a);
   return i < slots ? table()[i].load() : nullptr;
 }
