@@ -9,6 +9,7 @@
 #include <limits>
 #include <string_view>
 
+#include "ring_order.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::bench {
@@ -141,6 +142,9 @@ bench_cli parse_cli(int argc, char** argv) {
     } else if (arg == "--json") {
       cli.json_path = take();
       if (cli.json_path.empty()) throw bad_flag("--json needs a path (or - for stdout)");
+    } else if (arg == "--ring-order") {
+      cli.ring_order = take();
+      check_ring_order(cli.ring_order);
     } else if (arg == "--baseline") {
       cli.baseline = take();
       if (cli.baseline != "mpi") {
@@ -271,6 +275,8 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
                            ringflow and print its busbw and ratio = ringflow/mpi
       --csv PATH           write one CSV row per size (- for stdout, replaces the table)
       --json PATH          write the run as JSON (- for stdout, replaces the table)
+      --ring-order ORDER   identity | reverse | random:SEED: permute the ranks (a split
+                           communicator) so the ring visits them in another order
   -x, --extended           also print min and max over the repetitions
   -h, --help               this text
 

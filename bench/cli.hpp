@@ -32,6 +32,7 @@ struct bench_cli {
   std::string baseline;  // "" or "mpi"
   std::string csv_path;  // "" none, "-" stdout
   std::string json_path;
+  std::string ring_order = "identity";  // --ring-order (bench/ring_order.cpp)
   bench_config cfg;
 };
 

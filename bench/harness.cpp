@@ -19,6 +19,7 @@
 #include "harness.hpp"
 #include "modes.hpp"
 #include "report.hpp"
+#include "ring_order.hpp"
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/backends/mpi_interop.hpp"
 
@@ -311,12 +312,24 @@ int main(int argc, char** argv) {
         if (rank == 0) std::fputs(usage_text().c_str(), stdout);
         return 0;
       }
+      // --ring-order: the same run on a permuted copy of the world.
+      ringflow::communicator ring = comm;
+      if (cli.ring_order != "identity") {
+        MPI_Comm split = permuted_comm(mpi, cli.ring_order);
+        ring = ringflow::mpi::from_comm(split);  // a duplicate: ours can go
+        MPI_Comm_free(&split);
+      }
+      const MPI_Comm ring_mpi = ringflow::mpi::native_handle(ring);
+      if (cli.ring_order != "identity" && ring.rank() == 0 && cli.csv_path != "-" &&
+          cli.json_path != "-") {
+        std::printf("# ring order %s\n", describe_ring_order(cli.ring_order, ring.size()).c_str());
+      }
       if (cli.calibrate) {
-        status = run_calibration(comm, mpi, cli);
+        status = run_calibration(ring, ring_mpi, cli);
       } else {
-        const collective_entry& entry = resolve(cli, comm.size());
-        status = cli.algo == "all" ? run_algo_sweep(comm, mpi, cli, entry)
-                                   : run_bench(comm, mpi, cli, entry);
+        const collective_entry& entry = resolve(cli, ring.size());
+        status = cli.algo == "all" ? run_algo_sweep(ring, ring_mpi, cli, entry)
+                                   : run_bench(ring, ring_mpi, cli, entry);
       }
     } catch (const bad_flag& e) {
       if (rank == 0 && e.what()[0] != '\0') {
