@@ -51,6 +51,12 @@ void rep_times::summarize() {
   median_us = median_of(reps_us);
   min_us = *std::min_element(reps_us.begin(), reps_us.end());
   max_us = *std::max_element(reps_us.begin(), reps_us.end());
+  std::vector<double> v = reps_us;
+  std::sort(v.begin(), v.end());
+  const double pos = 0.99 * static_cast<double>(v.size() - 1);
+  const auto lo = static_cast<std::size_t>(pos);
+  const std::size_t hi = std::min(lo + 1, v.size() - 1);
+  p99_us = v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
 }
 
 void table_printer::header() const {
@@ -92,8 +98,8 @@ void table_printer::header() const {
     l1 += fmt::format("  {:>9} {:>7} {:>7} {:>6}", "time", "algbw", "busbw", "#wrong");
     l2 += fmt::format("  {:>9} {:>7} {:>7} {:>6}", "(us)", "(GB/s)", "(GB/s)", "");
     if (i.extended) {
-      l1 += fmt::format(" {:>9} {:>9}", "min", "max");
-      l2 += fmt::format(" {:>9} {:>9}", "(us)", "(us)");
+      l1 += fmt::format(" {:>9} {:>9} {:>9}", "min", "max", "p99");
+      l2 += fmt::format(" {:>9} {:>9} {:>9}", "(us)", "(us)", "(us)");
     }
   };
   side(fmt::format("ringflow {}", i.algo));
@@ -119,7 +125,10 @@ void table_printer::row(const size_result& r) const {
   auto side = [&](const side_result& s) {
     line += fmt::format("  {:>9.2f} {:>7.2f} {:>7.2f} {:>6}", s.time.median_us, s.algbw, s.busbw,
                         info_.check ? fmt::format("{}", s.wrong) : std::string("N/A"));
-    if (info_.extended) line += fmt::format(" {:>9.2f} {:>9.2f}", s.time.min_us, s.time.max_us);
+    if (info_.extended) {
+      line += fmt::format(" {:>9.2f} {:>9.2f} {:>9.2f}", s.time.min_us, s.time.max_us,
+                          s.time.p99_us);
+    }
   };
   side(r.ringflow);
   if (r.has_baseline) {
@@ -176,6 +185,8 @@ void write_csv(std::FILE* out, const run_info& info, const std::vector<size_resu
     fmt::print(out, ",baseline,baseline_time_us,baseline_algbw_GBs,baseline_min_us,"
                     "baseline_max_us,baseline_wrong,paired_ratio");
   }
+  fmt::print(out, ",p99_us");
+  if (base) fmt::print(out, ",baseline_p99_us");
   fmt::print(out, "\n");
   for (const auto& r : rows) {
     const auto& s = r.ringflow;
@@ -192,6 +203,8 @@ void write_csv(std::FILE* out, const run_info& info, const std::vector<size_resu
                  b.time.median_us, b.algbw, b.time.min_us, b.time.max_us,
                  info.check ? fmt::format("{}", b.wrong) : std::string(), r.paired_ratio);
     }
+    fmt::print(out, ",{:.3f}", s.time.p99_us);
+    if (base) fmt::print(out, ",{:.3f}", r.baseline.time.p99_us);
     fmt::print(out, "\n");
   }
   std::fflush(out);
@@ -207,9 +220,9 @@ void write_json(std::FILE* out, const run_info& info, const std::vector<size_res
   };
   auto side = [&](const side_result& s) {
     return fmt::format(
-        "{{\"time_us\": {:.3f}, \"min_us\": {:.3f}, \"max_us\": {:.3f}, \"algbw_GBs\": {:.6f}, "
-        "\"busbw_GBs\": {:.6f}, \"wrong\": {}, \"reps_us\": {}}}",
-        s.time.median_us, s.time.min_us, s.time.max_us, s.algbw, s.busbw,
+        "{{\"time_us\": {:.3f}, \"min_us\": {:.3f}, \"max_us\": {:.3f}, \"p99_us\": {:.3f}, "
+        "\"algbw_GBs\": {:.6f}, \"busbw_GBs\": {:.6f}, \"wrong\": {}, \"reps_us\": {}}}",
+        s.time.median_us, s.time.min_us, s.time.max_us, s.time.p99_us, s.algbw, s.busbw,
         info.check ? fmt::format("{}", s.wrong) : std::string("null"), reps(s.time));
   };
   fmt::print(out, "{{\n  \"run\": {{\n");

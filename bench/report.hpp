@@ -15,7 +15,8 @@ namespace ringflow::bench {
 struct rep_times {
   std::vector<double> reps_us;
   double median_us = 0, min_us = 0, max_us = 0;
-  /// Sorts a copy and fills median/min/max.
+  double p99_us = 0;  // interpolated 99th percentile (the max when reps < 100)
+  /// Sorts a copy and fills median/min/max/p99.
   void summarize();
 };
 
