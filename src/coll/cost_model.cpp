@@ -48,8 +48,10 @@ double ring_time(const link_cost& l, double gamma, int p, double n, std::size_t 
   if (p <= 1) return 0;
   const double steps = 2.0 * (p - 1);
   const double k = static_cast<double>(seg_count(n / p, seg));
-  // k messages of (n/p)/k bytes per step
-  return steps * k * l.message(n / p / k) + (p - 1.0) / p * n * gamma;
+  // k messages of (n/p)/k bytes per step. The ring reduces segment j while
+  // segment j+1 is in flight, so only one segment's reduction per step is
+  // exposed (all of it when a chunk is a single segment).
+  return steps * k * l.message(n / p / k) + (p - 1.0) / p * n * gamma / k;
 }
 
 // The fold of a non-power-of-two count: the whole buffer in and out once.
@@ -73,6 +75,11 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
     case algo::ring:
       return ring_time(l, g, p, n, segment_bytes ? segment_bytes : default_segment_bytes);
     case algo::recursive_doubling: {
+      // Only while the whole buffer goes as one small (eager) message: past
+      // the rendezvous switch, measured whole-buffer exchanges cost far more
+      // than the linear model says (docs/collectives.md), and
+      // halving-doubling moves half the bytes per round anyway.
+      if (l.large_from > 0 && n >= l.large_from) return -1;
       const int q = detail::pow2_floor(p);
       return log2i(q) * (l.message(n) + n * g) + fold_time(l, g, p, n);
     }
@@ -118,7 +125,9 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
 }
 
 namespace {
-constexpr algo candidates[] = {algo::ring, algo::recursive_doubling, algo::halving_doubling,
+// On a tie the earlier wins: halving-doubling before the ring, which it
+// equals on two ranks (same messages) at a lower fixed cost per call.
+constexpr algo candidates[] = {algo::halving_doubling, algo::ring, algo::recursive_doubling,
                                algo::tree, algo::double_tree, algo::hierarchical};
 }  // namespace
 

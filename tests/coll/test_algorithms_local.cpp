@@ -182,12 +182,23 @@ TEST_CASE("the cost model picks by size and topology on synthetic parameters",
   const cluster_shape flat8{8, 1, 8};
   // Latency-bound: the fewest messages.
   CHECK(choose_algorithm(m, flat8, 64).choice == algo::recursive_doubling);
-  // Bandwidth-bound on a power of two: halving-doubling moves the ring's
+  // Bandwidth-bound: the pipelined ring hides its reductions behind the
+  // transfers; without reduction cost, halving-doubling moves the ring's
   // bytes in far fewer messages.
-  CHECK(choose_algorithm(m, flat8, 64u << 20).choice == algo::halving_doubling);
+  CHECK(choose_algorithm(m, flat8, 64u << 20).choice == algo::ring);
+  cost_model free_reduce = m;
+  free_reduce.gamma = 0;
+  CHECK(choose_algorithm(free_reduce, flat8, 64u << 20).choice == algo::halving_doubling);
   // Every candidate is listed, fastest first, and the runner-up is second.
   const explanation e = choose_algorithm(m, flat8, 1u << 20);
   REQUIRE(e.candidates.size() == 5);  // no hierarchical on one node
+  // With a rendezvous threshold, recursive doubling is only a candidate
+  // while the whole buffer is one small message.
+  cost_model eager = m;
+  eager.intra.large_alpha = 10e-6;
+  eager.intra.large_from = 4096;
+  CHECK(choose_algorithm(eager, flat8, 1024).choice == algo::recursive_doubling);
+  CHECK(choose_algorithm(eager, flat8, 8192).choice != algo::recursive_doubling);
   CHECK(e.candidates[0].seconds <= e.candidates[1].seconds);
   CHECK(e.runner_up == e.candidates[1].algorithm);
   for (std::size_t b : {std::size_t{0}, std::size_t{8}, std::size_t{1} << 14, std::size_t{1} << 22}) {
