@@ -45,6 +45,11 @@ def read(path):
         b = int(r["bytes"])
         bw = float(r["busbw_GBs"])
         ranks.add(r.get("ranks", "?"))
+        # The --algo all CSV rounds busbw to 1 MB/s; recompute it from the
+        # median time (allreduce: factor 2(n-1)/n) so slow peers do not read 0.
+        if r.get("median_us") and r.get("ranks", "").isdigit() and float(r["median_us"]) > 0:
+            n = int(r["ranks"])
+            bw = b / float(r["median_us"]) / 1e3 * (2 * (n - 1) / n if n > 1 else 1)
         lo = hi = bw
         if r.get("min_us") and r.get("max_us") and r.get("median_us"):
             med, tmin, tmax = float(r["median_us"]), float(r["min_us"]), float(r["max_us"])
@@ -100,7 +105,7 @@ def main():
     n = ",".join(sorted(ranks))
     ax.set_title(f"{args.title}, {n} ranks\n{args.machine}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="upper left")
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
     fig.savefig(args.output)
     print(f"wrote {args.output} ({len(series)} series, {len(ticks)} sizes)")
