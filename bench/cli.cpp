@@ -267,7 +267,8 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
       --algo NAME          ring | native | auto (native: MPI_Allreduce, allreduce only);
                            allreduce also: recursive_doubling halving_doubling tree
                            double_tree hierarchical shm, and all (every algorithm,
-                           auto and MPI_Allreduce interleaved at each size)
+                           auto and MPI_Allreduce interleaved at each size, and
+                           Gloo's ring, ring_chunked, halving_doubling when built with it)
       --calibrate          measure alpha, beta, gamma here and save the cost model to
                            $RINGFLOW_COST_MODEL or ~/.cache/ringflow/cost_model.json
       --segment BYTES      ring pipeline segment (default: the library's, 256K)
