@@ -10,6 +10,7 @@
 #include <ringflow/ad/autodiff.hpp>
 #include <ringflow/backends/mpi.hpp>
 #include <ringflow/coll/collectives.hpp>
+#include <ringflow/compress/compressor.hpp>
 #include <ringflow/core/log.hpp>
 #include <ringflow/data/batch.hpp>
 #include <ringflow/data/dataset.hpp>
@@ -58,6 +59,7 @@ struct options {
   std::size_t bucket_kib = rt::default_bucket_cap_bytes / 1024;
   std::string progress = "auto";
   ringflow::algo algorithm = ringflow::algo::automatic;
+  std::string compress = "none";
 };
 
 void print_help() {
@@ -81,6 +83,10 @@ void print_help() {
       "  --bucket-kib N         gradient bucket cap in KiB (default %zu)\n"
       "  --progress MODE        auto (a bar on a terminal), bar, lines or none (default auto)\n"
       "  --algo NAME            bucket allreduce: auto, ring or native (MPI_Allreduce) (default auto)\n"
+      "  --compress SPEC        gradient compression per bucket: none, fp16, bf16, int8[:block],\n"
+      "                         topk:<ratio in (0,1]>, sign[:block], powersgd:<rank>, or auto\n"
+      "                         (the cost model picks per bucket) (default none; see\n"
+      "                         docs/compression.md); bytes sent are reported at the end\n"
       "  --help                 this text\n"
       "\n"
       "Environment: RINGFLOW_TIMELINE=trace.json writes a Chrome trace per rank\n"
@@ -188,6 +194,15 @@ std::optional<options> parse_args(int argc, char** argv) {
         o.algorithm = ringflow::parse_algo(name);
       } catch (const ringflow::usage_error&) {
         throw bad_flag(fmt::format("--algo expects auto, ring or native, got '{}'", name));
+      }
+    } else if (arg == "--compress") {
+      o.compress = take();
+      if (o.compress != "auto") {
+        try {
+          ringflow::compress::make_compressor(o.compress);
+        } catch (const ringflow::usage_error& e) {
+          throw bad_flag(fmt::format("--compress '{}' (or auto): {}", o.compress, e.what()));
+        }
       }
     } else if (arg == "--progress") {
       o.progress = take();
@@ -359,16 +374,18 @@ int train(const options& o, const ringflow::communicator& comm) {
                        {.bucket_cap_bytes = o.bucket_kib * 1024,
                         .first_bucket_cap_bytes = std::min(o.bucket_kib * 1024,
                                                            rt::default_first_bucket_cap_bytes),
-                        .coll = {.algorithm = o.algorithm}});
+                        .coll = {.algorithm = o.algorithm},
+                        .compress = o.compress,
+                        .compress_options = {.seed = o.seed}});
 
   std::string layout = fmt::format("{}", sizes[0]);
   for (std::size_t i = 1; i < sizes.size(); ++i) layout += fmt::format("-{}", sizes[i]);
   report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; mlp "
               "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
-              "steps/epoch, AdamW lr {} warm-up + cosine",
+              "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}",
               np, fm.train.size(), fm.test.size(), seconds_since(t_load), layout,
               model.parameters().numel(), dp.buckets().size(), o.batch, local_batch,
-              steps_per_epoch, o.lr);
+              steps_per_epoch, o.lr, o.compress);
 
   const auto save = [&] {
     if (ckpt.empty()) return;
@@ -453,6 +470,23 @@ int train(const options& o, const ringflow::communicator& comm) {
   if (start_epoch >= o.epochs) test_acc = accuracy(comm, model, fm.test);
   report.line("trained {} epoch(s) in {:.1f}s on {} rank(s)", o.epochs - start_epoch,
               seconds_since(t_train), np);
+  if (o.compress != "none") {
+    const auto t = dp.compression_traffic();
+    std::string chosen;
+    if (o.compress == "auto") {
+      for (std::size_t k = 0; k < dp.buckets().size(); ++k) {
+        chosen += fmt::format("{}{}", k == 0 ? " (buckets: " : ", ", dp.compression_of(k));
+      }
+      if (!chosen.empty()) chosen += ")";
+    }
+    report.line("compression {}{}: rank 0 sent {} bytes vs {} for uncompressed fp32 allreduce "
+                "({:.2f}x fewer; payload ratio {:.2f}) over {} bucket reductions",
+                o.compress, chosen, t.bytes_sent, t.plain_bytes_sent,
+                t.bytes_sent > 0 ? static_cast<double>(t.plain_bytes_sent) /
+                                       static_cast<double>(t.bytes_sent)
+                                 : 0.0,
+                t.ratio(), t.calls);
+  }
   if (rank == 0) {
     std::printf("test_accuracy=%.4f\n", test_acc);
     std::fflush(stdout);

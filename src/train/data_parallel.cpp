@@ -69,6 +69,7 @@ struct data_parallel::state {
   train::timeline tl;
   std::vector<bucket> buckets;
   std::vector<std::size_t> bucket_of;    // parameter -> bucket
+  std::unique_ptr<compress::bucket_compression> compression;  // null: plain allreduce
   std::vector<bool> expected;            // requires_grad when built
   std::vector<std::size_t> expected_in;  // per bucket: expected parameters
   // Per step.
@@ -123,18 +124,27 @@ struct data_parallel::state {
     const std::int64_t at_step = step;
     const coll_options coll = opts.coll;
     const train::timeline trace = tl;
+    // Only the progress thread touches it while buckets are in flight; it runs
+    // them one at a time in bucket order, the same on every rank, which is
+    // what bucket_compression needs (finish() waits before anyone reads it).
+    compress::bucket_compression* bc = compression.get();
     // Enqueued by hand (rather than allreduce_async) to timestamp the
     // allreduce where it runs: on the progress thread.
     handles[b] = collective_handle(detail::enqueue(
-        comm, [data, rec, at_step, coll, trace, b](const communicator& c) {
+        comm, [data, rec, at_step, coll, trace, b, bc](const communicator& c) {
           const double t0 = now_us();
-          allreduce(c, data, avg, coll);
+          if (bc != nullptr) {
+            bc->reduce(c, data, b);
+          } else {
+            allreduce(c, data, avg, coll);
+          }
           const double t1 = now_us();
           rec->start_us = t0;
           rec->end_us = t1;
           if (trace.enabled()) {
             trace_event e;
-            e.name = fmt::format("allreduce bucket {}", b);
+            e.name = bc != nullptr ? fmt::format("compressed allreduce bucket {}", b)
+                                   : fmt::format("allreduce bucket {}", b);
             e.lane = lane::comm;
             e.start_us = t0;
             e.duration_us = t1 - t0;
@@ -168,6 +178,12 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
                                   comm.rank(), opts.root, comm.size()));
   }
   params.check_bound();
+  if (opts.compress.empty()) opts.compress = "none";
+  if (opts.compress != "none") {
+    // Throws usage_error on a bad spec, on every rank alike, before any collective.
+    s.compression =
+        std::make_unique<compress::bucket_compression>(opts.compress, opts.compress_options);
+  }
   s.comm = std::move(comm);
   s.params = std::move(params);
   s.opts = std::move(opts);
@@ -286,6 +302,13 @@ std::int64_t data_parallel::steps() const { return state_->step; }
 const step_stats& data_parallel::last_step() const { return state_->last; }
 const std::vector<std::uint32_t>& data_parallel::ready_counts() const {
   return state_->last_fired;
+}
+const std::string& data_parallel::compression() const { return state_->opts.compress; }
+compress::traffic data_parallel::compression_traffic() const {
+  return state_->compression ? state_->compression->total() : compress::traffic{};
+}
+std::string data_parallel::compression_of(std::size_t b) const {
+  return state_->compression ? state_->compression->spec_of(b) : std::string("none");
 }
 const communicator& data_parallel::comm() const { return state_->comm; }
 const ad::parameter_store<float>& data_parallel::parameters() const { return state_->params; }

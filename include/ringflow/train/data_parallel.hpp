@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "ringflow/ad/tensor.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/comm/communicator.hpp"
+#include "ringflow/compress/bucket_compression.hpp"
 #include "ringflow/train/timeline.hpp"
 
 namespace ringflow::train {
@@ -62,6 +64,15 @@ struct data_parallel_options {
   coll_options coll = {};
   /// Where to write the trace; empty: RINGFLOW_TIMELINE, or no trace.
   std::filesystem::path timeline_path = {};
+  /// Gradient compression of the buckets: a compress::make_compressor spec
+  /// (none|fp16|bf16|int8[:block]|topk:<ratio>|sign[:block]|powersgd:<rank>)
+  /// or "auto". Anything but "none" averages each bucket through a
+  /// compress::bucket_compression (one compressor and residual per bucket)
+  /// instead of allreduce(avg); `coll` is then unused. A bad spec throws
+  /// usage_error from the constructor.
+  std::string compress = "none";
+  /// Seed, error feedback and `auto` candidates of the compression.
+  compress::bucket_compression_options compress_options = {};
 };
 
 /// Timing of one step (seconds), measured on this rank.
@@ -152,6 +163,17 @@ class data_parallel {
   /// How many times each parameter's grad-ready hook fired in the last
   /// finished step (1 for every parameter backward reached, 0 for unused).
   const std::vector<std::uint32_t>& ready_counts() const;
+
+  /// The compression spec in use ("none" when the buckets are plain allreduces).
+  const std::string& compression() const;
+  /// Cumulative traffic of the compressed bucket reductions since
+  /// construction (bytes_sent vs plain_bytes_sent, the fp32 ring's bytes);
+  /// all zeros when compression is "none". Read it between steps (after
+  /// finish()), not while buckets are in flight.
+  compress::traffic compression_traffic() const;
+  /// The compressor bucket `b` uses ("" before its first reduction, "none"
+  /// without compression); in `auto` mode the cost model's choice.
+  std::string compression_of(std::size_t b) const;
 
   const communicator& comm() const;
   const ad::parameter_store<float>& parameters() const;
