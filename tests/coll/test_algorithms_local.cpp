@@ -206,8 +206,8 @@ TEST_CASE("the cost model picks by size and topology on synthetic parameters",
   }
   // Messages from large_from bytes on pay the rendezvous alpha.
   link_cost l{1e-6, 1e-10, 5e-6, 4096};
-  CHECK(l.message(4095) == Approx(1e-6 + 4095e-10));
-  CHECK(l.message(4096) == Approx(5e-6 + 4096e-10));
+  CHECK(l.message(4095) == Catch::Approx(1e-6 + 4095e-10));
+  CHECK(l.message(4096) == Catch::Approx(5e-6 + 4096e-10));
   CHECK(e.to_string().find(std::string(algo_name(e.choice))) != std::string::npos);
   // Slow links between nodes: only 1/8 of the bytes should cross them.
   cost_model two_level = m;
@@ -228,11 +228,11 @@ TEST_CASE("cost model files round-trip and bad ones are reported", "[coll][cost_
   m.gamma = 3e-11;
   m.machine = "test box";
   const cost_model back = cost_model::from_json(m.to_json(), "test");
-  CHECK(back.intra.alpha == Approx(m.intra.alpha));
-  CHECK(back.intra.beta == Approx(m.intra.beta));
-  CHECK(back.inter.alpha == Approx(m.inter.alpha));
-  CHECK(back.inter.beta == Approx(m.inter.beta));
-  CHECK(back.gamma == Approx(m.gamma));
+  CHECK(back.intra.alpha == Catch::Approx(m.intra.alpha));
+  CHECK(back.intra.beta == Catch::Approx(m.intra.beta));
+  CHECK(back.inter.alpha == Catch::Approx(m.inter.alpha));
+  CHECK(back.inter.beta == Catch::Approx(m.inter.beta));
+  CHECK(back.gamma == Catch::Approx(m.gamma));
   CHECK(back.machine == "test box");
   CHECK_THROWS_AS(cost_model::from_json("{}", "empty"), usage_error);
   CHECK_THROWS_AS(cost_model::from_json(R"({"format": "ringflow-cost-model", "intra_alpha_s": 1e-6,
@@ -246,7 +246,7 @@ TEST_CASE("cost model files round-trip and bad ones are reported", "[coll][cost_
   {
     scoped_env env("RINGFLOW_COST_MODEL", path.c_str());
     CHECK(cost_model_path() == path);
-    CHECK(local_cost_model().intra.alpha == Approx(1.5e-6));
+    CHECK(local_cost_model().intra.alpha == Catch::Approx(1.5e-6));
     // explain uses rank 0's model on every rank.
     require_none(run_collecting(3, [](communicator& c, failures& f) {
       const explanation e = explain(c, 4096);
