@@ -1,8 +1,10 @@
 // ringflow-bench entry for allreduce (algorithms ring, native, auto); baseline MPI_Allreduce.
+// allreduce_entry() is shared by every allreduce registration (algorithms, shm).
 #include <mpi.h>
 
 #include <span>
 
+#include "allreduce_entry.hpp"
 #include "harness.hpp"
 #include "ringflow/coll/collectives.hpp"
 
@@ -63,10 +65,12 @@ std::size_t allreduce_wrong(const bench_context& ctx, const bench_buffers& b) {
   });
 }
 
-collective_entry make_allreduce() {
+}  // namespace
+
+collective_entry allreduce_entry(std::vector<std::string> algos) {
   collective_entry e;
   e.name = "allreduce";
-  e.algos = {"ring", "native", "auto"};
+  e.algos = std::move(algos);
   e.baseline = "MPI_Allreduce";
   e.uses_op = true;
   e.shape = allreduce_shape;
@@ -79,7 +83,6 @@ collective_entry make_allreduce() {
   return e;
 }
 
-}  // namespace
 }  // namespace ringflow::bench
 
-RINGFLOW_BENCH_REGISTER(::ringflow::bench::make_allreduce())
+RINGFLOW_BENCH_REGISTER(::ringflow::bench::allreduce_entry({"ring", "native", "auto"}))

@@ -1,33 +1,15 @@
 // ringflow-bench entry for allreduce --algo shm (intra-node shared memory); baseline MPI_Allreduce.
-#include <mpi.h>
-
 #include <span>
 
+#include "allreduce_entry.hpp"
 #include "harness.hpp"
 #include "ringflow/backends/shm.hpp"
-#include "ringflow/coll/ring.hpp"
 
 namespace ringflow::bench {
 namespace {
 
-bench_shape shm_shape(std::size_t bytes, std::size_t elem_size, int /*nranks*/, int /*rank*/) {
-  const std::size_t n = bytes / elem_size;
-  return {n * elem_size, n, n, n, n};
-}
-
-// The same factor as every allreduce, so busbw compares across algorithms.
-double shm_bus_factor(int nranks) { return 2.0 * (nranks - 1) / nranks; }
-
-void shm_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    auto* in = static_cast<T*>(b.send);
-    for (std::size_t i = 0; i < b.shape.send_count; ++i) {
-      in[i] = input_value<T>(ctx.cfg.op, ctx.comm.rank(), i);
-    }
-  });
-  poison(b.recv, b.shape.recv_count, dtype_size(ctx.cfg.type));
-}
-
+// The shm entry point directly (no dispatch, no fingerprint); everything
+// else, MPI_Allreduce baseline included, is the shared allreduce row.
 void shm_run(const bench_context& ctx, const bench_buffers& b) {
   with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     with_op(ctx.cfg.op, [&]<class Op>(Op op) {
@@ -38,43 +20,9 @@ void shm_run(const bench_context& ctx, const bench_buffers& b) {
   });
 }
 
-// Out of place like the shm run; avg is MPI_SUM plus the division.
-void shm_baseline(const bench_context& ctx, const bench_buffers& b) {
-  MPI_Allreduce(b.send, b.recv, static_cast<int>(b.shape.total), mpi_datatype(ctx.cfg.type),
-                mpi_op(ctx.cfg.op), ctx.mpi);
-  if (ctx.cfg.op == op_kind::avg) {
-    with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-      detail::finish_range(static_cast<T*>(b.recv), b.shape.total, avg_op{}, ctx.comm.size());
-    });
-  }
-}
-
-std::size_t shm_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    return with_op(ctx.cfg.op, [&]<class Op>(Op op) {
-      const auto* out = static_cast<const T*>(b.recv);
-      std::size_t wrong = 0;
-      for (std::size_t i = 0; i < b.shape.total; ++i) {
-        wrong += !same_value(out[i], expected_reduction<T>(op, ctx.comm.size(), i));
-      }
-      return wrong;
-    });
-  });
-}
-
 collective_entry make_shm_allreduce() {
-  collective_entry e;
-  e.name = "allreduce";
-  e.algos = {"shm"};
-  e.baseline = "MPI_Allreduce";
-  e.uses_op = true;
-  e.shape = shm_shape;
-  e.bus_formula = "2(n-1)/n";
-  e.bus_factor = shm_bus_factor;
-  e.fill = shm_fill;
+  collective_entry e = allreduce_entry({"shm"});
   e.run = shm_run;
-  e.run_baseline = shm_baseline;
-  e.count_wrong = shm_wrong;
   return e;
 }
 
