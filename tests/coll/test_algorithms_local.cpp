@@ -9,55 +9,14 @@
 #include "ringflow/coll/cost_model.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
+#include "support/collect.hpp"
 
 using namespace ringflow;
 using ringflow::testing::failures;
+using ringflow::testing::require_none;
+using ringflow::testing::run_collecting;
+using ringflow::testing::scoped_env;
 
-namespace {
-template <class Body>
-failures run_collecting(int n, Body body) {
-  std::mutex m;
-  failures all;
-  local::run(n, [&](communicator& c) {
-    failures mine;
-    body(c, mine);
-    std::lock_guard lock(m);
-    all.insert(all.end(), mine.begin(), mine.end());
-  });
-  return all;
-}
-
-void require_none(const failures& f) {
-  for (std::size_t i = 0; i < f.size() && i < 10; ++i) UNSCOPED_INFO(f[i]);
-  REQUIRE(f.empty());
-}
-
-// Sets an environment variable for one scope (the ranks are threads of this
-// process, so they all see it).
-class scoped_env {
- public:
-  scoped_env(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old, had_ = true;
-    if (value) {
-      setenv(name, value, 1);
-    } else {
-      unsetenv(name);
-    }
-  }
-  ~scoped_env() {
-    if (had_) {
-      setenv(name_, old_.c_str(), 1);
-    } else {
-      unsetenv(name_);
-    }
-  }
-
- private:
-  const char* name_;
-  std::string old_;
-  bool had_ = false;
-};
-}  // namespace
 
 TEST_CASE("every allreduce algorithm matches the serial reference on 1..8 ranks",
           "[coll][local][algorithms]") {

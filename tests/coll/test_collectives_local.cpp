@@ -5,31 +5,13 @@
 #include "ringflow/backends/local.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
+#include "support/collect.hpp"
 
 using namespace ringflow;
 using ringflow::testing::failures;
+using ringflow::testing::require_none;
+using ringflow::testing::run_collecting;
 
-namespace {
-// Runs `body` on n thread-ranks and collects their failures (Catch2 asserts
-// only on the main thread).
-template <class Body>
-failures run_collecting(int n, Body body) {
-  std::mutex m;
-  failures all;
-  local::run(n, [&](communicator& c) {
-    failures mine;
-    body(c, mine);
-    std::lock_guard lock(m);
-    all.insert(all.end(), mine.begin(), mine.end());
-  });
-  return all;
-}
-
-void require_none(const failures& f) {
-  for (std::size_t i = 0; i < f.size() && i < 10; ++i) UNSCOPED_INFO(f[i]);
-  REQUIRE(f.empty());
-}
-}  // namespace
 
 TEST_CASE("partition is balanced and covers the buffer", "[coll][partition]") {
   for (std::size_t count : {0, 1, 5, 8, 1000003}) {

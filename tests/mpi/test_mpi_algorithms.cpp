@@ -9,16 +9,12 @@
 #include "ringflow/coll/cost_model.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
+#include "support/collect.hpp"
 
 using namespace ringflow;
 using ringflow::testing::failures;
+using ringflow::testing::require_none;
 
-namespace {
-void require_none(const failures& f) {
-  for (std::size_t i = 0; i < f.size() && i < 10; ++i) UNSCOPED_INFO(f[i]);
-  REQUIRE(f.empty());
-}
-}  // namespace
 
 TEST_CASE("mpi: every allreduce algorithm matches the serial reference", "[mpi][algorithms]") {
   auto world = mpi::world();

@@ -5,16 +5,12 @@
 #include "ringflow/coll/async.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
+#include "support/collect.hpp"
 
 using namespace ringflow;
 using ringflow::testing::failures;
+using ringflow::testing::require_none;
 
-namespace {
-void require_none(const failures& f) {
-  for (std::size_t i = 0; i < f.size() && i < 10; ++i) UNSCOPED_INFO(f[i]);
-  REQUIRE(f.empty());
-}
-}  // namespace
 
 TEST_CASE("mpi: ring collectives match the serial reference for every dtype and op", "[mpi]") {
   auto world = mpi::world();

@@ -12,43 +12,19 @@
 #include "ringflow/coll/async.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
+#include "support/collect.hpp"
 
 using namespace ringflow;
 using ringflow::testing::failures;
+using ringflow::testing::require_none;
 
 namespace {
 
-void require_none(const failures& f) {
-  for (std::size_t i = 0; i < f.size() && i < 10; ++i) UNSCOPED_INFO(f[i]);
-  REQUIRE(f.empty());
-}
-
-// Sets RINGFLOW_SHM_BLOCK while it lives (rank 0 reads it when a
-// communicator's segment is created): small blocks make many-block calls out
-// of small buffers, and small segments are quick to set up.
-class block_env {
- public:
-  explicit block_env(const char* block) {
-    if (const char* old = std::getenv("RINGFLOW_SHM_BLOCK")) saved_ = old;
-    setenv("RINGFLOW_SHM_BLOCK", block, 1);
-  }
-  ~block_env() {
-    if (saved_.empty()) {
-      unsetenv("RINGFLOW_SHM_BLOCK");
-    } else {
-      setenv("RINGFLOW_SHM_BLOCK", saved_.c_str(), 1);
-    }
-  }
-  block_env(const block_env&) = delete;
-  block_env& operator=(const block_env&) = delete;
-
- private:
-  std::string saved_;
-};
-
 // A fresh communicator whose segment's largest block is `block` bytes.
 communicator with_block(const char* block) {
-  block_env env(block);
+  // rank 0 reads RINGFLOW_SHM_BLOCK when the segment is created: small blocks
+  // make many-block calls out of small buffers, and are quick to set up.
+  testing::scoped_env env("RINGFLOW_SHM_BLOCK", block);
   communicator c = mpi::world();
   (void)shm::usable(c);  // creates the segment now, while the variable is set
   return c;
@@ -191,7 +167,7 @@ TEST_CASE("shm: sub-communicators get their own segments", "[mpi][shm]") {
   auto world = with_block("64K");
   communicator sub = world.split(world.rank() % 2, world.rank());
   {
-    block_env env("64K");
+    testing::scoped_env env("RINGFLOW_SHM_BLOCK", "64K");
     REQUIRE(shm::usable(sub));
   }
   std::vector<std::int32_t> v(10007, world.rank());
@@ -290,7 +266,7 @@ TEST_CASE("shm: ringflow::allreduce with algo::shm runs the shm path", "[mpi][sh
 }
 
 TEST_CASE("shm: async and blocking shm calls at once use separate segments", "[mpi][shm]") {
-  block_env env("64K");  // for the progress thread's duplicate as well
+  testing::scoped_env env("RINGFLOW_SHM_BLOCK", "64K");  // for the progress thread's duplicate as well
   auto world = mpi::world();
   std::vector<float> a(300001), b;
   for (std::size_t i = 0; i < a.size(); ++i) {
