@@ -404,8 +404,8 @@ void topk_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   }
 }
 
-void topk_compressor::reduce(const communicator& comm, std::span<float> data,
-                             std::span<float> mine, std::uint64_t bucket_id, traffic& stats) {
+void gather_compressor::reduce(const communicator& comm, std::span<float> data,
+                               std::span<float> mine, std::uint64_t bucket_id, traffic& stats) {
   const std::size_t n = data.size();
   check_not_empty(*this, n, "reduce");
   check_mine(mine, n, *this);
@@ -481,24 +481,6 @@ void sign_compressor::decode_add(std::span<const std::byte> payload, std::span<f
       for (unsigned j = 0; j < bits; ++j) o[j] += kernels::unpack_sign(word, j, s);
     }
   }
-}
-
-void sign_compressor::reduce(const communicator& comm, std::span<float> data,
-                             std::span<float> mine, std::uint64_t bucket_id, traffic& stats) {
-  const std::size_t n = data.size();
-  check_not_empty(*this, n, "reduce");
-  check_mine(mine, n, *this);
-  const std::size_t pb = payload_bytes(n);
-  send_.resize(pb);
-  encode(data, bytes_of(send_), bucket_id);
-  if (!mine.empty()) decode(std::as_bytes(std::span(send_)), mine);
-  recv_.resize(pb * static_cast<std::size_t>(comm.size()));
-  allgather<std::uint8_t>(comm, send_, recv_, coll_options{algo::ring, 0});
-  std::fill(data.begin(), data.end(), 0.0f);
-  for (int r = 0; r < comm.size(); ++r) {
-    decode_add(std::as_bytes(std::span(recv_).subspan(pb * static_cast<std::size_t>(r), pb)), data);
-  }
-  account(n, comm, stats);
 }
 
 // ---------------------------------------------------------------------------

@@ -171,26 +171,36 @@ class int8_compressor final : public compressor {
   std::vector<std::int8_t> q_;
 };
 
+/// Base of the compressors whose payloads cannot be summed (top-k, sign):
+/// reduce() allgathers every rank's payload and decodes them in rank order,
+/// so every rank adds the same values in the same order.
+class gather_compressor : public compressor {
+ public:
+  combine how() const override { return combine::gather; }
+  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+              std::uint64_t bucket_id, traffic& stats) final;
+
+ private:
+  std::vector<std::uint8_t> send_, recv_;
+};
+
 /// Top-k by magnitude: keeps k = ceil(ratio * n) elements as (uint32 index,
 /// float value) pairs, allgathered. Selection is exact: tensors of up to
 /// `exact_limit` elements use nth_element; larger ones first keep the elements
 /// above a threshold estimated from a seeded sample (with slack), then select
 /// among those, falling back to the full nth_element if too few passed.
 /// Ties are broken by the lower index, so the choice is deterministic.
-class topk_compressor final : public compressor {
+class topk_compressor final : public gather_compressor {
  public:
   explicit topk_compressor(double ratio, std::uint64_t seed = 0,
                            std::size_t exact_limit = std::size_t{1} << 16);
   std::string name() const override;
-  combine how() const override { return combine::gather; }
   bool wants_error_feedback() const override { return true; }
   std::size_t k(std::size_t n) const;
   std::size_t payload_bytes(std::size_t n) const override { return 8 * k(n); }
   std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
   void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
   void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
-  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
-              std::uint64_t bucket_id, traffic& stats) override;
 
  private:
   double ratio_;
@@ -198,28 +208,23 @@ class topk_compressor final : public compressor {
   std::size_t exact_limit_;
   std::uint64_t step_ = 0;
   std::vector<std::uint32_t> idx_;
-  std::vector<std::uint8_t> send_, recv_;
 };
 
 /// 1-bit scaled sign: one bit per element (32 per uint32 word) and one fp32
 /// scale per block of `block` elements, the mean |x| of the block.
 /// Payload: the block scales, then ceil(n / 32) words. Allgathered.
-class sign_compressor final : public compressor {
+class sign_compressor final : public gather_compressor {
  public:
   explicit sign_compressor(std::size_t block = 256);
   std::string name() const override;
-  combine how() const override { return combine::gather; }
   bool wants_error_feedback() const override { return true; }
   std::size_t payload_bytes(std::size_t n) const override;
   std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
   void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
   void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
-  void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
-              std::uint64_t bucket_id, traffic& stats) override;
 
  private:
   std::size_t block_;
-  std::vector<std::uint8_t> send_, recv_;
 };
 
 /// PowerSGD of rank r: the bucket is viewed as a rows x cols matrix M
