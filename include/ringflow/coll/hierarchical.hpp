@@ -77,11 +77,7 @@ void hierarchical_allreduce(transport& t, const T* in, T* out, std::size_t count
                             const topology& topo, std::size_t segment_bytes) {
   const int p = t.size(), r = t.rank();
   if (count == 0) return;
-  if (p == 1) {
-    if (out != in) std::memcpy(static_cast<void*>(out), in, count * sizeof(T));
-    finish_range(out, count, op, 1);
-    return;
-  }
+  if (p == 1) return single_rank_result(in, out, count, op);
   const auto& node = topo.nodes[static_cast<std::size_t>(topo.node_of[static_cast<std::size_t>(r)])];
   const int L = topo.max_node_size();
   const int here = static_cast<int>(node.size());

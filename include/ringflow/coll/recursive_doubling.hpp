@@ -29,11 +29,7 @@ void recursive_doubling_allreduce(transport& t, const T* in, T* out, std::size_t
   const int p = t.size(), r = t.rank();
   if (count == 0) return;
   const std::size_t bytes = count * sizeof(T);
-  if (p == 1) {
-    if (out != in) std::memcpy(static_cast<void*>(out), in, bytes);
-    finish_range(out, count, op, 1);
-    return;
-  }
+  if (p == 1) return single_rank_result(in, out, count, op);
   constexpr int tag = recursive_doubling_tag;
   const fold_map fold(p);
   const int me = fold.folded(r);

@@ -56,6 +56,14 @@ inline void finish_range(T* dst, std::size_t n, const Op& op, int p) {
   }
 }
 
+/// The one-rank case of every allreduce and reduce-scatter: the result is the
+/// input (copied unless in place), finished (avg divides by 1).
+template <class T, class Op>
+void single_rank_result(const T* in, T* out, std::size_t count, const Op& op) {
+  if (out != in) std::memcpy(static_cast<void*>(out), in, count * sizeof(T));
+  finish_range(out, count, op, 1);
+}
+
 inline std::size_t segment_elems(std::size_t segment_bytes, std::size_t elem_size) {
   return std::max<std::size_t>(1, segment_bytes / elem_size);
 }
@@ -197,11 +205,7 @@ void ring_allreduce(transport& t, const T* in, T* out, std::size_t count, const 
                     std::size_t segment_bytes) {
   const int p = t.size();
   if (count == 0) return;
-  if (p == 1) {
-    if (out != in) std::memcpy(static_cast<void*>(out), in, count * sizeof(T));
-    finish_range(out, count, op, 1);
-    return;
-  }
+  if (p == 1) return single_rank_result(in, out, count, op);
   const std::size_t seg = segment_elems(segment_bytes, sizeof(T));
   const chunk own = partition(count, p, t.rank());
   std::vector<request> rs_sends, ag_sends;
@@ -221,11 +225,7 @@ void ring_reduce_scatter(transport& t, const T* in, T* out, std::size_t count, c
                          std::size_t segment_bytes) {
   const int p = t.size();
   if (count == 0) return;
-  if (p == 1) {
-    if (out != in) std::memcpy(static_cast<void*>(out), in, count * sizeof(T));
-    finish_range(out, count, op, 1);
-    return;
-  }
+  if (p == 1) return single_rank_result(in, out, count, op);
   const std::size_t seg = segment_elems(segment_bytes, sizeof(T));
   T* partial = scratch<T>(count, 1);  // partial sums of the chunks passing through
   std::vector<request> sends;

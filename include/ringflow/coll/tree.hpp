@@ -155,11 +155,7 @@ void tree_allreduce(transport& t, const T* in, T* out, std::size_t count, const 
                     std::size_t segment_bytes, int trees) {
   const int p = t.size(), r = t.rank();
   if (count == 0) return;
-  if (p == 1) {
-    if (out != in) std::memcpy(static_cast<void*>(out), in, count * sizeof(T));
-    finish_range(out, count, op, 1);
-    return;
-  }
+  if (p == 1) return single_rank_result(in, out, count, op);
   const std::size_t seg =
       segment_elems(segment_bytes ? segment_bytes : default_tree_segment_bytes, sizeof(T));
   T* staging = scratch<T>(2 * count, 0);
