@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# GPU benchmarks on a GPU machine: gpu-kernel-bench (our fused compression
+# kernels against a device-to-device copy, C++ only), then
+# bench/gpu/compare_torch.py (the same kernels against PyTorch eager and
+# torch.compile, in one interleaved run). The comparison table is printed last.
+#
+#   scripts/gpu_bench.sh [BUILD_DIR]   (default build-gpu; a directory with
+#                                       bin/ and lib/, e.g. gpu-prebuilt, works too)
+# Environment:
+#   OUT                 write $OUT/gpu_bench.json and $OUT/gpu_kernel_bench.txt
+#   BENCH_ARGS          extra compare_torch.py arguments (e.g. "--reps 20")
+#   KERNEL_BENCH_ARGS   extra gpu-kernel-bench arguments
+#   PYTHON              the Python with PyTorch (python3)
+# Exit status: 0 when both ran and compare_torch found no mismatch; 77 when
+# there is no GPU; otherwise the first failing step's status.
+set -uo pipefail
+B=build-gpu
+[[ $# -ge 1 ]] && B=$(realpath -m "$1")  # relative to the caller's directory
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+PY=${PYTHON:-python3}
+started=$SECONDS
+[[ -n ${OUT:-} ]] && mkdir -p "$OUT"
+
+kb=$B/bin/gpu-kernel-bench
+[[ ! -x $kb && -x $B/gpu-kernel-bench ]] && kb=$B/gpu-kernel-bench
+lib=$B/lib/libringflow_gpu_bench.so
+
+describe() {  # rc -> words
+  case $1 in
+    0) echo "ok" ;;
+    77) echo "skipped: no GPU" ;;
+    124) echo "TIMED OUT" ;;
+    *) echo "FAILED (rc=$1)" ;;
+  esac
+}
+
+echo "== gpu-kernel-bench ($kb)"
+if [[ -x $kb ]]; then
+  # shellcheck disable=SC2086  # KERNEL_BENCH_ARGS is a list of words
+  timeout 90 "$kb" ${KERNEL_BENCH_ARGS:-} 2>&1 | tee ${OUT:+"$OUT/gpu_kernel_bench.txt"}
+  kb_rc=${PIPESTATUS[0]}
+else
+  echo "not built: $kb is missing (target gpu-kernel-bench; needs RINGFLOW_WITH_CUDA=ON)"
+  kb_rc=127
+fi
+echo "gpu-kernel-bench: $(describe "$kb_rc")"
+echo
+
+echo "== compare_torch.py (library $lib)"
+json=()
+[[ -n ${OUT:-} ]] && json=(--json "$OUT/gpu_bench.json")
+lib_arg=(--lib "$lib")
+[[ -f $lib ]] || { echo "note: $lib is missing: PyTorch rows only"; lib_arg=(--no-ours); }
+out_file=$(mktemp)
+trap 'rm -f "$out_file"' EXIT
+# The budget (140 s) stops compiles and repetitions before this timeout.
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout 200 "$PY" -u bench/gpu/compare_torch.py "${lib_arg[@]}" "${json[@]}" ${BENCH_ARGS:-} 2>&1 |
+  tee "$out_file"
+ct_rc=${PIPESTATUS[0]}
+case $ct_rc in
+  1) ct_words="ran; some check MISMATCH or a call failed (see above)" ;;
+  3) ct_words="skipped: PyTorch is not importable by $PY" ;;
+  *) ct_words=$(describe "$ct_rc") ;;
+esac
+
+# Summary, then the comparison table again, so that it is the last thing printed.
+echo
+echo "== gpu_bench: gpu-kernel-bench $(describe "$kb_rc"); compare_torch $ct_words ($((SECONDS - started)) s)"
+if grep -q "^== compare_torch:" "$out_file"; then
+  sed -n '/^== compare_torch:/,$p' "$out_file"
+fi
+
+for rc in "$kb_rc" "$ct_rc"; do
+  [[ $rc != 0 ]] && exit "$rc"
+done
+exit 0
