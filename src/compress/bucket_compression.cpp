@@ -51,7 +51,16 @@ bucket_compression::slot& bucket_compression::slot_for(const communicator& comm,
   // Every bucket gets its own seed stream: same spec, different random numbers.
   s.c = make_compressor(use, opts_.seed + 0x9e3779b97f4a7c15ull * (bucket_index + 1));
   s.ef = opts_.error_feedback.value_or(s.c->wants_error_feedback());
+  if (s.layout) s.c->set_layout(*s.layout);
   return s;
+}
+
+void bucket_compression::set_layout(std::size_t bucket_index, bucket_layout layout) {
+  layout.validate();
+  if (bucket_index >= slots_.size()) slots_.resize(bucket_index + 1);
+  slot& s = slots_[bucket_index];
+  if (s.c) s.c->set_layout(layout);
+  s.layout = std::move(layout);
 }
 
 traffic bucket_compression::reduce(const communicator& comm, std::span<float> grads,

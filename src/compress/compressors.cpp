@@ -110,6 +110,45 @@ void compressor::decode(std::span<const std::byte> payload, std::span<float> out
   decode_add(payload, out);
 }
 
+void bucket_layout::validate() const {
+  // Sorted by offset, two neighbours overlap iff some pair does.
+  std::vector<std::size_t> order(tensors.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const tensor_shape& t = tensors[i];
+    if (t.rows == 0 || t.cols == 0) {
+      throw usage_error(fmt::format("bucket layout: tensor {} is empty ({} x {} at offset {}); leave "
+                                    "empty tensors out of the layout",
+                                    i, t.rows, t.cols, t.offset));
+    }
+    if (t.cols > std::numeric_limits<std::size_t>::max() / t.rows ||
+        t.offset > size || t.size() > size - t.offset) {
+      throw usage_error(fmt::format(
+          "bucket layout: tensor {} ({} x {} at offset {}) reaches outside the bucket of {} "
+          "elements; offsets are relative to the bucket's first element",
+          i, t.rows, t.cols, t.offset, size));
+    }
+  }
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    return tensors[a].offset < tensors[b].offset;
+  });
+  for (std::size_t k = 1; k < order.size(); ++k) {
+    const tensor_shape& a = tensors[order[k - 1]];
+    const tensor_shape& b = tensors[order[k]];
+    if (a.offset + a.size() > b.offset) {
+      throw usage_error(fmt::format(
+          "bucket layout: tensors {} ({} x {} at offset {}) and {} ({} x {} at offset {}) overlap; "
+          "every element belongs to at most one tensor",
+          order[k - 1], a.rows, a.cols, a.offset, order[k], b.rows, b.cols, b.offset));
+    }
+  }
+}
+
+void compressor::set_layout(bucket_layout layout) {
+  layout.validate();
+  layout_ = std::move(layout);
+}
+
 void compressor::account(std::size_t n, const communicator& comm, traffic& stats) {
   traffic t;
   t.calls = 1;

@@ -56,6 +56,21 @@ std::uint64_t layout_hash(const ad::parameter_store<float>& params) {
   return h;
 }
 
+// The parameter tensors of a bucket (offsets relative to it), so that
+// PowerSGD compresses each 2-D parameter as its own matrix.
+compress::bucket_layout layout_of(const bucket& bk, const ad::parameter_store<float>& params) {
+  compress::bucket_layout l{bk.size, {}};
+  for (const std::size_t i : bk.params) {
+    const auto& p = params[i];
+    if (p.size == 0) continue;
+    const auto rows = static_cast<std::size_t>(p.tensor.rows());
+    const auto cols = static_cast<std::size_t>(p.tensor.cols());
+    l.tensors.push_back(rows * cols == p.size ? compress::tensor_shape{p.offset - bk.offset, rows, cols}
+                                              : compress::tensor_shape{p.offset - bk.offset, 1, p.size});
+  }
+  return l;
+}
+
 struct bucket_record {
   double start_us = 0;
   double end_us = 0;
@@ -198,6 +213,11 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
       s.bucket_of[i] = b;
       s.expected[i] = s.params[i].tensor.requires_grad();
       if (s.expected[i]) ++s.expected_in[b];
+    }
+  }
+  if (s.compression) {
+    for (std::size_t b = 0; b < s.buckets.size(); ++b) {
+      s.compression->set_layout(b, layout_of(s.buckets[b], s.params));
     }
   }
   s.fired.assign(s.params.size(), 0);

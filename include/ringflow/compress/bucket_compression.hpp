@@ -53,6 +53,14 @@ class bucket_compression {
   /// compressor. Returns this call's traffic (also added to total()).
   traffic reduce(const communicator& comm, std::span<float> grads, std::size_t bucket_index);
 
+  /// Declares the parameter tensors of bucket `bucket_index` (offsets relative
+  /// to the bucket), so PowerSGD compresses one matrix per 2-D tensor instead
+  /// of the whole bucket as one matrix. Validates now (usage_error on overlap
+  /// or a tensor outside the bucket); applies from the bucket's next reduce().
+  /// Element-wise compressors ignore it. train::data_parallel calls it for
+  /// every bucket.
+  void set_layout(std::size_t bucket_index, bucket_layout layout);
+
   /// The spec given to the constructor ("auto" included).
   const std::string& spec() const noexcept { return spec_; }
   /// The compressor a bucket uses ("" before its first reduce()).
@@ -66,6 +74,7 @@ class bucket_compression {
   struct slot {
     std::unique_ptr<compressor> c;
     bool ef = false;
+    std::optional<bucket_layout> layout;
   };
   slot& slot_for(const communicator& comm, std::size_t bucket_index, std::size_t n);
 

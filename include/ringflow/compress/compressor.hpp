@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -56,6 +57,34 @@ struct traffic {
   double ratio() const;
 };
 
+/// One parameter tensor inside a bucket: the row-major rows x cols block at
+/// elements [offset, offset + rows * cols) of the bucket. A 1-D tensor (a
+/// bias) is 1 x n.
+struct tensor_shape {
+  std::size_t offset = 0;
+  std::size_t rows = 0;
+  std::size_t cols = 0;
+  std::size_t size() const noexcept { return rows * cols; }
+  friend bool operator==(const tensor_shape&, const tensor_shape&) = default;
+};
+
+/// How a bucket of `size` elements is made of parameter tensors. The tensors
+/// may come in any order and need not cover the bucket (elements outside
+/// every tensor are allowed), but they must not overlap or reach past `size`.
+///
+/// @code
+/// // A 784x256 weight followed by its 256 bias values:
+/// ringflow::compress::bucket_layout l{784 * 256 + 256, {{0, 784, 256}, {784 * 256, 1, 256}}};
+/// c->set_layout(l);   // PowerSGD then compresses the weight as its own matrix
+/// @endcode
+struct bucket_layout {
+  std::size_t size = 0;
+  std::vector<tensor_shape> tensors;
+  /// Throws usage_error naming the tensor if one is empty, overflows, lies
+  /// (partly) outside [0, size) or overlaps another.
+  void validate() const;
+};
+
 /// A gradient compressor. encode/decode work on one rank's data; reduce() is
 /// the collective form that every compressed allreduce goes through.
 ///
@@ -97,8 +126,19 @@ class compressor {
   /// Running total over every reduce() of this compressor.
   const traffic& cumulative() const noexcept { return cumulative_; }
 
+  /// Declares the parameter tensors of the buckets this compressor will see
+  /// (validated: a bad layout throws usage_error). Element-wise compressors
+  /// ignore it; PowerSGD compresses each 2-D tensor as its own matrix and
+  /// then only accepts buckets of exactly `layout.size` elements. Without a
+  /// layout (the default) a bucket is treated as one flat tensor.
+  void set_layout(bucket_layout layout);
+  /// Back to "no layout".
+  void clear_layout() noexcept { layout_.reset(); }
+  const std::optional<bucket_layout>& layout() const noexcept { return layout_; }
+
  protected:
   traffic cumulative_;
+  std::optional<bucket_layout> layout_;
   /// Fills the byte counts of `stats` from wire_plan and adds them to cumulative_.
   void account(std::size_t n, const communicator& comm, traffic& stats);
 };
@@ -227,13 +267,22 @@ class sign_compressor final : public gather_compressor {
   std::size_t block_;
 };
 
-/// PowerSGD of rank r: the bucket is viewed as a rows x cols matrix M
-/// (rows = ceil(sqrt(n)), zero padded), and reduce() runs one power iteration
-/// with warm start: P = M Q; allreduce P; P = orthonormal basis of P
+/// PowerSGD of rank r, one warm-started power iteration per step for each
+/// matrix of the bucket: P = M Q; allreduce P; P = orthonormal basis of P
 /// (Householder QR); Q = M^T P; allreduce Q; result P Q^T. Q is kept per
-/// bucket id between calls. This rank's transmitted part is P (M^T P)^T, so
-/// the sum of the ranks' parts is exactly the result. The rank is clamped to
-/// min(rows, cols) for tiny buckets. Payload: P and Q in fp32.
+/// (bucket id, matrix) between calls. This rank's transmitted part is
+/// P (M^T P)^T, so the ranks' parts sum exactly to the result.
+///
+/// Which matrices: with a layout (set_layout), every 2-D tensor whose rank-r
+/// factors take less than half its size (r (rows + cols) * 2 < rows * cols,
+/// the test of PyTorch's PowerSGD hook with min_compression_rate = 2) is
+/// its own rows x cols matrix, with rank min(r, rows, cols); everything else
+/// (biases and other 1-D tensors, small matrices, elements outside every
+/// tensor) is sent uncompressed. Without a layout the whole bucket is one
+/// near-square matrix (rows = ceil(sqrt(n)), zero padded). Still two
+/// allreduces per bucket: every P and the uncompressed elements in the first,
+/// every Q in the second (none when nothing is compressed).
+/// Payload: the P's, the uncompressed values, the Q's, all fp32.
 class powersgd_compressor final : public compressor {
  public:
   explicit powersgd_compressor(int rank, std::uint64_t seed = 0);
@@ -248,16 +297,40 @@ class powersgd_compressor final : public compressor {
   void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
               std::uint64_t bucket_id, traffic& stats) override;
 
-  /// The matrix shape a bucket of n elements is viewed as, and the rank used.
+  /// The near-square matrix a bucket of n elements is viewed as without a
+  /// layout, and the rank used.
   struct shape {
     std::size_t rows = 0, cols = 0, rank = 0;
   };
   shape shape_of(std::size_t n) const;
+
+  /// One compressed matrix: bucket elements [offset, offset + size) viewed as
+  /// a row-major rows x cols matrix (size < rows * cols only without a
+  /// layout: the zero padding).
+  struct matrix {
+    std::size_t offset = 0, size = 0, rows = 0, cols = 0, rank = 0;
+  };
+  /// An uncompressed run of bucket elements [offset, offset + size).
+  struct span_range {
+    std::size_t offset = 0, size = 0;
+  };
+  /// What reduce() does with a bucket of n elements.
+  struct plan {
+    std::vector<matrix> matrices;     ///< by offset
+    std::vector<span_range> raw;      ///< by offset, disjoint from the matrices
+    std::size_t p_floats = 0;         ///< sum of rows * rank
+    std::size_t q_floats = 0;         ///< sum of cols * rank
+    std::size_t raw_floats = 0;       ///< sum of raw sizes
+  };
+  /// The plan for n elements: from the layout if one is set (a usage_error
+  /// if n differs from its size), else one matrix of shape_of(n).
+  plan plan_of(std::size_t n) const;
+
   /// Forgets the warm-start Q of every bucket.
   void reset() { warm_.clear(); }
 
  private:
-  std::vector<float>& warm_q(std::uint64_t bucket_id, const shape& s);
+  std::vector<float>& warm_q(std::uint64_t bucket_id, const plan& pl);
   int rank_;
   std::uint64_t seed_;
   std::map<std::uint64_t, std::vector<float>> warm_;
