@@ -5,6 +5,7 @@
 //
 //   compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...]
 //   compress_bench --train [--ranks 4] [--epochs 3] [--only spec,...] [--limit N]
+//   compress_bench --fp16-paths [--elements N] [--reps R]   (portable vs F16C, interleaved)
 #include <fmt/format.h>
 
 #include <ringflow/ad/autodiff.hpp>
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "ringflow/compress/compressor.hpp"
+#include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
 
 using namespace ringflow::compress;
@@ -52,7 +54,8 @@ std::vector<std::string> split(std::string_view s) {
 [[noreturn]] void usage(const char* msg) {
   fmt::print(stderr, "compress_bench: {}\nusage: compress_bench [--elements N] [--ranks P] "
                      "[--reps R] [--only spec,...]\n       compress_bench --train [--ranks P] "
-                     "[--epochs E] [--only spec,...] [--limit N] [--seed S]\n", msg);
+                     "[--epochs E] [--only spec,...] [--limit N] [--seed S]\n       compress_bench --fp16-paths "
+                     "[--elements N] [--reps R]\n", msg);
   std::exit(2);
 }
 
@@ -154,6 +157,61 @@ train_result train_with(const std::string& spec, const rd::train_test& fm, int r
   return out;
 }
 
+// The fp16 codec's two CPU paths side by side: each rep runs portable then
+// F16C encode and decode-add on the same buffers (order alternating), so both
+// see the same machine load; medians of thread CPU time and wall time.
+int fp16_paths(const std::vector<float>& x, int reps) {
+  const std::size_t n = x.size();
+  std::vector<std::uint16_t> h(n);
+  std::vector<float> out(n);
+  const std::vector<fp16_path> all{fp16_path::portable, fp16_path::f16c};
+  const bool have = best_fp16_path() == fp16_path::f16c;
+  std::map<fp16_path, std::vector<double>> te, td, tw;
+  for (int r = 0; r <= reps; ++r) {
+    for (std::size_t k = 0; k < all.size(); ++k) {
+      const fp16_path p = all[(k + static_cast<std::size_t>(r)) % all.size()];
+      if (p == fp16_path::f16c && !have) continue;
+      std::fill(out.begin(), out.end(), 0.0f);
+      const auto w0 = clock_type::now();
+      const double t0 = thread_seconds();
+      encode_fp16(x, h, p);
+      const double t1 = thread_seconds();
+      decode_fp16(h, out, /*add=*/true, p);
+      const double t2 = thread_seconds();
+      const auto w1 = clock_type::now();
+      if (r == 0) continue;  // warm-up
+      te[p].push_back(t1 - t0);
+      td[p].push_back(t2 - t1);
+      tw[p].push_back(std::chrono::duration<double>(w1 - w0).count());
+    }
+  }
+  const double bytes = 4.0 * static_cast<double>(n);
+  fmt::print("compress_bench --fp16-paths: {} fp32 elements, {} interleaved reps, medians; GB/s of "
+             "fp32 input per thread CPU second (wall: per wall second)\n\n| path | encode GB/s | "
+             "decode-add GB/s | encode+decode GB/s | encode+decode GB/s (wall) |\n|---|---:|---:|---:|---:|\n",
+             n, reps);
+  for (const fp16_path p : all) {
+    if (te[p].empty()) continue;
+    const double e = median(te[p]), d = median(td[p]), w = median(tw[p]);
+    fmt::print("| {} | {:.2f} | {:.2f} | {:.2f} | {:.2f} |\n", to_string(p), bytes / e / 1e9,
+               bytes / d / 1e9, bytes / (e + d) / 1e9, bytes / w / 1e9);
+  }
+  if (have) {
+    // Within a rep both paths ran back to back: the median of those ratios
+    // is the least disturbed by load that changes between reps.
+    std::vector<double> ratio;
+    for (std::size_t i = 0; i < te[fp16_path::f16c].size(); ++i) {
+      ratio.push_back((te[fp16_path::portable][i] + td[fp16_path::portable][i]) /
+                      (te[fp16_path::f16c][i] + td[fp16_path::f16c][i]));
+    }
+    fmt::print("\nf16c speed-up, encode+decode (CPU time): median of per-rep ratios {:.2f}x\n",
+               median(ratio));
+  } else {
+    fmt::print("\nthis CPU has no F16C + AVX2: portable only\n");
+  }
+  return 0;
+}
+
 int train_table(const std::vector<std::string>& specs, int ranks, int epochs, std::size_t limit,
                 std::uint64_t seed) {
   if (128 % ranks != 0) usage("--ranks must divide the global batch of 128");
@@ -184,7 +242,7 @@ int train_table(const std::vector<std::string>& specs, int ranks, int epochs, st
 int main(int argc, char** argv) {
   std::size_t n = std::size_t{1} << 22;  // 16 MiB of fp32: a typical DDP bucket
   int ranks = 4, reps = 7, epochs = 3;
-  bool train = false;
+  bool train = false, paths = false;
   std::size_t limit = 0;
   std::uint64_t seed = 42;
   std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001",
@@ -193,6 +251,10 @@ int main(int argc, char** argv) {
     const std::string_view a = argv[i];
     if (a == "--train") {
       train = true;
+      continue;
+    }
+    if (a == "--fp16-paths") {
+      paths = true;
       continue;
     }
     if (i + 1 >= argc) usage("missing value");
@@ -216,6 +278,7 @@ int main(int argc, char** argv) {
   std::vector<float> x(n), out(n);
   const auto key = kernels::stream_key(3, 0, 0);
   for (std::size_t i = 0; i < n; ++i) x[i] = (kernels::uniform01(key, i) * 2 - 1) * 1e-2f;
+  if (paths) return fp16_paths(x, reps);
 
   fmt::print("compress_bench: {} fp32 elements ({:.1f} MiB), bytes sent for {} ranks, median of {} "
              "runs; GB/s of fp32 input per thread CPU second (last column: per wall second)\n\n", n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps);

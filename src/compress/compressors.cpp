@@ -10,6 +10,7 @@
 
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/compress/compressor.hpp"
+#include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "ringflow/core/error.hpp"
 
@@ -203,8 +204,7 @@ void half_compressor::encode(std::span<const float> in, std::span<std::byte> out
   check_payload(*this, out.size(), in.size(), "encode");
   auto* w = as<std::uint16_t>(out);
   if (format_ == format::fp16) {
-    const kernels::encode_half enc;
-    for (std::size_t i = 0; i < in.size(); ++i) w[i] = enc(in[i]);
+    encode_fp16(in, std::span<std::uint16_t>(w, in.size()));  // F16C where the CPU has it
   } else {
     const kernels::encode_bf16 enc;
     for (std::size_t i = 0; i < in.size(); ++i) w[i] = enc(in[i]);
@@ -215,8 +215,7 @@ void half_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   check_payload(*this, payload.size(), out.size(), "decode");
   const auto* w = as<std::uint16_t>(payload);
   if (format_ == format::fp16) {
-    const kernels::decode_half dec;
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] += dec(w[i]);
+    decode_fp16(std::span<const std::uint16_t>(w, out.size()), out, /*add=*/true);
   } else {
     const kernels::decode_bf16 dec;
     for (std::size_t i = 0; i < out.size(); ++i) out[i] += dec(w[i]);
@@ -232,12 +231,12 @@ void half_compressor::reduce(const communicator& comm, std::span<float> data,
   // to 16 bits at every hop (core/reduce_op.hpp).
   if (format_ == format::fp16) {
     wire_fp16_.resize(n);
-    for (std::size_t i = 0; i < n; ++i) wire_fp16_[i].bits = kernels::encode_half{}(data[i]);
-    if (!mine.empty()) {
-      for (std::size_t i = 0; i < n; ++i) mine[i] = kernels::decode_half{}(wire_fp16_[i].bits);
-    }
+    // `half` is one uint16_t of bits: convert the whole buffer in one batch.
+    const std::span<std::uint16_t> bits(&wire_fp16_.data()->bits, n);
+    encode_fp16(data, bits);
+    if (!mine.empty()) decode_fp16(bits, mine);
     allreduce(comm, std::span<half>(wire_fp16_), sum, algo::ring);
-    for (std::size_t i = 0; i < n; ++i) data[i] = kernels::decode_half{}(wire_fp16_[i].bits);
+    decode_fp16(bits, data);
   } else {
     wire_bf16_.resize(n);
     for (std::size_t i = 0; i < n; ++i) wire_bf16_[i].bits = kernels::encode_bf16{}(data[i]);
