@@ -66,13 +66,6 @@ float block_absmax(const float* x, std::size_t n) {
   return ringflow::detail::bits_float(m);
 }
 
-// Inverse step for quantize_int8: 0 for zero or non-finite scales (the
-// decoded block is then 0 or NaN, see kernels::quantize_int8).
-float int8_inv_step(float scale, int levels) {
-  if (!(scale > 0.0f) || !(scale < std::numeric_limits<float>::infinity())) return 0.0f;
-  return static_cast<float>(levels) / scale;
-}
-
 std::span<std::byte> bytes_of(std::vector<std::uint8_t>& v) {
   return std::as_writable_bytes(std::span(v));
 }
@@ -280,7 +273,7 @@ void int8_compressor::encode(std::span<const float> in, std::span<std::byte> out
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
     scales[b] = block_absmax(in.data() + lo, hi - lo);
-    const kernels::quantize_int8 quant{int8_inv_step(scales[b], 127), 127, key};
+    const kernels::quantize_int8 quant{kernels::int8_inv_step(scales[b], 127), 127, key};
     for (std::size_t i = lo; i < hi; ++i) q[i] = quant(in[i], i);
   }
 }
@@ -326,7 +319,7 @@ void int8_compressor::reduce(const communicator& comm, std::span<float> data,
       kernels::stream_key(seed_, step_++, static_cast<std::uint64_t>(comm.rank()));
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
-    const kernels::quantize_int8 quant{int8_inv_step(scales_[b], levels), levels, key};
+    const kernels::quantize_int8 quant{kernels::int8_inv_step(scales_[b], levels), levels, key};
     for (std::size_t i = lo; i < hi; ++i) q_[i] = quant(data[i], i);
     if (!mine.empty()) {
       const kernels::dequantize_int8 deq{kernels::int8_step(scales_[b], levels)};
@@ -396,7 +389,7 @@ void topk_compressor::encode(std::span<const float> in, std::span<std::byte> out
     // among the candidates is exact as soon as at least k passed, because
     // every non-candidate is below every candidate.
     const std::size_t m = 8192;
-    const std::uint64_t key = kernels::stream_key(seed_, step, 0x70b6);
+    const std::uint64_t key = kernels::stream_key(seed_, step, kernels::topk_sample_stream);
     std::vector<std::uint32_t> sample(m);
     for (std::size_t j = 0; j < m; ++j) {
       auto i = static_cast<std::size_t>(kernels::uniform01(key, j) * static_cast<float>(n));
@@ -492,9 +485,10 @@ void sign_compressor::encode(std::span<const float> in, std::span<std::byte> out
   auto* words = as<std::uint32_t>(out, 4 * nb);
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
-    float s = 0.0f;  // NaN in the block makes the scale (and the decoded block) NaN
-    for (std::size_t i = lo; i < hi; ++i) s += kernels::abs_value(in[i]);
-    scales[b] = s / static_cast<float>(hi - lo);
+    // Summed in the canonical order of kernels::abs_sum_block, which the GPU
+    // kernel (one warp per block) reproduces bit for bit. A NaN in the block
+    // makes the scale (and the decoded block) NaN.
+    scales[b] = kernels::abs_sum_block(in.data() + lo, hi - lo) / static_cast<float>(hi - lo);
   }
   for (std::size_t w = 0; w < ceil_div(n, 32); ++w) {
     const std::size_t lo = 32 * w;

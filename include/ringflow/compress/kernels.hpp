@@ -6,6 +6,7 @@
 // arithmetic on scalars and raw pointers, bit casts through core/half.hpp.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "ringflow/core/config.hpp"
@@ -41,10 +42,28 @@ RINGFLOW_HOST_DEVICE inline float uniform01(std::uint64_t key, std::uint64_t ind
   return static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
 }
 
+/// Stream id of top-k's threshold samples: sample j of a call is drawn by
+/// uniform01(stream_key(seed, step, topk_sample_stream), j) on CPU and GPU.
+inline constexpr std::uint64_t topk_sample_stream = 0x70b6;
+
 // ---------------------------------------------------------------------------
 // Small float helpers without <cmath>.
 
 RINGFLOW_HOST_DEVICE inline bool is_nan(float x) { return x != x; }
+
+/// a * b, rounded once and never fused with a neighbouring add or subtract.
+/// nvcc contracts x * y + z into one fma by default (one rounding instead of
+/// two), which would make a GPU result differ from the CPU's in the last bit;
+/// __fmul_rn is never contracted. On the host a * b is already a plain
+/// multiply: x86-64 without -march=<something with FMA> has no fma to
+/// contract into.
+RINGFLOW_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 
 RINGFLOW_HOST_DEVICE inline float abs_value(float x) {
   return ringflow::detail::bits_float(ringflow::detail::float_bits(x) & 0x7fffffffu);
@@ -55,6 +74,38 @@ RINGFLOW_HOST_DEVICE inline float abs_value(float x) {
 /// never dropped silently: it is the first thing transmitted.
 RINGFLOW_HOST_DEVICE inline std::uint32_t magnitude_key(float x) {
   return ringflow::detail::float_bits(x) & 0x7fffffffu;
+}
+
+// ---------------------------------------------------------------------------
+// The canonical order of a float sum over a block. A float sum depends on the
+// order of its additions, so the CPU reference and the GPU kernel agree on one
+// order, chosen to be what one warp does naturally: element i of the block
+// goes to lane i % 32; each lane adds its elements in increasing i, starting
+// from +0; then the 32 lane sums are folded pairwise, lane[l] += lane[l + h]
+// for h = 16, 8, 4, 2, 1. That fold is what a __shfl_xor_sync butterfly
+// computes in lane 0 (float addition is commutative, so after each step lanes
+// l and l ^ h hold the same bits, and every lane ends with the fold's result).
+
+inline constexpr unsigned sum_lanes = 32;
+
+/// Folds 32 lane sums in the canonical tree; `lane` is overwritten.
+RINGFLOW_HOST_DEVICE inline float fold_lanes(float* lane) {
+  for (unsigned h = sum_lanes / 2; h > 0; h >>= 1) {
+    for (unsigned l = 0; l < h; ++l) lane[l] = lane[l] + lane[l + h];
+  }
+  return lane[0];
+}
+
+/// Sum of |x[i]| for i < count in the canonical order (the sign block scale's
+/// numerator). A NaN anywhere makes the sum NaN.
+RINGFLOW_HOST_DEVICE inline float abs_sum_block(const float* x, std::size_t count) {
+  float lane[sum_lanes] = {};
+  std::size_t base = 0;
+  for (; base + sum_lanes <= count; base += sum_lanes) {
+    for (unsigned l = 0; l < sum_lanes; ++l) lane[l] = lane[l] + abs_value(x[base + l]);
+  }
+  for (unsigned l = 0; base + l < count; ++l) lane[l] = lane[l] + abs_value(x[base + l]);
+  return fold_lanes(lane);
 }
 
 // ---------------------------------------------------------------------------
@@ -94,6 +145,13 @@ RINGFLOW_HOST_DEVICE inline float int8_step(float scale, int levels) {
   return scale / static_cast<float>(levels);
 }
 
+/// Inverse step levels / scale that quantize_int8 multiplies by; 0 for a zero
+/// or non-finite scale (the decoded block is then 0, or NaN through the scale).
+RINGFLOW_HOST_DEVICE inline float int8_inv_step(float scale, int levels) {
+  if (!(scale > 0.0f) || !(scale < ringflow::detail::bits_float(0x7f800000u))) return 0.0f;
+  return static_cast<float>(levels) / scale;
+}
+
 struct quantize_int8 {
   float inv_step;  ///< levels / scale, or 0 for a zero block
   int levels;      ///< L: q is clamped to [-L, L]
@@ -101,7 +159,7 @@ struct quantize_int8 {
 
   /// `index` is the element's position in the bucket (the random counter).
   RINGFLOW_HOST_DEVICE std::int8_t operator()(float x, std::uint64_t index) const {
-    float v = x * inv_step;
+    float v = mul_rn(x, inv_step);
     // NaN/Inf make the block scale non-finite, so decode yields NaN for the
     // whole block anyway; encode 0 here to keep the conversion defined.
     if (is_nan(v)) return 0;
@@ -122,7 +180,7 @@ struct quantize_int8 {
 struct dequantize_int8 {
   float step;  ///< scale / levels
   RINGFLOW_HOST_DEVICE float operator()(std::int32_t q) const {
-    return static_cast<float>(q) * step;
+    return mul_rn(static_cast<float>(q), step);
   }
 };
 
