@@ -36,7 +36,8 @@
 //
 // Needs the CUDA toolkit headers: include only where RINGFLOW_HAS_CUDA is 1.
 //
-// Signature changes after the first commit (07:10 UTC): none.
+// Signature changes after the first commit (07:10 UTC): none (added:
+// none_ef_encode).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -157,7 +158,8 @@ std::size_t topk_workspace_bytes(std::size_t n, std::size_t k);
 /// topk_compressor::encode's selection, whose set is unique for that order.
 /// n <= exact_limit or 4k >= n: exact selection over all elements; larger n:
 /// a threshold from 8192 samples drawn with `key` (pass
-/// kernels::stream_key(seed, step, 0x70b6) to use the CPU's samples), then an
+/// kernels::stream_key(seed, step, kernels::topk_sample_stream) to use the
+/// CPU's samples), then an
 /// exact selection among the elements above it (over all elements if fewer
 /// than k passed). Always writes exactly k pairs.
 /// 1 <= k <= n < 2^32. Bytes per element: about 12 (g and r read once, r
@@ -195,5 +197,13 @@ void half_decode_add(half_format f, const std::uint16_t* in, std::size_t n, floa
 /// out[i] = decode(in[i]) / divide_by (overwrite; divide_by <= 1: none). 6 bytes per element.
 void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* out,
                  int divide_by, cudaStream_t s);
+
+// ---------------------------------------------------------------------------
+// No compression, with error feedback (none_compressor)
+
+/// grad = c = g + r and r = c - c (what compressed_allreduce does for "none":
+/// everything is transmitted, the residual keeps only the rounding of c - c,
+/// i.e. zeros, or NaN where c is not finite). 12 bytes per element.
+void none_ef_encode(float* grad, float* residual, std::size_t n, cudaStream_t s);
 
 }  // namespace ringflow::cuda

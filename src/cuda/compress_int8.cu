@@ -1,0 +1,261 @@
+// Fused int8 block quantization with stochastic rounding and error feedback
+// (ringflow/cuda/compress.hpp).
+//
+// One warp per scale block, lane l holding elements l, l + 32, ... of it. The
+// block scale is max |c| (order independent: a max of the magnitude bit
+// patterns, so a NaN wins as on the CPU); element i draws
+// kernels::uniform01(key, i), the CPU's number, so q, the scales and the
+// residual are the CPU's bit for bit.
+#include <cuda_runtime.h>
+
+#include "compress_common.cuh"
+#include "ringflow/cuda/compress.hpp"
+
+namespace ringflow::cuda {
+
+namespace {
+
+using namespace compress_detail;
+
+__device__ __forceinline__ float compensated(const float* __restrict__ g,
+                                             const float* __restrict__ r, std::size_t i) {
+  return r ? kn::ef_compensate{}(g[i], r[i]) : g[i];
+}
+
+// (a) local scale, levels 127, PL elements per lane in registers.
+template <int PL, bool HasR>
+__global__ void __launch_bounds__(cta_threads)
+    int8_encode_kernel(const float* __restrict__ g, float* __restrict__ r, std::size_t n,
+                       unsigned block, std::size_t nb, std::uint64_t key,
+                       float* __restrict__ scales, std::int8_t* __restrict__ q) {
+  const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
+  if (b >= nb) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const std::size_t lo = b * block;
+  const auto count = static_cast<unsigned>(n - lo < block ? n - lo : block);
+  float c[PL];
+#pragma unroll
+  for (int t = 0; t < PL; ++t) {
+    const unsigned j = 32u * t + lane;
+    c[t] = 0.0f;
+    if (j < count) {
+      const float gv = g[lo + j];
+      if constexpr (HasR) {
+        c[t] = kn::ef_compensate{}(gv, r[lo + j]);
+      } else {
+        c[t] = gv;
+      }
+    }
+  }
+  std::uint32_t m = 0;
+#pragma unroll
+  for (int t = 0; t < PL; ++t) {
+    const std::uint32_t a = 32u * t + lane < count ? kn::magnitude_key(c[t]) : 0u;
+    m = a > m ? a : m;
+  }
+  const float scale = ringflow::detail::bits_float(warp_max(m));
+  const kn::quantize_int8 quant{kn::int8_inv_step(scale, 127), 127, key};
+  const kn::dequantize_int8 deq{kn::int8_step(scale, 127)};
+#pragma unroll
+  for (int t = 0; t < PL; ++t) {
+    const unsigned j = 32u * t + lane;
+    if (j < count) {
+      const std::int8_t v = quant(c[t], lo + j);
+      q[lo + j] = v;
+      if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c[t], deq(v));
+    }
+  }
+  if (lane == 0) scales[b] = scale;
+}
+
+// (a) for blocks above 1024 elements: max pass, then quantize pass
+// recomputing c (the same bits).
+template <bool HasR>
+__global__ void __launch_bounds__(cta_threads)
+    int8_encode_stream_kernel(const float* __restrict__ g, float* __restrict__ r, std::size_t n,
+                              std::size_t block, std::size_t nb, std::uint64_t key,
+                              float* __restrict__ scales, std::int8_t* __restrict__ q) {
+  const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
+  if (b >= nb) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const std::size_t lo = b * block;
+  const std::size_t count = n - lo < block ? n - lo : block;
+  std::uint32_t m = 0;
+  for (std::size_t j = lane; j < count; j += 32) {
+    const std::uint32_t a = kn::magnitude_key(compensated(g, HasR ? r : nullptr, lo + j));
+    m = a > m ? a : m;
+  }
+  const float scale = ringflow::detail::bits_float(warp_max(m));
+  const kn::quantize_int8 quant{kn::int8_inv_step(scale, 127), 127, key};
+  const kn::dequantize_int8 deq{kn::int8_step(scale, 127)};
+  for (std::size_t j = lane; j < count; j += 32) {
+    const float c = compensated(g, HasR ? r : nullptr, lo + j);
+    const std::int8_t v = quant(c, lo + j);
+    q[lo + j] = v;
+    if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c, deq(v));
+  }
+  if (lane == 0) scales[b] = scale;
+}
+
+// (b1) scales[b] = max |g + r| of block b.
+template <bool HasR>
+__global__ void __launch_bounds__(cta_threads)
+    int8_absmax_kernel(const float* __restrict__ g, const float* __restrict__ r, std::size_t n,
+                       std::size_t block, std::size_t nb, float* __restrict__ scales) {
+  const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
+  if (b >= nb) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const std::size_t lo = b * block;
+  const std::size_t count = n - lo < block ? n - lo : block;
+  std::uint32_t m = 0;
+#pragma unroll 8
+  for (std::size_t j = lane; j < count; j += 32) {
+    const std::uint32_t a = kn::magnitude_key(compensated(g, HasR ? r : nullptr, lo + j));
+    m = a > m ? a : m;
+  }
+  m = warp_max(m);
+  if (lane == 0) scales[b] = ringflow::detail::bits_float(m);
+}
+
+// (b2) quantize c = g + r with given scales and levels; r = c - q * step.
+template <bool HasR>
+__global__ void __launch_bounds__(cta_threads)
+    int8_quantize_kernel(const float* __restrict__ g, float* __restrict__ r, std::size_t n,
+                         std::size_t block, std::size_t nb, const float* __restrict__ scales,
+                         int levels, std::uint64_t key, std::int8_t* __restrict__ q) {
+  const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
+  if (b >= nb) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const std::size_t lo = b * block;
+  const std::size_t count = n - lo < block ? n - lo : block;
+  const float scale = scales[b];
+  const kn::quantize_int8 quant{kn::int8_inv_step(scale, levels), levels, key};
+  const kn::dequantize_int8 deq{kn::int8_step(scale, levels)};
+#pragma unroll 8
+  for (std::size_t j = lane; j < count; j += 32) {
+    const float c = compensated(g, HasR ? r : nullptr, lo + j);
+    const std::int8_t v = quant(c, lo + j);
+    q[lo + j] = v;
+    if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c, deq(v));
+  }
+}
+
+// out (+)= q * step, then / divide_by (overwrite form only).
+template <bool Accumulate>
+__global__ void __launch_bounds__(cta_threads)
+    int8_decode_kernel(const std::int8_t* __restrict__ q, const float* __restrict__ scales,
+                       std::size_t n, std::size_t block, std::size_t nb, int levels,
+                       float* __restrict__ out, int divide_by) {
+  const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
+  if (b >= nb) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const std::size_t lo = b * block;
+  const std::size_t count = n - lo < block ? n - lo : block;
+  const kn::dequantize_int8 deq{kn::int8_step(scales[b], levels)};
+#pragma unroll 8
+  for (std::size_t j = lane; j < count; j += 32) {
+    const float t = deq(q[lo + j]);
+    if constexpr (Accumulate) {
+      out[lo + j] = out[lo + j] + t;
+    } else {
+      out[lo + j] = divide_by > 1 ? t / static_cast<float>(divide_by) : t;
+    }
+  }
+}
+
+void check_block(std::size_t block, const char* what) {
+  require(block > 0, what, "block must be >= 1 element, got 0");
+}
+
+void check_levels(int levels, const char* what) {
+  require(levels >= 1 && levels <= 127, what,
+          "levels must be in [1, 127] (127 / ranks), got " + std::to_string(levels));
+}
+
+}  // namespace
+
+void int8_ef_encode(const float* grad, float* residual, std::size_t n, std::size_t block,
+                    std::uint64_t key, float* scales, std::int8_t* q, cudaStream_t s) {
+  check_block(block, "cuda::int8_ef_encode");
+  if (n == 0) return;
+  const std::size_t nb = block_count(n, block);
+  const unsigned grid = ctas_for_warps(nb);
+  dispatch_lanes(block, [&](auto pl) {
+    constexpr int PL = decltype(pl)::value;
+    if constexpr (PL == 0) {
+      if (residual) {
+        int8_encode_stream_kernel<true>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, block, nb, key, scales, q);
+      } else {
+        int8_encode_stream_kernel<false>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, block, nb, key, scales, q);
+      }
+    } else {
+      const auto blk = static_cast<unsigned>(block);
+      if (residual) {
+        int8_encode_kernel<PL, true>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, blk, nb, key, scales, q);
+      } else {
+        int8_encode_kernel<PL, false>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, blk, nb, key, scales, q);
+      }
+    }
+  });
+  RINGFLOW_CHECK_LAUNCH("int8_encode_kernel");
+}
+
+void int8_block_absmax(const float* grad, const float* residual, std::size_t n,
+                       std::size_t block, float* scales, cudaStream_t s) {
+  check_block(block, "cuda::int8_block_absmax");
+  if (n == 0) return;
+  const std::size_t nb = block_count(n, block);
+  if (residual) {
+    int8_absmax_kernel<true><<<ctas_for_warps(nb), cta_threads, 0, s>>>(grad, residual, n, block,
+                                                                         nb, scales);
+  } else {
+    int8_absmax_kernel<false><<<ctas_for_warps(nb), cta_threads, 0, s>>>(grad, residual, n,
+                                                                          block, nb, scales);
+  }
+  RINGFLOW_CHECK_LAUNCH("int8_absmax_kernel");
+}
+
+void int8_ef_quantize(const float* grad, float* residual, std::size_t n, std::size_t block,
+                      const float* scales, int levels, std::uint64_t key, std::int8_t* q,
+                      cudaStream_t s) {
+  check_block(block, "cuda::int8_ef_quantize");
+  check_levels(levels, "cuda::int8_ef_quantize");
+  if (n == 0) return;
+  const std::size_t nb = block_count(n, block);
+  if (residual) {
+    int8_quantize_kernel<true><<<ctas_for_warps(nb), cta_threads, 0, s>>>(
+        grad, residual, n, block, nb, scales, levels, key, q);
+  } else {
+    int8_quantize_kernel<false><<<ctas_for_warps(nb), cta_threads, 0, s>>>(
+        grad, residual, n, block, nb, scales, levels, key, q);
+  }
+  RINGFLOW_CHECK_LAUNCH("int8_quantize_kernel");
+}
+
+void int8_decode_add(const std::int8_t* q, const float* scales, std::size_t n, std::size_t block,
+                     int levels, float* out, cudaStream_t s) {
+  check_block(block, "cuda::int8_decode_add");
+  check_levels(levels, "cuda::int8_decode_add");
+  if (n == 0) return;
+  const std::size_t nb = block_count(n, block);
+  int8_decode_kernel<true><<<ctas_for_warps(nb), cta_threads, 0, s>>>(q, scales, n, block, nb,
+                                                                      levels, out, 1);
+  RINGFLOW_CHECK_LAUNCH("int8_decode_kernel");
+}
+
+void int8_decode(const std::int8_t* q, const float* scales, std::size_t n, std::size_t block,
+                 int levels, float* out, int divide_by, cudaStream_t s) {
+  check_block(block, "cuda::int8_decode");
+  check_levels(levels, "cuda::int8_decode");
+  if (n == 0) return;
+  const std::size_t nb = block_count(n, block);
+  int8_decode_kernel<false><<<ctas_for_warps(nb), cta_threads, 0, s>>>(q, scales, n, block, nb,
+                                                                       levels, out, divide_by);
+  RINGFLOW_CHECK_LAUNCH("int8_decode_kernel");
+}
+
+}  // namespace ringflow::cuda
