@@ -605,7 +605,8 @@ def main() -> int:
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [""])[0][:160]
             compile_status[row] = f"compile failed: {type(exc).__name__}: {first}"
-            traceback.print_exc(limit=4)
+            if sum(v.startswith("compile failed") for v in compile_status.values()) == 1:
+                traceback.print_exc(limit=4)  # the first failure's trace; the rest say the same
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, old)
@@ -733,7 +734,7 @@ def print_table(rep) -> None:
             f"{'eager ms':>9} {'comp ms':>8} {'x comp':>7} {'goal':>13} {'met':>10}  check")
     print(head)
     print("-" * len(head))
-    notes = []
+    notes = {}  # note -> kernels it applies to
     for r in rep["kernels"]:
         ours_gbps = "-" if r["ours_GBps"] is None else f"{r['ours_GBps']:.0f}"
         pct = "-" if r["ours_pct_copy"] is None else f"{r['ours_pct_copy']:.0f}%"
@@ -744,13 +745,17 @@ def print_table(rep) -> None:
               f"{fmt_ms(r['compiled_ms']):>8} {sp:>7} {r['goal']:>13} "
               f"{r['goal_met'] or '-':>10}  {check}")
         if r["compiled_status"] not in ("ok", "-") and not r["compiled_status"].startswith("not run"):
-            notes.append(f"{r['kernel']} compiled: {r['compiled_status']}")
+            notes.setdefault(f"compiled: {r['compiled_status']}", []).append(r["kernel"])
         if r["ours_status"]:
-            notes.append(f"ours: {r['ours_status']}")
+            notes.setdefault(f"ours: {r['ours_status']}", []).append(r["kernel"])
         if r.get("eager_status"):
-            notes.append(f"{r['kernel']} eager: {r['eager_status']}")
-    for line in dict.fromkeys(notes):
-        print(f"  note: {line[:150]}")
+            notes.setdefault(f"eager: {r['eager_status']}", []).append(r["kernel"])
+    print("  bytes: " + "; ".join(f"{r['kernel']} {r['bytes_formula']}" for r in rep["kernels"]
+                                  if not r["kernel"].endswith("-decode"))
+          + "; copy 8n; X-decode: payload + 8n (topk 16k); n elements, B block, k kept")
+    for note, which in notes.items():
+        who = "all" if len(which) == len(rep["kernels"]) > 1 else ", ".join(which)
+        print(f"  note ({who}) {note}"[:160])
 
 
 if __name__ == "__main__":

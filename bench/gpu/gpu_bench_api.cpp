@@ -47,10 +47,6 @@ void require(bool ok, const char* what) {
   if (!ok) throw ringflow::usage_error(what);
 }
 
-// The key the CPU top-k compressor draws its threshold samples from
-// (compress.hpp: stream_key(seed, step, 0x70b6)).
-constexpr std::uint64_t topk_sample_stream = 0x70b6;
-
 }  // namespace
 
 extern "C" {
@@ -133,7 +129,7 @@ int rf_topk_ef_encode(const void* grad, void* residual, size_t n, size_t k, uint
     require(workspace_bytes >= rc::topk_workspace_bytes(n, k),
             "workspace smaller than rf_topk_workspace_bytes(n, k)");
     rc::topk_ef_encode(static_cast<const float*>(grad), static_cast<float*>(residual), n, k,
-                       kn::stream_key(seed, step, topk_sample_stream),
+                       kn::stream_key(seed, step, kn::topk_sample_stream),
                        static_cast<std::uint32_t*>(indices), static_cast<float*>(values),
                        workspace, workspace_bytes, as_stream(stream));
   });

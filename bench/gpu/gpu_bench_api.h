@@ -61,7 +61,7 @@ RF_API int rf_int8_decode_add(const void* q, const void* scales, size_t n, size_
                               int levels, void* out, void* stream);
 
 /* top-k by magnitude with error feedback; the sampling key is
- * stream_key(seed, step, 0x70b6) as in the CPU compressor. indices: k uint32
+ * stream_key(seed, step, topk_sample_stream) as in the CPU compressor. indices: k uint32
  * (increasing), values: k floats; workspace: rf_topk_workspace_bytes(n, k). */
 RF_API size_t rf_topk_workspace_bytes(size_t n, size_t k);
 RF_API int rf_topk_ef_encode(const void* grad, void* residual, size_t n, size_t k,

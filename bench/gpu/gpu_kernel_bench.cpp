@@ -197,7 +197,7 @@ void run_size(const options& o, std::size_t n, const std::vector<float>& g_host,
                      }, {}});
   entries.push_back({"topk+EF", 12 * dn + 8.0 * static_cast<double>(k), [&](cudaStream_t st) {
                        rc::topk_ef_encode(g.data(), r.data(), n, k,
-                                          kn::stream_key(o.seed, ++step, 0x70b6),
+                                          kn::stream_key(o.seed, ++step, kn::topk_sample_stream),
                                           topk_indices.data(), topk_values.data(), ws.data(),
                                           ws_bytes, st);
                      }, {}});
