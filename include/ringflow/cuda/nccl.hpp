@@ -1,0 +1,318 @@
+// The NCCL backend: a communicator over NCCL built from a ringflow
+// communicator (the ncclUniqueId travels over MPI), NCCL's collectives on
+// device buffers, stream-ordered, a ring allreduce of our own over
+// ncclSend/ncclRecv, and a ringflow transport over NCCL point-to-point.
+//
+// Needs NCCL: everything here exists only where RINGFLOW_HAS_NCCL is 1
+// (ringflow::cuda built with nvcc and NCCL found); guard your includes and
+// uses with `#if RINGFLOW_HAS_NCCL`. No fmt here: kernels may include it.
+#pragma once
+
+#if defined(RINGFLOW_HAS_NCCL) && RINGFLOW_HAS_NCCL
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+
+#include "ringflow/comm/communicator.hpp"
+#include "ringflow/comm/transport.hpp"
+#include "ringflow/core/dtype.hpp"
+#include "ringflow/core/error.hpp"
+#include "ringflow/core/reduce_op.hpp"
+#include "ringflow/coll/partition.hpp"
+
+namespace ringflow::cuda {
+
+/// A failed NCCL call. The message names the call, the rank
+/// (cuda::error_rank()), NCCL's error string and NCCL's last error text.
+/// A comm_error: NCCL failures are communication failures (a peer died, a
+/// network error, an internal NCCL error), and usage mistakes NCCL detects
+/// itself (ncclInvalidArgument, ncclInvalidUsage) come with NCCL's reason.
+class nccl_error : public ringflow::comm_error {
+ public:
+  nccl_error(const std::string& what, ncclResult_t code) : comm_error(what), code_(code) {}
+  ncclResult_t code() const noexcept { return code_; }
+
+ private:
+  ncclResult_t code_;
+};
+
+namespace detail {
+/// "ncclInvalidArgument" for ncclInvalidArgument, and so on.
+const char* nccl_result_name(ncclResult_t code) noexcept;
+[[noreturn]] void throw_nccl_error(ncclResult_t code, const char* call, const char* file,
+                                   int line);
+/// For destructors: logs the failure instead of throwing.
+void log_nccl_error(ncclResult_t code, const char* call, const char* file, int line) noexcept;
+/// ringflow's dtype and op tags as NCCL's (avg -> ncclAvg).
+ncclDataType_t nccl_type(dtype t);
+ncclRedOp_t nccl_op(op_kind k);
+struct nccl_state;
+}  // namespace detail
+
+}  // namespace ringflow::cuda
+
+/// Throws ringflow::cuda::nccl_error if `call` does not return ncclSuccess:
+/// "rank 3: ncclAllReduce(...) failed: <ncclGetErrorString> (ncclInvalidArgument):
+/// <ncclGetLastError> [file:line]".
+#define RINGFLOW_CHECK_NCCL(call)                                                  \
+  do {                                                                             \
+    const ncclResult_t rf_nccl_status_ = (call);                                   \
+    if (rf_nccl_status_ != ncclSuccess)                                            \
+      ::ringflow::cuda::detail::throw_nccl_error(rf_nccl_status_, #call, __FILE__, \
+                                                 __LINE__);                        \
+  } while (0)
+
+/// In destructors and other noexcept paths: logs a failure, never throws.
+#define RINGFLOW_LOG_NCCL(call)                                                               \
+  do {                                                                                        \
+    const ncclResult_t rf_nccl_status_ = (call);                                              \
+    if (rf_nccl_status_ != ncclSuccess)                                                       \
+      ::ringflow::cuda::detail::log_nccl_error(rf_nccl_status_, #call, __FILE__, __LINE__);   \
+  } while (0)
+
+namespace ringflow::cuda {
+
+class nccl_transport;
+
+/// How a nccl_communicator picks its GPU.
+struct nccl_options {
+  /// The GPU (CUDA device index as this process sees it); -1 picks the
+  /// node-local rank modulo the number of visible GPUs, where the node-local
+  /// rank is the rank's index among the ranks on its host.
+  int device = -1;
+};
+
+/// An NCCL communicator over the same ranks as a ringflow communicator.
+///
+/// Construction is collective over `comm`: the ranks exchange their hosts and
+/// GPUs (two ranks on one GPU throw usage_error on every rank, see below),
+/// rank 0 makes an ncclUniqueId and broadcasts it over `comm`, and every rank
+/// calls ncclCommInitRank with its rank in `comm`. The chosen GPU is made
+/// current on the calling thread, and cuda::error_rank() becomes comm.rank().
+///
+/// NCCL refuses (or hangs on) two ranks of one communicator on the same GPU.
+/// Where the ranks would share one, construction throws usage_error on every
+/// rank naming the ranks and the GPU, before NCCL is touched: use the staged
+/// MPI path for ranks that share a GPU.
+///
+/// The collectives take spans of device memory (on this communicator's GPU)
+/// and a stream, and are stream-ordered: they queue work on the stream and
+/// return without waiting for it. Every rank must call them in the same order,
+/// with the same counts, type, op and root, as the CPU collectives; in
+/// checked mode (the ringflow communicator's checked(), RINGFLOW_CHECK=1) the
+/// ranks compare the same fingerprint the CPU collectives do, over the
+/// ringflow communicator, before the NCCL call, so a mismatch throws
+/// usage_error on every rank instead of hanging in NCCL. That exchange is
+/// host-side MPI traffic; it never synchronizes the device.
+///
+/// Move-only. Destroying it calls ncclCommDestroy, or ncclCommAbort after a
+/// failed or timed-out operation (or abort()).
+///
+/// @code
+/// ringflow::cuda::nccl_communicator nccl(ringflow::mpi::world());
+/// ringflow::cuda::device_buffer<float> g(n);   // on nccl.device()
+/// ringflow::cuda::stream s;
+/// nccl.allreduce(g.span(), ringflow::avg, s);
+/// s.synchronize();
+/// @endcode
+class nccl_communicator {
+ public:
+  explicit nccl_communicator(const communicator& comm, nccl_options opt = {});
+  nccl_communicator(nccl_communicator&&) noexcept;
+  nccl_communicator& operator=(nccl_communicator&&) noexcept;
+  nccl_communicator(const nccl_communicator&) = delete;
+  nccl_communicator& operator=(const nccl_communicator&) = delete;
+  ~nccl_communicator();
+
+  int rank() const noexcept;
+  int size() const noexcept;
+  /// The CUDA device this rank's NCCL communicator uses.
+  int device() const noexcept;
+  /// The NCCL handle, for calls ringflow does not wrap.
+  ncclComm_t raw() const noexcept;
+  /// The ringflow communicator this was built from (bootstrap and checked mode).
+  const communicator& base() const noexcept;
+
+  /// Aborts the NCCL communicator now (ncclCommAbort): pending operations
+  /// are cancelled; later calls throw. For error paths.
+  void abort() noexcept;
+
+  // --- Collectives on device memory, queued on `stream` ---------------------
+
+  /// Allreduce `in` into `out` (same size; may be the same span; partial
+  /// overlap is an error). avg: ncclAvg for floating types; for integer types
+  /// ncclSum followed by ringflow's division (truncating toward zero, as on
+  /// the CPU).
+  template <element T, reduce_op Op = sum_op>
+  void allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
+                 cudaStream_t stream) const {
+    (void)op;
+    allreduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, Op::kind, stream);
+  }
+  /// In-place allreduce.
+  template <element T, reduce_op Op = sum_op>
+  void allreduce(std::span<T> data, Op op, cudaStream_t stream) const {
+    (void)op;
+    allreduce_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>, Op::kind,
+                    stream);
+  }
+
+  /// Reduce-scatter with ringflow's contract (coll/collectives.hpp): `in`
+  /// holds `count` elements on every rank; rank r receives the reduction of
+  /// piece r = partition(count, size, r) in `out`, whose size must be that
+  /// piece's. `out` may alias that piece of `in`. Any count: when size()
+  /// divides it this is one ncclReduceScatter, otherwise one ncclReduce per
+  /// piece in a group.
+  template <element T, reduce_op Op = sum_op>
+  void reduce_scatter(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
+                      cudaStream_t stream) const {
+    (void)op;
+    reduce_scatter_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, Op::kind,
+                         stream);
+  }
+  /// In-place reduce-scatter: the result is left in this rank's piece of
+  /// `data`, which is returned.
+  template <element T, reduce_op Op = sum_op>
+  std::span<T> reduce_scatter(std::span<T> data, Op op, cudaStream_t stream) const {
+    const chunk own = partition(data.size(), size(), rank());
+    std::span<T> mine = data.subspan(own.offset, own.count);
+    reduce_scatter<T, Op>(std::span<const T>(data), mine, op, stream);
+    return mine;
+  }
+
+  /// Allgather with ringflow's contract: rank r contributes piece r
+  /// (partition(out.size(), size, r)) in `in`; every rank receives all of
+  /// `out`. `in` may alias its piece of `out`. Any count: ncclAllGather when
+  /// size() divides it, otherwise one ncclBroadcast per piece in a group.
+  template <element T>
+  void allgather(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                 cudaStream_t stream) const {
+    allgather_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, stream);
+  }
+  /// In-place allgather: each rank's piece is already in place in `data`.
+  template <element T>
+  void allgather(std::span<T> data, cudaStream_t stream) const {
+    const chunk own = partition(data.size(), size(), rank());
+    allgather<T>(std::span<const T>(data.subspan(own.offset, own.count)), data, stream);
+  }
+
+  /// Broadcast `data` from `root` to every rank (same size everywhere).
+  template <element T>
+  void broadcast(std::span<T> data, int root, cudaStream_t stream) const {
+    broadcast_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>, root,
+                    stream);
+  }
+  /// Out-of-place broadcast: root's `in` lands in every rank's `out`. `in` is
+  /// read on the root only (other ranks may pass an empty span).
+  template <element T>
+  void broadcast(std::span<const std::type_identity_t<T>> in, std::span<T> out, int root,
+                 cudaStream_t stream) const {
+    broadcast_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, root, stream);
+  }
+
+  /// ringflow's own ring allreduce over ncclSend/ncclRecv: the CPU ring's
+  /// algorithm (coll/ring.hpp: reduce-scatter then allgather, chunk c combined
+  /// in the same rank order with the same reduce_op functors, now as device
+  /// kernels), so the result equals ringflow's CPU ring_allreduce bit for bit
+  /// on the same ranks. Each ring step is one NCCL group {send right, receive
+  /// left} followed by a reduction kernel, all queued on `stream`; staging
+  /// memory is stream-ordered (cudaMallocAsync), so nothing waits on the host.
+  template <element T, reduce_op Op = sum_op>
+  void ring_allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
+                      cudaStream_t stream) const {
+    (void)op;
+    ring_allreduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, Op::kind,
+                         stream);
+  }
+  template <element T, reduce_op Op = sum_op>
+  void ring_allreduce(std::span<T> data, Op op, cudaStream_t stream) const {
+    (void)op;
+    ring_allreduce_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>,
+                         Op::kind, stream);
+  }
+
+  /// A ringflow transport over ncclSend/ncclRecv on this communicator (see
+  /// nccl_transport). Made on first use; shares this communicator's NCCL
+  /// handle and keeps it alive.
+  std::shared_ptr<nccl_transport> transport() const;
+
+ private:
+  void allreduce_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
+                       dtype type, op_kind op, cudaStream_t stream) const;
+  void reduce_scatter_bytes(const void* in, void* out, std::size_t in_count,
+                            std::size_t out_count, dtype type, op_kind op,
+                            cudaStream_t stream) const;
+  void allgather_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
+                       dtype type, cudaStream_t stream) const;
+  void broadcast_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
+                       dtype type, int root, cudaStream_t stream) const;
+  void ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
+                            std::size_t out_count, dtype type, op_kind op,
+                            cudaStream_t stream) const;
+
+  std::shared_ptr<detail::nccl_state> state_;
+};
+
+/// A ringflow transport over NCCL point-to-point on device memory.
+///
+/// NCCL runs the operations of one communicator one after another on the
+/// GPU, each complete only once its peer's matching one runs: a send posted
+/// alone by every rank of a ring would wait forever for receives queued
+/// behind it. So this transport does not launch at isend/irecv: it queues the
+/// operation, and the first test() or wait() of a queued request launches
+/// everything queued so far as one NCCL group (sends on one internal stream,
+/// receives on another), which NCCL progresses together. An algorithm that
+/// posts a step's sends and receives and then waits, on every rank, can
+/// therefore not deadlock, whichever it posts first. Receives posted ahead
+/// for later steps join the group of the first wait and make it wait for
+/// those steps too: post only what the next wait needs.
+///
+/// Each launch records one CUDA event per stream; test() queries it,
+/// wait() polls it (and NCCL's asynchronous error state) until the
+/// transport's timeout, then throws timeout_error naming the peer. NCCL has
+/// no message envelope: tags are not matched (messages between two ranks
+/// are matched in posting order) and sizes are not checked, so the ranks must
+/// agree on both. Pointers must be device memory on the communicator's GPU.
+/// Work that produces what a send reads, or reads what a receive overwrote
+/// before it, must be ordered by the caller: order_after(stream) makes every
+/// later launch wait (on the device) for the work queued on that stream.
+class nccl_transport final : public ringflow::transport {
+ public:
+  /// Over an existing communicator's state (nccl_communicator::transport()).
+  explicit nccl_transport(std::shared_ptr<detail::nccl_state> state);
+  ~nccl_transport() override;
+
+  int rank() const noexcept override;
+  int size() const noexcept override;
+  std::string_view name() const noexcept override { return "nccl"; }
+  request isend(const void* data, std::size_t bytes, int peer, int tag) override;
+  request irecv(void* data, std::size_t bytes, int peer, int tag) override;
+  /// Collective: ncclCommSplit. A negative color takes no part (nullptr).
+  std::shared_ptr<ringflow::transport> split(int color, int key) override;
+  /// One NCCL communicator must not be used by two threads at once.
+  bool concurrent_use_ok() const noexcept override { return false; }
+
+  /// Launches every queued operation now, as one NCCL group.
+  void flush();
+  /// Every later launch first waits (on the device) for the work queued on
+  /// `s` up to that launch; nullptr clears it.
+  void order_after(cudaStream_t s) noexcept;
+  cudaStream_t send_stream() const noexcept;
+  cudaStream_t recv_stream() const noexcept;
+  ncclComm_t raw() const noexcept;
+
+  struct impl;
+
+ private:
+  std::shared_ptr<impl> impl_;
+};
+
+}  // namespace ringflow::cuda
+
+#endif  // RINGFLOW_HAS_NCCL
