@@ -66,7 +66,8 @@ esac
 
 # Summary, then the comparison table again, so that it is the last thing printed.
 echo
-echo "== gpu_bench: gpu-kernel-bench $(describe "$kb_rc"); compare_torch $ct_words ($((SECONDS - started)) s)"
+echo "== gpu_bench ($((SECONDS - started)) s): gpu-kernel-bench $(describe "$kb_rc");" \
+  "compare_torch $ct_words"
 if grep -q "^== compare_torch:" "$out_file"; then
   sed -n '/^== compare_torch:/,$p' "$out_file"
 fi

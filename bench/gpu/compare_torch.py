@@ -744,8 +744,9 @@ def print_table(rep) -> None:
               f"{ours_gbps:>6} {pct:>6} {fmt_ms(r['eager_ms']):>9} "
               f"{fmt_ms(r['compiled_ms']):>8} {sp:>7} {r['goal']:>13} "
               f"{r['goal_met'] or '-':>10}  {check}")
-        if r["compiled_status"] not in ("ok", "-") and not r["compiled_status"].startswith("not run"):
-            notes.setdefault(f"compiled: {r['compiled_status']}", []).append(r["kernel"])
+        cs = r["compiled_status"]
+        if cs not in ("ok", "-") and not cs.startswith("not run"):
+            notes.setdefault(f"compiled: {cs}", []).append(r["kernel"])
         if r["ours_status"]:
             notes.setdefault(f"ours: {r['ours_status']}", []).append(r["kernel"])
         if r.get("eager_status"):

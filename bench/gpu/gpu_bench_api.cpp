@@ -85,9 +85,8 @@ int rf_sign_decode_add(const void* scales, const void* words, size_t n, size_t b
                        void* stream) {
   return guarded("rf_sign_decode_add", [&] {
     require(block > 0 && block % 32 == 0, "block must be a positive multiple of 32");
-    rc::sign_decode_add(static_cast<const float*>(scales),
-                        static_cast<const std::uint32_t*>(words), n, block,
-                        static_cast<float*>(out), as_stream(stream));
+    rc::sign_decode_add(static_cast<const float*>(scales), static_cast<const std::uint32_t*>(words),
+                        n, block, static_cast<float*>(out), as_stream(stream));
   });
 }
 
@@ -130,8 +129,8 @@ int rf_topk_ef_encode(const void* grad, void* residual, size_t n, size_t k, uint
             "workspace smaller than rf_topk_workspace_bytes(n, k)");
     rc::topk_ef_encode(static_cast<const float*>(grad), static_cast<float*>(residual), n, k,
                        kn::stream_key(seed, step, kn::topk_sample_stream),
-                       static_cast<std::uint32_t*>(indices), static_cast<float*>(values),
-                       workspace, workspace_bytes, as_stream(stream));
+                       static_cast<std::uint32_t*>(indices), static_cast<float*>(values), workspace,
+                       workspace_bytes, as_stream(stream));
   });
 }
 

@@ -8,7 +8,11 @@
 // Bytes counted are the fewest the math needs (every input read once, every
 // output written once; n elements, B = block, k kept by top-k):
 //   copy 8n; sign+EF 12n + n/8 + 4n/B; int8+EF 13n + 4n/B; top-k+EF 12n + 8k;
-//   fp16/bf16+EF 14n; decode-add: payload + 8n (top-k: 16k).
+//   fp16/bf16+EF 14n; decode-add: payload + 8n (top-k: 16k). The allreduce's
+//   pieces at 4 ranks: sign-sum4 (4 payloads decoded, summed, averaged into an
+//   output only written) 4n + 4(n/8 + 4n/B); int8-shared4 (block max, then
+//   quantize with the max-allreduced scales: two passes) 21n + 8n/B;
+//   int8-avg4 (decode the summed payload, averaged, overwrite) 5n + 4n/B.
 // %copy = achieved GB/s / copy GB/s (copy counted as read + write).
 //
 // Each call is timed alone with CUDA events on one stream, after the residual
@@ -61,8 +65,11 @@ struct options {
 std::size_t parse_count(std::string_view s) {
   std::size_t mult = 1;
   for (auto [suffix, m] : {std::pair<std::string_view, std::size_t>{"Ki", 1u << 10},
-                           {"Mi", 1u << 20}, {"Gi", std::size_t{1} << 30}, {"K", 1u << 10},
-                           {"M", 1u << 20}, {"G", std::size_t{1} << 30}}) {
+                           {"Mi", 1u << 20},
+                           {"Gi", std::size_t{1} << 30},
+                           {"K", 1u << 10},
+                           {"M", 1u << 20},
+                           {"G", std::size_t{1} << 30}}) {
     if (s.size() > suffix.size() && s.substr(s.size() - suffix.size()) == suffix) {
       s.remove_suffix(suffix.size());
       mult = m;
@@ -104,8 +111,9 @@ options parse(int argc, char** argv) {
     } else if (arg == "--seed") {
       o.seed = parse_count(value());
     } else if (arg == "-h" || arg == "--help") {
-      fmt::print("usage: gpu-kernel-bench [--elements 16Mi,64Mi] [--reps 30] [--warmup 3] "
-                 "[--block 256] [--topk-ratio 0.01] [--seed 1234]\n");
+      fmt::print(
+          "usage: gpu-kernel-bench [--elements 16Mi,64Mi] [--reps 30] [--warmup 3] "
+          "[--block 256] [--topk-ratio 0.01] [--seed 1234]\n");
       std::exit(0);
     } else {
       usage("unknown argument " + std::string(arg));
@@ -155,8 +163,8 @@ void run_size(const options& o, std::size_t n, const std::vector<float>& g_host,
               std::size_t flush_bytes) {
   const std::size_t B = o.block;
   const std::size_t nb = rc::block_count(n, B);
-  const std::size_t k =
-      std::max<std::size_t>(1, static_cast<std::size_t>(std::ceil(o.topk_ratio * static_cast<double>(n))));
+  const std::size_t k = std::max<std::size_t>(
+      1, static_cast<std::size_t>(std::ceil(o.topk_ratio * static_cast<double>(n))));
   const double dn = static_cast<double>(n);
 
   rc::stream s;
@@ -173,38 +181,56 @@ void run_size(const options& o, std::size_t n, const std::vector<float>& g_host,
   upload(acc0.data(), acc_host, n, s);
 
   std::uint64_t step = 0;  // the random streams' call counter, one per encode
+  const double dnb = static_cast<double>(nb), dk = static_cast<double>(k);
   std::vector<entry> entries;
-  entries.push_back({"copy", 8 * dn, [&](cudaStream_t st) {
-                       RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(copy_dst.data(), g.data(), 4 * n,
-                                                           cudaMemcpyDeviceToDevice, st));
-                     }, {}});
-  entries.push_back({"sign+EF", 12 * dn + dn / 8 + 4.0 * static_cast<double>(nb),
-                     [&](cudaStream_t st) {
-                       rc::sign_ef_encode(g.data(), r.data(), n, B, sign_scales.data(),
-                                          words.data(), st);
-                     }, {}});
-  entries.push_back({"sign-decode", 8 * dn + dn / 8 + 4.0 * static_cast<double>(nb),
-                     [&](cudaStream_t st) {
-                       rc::sign_decode_add(sign_scales.data(), words.data(), n, B, acc.data(),
-                                           st);
-                     }, {}});
-  entries.push_back({"int8+EF", 13 * dn + 4.0 * static_cast<double>(nb), [&](cudaStream_t st) {
-                       rc::int8_ef_encode(g.data(), r.data(), n, B, kn::stream_key(o.seed, ++step, 0),
-                                          int8_scales.data(), q.data(), st);
-                     }, {}});
-  entries.push_back({"int8-decode", 9 * dn + 4.0 * static_cast<double>(nb), [&](cudaStream_t st) {
-                       rc::int8_decode_add(q.data(), int8_scales.data(), n, B, 127, acc.data(), st);
-                     }, {}});
-  entries.push_back({"topk+EF", 12 * dn + 8.0 * static_cast<double>(k), [&](cudaStream_t st) {
-                       rc::topk_ef_encode(g.data(), r.data(), n, k,
-                                          kn::stream_key(o.seed, ++step, kn::topk_sample_stream),
-                                          topk_indices.data(), topk_values.data(), ws.data(),
-                                          ws_bytes, st);
-                     }, {}});
-  entries.push_back({"topk-decode", 16.0 * static_cast<double>(k), [&](cudaStream_t st) {
-                       rc::topk_decode_add(topk_indices.data(), topk_values.data(), k, n,
-                                           acc.data(), st);
-                     }, {}});
+  auto add = [&](std::string name, double bytes, std::function<void(cudaStream_t)> run) {
+    entries.push_back({std::move(name), bytes, std::move(run), {}});
+  };
+  add("copy", 8 * dn, [&](cudaStream_t st) {
+    RINGFLOW_CHECK_CUDA(
+        cudaMemcpyAsync(copy_dst.data(), g.data(), 4 * n, cudaMemcpyDeviceToDevice, st));
+  });
+  add("sign+EF", 12 * dn + dn / 8 + 4 * dnb, [&](cudaStream_t st) {
+    rc::sign_ef_encode(g.data(), r.data(), n, B, sign_scales.data(), words.data(), st);
+  });
+  add("sign-decode", 8 * dn + dn / 8 + 4 * dnb, [&](cudaStream_t st) {
+    rc::sign_decode_add(sign_scales.data(), words.data(), n, B, acc.data(), st);
+  });
+  // The allgather side of the sign allreduce at 4 ranks: 4 payloads decoded,
+  // summed and averaged into out in one pass (out only written).
+  constexpr int sum_ranks = 4;
+  const std::size_t sign_stride = rc::sign_payload_bytes(n, B);
+  rc::device_buffer<unsigned char> sign_payloads(sum_ranks * sign_stride);
+  add("sign-sum4", 4 * dn + sum_ranks * (dn / 8 + 4 * dnb), [&](cudaStream_t st) {
+    rc::sign_decode_sum(sign_payloads.data(), sign_stride, sum_ranks, n, B, acc.data(), sum_ranks,
+                        st);
+  });
+  add("int8+EF", 13 * dn + 4 * dnb, [&](cudaStream_t st) {
+    rc::int8_ef_encode(g.data(), r.data(), n, B, kn::stream_key(o.seed, ++step, 0),
+                       int8_scales.data(), q.data(), st);
+  });
+  // The shared-scale int8 of the allreduce: two passes because the scales'
+  // max-allreduce sits between them (levels 31 = 127 / 4 ranks).
+  add("int8-shared4", 21 * dn + 8 * dnb, [&](cudaStream_t st) {
+    rc::int8_block_absmax(g.data(), r.data(), n, B, int8_scales.data(), st);
+    rc::int8_ef_quantize(g.data(), r.data(), n, B, int8_scales.data(), 127 / sum_ranks,
+                         kn::stream_key(o.seed, ++step, 0), q.data(), st);
+  });
+  add("int8-decode", 9 * dn + 4 * dnb, [&](cudaStream_t st) {
+    rc::int8_decode_add(q.data(), int8_scales.data(), n, B, 127, acc.data(), st);
+  });
+  // The decode of the summed int8 payload with the averaging fused in.
+  add("int8-avg4", 5 * dn + 4 * dnb, [&](cudaStream_t st) {
+    rc::int8_decode(q.data(), int8_scales.data(), n, B, 127 / sum_ranks, acc.data(), sum_ranks, st);
+  });
+  add("topk+EF", 12 * dn + 8 * dk, [&](cudaStream_t st) {
+    rc::topk_ef_encode(g.data(), r.data(), n, k,
+                       kn::stream_key(o.seed, ++step, kn::topk_sample_stream), topk_indices.data(),
+                       topk_values.data(), ws.data(), ws_bytes, st);
+  });
+  add("topk-decode", 16 * dk, [&](cudaStream_t st) {
+    rc::topk_decode_add(topk_indices.data(), topk_values.data(), k, n, acc.data(), st);
+  });
   struct half_kind {
     const char* name;
     rc::half_format format;
@@ -212,18 +238,25 @@ void run_size(const options& o, std::size_t n, const std::vector<float>& g_host,
   };
   for (const half_kind h : {half_kind{"fp16", rc::half_format::fp16, fp16.data()},
                             half_kind{"bf16", rc::half_format::bf16, bf16.data()}}) {
-    entries.push_back({std::string(h.name) + "+EF", 14 * dn, [&, h](cudaStream_t st) {
-                         rc::half_ef_encode(h.format, g.data(), r.data(), n, h.out, st);
-                       }, {}});
-    entries.push_back({std::string(h.name) + "-decode", 10 * dn, [&, h](cudaStream_t st) {
-                         rc::half_decode_add(h.format, h.out, n, acc.data(), st);
-                       }, {}});
+    add(std::string(h.name) + "+EF", 14 * dn, [&, h](cudaStream_t st) {
+      rc::half_ef_encode(h.format, g.data(), r.data(), n, h.out, st);
+    });
+    add(std::string(h.name) + "-decode", 10 * dn,
+        [&, h](cudaStream_t st) { rc::half_decode_add(h.format, h.out, n, acc.data(), st); });
   }
 
-  // Every encoder once, so the decoders read real payloads from the start.
+  // Every encoder once, so the decoders read real payloads from the start;
+  // the sign payload copied into the 4 slots sign-sum4 decodes.
   RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(r.data(), r0.data(), 4 * n, cudaMemcpyDeviceToDevice, s));
   for (auto& e : entries) {
     if (e.name.ends_with("+EF")) e.run(s);
+  }
+  for (int i = 0; i < sum_ranks; ++i) {
+    unsigned char* slot = sign_payloads.data() + static_cast<std::size_t>(i) * sign_stride;
+    RINGFLOW_CHECK_CUDA(
+        cudaMemcpyAsync(slot, sign_scales.data(), 4 * nb, cudaMemcpyDeviceToDevice, s));
+    RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(slot + 4 * nb, words.data(), 4 * rc::sign_word_count(n),
+                                        cudaMemcpyDeviceToDevice, s));
   }
   s.synchronize();
 
@@ -237,8 +270,7 @@ void run_size(const options& o, std::size_t n, const std::vector<float>& g_host,
     const std::size_t shift = static_cast<std::size_t>(rep + o.warmup) % E;
     for (std::size_t j = 0; j < E; ++j) {
       const std::size_t i = (j + shift) % E;
-      RINGFLOW_CHECK_CUDA(
-          cudaMemcpyAsync(r.data(), r0.data(), 4 * n, cudaMemcpyDeviceToDevice, s));
+      RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(r.data(), r0.data(), 4 * n, cudaMemcpyDeviceToDevice, s));
       RINGFLOW_CHECK_CUDA(
           cudaMemcpyAsync(acc.data(), acc0.data(), 4 * n, cudaMemcpyDeviceToDevice, s));
       RINGFLOW_CHECK_CUDA(cudaMemsetAsync(flush.data(), rep & 0xff, flush_bytes, s));
@@ -265,8 +297,8 @@ void run_size(const options& o, std::size_t n, const std::vector<float>& g_host,
     if (e.name == "sign+EF" || e.name == "int8+EF") {
       goal = !big ? ">=80% (n/a <64 MiB)" : pct >= 80.0 ? ">=80%: met" : ">=80%: NOT met";
     }
-    fmt::print("{:>10} {:>11} {:<12} {:>6.2f} {:>9.3f} {:>9.3f} {:>7.0f} {:>6.0f}%  {}\n", n,
-               4 * n, e.name, e.bytes / dn, ms, min_ms, gbps, pct, goal);
+    fmt::print("{:>10} {:>11} {:<12} {:>6.2f} {:>9.3f} {:>9.3f} {:>7.0f} {:>6.0f}%  {}\n", n, 4 * n,
+               e.name, e.bytes / dn, ms, min_ms, gbps, pct, goal);
   }
   std::fflush(stdout);
 }
@@ -290,13 +322,15 @@ int main(int argc, char** argv) {
     const auto g = normal_values(nmax, kn::stream_key(o.seed, 1, 0), 1.0f);
     const auto r = normal_values(nmax, kn::stream_key(o.seed, 2, 0), 0.1f);
     const auto acc = normal_values(nmax, kn::stream_key(o.seed, 3, 0), 1.0f);
-    fmt::print("# gpu-kernel-bench: {}, L2 {} MiB (flushed before each call), block {}, "
-               "top-k ratio {}, median of {} reps\n",
-               name, l2 >> 20, o.block, o.topk_ratio, o.reps);
-    fmt::print("# bytes/elt: the fewest bytes the math needs per element; %copy: GB/s against "
-               "the device copy (8n bytes) of the same size\n#\n");
-    fmt::print("{:>10} {:>11} {:<12} {:>6} {:>9} {:>9} {:>7} {:>7}  {}\n", "#elements",
-               "size(B)", "kernel", "B/elt", "time(ms)", "min(ms)", "GB/s", "%copy", "goal");
+    fmt::print(
+        "# gpu-kernel-bench: {}, L2 {} MiB (flushed before each call), block {}, "
+        "top-k ratio {}, median of {} reps\n",
+        name, l2 >> 20, o.block, o.topk_ratio, o.reps);
+    fmt::print(
+        "# bytes/elt: the fewest bytes the math needs per element; %copy: GB/s against "
+        "the device copy (8n bytes) of the same size\n#\n");
+    fmt::print("{:>10} {:>11} {:<12} {:>6} {:>9} {:>9} {:>7} {:>7}  {}\n", "#elements", "size(B)",
+               "kernel", "B/elt", "time(ms)", "min(ms)", "GB/s", "%copy", "goal");
     for (std::size_t n : o.sizes) run_size(o, n, g, r, acc, flush_bytes);
   } catch (const std::exception& e) {
     fmt::print(stderr, "gpu-kernel-bench: {}\n", e.what());
