@@ -70,6 +70,12 @@ void dispatch_lanes(std::size_t block, F&& f) {
   }
 }
 
+/// Elements per lane that the streaming loops of a one-warp-per-block kernel
+/// load before using any: full chunks of 32 * chunk_lanes elements run
+/// without bound checks, so a lane has that many independent loads in flight
+/// (a loop with a check per element issues one load at a time).
+constexpr int chunk_lanes = 8;
+
 /// Inverse quantization step, as the CPU's int8 compressor computes it.
 __device__ __forceinline__ float inv_step_of(float scale, int levels) {
   return kn::int8_inv_step(scale, levels);

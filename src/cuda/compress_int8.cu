@@ -107,10 +107,18 @@ __global__ void __launch_bounds__(cta_threads)
   const unsigned lane = threadIdx.x & 31u;
   const std::size_t lo = b * block;
   const std::size_t count = n - lo < block ? n - lo : block;
+  const float* rr = HasR ? r : nullptr;
   std::uint32_t m = 0;
-#pragma unroll 8
-  for (std::size_t j = lane; j < count; j += 32) {
-    const std::uint32_t a = kn::magnitude_key(compensated(g, HasR ? r : nullptr, lo + j));
+  std::size_t base = 0;
+  for (; base + 32 * chunk_lanes <= count; base += 32 * chunk_lanes) {
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) {
+      const std::uint32_t a = kn::magnitude_key(compensated(g, rr, lo + base + 32 * u + lane));
+      m = a > m ? a : m;
+    }
+  }
+  for (std::size_t j = base + lane; j < count; j += 32) {
+    const std::uint32_t a = kn::magnitude_key(compensated(g, rr, lo + j));
     m = a > m ? a : m;
   }
   m = warp_max(m);
@@ -131,13 +139,21 @@ __global__ void __launch_bounds__(cta_threads)
   const float scale = scales[b];
   const kn::quantize_int8 quant{kn::int8_inv_step(scale, levels), levels, key};
   const kn::dequantize_int8 deq{kn::int8_step(scale, levels)};
-#pragma unroll 8
-  for (std::size_t j = lane; j < count; j += 32) {
-    const float c = compensated(g, HasR ? r : nullptr, lo + j);
-    const std::int8_t v = quant(c, lo + j);
-    q[lo + j] = v;
-    if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c, deq(v));
+  const float* rr = HasR ? r : nullptr;
+  auto one = [&](std::size_t i, float c) {
+    const std::int8_t v = quant(c, i);
+    q[i] = v;
+    if constexpr (HasR) r[i] = kn::ef_residual{}(c, deq(v));
+  };
+  std::size_t base = 0;
+  for (; base + 32 * chunk_lanes <= count; base += 32 * chunk_lanes) {
+    float c[chunk_lanes];
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) c[u] = compensated(g, rr, lo + base + 32 * u + lane);
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) one(lo + base + 32 * u + lane, c[u]);
   }
+  for (std::size_t j = base + lane; j < count; j += 32) one(lo + j, compensated(g, rr, lo + j));
 }
 
 // out (+)= q * step, then / divide_by (overwrite form only).
@@ -152,14 +168,29 @@ __global__ void __launch_bounds__(cta_threads)
   const std::size_t lo = b * block;
   const std::size_t count = n - lo < block ? n - lo : block;
   const kn::dequantize_int8 deq{kn::int8_step(scales[b], levels)};
-#pragma unroll 8
-  for (std::size_t j = lane; j < count; j += 32) {
-    const float t = deq(q[lo + j]);
+  auto one = [&](std::int8_t v, float o) {
+    const float t = deq(v);
     if constexpr (Accumulate) {
-      out[lo + j] = out[lo + j] + t;
+      return o + t;
     } else {
-      out[lo + j] = divide_by > 1 ? t / static_cast<float>(divide_by) : t;
+      return divide_by > 1 ? t / static_cast<float>(divide_by) : t;
     }
+  };
+  std::size_t base = 0;
+  for (; base + 32 * chunk_lanes <= count; base += 32 * chunk_lanes) {
+    std::int8_t v[chunk_lanes];
+    float o[chunk_lanes];
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) {
+      const std::size_t i = lo + base + 32 * u + lane;
+      v[u] = q[i];
+      o[u] = Accumulate ? out[i] : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) out[lo + base + 32 * u + lane] = one(v[u], o[u]);
+  }
+  for (std::size_t j = base + lane; j < count; j += 32) {
+    out[lo + j] = one(q[lo + j], Accumulate ? out[lo + j] : 0.0f);
   }
 }
 

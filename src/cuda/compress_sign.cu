@@ -115,18 +115,30 @@ __global__ void __launch_bounds__(cta_threads)
   const unsigned lane = threadIdx.x & 31u;
   const std::size_t lo = b * block;
   const std::size_t len = n - lo < block ? n - lo : block;
-#pragma unroll 4
-  for (std::size_t j = lane; j < len; j += 32) {
-    const std::size_t i = lo + j;
-    float acc = Accumulate ? out[i] : 0.0f;
+  // Element i of payload p decodes to +-scale_p(b), bit i % 32 of word i / 32.
+  auto decode = [&](std::size_t i, float acc) {
     for (int p = 0; p < count; ++p) {
       const std::size_t off = static_cast<std::size_t>(p) * stride;
       const float scale = reinterpret_cast<const float*>(scales + off)[b];
       const std::uint32_t word = reinterpret_cast<const std::uint32_t*>(words + off)[i / 32];
       acc = acc + kn::unpack_sign(word, static_cast<unsigned>(i % 32), scale);
     }
-    if (divide_by > 1) acc = acc / static_cast<float>(divide_by);
-    out[i] = acc;
+    return divide_by > 1 ? acc / static_cast<float>(divide_by) : acc;
+  };
+  std::size_t base = 0;
+  for (; base + 32 * chunk_lanes <= len; base += 32 * chunk_lanes) {
+    float o[chunk_lanes];
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) o[u] = Accumulate ? out[lo + base + 32 * u + lane] : 0.0f;
+#pragma unroll
+    for (int u = 0; u < chunk_lanes; ++u) {
+      const std::size_t i = lo + base + 32 * u + lane;
+      out[i] = decode(i, o[u]);
+    }
+  }
+  for (std::size_t j = base + lane; j < len; j += 32) {
+    const std::size_t i = lo + j;
+    out[i] = decode(i, Accumulate ? out[i] : 0.0f);
   }
 }
 

@@ -101,13 +101,11 @@ void require_same_bits(const std::vector<T>& gpu, const std::vector<T>& cpu, con
   const std::size_t i = first_difference(gpu.data(), cpu.data(), gpu.size());
   if (i != std::numeric_limits<std::size_t>::max()) {
     if constexpr (std::is_same_v<T, std::byte>) {
-      INFO(what << ": byte " << i << " differs: gpu " << static_cast<int>(gpu[i]) << ", cpu "
-                << static_cast<int>(cpu[i]));
-      FAIL();
+      FAIL(what << ": byte " << i << " of " << gpu.size() << " differs: gpu "
+                << static_cast<int>(gpu[i]) << ", cpu " << static_cast<int>(cpu[i]));
     } else {
-      INFO(what << ": element " << i << " of " << gpu.size() << " differs: gpu " << +gpu[i]
+      FAIL(what << ": element " << i << " of " << gpu.size() << " differs: gpu " << +gpu[i]
                 << ", cpu " << +cpu[i]);
-      FAIL();
     }
   }
 }
@@ -149,8 +147,8 @@ void require_ef_invariant(const std::vector<float>& c, const std::vector<float>&
     const double err = static_cast<double>(t[i]) + static_cast<double>(r[i]) - c[i];
     const double tol = std::ldexp(std::fabs(static_cast<double>(r[i])), -24);
     if (std::fabs(err) > tol) {
-      INFO("element " << i << ": c " << c[i] << ", transmitted " << t[i] << ", residual " << r[i]);
-      FAIL();
+      FAIL("EF invariant, element " << i << ": c " << c[i] << ", transmitted " << t[i]
+                                     << ", residual " << r[i]);
     }
   }
 }
