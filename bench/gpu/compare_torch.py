@@ -625,29 +625,34 @@ def main() -> int:
     timer = Timer(bench.cuda)
     log(f"timing {len(entries)} entries x {a.reps} repetitions (+{a.warmup} warm-up)")
     done_reps = 0
-    with torch.no_grad():
-        for rep in range(-a.warmup, a.reps):
-            shift = rep % len(entries)
-            order = entries[shift:] + entries[:shift]
-            for j, (key, fn) in enumerate(order):
-                if key in failed:
-                    continue
-                s = bench.sets[(rep + j) % len(bench.sets)]
-                bench.restore(s)
-                try:
-                    if rep < 0:
-                        fn(s)
-                    else:
-                        timer.time(key, fn, s)
-                except Exception as exc:
-                    failed[key] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
-                    log(f"{key} failed: {failed[key]}")
-            timer.collect()
-            if rep >= 0:
-                done_reps = rep + 1
-                if time.monotonic() - T0 > a.budget:
-                    log(f"stopping after {done_reps} repetitions: past the {a.budget:.0f} s budget")
-                    break
+    stopped = None
+    try:
+        with torch.no_grad():
+            for rep in range(-a.warmup, a.reps):
+                shift = rep % len(entries)
+                order = entries[shift:] + entries[:shift]
+                for j, (key, fn) in enumerate(order):
+                    if key in failed:
+                        continue
+                    s = bench.sets[(rep + j) % len(bench.sets)]
+                    bench.restore(s)
+                    try:
+                        if rep < 0:
+                            fn(s)
+                        else:
+                            timer.time(key, fn, s)
+                    except Exception as exc:
+                        failed[key] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+                        log(f"{key} failed: {failed[key]}")
+                timer.collect()
+                if rep >= 0:
+                    done_reps = rep + 1
+                    if time.monotonic() - T0 > a.budget:
+                        log(f"stopping after {done_reps} repetitions: past the budget")
+                        break
+    except Exception as exc:  # e.g. a sticky CUDA error: report what was measured
+        stopped = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+        log(f"timing stopped: {stopped}")
     for key in failed:
         timer.samples.pop(key, None)
 
@@ -708,7 +713,7 @@ def main() -> int:
         "ours": ours_status,
         "copy": {"ms": copy_ms, "GBps": copy_GBps, "bytes": 8 * n,
                  "samples_ms": timer.samples.get("copy", [])},
-        "kernels": results, "wall_s": time.monotonic() - T0,
+        "kernels": results, "timing_stopped": stopped, "wall_s": time.monotonic() - T0,
     }
     if a.json:
         with open(a.json, "w") as fh:
@@ -716,7 +721,7 @@ def main() -> int:
         log(f"wrote {a.json}")
     print_table(report)
     bad = [r["kernel"] for r in results if r["check"].startswith(("MISMATCH", "FAILED"))]
-    return 1 if bad or failed else 0
+    return 1 if bad or failed or stopped else 0
 
 
 def fmt_ms(v) -> str:
@@ -754,10 +759,18 @@ def print_table(rep) -> None:
     print("  bytes: " + "; ".join(f"{r['kernel']} {r['bytes_formula']}" for r in rep["kernels"]
                                   if not r["kernel"].endswith("-decode"))
           + "; copy 8n; X-decode: payload + 8n (topk 16k); n elements, B block, k kept")
+    if rep.get("timing_stopped"):
+        notes.setdefault(f"timing stopped early: {rep['timing_stopped']}", []).extend(
+            r["kernel"] for r in rep["kernels"])
     for note, which in notes.items():
         who = "all" if len(which) == len(rep["kernels"]) > 1 else ", ".join(which)
         print(f"  note ({who}) {note}"[:160])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as exc:  # the last line says why, for the check script's tail
+        traceback.print_exc()
+        print(f"compare_torch: FAILED: {type(exc).__name__}: {str(exc).strip()[:300]}")
+        sys.exit(1)
