@@ -7,7 +7,8 @@
 #   scripts/gpu_bench.sh [BUILD_DIR]   (default build-gpu; a directory with
 #                                       bin/ and lib/, e.g. gpu-prebuilt, works too)
 # Environment:
-#   OUT                 write $OUT/gpu_bench.json and $OUT/gpu_kernel_bench.txt
+#   OUT                 write $OUT/gpu_bench.json, $OUT/gpu_bench.md (the table
+#                       of docs/gpu.md) and $OUT/gpu_kernel_bench.txt
 #   BENCH_ARGS          extra compare_torch.py arguments (e.g. "--reps 20")
 #   KERNEL_BENCH_ARGS   extra gpu-kernel-bench arguments
 #   PYTHON              the Python with PyTorch (python3)
@@ -48,7 +49,7 @@ echo
 
 echo "== compare_torch.py (library $lib)"
 json=()
-[[ -n ${OUT:-} ]] && json=(--json "$OUT/gpu_bench.json")
+[[ -n ${OUT:-} ]] && json=(--json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md")
 lib_arg=(--lib "$lib")
 [[ -f $lib ]] || { echo "note: $lib is missing: PyTorch rows only"; lib_arg=(--no-ours); }
 out_file=$(mktemp)

@@ -509,6 +509,8 @@ def main() -> int:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--markdown", default=None,
+                   help="write the table of docs/gpu.md here (Markdown)")
     a = p.parse_args()
 
     encoders = [x.strip() for x in a.kernels.split(",") if x.strip()]
@@ -719,9 +721,41 @@ def main() -> int:
         with open(a.json, "w") as fh:
             json.dump(report, fh, indent=1)
         log(f"wrote {a.json}")
+    if a.markdown:
+        with open(a.markdown, "w") as fh:
+            fh.write(markdown_table(report))
+        log(f"wrote {a.markdown}")
     print_table(report)
     bad = [r["kernel"] for r in results if r["check"].startswith(("MISMATCH", "FAILED"))]
     return 1 if bad or failed or stopped else 0
+
+
+def markdown_table(rep) -> str:
+    """The results table of docs/gpu.md, filled in."""
+    def num(v, f):
+        return "-" if v is None else format(v, f)
+
+    copy = rep["copy"]
+    lines = [
+        f"{rep['device']}, PyTorch {rep['torch']}, {human_count(rep['elements'])} fp32 "
+        f"elements, k = {rep['k']}, median of {rep['reps']} repetitions"
+        + (f"; copy {copy['ms']:.3f} ms = {copy['GBps']:.0f} GB/s" if copy["ms"] else ""),
+        "",
+        "| kernel | bytes/elt | ours ms | GB/s | % copy | eager ms | compiled ms | × compiled "
+        "| goal | met | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rep["kernels"]:
+        compiled = num(r["compiled_ms"], ".3f")
+        if r["compiled_ms"] is None and r["compiled_status"] not in ("ok", "-"):
+            compiled = r["compiled_status"].split(":")[0]
+        lines.append(
+            f"| {r['kernel']} | {r['bytes_per_element']:.2f} | {num(r['ours_ms'], '.3f')} "
+            f"| {num(r['ours_GBps'], '.0f')} | {num(r['ours_pct_copy'], '.0f')} "
+            f"| {num(r['eager_ms'], '.3f')} | {compiled} "
+            f"| {num(r['speedup_vs_compiled'], '.2f')} | {r['goal']} | {r['goal_met'] or '-'} "
+            f"| {r['check'].split(':')[0].split(' (')[0]} |")
+    return "\n".join(lines) + "\n"
 
 
 def fmt_ms(v) -> str:
