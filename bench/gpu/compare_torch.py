@@ -796,9 +796,12 @@ def print_table(rep) -> None:
     if rep.get("timing_stopped"):
         notes.setdefault(f"timing stopped early: {rep['timing_stopped']}", []).extend(
             r["kernel"] for r in rep["kernels"])
-    for note, which in notes.items():
+    shown = 5  # the table must stay within the check script's tail
+    for note, which in list(notes.items())[:shown]:
         who = "all" if len(which) == len(rep["kernels"]) > 1 else ", ".join(which)
         print(f"  note ({who}) {note}"[:160])
+    if len(notes) > shown:
+        print(f"  ({len(notes) - shown} more notes: see the log above and the JSON)")
 
 
 if __name__ == "__main__":
