@@ -96,9 +96,10 @@ def torch_sign_ef(g, r, block: int):
     r.copy_((c - t).view(-1))
     # Bit i of byte b is element 8b + i: the bytes of our little-endian uint32
     # words (bit i of word w is element 32w + i).
-    bits = neg.view(-1, 8).to(torch.uint8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=g.device)
-    packed = (bits * weights).sum(dim=1, dtype=torch.uint8)
+    # (arange, not torch.tensor([1, 2, 4, ...]): a tensor from a Python list is a
+    # host-to-device copy that synchronizes the stream on every call.)
+    shifts = torch.arange(8, dtype=torch.uint8, device=g.device)
+    packed = (neg.view(-1, 8).to(torch.uint8) << shifts).sum(dim=1, dtype=torch.uint8)
     return packed, scale
 
 
