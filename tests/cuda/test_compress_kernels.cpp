@@ -66,6 +66,12 @@ std::vector<float> input(std::size_t n, std::uint64_t seed, float scale = 1.0f,
   return v;
 }
 
+// The kernels run on a non-blocking stream, which does not wait for the
+// legacy default stream; and cudaMemset, or cudaMemcpy from pageable memory,
+// may return before the device is done. So every setup step waits for the
+// device before the next launch.
+void settle() { RINGFLOW_CHECK_CUDA(cudaDeviceSynchronize()); }
+
 template <class T>
 rc::device_buffer<T> upload(const std::vector<T>& v) {
   rc::device_buffer<T> d(v.size() ? v.size() : 1);
@@ -73,7 +79,13 @@ rc::device_buffer<T> upload(const std::vector<T>& v) {
     RINGFLOW_CHECK_CUDA(cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T),
                                    cudaMemcpyHostToDevice));
   }
+  settle();
   return d;
+}
+
+void fill_bytes(void* p, int value, std::size_t bytes) {
+  RINGFLOW_CHECK_CUDA(cudaMemset(p, value, bytes));
+  settle();
 }
 
 template <class T>
@@ -84,7 +96,7 @@ std::vector<T> download(const T* p, std::size_t n) {
 }
 
 /// Outputs start as garbage, so a kernel that skips an element is caught.
-void poison(void* p, std::size_t bytes) { RINGFLOW_CHECK_CUDA(cudaMemset(p, 0xA5, bytes)); }
+void poison(void* p, std::size_t bytes) { fill_bytes(p, 0xA5, bytes); }
 
 /// The first index where a and b differ in their bits, or SIZE_MAX.
 template <class T>
@@ -404,7 +416,7 @@ TEST_CASE("int8: the shared-scale pair on p ranks equals the CPU compressed allr
         const auto* shared_scales = reinterpret_cast<const float*>(dshared.data());
         // 2. Quantize each rank; 3. integer sum; 4. decode and average.
         rc::device_buffer<std::int8_t> sum(n), q(n);
-        RINGFLOW_CHECK_CUDA(cudaMemset(sum.data(), 0, n));
+        fill_bytes(sum.data(), 0, n);
         for (int k = 0; k < p; ++k) {
           poison(q.data(), n);
           rc::int8_ef_quantize(dg[static_cast<std::size_t>(k)].data(),
@@ -553,7 +565,7 @@ TEST_CASE("top-k: p ranks on one GPU equal the CPU compressed allreduce",
           s.synchronize();
         }
         rc::device_buffer<float> out(n);
-        RINGFLOW_CHECK_CUDA(cudaMemset(out.data(), 0, out.bytes()));
+        fill_bytes(out.data(), 0, out.bytes());
         for (int q = 0; q < p; ++q) {
           const std::byte* pay = all.data() + pb * static_cast<std::size_t>(q);
           rc::topk_decode_add(reinterpret_cast<const std::uint32_t*>(pay),
@@ -659,7 +671,7 @@ TEST_CASE("compressed_allreduce through NCCL at one rank equals the CPU referenc
       auto cpu = make_compressor(spec, 21);
       ringflow::compress::error_feedback fb;
       rc::device_buffer<float> dr(n);
-      RINGFLOW_CHECK_CUDA(cudaMemset(dr.data(), 0, dr.bytes()));
+      fill_bytes(dr.data(), 0, dr.bytes());
       for (int call = 0; call < 3; ++call) {
         INFO("call " << call);
         const auto g = input(n, ++seed);
