@@ -713,76 +713,160 @@ struct nccl_transport::impl {
     int peer = -1;
     int tag = 0;
     bool launched = false;
-    std::shared_ptr<event> done;  // recorded after the group it ran in
+    std::shared_ptr<event> done;  // recorded after the launch it ran in
   };
 
   std::shared_ptr<nccl_state> state;
-  std::unique_ptr<stream> send_s, recv_s;
+  int left = 0, right = 0;
+  // Ring channels (p >= 2): duplicates of the communicator, one per colour,
+  // such that the channel r -> r+1 has colour col(r) and col(r) != col(r-1).
+  // A rank's sends to its right and its receives from its left then travel
+  // on two different NCCL communicators, which NCCL does not order against
+  // each other, and each channel carries one direction between one pair, so
+  // posting order is matching order and nothing waits behind anything else.
+  std::vector<std::shared_ptr<nccl_state>> channels;
+  int out_channel = -1, in_channel = -1;
+  std::unique_ptr<stream> send_s, recv_s, group_s;
   cudaStream_t after = nullptr;
-  std::vector<std::shared_ptr<op>> queued;
+  std::vector<std::shared_ptr<op>> queued;  // other peers: launched as one group
+
+  static int colour(int r, int p) { return p % 2 == 1 && r == p - 1 ? 2 : r % 2; }
 
   explicit impl(std::shared_ptr<nccl_state> st) : state(std::move(st)) {
+    const int p = state->size, r = state->rank;
+    left = (r + p - 1) % p;
+    right = (r + 1) % p;
     device_guard dg(state->device);
     send_s = std::make_unique<stream>();
     recv_s = std::make_unique<stream>();
+    group_s = std::make_unique<stream>();
+    if (p < 2) return;
+    const int k = p % 2 == 0 ? 2 : 3;
+    ncclComm_t parent = state->live("transport");
+    for (int c = 0; c < k; ++c) {
+      ncclComm_t dup = nullptr;
+      RINGFLOW_CHECK_NCCL(ncclCommSplit(parent, 0, r, &dup, nullptr));
+      auto cs = std::make_shared<nccl_state>();
+      cs->comm = dup;
+      cs->rank = r;
+      cs->size = p;
+      cs->device = state->device;
+      channels.push_back(std::move(cs));
+    }
+    out_channel = colour(r, p);
+    in_channel = colour(left, p);
+    // Connect every channel now, one colour after another on every rank:
+    // NCCL sets a pair up on the host the first time the pair talks, which
+    // waits for the peer's matching call; done lazily in the middle of a
+    // ring, every rank could be waiting for its neighbour's setup at once.
+    device_buffer<std::uint8_t> warm(2);
+    for (int c = 0; c < k; ++c) {
+      const bool send = out_channel == c, recv = in_channel == c;
+      if (!send && !recv) continue;
+      nccl_group g;
+      if (send) {
+        RINGFLOW_CHECK_NCCL(ncclSend(warm.data(), 1, ncclUint8, right,
+                                     channels[static_cast<std::size_t>(c)]->comm, *send_s));
+      }
+      if (recv) {
+        RINGFLOW_CHECK_NCCL(ncclRecv(warm.data() + 1, 1, ncclUint8, left,
+                                     channels[static_cast<std::size_t>(c)]->comm, *send_s));
+      }
+      g.end();
+    }
+    send_s->synchronize();
   }
 
+  void mark_broken() noexcept {
+    state->broken.store(true);
+    for (auto& c : channels) c->broken.store(true);
+  }
+
+  /// The channel an operation travels on, or -1 for the grouped path.
+  int channel_of(const op& o) const {
+    if (channels.empty()) return -1;
+    if (o.is_send && o.peer == right) return out_channel;
+    if (!o.is_send && o.peer == left) return in_channel;
+    return -1;
+  }
+
+  void wait_for_producer(cudaStream_t s) {
+    if (after == nullptr) return;
+    event e;
+    e.record(after);
+    e.wait_on(s);
+  }
+
+  /// A ring-neighbour operation: launched at once on its channel.
+  void launch_on_channel(op& o, int c) {
+    const nccl_state& cs = *channels[static_cast<std::size_t>(c)];
+    ncclComm_t comm = cs.live("transport");
+    state->live("transport");
+    device_guard dg(state->device);
+    try {
+      stream& s = o.is_send ? *send_s : *recv_s;
+      wait_for_producer(s);
+      if (o.is_send) {
+        RINGFLOW_CHECK_NCCL(ncclSend(o.data, o.bytes, ncclUint8, o.peer, comm, s));
+      } else {
+        RINGFLOW_CHECK_NCCL(ncclRecv(o.data, o.bytes, ncclUint8, o.peer, comm, s));
+      }
+      auto done = std::make_shared<event>();
+      done->record(s);
+      o.done = std::move(done);
+      o.launched = true;
+    } catch (...) {
+      mark_broken();
+      o.launched = true;  // failed: nothing to wait for
+      throw;
+    }
+  }
+
+  /// Launches every queued operation (peers other than the ring
+  /// neighbours, or everything at one rank) as one NCCL group.
   void flush() {
     if (queued.empty()) return;
     std::vector<std::shared_ptr<op>> batch;
     batch.swap(queued);
-    const nccl_state& st = *state;
-    ncclComm_t comm = st.live("transport");
-    device_guard dg(st.device);
+    ncclComm_t comm = state->live("transport");
+    device_guard dg(state->device);
     try {
-      if (after != nullptr) {
-        // The producer's work so far comes first, on both streams.
-        event e;
-        e.record(after);
-        e.wait_on(*send_s);
-        e.wait_on(*recv_s);
-      }
-      bool any_send = false, any_recv = false;
+      wait_for_producer(*group_s);
       nccl_group g;
       for (const auto& o : batch) {
         if (o->is_send) {
-          RINGFLOW_CHECK_NCCL(ncclSend(o->data, o->bytes, ncclUint8, o->peer, comm, *send_s));
-          any_send = true;
+          RINGFLOW_CHECK_NCCL(ncclSend(o->data, o->bytes, ncclUint8, o->peer, comm, *group_s));
         } else {
-          RINGFLOW_CHECK_NCCL(ncclRecv(o->data, o->bytes, ncclUint8, o->peer, comm, *recv_s));
-          any_recv = true;
+          RINGFLOW_CHECK_NCCL(ncclRecv(o->data, o->bytes, ncclUint8, o->peer, comm, *group_s));
         }
       }
       g.end();
-      std::shared_ptr<event> sent, received;
-      if (any_send) {
-        sent = std::make_shared<event>();
-        sent->record(*send_s);
-      }
-      if (any_recv) {
-        received = std::make_shared<event>();
-        received->record(*recv_s);
-      }
+      auto done = std::make_shared<event>();
+      done->record(*group_s);
       for (const auto& o : batch) {
-        o->done = o->is_send ? sent : received;
+        o->done = done;
         o->launched = true;
       }
     } catch (...) {
-      state->broken.store(true);
-      for (const auto& o : batch) o->launched = true;  // failed: nothing to wait for
+      mark_broken();
+      for (const auto& o : batch) o->launched = true;
       throw;
     }
   }
 
   void check_async() {
-    ncclResult_t async = ncclSuccess;
-    const ncclResult_t rc = ncclCommGetAsyncError(state->live("transport"), &async);
-    if (rc != ncclSuccess) async = rc;
-    if (async != ncclSuccess && async != ncclInProgress) {
-      state->broken.store(true);
-      detail::throw_nccl_error(async, "ncclCommGetAsyncError (an NCCL operation failed)", __FILE__,
-                               __LINE__);
-    }
+    auto check = [&](const nccl_state& st) {
+      ncclResult_t async = ncclSuccess;
+      const ncclResult_t rc = ncclCommGetAsyncError(st.live("transport"), &async);
+      if (rc != ncclSuccess) async = rc;
+      if (async != ncclSuccess && async != ncclInProgress) {
+        mark_broken();
+        detail::throw_nccl_error(async, "ncclCommGetAsyncError (an NCCL operation failed)",
+                                 __FILE__, __LINE__);
+      }
+    };
+    check(*state);
+    for (const auto& c : channels) check(*c);
   }
 };
 
@@ -807,7 +891,7 @@ class nccl_request final : public ringflow::detail::request_state {
       if ((spins & 1023u) == 1023u) {
         t_->check_async();
         if (std::chrono::steady_clock::now() > deadline) {
-          t_->state->broken.store(true);
+          t_->mark_broken();
           throw timeout_error(fmt::format(
               "rank {}: NCCL {} {} bytes {} rank {} (tag {}) did not complete within {} ms "
               "(RINGFLOW_TIMEOUT); is rank {} stuck, dead, or posting its messages in another "
@@ -826,7 +910,7 @@ class nccl_request final : public ringflow::detail::request_state {
     try {
       return o_->done->query();
     } catch (...) {
-      t_->state->broken.store(true);
+      t_->mark_broken();
       throw;
     }
   }
@@ -868,35 +952,30 @@ void check_p2p(const nccl_state& st, const char* what, const void* data, std::si
 }
 }  // namespace
 
-request nccl_transport::isend(const void* data, std::size_t bytes, int peer, int tag) {
-  check_p2p(*impl_->state, "isend", data, bytes, peer);
+request nccl_transport::post(bool is_send, void* data, std::size_t bytes, int peer, int tag) {
+  check_p2p(*impl_->state, is_send ? "isend" : "irecv", data, bytes, peer);
   auto o = std::make_shared<impl::op>();
-  o->is_send = true;
-  o->data = const_cast<void*>(data);
+  o->is_send = is_send;
+  o->data = data;
   o->bytes = bytes;
   o->peer = peer;
   o->tag = tag;
   if (bytes == 0) {
     o->launched = true;  // nothing travels; both sides skip it alike
+  } else if (const int c = impl_->channel_of(*o); c >= 0) {
+    impl_->launch_on_channel(*o, c);
   } else {
     impl_->queued.push_back(o);
   }
   return request(std::make_unique<nccl_request>(impl_, std::move(o), timeout()));
 }
 
+request nccl_transport::isend(const void* data, std::size_t bytes, int peer, int tag) {
+  return post(true, const_cast<void*>(data), bytes, peer, tag);
+}
+
 request nccl_transport::irecv(void* data, std::size_t bytes, int peer, int tag) {
-  check_p2p(*impl_->state, "irecv", data, bytes, peer);
-  auto o = std::make_shared<impl::op>();
-  o->data = data;
-  o->bytes = bytes;
-  o->peer = peer;
-  o->tag = tag;
-  if (bytes == 0) {
-    o->launched = true;
-  } else {
-    impl_->queued.push_back(o);
-  }
-  return request(std::make_unique<nccl_request>(impl_, std::move(o), timeout()));
+  return post(false, data, bytes, peer, tag);
 }
 
 std::shared_ptr<ringflow::transport> nccl_transport::split(int color, int key) {

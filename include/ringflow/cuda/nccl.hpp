@@ -238,8 +238,9 @@ class nccl_communicator {
   }
 
   /// A ringflow transport over ncclSend/ncclRecv on this communicator (see
-  /// nccl_transport). Made on first use; shares this communicator's NCCL
-  /// handle and keeps it alive.
+  /// nccl_transport). Made on first use, which is collective (it builds and
+  /// connects the transport's channel communicators); later calls return the
+  /// same transport while one is alive. It keeps the NCCL handle alive.
   std::shared_ptr<nccl_transport> transport() const;
 
  private:
@@ -262,29 +263,36 @@ class nccl_communicator {
 /// A ringflow transport over NCCL point-to-point on device memory.
 ///
 /// NCCL runs the operations of one communicator one after another on the
-/// GPU, each complete only once its peer's matching one runs: a send posted
-/// alone by every rank of a ring would wait forever for receives queued
-/// behind it. So this transport does not launch at isend/irecv: it queues the
-/// operation, and the first test() or wait() of a queued request launches
-/// everything queued so far as one NCCL group (sends on one internal stream,
-/// receives on another), which NCCL progresses together. An algorithm that
-/// posts a step's sends and receives and then waits, on every rank, can
-/// therefore not deadlock, whichever it posts first. Receives posted ahead
-/// for later steps join the group of the first wait and make it wait for
-/// those steps too: post only what the next wait needs.
+/// GPU, each complete only once its peer's matching one runs; so a ring in
+/// which every rank posts a send before its receive (ringflow's ring does)
+/// would wait forever on one communicator. This transport therefore carries
+/// the ring's traffic on channels: at construction (collective) it makes two
+/// duplicates of the communicator (three for an odd rank count) and
+/// connects them, such that a rank's sends to its right neighbour and its
+/// receives from its left one travel on two different communicators and
+/// each channel carries one direction between one pair. Those operations
+/// are launched at isend/irecv, sends on one internal stream and receives on
+/// another; posting order is matching order, as with MPI, and nothing waits
+/// behind anything else. Operations with any other peer (and everything at
+/// one rank) are queued instead, and the first test() or wait() of a queued
+/// request (or flush()) launches them all as one NCCL group, which NCCL
+/// progresses together: an algorithm that posts a step's sends and receives
+/// and then waits cannot deadlock, whichever it posts first.
 ///
-/// Each launch records one CUDA event per stream; test() queries it,
-/// wait() polls it (and NCCL's asynchronous error state) until the
-/// transport's timeout, then throws timeout_error naming the peer. NCCL has
-/// no message envelope: tags are not matched (messages between two ranks
-/// are matched in posting order) and sizes are not checked, so the ranks must
-/// agree on both. Pointers must be device memory on the communicator's GPU.
-/// Work that produces what a send reads, or reads what a receive overwrote
-/// before it, must be ordered by the caller: order_after(stream) makes every
-/// later launch wait (on the device) for the work queued on that stream.
+/// Each launch records a CUDA event; test() queries it, wait() polls it (and
+/// NCCL's asynchronous error state) until the transport's timeout, then
+/// throws timeout_error naming the peer, and the communicator is aborted at
+/// destruction. NCCL has no message envelope: tags are not matched
+/// (messages between two ranks are matched in posting order) and sizes are
+/// not checked, so the ranks must agree on both. Pointers must be device
+/// memory on the communicator's GPU. A send reads its buffer some time after
+/// isend: work that produces it must be ordered before, either by the caller
+/// (an event it waited for) or with order_after(stream), which makes every
+/// later launch wait, on the device, for the work queued on that stream.
 class nccl_transport final : public ringflow::transport {
  public:
   /// Over an existing communicator's state (nccl_communicator::transport()).
+  /// Collective over that communicator.
   explicit nccl_transport(std::shared_ptr<detail::nccl_state> state);
   ~nccl_transport() override;
 
@@ -310,6 +318,7 @@ class nccl_transport final : public ringflow::transport {
   struct impl;
 
  private:
+  request post(bool is_send, void* data, std::size_t bytes, int peer, int tag);
   std::shared_ptr<impl> impl_;
 };
 
