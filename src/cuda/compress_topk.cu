@@ -50,6 +50,7 @@ constexpr int words_per_thread = static_cast<int>(tile_words) / cta_threads;
 constexpr int pass1_quads = 4;                 // float4 groups per thread per pass-1 step
 constexpr std::size_t pass1_tile = static_cast<std::size_t>(cta_threads) * 4 * pass1_quads;
 constexpr unsigned select_ctas = 1024;         // grid of the histogram and mark kernels
+constexpr int scan_threads = 512;              // the one CTA of the tile scan
 
 struct topk_state {
   std::uint32_t threshold;   // sampled threshold key
@@ -72,8 +73,9 @@ constexpr std::size_t align_up(std::size_t x) { return (x + 255) / 256 * 256; }
 layout layout_of(std::size_t n, std::size_t k) {
   layout l;
   // The CPU aims at 2k candidates; 4k + 64Ki leaves room for the sampling
-  // noise (8192 samples: the estimated quantile is off by ~10%).
-  l.cap = std::min(n, 4 * k + 65536);
+  // noise (8192 samples: the estimated quantile is off by ~10%). With
+  // 4k >= n the selection is always exact over all elements: no candidates.
+  l.cap = 4 * k >= n ? 0 : std::min(n, 4 * k + 65536);
   l.nwords = (n + 31) / 32;
   l.ntiles = (l.nwords + tile_words - 1) / tile_words;
   std::size_t at = align_up(sizeof(topk_state));
@@ -253,14 +255,17 @@ __global__ void __launch_bounds__(cta_threads)
       if (threadIdx.x == 0) base_sh = total ? atomicAdd(&st->cand_count, total) : 0u;
       __syncthreads();
       std::uint32_t pos = base_sh + offset;
-      while (mask) {
-        const int bit = __ffs(mask) - 1;
-        mask &= mask - 1;
-        if (pos < cap) {
-          cand_idx[pos] = static_cast<std::uint32_t>(elem(bit / 4, bit % 4));
-          cand_val[pos] = c[bit];
+      // Unrolled with constant indices: indexing c[] by a run-time bit would
+      // move the array to local memory.
+#pragma unroll
+      for (int bit = 0; bit < per; ++bit) {
+        if ((mask >> bit) & 1u) {
+          if (pos < cap) {
+            cand_idx[pos] = static_cast<std::uint32_t>(elem(bit / 4, bit % 4));
+            cand_val[pos] = c[bit];
+          }
+          ++pos;
         }
-        ++pos;
       }
       __syncthreads();  // scan_tmp and base_sh are reused by the next step
     }
@@ -357,13 +362,13 @@ __global__ void __launch_bounds__(cta_threads)
 
 // 5b. One CTA: exclusive prefix of the tile counts (both halves at once: the
 // tie half never carries, its total is at most n < 2^32).
-__global__ void __launch_bounds__(1024)
+__global__ void __launch_bounds__(scan_threads)
     topk_tile_scan_kernel(const std::uint64_t* __restrict__ tile_counts, std::size_t ntiles,
                           std::uint64_t* __restrict__ tile_offsets) {
-  using scan_t = cub::BlockScan<std::uint64_t, 1024>;
+  using scan_t = cub::BlockScan<std::uint64_t, scan_threads>;
   __shared__ typename scan_t::TempStorage tmp;
   std::uint64_t carry = 0;
-  for (std::size_t lo = 0; lo < ntiles; lo += 1024) {
+  for (std::size_t lo = 0; lo < ntiles; lo += scan_threads) {
     const std::size_t t = lo + threadIdx.x;
     const std::uint64_t v = t < ntiles ? tile_counts[t] : 0;
     std::uint64_t before = 0, total = 0;
@@ -516,7 +521,7 @@ void topk_ef_encode(const float* grad, float* residual, std::size_t n, std::size
   const auto ntiles = static_cast<unsigned>(l.ntiles);
   topk_tile_count_kernel<<<ntiles, cta_threads, 0, s>>>(sel, tie, l.nwords, tile_counts);
   RINGFLOW_CHECK_LAUNCH("topk_tile_count_kernel");
-  topk_tile_scan_kernel<<<1, 1024, 0, s>>>(tile_counts, l.ntiles, tile_offsets);
+  topk_tile_scan_kernel<<<1, scan_threads, 0, s>>>(tile_counts, l.ntiles, tile_offsets);
   RINGFLOW_CHECK_LAUNCH("topk_tile_scan_kernel");
   if (has_r) {
     topk_write_kernel<true><<<ntiles, cta_threads, 0, s>>>(sel, tie, l.nwords, tile_offsets, st,
