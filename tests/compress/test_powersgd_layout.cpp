@@ -7,12 +7,14 @@
 #include <mutex>
 #include <vector>
 
+#include "ringflow/ad/autodiff.hpp"
 #include "ringflow/backends/local.hpp"
 #include "ringflow/compress/bucket_compression.hpp"
 #include "ringflow/compress/compressed_allreduce.hpp"
 #include "ringflow/compress/compressor.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "ringflow/core/error.hpp"
+#include "ringflow/train/data_parallel.hpp"
 #include "support/catch.hpp"
 
 using namespace ringflow;
@@ -283,4 +285,38 @@ TEST_CASE("bucket_compression hands each bucket's layout to its compressor",
   // Element-wise compressors take the layout and ignore it.
   bucket_compression b8("int8");
   b8.set_layout(0, mlp_layout());
+}
+
+TEST_CASE("train::data_parallel gives PowerSGD the parameter shapes of its buckets",
+          "[compress][powersgd][layout][train]") {
+  // MLP 40-30-20-4 in one bucket, rank 2: the 40x30 and 30x20 weights are
+  // matrices; the 20x4 weight ((20 + 4) * 2 * 2 >= 80) and the biases go raw.
+  // Flat, the 1934 elements would be one 44 x 44 matrix: 4 * 2 * 88 = 704 bytes.
+  const std::size_t want = 4 * ((40 + 30) * 2 + (30 + 20) * 2 + (30 + 20 + 80 + 4));
+  std::vector<traffic> ts(2);
+  std::vector<std::vector<float>> values(2);
+  local::run(2, [&](communicator& c) {
+    ad::mlp model({40, 30, 20, 4}, ad::activation::relu, 7);
+    train::data_parallel dp(c, model.parameters(),
+                            {.bucket_cap_bytes = 1 << 20,
+                             .first_bucket_cap_bytes = 1 << 20,
+                             .compress = "powersgd:2",
+                             .compress_options = {.seed = 3}});
+    ad::adamw opt(model.parameters(), {.lr = 1e-2});
+    auto x_data = random_vector(8 * 40, 50 + static_cast<std::uint64_t>(c.rank()));
+    const std::vector<int> y{0, 1, 2, 3, 0, 1, 2, 3};
+    for (int step = 0; step < 2; ++step) {
+      opt.zero_grad();
+      auto x = ad::tensor::from_data(x_data.data(), {8, 40});
+      dp.backward(ad::softmax_cross_entropy(model(x), std::span<const int>(y)));
+      dp.step(opt);
+    }
+    ts[static_cast<std::size_t>(c.rank())] = dp.compression_traffic();
+    const auto v = model.parameters().all_values();
+    values[static_cast<std::size_t>(c.rank())].assign(v.begin(), v.end());
+  });
+  REQUIRE(ts[0].calls == 2);
+  REQUIRE(ts[0].elements == 2 * 1934);
+  REQUIRE(ts[0].payload_bytes == 2 * want);
+  REQUIRE(values[0] == values[1]);
 }
