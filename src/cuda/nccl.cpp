@@ -27,6 +27,7 @@
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/device.hpp"
 #include "ringflow/cuda/reduce.hpp"
+#include "ringflow/cuda/ring.hpp"
 #include "ringflow/cuda/runtime.hpp"
 
 namespace ringflow::cuda {
@@ -629,9 +630,36 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
 
 // --- Our ring over ncclSend/ncclRecv -------------------------------------------
 
+namespace {
+/// Runs fn.template operator()<T, Op>() for the run-time type and op.
+template <class Fn>
+void dispatch(dtype type, op_kind op, Fn&& fn) {
+  auto with_type = [&]<class T>() {
+    switch (op) {
+      case op_kind::sum: return fn.template operator()<T, sum_op>();
+      case op_kind::prod: return fn.template operator()<T, prod_op>();
+      case op_kind::min: return fn.template operator()<T, min_op>();
+      case op_kind::max: return fn.template operator()<T, max_op>();
+      case op_kind::avg: return fn.template operator()<T, avg_op>();
+    }
+  };
+  switch (type) {
+    case dtype::f32: return with_type.template operator()<float>();
+    case dtype::f64: return with_type.template operator()<double>();
+    case dtype::i8: return with_type.template operator()<std::int8_t>();
+    case dtype::u8: return with_type.template operator()<std::uint8_t>();
+    case dtype::i32: return with_type.template operator()<std::int32_t>();
+    case dtype::i64: return with_type.template operator()<std::int64_t>();
+    case dtype::f16: return with_type.template operator()<half>();
+    case dtype::bf16: return with_type.template operator()<bfloat16>();
+  }
+}
+}  // namespace
+
 void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
                                              std::size_t out_count, dtype type, op_kind op,
-                                             cudaStream_t stream) const {
+                                             cudaStream_t stream,
+                                             std::size_t segment_bytes) const {
   const nccl_state& st = usable(state_, "ring_allreduce");
   if (in_count != out_count) {
     throw usage_error(fmt::format(
@@ -639,14 +667,48 @@ void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::siz
         out_count));
   }
   const std::size_t esz = dtype_size(type);
-  const std::size_t count = in_count;
-  if (in != out && overlaps(in, count * esz, out, count * esz)) {
+  if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
     throw usage_error(fmt::format(
         "nccl ring_allreduce on rank {}: input and output overlap without being the same buffer",
         st.rank));
   }
-  require_device(st, "ring_allreduce", "input", in, count);
-  require_device(st, "ring_allreduce", "output", out, count);
+  require_device(st, "ring_allreduce", "input", in, in_count);
+  require_device(st, "ring_allreduce", "output", out, out_count);
+  ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, in_count);
+  if (in_count == 0) return;
+  device_guard dg(st.device);
+  const std::size_t seg = segment_bytes != 0 ? segment_bytes : nccl_ring_segment_bytes;
+  std::shared_ptr<nccl_transport> t = transport();
+  // coll/ring.hpp's schedule, the CPU's very code, with device memory
+  // handed straight to the NCCL transport (cuda/ring.hpp, direct mode).
+  guarded(st, [&] {
+    dispatch(type, op, [&]<class T, class Op>() {
+      device_ring_memory m(*t, ring_memory_mode::direct, seg, stream);
+      ::ringflow::detail::ring_allreduce_on(m, *t, static_cast<const T*>(in), static_cast<T*>(out),
+                                            in_count, Op{}, seg);
+    });
+  });
+}
+
+void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out,
+                                                    std::size_t in_count, std::size_t out_count,
+                                                    dtype type, op_kind op,
+                                                    cudaStream_t stream) const {
+  const nccl_state& st = usable(state_, "stream_ring_allreduce");
+  if (in_count != out_count) {
+    throw usage_error(fmt::format(
+        "nccl stream_ring_allreduce on rank {}: input has {} elements, output {}", st.rank, in_count,
+        out_count));
+  }
+  const std::size_t esz = dtype_size(type);
+  const std::size_t count = in_count;
+  if (in != out && overlaps(in, count * esz, out, count * esz)) {
+    throw usage_error(fmt::format(
+        "nccl stream_ring_allreduce on rank {}: input and output overlap without being the same buffer",
+        st.rank));
+  }
+  require_device(st, "stream_ring_allreduce", "input", in, count);
+  require_device(st, "stream_ring_allreduce", "output", out, count);
   ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, count);
   if (count == 0) return;
   device_guard dg(st.device);

@@ -434,7 +434,8 @@ TEST_CASE("nccl allgather and broadcast move every dtype bit for bit", "[cuda][n
   });
 }
 
-TEST_CASE("nccl ring_allreduce equals ringflow's CPU ring bit for bit", "[cuda][nccl]") {
+TEST_CASE("nccl ring_allreduce and stream_ring_allreduce equal ringflow's CPU ring bit for bit",
+          "[cuda][nccl]") {
   rc::nccl_communicator* c = nccl();
   if (c == nullptr) {
     SUCCEED("ranks share a GPU");
@@ -459,20 +460,25 @@ TEST_CASE("nccl ring_allreduce equals ringflow's CPU ring bit for bit", "[cuda][
                           : value<T>(op, seed, r, i);
           }
           std::vector<T> cpu(n);
-          rc::device_buffer<T> in = to_device(mine);
-          rc::device_buffer<T> out(in_place ? 0 : n);
+          rc::device_buffer<T> in = to_device(mine), in2 = to_device(mine);
+          rc::device_buffer<T> out(in_place ? 0 : n), out2(in_place ? 0 : n);
           with_op(op, [&](auto fn) {
             ringflow::allreduce<T>(world(), std::span<const T>(mine), std::span<T>(cpu), fn,
                                    ringflow::coll_options{ringflow::algo::ring, 0});
             if (in_place) {
-              c->ring_allreduce(in.span(), fn, s);
+              // A small segment: many segments per chunk at the larger counts.
+              c->ring_allreduce(in.span(), fn, s, 64 * 1024);
+              c->stream_ring_allreduce(in2.span(), fn, s);
             } else {
               c->ring_allreduce<T>(std::span<const T>(in.span()), out.span(), fn, s);
+              c->stream_ring_allreduce<T>(std::span<const T>(in2.span()), out2.span(), fn, s);
             }
           });
           s.synchronize();
           const auto got = to_host(in_place ? in.data() : out.data(), n);
+          const auto got2 = to_host(in_place ? in2.data() : out2.data(), n);
           CHECK(std::memcmp(got.data(), cpu.data(), n * sizeof(T)) == 0);
+          CHECK(std::memcmp(got2.data(), cpu.data(), n * sizeof(T)) == 0);
         }
       }
     }
@@ -506,6 +512,8 @@ TEST_CASE("nccl collectives refuse host memory and wrong sizes before any traffi
   what = message_of([&] { c->allreduce(pinned.span(), ringflow::sum, s); });
   CHECK(what.find("pinned host memory") != std::string::npos);
   what = message_of([&] { c->ring_allreduce(std::span<float>(host), ringflow::max, s); });
+  CHECK(what.find("not device memory") != std::string::npos);
+  what = message_of([&] { c->stream_ring_allreduce(std::span<float>(host), ringflow::max, s); });
   CHECK(what.find("not device memory") != std::string::npos);
   what = message_of([&] { c->broadcast(std::span<float>(host), 0, s); });
   CHECK(what.find("not device memory") != std::string::npos);

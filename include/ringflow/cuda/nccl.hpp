@@ -80,6 +80,10 @@ namespace ringflow::cuda {
 
 class nccl_transport;
 
+/// Default segment of ring_allreduce over NCCL: one NCCL launch per segment
+/// costs microseconds, so segments are larger than the CPU ring's 256 KiB.
+inline constexpr std::size_t nccl_ring_segment_bytes = std::size_t{4} << 20;
+
 /// How a nccl_communicator picks its GPU.
 struct nccl_options {
   /// The GPU (CUDA device index as this process sees it); -1 picks the
@@ -119,6 +123,7 @@ struct nccl_options {
 /// ringflow::cuda::device_buffer<float> g(n);   // on nccl.device()
 /// ringflow::cuda::stream s;
 /// nccl.allreduce(g.span(), ringflow::avg, s);
+/// nccl.ring_allreduce(g.span(), ringflow::sum, s);   // ringflow's ring over NCCL p2p
 /// s.synchronize();
 /// @endcode
 class nccl_communicator {
@@ -216,25 +221,48 @@ class nccl_communicator {
     broadcast_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, root, stream);
   }
 
-  /// ringflow's own ring allreduce over ncclSend/ncclRecv: the CPU ring's
-  /// algorithm (coll/ring.hpp: reduce-scatter then allgather, chunk c combined
-  /// in the same rank order with the same reduce_op functors, now as device
-  /// kernels), so the result equals ringflow's CPU ring_allreduce bit for bit
-  /// on the same ranks. Each ring step is one NCCL group {send right, receive
-  /// left} followed by a reduction kernel, all queued on `stream`; staging
-  /// memory is stream-ordered (cudaMallocAsync), so nothing waits on the host.
+  /// ringflow's own ring allreduce over NCCL point-to-point, with the same
+  /// algorithm code as the CPU transports: the schedule of coll/ring.hpp
+  /// (ring_allreduce_on) with the device-direct memory policy of
+  /// cuda/ring.hpp, over this communicator's nccl_transport. Chunk c is
+  /// combined in the same rank order with the same reduce_op functors (as
+  /// device kernels), so the result equals ringflow::allreduce with
+  /// algo::ring on host memory bit for bit, whatever the segment size.
+  /// Collective (the first call also builds the transport). Waits for the
+  /// work queued on `stream` before reading `in`, and returns once the result
+  /// is in `out`. `segment_bytes`: 0 = nccl_ring_segment_bytes.
   template <element T, reduce_op Op = sum_op>
   void ring_allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
-                      cudaStream_t stream) const {
+                      cudaStream_t stream, std::size_t segment_bytes = 0) const {
     (void)op;
     ring_allreduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, Op::kind,
-                         stream);
+                         stream, segment_bytes);
   }
   template <element T, reduce_op Op = sum_op>
-  void ring_allreduce(std::span<T> data, Op op, cudaStream_t stream) const {
+  void ring_allreduce(std::span<T> data, Op op, cudaStream_t stream,
+                      std::size_t segment_bytes = 0) const {
     (void)op;
     ring_allreduce_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>,
-                         Op::kind, stream);
+                         Op::kind, stream, segment_bytes);
+  }
+
+  /// The same ring, same bits, but queued on `stream` with no host
+  /// synchronization: each ring step is one NCCL group {send right, receive
+  /// left} of a whole chunk followed by a reduction kernel (cuda::reduce, the
+  /// CPU's functors), and staging memory is stream-ordered (cudaMallocAsync).
+  /// Returns at once; the result is in `out` when `stream` gets there.
+  template <element T, reduce_op Op = sum_op>
+  void stream_ring_allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                             Op op, cudaStream_t stream) const {
+    (void)op;
+    stream_ring_allreduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>,
+                                Op::kind, stream);
+  }
+  template <element T, reduce_op Op = sum_op>
+  void stream_ring_allreduce(std::span<T> data, Op op, cudaStream_t stream) const {
+    (void)op;
+    stream_ring_allreduce_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>,
+                                Op::kind, stream);
   }
 
   /// A ringflow transport over ncclSend/ncclRecv on this communicator (see
@@ -254,8 +282,11 @@ class nccl_communicator {
   void broadcast_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
                        dtype type, int root, cudaStream_t stream) const;
   void ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
-                            std::size_t out_count, dtype type, op_kind op,
-                            cudaStream_t stream) const;
+                            std::size_t out_count, dtype type, op_kind op, cudaStream_t stream,
+                            std::size_t segment_bytes) const;
+  void stream_ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
+                                   std::size_t out_count, dtype type, op_kind op,
+                                   cudaStream_t stream) const;
 
   std::shared_ptr<detail::nccl_state> state_;
 };
