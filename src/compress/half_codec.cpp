@@ -53,6 +53,10 @@ __attribute__((target("f16c,avx2"))) void encode_f16c(const float* in, std::uint
     const __m128i a = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), a);
   }
+  // Clean upper ymm halves before any SSE code runs: GCC 12 omits the
+  // vzeroupper before a tail call, and a dirty upper state made every later
+  // SSE loop of the process slower (int8 encode 1.3 -> 0.4 GB/s, measured).
+  _mm256_zeroupper();
   encode_portable(in + i, out + i, n - i);
 }
 
@@ -85,6 +89,7 @@ __attribute__((target("f16c,avx2"))) void decode_f16c(const std::uint16_t* in, f
       _mm256_storeu_ps(out + i, decode8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
     }
   }
+  _mm256_zeroupper();  // see encode_f16c
   decode_portable(in + i, out + i, n - i, add);
 }
 #else
