@@ -294,10 +294,22 @@ __global__ void __launch_bounds__(cta_threads)
   const std::size_t count = all ? src.n : st->cand_count;
   const std::uint32_t mask = round_mask(round), prefix = st->prefix;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       j < count; j += stride) {
-    const std::uint32_t key = kn::magnitude_key(all ? src.all[j] : src.cand_val[j]);
-    if ((key & mask) == prefix) atomicAdd(&hist[digit_of(key, round)], 1u);
+  const unsigned lane = threadIdx.x & 31u;
+  // Whole warps iterate together, and lanes with the same digit add once
+  // (__match_any_sync): gradients full of equal values (exact zeros, say)
+  // would otherwise serialize 32 shared atomics on one bin.
+  for (std::size_t base = static_cast<std::size_t>(blockIdx.x) * blockDim.x + (threadIdx.x - lane);
+       base < count; base += stride) {
+    const std::size_t j = base + lane;
+    std::uint32_t d = ~0u;  // no bin
+    if (j < count) {
+      const std::uint32_t key = kn::magnitude_key(all ? src.all[j] : src.cand_val[j]);
+      if ((key & mask) == prefix) d = digit_of(key, round);
+    }
+    const std::uint32_t peers = __match_any_sync(full_mask, d);
+    if (d != ~0u && lane == static_cast<unsigned>(__ffs(peers) - 1)) {
+      atomicAdd(&hist[d], static_cast<std::uint32_t>(__popc(peers)));
+    }
   }
   __syncthreads();
   for (unsigned b = threadIdx.x; b < nbins; b += cta_threads) {
