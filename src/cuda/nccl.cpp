@@ -440,6 +440,12 @@ const communicator& nccl_communicator::base() const noexcept {
 
 void nccl_communicator::abort() noexcept {
   if (!state_) return;
+  std::shared_ptr<nccl_transport> t;
+  {
+    std::lock_guard lock(state_->transport_mutex);
+    t = state_->transport.lock();
+  }
+  if (t) t->abort_channels();
   state_->broken.store(true);
   state_->release();
 }
@@ -1002,6 +1008,11 @@ cudaStream_t nccl_transport::send_stream() const noexcept { return *impl_->send_
 cudaStream_t nccl_transport::recv_stream() const noexcept { return *impl_->recv_s; }
 void nccl_transport::order_after(cudaStream_t s) noexcept { impl_->after = s; }
 void nccl_transport::flush() { impl_->flush(); }
+
+void nccl_transport::abort_channels() noexcept {
+  impl_->mark_broken();
+  for (auto& c : impl_->channels) c->release();
+}
 
 namespace {
 void check_p2p(const nccl_state& st, const char* what, const void* data, std::size_t bytes,

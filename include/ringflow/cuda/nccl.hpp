@@ -144,8 +144,9 @@ class nccl_communicator {
   /// The ringflow communicator this was built from (bootstrap and checked mode).
   const communicator& base() const noexcept;
 
-  /// Aborts the NCCL communicator now (ncclCommAbort): pending operations
-  /// are cancelled; later calls throw. For error paths.
+  /// Aborts the NCCL communicator now (ncclCommAbort), and the channels of
+  /// its transport if one is alive: pending operations are cancelled; later
+  /// calls throw. For error paths.
   void abort() noexcept;
 
   // --- Collectives on device memory, queued on `stream` ---------------------
@@ -349,7 +350,10 @@ class nccl_transport final : public ringflow::transport {
   struct impl;
 
  private:
+  friend class nccl_communicator;
   request post(bool is_send, void* data, std::size_t bytes, int peer, int tag);
+  /// ncclCommAbort on the channels (nccl_communicator::abort()).
+  void abort_channels() noexcept;
   std::shared_ptr<impl> impl_;
 };
 
