@@ -353,7 +353,8 @@ void require_distinct_gpus(const communicator& comm, const std::vector<host_reco
         "nccl_communicator on rank {}: {}. NCCL does not support two ranks of one communicator "
         "on the same GPU (it fails or hangs): run one rank per GPU (or give each rank its own "
         "GPU with nccl_options::device / CUDA_VISIBLE_DEVICES), or use the staged MPI path for "
-        "ranks that share a GPU (docs/gpu.md)",
+        "ranks that share a GPU (cuda::staged_allreduce and friends, ringflow/cuda/ring.hpp; "
+        "docs/gpu.md)",
         comm.rank(), clashes));
   }
 }
