@@ -118,8 +118,9 @@ struct nccl_state {
   /// of ncclCommDestroy (which would wait for operations that never finish).
   mutable std::atomic<bool> broken{false};
   std::mutex transport_mutex;
-  /// Weak: the transport keeps this state alive, not the other way round.
-  std::weak_ptr<nccl_transport> transport;
+  /// Made on first use and kept (its channels are collective to build). It
+  /// holds this state too: ~nccl_communicator() breaks the cycle.
+  std::shared_ptr<nccl_transport> transport;
 
   nccl_state() = default;
   nccl_state(const nccl_state&) = delete;
@@ -426,9 +427,31 @@ nccl_communicator::nccl_communicator(const communicator& comm, nccl_options opt)
              std::string(gpu.bus, strnlen(gpu.bus, sizeof gpu.bus)));
 }
 
+namespace {
+/// Lets go of a communicator's state, first breaking the state <-> transport
+/// cycle. The NCCL handles go when the last user does: here, or with the last
+/// copy of the transport someone else still holds.
+void drop(std::shared_ptr<nccl_state>& st) noexcept {
+  if (!st) return;
+  std::shared_ptr<nccl_transport> t;
+  {
+    std::lock_guard lock(st->transport_mutex);
+    t = std::move(st->transport);
+  }
+  t.reset();
+  st.reset();
+}
+}  // namespace
+
 nccl_communicator::nccl_communicator(nccl_communicator&&) noexcept = default;
-nccl_communicator& nccl_communicator::operator=(nccl_communicator&&) noexcept = default;
-nccl_communicator::~nccl_communicator() = default;
+nccl_communicator& nccl_communicator::operator=(nccl_communicator&& o) noexcept {
+  if (this != &o) {
+    drop(state_);
+    state_ = std::move(o.state_);
+  }
+  return *this;
+}
+nccl_communicator::~nccl_communicator() { drop(state_); }
 
 int nccl_communicator::rank() const noexcept { return state_ ? state_->rank : -1; }
 int nccl_communicator::size() const noexcept { return state_ ? state_->size : 0; }
@@ -444,7 +467,7 @@ void nccl_communicator::abort() noexcept {
   std::shared_ptr<nccl_transport> t;
   {
     std::lock_guard lock(state_->transport_mutex);
-    t = state_->transport.lock();
+    t = state_->transport;
   }
   if (t) t->abort_channels();
   state_->broken.store(true);
@@ -454,12 +477,8 @@ void nccl_communicator::abort() noexcept {
 std::shared_ptr<nccl_transport> nccl_communicator::transport() const {
   if (!state_) throw usage_error("nccl_communicator::transport() on a moved-from communicator");
   std::lock_guard lock(state_->transport_mutex);
-  std::shared_ptr<nccl_transport> t = state_->transport.lock();
-  if (!t) {
-    t = std::make_shared<nccl_transport>(state_);
-    state_->transport = t;
-  }
-  return t;
+  if (!state_->transport) state_->transport = std::make_shared<nccl_transport>(state_);
+  return state_->transport;
 }
 
 // --- Collectives ----------------------------------------------------------------

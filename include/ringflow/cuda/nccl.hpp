@@ -269,7 +269,8 @@ class nccl_communicator {
   /// A ringflow transport over ncclSend/ncclRecv on this communicator (see
   /// nccl_transport). Made on first use, which is collective (it builds and
   /// connects the transport's channel communicators); later calls return the
-  /// same transport while one is alive. It keeps the NCCL handle alive.
+  /// same transport. The communicator keeps it; it keeps the NCCL handles
+  /// alive while someone else still holds it.
   std::shared_ptr<nccl_transport> transport() const;
 
  private:
