@@ -334,10 +334,18 @@ void require_distinct_gpus(const communicator& comm, const std::vector<host_reco
   }
   // Same GPU = same UUID: also right when CUDA_VISIBLE_DEVICES gives the
   // ranks different numberings of the same cards.
+  // A driver that reports no UUID (all zero): the host and PCI address.
   std::map<std::string, std::vector<int>> users;
   for (int q = 0; q < p; ++q) {
     const gpu_record& g = gpus[static_cast<std::size_t>(q)];
-    users[std::string(reinterpret_cast<const char*>(g.uuid), sizeof g.uuid)].push_back(q);
+    std::string key(reinterpret_cast<const char*>(g.uuid), sizeof g.uuid);
+    if (key == std::string(sizeof g.uuid, '\0')) {
+      const host_record& h = hosts[static_cast<std::size_t>(q)];
+      const std::string bus(g.bus, strnlen(g.bus, sizeof g.bus));
+      key = "host:" + std::string(h.host, strnlen(h.host, sizeof h.host)) + "/" +
+            (bus.empty() ? "device " + std::to_string(g.device) : bus);
+    }
+    users[key].push_back(q);
   }
   std::string clashes;
   for (const auto& [uuid, ranks] : users) {
