@@ -615,6 +615,51 @@ TEST_CASE("nccl_transport: a send-first exchange completes; requests test and wa
   std::vector<char> host(8);
   CHECK_THROWS_AS(t->isend(host.data(), host.size(), right, 0), ringflow::usage_error);
   CHECK_THROWS_AS(t->irecv(b.data(), 8, p, 0), ringflow::usage_error);
+
+  // split: ranks of one parity form a child transport over ncclCommSplit;
+  // a negative colour takes no part.
+  auto child = t->split(r % 2, r);
+  REQUIRE(child);
+  CHECK(child->size() == (p + 1 - r % 2) / 2);
+  CHECK(child->rank() == r / 2);
+  CHECK(t->split(-1, r) == nullptr);
+  {
+    const int cp = child->size(), cr = child->rank();
+    rc::device_buffer<std::int64_t> x = to_device(std::vector<std::int64_t>(5, 100 + r)), y(5);
+    ringflow::request cs = child->isend(x.data(), x.bytes(), (cr + 1) % cp, 4);
+    ringflow::request cq = child->irecv(y.data(), y.bytes(), (cr + cp - 1) % cp, 4);
+    cq.wait();
+    cs.wait();
+    const int from = ((cr + cp - 1) % cp) * 2 + r % 2;  // its rank in the parent
+    CHECK(to_host(y.data(), 5) == std::vector<std::int64_t>(5, 100 + from));
+  }
+}
+
+TEST_CASE("nccl_communicator moves, and a moved-from one is empty", "[cuda][nccl]") {
+  if (gpus_shared()) {
+    SUCCEED("ranks share a GPU");
+    return;
+  }
+  rc::nccl_communicator a(world());
+  const ncclComm_t raw = a.raw();
+  rc::nccl_communicator b(std::move(a));
+  CHECK(a.raw() == nullptr);
+  CHECK(a.size() == 0);
+  CHECK(b.raw() == raw);
+  CHECK(b.rank() == world().rank());
+  rc::stream s;
+  rc::device_buffer<std::int32_t> x = to_device(std::vector<std::int32_t>(3, 2));
+  b.allreduce(x.span(), ringflow::sum, s);
+  s.synchronize();
+  CHECK(to_host(x.data(), 3) == std::vector<std::int32_t>(3, 2 * world().size()));
+  CHECK_THROWS_AS(a.allreduce(x.span(), ringflow::sum, s), ringflow::usage_error);
+  rc::nccl_communicator c(world());
+  c = std::move(b);  // c's own communicator is destroyed, b's taken over
+  CHECK(c.raw() == raw);
+  c.allreduce(x.span(), ringflow::sum, s);
+  s.synchronize();
+  CHECK(to_host(x.data(), 3) ==
+        std::vector<std::int32_t>(3, 2 * world().size() * world().size()));
 }
 
 // Hidden (run with "[timeout]"): leaves an unmatched NCCL receive on the GPU
