@@ -14,9 +14,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -801,6 +803,30 @@ void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out,
 
 // --- nccl_transport -------------------------------------------------------------
 
+namespace {
+/// The channels need NCCL to run kernels of different communicators
+/// concurrently; NCCL_LAUNCH_ORDER_IMPLICIT=1 orders them in host launch
+/// order instead, and a ring posting its send before its receive would then
+/// wait forever. Decided on every rank alike (over the ringflow
+/// communicator) so no rank goes on into ncclCommSplit alone.
+void require_concurrent_communicators(const nccl_state& st) {
+  const char* env = std::getenv("NCCL_LAUNCH_ORDER_IMPLICIT");
+  int implicit = env != nullptr && *env != '\0' && std::string_view(env) != "0" ? 1 : 0;
+  if (st.base.valid()) {
+    ringflow::allreduce(st.base, std::span<int>(&implicit, 1), ringflow::max);
+  }
+  if (implicit != 0) {
+    throw usage_error(fmt::format(
+        "nccl transport on rank {}: NCCL_LAUNCH_ORDER_IMPLICIT is set on some rank; it makes "
+        "NCCL run the transport's send and receive channels one after another, and a ring that "
+        "sends before it receives would hang: unset it (or set it to 0) for ringflow's NCCL "
+        "transport and ring_allreduce (stream_ring_allreduce and the NCCL collectives do not "
+        "need it)",
+        st.rank));
+  }
+}
+}  // namespace
+
 struct nccl_transport::impl {
   struct op {
     bool is_send = false;
@@ -837,6 +863,7 @@ struct nccl_transport::impl {
     recv_s = std::make_unique<stream>();
     group_s = std::make_unique<stream>();
     if (p < 2) return;
+    require_concurrent_communicators(*state);
     const int k = p % 2 == 0 ? 2 : 3;
     ncclComm_t parent = state->live("transport");
     for (int c = 0; c < k; ++c) {

@@ -306,7 +306,9 @@ class nccl_communicator {
 /// each channel carries one direction between one pair. Those operations
 /// are launched at isend/irecv, sends on one internal stream and receives on
 /// another; posting order is matching order, as with MPI, and nothing waits
-/// behind anything else. Operations with any other peer (and everything at
+/// behind anything else (this needs NCCL to run kernels of different
+/// communicators concurrently, its default: with NCCL_LAUNCH_ORDER_IMPLICIT=1
+/// the constructor throws usage_error on every rank). Operations with any other peer (and everything at
 /// one rank) are queued instead, and the first test() or wait() of a queued
 /// request (or flush()) launches them all as one NCCL group, which NCCL
 /// progresses together: an algorithm that posts a step's sends and receives
