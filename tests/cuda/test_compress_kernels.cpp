@@ -693,6 +693,44 @@ TEST_CASE("compressed_allreduce through NCCL at one rank equals the CPU referenc
   ncclCommDestroy(comm);
 }
 
+TEST_CASE("compressed_allreduce queues everything on the stream: it captures into a CUDA graph",
+          "[cuda][compress][nccl]") {
+  // Stream capture in global mode fails on any call that would synchronize
+  // with the host (cudaStreamSynchronize, a synchronous copy, cudaMalloc,
+  // cudaFree...), so a clean capture shows there is none inside.
+  int dev = 0;
+  RINGFLOW_CHECK_CUDA(cudaGetDevice(&dev));
+  ncclComm_t comm = nullptr;
+  REQUIRE(ncclCommInitAll(&comm, 1, &dev) == ncclSuccess);
+  rc::stream s;
+  const std::size_t n = 100003;
+  for (const char* spec : {"none", "fp16", "int8", "sign", "topk:0.01"}) {
+    INFO(spec);
+    rc::device_compressor dc(spec, 3);
+    auto dg = upload(input(n, 1500));
+    rc::device_buffer<float> dr(n);
+    fill_bytes(dr.data(), 0, dr.bytes());
+    // The first call sizes the workspace (a stream-ordered allocation).
+    rc::compressed_allreduce(comm, 0, 1, dg.data(), n, dc, dr.data(), s);
+    s.synchronize();
+    REQUIRE(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal) == cudaSuccess);
+    std::string failed;
+    try {
+      rc::compressed_allreduce(comm, 0, 1, dg.data(), n, dc, dr.data(), s);
+    } catch (const std::exception& e) {
+      failed = e.what();  // end the capture before failing, or the stream stays in it
+    }
+    cudaGraph_t graph = nullptr;
+    const cudaError_t rc_end = cudaStreamEndCapture(s, &graph);
+    CHECK(failed == "");
+    CHECK(rc_end == cudaSuccess);
+    CHECK(graph != nullptr);
+    if (graph) RINGFLOW_CHECK_CUDA(cudaGraphDestroy(graph));
+    cudaGetLastError();  // clear a capture error, if any, for the next spec
+  }
+  ncclCommDestroy(comm);
+}
+
 TEST_CASE("device_compressor rejects what it cannot do", "[cuda][compress][nccl]") {
   CHECK_THROWS_AS(rc::device_compressor("powersgd:4"), ringflow::not_supported_error);
   CHECK_THROWS_AS(rc::device_compressor("topk:2"), ringflow::usage_error);
