@@ -1,30 +1,91 @@
-// Per-communicator context (node layout, rank 0's cost model), the automatic
-// algorithm choice and ringflow::explain.
+// Per-communicator context (node layout, rank 0's cost model and tuning
+// table), the automatic algorithm choice and ringflow::explain.
 #include "ringflow/coll/context.hpp"
 
 #include <fmt/format.h>
+#include <sched.h>
 #include <unistd.h>
 
+#include <bit>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 
+#include "ringflow/coll/broadcast.hpp"
+#include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/ring.hpp"
 #include "ringflow/core/error.hpp"
+#include "ringflow/core/log.hpp"
 
 namespace ringflow {
 namespace detail {
 namespace {
 
-// What every rank contributes to the exchange; only rank 0's model and node
-// size are used, so ranks with different files or environments still agree.
+// What rank 0 found when it looked for a tuning table.
+enum tuning_status : std::int32_t {
+  tuning_off = 0,         // RINGFLOW_TUNING=off
+  tuning_no_file = 1,     // no file at the path
+  tuning_unusable = 2,    // corrupt or from another machine (rank 0 warned)
+  tuning_no_ranks = 3,    // no table for this rank count
+  tuning_follows = 4,     // tables for this rank count: a broadcast follows
+};
+
+// What every rank contributes to the exchange; only rank 0's model, node
+// size and tuning table are used, so ranks with different files or
+// environments still agree.
 struct wire_record {
   char host[64];
   char origin[128];
+  char tuning_path[256];
   std::int32_t node_size;  // RINGFLOW_NODE_SIZE; 0 unset, -1 malformed
+  std::int32_t tuning;     // a tuning_status (rank 0's counts)
+  std::int32_t shm_registered;
   std::int32_t reserved;
-  double model[9];
+  std::uint64_t cpus[16];  // the CPUs this rank may run on (sched_getaffinity)
+  double model[10];
 };
+
+// Warns once per process per message (contexts are built per communicator).
+void warn_once(const std::string& message) {
+  static std::mutex m;
+  static std::set<std::string> said;
+  std::lock_guard lock(m);
+  if (said.insert(message).second) log::warn("{}", message);
+}
+
+// Rank 0: reads the tuning file; returns the status and keeps the file when
+// it has tables for `ranks`.
+tuning_status load_tuning(int ranks, std::string& path, std::optional<tuning_file>& file) {
+  path = tuning_path();
+  if (path.empty()) return tuning_off;
+  try {
+    file = read_tuning_file(path);
+  } catch (const error& e) {
+    warn_once(fmt::format("{}; choosing allreduce algorithms with the cost model instead", e.what()));
+    file.reset();
+    return tuning_unusable;
+  }
+  if (!file) return tuning_no_file;
+  const std::string host = tuning_host();
+  if (file->machine != host) {
+    warn_once(fmt::format(
+        "tuning table {} was measured on '{}', this is '{}': not using it (rerun ringflow-bench "
+        "--tune here, or point RINGFLOW_TUNING elsewhere)",
+        path, file->machine, host));
+    file.reset();
+    return tuning_unusable;
+  }
+  for (const auto& t : file->tables) {
+    if (t.ranks == ranks) return tuning_follows;
+  }
+  return tuning_no_ranks;
+}
+
+std::string describe_shape(const cluster_shape& s) {
+  return fmt::format("{} ranks ({} node{} x {})", s.ranks, s.nodes, s.nodes == 1 ? "" : "s",
+                     s.ranks_per_node);
+}
 
 struct cache_entry {
   std::shared_ptr<const comm_context> context;
@@ -48,13 +109,26 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
     mine.node_size = -1;
     env_problem = e.what();
   }
+  mine.shm_registered = registered_algorithm(algo::shm) != nullptr ? 1 : 0;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) {
+    for (int c = 0; c < CPU_SETSIZE && c < 1024; ++c) {
+      if (CPU_ISSET(c, &set)) mine.cpus[c / 64] |= std::uint64_t{1} << (c % 64);
+    }
+  }
+  std::optional<tuning_file> tuning;
   if (r == 0) {
     const cost_model m = local_cost_model();
     std::strncpy(mine.origin, m.origin.c_str(), sizeof mine.origin - 1);
-    const double v[9] = {m.intra.alpha,       m.intra.beta,       m.intra.large_alpha,
-                         m.intra.large_from,  m.inter.alpha,      m.inter.beta,
-                         m.inter.large_alpha, m.inter.large_from, m.gamma};
+    const double v[10] = {m.intra.alpha,       m.intra.beta,       m.intra.large_alpha,
+                          m.intra.large_from,  m.inter.alpha,      m.inter.beta,
+                          m.inter.large_alpha, m.inter.large_from, m.gamma,
+                          m.oversubscribed_step};
     std::memcpy(mine.model, v, sizeof v);
+    std::string path;
+    mine.tuning = load_tuning(p, path, tuning);
+    std::strncpy(mine.tuning_path, path.c_str(), sizeof mine.tuning_path - 1);
   }
   std::vector<wire_record> all(static_cast<std::size_t>(p));
   if (p > 1) {
@@ -80,8 +154,59 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
   ctx->model.intra = {root.model[0], root.model[1], root.model[2], root.model[3]};
   ctx->model.inter = {root.model[4], root.model[5], root.model[6], root.model[7]};
   ctx->model.gamma = root.model[8];
+  ctx->model.oversubscribed_step = root.model[9];
   ctx->model.origin = std::string(root.origin, strnlen(root.origin, sizeof root.origin));
   ctx->shape = {p, ctx->topo.node_count(), ctx->topo.max_node_size()};
+  // Cores of the largest node: the union of its ranks' CPU sets (ranks
+  // bound to one core each and unbound ranks both count right).
+  for (const auto& node : ctx->topo.nodes) {
+    if (static_cast<int>(node.size()) != ctx->shape.ranks_per_node) continue;
+    std::uint64_t u[16] = {};
+    for (int q : node) {
+      for (int w = 0; w < 16; ++w) u[w] |= all[static_cast<std::size_t>(q)].cpus[w];
+    }
+    int cores = 0;
+    for (auto w : u) cores += std::popcount(w);
+    ctx->shape.cores_per_node = std::max(ctx->shape.cores_per_node, cores);
+  }
+  // shm: every rank has it registered, the mpi backend, and one host.
+  bool one_host = true, registered = true;
+  for (const auto& w : all) {
+    one_host = one_host && std::strncmp(w.host, root.host, sizeof w.host) == 0;
+    registered = registered && w.shm_registered != 0;
+  }
+  ctx->shape.shm = registered && one_host && comm.backend() == "mpi" && ctx->shape.nodes == 1;
+
+  // Rank 0's table for exactly this shape, sent to the others as text.
+  const std::string path(root.tuning_path, strnlen(root.tuning_path, sizeof root.tuning_path));
+  ctx->table_origin = path;
+  switch (root.tuning) {
+    case tuning_off: ctx->table_note = "RINGFLOW_TUNING=off"; break;
+    case tuning_no_file: ctx->table_note = fmt::format("no tuning file at {}", path); break;
+    case tuning_unusable: ctx->table_note = fmt::format("{} is unusable (see the warning)", path); break;
+    default:
+      ctx->table_note = fmt::format("{} has no table for {}", path, describe_shape(ctx->shape));
+  }
+  if (root.tuning == tuning_follows) {
+    std::string text;
+    if (r == 0) {
+      if (const tuning_table* mine_t = tuning->find(ctx->shape)) {
+        tuning_file one;
+        one.machine = tuning->machine;
+        one.tables.push_back(*mine_t);
+        text = one.to_json();
+      }
+    }
+    std::uint64_t len = text.size();
+    if (p > 1) broadcast_bytes(t, &len, sizeof len, 0, default_segment_bytes);
+    text.resize(len);
+    if (len > 0 && p > 1) broadcast_bytes(t, text.data(), len, 0, default_segment_bytes);
+    if (len > 0) {
+      tuning_file one = tuning_file::from_json(text, path);
+      ctx->table = std::make_shared<const tuning_table>(std::move(one.tables.front()));
+      ctx->table_note.clear();
+    }
+  }
   return ctx;
 }
 
@@ -110,7 +235,13 @@ void forget_context(const communicator& comm) noexcept {
 
 algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes, std::uint64_t seq) {
   const auto ctx = context_of(comm, seq);
-  return fastest_algorithm(ctx->model, ctx->shape, bytes);
+  return fastest_algorithm(ctx->table.get(), ctx->model, ctx->choice_shape(), bytes);
+}
+
+algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes, std::uint64_t seq) {
+  const auto ctx = context_of(comm, seq);
+  ctx->shm_declined.store(true, std::memory_order_relaxed);
+  return fastest_algorithm(ctx->table.get(), ctx->model, ctx->choice_shape(), bytes);
 }
 
 }  // namespace detail
@@ -123,7 +254,8 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
     return choose_algorithm(m, cluster_shape{}, bytes);
   }
   const auto ctx = detail::context_of(comm, seq);
-  return choose_algorithm(ctx->model, ctx->shape, bytes);
+  return choose_algorithm(ctx->table.get(), ctx->table_origin, ctx->model, ctx->choice_shape(),
+                          bytes, ctx->table_note);
 }
 
 }  // namespace ringflow

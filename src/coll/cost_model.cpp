@@ -28,6 +28,10 @@ cost_model builtin_cost_model() {
   m.intra = {0.58e-6, 0.079e-9, 3.4e-6, 4096};
   m.inter = m.intra;
   m.gamma = 0.031e-9;
+  // -np 4 on the 2 cores: a 1 KiB recursive doubling (2 steps) takes
+  // ~20 us against ~1.4 us at -np 2, so each step in which all four ranks
+  // must run waits ~10 us for a descheduled peer (docs/collectives.md).
+  m.oversubscribed_step = 10e-6;
   m.origin = "built-in";
   m.machine = "ringflow development machine (2 cores, shared memory)";
   return m;
@@ -60,7 +64,20 @@ double fold_time(const link_cost& l, double gamma, int p, double n) {
   return 2 * l.message(n) + n * gamma;
 }
 
+// The shm backend's blocks: one up to 64 KiB, else at least two, of at most
+// its default 4 MiB (backends/shm.hpp; coll/ includes no backend header).
+double shm_blocks(double n) {
+  constexpr double small = 64.0 * 1024, largest = 4.0 * 1024 * 1024;
+  if (n <= small) return 1;
+  return std::max(2.0, std::ceil(n / largest));
+}
+
 }  // namespace
+
+double oversubscription(const cluster_shape& s) {
+  if (s.cores_per_node <= 0 || s.ranks_per_node <= s.cores_per_node) return 0;
+  return static_cast<double>(s.ranks_per_node) / s.cores_per_node - 1;
+}
 
 double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std::size_t bytes,
                        std::size_t segment_bytes) {
@@ -71,9 +88,15 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
   // Flat algorithms cross node boundaries in every step that matters, so
   // they are charged the inter-node link when there are several nodes.
   const link_cost& l = s.nodes > 1 ? m.inter : m.intra;
+  // More ranks than cores on a node: every step that needs all of them
+  // running waits for descheduled ones (pen per such step).
+  const double over = oversubscription(s);
+  const double pen = m.oversubscribed_step * over;
+  const int folds = detail::pow2_floor(p) == p ? 0 : 2;
   switch (a) {
     case algo::ring:
-      return ring_time(l, g, p, n, segment_bytes ? segment_bytes : default_segment_bytes);
+      return ring_time(l, g, p, n, segment_bytes ? segment_bytes : default_segment_bytes) +
+             2.0 * (p - 1) * pen;
     case algo::recursive_doubling: {
       // Only while the whole buffer goes as one small (eager) message: past
       // the rendezvous switch, measured whole-buffer exchanges cost far more
@@ -81,12 +104,12 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
       // halving-doubling moves half the bytes per round anyway.
       if (l.large_from > 0 && n >= l.large_from) return -1;
       const int q = detail::pow2_floor(p);
-      return log2i(q) * (l.message(n) + n * g) + fold_time(l, g, p, n);
+      return log2i(q) * (l.message(n) + n * g) + fold_time(l, g, p, n) + (log2i(q) + folds) * pen;
     }
     case algo::halving_doubling: {
       // Round k moves n/2^k bytes each way, in both phases.
       const int q = detail::pow2_floor(p);
-      double t = fold_time(l, g, p, n);
+      double t = fold_time(l, g, p, n) + (2 * log2i(q) + folds) * pen;
       for (int w = 2; w <= q; w *= 2) t += 2 * l.message(n / w) + n / w * g;
       return t;
     }
@@ -104,20 +127,41 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
       const double interior = c * (2 * l.message(sb) + sb * g);
       if (a == algo::tree) {
         const double k = static_cast<double>(seg_count(n, seg));
-        return (depth + k - 1) * interior;
+        // With one segment a step only needs a parent and its children
+        // running; once the pipeline fills, every rank.
+        double tree_pen = pen;
+        if (k == 1 && over > 0) {
+          const double active = std::min(s.ranks_per_node, 3);
+          tree_pen = m.oversubscribed_step * std::max(0.0, active / s.cores_per_node - 1);
+        }
+        return (depth + k - 1) * (interior + 2 * tree_pen);
       }
       const double sh = std::min(n / 2, static_cast<double>(seg));
       const double k = static_cast<double>(seg_count(n / 2, seg));
       const double step = c * (2 * l.message(sh) + sh * g) + 2 * l.message(sh);
-      return (depth + 1 + k - 1) * step;
+      return (depth + 1 + k - 1) * (step + 2 * pen);
     }
     case algo::hierarchical: {
       if (s.nodes <= 1 || s.ranks_per_node <= 1) return -1;
       const int L = s.ranks_per_node;
       const double piece = n / L;
       const double intra = 2 * (L - 1) * m.intra.message(piece) + (L - 1) * piece * g;
-      return intra + ring_time(m.inter, g, s.nodes, piece,
-                               segment_bytes ? segment_bytes : default_segment_bytes);
+      return intra + 2 * pen +
+             ring_time(m.inter, g, s.nodes, piece,
+                       segment_bytes ? segment_bytes : default_segment_bytes) +
+             2.0 * (s.nodes - 1) * pen;
+    }
+    case algo::shm: {
+      // Per block two waits on every rank of the node; each rank copies
+      // (p-1)/p of the buffer in and out and reads its own input once more
+      // to reduce (docs/shm.md: 1 + 2(p-1)/p bytes of traffic per byte
+      // beyond the ring's messages; measured -np 2 here, 64 KiB to 1 MiB:
+      // 1.3x to 2.3x the ring), and reduces its slice after the first wait
+      // with nothing to overlap it with.
+      if (!s.shm || s.nodes > 1) return -1;
+      const double moved = (1.0 + 2.0 * (p - 1) / p) * n;
+      return shm_blocks(n) * 2 * (m.intra.alpha + pen) + moved * m.intra.beta +
+             (p - 1.0) / p * n * g;
     }
     default:
       return -1;
@@ -127,8 +171,9 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
 namespace {
 // On a tie the earlier wins: halving-doubling before the ring, which it
 // equals on two ranks (same messages) at a lower fixed cost per call.
-constexpr algo candidates[] = {algo::halving_doubling, algo::ring, algo::recursive_doubling,
-                               algo::tree, algo::double_tree, algo::hierarchical};
+constexpr algo candidates[] = {algo::halving_doubling, algo::ring,        algo::recursive_doubling,
+                               algo::tree,             algo::double_tree, algo::hierarchical,
+                               algo::shm};
 }  // namespace
 
 algo fastest_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes) {
@@ -170,6 +215,16 @@ std::string explanation::to_string() const {
       bytes, shape.ranks, shape.ranks == 1 ? "" : "s", shape.nodes, shape.nodes == 1 ? "" : "s",
       shape.ranks_per_node, algo_name(choice), predicted_s * 1e6, algo_name(runner_up),
       runner_up_s * 1e6, model_origin);
+  if (from_table) {
+    s = fmt::format(
+        "allreduce of {} bytes on {} rank{} ({} node{} x {}): {} measured {:.1f} us; runner-up {} "
+        "{:.1f} us (tuning table {}, tuned size {} B)",
+        bytes, shape.ranks, shape.ranks == 1 ? "" : "s", shape.nodes, shape.nodes == 1 ? "" : "s",
+        shape.ranks_per_node, algo_name(choice), predicted_s * 1e6, algo_name(runner_up),
+        runner_up_s * 1e6, table_origin, table_rows);
+  } else if (!table_note.empty()) {
+    s += fmt::format("; no tuning table used: {}", table_note);
+  }
   return s;
 }
 
@@ -189,10 +244,11 @@ std::string cost_model::to_json() const {
       "  \"inter_beta_s_per_byte\": {:.6e},\n"
       "  \"inter_large_alpha_s\": {:.6e},\n"
       "  \"inter_large_from_bytes\": {:.0f},\n"
-      "  \"gamma_s_per_byte\": {:.6e}\n"
+      "  \"gamma_s_per_byte\": {:.6e},\n"
+      "  \"oversubscribed_step_s\": {:.6e}\n"
       "}}\n",
       machine, intra.alpha, intra.beta, intra.large_alpha, intra.large_from, inter.alpha,
-      inter.beta, inter.large_alpha, inter.large_from, gamma);
+      inter.beta, inter.large_alpha, inter.large_from, gamma, oversubscribed_step);
 }
 
 namespace {
@@ -253,6 +309,10 @@ cost_model cost_model::from_json(std::string_view text, std::string_view origin)
   m.inter.large_alpha = optional("inter_large_alpha_s");
   m.inter.large_from = optional("inter_large_from_bytes");
   m.gamma = json_number(text, "gamma_s_per_byte", origin);
+  // Optional (absent: files from before it; the built-in value).
+  m.oversubscribed_step = json_value(text, "oversubscribed_step_s").empty()
+                              ? builtin_cost_model().oversubscribed_step
+                              : json_number(text, "oversubscribed_step_s", origin);
   m.machine = std::string(json_value(text, "machine"));
   m.origin = std::string(origin);
   return m;

@@ -53,25 +53,39 @@ TEST_CASE("mpi: 10^6+3 floats through every algorithm, identical bits on every r
 TEST_CASE("mpi: every rank takes rank 0's cost model, whatever its own file says",
           "[mpi][cost_model]") {
   auto world = mpi::world();
-  // Rank 0: latency is dear (recursive doubling everywhere); the others: a
-  // model that would pick something else. All must follow rank 0.
-  cost_model m;
+  // Rank 0: latency is dear (the fewest waits: recursive doubling, or shm
+  // on a non-power-of-two count, whose fold costs doubling two more); the
+  // others: a model that would pick something else. All must follow rank 0.
+  cost_model m, rank0;
+  rank0.intra = {1.0, 1e-12};
+  rank0.inter = rank0.intra;
+  rank0.gamma = 1e-12;
   if (world.rank() == 0) {
-    m.intra = {1.0, 1e-12};
+    m = rank0;
   } else {
     m.intra = {1e-9, 1e-6};
+    m.inter = m.intra;
+    m.gamma = 1e-12;
   }
-  m.inter = m.intra;
-  m.gamma = 1e-12;
   const std::string path = fmt::format("ringflow_test_model_rank{}.json", world.rank());
   save_cost_model(m, path);
   setenv("RINGFLOW_COST_MODEL", path.c_str(), 1);
+  // The model alone decides (a tuning table on this machine would win).
+  testing::scoped_env no_table("RINGFLOW_TUNING", "off");
   auto fresh = mpi::world();
   const explanation e = explain(fresh, 1 << 20);
+  const algo expected = choose_algorithm(rank0, e.shape, 1 << 20).choice;
   failures f;
-  if (world.size() > 1 && e.choice != algo::recursive_doubling) {
-    f.push_back(fmt::format("rank {}: picked {}, rank 0's model picks recursive_doubling",
-                            world.rank(), algo_name(e.choice)));
+  if (world.size() > 1 && e.choice != expected) {
+    f.push_back(fmt::format("rank {}: picked {}, rank 0's model picks {}", world.rank(),
+                            algo_name(e.choice), algo_name(expected)));
+  }
+  if (world.rank() != 0 && choose_algorithm(m, e.shape, 1 << 20).choice == expected) {
+    f.push_back(fmt::format("rank {}: its own model picks {} too: the test proves nothing",
+                            world.rank(), algo_name(expected)));
+  }
+  if (world.size() > 1 && expected != algo::recursive_doubling && expected != algo::shm) {
+    f.push_back(fmt::format("rank 0's latency-bound model picks {}", algo_name(expected)));
   }
   if (e.model_origin != "ringflow_test_model_rank0.json" && world.size() > 1) {
     f.push_back(fmt::format("rank {}: model from {}", world.rank(), e.model_origin));

@@ -83,6 +83,13 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
             comm.rank()));
       }
       if (!fn(comm, out, in, count, dtype_of<T>, Op::kind)) {
+        if (opt.algorithm == algo::automatic) {
+          // Declined on every rank alike before touching data (e.g. the
+          // segment could not be set up): automatic picks again without shm.
+          const algo next = automatic_after_shm_declined(comm, count * sizeof(T), seq);
+          run_allreduce(comm, in, out, count, op, coll_options{next, opt.segment_bytes}, seq);
+          return;
+        }
         throw not_supported_error(fmt::format(
             "allreduce on rank {}: algo::shm cannot serve this call ({} {} x {} on {} ranks; are "
             "all ranks on one node?); use another algorithm",

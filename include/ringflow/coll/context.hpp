@@ -1,14 +1,18 @@
 // Per-communicator facts the algorithms need, established once by a
-// collective exchange and cached: the node layout and rank 0's cost model.
+// collective exchange and cached: the node layout, rank 0's cost model and
+// rank 0's tuning table for this rank count and layout.
 #pragma once
 
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "ringflow/coll/cost_model.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/topology.hpp"
+#include "ringflow/coll/tuning.hpp"
 #include "ringflow/comm/communicator.hpp"
 
 namespace ringflow::detail {
@@ -17,6 +21,21 @@ struct comm_context {
   topology topo;
   cost_model model;  // rank 0's, identical on every rank
   cluster_shape shape;
+  /// Rank 0's measured table for exactly this shape (identical on every
+  /// rank), or none; where it came from, or why there is none.
+  std::shared_ptr<const tuning_table> table;
+  std::string table_origin;
+  std::string table_note;
+  /// Set (on every rank alike) when the registered shm allreduce declined a
+  /// call that automatic gave it: automatic stops offering shm here.
+  mutable std::atomic<bool> shm_declined{false};
+
+  /// The shape automatic chooses for (without shm once it declined).
+  cluster_shape choice_shape() const {
+    cluster_shape s = shape;
+    s.shm = s.shm && !shm_declined.load(std::memory_order_relaxed);
+    return s;
+  }
 };
 
 /// The context of `comm`, for the collective with sequence number `seq`.
@@ -32,7 +51,13 @@ std::shared_ptr<const comm_context> context_of(const communicator& comm, std::ui
 /// Drops the cached context of comm's transport (called at collective #0).
 void forget_context(const communicator& comm) noexcept;
 
-/// The algorithm algo::automatic runs for an allreduce of `bytes` (p > 1).
+/// The algorithm algo::automatic runs for an allreduce of `bytes` (p > 1):
+/// rank 0's tuning table where it matches, else rank 0's cost model.
 algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes, std::uint64_t seq);
+
+/// After the shm allreduce declined a call automatic gave it (it does so on
+/// every rank alike): remembers that for this communicator and returns the
+/// choice without shm.
+algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes, std::uint64_t seq);
 
 }  // namespace ringflow::detail

@@ -36,6 +36,10 @@ struct cost_model {
   link_cost intra;    ///< between ranks of one node
   link_cost inter;    ///< between nodes
   double gamma = 0;   ///< seconds per byte reduced (float sum, one core)
+  /// Extra seconds per step in which every rank of a node must run, for each
+  /// rank beyond one per core (the wait for a descheduled peer): charged
+  /// only when a node has more ranks than cores (cluster_shape::cores_per_node).
+  double oversubscribed_step = 0;
   std::string origin = "built-in";  ///< "built-in" or the file it came from
   std::string machine;              ///< free text: where it was calibrated
 
@@ -64,11 +68,18 @@ struct cluster_shape {
   int ranks = 1;
   int nodes = 1;
   int ranks_per_node = 1;  ///< on the largest node
+  int cores_per_node = 0;  ///< cores the ranks of the largest node can use (0: unknown)
+  bool shm = false;        ///< algo::shm can run (one node, mpi backend, registered)
 };
+
+/// Ranks per core on the largest node beyond one (0 when not oversubscribed
+/// or the cores are unknown): 1.0 for 4 ranks on 2 cores.
+double oversubscription(const cluster_shape& shape);
 
 /// Predicted seconds of one allreduce of `bytes` with algorithm `a`
 /// (ring, recursive_doubling, halving_doubling, tree, double_tree,
-/// hierarchical); a negative value when the model does not cover `a` there.
+/// hierarchical, shm); a negative value when the model does not cover `a`
+/// there (shm without shape.shm, hierarchical on one node).
 double predict_seconds(algo a, const cost_model& m, const cluster_shape& shape,
                        std::size_t bytes, std::size_t segment_bytes = 0);
 
@@ -88,6 +99,13 @@ struct explanation {
   cluster_shape shape;
   std::string model_origin;
   std::vector<algo_prediction> candidates;  ///< fastest first
+  /// True when the choice came from a measured tuning table (then the
+  /// seconds are measured medians, interpolated between tuned sizes),
+  /// false when from the cost model.
+  bool from_table = false;
+  std::string table_origin;  ///< the tuning file, when from_table
+  std::string table_rows;    ///< the tuned size(s) used: "4096" or "4096..16384"
+  std::string table_note;    ///< why no table was used, when one was looked for
 
   /// "allreduce of 1048576 bytes on 4 ranks (1 node x 4): ring 812.3 us, runner-up ..."
   std::string to_string() const;
