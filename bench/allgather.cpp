@@ -1,4 +1,4 @@
-// ringflow-bench entry for allgather (ring); baseline MPI_Allgather.
+// ringflow-bench entry for allgather (ring; halving_doubling: recursive doubling on power-of-two ranks); baseline MPI_Allgather.
 #include <mpi.h>
 
 #include <span>
@@ -59,7 +59,7 @@ std::size_t allgather_wrong(const bench_context& ctx, const bench_buffers& b) {
 collective_entry make_allgather() {
   collective_entry e;
   e.name = "allgather";
-  e.algos = {"ring", "auto"};
+  e.algos = {"ring", "auto", "halving_doubling"};
   e.baseline = "MPI_Allgather";
   e.uses_op = false;
   e.shape = allgather_shape;

@@ -1,4 +1,4 @@
-// ringflow-bench entry for reduce_scatter (ring); baseline MPI_Reduce_scatter_block.
+// ringflow-bench entry for reduce_scatter (ring; halving_doubling: recursive halving on power-of-two ranks); baseline MPI_Reduce_scatter_block.
 #include <mpi.h>
 
 #include <span>
@@ -67,7 +67,7 @@ std::size_t reduce_scatter_wrong(const bench_context& ctx, const bench_buffers& 
 collective_entry make_reduce_scatter() {
   collective_entry e;
   e.name = "reduce_scatter";
-  e.algos = {"ring", "auto"};
+  e.algos = {"ring", "auto", "halving_doubling"};
   e.baseline = "MPI_Reduce_scatter_block";
   e.uses_op = true;
   e.shape = reduce_scatter_shape;

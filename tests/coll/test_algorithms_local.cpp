@@ -84,7 +84,7 @@ TEST_CASE("reduce_scatter and allgather refuse allreduce-only algorithms", "[col
                                  coll_options{algo::tree, 0}),
                   not_supported_error);
   CHECK_THROWS_AS(allgather(comms[0], std::span<const float>(a), std::span<float>(b),
-                            coll_options{algo::halving_doubling, 0}),
+                            coll_options{algo::double_tree, 0}),
                   not_supported_error);
 }
 

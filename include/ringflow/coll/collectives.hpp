@@ -16,6 +16,7 @@
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/partition.hpp"
 #include "ringflow/coll/recursive_doubling.hpp"
+#include "ringflow/coll/recursive_halving.hpp"
 #include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/ring.hpp"
 #include "ringflow/coll/tree.hpp"
@@ -102,14 +103,24 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
                                 static_cast<int>(a)));
 }
 
-/// reduce_scatter and allgather run the ring; asking for another algorithm
-/// is an error rather than a silent substitution.
-inline void require_ring(const communicator& comm, const coll_options& opt, const char* what) {
-  if (opt.algorithm != algo::automatic && opt.algorithm != algo::ring) {
+/// What reduce_scatter and allgather run for `opt`: the ring (automatic and
+/// ring), or with algo::halving_doubling (allgather: also
+/// recursive_doubling) recursive halving / doubling when the rank count is
+/// a power of two and the ring otherwise (documented in
+/// docs/collectives.md). Any other algorithm is an error rather than a
+/// silent substitution.
+inline bool use_recursive(const communicator& comm, const coll_options& opt, const char* what,
+                          bool gather) {
+  const algo a = opt.algorithm;
+  const bool recursive =
+      a == algo::halving_doubling || (gather && a == algo::recursive_doubling);
+  if (a != algo::automatic && a != algo::ring && !recursive) {
     throw not_supported_error(fmt::format(
-        "{} on rank {}: algo::{} is only available for allreduce; use algo::ring or algo::automatic",
-        what, comm.rank(), algo_name(opt.algorithm)));
+        "{} on rank {}: algo::{} is only available for allreduce; use algo::ring, "
+        "algo::halving_doubling{} or algo::automatic",
+        what, comm.rank(), algo_name(a), gather ? ", algo::recursive_doubling" : ""));
   }
+  return recursive && recursive_halving_fits(comm.size());
 }
 
 template <class T>
@@ -162,6 +173,8 @@ void allreduce(const communicator& comm, std::span<T> data, Op op, algo a) {
 /// Reduce-scatter: `in` holds `count` elements on every rank; rank r receives
 /// the reduction of piece r (see partition()) in `out`, whose size must be
 /// partition(count, size, r).count. `out` may alias that piece of `in`.
+/// opt.algorithm: ring (automatic) or halving_doubling (recursive halving,
+/// log2 p messages; power-of-two rank counts, the ring otherwise).
 template <element T, reduce_op Op = sum_op>
 void reduce_scatter(const communicator& comm, std::span<const std::type_identity_t<T>> in,
                     std::span<T> out, Op op = {}, coll_options opt = {}) {
@@ -172,14 +185,21 @@ void reduce_scatter(const communicator& comm, std::span<const std::type_identity
         "ranks has {} (see ringflow::partition)",
         comm.rank(), out.size(), comm.rank(), in.size(), comm.size(), own.count));
   }
-  detail::require_ring(comm, opt, "reduce_scatter");
+  const bool recursive = detail::use_recursive(comm, opt, "reduce_scatter", false);
   detail::begin_collective(comm, coll_kind::reduce_scatter, dtype_of<T>, Op::kind, in.size());
+  if (recursive) {
+    detail::halving_reduce_scatter(comm.raw(), in.data(), out.data(), in.size(), op);
+    return;
+  }
   detail::ring_reduce_scatter(comm.raw(), in.data(), out.data(), in.size(), op,
                               detail::segment_or_default(opt));
 }
 
 /// Allgather: rank r contributes piece r (partition(out.size(), size, r)) in
 /// `in`; every rank receives all of `out`. `in` may alias its piece of `out`.
+/// opt.algorithm: ring (automatic) or halving_doubling / recursive_doubling
+/// (recursive doubling, log2 p messages; power-of-two rank counts, the ring
+/// otherwise).
 template <element T>
 void allgather(const communicator& comm, std::span<const std::type_identity_t<T>> in,
                std::span<T> out, coll_options opt = {}) {
@@ -190,8 +210,12 @@ void allgather(const communicator& comm, std::span<const std::type_identity_t<T>
         "has {} (see ringflow::partition)",
         comm.rank(), in.size(), comm.rank(), out.size(), comm.size(), own.count));
   }
-  detail::require_ring(comm, opt, "allgather");
+  const bool recursive = detail::use_recursive(comm, opt, "allgather", true);
   detail::begin_collective(comm, coll_kind::allgather, dtype_of<T>, op_kind::sum, out.size());
+  if (recursive) {
+    detail::doubling_allgather(comm.raw(), in.data(), out.data(), out.size());
+    return;
+  }
   detail::ring_allgather(comm.raw(), in.data(), out.data(), out.size(),
                          detail::segment_or_default(opt));
 }

@@ -7,7 +7,9 @@
 namespace ringflow {
 
 /// Which algorithm a collective uses. Only allreduce offers all of them;
-/// reduce_scatter and allgather run the ring (automatic means ring there).
+/// reduce_scatter and allgather run the ring (automatic means ring there) or
+/// recursive halving / doubling (halving_doubling; allgather also
+/// recursive_doubling) on power-of-two rank counts.
 /// See docs/collectives.md for when each one wins.
 enum class algo {
   automatic,           ///< ringflow picks with its cost model (see ringflow::explain)
