@@ -1,6 +1,8 @@
 // ringflow-bench --algo all: every allreduce algorithm, auto and MPI_Allreduce
 // at each size, interleaved rep by rep (rotating who goes first), so slow
 // phases of a shared machine hit all of them alike; medians, p99, min, max.
+// ringflow-bench --tune: the same loop over the algorithms automatic may
+// pick, saved as this rank count's and layout's tuning table.
 #include <fmt/format.h>
 #include <mpi.h>
 
@@ -9,13 +11,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "gloo_peer.hpp"
 #include "modes.hpp"
+#include "ringflow/backends/shm.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/tuning.hpp"
 
 namespace ringflow::bench {
 namespace {
@@ -65,31 +71,90 @@ std::string human(std::size_t b) {
   return fmt::format("{}", b);
 }
 
-}  // namespace
+std::string utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&now, &tm);
+  char text[32] = {};
+  std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return text;
+}
 
-int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
-                   const collective_entry& entry) {
+// Rank 0, --tune: merges `table` into the tuning file; false (and a message
+// on stderr) when that fails. An unreadable existing file is not
+// overwritten: it may be something else.
+bool save_table(const tuning_table& table) {
+  const std::string path = tuning_path();
+  try {
+    std::optional<tuning_file> file = read_tuning_file(path);
+    if (file && file->machine != tuning_host()) {
+      std::fprintf(stderr,
+                   "ringflow-bench: --tune: %s holds tables of machine '%s', this is '%s'; set "
+                   "RINGFLOW_TUNING to another file\n",
+                   path.c_str(), file->machine.c_str(), tuning_host().c_str());
+      return false;
+    }
+    if (!file) {
+      file.emplace();
+      file->machine = tuning_host();
+    }
+    file->put(table);
+    save_tuning_file(*file, path);
+    fmt::print("# saved the table for {} ranks ({} node{} x {}) to {} (RINGFLOW_TUNING overrides "
+               "the path; {} table{} in the file)\n",
+               table.ranks, table.nodes, table.nodes == 1 ? "" : "s", table.ranks_per_node, path,
+               file->tables.size(), file->tables.size() == 1 ? "" : "s");
+    return true;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ringflow-bench: --tune: %s\n(move the file away or set RINGFLOW_TUNING)\n",
+                 e.what());
+    return false;
+  }
+}
+
+// Iterations per repetition for --tune: -n for small messages, fewer for
+// large ones (about 8 MiB per repetition), so a sweep to 64 MiB stays short.
+int tune_iters(const bench_cli& cli, std::size_t bytes) {
+  const std::size_t budget = std::size_t{8} << 20;
+  return static_cast<int>(std::clamp<std::size_t>(budget / std::max<std::size_t>(bytes, 1), 1,
+                                                  static_cast<std::size_t>(cli.iters)));
+}
+
+int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
+          const collective_entry& entry, bool tune) {
   const int rank = comm.rank(), nranks = comm.size();
   if (entry.name != "allreduce") {
-    throw bad_flag("--algo all is available for --coll allreduce only");
+    throw bad_flag(tune ? "--tune is available for --coll allreduce only"
+                        : "--algo all is available for --coll allreduce only");
+  }
+  if (tune && nranks < 2) throw bad_flag("--tune needs at least 2 ranks (mpirun -np 2 or more)");
+  if (tune && tuning_path().empty()) {
+    throw bad_flag("--tune: RINGFLOW_TUNING=off; set it to the file to write (or unset it)");
   }
   const explanation shape = explain(comm, 0);
+  // shm when the shape allows it and its segment can be set up (collective).
+  const bool shm_ok = shape.shape.shm && shm::usable(comm);
   std::vector<contender> who;
   for (algo a : {algo::ring, algo::recursive_doubling, algo::halving_doubling, algo::tree,
-                 algo::double_tree, algo::hierarchical}) {
-    if (a == algo::hierarchical && (shape.shape.nodes < 2 || shape.shape.ranks_per_node < 2)) {
-      continue;  // one level only: nothing hierarchical about it
-    }
+                 algo::double_tree, algo::hierarchical, algo::shm}) {
+    if (!automatic_candidate(a, shape.shape)) continue;  // one level only, or no shm
+    if (a == algo::shm && !shm_ok) continue;
     who.push_back({std::string(algo_name(a)), a, true, false, {}, 0, 0, 0, 0, 0});
   }
-  who.push_back({"auto", algo::automatic, false, false, {}, 0, 0, 0, 0, 0});
-  if (mpi_datatype(cli.cfg.type) != MPI_DATATYPE_NULL) {
-    who.push_back({"mpi", algo::native, false, true, {}, 0, 0, 0, 0, 0});
+  if (!tune) {
+    who.push_back({"auto", algo::automatic, false, false, {}, 0, 0, 0, 0, 0});
+    if (mpi_datatype(cli.cfg.type) != MPI_DATATYPE_NULL) {
+      who.push_back({"mpi", algo::native, false, true, {}, 0, 0, 0, 0, 0});
+    }
   }
-  // Gloo's allreduces as peers (float sum only; none when built without Gloo).
-  gloo_peer gloo(mpi, cli.cfg.type, cli.cfg.op);
-  for (const auto& name : gloo.names()) {
-    who.push_back({name, algo::native, false, false, {}, 0, 0, 0, 0, 0});
+  // Gloo's allreduces as peers (float sum only; none when built without
+  // Gloo; not in --tune: automatic cannot pick them).
+  std::optional<gloo_peer> gloo;
+  if (!tune && cli.gloo) {
+    gloo.emplace(mpi, cli.cfg.type, cli.cfg.op);
+    for (const auto& name : gloo->names()) {
+      who.push_back({name, algo::native, false, false, {}, 0, 0, 0, 0, 0});
+    }
   }
 
   const std::size_t elem = dtype_size(cli.cfg.type);
@@ -108,35 +173,65 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     if (csv == nullptr) std::fprintf(stderr, "ringflow-bench: cannot write %s\n", cli.csv_path.c_str());
   }
   const bool table = rank == 0 && cli.csv_path != "-";
+  // Whether a table applies, asked at the first size (0 bytes is outside
+  // every table); collective, so on every rank.
+  const explanation first = explain(comm, sizes.empty() ? 0 : sizes.front(), cli.cfg.type);
   if (table) {
-    fmt::print("# ringflow-bench allreduce --algo all: {} ranks, {}, {} {}, median of {} reps x {} "
-               "iters (rotating order), times in us\n",
-               nranks, fmt::format("{} node{} x {}", shape.shape.nodes,
-                                   shape.shape.nodes == 1 ? "" : "s", shape.shape.ranks_per_node),
-               dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters);
-    fmt::print("# cost model: {}\n", shape.model_origin);
-    if (!gloo.skip_reason().empty()) fmt::print("# gloo: not run: {}\n", gloo.skip_reason());
+    fmt::print("# ringflow-bench allreduce {}: {} ranks, {}, {} {}, median of {} reps x {} "
+               "iters{} (rotating order), times in us\n",
+               tune ? "--tune" : "--algo all", nranks,
+               fmt::format("{} node{} x {}{}", shape.shape.nodes,
+                           shape.shape.nodes == 1 ? "" : "s", shape.shape.ranks_per_node,
+                           shape.shape.cores_per_node > 0
+                               ? fmt::format(" on {} cores", shape.shape.cores_per_node)
+                               : ""),
+               dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters,
+               tune ? " (fewer from 1 MiB: ~8 MiB per rep)" : "");
+    if (tune) {
+      fmt::print("# tuning file: {}\n", tuning_path());
+    } else {
+      fmt::print("# auto: {}\n",
+                 first.from_table
+                     ? fmt::format("tuning table {} where it covers the size, else cost model {}",
+                                   first.table_origin, first.model_origin)
+                     : fmt::format("cost model {}{}", first.model_origin,
+                                   first.table_note.empty() ? "" : "; " + first.table_note));
+    }
+    if (gloo && !gloo->skip_reason().empty()) {
+      fmt::print("# gloo: not run: {}\n", gloo->skip_reason());
+    }
     std::string head = fmt::format("{:>8}", "size");
     for (const auto& c : who) head += fmt::format(" {:>10}", label(c.name));
-    head += fmt::format("  {:>12} {:>12} {:>9}", "best", "auto picks", "auto/best");
+    head += fmt::format("  {:>12}", "best");
+    if (!tune) head += fmt::format(" {:>12} {:>6} {:>9}", "auto picks", "from", "auto/best");
     fmt::print("{}\n", head);
   }
   if (csv != nullptr) {
     fmt::print(csv, "bytes,algo,ranks,nodes,median_us,p99_us,min_us,max_us,busbw_GBs,wrong,"
-                    "auto_choice,best_fixed\n");
+                    "auto_choice,best_fixed,auto_from\n");
   }
 
   bench_config cfg = cli.cfg;
   const bench_context ctx{comm, mpi, cfg};
   int status = 0;
+  tuning_table tuned;
+  tuned.ranks = nranks;
+  tuned.nodes = shape.shape.nodes;
+  tuned.ranks_per_node = shape.shape.ranks_per_node;
+  tuned.cores_per_node = shape.shape.cores_per_node;
+  tuned.dtype = std::string(dtype_name(cli.cfg.type));
+  tuned.op = std::string(op_name(cli.cfg.op));
+  tuned.reps = cli.reps;
+  tuned.tuned_at = utc_now();
   for (std::size_t bytes : sizes) {
     const bench_shape s = entry.shape(bytes, elem, nranks, rank);
     if (s.total == 0) continue;
     const bench_buffers bufs{send.get(), recv.get(), s};
-    gloo.prepare(bufs);
+    const int iters = tune ? tune_iters(cli, bytes) : cli.iters;
+    if (gloo) gloo->prepare(bufs);
     auto run = [&](contender& c) {
-      if (gloo.runs(c.name)) {
-        gloo.run(c.name, bufs);
+      if (gloo && gloo->runs(c.name)) {
+        gloo->run(c.name, bufs);
       } else if (c.mpi) {
         entry.run_baseline(ctx, bufs);
       } else {
@@ -152,7 +247,7 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     for (int k = 0; k < cli.reps; ++k) {
       for (std::size_t j = 0; j < who.size(); ++j) {
         contender& c = who[(j + static_cast<std::size_t>(k)) % who.size()];
-        c.reps_us.push_back(timed_rep(mpi, cli.iters, [&] { run(c); }));
+        c.reps_us.push_back(timed_rep(mpi, iters, [&] { run(c); }));
       }
     }
     for (auto& c : who) {
@@ -161,7 +256,7 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
       c.min_us = *std::min_element(c.reps_us.begin(), c.reps_us.end());
       c.max_us = *std::max_element(c.reps_us.begin(), c.reps_us.end());
       c.wrong = 0;
-      if (cli.check) {
+      if (cli.check || tune) {  // a wrong algorithm must never be tuned in
         entry.fill(ctx, bufs);
         run(c);
         unsigned long long mine = entry.count_wrong(ctx, bufs), all = 0;
@@ -174,39 +269,78 @@ int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     const contender* best = nullptr;
     const contender* automatic = nullptr;
     for (const auto& c : who) {
-      if (c.fixed && (best == nullptr || c.median_us < best->median_us)) best = &c;
+      if (c.fixed && c.wrong == 0 && (best == nullptr || c.median_us < best->median_us)) best = &c;
       if (c.name == "auto") automatic = &c;
     }
-    const double ratio = automatic->median_us / best->median_us;
+    if (best == nullptr) continue;  // every algorithm wrong: reported by the status
+    if (tune) {
+      tuning_row row;
+      row.bytes = s.total * elem;
+      row.best = best->algorithm;
+      for (const auto& c : who) {
+        if (c.wrong == 0) row.median.push_back({c.algorithm, c.median_us * 1e-6});
+      }
+      tuned.rows.push_back(std::move(row));
+    }
+    const double ratio = automatic != nullptr ? automatic->median_us / best->median_us : 0.0;
     if (table) {
       std::string line = fmt::format("{:>8}", human(s.total * elem));
       for (const auto& c : who) {
         line += fmt::format(" {:>10.1f}{}", c.median_us, c.wrong ? "!" : "");
       }
-      line += fmt::format("  {:>12} {:>12} {:>9.3f}", label(best->name), label(algo_name(e.choice)),
-                          ratio);
+      line += fmt::format("  {:>12}", label(best->name));
+      if (!tune) {
+        line += fmt::format(" {:>12} {:>6} {:>9.3f}", label(algo_name(e.choice)),
+                            e.from_table ? "table" : "model", ratio);
+      }
       fmt::print("{}\n", line);
       std::fflush(stdout);
     }
     if (csv != nullptr) {
       const double factor = entry.bus_factor(nranks);
       for (const auto& c : who) {
-        fmt::print(csv, "{},{},{},{},{:.2f},{:.2f},{:.2f},{:.2f},{:.3f},{},{},{}\n",
+        fmt::print(csv, "{},{},{},{},{:.2f},{:.2f},{:.2f},{:.2f},{:.3f},{},{},{},{}\n",
                    s.total * elem, c.name, nranks, e.shape.nodes, c.median_us, c.p99_us, c.min_us,
                    c.max_us,
                    c.median_us > 0 ? static_cast<double>(s.total * elem) / c.median_us / 1e3 * factor
                                    : 0.0,
-                   c.wrong, algo_name(e.choice), best->name);
+                   c.wrong, algo_name(e.choice), best->name, e.from_table ? "table" : "model");
       }
       std::fflush(csv);
     }
   }
-  if (table) {
+  if (table && !tune) {
     fmt::print("# auto/best: auto's median over the best fixed ringflow algorithm's median at that "
-               "size ('!' marks wrong results)\n");
+               "size; from: auto's choice came from the tuning table or the cost model ('!' marks "
+               "wrong results)\n");
   }
   if (csv != nullptr && csv != stdout) std::fclose(csv);
+  if (tune) {
+    int ok = 1;
+    if (rank == 0) {
+      if (tuned.rows.empty()) {
+        std::fprintf(stderr, "ringflow-bench: --tune: nothing measured, nothing saved\n");
+        ok = 0;
+      } else {
+        ok = save_table(tuned) ? 1 : 0;
+      }
+    }
+    MPI_Bcast(&ok, 1, MPI_INT, 0, mpi);
+    if (!ok) status = 1;
+  }
   return status;
+}
+
+}  // namespace
+
+int run_algo_sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
+                   const collective_entry& entry) {
+  return sweep(comm, mpi, cli, entry, false);
+}
+
+int run_tuning(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
+               const collective_entry& entry) {
+  return sweep(comm, mpi, cli, entry, true);
 }
 
 }  // namespace ringflow::bench

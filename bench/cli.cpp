@@ -158,6 +158,12 @@ bench_cli parse_cli(int argc, char** argv) {
     } else if (arg == "--calibrate") {
       no_value();
       cli.calibrate = true;
+    } else if (arg == "--tune") {
+      no_value();
+      cli.tune = true;
+    } else if (arg == "--no-gloo") {
+      no_value();
+      cli.gloo = false;
     } else if (arg == "-x" || arg == "--extended") {
       no_value();
       cli.extended = true;
@@ -169,6 +175,11 @@ bench_cli parse_cli(int argc, char** argv) {
   if (cli.min_bytes > cli.max_bytes) {
     throw bad_flag(fmt::format("-b {} is larger than -e {}", cli.min_bytes, cli.max_bytes));
   }
+  if (cli.tune && cli.calibrate) throw bad_flag("--tune and --calibrate are separate runs");
+  if (cli.tune && !cli.algo.empty() && cli.algo != "all") {
+    throw bad_flag("--tune times every algorithm automatic may pick; drop --algo");
+  }
+  if (cli.tune) cli.algo = "all";
   if (cli.csv_path == "-" && cli.json_path == "-") {
     throw bad_flag("--csv - and --json - both want stdout; give one of them a file");
   }
@@ -268,9 +279,18 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
                            allreduce also: recursive_doubling halving_doubling tree
                            double_tree hierarchical shm, and all (every algorithm,
                            auto and MPI_Allreduce interleaved at each size, and
-                           Gloo's ring, ring_chunked, halving_doubling when built with it)
+                           Gloo's ring, ring_chunked, halving_doubling when built with it);
+                           reduce_scatter and allgather also: halving_doubling
+                           (recursive halving / doubling on power-of-two ranks)
       --calibrate          measure alpha, beta, gamma here and save the cost model to
                            $RINGFLOW_COST_MODEL or ~/.cache/ringflow/cost_model.json
+      --no-gloo            leave Gloo's peers out of --algo all (they take milliseconds
+                           per call here, which makes long sweeps longer)
+      --tune               time every algorithm auto may pick (shm too when usable) at each
+                           size, interleaved, and save the medians as this rank count's and
+                           node layout's tuning table in $RINGFLOW_TUNING, else
+                           ~/.cache/ringflow/tuning-<host>.json (auto then picks from it;
+                           use --reps 9 or more; RINGFLOW_TUNING=off ignores tables)
       --segment BYTES      ring pipeline segment (default: the library's, 256K)
       --baseline mpi       interleave the matching MPI collective rep by rep with
                            ringflow and print its busbw and ratio = ringflow/mpi

@@ -27,6 +27,8 @@ struct bench_cli {
   bool extended = false;
   bool help = false;
   bool calibrate = false;  // --calibrate: measure and save the cost model (bench/calibrate.cpp)
+  bool tune = false;       // --tune: measure and save a tuning table (bench/algo_sweep.cpp)
+  bool gloo = true;        // --no-gloo: leave Gloo's peers out of --algo all
   std::string coll = "allreduce";
   std::string algo;  // empty: the collective's default
   std::string baseline;  // "" or "mpi"

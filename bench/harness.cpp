@@ -328,8 +328,9 @@ int main(int argc, char** argv) {
         status = run_calibration(ring, ring_mpi, cli);
       } else {
         const collective_entry& entry = resolve(cli, ring.size());
-        status = cli.algo == "all" ? run_algo_sweep(ring, ring_mpi, cli, entry)
-                                   : run_bench(ring, ring_mpi, cli, entry);
+        status = cli.tune             ? run_tuning(ring, ring_mpi, cli, entry)
+                 : cli.algo == "all" ? run_algo_sweep(ring, ring_mpi, cli, entry)
+                                     : run_bench(ring, ring_mpi, cli, entry);
       }
     } catch (const bad_flag& e) {
       if (rank == 0 && e.what()[0] != '\0') {
