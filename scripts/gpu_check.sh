@@ -21,6 +21,14 @@ OUT=${OUT:-/tmp/ringflow-gpu-check}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 : >"$LOG"
+# Per-step logs go to LOGDIR and come back as one $OUT/logs.tgz (the device
+# tool returns at most 8 files).
+LOGDIR=${LOGDIR:-/tmp/ringflow-gpu-logs}
+rm -rf "$LOGDIR" && mkdir -p "$LOGDIR"
+trap 'tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGDIR")" "$(basename "$LOGDIR")" 2>/dev/null' EXIT
+# The toolkit's runtime and NCCL wherever this machine keeps them (prebuilt
+# binaries were linked against /usr/local/cuda/lib on the build machine).
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 JOBS=${JOBS:-$(nproc)}
 export RINGFLOW_TIMEOUT=${RINGFLOW_TIMEOUT:-60}
 started=$SECONDS
@@ -38,7 +46,7 @@ native_build() {  # dir -> configure + build the GPU targets; rc in $dir.rc
       -DRINGFLOW_BUILD_TESTS=ON &&
       cmake --build "$dir" -j "$JOBS" --target ringflow ringflow_cuda test_cuda test_cuda_mpi \
         $(grep -qs "gpu-kernel-bench" bench/gpu/CMakeLists.txt && echo gpu-kernel-bench ringflow_gpu_bench)
-  } >"$OUT/native_build.log" 2>&1
+  } >"$LOGDIR/native_build.log" 2>&1
   echo $? >"$dir.rc"
 }
 
@@ -89,10 +97,11 @@ catch_summary() {  # log -> "N passed / M failed" from Catch2's last summary lin
 }
 
 results=()
+failures=()
 run_step() {  # name, timeout, command...
   local name=$1 limit=$2
   shift 2
-  local log="$OUT/${name// /_}.log" t0=$SECONDS rc
+  local log="$LOGDIR/${name// /_}.log" t0=$SECONDS rc
   timeout "$limit" "$@" >"$log" 2>&1
   rc=$?
   local what
@@ -100,8 +109,9 @@ run_step() {  # name, timeout, command...
   [[ $rc == 124 ]] && what="TIMED OUT after ${limit} s"
   results+=("$(printf '%-26s rc=%-3s %4d s  %s' "$name" "$rc" $((SECONDS - t0)) "$what")")
   say "${results[-1]}"
-  if [[ $rc != 0 ]]; then
-    grep -E "FAILED|REQUIRE|CHECK|with expansion|error|Error|what\(\)" "$log" | head -40 >>"$LOG"
+  if [[ $rc != 0 && $rc != 77 ]]; then
+    failures+=("--- $name (rc=$rc): first failure lines")
+    failures+=("$(grep -E -A3 "FAILED|with expansion|error|Error|what\(\)|due to unexpected" "$log" | head -30)")
   fi
 }
 
@@ -114,26 +124,30 @@ done
 bench_table=""
 if [[ -z "${SKIP_BENCH:-}" && -x scripts/gpu_bench.sh ]]; then
   t0=$SECONDS
-  timeout 300 scripts/gpu_bench.sh "$B" >"$OUT/gpu_bench.log" 2>&1
+  timeout 300 scripts/gpu_bench.sh "$B" >"$LOGDIR/gpu_bench.log" 2>&1
   rc=$?
   results+=("$(printf '%-26s rc=%-3s %4d s' "gpu benchmarks" "$rc" $((SECONDS - t0)))")
   say "${results[-1]}"
-  bench_table=$(tail -25 "$OUT/gpu_bench.log")
+  bench_table=$(tail -25 "$LOGDIR/gpu_bench.log")
 fi
 
 native=""
 if [[ -n $native_bg ]]; then
-  # Give the background build at most 120 s more; report what it got to.
-  for _ in $(seq 120); do kill -0 "$native_bg" 2>/dev/null || break; sleep 1; done
+  # Give the background build at most NATIVE_WAIT (30) s more; report what it got to.
+  for _ in $(seq "${NATIVE_WAIT:-30}"); do kill -0 "$native_bg" 2>/dev/null || break; sleep 1; done
   if kill -0 "$native_bg" 2>/dev/null; then
     native="still building after the tests (not waited for)"
     kill -- -"$native_bg" 2>/dev/null
   else
-    native="rc=$(cat build-gpu-native.rc 2>/dev/null), $(grep -c 'warning:' "$OUT/native_build.log") warnings"
+    native="rc=$(cat build-gpu-native.rc 2>/dev/null), $(grep -c 'warning:' "$LOGDIR/native_build.log") warnings"
   fi
-  grep -E "error|warning:" "$OUT/native_build.log" | head -20 >>"$LOG"
+  grep -E "error|warning:" "$LOGDIR/native_build.log" | head -20 >>"$LOG"
 fi
 
+if ((${#failures[@]})); then
+  echo
+  printf '%s\n' "${failures[@]}"
+fi
 echo
 echo "== gpu_check summary ($((SECONDS - started)) s)"
 printf '%-26s %s\n' "gpu" "${gpu:-none}"
