@@ -1,31 +1,24 @@
 // The device memory policy of the ring (ringflow/cuda/ring.hpp) and the staged
 // MPI collectives. Host code (the C++ compiler): it formats messages with fmt
 // and drives the transport; the kernels are cuda::reduce / cuda::finish.
-//
-// The one rule that keeps the staged ring alive: the host never blocks on a
-// single thing. Every wait polls (pump()): while it waits for a receive, a
-// copy or a free slot it also posts the sends whose device->host copies have
-// finished, frees the blocks of completed sends and starts the next copies.
-// A blocking wait on one request could otherwise deadlock the ring: the
-// neighbour's next segment may depend on a send of ours that is still
-// waiting for its copy.
+// The policy's logic (queues, slots, when to post what) is
+// detail::staged_ring_memory of coll/ring_staging.hpp, tested on the CPU with
+// a lazy host stream; here it gets a CUDA stream (cuda_ops).
 #include "ringflow/cuda/ring.hpp"
 
 #include <cuda_runtime_api.h>
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
-#include <deque>
 #include <optional>
-#include <thread>
 #include <utility>
 
 #include "ringflow/coll/broadcast.hpp"
 #include "ringflow/coll/fingerprint.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/partition.hpp"
+#include "ringflow/coll/ring_staging.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/reduce.hpp"
@@ -46,7 +39,8 @@ struct staging_cache {
   pinned_buffer<std::byte> recv_slots;   // staged receives: slots x segment
   device_buffer<std::byte> dev_slots;    // received segments on the device
   device_buffer<std::byte> partial;      // reduce_scatter's partial sums
-  std::vector<event> send_events, slot_events, extra_events;
+  std::vector<event> send_events;   // staged_broadcast's two windows
+  std::vector<event> extra_events;  // markers of the staged ring (cuda_ops)
   std::optional<event> start;
 
   void bind_device() {
@@ -59,7 +53,6 @@ struct staging_cache {
     dev_slots = {};
     partial = {};
     send_events.clear();
-    slot_events.clear();
     extra_events.clear();
     start.reset();
     s.reset();
@@ -81,278 +74,108 @@ void grow_events(std::vector<event>& v, std::size_t n) {
 
 thread_local staging_cache t_cache;
 
-enum class send_state { queued, copying, posted, done };
+/// The ops of detail::staged_ring_memory on a CUDA stream: staging memory
+/// from the thread's cache, copies with cudaMemcpyAsync, reductions by
+/// cuda::reduce / cuda::finish, markers as events.
+class cuda_ops {
+ public:
+  explicit cuda_ops(cudaStream_t after) {
+    if (t_cache.busy) {
+      own_ = std::make_unique<staging_cache>();
+      c_ = own_.get();
+    } else {
+      c_ = &t_cache;
+    }
+    c_->bind_device();
+    c_->busy = true;
+    if (!c_->s) c_->s.emplace();
+    s_ = c_->s->get();
+    if (!c_->start) c_->start.emplace();
+    // The input may still be being written on the caller's stream.
+    c_->start->record(after);
+    c_->start->wait_on(s_);
+    for (int e = static_cast<int>(c_->extra_events.size()); e-- > 0;) free_.push_back(e);
+  }
+  ~cuda_ops() {
+    // After an exception: queued copies must not outlive the call's buffers.
+    RINGFLOW_LOG_CUDA(cudaStreamSynchronize(s_));
+    c_->busy = false;
+  }
+  cuda_ops(const cuda_ops&) = delete;
+  cuda_ops& operator=(const cuda_ops&) = delete;
 
-struct pending_send {
-  const void* dev_src = nullptr;  // staged: device bytes still to copy to a block
-  const void* src = nullptr;      // what isend reads (pinned block, or device memory)
-  std::size_t bytes = 0;
-  int peer = 0;
-  int tag = 0;
-  const void* group = nullptr;  // the schedule's request vector (sources_read)
-  int block = -1;               // staged send block held until the send completes
-  int ev = -1;                  // event to wait for before posting (-1: none)
-  send_state state = send_state::queued;
-  request req;
+  cudaStream_t stream() const noexcept { return s_; }
+
+  void reserve_blocks(std::size_t n, std::size_t bytes) {
+    grow(c_->send_blocks, n * bytes);
+    block_bytes_ = bytes;
+  }
+  void reserve_slots(std::size_t n, std::size_t bytes, bool host_too) {
+    grow(c_->dev_slots, n * bytes);
+    if (host_too) grow(c_->recv_slots, n * bytes);
+    slot_bytes_ = bytes;
+  }
+  std::byte* send_block(std::size_t i) { return c_->send_blocks.data() + i * block_bytes_; }
+  std::byte* recv_slot(std::size_t k) { return c_->recv_slots.data() + k * slot_bytes_; }
+  std::byte* device_slot(std::size_t k) { return c_->dev_slots.data() + k * slot_bytes_; }
+  void* partial(std::size_t bytes) {
+    grow(c_->partial, bytes);
+    return c_->partial.data();
+  }
+
+  void to_host(void* dst, const void* src, std::size_t bytes) {
+    RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s_));
+  }
+  void to_device(void* dst, const void* src, std::size_t bytes) {
+    RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s_));
+  }
+  void on_device(void* dst, const void* src, std::size_t bytes) {
+    RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s_));
+  }
+  void reduce(dtype type, op_kind op, void* dst, const void* a, const void* b, std::size_t n) {
+    cuda::reduce(type, op, dst, a, b, n, s_);
+  }
+  void finish(dtype type, void* dst, std::size_t n, int p) {
+    cuda::finish(type, op_kind::avg, dst, n, p, s_);
+  }
+
+  int mark() {
+    int e;
+    if (free_.empty()) {
+      c_->extra_events.emplace_back();
+      e = static_cast<int>(c_->extra_events.size()) - 1;
+    } else {
+      e = free_.back();
+      free_.pop_back();
+    }
+    c_->extra_events[static_cast<std::size_t>(e)].record(s_);
+    return e;
+  }
+  bool done(int m) { return c_->extra_events[static_cast<std::size_t>(m)].query(); }
+  void release(int m) { free_.push_back(m); }
+  void synchronize() { RINGFLOW_CHECK_CUDA(cudaStreamSynchronize(s_)); }
+
+ private:
+  std::unique_ptr<staging_cache> own_;  // when the thread's cache is in use
+  staging_cache* c_ = nullptr;
+  cudaStream_t s_ = nullptr;
+  std::size_t block_bytes_ = 0, slot_bytes_ = 0;
+  std::vector<int> free_;  // extra_events not in use by this call
 };
 
 }  // namespace
 
+// Declared first, destroyed last: the engine's pending requests wait before
+// the ops give the staging memory and the stream back.
 struct device_ring_memory::impl {
-  transport& t;
-  ring_memory_mode mode;
-  std::size_t seg_bytes;
-  std::size_t nslots;
-  std::unique_ptr<staging_cache> own;  // when the thread's cache is in use
-  staging_cache* c = nullptr;
-  cudaStream_t s = nullptr;
-  std::chrono::milliseconds timeout;
-
-  std::deque<pending_send> q;
-  std::size_t first_unposted = 0;  // q index: entries before it are posted or done
-  std::size_t first_queued = 0;    // q index: entries from here have no copy started
-  std::vector<int> free_blocks;
-  std::vector<int> free_events;  // direct mode: extra_events not in use
-
-  // Receive slots (reduce-scatter staging, staged allgather).
-  std::size_t slot_bytes = 0;
-  std::vector<request> recvs;
-  std::vector<bool> slot_busy;  // a copy or kernel still reads the slot (slot_events)
-  // Direct-mode allgather: every receive posted up front.
-  std::vector<request> gathers;
-
-  impl(transport& tr, ring_memory_mode m, std::size_t seg, cudaStream_t after, int slots)
-      : t(tr), mode(m), seg_bytes(std::max<std::size_t>(seg, 1)),
-        nslots(static_cast<std::size_t>(std::max(slots, 2))), timeout(tr.timeout()) {
-    if (t_cache.busy) {
-      own = std::make_unique<staging_cache>();
-      c = own.get();
-    } else {
-      c = &t_cache;
-    }
-    c->bind_device();
-    c->busy = true;
-    if (!c->s) c->s.emplace();
-    s = c->s->get();
-    if (!c->start) c->start.emplace();
-    // The input may still be being written on the caller's stream.
-    c->start->record(after);
-    c->start->wait_on(s);
-    if (mode == ring_memory_mode::staged) {
-      grow(c->send_blocks, nslots * seg_bytes);
-      grow_events(c->send_events, nslots);
-      for (std::size_t b = nslots; b-- > 0;) free_blocks.push_back(static_cast<int>(b));
-    }
-    for (int e = static_cast<int>(c->extra_events.size()); e-- > 0;) free_events.push_back(e);
-  }
-
-  ~impl() {
-    // On an exception: let queued copies finish before the caller's buffers
-    // may go away; pending requests wait (bounded by the timeout) as they
-    // are destroyed.
-    RINGFLOW_LOG_CUDA(cudaStreamSynchronize(s));
-    c->busy = false;
-  }
-
-  int rank() const { return t.rank(); }
-  int left() const { return ringflow::detail::ring_mod(t.rank() - 1, t.size()); }
-
-  [[noreturn]] void timed_out(const std::string& what) const {
-    throw timeout_error(fmt::format(
-        "rank {}: device ring: {} did not complete within {} ms (RINGFLOW_TIMEOUT); is a "
-        "neighbour stuck, dead or calling a different collective?",
-        rank(), what, timeout.count()));
-  }
-
-  /// Polls `ready` while pumping the send queue; timeout_error after the
-  /// transport's timeout.
-  template <class Ready, class What>
-  void wait_until(Ready&& ready, What&& what) {
-    const auto deadline = ringflow::detail::deadline_after(timeout);
-    for (unsigned spins = 0;; ++spins) {
-      pump();
-      if (ready()) return;
-      if (spins >= 64) {
-        std::this_thread::yield();
-        if ((spins & 255u) == 0 && std::chrono::steady_clock::now() > deadline) timed_out(what());
-      }
-    }
-  }
-
-  bool event_done(cudaEvent_t e) const {
-    const cudaError_t rc = cudaEventQuery(e);
-    if (rc == cudaErrorNotReady) return false;
-    RINGFLOW_CHECK_CUDA(rc);
-    return true;
-  }
-
-  int take_event() {
-    if (free_events.empty()) {
-      c->extra_events.emplace_back();
-      return static_cast<int>(c->extra_events.size()) - 1;
-    }
-    const int e = free_events.back();
-    free_events.pop_back();
-    return e;
-  }
-
-  void release(pending_send& p) {
-    if (p.block >= 0) free_blocks.push_back(p.block);
-    if (p.ev >= 0 && mode == ring_memory_mode::direct) free_events.push_back(p.ev);
-    p.block = p.ev = -1;
-    p.state = send_state::done;
-  }
-
-  /// One round of progress on the send queue, in queue order (sends to one
-  /// peer with one tag must be posted in schedule order).
-  void pump() {
-    // Completed sends free their blocks and slots. Sends complete about in
-    // the order they were posted: testing stops at the first pending one,
-    // so a long queue (direct mode, small segments) costs O(1) per round.
-    for (std::size_t i = 0; i < first_unposted; ++i) {
-      pending_send& p = q[i];
-      if (p.state != send_state::posted) continue;
-      if (!p.req.test()) break;
-      release(p);
-    }
-    while (!q.empty() && q.front().state == send_state::done) {
-      q.pop_front();
-      --first_unposted;
-      --first_queued;
-    }
-    // Copies that finished: post their sends, in order.
-    while (first_unposted < first_queued) {
-      pending_send& p = q[first_unposted];
-      if (p.ev >= 0) {
-        const cudaEvent_t e = mode == ring_memory_mode::staged
-                                  ? c->send_events[static_cast<std::size_t>(p.block)].get()
-                                  : c->extra_events[static_cast<std::size_t>(p.ev)].get();
-        if (!event_done(e)) break;
-      }
-      p.req = t.isend(p.src, p.bytes, p.peer, p.tag);
-      p.state = send_state::posted;
-      ++first_unposted;
-    }
-    // Start the copies of queued sends while send blocks are free.
-    while (first_queued < q.size()) {
-      pending_send& p = q[first_queued];
-      if (p.dev_src != nullptr) {
-        if (free_blocks.empty()) break;
-        p.block = free_blocks.back();
-        free_blocks.pop_back();
-        void* block = c->send_blocks.data() + static_cast<std::size_t>(p.block) * seg_bytes;
-        RINGFLOW_CHECK_CUDA(
-            cudaMemcpyAsync(block, p.dev_src, p.bytes, cudaMemcpyDeviceToHost, s));
-        c->send_events[static_cast<std::size_t>(p.block)].record(s);
-        p.src = block;
-        p.ev = p.block;
-        p.dev_src = nullptr;
-      }
-      p.state = send_state::copying;
-      ++first_queued;
-    }
-  }
-
-  void enqueue(pending_send&& p) {
-    q.push_back(std::move(p));
-    pump();
-  }
-
-  void send(const void* src, std::size_t bytes, int peer, int tag, const void* group) {
-    pending_send p;
-    p.bytes = bytes;
-    p.peer = peer;
-    p.tag = tag;
-    p.group = group;
-    if (mode == ring_memory_mode::staged) {
-      if (bytes > seg_bytes) {
-        throw usage_error(fmt::format(
-            "rank {}: device ring: a segment of {} bytes does not fit the {}-byte staging "
-            "blocks (construct device_ring_memory with segment_elems x element size)",
-            rank(), bytes, seg_bytes));
-      }
-      p.dev_src = src;
-    } else {
-      // The kernels that wrote src must be done before the transport reads it.
-      p.src = src;
-      p.ev = take_event();
-      c->extra_events[static_cast<std::size_t>(p.ev)].record(s);
-    }
-    enqueue(std::move(p));
-  }
-
-  void sources_read(const void* group) {
-    if (mode == ring_memory_mode::staged) {
-      // The sources were read once their copies were queued on the stream:
-      // later copies and kernels on the stream come after them.
-      wait_until(
-          [&] {
-            for (std::size_t i = first_queued; i < q.size(); ++i) {
-              if (q[i].group == group) return false;
-            }
-            return true;
-          },
-          [] { return std::string("copying the reduce-scatter sends off the device"); });
-    } else {
-      wait_until(
-          [&] {
-            for (const pending_send& p : q) {
-              if (p.group == group && p.state != send_state::done) return false;
-            }
-            return true;
-          },
-          [] { return std::string("a reduce-scatter send"); });
-    }
-  }
-
-  void complete() {
-    wait_until([&] { return q.empty(); },
-               [&] {
-                 const pending_send& p = q.front();
-                 return fmt::format("the send of {} bytes to rank {} (tag {})", p.bytes, p.peer,
-                                    p.tag);
-               });
-    for (request& r : recvs) r.wait();
-    for (request& r : gathers) r.wait();
-    RINGFLOW_CHECK_CUDA(cudaStreamSynchronize(s));
-  }
-
-  void open_slots(std::size_t depth, std::size_t bytes) {
-    if (depth > nslots) depth = nslots;  // recv_depth() said nslots
-    slot_bytes = bytes;
-    grow(c->dev_slots, nslots * bytes);
-    if (mode == ring_memory_mode::staged) grow(c->recv_slots, nslots * bytes);
-    grow_events(c->slot_events, nslots);
-    recvs.resize(nslots);
-    slot_busy.assign(nslots, false);
-  }
-
-  void* dev_slot(std::size_t k) const { return c->dev_slots.data() + k * slot_bytes; }
-  void* host_slot(std::size_t k) const { return c->recv_slots.data() + k * slot_bytes; }
-
-  /// Waits until nothing reads slot k any more (its copy or kernel is
-  /// done). Depends on this GPU only, never on a neighbour: see forward.
-  void wait_slot_free(std::size_t k) {
-    wait_until(
-        [&] {
-          if (slot_busy[k]) {
-            if (!event_done(c->slot_events[k])) return false;
-            slot_busy[k] = false;
-          }
-          return true;
-        },
-        [&] { return fmt::format("freeing receive slot {}", k); });
-  }
-
-  void wait_recv(request& r, std::size_t bytes, int peer) {
-    wait_until([&] { return r.test(); },
-               [&] { return fmt::format("the receive of {} bytes from rank {}", bytes, peer); });
-  }
-
-  void mark_slot_read(std::size_t k) {
-    c->slot_events[k].record(s);
-    slot_busy[k] = true;
-  }
+  cuda_ops ops;
+  ringflow::detail::staged_ring_memory<cuda_ops> ring;
+  impl(transport& t, ring_memory_mode mode, std::size_t seg, cudaStream_t after, int slots)
+      : ops(after),
+        ring(ops, t,
+             mode == ring_memory_mode::staged ? ringflow::detail::staging_mode::staged
+                                              : ringflow::detail::staging_mode::direct,
+             seg, static_cast<std::size_t>(std::max(slots, 2))) {}
 };
 
 device_ring_memory::device_ring_memory(transport& t, ring_memory_mode mode,
@@ -361,126 +184,48 @@ device_ring_memory::device_ring_memory(transport& t, ring_memory_mode mode,
 
 device_ring_memory::~device_ring_memory() = default;
 
-cudaStream_t device_ring_memory::stream() const noexcept { return impl_->s; }
+cudaStream_t device_ring_memory::stream() const noexcept { return impl_->ops.stream(); }
 
 void device_ring_memory::sources_read(std::vector<request>& sends) {
-  impl_->sources_read(&sends);
+  impl_->ring.sources_read(sends);
 }
-
-void device_ring_memory::complete(std::vector<request>& sends) {
-  // The policy keeps its requests itself; `sends` stays empty.
-  wait_all(sends);
-  impl_->complete();
+void device_ring_memory::complete(std::vector<request>& sends) { impl_->ring.complete(sends); }
+std::size_t device_ring_memory::recv_depth() const noexcept { return impl_->ring.recv_depth(); }
+std::size_t device_ring_memory::gather_depth(std::size_t units) {
+  return impl_->ring.gather_depth(units);
 }
-
-std::size_t device_ring_memory::recv_depth() const noexcept { return impl_->nslots; }
-
 void device_ring_memory::send_bytes(const void* src, std::size_t bytes, int peer, int tag,
                                     const void* group) {
-  impl_->send(src, bytes, peer, tag, group);
+  impl_->ring.send_bytes(src, bytes, peer, tag, group);
 }
-
-void device_ring_memory::open_slots_bytes(std::size_t depth, std::size_t slot_bytes) {
-  impl_->open_slots(depth, slot_bytes);
+void device_ring_memory::open_slots_bytes(std::size_t /*depth*/, std::size_t slot_bytes) {
+  impl_->ring.open_slots_bytes(slot_bytes);
 }
-
 void device_ring_memory::post_recv_bytes(std::size_t k, std::size_t bytes, int peer, int tag) {
-  impl& m = *impl_;
-  m.wait_slot_free(k);
-  void* into = m.mode == ring_memory_mode::staged ? m.host_slot(k) : m.dev_slot(k);
-  m.recvs[k] = m.t.irecv(into, bytes, peer, tag);
+  impl_->ring.post_recv_bytes(k, bytes, peer, tag);
 }
-
 void device_ring_memory::reduce_received_elems(std::size_t k, dtype type, op_kind op, void* dst,
                                                const void* mine, std::size_t n) {
-  impl& m = *impl_;
-  const std::size_t bytes = n * dtype_size(type);
-  m.wait_recv(m.recvs[k], bytes, m.left());
-  if (m.mode == ring_memory_mode::staged) {
-    RINGFLOW_CHECK_CUDA(
-        cudaMemcpyAsync(m.dev_slot(k), m.host_slot(k), bytes, cudaMemcpyHostToDevice, m.s));
-  }
-  // Same operand order as the CPU's reduce_inplace(dst, mine, received):
-  // min/max return their first operand on ties and NaNs.
-  cuda::reduce(type, op, dst, mine, m.dev_slot(k), n, m.s);
-  m.mark_slot_read(k);
+  impl_->ring.reduce_received_elems(k, type, op, dst, mine, n);
 }
-
 void device_ring_memory::finish_elems(dtype type, void* dst, std::size_t n, int p) {
-  cuda::finish(type, op_kind::avg, dst, n, p, impl_->s);
+  impl_->ring.finish_elems(type, dst, n, p);
 }
-
-std::size_t device_ring_memory::gather_depth(std::size_t units) {
-  impl& m = *impl_;
-  if (m.mode == ring_memory_mode::direct) {
-    // Receives land straight in the output: post them all, like the CPU.
-    m.gathers.resize(units);
-    return units;
-  }
-  if (m.slot_bytes < m.seg_bytes) {
-    // Allgather on its own: no reduce-scatter opened the slots.
-    grow(m.c->recv_slots, m.nslots * m.seg_bytes);
-    grow_events(m.c->slot_events, m.nslots);
-    m.slot_bytes = m.seg_bytes;
-    m.recvs.resize(m.nslots);
-    m.slot_busy.assign(m.nslots, false);
-  }
-  return std::min(units, m.nslots);
-}
-
 void device_ring_memory::post_gather_bytes(std::size_t k, void* dst, std::size_t bytes, int peer,
                                            int tag) {
-  impl& m = *impl_;
-  if (m.mode == ring_memory_mode::direct) {
-    m.gathers[k] = m.t.irecv(dst, bytes, peer, tag);
-    return;
-  }
-  m.wait_slot_free(k);
-  m.recvs[k] = m.t.irecv(m.host_slot(k), bytes, peer, tag);
+  impl_->ring.post_gather_bytes(k, dst, bytes, peer, tag);
 }
-
 void device_ring_memory::land_bytes(std::size_t k, void* dst, std::size_t bytes) {
-  impl& m = *impl_;
-  if (m.mode == ring_memory_mode::direct) {
-    m.wait_recv(m.gathers[k], bytes, m.left());
-    return;
-  }
-  m.wait_recv(m.recvs[k], bytes, m.left());
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(dst, m.host_slot(k), bytes, cudaMemcpyHostToDevice, m.s));
-  m.mark_slot_read(k);
+  impl_->ring.land_bytes(k, dst, bytes);
 }
-
 void device_ring_memory::forward_bytes(std::size_t /*k*/, const void* dst, std::size_t bytes,
                                        int peer, int tag, const void* group) {
-  impl& m = *impl_;
-  if (m.mode == ring_memory_mode::staged) {
-    // Sent again from the device copy, not from the pinned slot it arrived
-    // in: a slot held until its forward completes makes the receive side
-    // wait on the neighbour's progress, and with more segments per chunk
-    // than slots plus blocks the ring then waits on itself (own-chunk sends
-    // go first, fill every block, and need the neighbour's slots, which wait
-    // on its own forwards...). Freed as soon as its copy is done, a slot
-    // depends on this GPU only.
-    m.send(dst, bytes, peer, tag, group);
-    return;
-  }
-  pending_send p;
-  p.bytes = bytes;
-  p.peer = peer;
-  p.tag = tag;
-  p.group = group;
-  p.src = dst;  // landed by the transport, written by no kernel of ours
-  m.enqueue(std::move(p));
+  impl_->ring.forward_bytes(dst, bytes, peer, tag, group);
 }
-
 void device_ring_memory::copy_bytes(void* dst, const void* src, std::size_t bytes) {
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, impl_->s));
+  impl_->ops.on_device(dst, src, bytes);
 }
-
-void* device_ring_memory::partial_bytes(std::size_t bytes) {
-  grow(impl_->c->partial, bytes);
-  return impl_->c->partial.data();
-}
+void* device_ring_memory::partial_bytes(std::size_t bytes) { return impl_->ops.partial(bytes); }
 
 namespace detail {
 

@@ -241,6 +241,11 @@ class device_pointer_transport final : public transport {
     void land() {
       if (device != nullptr && !landed && !host.empty()) {
         RINGFLOW_CHECK_CUDA(cudaMemcpy(device, host.data(), host.size(), cudaMemcpyHostToDevice));
+        // From pageable memory cudaMemcpy may return before the DMA is done,
+        // and the ring's kernels run on a non-blocking stream that does not
+        // order after the legacy stream: wait for it, so that a completed
+        // receive means the bytes are on the device.
+        RINGFLOW_CHECK_CUDA(cudaStreamSynchronize(nullptr));
       }
       landed = true;
     }

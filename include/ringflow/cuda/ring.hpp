@@ -2,15 +2,20 @@
 // very code the CPU transports run) with a device memory policy, and the
 // staged MPI path built on it.
 //
+// device_ring_memory is detail::staged_ring_memory (coll/ring_staging.hpp,
+// where its logic lives and is tested on the CPU) over a CUDA stream.
+//
 // Two ways device segments reach a transport (device_ring_memory's mode):
 //
 //  - staged: the transport takes host memory (MPI that is not CUDA-aware, the
 //    case where several ranks share one GPU). A segment to send is copied
 //    device -> pinned host on the policy's stream, and its isend is posted
 //    once that copy's event completes; a received segment lands in a pinned
-//    slot, is copied host -> device and combined there by cuda::reduce. Copies
-//    of some segments overlap the transfers of others: `slots` pinned receive
-//    slots and as many pinned send blocks are in flight at once.
+//    slot, is copied host -> device and combined there by cuda::reduce (an
+//    allgather segment is copied to its place in the output, and forwarded
+//    by copying it off again). Copies of some segments overlap the transfers
+//    of others: `slots` pinned receive slots and as many pinned send blocks
+//    are in flight at once.
 //    staged_allreduce / staged_reduce_scatter / staged_allgather below wrap it.
 //
 //  - direct ("device-direct"): the transport takes device pointers itself
