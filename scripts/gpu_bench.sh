@@ -53,11 +53,20 @@ json=()
 [[ -n ${OUT:-} ]] && json=(--json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.md")
 lib_arg=(--lib "$lib")
 [[ -f $lib ]] || { echo "note: $lib is missing: PyTorch rows only"; lib_arg=(--no-ours); }
+# PyTorch brings its own CUDA libraries; a toolkit directory put first on
+# LD_LIBRARY_PATH (as gpu_check.sh does for prebuilt binaries) can shadow them.
+# If torch does not import with it but does without, run without it.
+py_env=()
+if [[ -n ${LD_LIBRARY_PATH:-} ]] && ! "$PY" -c "import torch" >/dev/null 2>&1 &&
+  env -u LD_LIBRARY_PATH "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "note: torch imports only without LD_LIBRARY_PATH=$LD_LIBRARY_PATH: running it without"
+  py_env=(env -u LD_LIBRARY_PATH)
+fi
 out_file=$(mktemp)
 trap 'rm -f "$out_file"' EXIT
 # The budget (140 s) stops compiles and repetitions before this timeout.
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-timeout 200 "$PY" -u bench/gpu/compare_torch.py "${lib_arg[@]}" "${json[@]}" ${BENCH_ARGS:-} 2>&1 |
+timeout 200 "${py_env[@]}" "$PY" -u bench/gpu/compare_torch.py "${lib_arg[@]}" "${json[@]}" ${BENCH_ARGS:-} 2>&1 |
   tee "$out_file"
 ct_rc=${PIPESTATUS[0]}
 case $ct_rc in
