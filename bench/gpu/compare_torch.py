@@ -163,9 +163,32 @@ def torch_half_decode_add(h, out):
 # ---------------------------------------------------------------------------
 # Ours, through ctypes (bench/gpu/gpu_bench_api.h).
 
+# Where a CUDA toolkit keeps its libraries, for a dependency of our library that
+# the loader does not find (the library was linked on another machine).
+TOOLKIT_LIB_DIRS = ("/usr/local/cuda/lib64", "/usr/local/cuda/lib",
+                    "/usr/local/cuda/targets/x86_64-linux/lib")
+
+
+def load_library(path: str):
+    missing = set()
+    while True:
+        try:
+            return ctypes.CDLL(path)
+        except OSError as exc:
+            # "libcudart.so.13: cannot open shared object file: ..."
+            name = str(exc).split(":")[0].strip()
+            found = [os.path.join(d, name) for d in TOOLKIT_LIB_DIRS
+                     if os.path.isfile(os.path.join(d, name))]
+            if name in missing or not name.startswith("lib") or not found:
+                raise
+            missing.add(name)
+            log(f"ours: loading {found[0]} first (not on the loader's path)")
+            ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+
+
 class Ours:
     def __init__(self, path: str):
-        self.lib = ctypes.CDLL(path)
+        self.lib = load_library(path)
         L = self.lib
         vp, sz, i32, u64 = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_uint64
         L.rf_last_error.restype = ctypes.c_char_p
