@@ -66,7 +66,10 @@ __global__ void __launch_bounds__(cta_threads)
     if constexpr (Accumulate) {
       return o + t;
     } else {
-      return divide_by > 1 ? t / static_cast<float>(divide_by) : t;
+      // 0 + t, as the CPU's decode (zero fill, then decode_add) computes it:
+      // a -0 payload decodes to +0 on both sides (found on the H200 run).
+      const float v = 0.0f + t;
+      return divide_by > 1 ? v / static_cast<float>(divide_by) : v;
     }
   };
   std::size_t done = 0;
