@@ -94,8 +94,9 @@ class device_ring_memory {
  public:
   /// `segment_bytes`: the bytes of the call's largest segment, that is
   /// detail::segment_elems(seg, sizeof(T)) * sizeof(T) (sizes the staging
-  /// blocks); `after`: stream whose queued work the collective waits for
-  /// first; `slots`: receives in flight and staged send blocks (>= 2).
+  /// blocks; direct mode allocates no blocks and ignores it); `after`:
+  /// stream whose queued work the collective waits for first; `slots`:
+  /// receives in flight and staged send blocks (>= 2).
   device_ring_memory(transport& t, ring_memory_mode mode, std::size_t segment_bytes,
                      cudaStream_t after = nullptr, int slots = default_staged_slots);
   ~device_ring_memory();
