@@ -223,22 +223,20 @@ bool overlaps(const void* a, std::size_t na, const void* b, std::size_t nb) {
   return na != 0 && nb != 0 && x < y + nb && y < x + na;
 }
 
-bool is_integer(dtype t) {
-  return t == dtype::i8 || t == dtype::u8 || t == dtype::i32 || t == dtype::i64;
-}
-
-/// NCCL's op for ringflow's. avg on integers is a sum here; the caller
-/// divides afterwards with ringflow's finish() (truncation toward zero, as
-/// on the CPU), where ncclAvg's integer division is NCCL's own.
-ncclRedOp_t op_for(dtype t, op_kind op) {
-  if (op == op_kind::avg && is_integer(t)) return ncclSum;
+/// NCCL's op for ringflow's. avg is a sum here for every type, and the
+/// caller divides afterwards with ringflow's finish(): ringflow's avg is one
+/// division of the finished sum (round(round(sum) / n) for floats, truncation
+/// toward zero for integers, as on the CPU), whereas ncclAvg pre-multiplies
+/// each input by 1/n (other rounding). On the H200 run, ncclAvg at one rank
+/// also left 1-3 elements of large out-of-place outputs off the input.
+ncclRedOp_t op_for(dtype, op_kind op) {
+  if (op == op_kind::avg) return ncclSum;
   return detail::nccl_op(op);
 }
 
-/// After an integer avg: the division ringflow's CPU collectives do.
-void finish_integer_avg(dtype t, op_kind op, void* data, std::size_t n, int nranks,
-                        cudaStream_t s) {
-  if (op == op_kind::avg && is_integer(t) && n > 0) cuda::finish(t, op, data, n, nranks, s);
+/// After an avg: the division ringflow's CPU collectives do.
+void finish_avg(dtype t, op_kind op, void* data, std::size_t n, int nranks, cudaStream_t s) {
+  if (op == op_kind::avg && n > 0) cuda::finish(t, op, data, n, nranks, s);
 }
 
 std::byte* at(void* p, std::size_t elems, std::size_t esz) {
@@ -535,7 +533,7 @@ void nccl_communicator::allreduce_bytes(const void* in, void* out, std::size_t i
   guarded(st, [&] {
     RINGFLOW_CHECK_NCCL(ncclAllReduce(in, out, in_count, detail::nccl_type(type),
                                       op_for(type, op), st.comm, stream));
-    finish_integer_avg(type, op, out, out_count, st.size, stream);
+    finish_avg(type, op, out, out_count, st.size, stream);
   });
 }
 
@@ -583,7 +581,7 @@ void nccl_communicator::reduce_scatter_bytes(const void* in, void* out, std::siz
       }
       g.end();
     }
-    finish_integer_avg(type, op, out, out_count, p, stream);
+    finish_avg(type, op, out, out_count, p, stream);
   });
 }
 
