@@ -98,12 +98,28 @@ bool save_table(const tuning_table& table) {
       file.emplace();
       file->machine = tuning_host();
     }
-    file->put(table);
+    cluster_shape shape;
+    shape.ranks = table.ranks, shape.nodes = table.nodes, shape.ranks_per_node = table.ranks_per_node;
+    const tuning_table* old = file->find(shape);
+    const tuning_table merged = old != nullptr ? merge_sessions(*old, table) : table;
+    const bool averaged = merged.sessions > 1;
+    file->put(merged);
     save_tuning_file(*file, path);
-    fmt::print("# saved the table for {} ranks ({} node{} x {}) to {} (RINGFLOW_TUNING overrides "
-               "the path; {} table{} in the file)\n",
+    fmt::print("# saved the table for {} ranks ({} node{} x {}) to {} ({}; RINGFLOW_TUNING "
+               "overrides the path; {} table{} in the file)\n",
                table.ranks, table.nodes, table.nodes == 1 ? "" : "s", table.ranks_per_node, path,
+               averaged ? fmt::format("averaged with the {} earlier session{} of these sizes",
+                                      merged.sessions - 1, merged.sessions == 2 ? "" : "s")
+               : old != nullptr ? "replacing the earlier table, measured at other sizes"
+                                : "new",
                file->tables.size(), file->tables.size() == 1 ? "" : "s");
+    std::string bests;
+    for (const auto& r : merged.rows) {
+      bests += fmt::format(" {}:{}", human(r.bytes), label(algo_name(r.best)));
+    }
+    fmt::print("# best in the saved table ({} session{}):{}\n", merged.sessions,
+               merged.sessions == 1 ? "" : "s", bests);
+
     return true;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ringflow-bench: --tune: %s\n(move the file away or set RINGFLOW_TUNING)\n",
@@ -186,7 +202,7 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
                                ? fmt::format(" on {} cores", shape.shape.cores_per_node)
                                : ""),
                dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters,
-               tune ? " (fewer from 1 MiB: ~8 MiB per rep)" : "");
+               tune ? " (fewer from 1 MiB: ~8 MiB per rep; rep-major over sizes)" : "");
     if (tune) {
       fmt::print("# tuning file: {}\n", tuning_path());
     } else {
@@ -223,31 +239,66 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
   tuned.op = std::string(op_name(cli.cfg.op));
   tuned.reps = cli.reps;
   tuned.tuned_at = utc_now();
-  for (std::size_t bytes : sizes) {
+  // One call of contender c on the buffers of one size.
+  auto run_on = [&](contender& c, const bench_buffers& bufs) {
+    if (gloo && gloo->runs(c.name)) {
+      gloo->run(c.name, bufs);
+    } else if (c.mpi) {
+      entry.run_baseline(ctx, bufs);
+    } else {
+      cfg.algorithm = c.algorithm;
+      entry.run(ctx, bufs);
+    }
+  };
+  // --tune measures rep-major (rep k of every size, then rep k+1): a burst
+  // of load from other jobs then spoils a few reps of every size, which the
+  // median drops, instead of every rep of a few neighbouring sizes, which
+  // would put a wrong winner in the table there. (--algo all stays
+  // size-major: Gloo's algorithms are rebuilt per size.)
+  std::vector<std::vector<std::vector<double>>> tuned_reps;  // [size][contender]
+  if (tune) {
+    tuned_reps.assign(sizes.size(), std::vector<std::vector<double>>(who.size()));
+    // Inputs do not depend on the size (element i is the same at every
+    // size), so one fill of the largest serves every size's timing.
+    entry.fill(ctx, bench_buffers{send.get(), recv.get(), entry.shape(max_bytes, elem, nranks, rank)});
+    for (int k = -1; k < cli.reps; ++k) {  // k = -1: warmup
+      for (std::size_t si = 0; si < sizes.size(); ++si) {
+        const bench_shape s = entry.shape(sizes[si], elem, nranks, rank);
+        if (s.total == 0) continue;
+        const bench_buffers bufs{send.get(), recv.get(), s};
+        const int iters = tune_iters(cli, sizes[si]);
+        for (std::size_t j = 0; j < who.size(); ++j) {
+          const std::size_t ci = (j + si + static_cast<std::size_t>(k + 1)) % who.size();
+          contender& c = who[ci];
+          if (k < 0) {
+            for (int w = 0; w < cli.warmup; ++w) run_on(c, bufs);
+          } else {
+            tuned_reps[si][ci].push_back(timed_rep(mpi, iters, [&] { run_on(c, bufs); }));
+          }
+        }
+      }
+    }
+  }
+  for (std::size_t si = 0; si < sizes.size(); ++si) {
+    const std::size_t bytes = sizes[si];
     const bench_shape s = entry.shape(bytes, elem, nranks, rank);
     if (s.total == 0) continue;
     const bench_buffers bufs{send.get(), recv.get(), s};
-    const int iters = tune ? tune_iters(cli, bytes) : cli.iters;
-    if (gloo) gloo->prepare(bufs);
-    auto run = [&](contender& c) {
-      if (gloo && gloo->runs(c.name)) {
-        gloo->run(c.name, bufs);
-      } else if (c.mpi) {
-        entry.run_baseline(ctx, bufs);
-      } else {
-        cfg.algorithm = c.algorithm;
-        entry.run(ctx, bufs);
+    auto run = [&](contender& c) { run_on(c, bufs); };
+    if (tune) {
+      for (std::size_t ci = 0; ci < who.size(); ++ci) who[ci].reps_us = tuned_reps[si][ci];
+    } else {
+      if (gloo) gloo->prepare(bufs);
+      entry.fill(ctx, bufs);
+      for (auto& c : who) {
+        c.reps_us.clear();
+        for (int k = 0; k < cli.warmup; ++k) run(c);
       }
-    };
-    entry.fill(ctx, bufs);
-    for (auto& c : who) {
-      c.reps_us.clear();
-      for (int k = 0; k < cli.warmup; ++k) run(c);
-    }
-    for (int k = 0; k < cli.reps; ++k) {
-      for (std::size_t j = 0; j < who.size(); ++j) {
-        contender& c = who[(j + static_cast<std::size_t>(k)) % who.size()];
-        c.reps_us.push_back(timed_rep(mpi, iters, [&] { run(c); }));
+      for (int k = 0; k < cli.reps; ++k) {
+        for (std::size_t j = 0; j < who.size(); ++j) {
+          contender& c = who[(j + static_cast<std::size_t>(k)) % who.size()];
+          c.reps_us.push_back(timed_rep(mpi, cli.iters, [&] { run(c); }));
+        }
       }
     }
     for (auto& c : who) {

@@ -251,6 +251,7 @@ tuning_table parse_table(const checker& c, const json& t) {
   if (t.find("op") != nullptr) out.op = c.text(t, "op");
   if (t.find("tuned_at") != nullptr) out.tuned_at = c.text(t, "tuned_at");
   if (t.find("reps") != nullptr) out.reps = c.count(t, "reps");
+  if (t.find("sessions") != nullptr) out.sessions = c.count(t, "sessions");
   const json& sizes = c.field(t, "sizes", json::array, "an array");
   if (sizes.items.empty()) c.fail(sizes, "\"sizes\" is empty");
   if (sizes.items.size() > 64) c.fail(sizes, "more than 64 sizes");
@@ -429,6 +430,29 @@ algo fastest_algorithm(const tuning_table* table, const cost_model& m, const clu
   return fastest_algorithm(m, shape, bytes);
 }
 
+tuning_table merge_sessions(const tuning_table& old, const tuning_table& fresh) {
+  if (!same_shape(old, fresh) || old.rows.size() != fresh.rows.size()) return fresh;
+  for (std::size_t i = 0; i < old.rows.size(); ++i) {
+    if (old.rows[i].bytes != fresh.rows[i].bytes) return fresh;
+  }
+  tuning_table out = fresh;
+  const double w = std::max(1, old.sessions);
+  for (std::size_t i = 0; i < out.rows.size(); ++i) {
+    tuning_row& row = out.rows[i];
+    double best_s = -1;
+    for (auto& m : row.median) {
+      for (const auto& o : old.rows[i].median) {
+        if (o.algorithm == m.algorithm) {
+          m.seconds = std::exp((w * std::log(o.seconds) + std::log(m.seconds)) / (w + 1));
+        }
+      }
+      if (best_s < 0 || m.seconds < best_s) best_s = m.seconds, row.best = m.algorithm;
+    }
+  }
+  out.sessions = static_cast<int>(w) + 1;
+  return out;
+}
+
 // ---- the file ---------------------------------------------------------------
 
 const tuning_table* tuning_file::find(const cluster_shape& shape) const {
@@ -461,9 +485,9 @@ std::string tuning_file::to_json() const {
     s += fmt::format(
         "{}\n    {{\n      \"ranks\": {}, \"nodes\": {}, \"ranks_per_node\": {}, "
         "\"cores_per_node\": {},\n      \"dtype\": \"{}\", \"op\": \"{}\", \"reps\": {}, "
-        "\"tuned_at\": \"{}\",\n      \"sizes\": [",
+        "\"sessions\": {}, \"tuned_at\": \"{}\",\n      \"sizes\": [",
         i ? "," : "", t.ranks, t.nodes, t.ranks_per_node, t.cores_per_node, escaped(t.dtype),
-        escaped(t.op), std::max(1, t.reps), escaped(t.tuned_at));
+        escaped(t.op), std::max(1, t.reps), std::max(1, t.sessions), escaped(t.tuned_at));
     for (std::size_t j = 0; j < t.rows.size(); ++j) {
       const tuning_row& r = t.rows[j];
       s += fmt::format("{}\n        {{\"bytes\": {}, \"best\": \"{}\", \"median_us\": {{", j ? "," : "",

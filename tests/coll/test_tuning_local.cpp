@@ -2,6 +2,7 @@
 // with a message naming them, automatic chooses from a matching table (with
 // interpolation between tuned sizes) and falls back to the cost model
 // otherwise; shm and oversubscription in the model.
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -107,6 +108,38 @@ TEST_CASE("tuning files round-trip", "[coll][tuning]") {
   std::remove(path.c_str());
   CHECK_FALSE(read_tuning_file(path).has_value());  // no file: no table, no error
   CHECK_FALSE(read_tuning_file("").has_value());
+}
+
+TEST_CASE("tuning sessions of the same sizes average, others replace", "[coll][tuning]") {
+  const tuning_table first = table_for(4);
+  tuning_table second = table_for(4);
+  // The second session finds the ring twice as fast at 1 MiB and the tree
+  // four times slower at 4 KiB.
+  second.rows[2].median[0].seconds = 250e-6;
+  second.rows[0].median[2].seconds = 80e-6;
+  second.tuned_at = "later";
+  const tuning_table m = merge_sessions(first, second);
+  CHECK(m.sessions == 2);
+  CHECK(m.tuned_at == "later");
+  CHECK(m.rows[2].median[0].seconds == Catch::Approx(std::sqrt(500e-6 * 250e-6)));
+  CHECK(m.rows[0].median[2].seconds == Catch::Approx(40e-6));  // sqrt(20 * 80)
+  CHECK(m.rows[0].best == algo::halving_doubling);                 // 30 < 40
+  // A third session counts the first two twice.
+  const tuning_table m3 = merge_sessions(m, first);
+  CHECK(m3.sessions == 3);
+  CHECK(m3.rows[0].median[2].seconds == Catch::Approx(std::cbrt(40e-6 * 40e-6 * 20e-6)));
+  CHECK(tuning_file::from_json([&] {
+          tuning_file f;
+          f.machine = "box";
+          f.put(m3);
+          return f.to_json();
+        }(), "mem").tables[0].sessions == 3);
+  // Other sizes or another shape: the fresh table as it is.
+  tuning_table other_sizes = table_for(4);
+  other_sizes.rows.pop_back();
+  CHECK(merge_sessions(first, other_sizes).sessions == 1);
+  CHECK(merge_sessions(first, other_sizes).rows.size() == 2);
+  CHECK(merge_sessions(table_for(2), first).sessions == 1);
 }
 
 TEST_CASE("corrupt tuning files are refused with a message naming the file",

@@ -32,6 +32,7 @@ struct tuning_table {
   std::string dtype = "float", op = "sum";  ///< what was timed (informative: the choice ignores them)
   std::string tuned_at;     ///< UTC time of the run, ISO 8601
   int reps = 0;             ///< repetitions behind each median
+  int sessions = 1;         ///< --tune runs averaged into the medians (see merge_sessions)
   std::vector<tuning_row> rows;  ///< ascending bytes
 
   /// True when this table was measured for exactly `shape`'s ranks, nodes
@@ -48,6 +49,14 @@ struct tuning_table {
   std::vector<algo_prediction> expected(std::size_t bytes, const cluster_shape& shape,
                                         std::string* rows_used = nullptr) const;
 };
+
+/// `fresh` averaged into `old` when both were measured for the same shape
+/// at the same sizes: each algorithm's median becomes the geometric mean over
+/// all sessions (old's counted old.sessions times), `best` the lowest again,
+/// sessions old.sessions + 1, tuned_at fresh's. A table measured at one
+/// moment of a shared machine holds that moment's load; several sessions
+/// average it out. Returns `fresh` unchanged when the shapes or sizes differ.
+tuning_table merge_sessions(const tuning_table& old, const tuning_table& fresh);
 
 /// A tuning file: the tables of one machine, one per (ranks, layout).
 struct tuning_file {
