@@ -66,10 +66,12 @@ __global__ void __launch_bounds__(cta_threads)
     if constexpr (Accumulate) {
       return o + t;
     } else {
-      // 0 + t, as the CPU's decode (zero fill, then decode_add) computes it:
-      // a -0 payload decodes to +0 on both sides (found on the H200 run).
-      const float v = 0.0f + t;
-      return divide_by > 1 ? v / static_cast<float>(divide_by) : v;
+      // A plain decode, not 0 + t: this is the allreduce's last step, and the
+      // CPU's half_compressor::reduce decodes the summed payload by
+      // assignment (decode_fp16(bits, data), data[i] = decode_bf16(...)), so
+      // a -0 payload gives -0 on both sides. (compressor::decode, a zero
+      // fill then decode_add, would give +0; tests/cuda compare with reduce's.)
+      return divide_by > 1 ? t / static_cast<float>(divide_by) : t;
     }
   };
   std::size_t done = 0;

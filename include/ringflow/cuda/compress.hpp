@@ -194,7 +194,10 @@ void half_ef_encode(half_format f, const float* grad, float* residual, std::size
 void half_decode_add(half_format f, const std::uint16_t* in, std::size_t n, float* out,
                      cudaStream_t s);
 
-/// out[i] = decode(in[i]) / divide_by (overwrite; divide_by <= 1: none). 6 bytes per element.
+/// out[i] = decode(in[i]) / divide_by (overwrite; divide_by <= 1: none): the
+/// last step of the fp16/bf16 allreduce, a plain decode like
+/// half_compressor::reduce's (a -0 payload gives -0, where compressor::decode,
+/// zero fill then decode_add, gives +0). 6 bytes per element.
 void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* out,
                  int divide_by, cudaStream_t s);
 
