@@ -66,10 +66,9 @@ std::string nccl_text(ncclResult_t code) {
 }  // namespace
 
 void throw_nccl_error(ncclResult_t code, const char* call, const char* file, int line) {
-  throw nccl_error(
-      cuda::detail::describe_failure(nccl_result_name(code), nccl_text(code).c_str(), call, file,
-                                     line),
-      code);
+  throw nccl_error(cuda::detail::describe_failure(nccl_result_name(code), nccl_text(code).c_str(),
+                                                  call, file, line),
+                   code);
 }
 
 void log_nccl_error(ncclResult_t code, const char* call, const char* file, int line) noexcept {
@@ -77,8 +76,7 @@ void log_nccl_error(ncclResult_t code, const char* call, const char* file, int l
     ringflow::log::write(ringflow::log::level::error,
                          cuda::detail::describe_failure(nccl_result_name(code),
                                                         nccl_text(code).c_str(), call, file, line));
-  } catch (...) {
-  }
+  } catch (...) {}
 }
 
 ncclDataType_t nccl_type(dtype t) {
@@ -147,8 +145,8 @@ struct nccl_state {
   /// The handle, or comm_error if abort() released it.
   ncclComm_t live(const char* what) const {
     if (comm == nullptr) {
-      throw comm_error(fmt::format("nccl {} on rank {}: the NCCL communicator was aborted", what,
-                                   rank));
+      throw comm_error(
+          fmt::format("nccl {} on rank {}: the NCCL communicator was aborted", what, rank));
     }
     return comm;
   }
@@ -218,9 +216,10 @@ void require_device(const nccl_state& st, const char* what, const char* which, c
   }
 }
 
+/// coll/collectives.hpp's overlap test, on the bytes of two buffers.
 bool overlaps(const void* a, std::size_t na, const void* b, std::size_t nb) {
-  const auto x = reinterpret_cast<std::uintptr_t>(a), y = reinterpret_cast<std::uintptr_t>(b);
-  return na != 0 && nb != 0 && x < y + nb && y < x + na;
+  return ::ringflow::detail::overlaps(static_cast<const std::byte*>(a), na,
+                                      static_cast<const std::byte*>(b), nb);
 }
 
 /// NCCL's op for ringflow's. avg is a sum here for every type, and the
@@ -265,8 +264,10 @@ template <class Rec>
 std::vector<Rec> allgather_records(const communicator& comm, const Rec& mine) {
   std::vector<Rec> all(static_cast<std::size_t>(comm.size()));
   ringflow::allgather<std::uint8_t>(
-      comm, std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(&mine), sizeof mine),
-      std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(all.data()), all.size() * sizeof(Rec)));
+      comm,
+      std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(&mine), sizeof mine),
+      std::span<std::uint8_t>(reinterpret_cast<std::uint8_t*>(all.data()),
+                              all.size() * sizeof(Rec)));
   return all;
 }
 
@@ -298,7 +299,8 @@ std::vector<int> choose_devices(const communicator& comm, const std::vector<host
       bad.push_back(q);
       continue;
     }
-    const auto& node = topo.nodes[static_cast<std::size_t>(topo.node_of[static_cast<std::size_t>(q)])];
+    const auto& node =
+        topo.nodes[static_cast<std::size_t>(topo.node_of[static_cast<std::size_t>(q)])];
     const int local = static_cast<int>(std::find(node.begin(), node.end(), q) - node.begin());
     device[static_cast<std::size_t>(q)] = h.requested >= 0 ? h.requested : local % h.device_count;
   }
@@ -509,30 +511,37 @@ void guarded(const nccl_state& st, F&& body) {
     throw;
   }
 }
+
+/// The checks and checked-mode fingerprint every allreduce starts with
+/// (NCCL's and both rings). False when there is nothing to reduce.
+bool begin_allreduce(const nccl_state& st, const char* what, const void* in, const void* out,
+                     std::size_t in_count, std::size_t out_count, dtype type, op_kind op) {
+  if (in_count != out_count) {
+    throw usage_error(fmt::format("nccl {} on rank {}: input has {} elements, output {}", what,
+                                  st.rank, in_count, out_count));
+  }
+  const std::size_t esz = dtype_size(type);
+  if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
+    throw usage_error(
+        fmt::format("nccl {} on rank {}: input and output overlap without being the same buffer",
+                    what, st.rank));
+  }
+  require_device(st, what, "input", in, in_count);
+  require_device(st, what, "output", out, out_count);
+  ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, in_count);
+  return in_count != 0;
+}
 }  // namespace
 
 void nccl_communicator::allreduce_bytes(const void* in, void* out, std::size_t in_count,
                                         std::size_t out_count, dtype type, op_kind op,
                                         cudaStream_t stream) const {
   const nccl_state& st = usable(state_, "allreduce");
-  if (in_count != out_count) {
-    throw usage_error(fmt::format("nccl allreduce on rank {}: input has {} elements, output {}",
-                                  st.rank, in_count, out_count));
-  }
-  const std::size_t esz = dtype_size(type);
-  if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
-    throw usage_error(fmt::format(
-        "nccl allreduce on rank {}: input and output overlap without being the same buffer",
-        st.rank));
-  }
-  require_device(st, "allreduce", "input", in, in_count);
-  require_device(st, "allreduce", "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, in_count);
-  if (in_count == 0) return;
+  if (!begin_allreduce(st, "allreduce", in, out, in_count, out_count, type, op)) return;
   device_guard dg(st.device);
   guarded(st, [&] {
-    RINGFLOW_CHECK_NCCL(ncclAllReduce(in, out, in_count, detail::nccl_type(type),
-                                      op_for(type, op), st.comm, stream));
+    RINGFLOW_CHECK_NCCL(ncclAllReduce(in, out, in_count, detail::nccl_type(type), op_for(type, op),
+                                      st.comm, stream));
     finish_avg(type, op, out, out_count, st.size, stream);
   });
 }
@@ -613,8 +622,8 @@ void nccl_communicator::allgather_bytes(const void* in, void* out, std::size_t i
   const ncclDataType_t nt = detail::nccl_type(type);
   guarded(st, [&] {
     if (out_count % static_cast<std::size_t>(p) == 0) {
-      RINGFLOW_CHECK_NCCL(ncclAllGather(in, out, out_count / static_cast<std::size_t>(p), nt,
-                                        st.comm, stream));
+      RINGFLOW_CHECK_NCCL(
+          ncclAllGather(in, out, out_count / static_cast<std::size_t>(p), nt, st.comm, stream));
     } else {
       // Unequal pieces: every rank broadcasts its piece, all in one group.
       nccl_group g;
@@ -636,14 +645,14 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
   const nccl_state& st = usable(state_, "broadcast");
   const int r = st.rank;
   if (root < 0 || root >= st.size) {
-    throw usage_error(fmt::format("nccl broadcast on rank {}: root {} is outside [0, {})", r, root,
-                                  st.size));
+    throw usage_error(
+        fmt::format("nccl broadcast on rank {}: root {} is outside [0, {})", r, root, st.size));
   }
   const bool need_in = r == root || in_count != 0;
   if (need_in && in_count != out_count) {
-    throw usage_error(fmt::format(
-        "nccl broadcast on rank {}: input has {} elements, output {}{}", r, in_count, out_count,
-        r == root ? " (the root's input is what is sent)" : ""));
+    throw usage_error(fmt::format("nccl broadcast on rank {}: input has {} elements, output {}{}",
+                                  r, in_count, out_count,
+                                  r == root ? " (the root's input is what is sent)" : ""));
   }
   const std::size_t esz = dtype_size(type);
   if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
@@ -652,13 +661,13 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
   }
   if (r == root) require_device(st, "broadcast", "input", in, in_count);
   require_device(st, "broadcast", "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::broadcast, type, op_kind::sum,
-                                       out_count, root);
+  ::ringflow::detail::begin_collective(st.base, coll_kind::broadcast, type, op_kind::sum, out_count,
+                                       root);
   if (out_count == 0) return;
   device_guard dg(st.device);
   guarded(st, [&] {
-    RINGFLOW_CHECK_NCCL(ncclBroadcast(r == root ? in : out, out, out_count,
-                                      detail::nccl_type(type), root, st.comm, stream));
+    RINGFLOW_CHECK_NCCL(ncclBroadcast(r == root ? in : out, out, out_count, detail::nccl_type(type),
+                                      root, st.comm, stream));
   });
 }
 
@@ -692,24 +701,9 @@ void dispatch(dtype type, op_kind op, Fn&& fn) {
 
 void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
                                              std::size_t out_count, dtype type, op_kind op,
-                                             cudaStream_t stream,
-                                             std::size_t segment_bytes) const {
+                                             cudaStream_t stream, std::size_t segment_bytes) const {
   const nccl_state& st = usable(state_, "ring_allreduce");
-  if (in_count != out_count) {
-    throw usage_error(fmt::format(
-        "nccl ring_allreduce on rank {}: input has {} elements, output {}", st.rank, in_count,
-        out_count));
-  }
-  const std::size_t esz = dtype_size(type);
-  if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
-    throw usage_error(fmt::format(
-        "nccl ring_allreduce on rank {}: input and output overlap without being the same buffer",
-        st.rank));
-  }
-  require_device(st, "ring_allreduce", "input", in, in_count);
-  require_device(st, "ring_allreduce", "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, in_count);
-  if (in_count == 0) return;
+  if (!begin_allreduce(st, "ring_allreduce", in, out, in_count, out_count, type, op)) return;
   device_guard dg(st.device);
   const std::size_t seg = segment_bytes != 0 ? segment_bytes : nccl_ring_segment_bytes;
   std::shared_ptr<nccl_transport> t = transport();
@@ -724,34 +718,21 @@ void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::siz
   });
 }
 
-void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out,
-                                                    std::size_t in_count, std::size_t out_count,
-                                                    dtype type, op_kind op,
+void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
+                                                    std::size_t out_count, dtype type, op_kind op,
                                                     cudaStream_t stream) const {
   const nccl_state& st = usable(state_, "stream_ring_allreduce");
-  if (in_count != out_count) {
-    throw usage_error(fmt::format(
-        "nccl stream_ring_allreduce on rank {}: input has {} elements, output {}", st.rank, in_count,
-        out_count));
+  if (!begin_allreduce(st, "stream_ring_allreduce", in, out, in_count, out_count, type, op)) {
+    return;
   }
   const std::size_t esz = dtype_size(type);
   const std::size_t count = in_count;
-  if (in != out && overlaps(in, count * esz, out, count * esz)) {
-    throw usage_error(fmt::format(
-        "nccl stream_ring_allreduce on rank {}: input and output overlap without being the same buffer",
-        st.rank));
-  }
-  require_device(st, "stream_ring_allreduce", "input", in, count);
-  require_device(st, "stream_ring_allreduce", "output", out, count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, count);
-  if (count == 0) return;
   device_guard dg(st.device);
   const int p = st.size, r = st.rank;
   if (p == 1) {
     // single_rank_result(): the input, copied unless in place, finished.
     if (out != in) {
-      RINGFLOW_CHECK_CUDA(
-          cudaMemcpyAsync(out, in, count * esz, cudaMemcpyDeviceToDevice, stream));
+      RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(out, in, count * esz, cudaMemcpyDeviceToDevice, stream));
     }
     cuda::finish(type, op, out, count, 1, stream);
     return;
@@ -776,8 +757,10 @@ void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out,
     } release{staging, stream};
     auto exchange = [&](const void* send, std::size_t send_n, void* recv, std::size_t recv_n) {
       nccl_group g;
-      if (send_n) RINGFLOW_CHECK_NCCL(ncclSend(send, send_n * esz, ncclUint8, right, st.comm, stream));
-      if (recv_n) RINGFLOW_CHECK_NCCL(ncclRecv(recv, recv_n * esz, ncclUint8, left, st.comm, stream));
+      if (send_n)
+        RINGFLOW_CHECK_NCCL(ncclSend(send, send_n * esz, ncclUint8, right, st.comm, stream));
+      if (recv_n)
+        RINGFLOW_CHECK_NCCL(ncclRecv(recv, recv_n * esz, ncclUint8, left, st.comm, stream));
       g.end();
     };
     for (int s = 0; s < p - 1; ++s) {
@@ -793,8 +776,8 @@ void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out,
     for (int s = 0; s < p - 1; ++s) {
       const chunk sc = partition(count, p, ::ringflow::detail::ring_mod(r - s, p));
       const chunk rc = partition(count, p, ::ringflow::detail::ring_mod(r - s - 1, p));
-      exchange(at(static_cast<const void*>(out), sc.offset, esz), sc.count,
-               at(out, rc.offset, esz), rc.count);
+      exchange(at(static_cast<const void*>(out), sc.offset, esz), sc.count, at(out, rc.offset, esz),
+               rc.count);
     }
   });
 }

@@ -95,7 +95,8 @@ std::uint64_t mix(std::uint64_t x) {
 
 /// A whole number in [lo, hi] for (seed, rank, i).
 long long pick(std::uint64_t seed, int rank, std::size_t i, long long lo, long long hi) {
-  const std::uint64_t h = mix(seed ^ (static_cast<std::uint64_t>(rank) << 40) ^ (i * 0x100000001b3ULL));
+  const std::uint64_t h =
+      mix(seed ^ (static_cast<std::uint64_t>(rank) << 40) ^ (i * 0x100000001b3ULL));
   return lo + static_cast<long long>(h % static_cast<std::uint64_t>(hi - lo + 1));
 }
 
@@ -113,7 +114,7 @@ T value(op_kind op, std::uint64_t seed, int rank, std::size_t i) {
       return static_cast<T>(choices[pick(seed, rank, i, 0, 5)]);
     }
     const long long k = op == op_kind::min || op == op_kind::max ? pick(seed, rank, i, -2000, 2000)
-                                                                  : pick(seed, rank, i, -32, 32);
+                                                                 : pick(seed, rank, i, -32, 32);
     return static_cast<T>(static_cast<double>(k) / 8.0);
   } else {
     long long lo = 0, hi = 0;
@@ -121,7 +122,8 @@ T value(op_kind op, std::uint64_t seed, int rank, std::size_t i) {
     switch (op) {
       case op_kind::sum:
       case op_kind::avg:
-        hi = sizeof(T) == 1 ? (is_signed ? 15 : 31) : (sizeof(T) == 4 ? 100000000 : 1000000000000LL);
+        hi =
+            sizeof(T) == 1 ? (is_signed ? 15 : 31) : (sizeof(T) == 4 ? 100000000 : 1000000000000LL);
         lo = is_signed ? -hi : 0;
         break;
       case op_kind::prod:
@@ -140,7 +142,8 @@ T value(op_kind op, std::uint64_t seed, int rank, std::size_t i) {
 }
 
 template <class T>
-std::vector<T> input(op_kind op, std::uint64_t seed, int rank, std::size_t n, std::size_t from = 0) {
+std::vector<T> input(op_kind op, std::uint64_t seed, int rank, std::size_t n,
+                     std::size_t from = 0) {
   std::vector<T> v(n);
   for (std::size_t i = 0; i < n; ++i) v[i] = value<T>(op, seed, rank, from + i);
   return v;
@@ -224,8 +227,8 @@ template <class T>
 rc::device_buffer<T> to_device(const std::vector<T>& host, std::size_t extra = 0) {
   rc::device_buffer<T> d(host.size() + extra);
   if (!host.empty()) {
-    RINGFLOW_CHECK_CUDA(cudaMemcpy(d.data(), host.data(), host.size() * sizeof(T),
-                                   cudaMemcpyHostToDevice));
+    RINGFLOW_CHECK_CUDA(
+        cudaMemcpy(d.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   return d;
 }
@@ -310,8 +313,8 @@ TEST_CASE("nccl allreduce: every dtype, op and count, in place and out of place"
       for (std::size_t n : counts) {
         for (bool in_place : {false, true}) {
           ++seed;
-          INFO(ringflow::dtype_name(ringflow::dtype_of<T>) << " " << ringflow::op_name(op)
-                                                            << " n=" << n << " in_place=" << in_place);
+          INFO(ringflow::dtype_name(ringflow::dtype_of<T>)
+               << " " << ringflow::op_name(op) << " n=" << n << " in_place=" << in_place);
           const std::vector<T> mine = input<T>(op, seed, r, n);
           rc::device_buffer<T> in = to_device(mine);
           rc::device_buffer<T> out(in_place ? 0 : n);
@@ -349,8 +352,8 @@ TEST_CASE("nccl reduce_scatter: ringflow's partition for every count, in place a
       for (std::size_t n : counts) {
         for (bool in_place : {false, true}) {
           ++seed;
-          INFO(ringflow::dtype_name(ringflow::dtype_of<T>) << " " << ringflow::op_name(op)
-                                                            << " n=" << n << " in_place=" << in_place);
+          INFO(ringflow::dtype_name(ringflow::dtype_of<T>)
+               << " " << ringflow::op_name(op) << " n=" << n << " in_place=" << in_place);
           const ringflow::chunk own = ringflow::partition(n, p, r);
           rc::device_buffer<T> in = to_device(input<T>(op, seed, r, n));
           rc::device_buffer<T> out(in_place ? 0 : own.count);
@@ -449,14 +452,15 @@ TEST_CASE("nccl ring_allreduce and stream_ring_allreduce equal ringflow's CPU ri
       for (std::size_t n : counts) {
         for (bool in_place : {false, true}) {
           ++seed;
-          INFO(ringflow::dtype_name(ringflow::dtype_of<T>) << " " << ringflow::op_name(op)
-                                                            << " n=" << n << " in_place=" << in_place);
+          INFO(ringflow::dtype_name(ringflow::dtype_of<T>)
+               << " " << ringflow::op_name(op) << " n=" << n << " in_place=" << in_place);
           // Floats here are arbitrary (not the exact-by-construction inputs):
           // the order of the combination must match, not just the value.
           std::vector<T> mine(n);
           for (std::size_t i = 0; i < n; ++i) {
             mine[i] = is_float_v<T> && op != op_kind::prod
-                          ? static_cast<T>(static_cast<double>(pick(seed, r, i, -1000000, 1000000)) / 7777.0)
+                          ? static_cast<T>(
+                                static_cast<double>(pick(seed, r, i, -1000000, 1000000)) / 7777.0)
                           : value<T>(op, seed, r, i);
           }
           std::vector<T> cpu(n);
@@ -531,8 +535,8 @@ TEST_CASE("nccl collectives refuse host memory and wrong sizes before any traffi
   what = message_of([&] { c->broadcast(dev.span(), p, s); });
   CHECK(what.find("root") != std::string::npos);
   what = message_of([&] {
-    c->allreduce<float>(std::span<const float>(dev.data(), 32), std::span<float>(dev.data() + 16, 32),
-                        ringflow::sum, s);
+    c->allreduce<float>(std::span<const float>(dev.data(), 32),
+                        std::span<float>(dev.data() + 16, 32), ringflow::sum, s);
   });
   CHECK(what.find("overlap") != std::string::npos);
   // The communicator still works afterwards (nothing half-started).
@@ -588,7 +592,8 @@ TEST_CASE("nccl_transport: a send-first exchange completes; requests test and wa
   for (std::size_t n : {std::size_t{1}, std::size_t{4099}, (std::size_t{1} << 22) + 5}) {
     INFO("n=" << n);
     std::vector<std::int32_t> mine(n);
-    for (std::size_t i = 0; i < n; ++i) mine[i] = static_cast<std::int32_t>(i * 31 + static_cast<std::size_t>(r));
+    for (std::size_t i = 0; i < n; ++i)
+      mine[i] = static_cast<std::int32_t>(i * 31 + static_cast<std::size_t>(r));
     rc::device_buffer<std::int32_t> send = to_device(mine), recv(n);
     // Every rank sends first (the pattern that deadlocks on NCCL p2p
     // launched one operation at a time), then receives, then waits.
@@ -607,8 +612,7 @@ TEST_CASE("nccl_transport: a send-first exchange completes; requests test and wa
   rc::device_buffer<double> a(1000), b(1000);
   ringflow::request rr = t->irecv(b.data(), b.bytes(), left, 2);
   ringflow::request sr = t->isend(a.data(), a.bytes(), right, 2);
-  while (!rr.test()) {
-  }
+  while (!rr.test()) {}
   sr.wait();
   CHECK_FALSE(rr.pending());
   // Host memory and bad peers are refused.
@@ -658,8 +662,7 @@ TEST_CASE("nccl_communicator moves, and a moved-from one is empty", "[cuda][nccl
   CHECK(c.raw() == raw);
   c.allreduce(x.span(), ringflow::sum, s);
   s.synchronize();
-  CHECK(to_host(x.data(), 3) ==
-        std::vector<std::int32_t>(3, 2 * world().size() * world().size()));
+  CHECK(to_host(x.data(), 3) == std::vector<std::int32_t>(3, 2 * world().size() * world().size()));
 }
 
 // Hidden (run with "[timeout]"): leaves an unmatched NCCL receive on the GPU
@@ -685,8 +688,7 @@ TEST_CASE("nccl_transport: an unmatched receive times out instead of hanging",
   }
   INFO(what);
   CHECK(what.find("did not complete") != std::string::npos);
-  CHECK(what.find("receive of 64 bytes from rank " + std::to_string(from)) !=
-        std::string::npos);
+  CHECK(what.find("receive of 64 bytes from rank " + std::to_string(from)) != std::string::npos);
 
   own.abort();
   t.reset();

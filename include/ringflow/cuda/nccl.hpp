@@ -19,12 +19,12 @@
 #include <string>
 #include <type_traits>
 
+#include "ringflow/coll/partition.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/comm/transport.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/reduce_op.hpp"
-#include "ringflow/coll/partition.hpp"
 
 namespace ringflow::cuda {
 
@@ -45,11 +45,11 @@ class nccl_error : public ringflow::comm_error {
 namespace detail {
 /// "ncclInvalidArgument" for ncclInvalidArgument, and so on.
 const char* nccl_result_name(ncclResult_t code) noexcept;
-[[noreturn]] void throw_nccl_error(ncclResult_t code, const char* call, const char* file,
-                                   int line);
+[[noreturn]] void throw_nccl_error(ncclResult_t code, const char* call, const char* file, int line);
 /// For destructors: logs the failure instead of throwing.
 void log_nccl_error(ncclResult_t code, const char* call, const char* file, int line) noexcept;
-/// ringflow's dtype and op tags as NCCL's (avg -> ncclAvg).
+/// ringflow's dtype and op tags as NCCL's (avg -> ncclAvg; the collectives
+/// below run avg as ncclSum and ringflow's own division instead).
 ncclDataType_t nccl_type(dtype t);
 ncclRedOp_t nccl_op(op_kind k);
 struct nccl_state;
@@ -58,22 +58,21 @@ struct nccl_state;
 }  // namespace ringflow::cuda
 
 /// Throws ringflow::cuda::nccl_error if `call` does not return ncclSuccess:
-/// "rank 3: ncclAllReduce(...) failed: <ncclGetErrorString> (ncclInvalidArgument):
-/// <ncclGetLastError> [file:line]".
-#define RINGFLOW_CHECK_NCCL(call)                                                  \
-  do {                                                                             \
-    const ncclResult_t rf_nccl_status_ = (call);                                   \
-    if (rf_nccl_status_ != ncclSuccess)                                            \
-      ::ringflow::cuda::detail::throw_nccl_error(rf_nccl_status_, #call, __FILE__, \
-                                                 __LINE__);                        \
-  } while (0)
-
-/// In destructors and other noexcept paths: logs a failure, never throws.
-#define RINGFLOW_LOG_NCCL(call)                                                               \
+/// "rank 3: ncclAllReduce(...) failed: <ncclGetErrorString>: <ncclGetLastError>
+/// (ncclInvalidArgument) [file:line]".
+#define RINGFLOW_CHECK_NCCL(call)                                                             \
   do {                                                                                        \
     const ncclResult_t rf_nccl_status_ = (call);                                              \
     if (rf_nccl_status_ != ncclSuccess)                                                       \
-      ::ringflow::cuda::detail::log_nccl_error(rf_nccl_status_, #call, __FILE__, __LINE__);   \
+      ::ringflow::cuda::detail::throw_nccl_error(rf_nccl_status_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+/// In destructors and other noexcept paths: logs a failure, never throws.
+#define RINGFLOW_LOG_NCCL(call)                                                             \
+  do {                                                                                      \
+    const ncclResult_t rf_nccl_status_ = (call);                                            \
+    if (rf_nccl_status_ != ncclSuccess)                                                     \
+      ::ringflow::cuda::detail::log_nccl_error(rf_nccl_status_, #call, __FILE__, __LINE__); \
   } while (0)
 
 namespace ringflow::cuda {
@@ -152,9 +151,9 @@ class nccl_communicator {
   // --- Collectives on device memory, queued on `stream` ---------------------
 
   /// Allreduce `in` into `out` (same size; may be the same span; partial
-  /// overlap is an error). avg: ncclAvg for floating types; for integer types
-  /// ncclSum followed by ringflow's division (truncating toward zero, as on
-  /// the CPU).
+  /// overlap is an error). avg: ncclSum followed by ringflow's one division
+  /// of the finished sum (cuda::finish; integers truncate toward zero), as on
+  /// the CPU, not ncclAvg (which multiplies every input by 1/p first).
   template <element T, reduce_op Op = sum_op>
   void allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
                  cudaStream_t stream) const {
@@ -211,8 +210,7 @@ class nccl_communicator {
   /// Broadcast `data` from `root` to every rank (same size everywhere).
   template <element T>
   void broadcast(std::span<T> data, int root, cudaStream_t stream) const {
-    broadcast_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>, root,
-                    stream);
+    broadcast_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>, root, stream);
   }
   /// Out-of-place broadcast: root's `in` lands in every rank's `out`. `in` is
   /// read on the root only (other ranks may pass an empty span).
@@ -243,8 +241,8 @@ class nccl_communicator {
   void ring_allreduce(std::span<T> data, Op op, cudaStream_t stream,
                       std::size_t segment_bytes = 0) const {
     (void)op;
-    ring_allreduce_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>,
-                         Op::kind, stream, segment_bytes);
+    ring_allreduce_bytes(data.data(), data.data(), data.size(), data.size(), dtype_of<T>, Op::kind,
+                         stream, segment_bytes);
   }
 
   /// The same ring, same bits, but queued on `stream` with no host
@@ -253,11 +251,11 @@ class nccl_communicator {
   /// CPU's functors), and staging memory is stream-ordered (cudaMallocAsync).
   /// Returns at once; the result is in `out` when `stream` gets there.
   template <element T, reduce_op Op = sum_op>
-  void stream_ring_allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out,
-                             Op op, cudaStream_t stream) const {
+  void stream_ring_allreduce(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
+                             cudaStream_t stream) const {
     (void)op;
-    stream_ring_allreduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>,
-                                Op::kind, stream);
+    stream_ring_allreduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, Op::kind,
+                                stream);
   }
   template <element T, reduce_op Op = sum_op>
   void stream_ring_allreduce(std::span<T> data, Op op, cudaStream_t stream) const {
@@ -276,15 +274,14 @@ class nccl_communicator {
  private:
   void allreduce_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
                        dtype type, op_kind op, cudaStream_t stream) const;
-  void reduce_scatter_bytes(const void* in, void* out, std::size_t in_count,
-                            std::size_t out_count, dtype type, op_kind op,
-                            cudaStream_t stream) const;
+  void reduce_scatter_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
+                            dtype type, op_kind op, cudaStream_t stream) const;
   void allgather_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
                        dtype type, cudaStream_t stream) const;
   void broadcast_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
                        dtype type, int root, cudaStream_t stream) const;
-  void ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
-                            std::size_t out_count, dtype type, op_kind op, cudaStream_t stream,
+  void ring_allreduce_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
+                            dtype type, op_kind op, cudaStream_t stream,
                             std::size_t segment_bytes) const;
   void stream_ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
                                    std::size_t out_count, dtype type, op_kind op,
@@ -308,11 +305,10 @@ class nccl_communicator {
 /// another; posting order is matching order, as with MPI, and nothing waits
 /// behind anything else (this needs NCCL to run kernels of different
 /// communicators concurrently, its default: with NCCL_LAUNCH_ORDER_IMPLICIT=1
-/// the constructor throws usage_error on every rank). Operations with any other peer (and everything at
-/// one rank) are queued instead, and the first test() or wait() of a queued
-/// request (or flush()) launches them all as one NCCL group, which NCCL
-/// progresses together: an algorithm that posts a step's sends and receives
-/// and then waits cannot deadlock, whichever it posts first.
+/// the constructor throws usage_error on every rank). Operations with any other peer (and
+/// everything at one rank) are queued instead, and the first test() or wait() of a queued request
+/// (or flush()) launches them all as one NCCL group, which NCCL progresses together: an algorithm
+/// that posts a step's sends and receives and then waits cannot deadlock, whichever it posts first.
 ///
 /// Each launch records a CUDA event; test() queries it, wait() polls it (and
 /// NCCL's asynchronous error state) until the transport's timeout, then
