@@ -223,13 +223,20 @@ std::size_t reduction_misses(const std::vector<T>& got, op_kind op, std::uint64_
   return misses;
 }
 
+/// Copies host data to the device and waits until it is there. cudaMemcpy
+/// from pageable memory may return before its DMA lands, and the collectives
+/// run on a non-blocking stream that does not wait for the legacy stream.
 template <class T>
-rc::device_buffer<T> to_device(const std::vector<T>& host, std::size_t extra = 0) {
-  rc::device_buffer<T> d(host.size() + extra);
-  if (!host.empty()) {
-    RINGFLOW_CHECK_CUDA(
-        cudaMemcpy(d.data(), host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
+void upload(T* dst, const T* src, std::size_t n) {
+  if (n == 0) return;
+  RINGFLOW_CHECK_CUDA(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice));
+  RINGFLOW_CHECK_CUDA(cudaDeviceSynchronize());
+}
+
+template <class T>
+rc::device_buffer<T> to_device(const std::vector<T>& host) {
+  rc::device_buffer<T> d(host.size());
+  upload(d.data(), host.data(), host.size());
   return d;
 }
 
@@ -402,10 +409,7 @@ TEST_CASE("nccl allgather and broadcast move every dtype bit for bit", "[cuda][n
         const auto mine = input<T>(op_kind::max, seed, r, own.count, own.offset);
         rc::device_buffer<T> out(n);
         if (in_place) {
-          if (own.count) {
-            RINGFLOW_CHECK_CUDA(cudaMemcpy(out.data() + own.offset, mine.data(),
-                                           own.count * sizeof(T), cudaMemcpyHostToDevice));
-          }
+          upload(out.data() + own.offset, mine.data(), own.count);
           c->allgather(out.span(), s);
         } else {
           rc::device_buffer<T> in = to_device(mine);
