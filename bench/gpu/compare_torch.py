@@ -431,9 +431,10 @@ class Bench:
         if base == "sign":
             torch_sign_decode_add(o["words"].view(torch.uint8), o["scales"], want, B)
         elif base == "int8":
-            # step = scale / L as an IEEE division: PyTorch's tensor / Python
-            # scalar multiplies by the reciprocal instead (off by an ulp at
-            # times, which made the first H200 run differ in 2.7% of elements).
+            # step = scale / L as an IEEE division, as ours: PyTorch's tensor /
+            # Python scalar multiplies by the reciprocal (an ulp off at times).
+            # The first H200 run, with that, differed in 2.7% of the elements,
+            # 7153 blocks' worth: a per-block step difference.
             step = (o["qscales"] / torch.full_like(o["qscales"], float(LEVELS)))[:, None]
             want.add_((o["q"].view(-1, B).float() * step).view(-1))
         elif base == "topk":
