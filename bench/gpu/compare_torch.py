@@ -434,7 +434,7 @@ class Bench:
             # step = scale / L as an IEEE division, as ours: PyTorch's tensor /
             # Python scalar multiplies by the reciprocal (an ulp off at times).
             # The first H200 run, with that, differed in 2.7% of the elements,
-            # 7153 blocks' worth: a per-block step difference.
+            # about 7150 blocks' worth: what a per-block step difference gives.
             step = (o["qscales"] / torch.full_like(o["qscales"], float(LEVELS)))[:, None]
             want.add_((o["q"].view(-1, B).float() * step).view(-1))
         elif base == "topk":
