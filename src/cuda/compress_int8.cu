@@ -17,6 +17,20 @@ namespace {
 
 using namespace compress_detail;
 
+// Quantizes c (element i, random state st = key + i * golden_gamma) and
+// stores q; returns what q decodes to. The float q from quantize_drawn is
+// multiplied by the step directly (the same value as dequantize_int8 of the
+// stored int8, without the int -> float conversion), and the random state is
+// stepped by additions by the callers instead of a 64-bit multiply per element.
+__device__ __forceinline__ float quantize_store(const kn::quantize_int8& quant, float step, float c,
+                                                std::uint64_t st, std::int8_t* q) {
+  const float qf = quant.quantize_drawn(c, kn::uniform01_state(st));
+  *q = static_cast<std::int8_t>(static_cast<int>(qf));
+  return kn::mul_rn(qf, step);
+}
+
+constexpr std::uint64_t lane_step = 32 * kn::golden_gamma;  // state step of 32 elements (mod 2^64)
+
 __device__ __forceinline__ float compensated(const float* __restrict__ g,
                                              const float* __restrict__ r, std::size_t i) {
   return r ? kn::ef_compensate{}(g[i], r[i]) : g[i];
@@ -55,14 +69,14 @@ __global__ void __launch_bounds__(cta_threads)
   }
   const float scale = ringflow::detail::bits_float(warp_max(m));
   const kn::quantize_int8 quant{kn::int8_inv_step(scale, 127), 127, key};
-  const kn::dequantize_int8 deq{kn::int8_step(scale, 127)};
+  const float step = kn::int8_step(scale, 127);
+  const std::uint64_t st0 = key + (lo + lane) * kn::golden_gamma;
 #pragma unroll
   for (int t = 0; t < PL; ++t) {
     const unsigned j = 32u * t + lane;
     if (j < count) {
-      const std::int8_t v = quant(c[t], lo + j);
-      q[lo + j] = v;
-      if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c[t], deq(v));
+      const float sent = quantize_store(quant, step, c[t], st0 + t * lane_step, q + lo + j);
+      if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c[t], sent);
     }
   }
   if (lane == 0) scales[b] = scale;
@@ -87,12 +101,12 @@ __global__ void __launch_bounds__(cta_threads)
   }
   const float scale = ringflow::detail::bits_float(warp_max(m));
   const kn::quantize_int8 quant{kn::int8_inv_step(scale, 127), 127, key};
-  const kn::dequantize_int8 deq{kn::int8_step(scale, 127)};
-  for (std::size_t j = lane; j < count; j += 32) {
+  const float step = kn::int8_step(scale, 127);
+  std::uint64_t st = key + (lo + lane) * kn::golden_gamma;
+  for (std::size_t j = lane; j < count; j += 32, st += lane_step) {
     const float c = compensated(g, HasR ? r : nullptr, lo + j);
-    const std::int8_t v = quant(c, lo + j);
-    q[lo + j] = v;
-    if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c, deq(v));
+    const float sent = quantize_store(quant, step, c, st, q + lo + j);
+    if constexpr (HasR) r[lo + j] = kn::ef_residual{}(c, sent);
   }
   if (lane == 0) scales[b] = scale;
 }
@@ -138,22 +152,27 @@ __global__ void __launch_bounds__(cta_threads)
   const std::size_t count = n - lo < block ? n - lo : block;
   const float scale = scales[b];
   const kn::quantize_int8 quant{kn::int8_inv_step(scale, levels), levels, key};
-  const kn::dequantize_int8 deq{kn::int8_step(scale, levels)};
+  const float step = kn::int8_step(scale, levels);
   const float* rr = HasR ? r : nullptr;
-  auto one = [&](std::size_t i, float c) {
-    const std::int8_t v = quant(c, i);
-    q[i] = v;
-    if constexpr (HasR) r[i] = kn::ef_residual{}(c, deq(v));
+  auto one = [&](std::size_t i, float c, std::uint64_t st) {
+    const float sent = quantize_store(quant, step, c, st, q + i);
+    if constexpr (HasR) r[i] = kn::ef_residual{}(c, sent);
   };
+  std::uint64_t st = key + (lo + lane) * kn::golden_gamma;  // state of element lo + base + lane
   std::size_t base = 0;
   for (; base + 32 * chunk_lanes <= count; base += 32 * chunk_lanes) {
     float c[chunk_lanes];
 #pragma unroll
     for (int u = 0; u < chunk_lanes; ++u) c[u] = compensated(g, rr, lo + base + 32 * u + lane);
 #pragma unroll
-    for (int u = 0; u < chunk_lanes; ++u) one(lo + base + 32 * u + lane, c[u]);
+    for (int u = 0; u < chunk_lanes; ++u) {
+      one(lo + base + 32 * u + lane, c[u], st + u * lane_step);
+    }
+    st += chunk_lanes * lane_step;
   }
-  for (std::size_t j = base + lane; j < count; j += 32) one(lo + j, compensated(g, rr, lo + j));
+  for (std::size_t j = base + lane; j < count; j += 32, st += lane_step) {
+    one(lo + j, compensated(g, rr, lo + j), st);
+  }
 }
 
 // out (+)= q * step, then / divide_by (overwrite form only).

@@ -34,12 +34,28 @@ RINGFLOW_HOST_DEVICE inline std::uint64_t stream_key(std::uint64_t seed, std::ui
   return mix64(mix64(mix64(seed) ^ step) ^ (rank * 0x632be59bd9b4e019ull));
 }
 
+/// splitmix64's increment: draw `index` of stream `key` starts from
+/// key + index * golden_gamma.
+inline constexpr std::uint64_t golden_gamma = 0x9e3779b97f4a7c15ull;
+
+/// The draw of counter state s = key + index * golden_gamma, for callers that
+/// step the state by additions instead of a multiply per element (the GPU
+/// kernels). Bits 40..63 of mix64(s): mix64's last step x ^ (x >> 31) cannot
+/// change them (x >> 31 has nothing above bit 32), so it is left out, and the
+/// top 24 bits go through a 32-bit conversion (the same value, a cheaper
+/// instruction on the GPU than a 64-bit one).
+RINGFLOW_HOST_DEVICE inline float uniform01_state(std::uint64_t s) {
+  std::uint64_t x = s + golden_gamma;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return static_cast<float>(static_cast<std::uint32_t>(x >> 40)) * (1.0f / 16777216.0f);
+}
+
 /// Uniform float in [0, 1) for element `index` of stream `key` (24 random bits,
 /// so every value is exact in float and 1.0 is never returned). This is
 /// draw `index` of a splitmix64 sequence started at `key`: one mix per element.
 RINGFLOW_HOST_DEVICE inline float uniform01(std::uint64_t key, std::uint64_t index) {
-  const std::uint64_t h = mix64(key + index * 0x9e3779b97f4a7c15ull);
-  return static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+  return uniform01_state(key + index * golden_gamma);
 }
 
 /// Stream id of top-k's threshold samples: sample j of a call is drawn by
@@ -152,28 +168,59 @@ RINGFLOW_HOST_DEVICE inline float int8_inv_step(float scale, int levels) {
   return static_cast<float>(levels) / scale;
 }
 
+/// floor(v) for |v| < 2^23, exactly: floorf on the GPU (one instruction), a
+/// truncating conversion and a correction on the host (no <cmath>).
+RINGFLOW_HOST_DEVICE inline float floor_small(float v) {
+#if defined(__CUDA_ARCH__)
+  return floorf(v);
+#else
+  const auto t = static_cast<float>(static_cast<int>(v));
+  return t - (t > v ? 1.0f : 0.0f);
+#endif
+}
+
 struct quantize_int8 {
   float inv_step;  ///< levels / scale, or 0 for a zero block
   int levels;      ///< L: q is clamped to [-L, L]
   std::uint64_t key;  ///< random stream of this call (see stream_key)
 
-  /// `index` is the element's position in the bucket (the random counter).
-  RINGFLOW_HOST_DEVICE std::int8_t operator()(float x, std::uint64_t index) const {
-    float v = mul_rn(x, inv_step);
+  /// q for element x and its draw u = uniform01(key, index), as a float (an
+  /// exact integer in [-L, L]): what operator() returns, for callers that go
+  /// on computing with it (the GPU kernels multiply it by the step without a
+  /// round trip through int, and step the random state themselves).
+  RINGFLOW_HOST_DEVICE float quantize_drawn(float x, float u) const {
+    const float v = mul_rn(x, inv_step);
     // NaN/Inf make the block scale non-finite, so decode yields NaN for the
     // whole block anyway; encode 0 here to keep the conversion defined.
+    if (is_nan(v)) return 0.0f;
+    const float lim = static_cast<float>(levels);
+    if (v >= lim) return lim;
+    if (v <= -lim) return -lim;
+    // |v| < 128: floor and v - floor are exact; the GPU makes the
+    // data-dependent step a select.
+    const float f = floor_small(v);
+    return f + (u < v - f ? 1.0f : 0.0f);
+  }
+
+  /// `index` is the element's position in the bucket (the random counter).
+  RINGFLOW_HOST_DEVICE std::int8_t operator()(float x, std::uint64_t index) const {
+#if defined(__CUDA_ARCH__)
+    return static_cast<std::int8_t>(static_cast<int>(quantize_drawn(x, uniform01(key, index))));
+#else
+    // The same q as quantize_drawn (checked for 10^8 inputs), in integer
+    // arithmetic on comparisons: x86 compilers turn the float selects above
+    // into branches, which mispredict half the time on random draws (4x slower).
+    const float v = mul_rn(x, inv_step);
     if (is_nan(v)) return 0;
     const float lim = static_cast<float>(levels);
     if (v >= lim) return static_cast<std::int8_t>(levels);
     if (v <= -lim) return static_cast<std::int8_t>(-levels);
-    // floor without <cmath>: |v| < 128, so the int conversion is exact. The
-    // two data-dependent steps are arithmetic on comparisons, not branches:
-    // for random signs and random draws a branch mispredicts half the time.
     int f = static_cast<int>(v);
     f -= static_cast<int>(static_cast<float>(f) > v);
     const float frac = v - static_cast<float>(f);
     f += static_cast<int>(uniform01(key, index) < frac);
     return static_cast<std::int8_t>(f);
+#endif
   }
 };
 
