@@ -142,6 +142,65 @@ __global__ void __launch_bounds__(cta_threads)
   }
 }
 
+// The same decode for blocks of up to 32 * PL elements, in registers: per
+// payload a lane loads the scale and one word of the block (lane w: word w),
+// and the warp passes word t around with __shfl_sync; the per-element order
+// of the additions is unchanged (payload 0 first).
+template <int PL, bool Accumulate>
+__global__ void __launch_bounds__(cta_threads)
+    sign_decode_reg_kernel(const unsigned char* __restrict__ scales,
+                           const unsigned char* __restrict__ words, std::size_t stride,
+                           int count, std::size_t n, unsigned block, std::size_t nb,
+                           float* __restrict__ out, int divide_by) {
+  const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
+  if (b >= nb) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const std::size_t lo = b * block;
+  const auto len = static_cast<unsigned>(n - lo < block ? n - lo : block);
+  const unsigned nw = (len + 31) / 32;  // words of this block (<= PL)
+  float acc[PL];
+#pragma unroll
+  for (int t = 0; t < PL; ++t) {
+    const unsigned j = 32u * t + lane;
+    acc[t] = Accumulate && j < len ? out[lo + j] : 0.0f;
+  }
+  for (int p = 0; p < count; ++p) {
+    const std::size_t off = static_cast<std::size_t>(p) * stride;
+    const float scale = reinterpret_cast<const float*>(scales + off)[b];
+    const auto* wp = reinterpret_cast<const std::uint32_t*>(words + off) + lo / 32;
+    const std::uint32_t mine = lane < nw ? wp[lane] : 0u;
+#pragma unroll
+    for (int t = 0; t < PL; ++t) {
+      const std::uint32_t w = __shfl_sync(full_mask, mine, t);
+      acc[t] = acc[t] + kn::unpack_sign(w, lane, scale);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < PL; ++t) {
+    const unsigned j = 32u * t + lane;
+    if (j < len) out[lo + j] = divide_by > 1 ? acc[t] / static_cast<float>(divide_by) : acc[t];
+  }
+}
+
+template <bool Accumulate>
+void launch_decode(const unsigned char* scales, const unsigned char* words, std::size_t stride,
+                   int count, std::size_t n, std::size_t block, float* out, int divide_by,
+                   cudaStream_t s) {
+  const std::size_t nb = block_count(n, block);
+  const unsigned grid = ctas_for_warps(nb);
+  dispatch_lanes(block, [&](auto pl) {
+    constexpr int PL = decltype(pl)::value;
+    if constexpr (PL == 0) {
+      sign_decode_kernel<Accumulate><<<grid, cta_threads, 0, s>>>(scales, words, stride, count, n,
+                                                                  block, nb, out, divide_by);
+    } else {
+      sign_decode_reg_kernel<PL, Accumulate><<<grid, cta_threads, 0, s>>>(
+          scales, words, stride, count, n, static_cast<unsigned>(block), nb, out, divide_by);
+    }
+  });
+  RINGFLOW_CHECK_LAUNCH("sign_decode_kernel");
+}
+
 void check_block(std::size_t block, const char* what) {
   require(block > 0 && block % 32 == 0 && block <= (std::size_t{1} << 30), what,
           "block must be a positive multiple of 32 elements, got " + std::to_string(block));
@@ -183,11 +242,8 @@ void sign_decode_add(const float* scales, const std::uint32_t* words, std::size_
                      std::size_t block, float* out, cudaStream_t s) {
   check_block(block, "cuda::sign_decode_add");
   if (n == 0) return;
-  const std::size_t nb = block_count(n, block);
-  sign_decode_kernel<true><<<ctas_for_warps(nb), cta_threads, 0, s>>>(
-      reinterpret_cast<const unsigned char*>(scales), reinterpret_cast<const unsigned char*>(words),
-      0, 1, n, block, nb, out, 1);
-  RINGFLOW_CHECK_LAUNCH("sign_decode_kernel");
+  launch_decode<true>(reinterpret_cast<const unsigned char*>(scales),
+                      reinterpret_cast<const unsigned char*>(words), 0, 1, n, block, out, 1, s);
 }
 
 void sign_decode_sum(const void* payloads, std::size_t payload_stride, int count, std::size_t n,
@@ -197,11 +253,9 @@ void sign_decode_sum(const void* payloads, std::size_t payload_stride, int count
   require(payload_stride % 4 == 0 && aligned(payloads, 4), "cuda::sign_decode_sum",
           "payloads and their stride must be 4-byte aligned");
   if (n == 0) return;
-  const std::size_t nb = block_count(n, block);
   const auto* base = static_cast<const unsigned char*>(payloads);
-  sign_decode_kernel<false><<<ctas_for_warps(nb), cta_threads, 0, s>>>(
-      base, base + 4 * nb, payload_stride, count, n, block, nb, out, divide_by);
-  RINGFLOW_CHECK_LAUNCH("sign_decode_kernel");
+  launch_decode<false>(base, base + 4 * block_count(n, block), payload_stride, count, n, block,
+                       out, divide_by, s);
 }
 
 }  // namespace ringflow::cuda
