@@ -6,6 +6,7 @@
 //   compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...]
 //   compress_bench --train [--ranks 4] [--epochs 3] [--only spec,...] [--limit N]
 //   compress_bench --fp16-paths [--elements N] [--reps R]   (portable vs F16C, interleaved)
+//   compress_bench --powersgd-layout [--reps R]   (flat vs per-layer on the MLP's big bucket)
 #include <fmt/format.h>
 
 #include <ringflow/ad/autodiff.hpp>
@@ -55,7 +56,7 @@ std::vector<std::string> split(std::string_view s) {
   fmt::print(stderr, "compress_bench: {}\nusage: compress_bench [--elements N] [--ranks P] "
                      "[--reps R] [--only spec,...]\n       compress_bench --train [--ranks P] "
                      "[--epochs E] [--only spec,...] [--limit N] [--seed S]\n       compress_bench --fp16-paths "
-                     "[--elements N] [--reps R]\n", msg);
+                     "[--elements N] [--reps R]\n       compress_bench --powersgd-layout [--reps R]\n", msg);
   std::exit(2);
 }
 
@@ -212,6 +213,44 @@ int fp16_paths(const std::vector<float>& x, int reps) {
   return 0;
 }
 
+// PowerSGD's reduce() of the trainer's second default bucket of the MLP
+// 784-256-128-10 (the 256x128 weight, 256 bias values, the 784x256 weight:
+// 233728 elements) on one rank, flat (one 484 x 483 matrix) and per layer,
+// interleaved; medians of thread CPU time.
+int powersgd_layout(int reps) {
+  const std::size_t n = 256 * 128 + 256 + 784 * 256;
+  const bucket_layout layout{n, {{0, 256, 128}, {256 * 128, 1, 256}, {256 * 128 + 256, 784, 256}}};
+  std::vector<float> x(n);
+  const auto key = kernels::stream_key(5, 0, 0);
+  for (std::size_t i = 0; i < n; ++i) x[i] = (kernels::uniform01(key, i) * 2 - 1) * 1e-2f;
+  for (const int r : {4, 2}) {
+    std::array<std::vector<double>, 2> t;
+    std::array<std::size_t, 2> payload{};
+    ringflow::local::run(1, [&](ringflow::communicator& comm) {
+      powersgd_compressor flat(r, 1), per_layer(r, 1);
+      per_layer.set_layout(layout);
+      std::vector<float> g(n), mine(n);
+      for (int rep = 0; rep <= reps; ++rep) {
+        for (int k = 0; k < 2; ++k) {
+          powersgd_compressor& c = (k + rep) % 2 == 0 ? flat : per_layer;
+          const int which = &c == &flat ? 0 : 1;
+          g = x;
+          traffic st;
+          const double t0 = thread_seconds();
+          c.reduce(comm, g, mine, 0, st);
+          const double t1 = thread_seconds();
+          payload[static_cast<std::size_t>(which)] = st.payload_bytes;
+          if (rep > 0) t[static_cast<std::size_t>(which)].push_back(t1 - t0);
+        }
+      }
+    });
+    fmt::print("powersgd:{} reduce of a {}-element bucket on 1 rank: flat {:.3f} ms ({} payload "
+               "bytes), per layer {:.3f} ms ({} payload bytes); median of {} interleaved reps\n",
+               r, n, 1e3 * median(t[0]), payload[0], 1e3 * median(t[1]), payload[1], reps);
+  }
+  return 0;
+}
+
 int train_table(const std::vector<std::string>& specs, int ranks, int epochs, std::size_t limit,
                 std::uint64_t seed) {
   if (128 % ranks != 0) usage("--ranks must divide the global batch of 128");
@@ -242,7 +281,7 @@ int train_table(const std::vector<std::string>& specs, int ranks, int epochs, st
 int main(int argc, char** argv) {
   std::size_t n = std::size_t{1} << 22;  // 16 MiB of fp32: a typical DDP bucket
   int ranks = 4, reps = 7, epochs = 3;
-  bool train = false, paths = false;
+  bool train = false, paths = false, layout = false;
   std::size_t limit = 0;
   std::uint64_t seed = 42;
   std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001",
@@ -255,6 +294,10 @@ int main(int argc, char** argv) {
     }
     if (a == "--fp16-paths") {
       paths = true;
+      continue;
+    }
+    if (a == "--powersgd-layout") {
+      layout = true;
       continue;
     }
     if (i + 1 >= argc) usage("missing value");
@@ -274,6 +317,7 @@ int main(int argc, char** argv) {
     }
     return train_table(specs, ranks, epochs, limit, seed);
   }
+  if (layout) return powersgd_layout(reps);
 
   std::vector<float> x(n), out(n);
   const auto key = kernels::stream_key(3, 0, 0);
