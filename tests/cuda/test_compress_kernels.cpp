@@ -197,19 +197,6 @@ cpu_allreduce_result cpu_allreduce(const std::string& spec, std::uint64_t seed,
 
 // ---------------------------------------------------------------------------
 
-TEST_CASE("kernels::abs_sum_block is the canonical lane order", "[cuda][compress]") {
-  // 70 elements: lanes 0..5 get three, the others two; then the fold.
-  std::vector<float> x = input(70, 11);
-  float lane[32] = {};
-  for (std::size_t i = 0; i < x.size(); ++i) lane[i % 32] += std::fabs(x[i]);
-  for (unsigned h = 16; h > 0; h >>= 1) {
-    for (unsigned l = 0; l < h; ++l) lane[l] += lane[l + h];
-  }
-  const float want = lane[0];
-  const float got = kn::abs_sum_block(x.data(), x.size());
-  CHECK(std::memcmp(&want, &got, sizeof want) == 0);
-}
-
 TEST_CASE("sign: one-pass encode with error feedback equals the CPU bit for bit",
           "[cuda][compress][sign]") {
   rc::stream s;
