@@ -55,3 +55,34 @@ TEST_CASE("staged ring policy: a neighbour that never comes is a timeout, not a 
     CHECK(what.find("RINGFLOW_TIMEOUT") != std::string::npos);
   }
 }
+
+TEST_CASE("direct ring over a device-pointer transport at the sizes that failed on the GPU",
+          "[coll][staging]") {
+  // Receives land when their completion is seen, from a copy of their own,
+  // while the lazy stream still has work queued: the contract of
+  // cuda/ring.hpp, kept by tests/cuda_mpi/test_staged.cpp's transport.
+  for (int p : {2, 4}) {
+    INFO("ranks " << p);
+    testing::require_none(testing::run_collecting(p, [](communicator& c, failures& f) {
+      testing::check_direct_large(c, testing::landing::at_completion, f);
+    }));
+  }
+}
+
+TEST_CASE("staged ring checks catch a device-pointer transport whose receives land late",
+          "[coll][staging]") {
+  // The GPU test transport as it ran on the H200 (commit 40f82bd): a receive
+  // said complete while its copy was still in flight, so the reduction read
+  // what the slot held before (the previous segment or call: stale partial
+  // sums, garbage). The same checks must fail on it, on every rank count
+  // that failed there.
+  for (int p : {2, 4}) {
+    INFO("ranks " << p);
+    const failures f = testing::run_collecting(p, [](communicator& c, failures& mine) {
+      testing::check_direct_large(c, testing::landing::late, mine);
+    });
+    UNSCOPED_INFO(f.size() << " wrong results, the first ones:");
+    for (std::size_t i = 0; i < f.size() && i < 3; ++i) UNSCOPED_INFO(f[i]);
+    CHECK_FALSE(f.empty());
+  }
+}

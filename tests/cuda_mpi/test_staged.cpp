@@ -200,12 +200,20 @@ void check_type(const communicator& c, failures& f) {
 }
 
 // A transport whose buffers are device pointers, built on MPI for the test:
-// it copies synchronously through host memory inside isend/irecv and the
-// requests, so from the outside it behaves like a device-pointer transport
-// (NCCL p2p, CUDA-aware MPI): a completed receive has its bytes on the device.
+// it copies through host memory inside isend and inside the requests, so from
+// the outside it behaves like a device-pointer transport (NCCL p2p,
+// CUDA-aware MPI) and keeps the contract of cuda/ring.hpp: a send reads its
+// bytes before isend returns; a receive lands when test() or wait() first
+// sees it complete, and its bytes are on the device before that returns.
+// The copies run on a stream of the transport's own, synchronized: on the
+// H200 (commit 40f82bd) a plain cudaMemcpy from pageable memory returned
+// before its DMA was done, the ring's reduction on its non-blocking stream
+// read the slot first, and the results held the slot's previous contents.
+// tests/support/staging_checks.hpp (landing::late) shows that on the CPU.
 class device_pointer_transport final : public transport {
  public:
-  explicit device_pointer_transport(transport& inner) : inner_(inner) {
+  explicit device_pointer_transport(transport& inner)
+      : inner_(inner), copies_(std::make_shared<rc::stream>()) {
     set_timeout(inner.timeout());
   }
   int rank() const noexcept override { return inner_.rank(); }
@@ -213,16 +221,19 @@ class device_pointer_transport final : public transport {
   std::string_view name() const noexcept override { return "device-pointer-test"; }
 
   request isend(const void* data, std::size_t bytes, int peer, int tag) override {
-    auto st = std::make_unique<state>();
+    auto st = std::make_unique<state>(copies_);
     st->host.resize(bytes);
     if (bytes) {
-      RINGFLOW_CHECK_CUDA(cudaMemcpy(st->host.data(), data, bytes, cudaMemcpyDeviceToHost));
+      // The ring posts a send once the work that wrote its bytes is done.
+      RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(st->host.data(), data, bytes, cudaMemcpyDeviceToHost,
+                                          copies_->get()));
+      copies_->synchronize();
     }
     st->inner = inner_.isend(st->host.data(), bytes, peer, tag);
     return request(std::move(st));
   }
   request irecv(void* data, std::size_t bytes, int peer, int tag) override {
-    auto st = std::make_unique<state>();
+    auto st = std::make_unique<state>(copies_);
     st->host.resize(bytes);
     st->device = data;
     st->inner = inner_.irecv(st->host.data(), bytes, peer, tag);
@@ -234,18 +245,19 @@ class device_pointer_transport final : public transport {
 
  private:
   struct state final : ringflow::detail::request_state {
+    explicit state(std::shared_ptr<rc::stream> s) : copies(std::move(s)) {}
+    std::shared_ptr<rc::stream> copies;  // outlives the transport if need be
     request inner;
     std::vector<std::byte> host;
     void* device = nullptr;  // receive: where the bytes go once they arrived
     bool landed = false;
     void land() {
       if (device != nullptr && !landed && !host.empty()) {
-        RINGFLOW_CHECK_CUDA(cudaMemcpy(device, host.data(), host.size(), cudaMemcpyHostToDevice));
-        // From pageable memory cudaMemcpy may return before the DMA is done,
-        // and the ring's kernels run on a non-blocking stream that does not
-        // order after the legacy stream: wait for it, so that a completed
-        // receive means the bytes are on the device.
-        RINGFLOW_CHECK_CUDA(cudaStreamSynchronize(nullptr));
+        RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(device, host.data(), host.size(),
+                                            cudaMemcpyHostToDevice, copies->get()));
+        // Complete means landed: the ring queues its reduction of these
+        // bytes on another stream as soon as test() says true.
+        copies->synchronize();
       }
       landed = true;
     }
@@ -260,6 +272,7 @@ class device_pointer_transport final : public transport {
     }
   };
   transport& inner_;
+  std::shared_ptr<rc::stream> copies_;
 };
 
 template <class T, class Op>

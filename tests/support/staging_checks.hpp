@@ -11,8 +11,11 @@
 #include <cstring>
 #include <deque>
 #include <functional>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ringflow/coll/collectives.hpp"
@@ -138,6 +141,109 @@ class lazy_host_ops {
   std::vector<std::byte> blocks_, host_slots_, dev_slots_, partial_;
 };
 
+/// When a device_pointer_like_transport's receive puts its bytes in place.
+enum class landing {
+  /// When test() or wait() first sees the receive complete, before it
+  /// returns: the contract of cuda/ring.hpp (a completed receive has its
+  /// bytes in place). tests/cuda_mpi/test_staged.cpp's device_pointer_transport
+  /// does this with cudaMemcpy followed by a stream synchronize.
+  at_completion,
+  /// Later than that: the copy is still in flight when test() says complete,
+  /// and lands only when the transport's next copy starts (an isend or the
+  /// next landing) or at flush(). This is what that GPU test transport did
+  /// before it synchronized: cudaMemcpy from pageable memory returns before
+  /// its DMA is done, the ring's kernels run on a non-blocking stream that
+  /// does not order after it, and only the next legacy-stream copy waits for
+  /// it. Breaks the contract: the checks must catch it.
+  late,
+};
+
+/// A transport of "device pointers" like the GPU tests' device-pointer
+/// transport, over any transport: a send copies its source into a buffer of
+/// its own when posted; a receive arrives in a buffer of its own and is
+/// copied to its destination only when its completion is seen (test() or
+/// wait()), unordered with the lazy stream's queue.
+class device_pointer_like_transport final : public transport {
+ public:
+  device_pointer_like_transport(transport& inner, landing how) : inner_(inner), how_(how) {
+    set_timeout(inner.timeout());
+  }
+  ~device_pointer_like_transport() override { flush(); }
+  device_pointer_like_transport(const device_pointer_like_transport&) = delete;
+  device_pointer_like_transport& operator=(const device_pointer_like_transport&) = delete;
+
+  int rank() const noexcept override { return inner_.rank(); }
+  int size() const noexcept override { return inner_.size(); }
+  std::string_view name() const noexcept override { return "device-pointer-like"; }
+
+  request isend(const void* data, std::size_t bytes, int peer, int tag) override {
+    flush();  // an in-order copy engine: this copy starts after the last landing
+    auto st = std::make_unique<state>(*this);
+    st->buf.resize(bytes);
+    if (bytes) std::memcpy(st->buf.data(), data, bytes);
+    st->inner = inner_.isend(st->buf.data(), bytes, peer, tag);
+    return request(std::move(st));
+  }
+  request irecv(void* data, std::size_t bytes, int peer, int tag) override {
+    auto st = std::make_unique<state>(*this);
+    st->buf.resize(bytes);
+    st->dst = data;
+    st->inner = inner_.irecv(st->buf.data(), bytes, peer, tag);
+    return request(std::move(st));
+  }
+  std::shared_ptr<transport> split(int, int) override {
+    throw not_supported_error("device_pointer_like_transport: no split");
+  }
+
+  /// Lands the copy still in flight (landing::late); the checks call it
+  /// before they read a result, like the GPU test's cudaMemcpy back does.
+  void flush() {
+    if (late_.dst != nullptr && !late_.bytes.empty()) {
+      std::memcpy(late_.dst, late_.bytes.data(), late_.bytes.size());
+    }
+    late_ = {};
+  }
+
+ private:
+  struct in_flight {
+    void* dst = nullptr;
+    std::vector<std::byte> bytes;
+  };
+  struct state final : detail::request_state {
+    explicit state(device_pointer_like_transport& owner) : owner(owner) {}
+    device_pointer_like_transport& owner;
+    request inner;
+    std::vector<std::byte> buf;
+    void* dst = nullptr;  // receive: where the bytes go
+    bool landed = false;
+    void land() {
+      if (landed) return;
+      landed = true;
+      if (dst == nullptr || buf.empty()) return;
+      owner.flush();
+      if (owner.how_ == landing::at_completion) {
+        std::memcpy(dst, buf.data(), buf.size());
+      } else {
+        owner.late_.dst = dst;
+        owner.late_.bytes = std::move(buf);
+      }
+    }
+    bool test() override {
+      if (!inner.test()) return false;
+      land();
+      return true;
+    }
+    void wait() override {
+      inner.wait();
+      land();
+    }
+  };
+
+  transport& inner_;
+  landing how_;
+  in_flight late_;
+};
+
 template <class T>
 T staging_input(int rank, std::size_t i, op_kind op) {
   const std::size_t k = i * 7 + static_cast<std::size_t>(rank) * 13;
@@ -171,20 +277,29 @@ void compare_bits(const std::vector<T>& got, const std::vector<T>& want, const s
 }
 
 /// Staged (or direct) allreduce, reduce-scatter and allgather of `count`
-/// elements against the CPU ring with the same segment size.
+/// elements against the CPU ring with the same segment size. With `over`,
+/// the policy runs over a device_pointer_like_transport of c's transport
+/// that lands its receives that way (the CPU ring still runs on c's).
 template <class T, class Op>
 void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg,
                        std::size_t slots, detail::staging_mode mode, bool in_place,
-                       failures& f) {
+                       failures& f, std::optional<landing> over = std::nullopt) {
   const Op op{};
-  transport& t = c.raw();
+  transport& cpu = c.raw();
+  std::optional<device_pointer_like_transport> dev;
+  if (over) dev.emplace(cpu, *over);
+  transport& t = dev ? static_cast<transport&>(*dev) : cpu;
   const int p = c.size(), r = c.rank();
   const std::size_t seg_bytes = detail::segment_elems(seg, sizeof(T)) * sizeof(T);
-  const std::string what =
-      fmt::format("rank {}/{} {} {} count {} seg {} slots {} {} {}", r, p,
-                  dtype_name(dtype_of<T>), op_name(Op::kind), count, seg, slots,
-                  mode == detail::staging_mode::staged ? "staged" : "direct",
-                  in_place ? "in place" : "out of place");
+  const std::string what = fmt::format(
+      "rank {}/{} {} {} count {} seg {} slots {} {} {}{}", r, p, dtype_name(dtype_of<T>),
+      op_name(Op::kind), count, seg, slots,
+      mode == detail::staging_mode::staged ? "staged" : "direct",
+      in_place ? "in place" : "out of place",
+      !over ? "" : *over == landing::late ? " (late landing)" : " (landing at completion)");
+  auto landed = [&] {
+    if (dev) dev->flush();
+  };
   const std::uint32_t seed = static_cast<std::uint32_t>(count * 31 + seg + slots * 7 +
                                                         static_cast<std::size_t>(r));
   std::vector<T> in(count);
@@ -193,17 +308,19 @@ void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg
   // allreduce
   {
     std::vector<T> want(count), got(count, static_cast<T>(-3));
-    detail::ring_allreduce(t, in.data(), want.data(), count, op, seg);
+    detail::ring_allreduce(cpu, in.data(), want.data(), count, op, seg);
     std::vector<T> src = in;
     lazy_host_ops ops(seed);
     detail::staged_ring_memory<lazy_host_ops> m(ops, t, mode, seg_bytes, slots);
     if (in_place) {
       detail::ring_allreduce_on(m, t, static_cast<const T*>(src.data()), src.data(), count, op,
                                 seg);
+      landed();
       got = src;
     } else {
       detail::ring_allreduce_on(m, t, static_cast<const T*>(src.data()), got.data(), count, op,
                                 seg);
+      landed();
       compare_bits(src, in, what + " allreduce changed its input", f);
     }
     compare_bits(got, want, what + " allreduce", f);
@@ -212,12 +329,13 @@ void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg
   const chunk own = partition(count, p, r);
   {
     std::vector<T> want(own.count), got(own.count, static_cast<T>(-3));
-    detail::ring_reduce_scatter(t, in.data(), want.data(), count, op, seg);
+    detail::ring_reduce_scatter(cpu, in.data(), want.data(), count, op, seg);
     std::vector<T> src = in;
     lazy_host_ops ops(seed + 1);
     detail::staged_ring_memory<lazy_host_ops> m(ops, t, mode, seg_bytes, slots);
     T* out = in_place ? src.data() + own.offset : got.data();
     detail::ring_reduce_scatter_on(m, t, static_cast<const T*>(src.data()), out, count, op, seg);
+    landed();
     if (in_place) got.assign(src.begin() + static_cast<std::ptrdiff_t>(own.offset),
                              src.begin() + static_cast<std::ptrdiff_t>(own.offset + own.count));
     compare_bits(got, want, what + " reduce_scatter", f);
@@ -226,7 +344,7 @@ void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg
   {
     std::vector<T> want(count), got(count, static_cast<T>(-3));
     const T* piece = in.data() + own.offset;
-    detail::ring_allgather(t, piece, want.data(), count, seg);
+    detail::ring_allgather(cpu, piece, want.data(), count, seg);
     lazy_host_ops ops(seed + 2);
     detail::staged_ring_memory<lazy_host_ops> m(ops, t, mode, seg_bytes, slots);
     if (in_place) {
@@ -234,6 +352,7 @@ void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg
       piece = got.data() + own.offset;
     }
     detail::ring_allgather_on(m, t, piece, got.data(), count, seg);
+    landed();
     compare_bits(got, want, what + " allgather", f);
   }
 }
@@ -256,6 +375,21 @@ inline void check_staged_rings(const communicator& c, failures& f) {
         }
       }
     }
+  }
+}
+
+/// The GPU test of the device-direct ring at the sizes that failed on the
+/// H200 (tests/cuda_mpi/test_staged.cpp, count 1048579, segments of 1 MiB and
+/// 64 KiB, -np 2 and 4): direct mode over a device_pointer_like_transport
+/// that lands `how`, with the GPU test's dtypes and ops.
+inline void check_direct_large(const communicator& c, landing how, failures& f) {
+  const std::size_t count = (std::size_t{1} << 20) + 3;
+  const auto direct = detail::staging_mode::direct;
+  for (std::size_t seg : {std::size_t{1} << 20, std::size_t{64} << 10}) {
+    check_staged_ring<float, sum_op>(c, count, seg, 4, direct, true, f, how);
+    check_staged_ring<half, avg_op>(c, count, seg, 4, direct, false, f, how);
+    check_staged_ring<std::int64_t, min_op>(c, count, seg, 4, direct, true, f, how);
+    check_staged_ring<double, sum_op>(c, count, seg, 4, direct, false, f, how);
   }
 }
 

@@ -31,14 +31,31 @@
 //   detail::ring_allreduce_on(m, t, in, out, count, op, seg_bytes);  // returns when done
 //
 // What the policy needs from such a transport (and nothing else):
-//   - irecv: once its request completes (test() true or wait() returns) the
-//     bytes are in device memory and visible to work queued afterwards on any
-//     stream (an event-backed request that is complete gives that);
-//   - isend: reads the device bytes after the request was posted. The policy
-//     posts a send only once the kernels that wrote the segment are done (it
-//     waits for an event recorded after them, polling, never blocking the
-//     host on the device), so the transport may use any stream;
+//   - irecv: may write the destination at any time from the post until the
+//     request completes, and once it completes (test() true or wait()
+//     returns) the bytes are in device memory and visible to work queued
+//     afterwards on any stream. Complete means landed: the policy queues the
+//     kernel that reads the bytes the moment test() says true, on its own
+//     non-blocking stream, which orders after nothing of the transport's. An
+//     event-backed request gives that (nccl_transport: an event recorded
+//     after the ncclRecv); a transport that copies through host memory must
+//     wait for its copy before it says complete (cudaMemcpy from pageable
+//     memory returns before its DMA is done: on the H200 the ring then read
+//     the slot's previous contents);
+//   - isend: may read the device bytes at any time from the post until the
+//     request completes. The policy posts a send only once the kernels that
+//     wrote the segment are done (it waits for an event recorded after them,
+//     polling, never blocking the host on the device), so the transport may
+//     use any stream;
 //   - requests poll with test() and honour the transport's timeout in wait().
+// What the policy guarantees in return: it posts a receive only into memory
+// that none of its queued work reads or writes (a slot again once the kernel
+// that read it is done; allgather receives into chunks whose reduce-scatter
+// kernels are done and whose sends have completed) and queues nothing on it
+// until the receive completes; it writes nothing a send reads until the
+// send completes. So the transport need not order its copies or kernels
+// after the policy's stream. tests/support/staging_checks.hpp checks both
+// sides without a GPU (device_pointer_like_transport).
 // Kernels run on the policy's stream (`stream()`), which first waits for the
 // work queued on the stream given to the constructor. The policy
 // synchronizes its stream before the schedule returns.
