@@ -86,7 +86,7 @@ BIN=$B/bin
 
 catch_summary() {  # log -> "N passed / M failed" from Catch2's last summary line
   local line
-  line=$(grep -E "^(All tests passed|test cases:)" "$1" | tail -1)
+  line=$(sed 's/\x1b\[[0-9;]*m//g' "$1" | grep -E "^(All tests passed|test cases:)" | tail -1)
   if [[ $line == "All tests passed"* ]]; then
     echo "$line" | sed -E 's/All tests passed \(([0-9]+) assertions? in ([0-9]+) test cases?\)/\2 cases passed (\1 assertions)/'
   elif [[ -n $line ]]; then
@@ -111,7 +111,7 @@ run_step() {  # name, timeout, command...
   say "${results[-1]}"
   if [[ $rc != 0 && $rc != 77 ]]; then
     failures+=("--- $name (rc=$rc): first failure lines")
-    failures+=("$(grep -E -A3 "FAILED|with expansion|error|Error|what\(\)|due to unexpected" "$log" | head -30)")
+    failures+=("$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -E -A3 "FAILED|with expansion|error|Error|what\(\)|due to unexpected" | head -30)")
   fi
 }
 
