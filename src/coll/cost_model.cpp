@@ -158,10 +158,17 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
       // beyond the ring's messages; measured -np 2 here, 64 KiB to 1 MiB:
       // 1.3x to 2.3x the ring), and reduces its slice after the first wait
       // with nothing to overlap it with.
+      // Measured here: -np 2, 16 to 64 KiB, ~0.8 ns per byte of buffer,
+      // about 5x the message beta per byte of that traffic (the copies go
+      // through two cores' caches; a message is one kernel copy). A wait
+      // needs every rank of the node to have arrived, so an oversubscribed
+      // node pays a descheduled peer for each other rank (-np 4 here:
+      // ~80 us at 4 KiB, where the trees take ~34 us).
       if (!s.shm || s.nodes > 1) return -1;
+      constexpr double copy_factor = 5;
       const double moved = (1.0 + 2.0 * (p - 1) / p) * n;
-      return shm_blocks(n) * 2 * (m.intra.alpha + pen) + moved * m.intra.beta +
-             (p - 1.0) / p * n * g;
+      const double wait = m.intra.alpha + pen * (s.ranks_per_node - 1);
+      return shm_blocks(n) * 2 * wait + moved * copy_factor * m.intra.beta + (p - 1.0) / p * n * g;
     }
     default:
       return -1;
