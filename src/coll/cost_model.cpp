@@ -2,6 +2,7 @@
 #include "ringflow/coll/cost_model.hpp"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -348,17 +349,37 @@ cost_model local_cost_model() {
   }
 }
 
-void save_cost_model(const cost_model& m, const std::string& path) {
+namespace detail {
+// Writes `text` to `path`: creates the directory, writes a temporary file
+// beside it and renames it over `path`; throws usage_error naming `what`.
+// Also used by src/coll/tuning.cpp (declared there).
+void save_text_file(const std::string& path, const std::string& text, std::string_view what) {
   const std::filesystem::path p(path);
   std::error_code ec;
   if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
-  std::ofstream f(path);
-  if (!f) {
-    throw usage_error(fmt::format("cannot write the cost model to {}: {}", path,
-                                  std::strerror(errno)));
+  // Written next to the target and renamed over it, so a reader (another
+  // job's rank 0) never sees half a file.
+  const std::string tmp = fmt::format("{}.tmp{}", path, static_cast<long>(getpid()));
+  {
+    std::ofstream out(tmp);
+    if (!out) {
+      throw usage_error(fmt::format("cannot write the {} to {}: {}", what, tmp,
+                                    std::strerror(errno)));
+    }
+    out << text;
+    if (!out.flush()) throw usage_error(fmt::format("writing the {} to {} failed", what, tmp));
   }
-  f << m.to_json();
-  if (!f.flush()) throw usage_error(fmt::format("writing the cost model to {} failed", path));
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    throw usage_error(fmt::format("cannot move the {} into place at {}: {}", what, path,
+                                  ec.message()));
+  }
+}
+}  // namespace detail
+
+void save_cost_model(const cost_model& m, const std::string& path) {
+  detail::save_text_file(path, m.to_json(), "cost model");
 }
 
 }  // namespace ringflow

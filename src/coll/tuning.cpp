@@ -20,6 +20,12 @@
 #include "ringflow/core/error.hpp"
 
 namespace ringflow {
+namespace detail {
+// Defined in src/coll/cost_model.cpp: the cost model's file is written the
+// same way (directory, temporary file, rename).
+void save_text_file(const std::string& path, const std::string& text, std::string_view what);
+}  // namespace detail
+
 namespace {
 
 // ---- a small JSON reader (objects, arrays, strings, numbers, literals) -----
@@ -576,26 +582,7 @@ std::optional<tuning_file> read_tuning_file(const std::string& path) {
 }
 
 void save_tuning_file(const tuning_file& f, const std::string& path) {
-  const std::filesystem::path p(path);
-  std::error_code ec;
-  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
-  // Written next to the target and renamed over it, so a reader never sees
-  // half a file.
-  const std::string tmp = fmt::format("{}.tmp{}", path, static_cast<long>(getpid()));
-  {
-    std::ofstream out(tmp);
-    if (!out) {
-      throw usage_error(fmt::format("cannot write the tuning table to {}: {}", tmp,
-                                    std::strerror(errno)));
-    }
-    out << f.to_json();
-    if (!out.flush()) throw usage_error(fmt::format("writing the tuning table to {} failed", tmp));
-  }
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    throw usage_error(fmt::format("cannot move the tuning table into place at {}", path));
-  }
+  detail::save_text_file(path, f.to_json(), "tuning table");
 }
 
 }  // namespace ringflow
