@@ -42,7 +42,7 @@ say "torch: $(python3 -c 'import torch; print(torch.__version__, torch.cuda.is_a
 native_build() {  # dir -> configure + build the GPU targets; rc in $dir.rc
   local dir=$1
   {
-    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DRINGFLOW_WITH_CUDA=ON \
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DRINGFLOW_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DRINGFLOW_BUILD_TESTS=ON &&
       cmake --build "$dir" -j "$JOBS" --target ringflow ringflow_cuda test_cuda test_cuda_mpi \
         $(grep -qs "gpu-kernel-bench" bench/gpu/CMakeLists.txt && echo gpu-kernel-bench ringflow_gpu_bench)

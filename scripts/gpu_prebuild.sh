@@ -10,7 +10,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BUILD_DIR=${BUILD_DIR:-build-gpu-pre}
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
-cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DRINGFLOW_WITH_CUDA=ON \
+cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DRINGFLOW_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DRINGFLOW_BUILD_TESTS=ON "${launcher[@]}" >/dev/null
 targets=(test_cuda test_cuda_mpi)
 if grep -qs "gpu-kernel-bench" bench/gpu/CMakeLists.txt; then
