@@ -19,6 +19,7 @@
 
 #include "ringflow/coll/fold.hpp"
 #include "ringflow/coll/partition.hpp"
+#include "ringflow/coll/recursive_halving.hpp"
 #include "ringflow/coll/ring.hpp"
 #include "ringflow/comm/transport.hpp"
 
@@ -53,47 +54,13 @@ void halving_doubling_allreduce(transport& t, const T* in, T* out, std::size_t c
     combine_to(out, static_cast<const T*>(incoming), in, count, op);
     src = out;
   }
-  // Block b (of q) ends up reduced on folded rank b; [lo, hi) is the window
-  // of blocks this rank is still responsible for.
-  auto blocks = [&](int b0, int b1) {
-    const std::size_t begin = partition(count, q, b0).offset;
-    const std::size_t end = b1 == q ? count : partition(count, q, b1).offset;
-    return chunk{begin, end - begin};
-  };
-  int lo = 0, hi = q;
-  for (int mask = q / 2; mask >= 1; mask >>= 1) {
-    const int other = me ^ mask;
-    const int peer = fold.rank_of(other);
-    const int mid = lo + mask;
-    const bool lower = (me & mask) == 0;
-    const chunk keep = lower ? blocks(lo, mid) : blocks(mid, hi);
-    const chunk give = lower ? blocks(mid, hi) : blocks(lo, mid);
-    request rq = t.irecv(incoming, keep.count * sizeof(T), peer, halving_tag);
-    request sq = t.isend(src + give.offset, give.count * sizeof(T), peer, halving_tag);
-    rq.wait();
-    if (lower) {
-      combine_to(out + keep.offset, src + keep.offset, static_cast<const T*>(incoming), keep.count,
-                 op);
-    } else {
-      combine_to(out + keep.offset, static_cast<const T*>(incoming), src + keep.offset, keep.count,
-                 op);
-    }
-    sq.wait();
-    src = out;
-    (lower ? hi : lo) = mid;
-  }
-  const chunk own = blocks(me, me + 1);
+  // Block b (of q) ends up reduced on folded rank b (the rounds are
+  // recursive_halving.hpp's, over the folded indices).
+  auto rank_of = [&fold](int f) { return fold.rank_of(f); };
+  halving_rounds(t, src, out, incoming, count, q, me, rank_of, op, halving_tag);
+  const chunk own = piece_range(count, q, me, me + 1);
   finish_range(out + own.offset, own.count, op, p);
-  for (int mask = 1; mask < q; mask <<= 1) {
-    const int other = me ^ mask;
-    const int peer = fold.rank_of(other);
-    const chunk mine = blocks(me & ~(mask - 1), (me & ~(mask - 1)) + mask);
-    const chunk theirs = blocks(other & ~(mask - 1), (other & ~(mask - 1)) + mask);
-    request rq = t.irecv(out + theirs.offset, theirs.count * sizeof(T), peer, doubling_tag);
-    request sq = t.isend(out + mine.offset, mine.count * sizeof(T), peer, doubling_tag);
-    rq.wait();
-    sq.wait();
-  }
+  doubling_rounds(t, out, count, q, me, rank_of, doubling_tag);
   if (r < 2 * fold.rem) t.isend(out, bytes, r - 1, hd_fold_tag).wait();
 }
 
