@@ -3,8 +3,9 @@
 # copies them into gpu-prebuilt/ (git-ignored), for scripts/gpu_check.sh on a
 # lent GPU machine (`PREBUILT=gpu-prebuilt`, carried with the call). A short
 # device lease then spends its minutes on tests, not on compiling. The
-# binaries link ringflow statically and the CUDA runtime statically; they need
-# OpenMPI's libmpi.so.40, fmt 9 and NCCL 2 there, which the GPU machines have.
+# binaries link ringflow statically; they load OpenMPI's libmpi.so.40, fmt 9,
+# the CUDA runtime (libcudart.so.13) and NCCL 2 there, which the GPU machines
+# have (gpu_check.sh puts the toolkit's lib directories on LD_LIBRARY_PATH).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 BUILD_DIR=${BUILD_DIR:-build-gpu-pre}
