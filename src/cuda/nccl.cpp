@@ -226,8 +226,7 @@ bool overlaps(const void* a, std::size_t na, const void* b, std::size_t nb) {
 /// caller divides afterwards with ringflow's finish(): ringflow's avg is one
 /// division of the finished sum (round(round(sum) / n) for floats, truncation
 /// toward zero for integers, as on the CPU), whereas ncclAvg pre-multiplies
-/// each input by 1/n (other rounding). On the H200 run, ncclAvg at one rank
-/// also left 1-3 elements of large out-of-place outputs off the input.
+/// each input by 1/n (other rounding).
 ncclRedOp_t op_for(dtype, op_kind op) {
   if (op == op_kind::avg) return ncclSum;
   return detail::nccl_op(op);
