@@ -36,7 +36,7 @@ std::size_t align256(std::size_t x) { return (x + 255) / 256 * 256; }
 }  // namespace
 
 struct device_compressor::impl {
-  enum class kind { none, fp16, bf16, int8, sign, topk };
+  enum class kind { none, fp16, bf16, int8, sign, topk, powersgd };
   kind what = kind::none;
   std::unique_ptr<compress::compressor> cpu;  // name, payload sizes, top-k's k(n)
   std::size_t block = 0;
@@ -44,6 +44,11 @@ struct device_compressor::impl {
   std::uint64_t step = 0;
   void* ws = nullptr;
   std::size_t ws_bytes = 0;
+  // PowerSGD: the warm-start Q of every matrix of the plan (the CPU's
+  // warm_q of bucket `bucket_id`), q_floats of them; 0: not drawn yet.
+  std::uint64_t bucket_id = 0;
+  float* warm = nullptr;
+  std::size_t warm_floats = 0;
 
   /// At least `bytes` of device workspace, grown in stream order on `s`.
   unsigned char* reserve(std::size_t bytes, cudaStream_t s) {
@@ -63,12 +68,14 @@ struct device_compressor::impl {
   }
 };
 
-device_compressor::device_compressor(std::string_view spec, std::uint64_t seed)
+device_compressor::device_compressor(std::string_view spec, std::uint64_t seed,
+                                     std::uint64_t bucket_id)
     : impl_(std::make_unique<impl>()) {
   impl& m = *impl_;
   using kind = impl::kind;
   m.cpu = compress::make_compressor(spec, seed);  // validates the spec
   m.seed = seed;
+  m.bucket_id = bucket_id;
   const std::string name = m.cpu->name();
   const std::string_view kind_name = std::string_view(name).substr(0, name.find(':'));
   if (kind_name == "none") {
@@ -86,10 +93,12 @@ device_compressor::device_compressor(std::string_view spec, std::uint64_t seed)
     m.block = name == "sign" ? 256 : std::stoul(name.substr(5));
   } else if (kind_name == "topk") {
     m.what = kind::topk;
+  } else if (kind_name == "powersgd") {
+    m.what = kind::powersgd;
   } else {
     throw not_supported_error(fmt::format(
         "cuda::device_compressor: '{}' has no device implementation (none, fp16, bf16, int8, "
-        "sign and topk do); use the CPU compressor",
+        "sign, topk and powersgd do); use the CPU compressor",
         spec));
   }
 }
@@ -99,6 +108,7 @@ device_compressor& device_compressor::operator=(device_compressor&&) noexcept = 
 
 device_compressor::~device_compressor() {
   if (impl_ && impl_->ws) RINGFLOW_LOG_CUDA(cudaFree(impl_->ws));
+  if (impl_ && impl_->warm) RINGFLOW_LOG_CUDA(cudaFree(impl_->warm));
 }
 
 std::string device_compressor::name() const { return impl_->cpu->name(); }
@@ -107,6 +117,97 @@ std::size_t device_compressor::payload_bytes(std::size_t n) const {
   return impl_->cpu->payload_bytes(n);
 }
 std::uint64_t device_compressor::calls() const noexcept { return impl_->step; }
+void device_compressor::set_layout(const compress::bucket_layout& layout) {
+  impl_->cpu->set_layout(layout);  // validates
+}
+
+namespace {
+
+// PowerSGD's step on the device, the order of powersgd_compressor::reduce
+// with compressed_allreduce's error feedback around it. Workspace:
+// [P's | raw] (the first allreduce), Q_mine (this rank's Q's, kept for the
+// residual), the QR scratch; the summed Q's land in the warm buffer.
+void powersgd_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std::size_t n,
+                        device_compressor::impl& m, float* residual, cudaStream_t s) {
+  const auto& cpu = dynamic_cast<const compress::powersgd_compressor&>(*m.cpu);
+  const compress::powersgd_compressor::plan pl = cpu.plan_of(n);  // checks n against the layout
+  if (m.warm_floats != pl.q_floats || (pl.q_floats > 0 && m.warm == nullptr)) {
+    // The CPU's warm_q: each matrix draws its stream from index 0.
+    if (m.warm) {
+      RINGFLOW_CHECK_CUDA(cudaFreeAsync(m.warm, s));
+      m.warm = nullptr;
+      m.warm_floats = 0;
+    }
+    if (pl.q_floats > 0) {
+      RINGFLOW_CHECK_CUDA(
+          cudaMallocAsync(reinterpret_cast<void**>(&m.warm), 4 * pl.q_floats, s));
+      const std::uint64_t key = compress::kernels::stream_key(m.seed, m.bucket_id, 0x9a5d);
+      std::size_t at = 0;
+      for (const auto& mt : pl.matrices) {
+        powersgd_init_q(m.warm + at, mt.cols * mt.rank, key, s);
+        at += mt.cols * mt.rank;
+      }
+    }
+    m.warm_floats = pl.q_floats;
+  }
+  std::size_t scratch = 0;
+  for (const auto& mt : pl.matrices) {
+    scratch = std::max(scratch, powersgd_orthonormalize_scratch_floats(mt.rows, mt.rank));
+  }
+  const std::size_t first_floats = pl.p_floats + pl.raw_floats;
+  const std::size_t first_bytes = align256(4 * first_floats);
+  const std::size_t qmine_bytes = align256(4 * pl.q_floats);
+  unsigned char* ws = m.reserve(first_bytes + qmine_bytes + 4 * scratch, s);
+  auto* first = reinterpret_cast<float*>(ws);
+  auto* q_mine = reinterpret_cast<float*>(ws + first_bytes);
+  auto* qr_scratch = reinterpret_cast<float*>(ws + first_bytes + qmine_bytes);
+
+  // c = g + r (grads holds c from here on; the residual is rewritten last).
+  powersgd_fold(grads, residual, n, s);
+  // First allreduce: every P = M Q, then the uncompressed elements.
+  std::size_t pa = 0, qa = 0;
+  for (const auto& mt : pl.matrices) {
+    powersgd_mq(grads + mt.offset, mt.size, mt.rows, mt.cols, mt.rank, m.warm + qa, first + pa, s);
+    pa += mt.rows * mt.rank;
+    qa += mt.cols * mt.rank;
+  }
+  float* raw = first + pl.p_floats;
+  for (const auto& g : pl.raw) {
+    RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(raw, grads + g.offset, 4 * g.size,
+                                        cudaMemcpyDeviceToDevice, s));
+    raw += g.size;
+  }
+  RF_NCCL(ncclAllReduce(first, first, first_floats, ncclFloat32, ncclSum, comm, s));
+  // Every rank holds the same P bits, so every rank computes the same bases.
+  pa = qa = 0;
+  for (const auto& mt : pl.matrices) {
+    powersgd_orthonormalize(first + pa, mt.rows, mt.rank, qr_scratch, s);
+    powersgd_mtp(grads + mt.offset, mt.size, mt.rows, mt.cols, mt.rank, first + pa, q_mine + qa,
+                 s);
+    pa += mt.rows * mt.rank;
+    qa += mt.cols * mt.rank;
+  }
+  // Second allreduce, into the warm start of the next call (P = M Q above
+  // has read the old one).
+  if (pl.q_floats > 0) {
+    RF_NCCL(ncclAllReduce(q_mine, m.warm, pl.q_floats, ncclFloat32, ncclSum, comm, s));
+  }
+  pa = qa = 0;
+  for (const auto& mt : pl.matrices) {
+    powersgd_decode_ef(grads + mt.offset, residual ? residual + mt.offset : nullptr, mt.size,
+                       mt.rows, mt.cols, mt.rank, first + pa, q_mine + qa, m.warm + qa, nranks, s);
+    pa += mt.rows * mt.rank;
+    qa += mt.cols * mt.rank;
+  }
+  raw = first + pl.p_floats;
+  for (const auto& g : pl.raw) {
+    powersgd_raw_ef(grads + g.offset, residual ? residual + g.offset : nullptr, g.size, raw,
+                    nranks, s);
+    raw += g.size;
+  }
+}
+
+}  // namespace
 
 void compressed_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std::size_t n,
                           device_compressor& c, float* residual, cudaStream_t s) {
@@ -206,6 +307,9 @@ void compressed_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, s
       if (nranks > 1) finish(dtype::f32, op_kind::avg, grads, n, nranks, s);
       return;
     }
+    case kind::powersgd:
+      powersgd_allreduce(comm, rank, nranks, grads, n, m, residual, s);
+      return;
   }
 }
 

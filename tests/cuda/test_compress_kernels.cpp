@@ -701,7 +701,7 @@ TEST_CASE("compressed_allreduce queues everything on the stream: it captures int
   REQUIRE(ncclCommInitAll(&comm, 1, &dev) == ncclSuccess);
   rc::stream s;
   const std::size_t n = 100003;
-  for (const char* spec : {"none", "fp16", "int8", "sign", "topk:0.01"}) {
+  for (const char* spec : {"none", "fp16", "int8", "sign", "topk:0.01", "powersgd:4"}) {
     INFO(spec);
     rc::device_compressor dc(spec, 3);
     auto dg = upload(input(n, 1500));
@@ -729,9 +729,12 @@ TEST_CASE("compressed_allreduce queues everything on the stream: it captures int
 }
 
 TEST_CASE("device_compressor rejects what it cannot do", "[cuda][compress][nccl]") {
-  CHECK_THROWS_AS(rc::device_compressor("powersgd:4"), ringflow::not_supported_error);
+  // Every compressor has a device implementation now (powersgd: see
+  // test_powersgd_device.cpp); bad specs are still refused.
+  CHECK_THROWS_AS(rc::device_compressor("powersgd:0"), ringflow::usage_error);
   CHECK_THROWS_AS(rc::device_compressor("topk:2"), ringflow::usage_error);
   CHECK(rc::device_compressor("sign:64").name() == "sign:64");
+  CHECK(rc::device_compressor("powersgd:4").name() == "powersgd:4");
 }
 #endif  // RINGFLOW_HAS_NCCL
 

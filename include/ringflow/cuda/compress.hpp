@@ -37,7 +37,7 @@
 // Needs the CUDA toolkit headers: include only where RINGFLOW_HAS_CUDA is 1.
 //
 // Signature changes after the first commit (07:10 UTC): none (added:
-// none_ef_encode).
+// none_ef_encode, the powersgd_* pieces).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -208,5 +208,60 @@ void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* o
 /// everything is transmitted, the residual keeps only the rounding of c - c,
 /// i.e. zeros, or NaN where c is not finite). 12 bytes per element.
 void none_ef_encode(float* grad, float* residual, std::size_t n, cudaStream_t s);
+
+// ---------------------------------------------------------------------------
+// PowerSGD (powersgd_compressor): the pieces of its two-allreduce step, one
+// matrix at a time (compressed_allreduce queues them for a bucket's plan).
+//
+// A matrix M is the row-major rows x cols view of `size` floats at m (size <
+// rows * cols only for the zero-padded matrix of a bucket without a layout:
+// the elements past `size` read as 0). P (rows x rank) and Q (cols x rank)
+// are column-major, as in the CPU payload. 1 <= rank <= min(rows, cols).
+// The float sums run in another order than Eigen's: the results equal the
+// CPU's to rounding, not bit for bit.
+
+/// q[i] = kernels::uniform01(key, i) - 0.5 for i < count: the CPU's warm-start
+/// initialization of one matrix (key = stream_key(seed, bucket_id, 0x9a5d)).
+void powersgd_init_q(float* q, std::size_t count, std::uint64_t key, cudaStream_t s);
+
+/// P = M Q: one warp per row of M, up to 8 ranks per pass over the row (a
+/// larger rank reads M again per further 8). Reads M once (rank <= 8).
+void powersgd_mq(const float* m, std::size_t size, std::size_t rows, std::size_t cols,
+                 std::size_t rank, const float* q, float* p, cudaStream_t s);
+
+/// Q = M^T P: one CTA per tile of 32 columns, its warps reading rows of the
+/// tile coalesced and adding their partial sums in shared memory. Reads M
+/// once (rank <= 8). A matrix with few column tiles runs on few CTAs.
+void powersgd_mtp(const float* m, std::size_t size, std::size_t rows, std::size_t cols,
+                  std::size_t rank, const float* p, float* q, cudaStream_t s);
+
+/// Scratch floats powersgd_orthonormalize needs.
+std::size_t powersgd_orthonormalize_scratch_floats(std::size_t rows, std::size_t rank);
+
+/// P = an orthonormal basis of P's columns, exactly the method of the CPU
+/// compressor (Eigen's HouseholderQR, then householderQ() times the first
+/// `rank` columns of the identity): same column order, same reflector signs
+/// (so the same basis vectors, not just the same span), a zero or
+/// rank-deficient column handled as Eigen does (no reflection). One CTA;
+/// rank^2 block reductions over the rows. scratch: the floats named above.
+void powersgd_orthonormalize(float* p, std::size_t rows, std::size_t rank, float* scratch,
+                             cudaStream_t s);
+
+/// The fused decode with error feedback, one pass over the matrix: with a
+/// residual, residual[e] = c[e] - (P Q_mine^T)[e], c being m's content on
+/// entry; then m[e] = (P Q_sum^T)[e] / divide_by (divide_by <= 1: none).
+/// residual may be null (q_mine is then unused). 12 bytes per element.
+void powersgd_decode_ef(float* m, float* residual, std::size_t size, std::size_t rows,
+                        std::size_t cols, std::size_t rank, const float* p, const float* q_mine,
+                        const float* q_sum, int divide_by, cudaStream_t s);
+
+/// grad = grad + residual (c, error feedback's compensation); residual null:
+/// nothing. residual itself is left for powersgd_decode_ef / powersgd_raw_ef.
+void powersgd_fold(float* grad, const float* residual, std::size_t n, cudaStream_t s);
+
+/// Elements sent uncompressed: with a residual, residual = c - c (c = data on
+/// entry); then data = summed / divide_by (divide_by <= 1: none).
+void powersgd_raw_ef(float* data, float* residual, std::size_t n, const float* summed,
+                     int divide_by, cudaStream_t s);
 
 }  // namespace ringflow::cuda

@@ -18,6 +18,7 @@
 
 namespace ringflow::compress {
 class compressor;
+struct bucket_layout;
 }
 
 namespace ringflow::cuda {
@@ -30,10 +31,13 @@ namespace ringflow::cuda {
 /// by the next call.
 class device_compressor {
  public:
-  /// spec: none | fp16 | bf16 | int8[:block] | sign[:block] | topk:<ratio>, as
-  /// compress::make_compressor parses it (a bad spec throws usage_error);
-  /// powersgd is not available on the device (not_supported_error).
-  explicit device_compressor(std::string_view spec, std::uint64_t seed = 0);
+  /// spec: none | fp16 | bf16 | int8[:block] | sign[:block] | topk:<ratio> |
+  /// powersgd:<rank>, as compress::make_compressor parses it (a bad spec
+  /// throws usage_error). bucket_id: only PowerSGD uses it, to draw the CPU
+  /// compressor's warm-start Q of that bucket (one device_compressor holds
+  /// the warm start of one bucket).
+  explicit device_compressor(std::string_view spec, std::uint64_t seed = 0,
+                             std::uint64_t bucket_id = 0);
   device_compressor(device_compressor&&) noexcept;
   device_compressor& operator=(device_compressor&&) noexcept;
   device_compressor(const device_compressor&) = delete;
@@ -49,6 +53,12 @@ class device_compressor {
   std::size_t payload_bytes(std::size_t n) const;
   /// Calls so far: the `step` of the random streams of the next call.
   std::uint64_t calls() const noexcept;
+  /// The parameter tensors of the bucket, as compress::compressor::set_layout
+  /// (validated: a bad layout throws usage_error). Only PowerSGD uses it
+  /// (each 2-D tensor its own matrix); then every call must have n ==
+  /// layout.size (else usage_error). A layout whose plan has another number
+  /// of Q floats restarts the warm start, as on the CPU.
+  void set_layout(const compress::bucket_layout& layout);
 
   struct impl;
 
@@ -73,12 +83,19 @@ class device_compressor {
 ///              pass decoding every rank's payload in rank order, / nranks
 ///   top-k:     fused selection into this rank's slot, ncclAllGather,
 ///              scatter-add rank by rank, / nranks
+///   powersgd:  per matrix of the CPU compressor's plan P = M Q (warm Q);
+///              ncclAllReduce(sum) of every P and the raw elements; per
+///              matrix P = Householder basis of P, Q = M^T P;
+///              ncclAllReduce(sum) of every Q into the warm Q; per matrix
+///              one pass out = P Q^T / nranks, residual = c - P Q_mine^T
 ///
 /// Bit for bit the CPU ringflow::compressed_allreduce with
 /// make_compressor(spec, seed) called as many times before, given the same
 /// inputs on every rank: at any nranks for int8 (integer sums), sign and
 /// top-k (decoded in rank order), at nranks 1 for none and fp16/bf16 (with
-/// more ranks NCCL adds floats in its own order, the CPU ring in ringflow's). `rank` and `nranks` must be this rank's
+/// more ranks NCCL adds floats in its own order, the CPU ring in ringflow's).
+/// PowerSGD equals the CPU's to rounding only (its products and QR sum floats
+/// in another order than Eigen). `rank` and `nranks` must be this rank's
 /// place in `comm` (checked against NCCL). Every rank calls with the same n,
 /// spec and call order. nranks > 127 with int8 is refused.
 void compressed_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std::size_t n,
