@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmarks on a GPU machine: gpu-kernel-bench (our fused compression
-# kernels against a device-to-device copy, C++ only), then
-# bench/gpu/compare_torch.py (the same kernels against PyTorch eager and
+# kernels against a device-to-device copy, C++ only), gpu-staged-bench (the
+# staged MPI path against copy + allreduce + copy, -np 2 and -np 4 sharing the
+# GPU), then bench/gpu/compare_torch.py (the same kernels against PyTorch eager and
 # torch.compile, in one interleaved run). The comparison table is printed last.
 #
 #   scripts/gpu_bench.sh [BUILD_DIR]   (default build-gpu; a directory with
@@ -12,8 +13,9 @@
 #                       returns few), the rest is this script's output
 #   BENCH_ARGS          extra compare_torch.py arguments (e.g. "--reps 20")
 #   KERNEL_BENCH_ARGS   extra gpu-kernel-bench arguments
+#   STAGED_BENCH_ARGS   extra gpu-staged-bench arguments (e.g. "--reps 11")
 #   PYTHON              the Python with PyTorch (python3)
-# Exit status: 0 when both ran and compare_torch found no mismatch; 77 when
+# Exit status: 0 when all ran and compare_torch found no mismatch; 77 when
 # there is no GPU; otherwise the first failing step's status.
 set -uo pipefail
 B=build-gpu
@@ -25,6 +27,8 @@ started=$SECONDS
 
 kb=$B/bin/gpu-kernel-bench
 [[ ! -x $kb && -x $B/gpu-kernel-bench ]] && kb=$B/gpu-kernel-bench
+sb=$B/bin/gpu-staged-bench
+[[ ! -x $sb && -x $B/gpu-staged-bench ]] && sb=$B/gpu-staged-bench
 lib=$B/lib/libringflow_gpu_bench.so
 
 describe() {  # rc -> words
@@ -47,6 +51,25 @@ else
 fi
 echo "gpu-kernel-bench: $(describe "$kb_rc")"
 echo
+
+# The staged MPI path, ranks sharing the GPU. 1 to 64 MiB per rank, 7 x 3
+# calls of each of the four variants per size: about 5 to 10 s a run.
+sb_rc=()
+for np in 2 4; do
+  echo "== gpu-staged-bench -np $np ($sb)"
+  if [[ -x $sb ]]; then
+    # shellcheck disable=SC2086  # STAGED_BENCH_ARGS is a list of words
+    timeout 60 mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$np" \
+      "$sb" -b 1M -e 64M -f 4 --reps 7 --iters 3 ${STAGED_BENCH_ARGS:-} 2>&1
+    rc=$?
+  else
+    echo "not built: $sb is missing (target gpu-staged-bench; needs RINGFLOW_WITH_CUDA=ON)"
+    rc=127
+  fi
+  echo "gpu-staged-bench -np $np: $(describe "$rc")"
+  echo
+  sb_rc+=("$rc")
+done
 
 echo "== compare_torch.py (library $lib)"
 json=()
@@ -78,12 +101,13 @@ esac
 # Summary, then the comparison table again, so that it is the last thing printed.
 echo
 echo "== gpu_bench ($((SECONDS - started)) s): gpu-kernel-bench $(describe "$kb_rc");" \
+  "gpu-staged-bench -np 2 $(describe "${sb_rc[0]}"), -np 4 $(describe "${sb_rc[1]}");" \
   "compare_torch $ct_words"
 if grep -q "^== compare_torch:" "$out_file"; then
   sed -n '/^== compare_torch:/,$p' "$out_file"
 fi
 
-for rc in "$kb_rc" "$ct_rc"; do
+for rc in "$kb_rc" "${sb_rc[@]}" "$ct_rc"; do
   [[ $rc != 0 ]] && exit "$rc"
 done
 exit 0

@@ -45,7 +45,8 @@ native_build() {  # dir -> configure + build the GPU targets; rc in $dir.rc
     cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DRINGFLOW_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
       -DRINGFLOW_BUILD_TESTS=ON &&
       cmake --build "$dir" -j "$JOBS" --target ringflow ringflow_cuda test_cuda test_cuda_mpi \
-        $(grep -qs "gpu-kernel-bench" bench/gpu/CMakeLists.txt && echo gpu-kernel-bench ringflow_gpu_bench)
+        $(grep -qs "gpu-kernel-bench" bench/gpu/CMakeLists.txt && echo gpu-kernel-bench ringflow_gpu_bench) \
+        $(grep -qs "gpu-staged-bench" bench/gpu/CMakeLists.txt && echo gpu-staged-bench)
   } >"$LOGDIR/native_build.log" 2>&1
   echo $? >"$dir.rc"
 }

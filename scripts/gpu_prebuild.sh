@@ -17,11 +17,13 @@ targets=(test_cuda test_cuda_mpi)
 if grep -qs "gpu-kernel-bench" bench/gpu/CMakeLists.txt; then
   targets+=(gpu-kernel-bench ringflow_gpu_bench)
 fi
+grep -qs "gpu-staged-bench" bench/gpu/CMakeLists.txt && targets+=(gpu-staged-bench)
 cmake --build "$BUILD_DIR" -j "${JOBS:-2}" --target "${targets[@]}"
 rm -rf gpu-prebuilt
 mkdir -p gpu-prebuilt/tests gpu-prebuilt/bin gpu-prebuilt/lib
 cp "$BUILD_DIR"/tests/test_cuda "$BUILD_DIR"/tests/test_cuda_mpi gpu-prebuilt/tests/
 [[ -x $BUILD_DIR/bin/gpu-kernel-bench ]] && cp "$BUILD_DIR"/bin/gpu-kernel-bench gpu-prebuilt/bin/
+[[ -x $BUILD_DIR/bin/gpu-staged-bench ]] && cp "$BUILD_DIR"/bin/gpu-staged-bench gpu-prebuilt/bin/
 cp "$BUILD_DIR"/lib/libringflow_gpu_bench.so* gpu-prebuilt/lib/ 2>/dev/null || true
 strip gpu-prebuilt/tests/* gpu-prebuilt/bin/* 2>/dev/null || true
 du -sh gpu-prebuilt
