@@ -31,6 +31,7 @@
 #include "ringflow/cuda/reduce.hpp"
 #include "ringflow/cuda/ring.hpp"
 #include "ringflow/cuda/runtime.hpp"
+#include "dispatch.hpp"
 
 namespace ringflow::cuda {
 
@@ -214,12 +215,6 @@ void require_device(const nccl_state& st, const char* what, const char* which, c
           what, st.rank, which, p, attr.device, st.device));
     }
   }
-}
-
-/// coll/collectives.hpp's overlap test, on the bytes of two buffers.
-bool overlaps(const void* a, std::size_t na, const void* b, std::size_t nb) {
-  return ::ringflow::detail::overlaps(static_cast<const std::byte*>(a), na,
-                                      static_cast<const std::byte*>(b), nb);
 }
 
 /// NCCL's op for ringflow's. avg is a sum here for every type, and the
@@ -520,7 +515,7 @@ bool begin_allreduce(const nccl_state& st, const char* what, const void* in, con
                                   st.rank, in_count, out_count));
   }
   const std::size_t esz = dtype_size(type);
-  if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
+  if (in != out && detail::overlaps(in, in_count * esz, out, out_count * esz)) {
     throw usage_error(
         fmt::format("nccl {} on rank {}: input and output overlap without being the same buffer",
                     what, st.rank));
@@ -558,7 +553,8 @@ void nccl_communicator::reduce_scatter_bytes(const void* in, void* out, std::siz
         r, out_count, r, in_count, p, own.count));
   }
   const std::size_t esz = dtype_size(type);
-  if (overlaps(in, in_count * esz, out, out_count * esz) && out != at(in, own.offset, esz)) {
+  if (detail::overlaps(in, in_count * esz, out, out_count * esz) &&
+      out != at(in, own.offset, esz)) {
     throw usage_error(fmt::format(
         "nccl reduce_scatter on rank {}: the output overlaps the input without being exactly "
         "this rank's piece of it",
@@ -606,7 +602,8 @@ void nccl_communicator::allgather_bytes(const void* in, void* out, std::size_t i
         r, in_count, r, out_count, p, own.count));
   }
   const std::size_t esz = dtype_size(type);
-  if (overlaps(in, in_count * esz, out, out_count * esz) && in != at(out, own.offset, esz)) {
+  if (detail::overlaps(in, in_count * esz, out, out_count * esz) &&
+      in != at(out, own.offset, esz)) {
     throw usage_error(fmt::format(
         "nccl allgather on rank {}: the input overlaps the output without being exactly this "
         "rank's piece of it",
@@ -654,7 +651,7 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
                                   r == root ? " (the root's input is what is sent)" : ""));
   }
   const std::size_t esz = dtype_size(type);
-  if (in != out && overlaps(in, in_count * esz, out, out_count * esz)) {
+  if (in != out && detail::overlaps(in, in_count * esz, out, out_count * esz)) {
     throw usage_error(fmt::format(
         "nccl broadcast on rank {}: input and output overlap without being the same buffer", r));
   }
@@ -672,31 +669,6 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
 
 // --- Our ring over ncclSend/ncclRecv -------------------------------------------
 
-namespace {
-/// Runs fn.template operator()<T, Op>() for the run-time type and op.
-template <class Fn>
-void dispatch(dtype type, op_kind op, Fn&& fn) {
-  auto with_type = [&]<class T>() {
-    switch (op) {
-      case op_kind::sum: return fn.template operator()<T, sum_op>();
-      case op_kind::prod: return fn.template operator()<T, prod_op>();
-      case op_kind::min: return fn.template operator()<T, min_op>();
-      case op_kind::max: return fn.template operator()<T, max_op>();
-      case op_kind::avg: return fn.template operator()<T, avg_op>();
-    }
-  };
-  switch (type) {
-    case dtype::f32: return with_type.template operator()<float>();
-    case dtype::f64: return with_type.template operator()<double>();
-    case dtype::i8: return with_type.template operator()<std::int8_t>();
-    case dtype::u8: return with_type.template operator()<std::uint8_t>();
-    case dtype::i32: return with_type.template operator()<std::int32_t>();
-    case dtype::i64: return with_type.template operator()<std::int64_t>();
-    case dtype::f16: return with_type.template operator()<half>();
-    case dtype::bf16: return with_type.template operator()<bfloat16>();
-  }
-}
-}  // namespace
 
 void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
                                              std::size_t out_count, dtype type, op_kind op,
@@ -709,7 +681,7 @@ void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::siz
   // coll/ring.hpp's schedule, the CPU's very code, with device memory
   // handed straight to the NCCL transport (cuda/ring.hpp, direct mode).
   guarded(st, [&] {
-    dispatch(type, op, [&]<class T, class Op>() {
+    detail::with_type_op(type, op, [&]<class T, class Op>() {
       device_ring_memory m(*t, ring_memory_mode::direct, seg, stream);
       ::ringflow::detail::ring_allreduce_on(m, *t, static_cast<const T*>(in), static_cast<T*>(out),
                                             in_count, Op{}, seg);

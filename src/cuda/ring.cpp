@@ -23,6 +23,7 @@
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/reduce.hpp"
 #include "ringflow/cuda/runtime.hpp"
+#include "dispatch.hpp"
 
 namespace ringflow::cuda {
 
@@ -271,39 +272,6 @@ std::size_t staged_segment(const staged_options& opt) {
   return opt.segment_bytes != 0 ? opt.segment_bytes : default_staged_segment_bytes;
 }
 
-bool overlap(const void* a, std::size_t na, const void* b, std::size_t nb) {
-  const auto x = reinterpret_cast<std::uintptr_t>(a), y = reinterpret_cast<std::uintptr_t>(b);
-  return na != 0 && nb != 0 && x < y + nb && y < x + na;
-}
-
-template <class F>
-void with_type(dtype type, F&& f) {
-  switch (type) {
-    case dtype::f32: return f.template operator()<float>();
-    case dtype::f64: return f.template operator()<double>();
-    case dtype::i8: return f.template operator()<std::int8_t>();
-    case dtype::u8: return f.template operator()<std::uint8_t>();
-    case dtype::i32: return f.template operator()<std::int32_t>();
-    case dtype::i64: return f.template operator()<std::int64_t>();
-    case dtype::f16: return f.template operator()<half>();
-    case dtype::bf16: return f.template operator()<bfloat16>();
-  }
-  throw usage_error("staged collective: unknown dtype");
-}
-
-template <class F>
-void with_type_op(dtype type, op_kind op, F&& f) {
-  with_type(type, [&]<class T>() {
-    switch (op) {
-      case op_kind::sum: return f.template operator()<T, sum_op>();
-      case op_kind::prod: return f.template operator()<T, prod_op>();
-      case op_kind::min: return f.template operator()<T, min_op>();
-      case op_kind::max: return f.template operator()<T, max_op>();
-      case op_kind::avg: return f.template operator()<T, avg_op>();
-    }
-    throw usage_error("staged collective: unknown reduce op");
-  });
-}
 
 }  // namespace
 
@@ -315,7 +283,7 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
                                   comm.rank(), in_count, out_count));
   }
   const std::size_t bytes = in_count * dtype_size(type);
-  if (in != out && overlap(in, bytes, out, bytes)) {
+  if (in != out && detail::overlaps(in, bytes, out, bytes)) {
     throw usage_error(fmt::format(
         "{} on rank {}: input and output overlap without being the same buffer", what,
         comm.rank()));
@@ -326,7 +294,7 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
   ringflow::detail::begin_collective(comm, coll_kind::allreduce, type, op, in_count);
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
-  with_type_op(type, op, [&]<class T, class Op>() {
+  detail::with_type_op(type, op, [&]<class T, class Op>() {
     const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
@@ -352,7 +320,7 @@ void staged_reduce_scatter(const communicator& comm, const void* in, void* out,
   ringflow::detail::begin_collective(comm, coll_kind::reduce_scatter, type, op, in_count);
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
-  with_type_op(type, op, [&]<class T, class Op>() {
+  detail::with_type_op(type, op, [&]<class T, class Op>() {
     const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
@@ -377,7 +345,7 @@ void staged_allgather(const communicator& comm, const void* in, void* out, std::
   ringflow::detail::begin_collective(comm, coll_kind::allgather, type, op_kind::sum, out_count);
   if (out_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
-  with_type(type, [&]<class T>() {
+  detail::with_type(type, [&]<class T>() {
     const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
