@@ -39,6 +39,7 @@
 #include "ringflow/cuda/compress.hpp"
 #include "ringflow/cuda/device.hpp"
 #include "ringflow/cuda/runtime.hpp"
+#include "count_arg.hpp"
 
 namespace {
 
@@ -62,26 +63,10 @@ struct options {
   std::exit(2);
 }
 
-// "67108864", "64Mi", "64M", "16Ki": K/M/G are binary.
 std::size_t parse_count(std::string_view s) {
-  std::size_t mult = 1;
-  for (auto [suffix, m] : {std::pair<std::string_view, std::size_t>{"Ki", 1u << 10},
-                           {"Mi", 1u << 20},
-                           {"Gi", std::size_t{1} << 30},
-                           {"K", 1u << 10},
-                           {"M", 1u << 20},
-                           {"G", std::size_t{1} << 30}}) {
-    if (s.size() > suffix.size() && s.substr(s.size() - suffix.size()) == suffix) {
-      s.remove_suffix(suffix.size());
-      mult = m;
-      break;
-    }
-  }
-  const std::string digits(s);
-  char* end = nullptr;
-  const unsigned long long v = std::strtoull(digits.c_str(), &end, 10);
-  if (digits.empty() || *end != '\0' || v == 0) usage("not a positive count: " + digits);
-  return static_cast<std::size_t>(v) * mult;
+  const auto v = ringflow::bench_gpu::parse_count(s);
+  if (!v) usage("not a positive count: " + std::string(s));
+  return *v;
 }
 
 options parse(int argc, char** argv) {

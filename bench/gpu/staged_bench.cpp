@@ -44,6 +44,7 @@
 #include "ringflow/cuda/device.hpp"
 #include "ringflow/cuda/ring.hpp"
 #include "ringflow/cuda/runtime.hpp"
+#include "count_arg.hpp"
 
 namespace {
 
@@ -66,26 +67,10 @@ constexpr std::string_view usage_line =
   std::exit(2);
 }
 
-// "1048576", "1M", "64Mi", "16K": K/M/G are binary, as in ringflow-bench.
 std::size_t parse_count(std::string_view s, bool print) {
-  std::size_t mult = 1;
-  for (auto [suffix, m] : {std::pair<std::string_view, std::size_t>{"Ki", 1u << 10},
-                           {"Mi", 1u << 20},
-                           {"Gi", std::size_t{1} << 30},
-                           {"K", 1u << 10},
-                           {"M", 1u << 20},
-                           {"G", std::size_t{1} << 30}}) {
-    if (s.size() > suffix.size() && s.substr(s.size() - suffix.size()) == suffix) {
-      s.remove_suffix(suffix.size());
-      mult = m;
-      break;
-    }
-  }
-  const std::string digits(s);
-  char* end = nullptr;
-  const unsigned long long v = std::strtoull(digits.c_str(), &end, 10);
-  if (digits.empty() || *end != '\0' || v == 0) usage("not a positive count: " + digits, print);
-  return static_cast<std::size_t>(v) * mult;
+  const auto v = ringflow::bench_gpu::parse_count(s);
+  if (!v) usage("not a positive count: " + std::string(s), print);
+  return *v;
 }
 
 // Every rank parses; only rank 0 prints what is wrong (all exit 2 alike).
