@@ -20,6 +20,7 @@
 #include "ringflow/cuda/runtime.hpp"
 #include "support/coll_checks.hpp"
 #include "support/collect.hpp"
+#include "support/staging_checks.hpp"
 
 using namespace ringflow;
 using ringflow::testing::failures;
@@ -30,32 +31,10 @@ namespace {
 
 constexpr std::size_t mib = std::size_t{1} << 20;
 
-/// Inputs with fractional parts (so a different combining order would show
-/// in the bits) that stay exact enough not to overflow: |x| <= 8 for sums of
-/// four ranks; 1, 2, -1 or 0.5-ish factors for prod.
-template <class T>
-T input(int rank, std::size_t i, op_kind op) {
-  const std::size_t k = i * 7 + static_cast<std::size_t>(rank) * 13;
-  if (op == op_kind::prod) {
-    static constexpr int f[] = {1, 2, -1, 1, 3};
-    if constexpr (std::is_integral_v<T>) {
-      return static_cast<T>(f[k % 5]);
-    } else {
-      return static_cast<T>(static_cast<float>(f[k % 5]) * (k % 3 == 0 ? 0.75f : 1.0f));
-    }
-  }
-  const int v = static_cast<int>(k % 17) - 8;
-  if constexpr (std::is_integral_v<T>) {
-    return static_cast<T>(v);
-  } else {
-    return static_cast<T>(static_cast<float>(v) * 0.37f + 0.011f * static_cast<float>(rank));
-  }
-}
-
 template <class T>
 std::vector<T> inputs(int rank, std::size_t count, op_kind op) {
   std::vector<T> v(count);
-  for (std::size_t i = 0; i < count; ++i) v[i] = input<T>(rank, i, op);
+  for (std::size_t i = 0; i < count; ++i) v[i] = testing::staging_input<T>(rank, i, op);
   return v;
 }
 
@@ -71,22 +50,6 @@ std::vector<T> to_host(const T* d, std::size_t n) {
   std::vector<T> h(n);
   if (n) RINGFLOW_CHECK_CUDA(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
   return h;
-}
-
-template <class T>
-void compare(const std::vector<T>& got, const std::vector<T>& want, const std::string& what,
-             failures& f) {
-  if (got.size() != want.size()) {
-    f.push_back(fmt::format("{}: {} elements, want {}", what, got.size(), want.size()));
-    return;
-  }
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
-      f.push_back(fmt::format("{}: element {} is {}, the CPU ring gives {}", what, i,
-                              testing::show(got[i]), testing::show(want[i])));
-      return;
-    }
-  }
 }
 
 std::vector<std::size_t> counts(int p) {
@@ -121,13 +84,13 @@ void check_allreduce(const communicator& c, std::size_t count, std::size_t seg, 
     rc::staged_allreduce(c, std::span<const T>(d_in.data(), count),
                          std::span<T>(d_out.data(), count), op, opt);
     got = to_host(d_out.data(), count);
-    compare(to_host(d_in.data(), count), in, "staged allreduce changed its input", f);
+    testing::compare_bits(to_host(d_in.data(), count), in, "staged allreduce changed its input", f);
   }
-  compare(got, want,
-          fmt::format("rank {}: staged allreduce {} {} count {} seg {} {}", c.rank(),
-                      dtype_name(dtype_of<T>), op_name(Op::kind), count, seg,
-                      in_place ? "in place" : "out of place"),
-          f);
+  testing::compare_bits(got, want,
+                        fmt::format("rank {}: staged allreduce {} {} count {} seg {} {}", c.rank(),
+                                    dtype_name(dtype_of<T>), op_name(Op::kind), count, seg,
+                                    in_place ? "in place" : "out of place"),
+                        f);
 }
 
 template <class T, class Op>
@@ -147,11 +110,11 @@ void check_reduce_scatter(const communicator& c, std::size_t count, std::size_t 
   T* out = in_place ? d_in.data() + own.offset : d_out.data();
   rc::staged_reduce_scatter(c, std::span<const T>(d_in.data(), count), std::span<T>(out, own.count),
                             op, opt);
-  compare(to_host(out, own.count), want,
-          fmt::format("rank {}: staged reduce_scatter {} {} count {} seg {} {}", c.rank(),
-                      dtype_name(dtype_of<T>), op_name(Op::kind), count, seg,
-                      in_place ? "in place" : "out of place"),
-          f);
+  testing::compare_bits(to_host(out, own.count), want,
+                        fmt::format("rank {}: staged reduce_scatter {} {} count {} seg {} {}",
+                                    c.rank(), dtype_name(dtype_of<T>), op_name(Op::kind), count,
+                                    seg, in_place ? "in place" : "out of place"),
+                        f);
 }
 
 template <class T>
@@ -174,10 +137,11 @@ void check_allgather(const communicator& c, std::size_t count, std::size_t seg, 
   opt.segment_bytes = seg;
   rc::staged_allgather(c, std::span<const T>(in, own.count), std::span<T>(d_out.data(), count),
                        opt);
-  compare(to_host(d_out.data(), count), want,
-          fmt::format("rank {}: staged allgather {} count {} seg {} {}", c.rank(),
-                      dtype_name(dtype_of<T>), count, seg, in_place ? "in place" : "out of place"),
-          f);
+  testing::compare_bits(
+      to_host(d_out.data(), count), want,
+      fmt::format("rank {}: staged allgather {} count {} seg {} {}", c.rank(),
+                  dtype_name(dtype_of<T>), count, seg, in_place ? "in place" : "out of place"),
+      f);
 }
 
 template <class T>
@@ -291,10 +255,11 @@ void check_direct_allreduce(const communicator& c, std::size_t count, std::size_
     rc::device_ring_memory m(t, rc::ring_memory_mode::direct, seg_elems * sizeof(T));
     detail::ring_allreduce_on(m, t, static_cast<const T*>(d.data()), d.data(), count, op, seg);
   }
-  compare(to_host(d.data(), count), want,
-          fmt::format("rank {}: device-direct allreduce {} {} count {} seg {}", c.rank(),
-                      dtype_name(dtype_of<T>), op_name(Op::kind), count, seg),
-          f);
+  testing::compare_bits(
+      to_host(d.data(), count), want,
+      fmt::format("rank {}: device-direct allreduce {} {} count {} seg {}", c.rank(),
+                  dtype_name(dtype_of<T>), op_name(Op::kind), count, seg),
+      f);
 }
 
 template <class T>
@@ -322,8 +287,8 @@ void check_direct_gather(const communicator& c, std::size_t count, std::size_t s
   }
   const std::string what = fmt::format("rank {}: device-direct {} count {} seg {}", c.rank(),
                                        dtype_name(dtype_of<T>), count, seg);
-  compare(to_host(d_piece.data(), own.count), want_rs, what + " reduce_scatter", f);
-  compare(to_host(d_out.data(), count), want_ag, what + " allgather", f);
+  testing::compare_bits(to_host(d_piece.data(), own.count), want_rs, what + " reduce_scatter", f);
+  testing::compare_bits(to_host(d_out.data(), count), want_ag, what + " allgather", f);
 }
 
 }  // namespace
@@ -379,7 +344,7 @@ TEST_CASE("staged: two slots and a slow stream still give the CPU ring's bits",
   opt.slots = 2;
   opt.stream = user;
   rc::staged_allreduce(world, std::span<float>(d.data(), count), sum, opt);
-  compare(to_host(d.data(), count), want, "slots=2 with a user stream", f);
+  testing::compare_bits(to_host(d.data(), count), want, "slots=2 with a user stream", f);
   require_none(f);
 }
 
@@ -394,9 +359,9 @@ TEST_CASE("staged: broadcast from the first and the last rank", "[cuda][staged]"
       rc::staged_options opt;
       opt.segment_bytes = 100000;  // several windows, the last one short
       rc::staged_broadcast(world, std::span<double>(d.data(), count), root, opt);
-      compare(to_host(d.data(), count), want,
-              fmt::format("rank {}: staged broadcast from {} count {}", world.rank(), root, count),
-              f);
+      testing::compare_bits(
+          to_host(d.data(), count), want,
+          fmt::format("rank {}: staged broadcast from {} count {}", world.rank(), root, count), f);
     }
   }
   require_none(f);

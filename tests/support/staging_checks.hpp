@@ -244,6 +244,10 @@ class device_pointer_like_transport final : public transport {
   in_flight late_;
 };
 
+/// Inputs with fractional parts (so a different combining order would show
+/// in the bits) that stay exact enough not to overflow: |x| <= 8 for sums of
+/// four ranks; 1, 2, -1 or 0.5-ish factors for prod. Also the GPU tests'
+/// inputs (tests/cuda_mpi/test_staged.cpp).
 template <class T>
 T staging_input(int rank, std::size_t i, op_kind op) {
   const std::size_t k = i * 7 + static_cast<std::size_t>(rank) * 13;
