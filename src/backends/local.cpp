@@ -28,7 +28,22 @@ struct group;
 // Completion record shared by the two sides of one message.
 struct completion {
   bool done = false;
-  std::string error;  // non-empty: the message failed (size mismatch)
+  std::string error;  // non-empty: the message failed (size or stamp mismatch)
+  bool mismatch = false;  // the error is the two ranks' collectives differing
+};
+
+// The collective a message belongs to (check_mode::stamp), if any.
+struct stamp_slot {
+  bool present = false;
+  fingerprint fp;
+  static stamp_slot of(const fingerprint* f) {
+    stamp_slot s;
+    if (f != nullptr) {
+      s.present = true;
+      s.fp = *f;
+    }
+    return s;
+  }
 };
 
 struct posted_send {
@@ -37,6 +52,7 @@ struct posted_send {
   int source;
   int tag;
   std::shared_ptr<completion> state;
+  stamp_slot stamp;
 };
 
 struct posted_recv {
@@ -45,6 +61,7 @@ struct posted_recv {
   int source;
   int tag;
   std::shared_ptr<completion> state;
+  stamp_slot stamp;
 };
 
 // Everything addressed to one rank. Both the receiver (waiting for data) and
@@ -57,10 +74,14 @@ struct mailbox {
 };
 
 struct group : std::enable_shared_from_this<group> {
-  explicit group(int n) : size(n), boxes(static_cast<std::size_t>(n)) {}
+  explicit group(int n)
+      : size(n), boxes(static_cast<std::size_t>(n)), finished(static_cast<std::size_t>(n)) {}
 
   const int size;
   std::vector<mailbox> boxes;
+  // Ranks whose function returned (local::run): a wait for one of them can
+  // never complete, since everything it sent was taken before it returned.
+  std::vector<std::atomic<bool>> finished;
 
   // First failure in the group: which rank and why.
   std::atomic<bool> failed{false};
@@ -89,11 +110,38 @@ struct group : std::enable_shared_from_this<group> {
     for (auto& [key, child] : children) child->fail(rank, why);
   }
 
+  void finish(int rank) {
+    finished[static_cast<std::size_t>(rank)].store(true);
+    for (auto& box : boxes) {
+      std::lock_guard lock(box.mutex);
+      box.changed.notify_all();
+    }
+  }
+
   std::string failure_text() {
     std::lock_guard lock(failure_mutex);
     return fmt::format("rank {} failed: {}", failed_rank, failure);
   }
 };
+
+// Both sides of a message are here, so the stamps are compared on every
+// message, before the sizes (a differing stamp explains a differing size).
+bool stamps_differ(const stamp_slot& sent, const stamp_slot& expected, completion& send_state,
+                   completion& recv_state, int source, int dest, int tag) {
+  if (sent.present == expected.present && (!sent.present || sent.fp == expected.fp)) return false;
+  std::string why;
+  if (sent.present && expected.present) {
+    why = detail::stamp_mismatch_text(dest, expected.fp, source, sent.fp);
+  } else {
+    why = fmt::format(
+        "the message from rank {} to rank {} (tag {}) is stamped on one side only: do all ranks use "
+        "the same check_mode?",
+        source, dest, tag);
+  }
+  send_state.error = recv_state.error = why;
+  send_state.mismatch = recv_state.mismatch = true;
+  return true;
+}
 
 void copy_message(const void* from, std::size_t from_bytes, void* to, std::size_t to_bytes,
                   completion& send_state, completion& recv_state, int source, int dest, int tag) {
@@ -125,6 +173,7 @@ class local_request final : public detail::request_state {
       return true;
     }
     if (group_->failed.load()) throw_abandoned();
+    if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
     return false;
   }
 
@@ -134,6 +183,7 @@ class local_request final : public detail::request_state {
     const auto deadline = detail::deadline_after(timeout_);
     while (!state_->done) {
       if (group_->failed.load()) throw_abandoned();
+      if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
       if (box.changed.wait_until(lock, deadline) == std::cv_status::timeout && !state_->done) {
         if (group_->failed.load()) throw_abandoned();
         throw timeout_error(fmt::format(
@@ -148,7 +198,16 @@ class local_request final : public detail::request_state {
 
  private:
   void rethrow_if_error() const {
-    if (!state_->error.empty()) throw comm_error(fmt::format("rank {}: {}", rank_, state_->error));
+    if (state_->error.empty()) return;
+    if (state_->mismatch) throw usage_error(state_->error);
+    throw comm_error(fmt::format("rank {}: {}", rank_, state_->error));
+  }
+  [[noreturn]] void throw_peer_finished() const {
+    throw comm_error(fmt::format(
+        "rank {}: {} {} bytes {} rank {} (tag {}) cannot complete: rank {} has returned from its "
+        "function, having run fewer collectives than this rank; did it take another path?",
+        rank_, is_send_ ? "send of" : "receive of", bytes_, is_send_ ? "to" : "from", peer_, tag_,
+        peer_));
   }
   [[noreturn]] void throw_abandoned() const {
     throw comm_error(fmt::format("rank {}: {} rank {} (tag {}) abandoned because {}", rank_,
@@ -176,6 +235,7 @@ class local_transport final : public transport {
   request isend(const void* data, std::size_t bytes, int peer, int tag) override {
     check_peer(peer, "isend");
     auto state = std::make_shared<completion>();
+    const stamp_slot stamp = stamp_slot::of(current_stamp(tag));
     auto& box = group_->boxes[static_cast<std::size_t>(peer)];
     {
       std::unique_lock lock(box.mutex);
@@ -185,7 +245,9 @@ class local_transport final : public transport {
           box.recvs.erase(it);
           lock.unlock();
           // Copy outside the lock; both requests stay pending until done is set.
-          copy_message(data, bytes, r.data, r.bytes, *state, *r.state, rank_, peer, tag);
+          if (!stamps_differ(stamp, r.stamp, *state, *r.state, rank_, peer, tag)) {
+            copy_message(data, bytes, r.data, r.bytes, *state, *r.state, rank_, peer, tag);
+          }
           lock.lock();
           state->done = true;
           r.state->done = true;
@@ -193,7 +255,7 @@ class local_transport final : public transport {
           return make_request(peer, state, peer, tag, bytes, true);
         }
       }
-      box.sends.push_back({data, bytes, rank_, tag, state});
+      box.sends.push_back({data, bytes, rank_, tag, state, stamp});
       box.changed.notify_all();
     }
     return make_request(peer, state, peer, tag, bytes, true);
@@ -202,6 +264,7 @@ class local_transport final : public transport {
   request irecv(void* data, std::size_t bytes, int peer, int tag) override {
     check_peer(peer, "irecv");
     auto state = std::make_shared<completion>();
+    const stamp_slot stamp = stamp_slot::of(current_stamp(tag));
     auto& box = group_->boxes[static_cast<std::size_t>(rank_)];
     {
       std::unique_lock lock(box.mutex);
@@ -210,7 +273,9 @@ class local_transport final : public transport {
           posted_send s = *it;
           box.sends.erase(it);
           lock.unlock();
-          copy_message(s.data, s.bytes, data, bytes, *s.state, *state, peer, rank_, tag);
+          if (!stamps_differ(s.stamp, stamp, *s.state, *state, peer, rank_, tag)) {
+            copy_message(s.data, s.bytes, data, bytes, *s.state, *state, peer, rank_, tag);
+          }
           lock.lock();
           state->done = true;
           s.state->done = true;
@@ -218,7 +283,7 @@ class local_transport final : public transport {
           return make_request(rank_, state, peer, tag, bytes, false);
         }
       }
-      box.recvs.push_back({data, bytes, peer, tag, state});
+      box.recvs.push_back({data, bytes, peer, tag, state, stamp});
     }
     return make_request(rank_, state, peer, tag, bytes, false);
   }
@@ -320,6 +385,7 @@ void run(int n, const std::function<void(communicator&)>& fn) {
     threads.emplace_back([&, r] {
       try {
         fn(comms[static_cast<std::size_t>(r)]);
+        g->finish(r);
       } catch (const std::exception& e) {
         errors[static_cast<std::size_t>(r)] = std::current_exception();
         {

@@ -11,15 +11,21 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <memory>
 #include <thread>
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
+#include "mpi_job.hpp"
 
 namespace ringflow::mpi {
 namespace {
@@ -87,12 +93,62 @@ void decide_yield(MPI_Comm comm) {
 // Messages larger than INT_MAX bytes go out as several MPI messages.
 constexpr std::size_t max_piece = std::size_t{1} << 30;
 
+class mpi_transport;
+
+// Stamp mode: a wait on a collective message that has made no progress for
+// this long asks its peer what it ran (the answer comes back as a mismatch
+// error, or not at all). It catches mismatches whose messages never cross,
+// e.g. a rank that called with count 0 and so sent nothing.
+constexpr std::chrono::milliseconds stall_probe_after{1000};
+
+// Stall probes of a transport: sending one, and comparing the ones that
+// arrived with what this rank ran. Defined after mpi_transport.
+void send_stall_probe(mpi_transport& t, int peer, const fingerprint& fp);
+void answer_stall_probes(mpi_transport& t);
+
 class mpi_request final : public detail::request_state {
  public:
-  mpi_request(std::vector<MPI_Request> reqs, std::vector<int> expected, int rank, int peer, int tag,
-              std::size_t bytes, bool is_send, std::chrono::milliseconds timeout)
-      : reqs_(std::move(reqs)), expected_(std::move(expected)), rank_(rank), peer_(peer),
-        tag_(tag), bytes_(bytes), is_send_(is_send), timeout_(timeout) {}
+  mpi_request(int rank, int peer, int world_peer, int tag, std::size_t bytes, bool is_send,
+              std::chrono::milliseconds timeout)
+      : rank_(rank), peer_(peer), world_peer_(world_peer), tag_(tag), bytes_(bytes),
+        is_send_(is_send), timeout_(timeout) {}
+
+  // Lets a stalled wait probe its peer (stamp mode, collective messages).
+  void watch_stalls(std::weak_ptr<mpi_transport> owner, const fingerprint& current) {
+    owner_ = std::move(owner);
+    current_ = current;
+  }
+
+  // Posts the message (pieces of at most max_piece bytes). With `stamp`, the
+  // first piece starts with a stamp_header: copied together with the data
+  // into one buffer when small, sent from two places by a derived datatype
+  // when large (no copy of the payload).
+  void post(MPI_Comm comm, void* data, const fingerprint* stamp) {
+    auto* p = static_cast<char*>(data);
+    std::size_t left = bytes_;
+    bool first = true;
+    do {  // a zero-byte message is still one message
+      const std::size_t n = left < max_piece ? left : max_piece;
+      MPI_Request r = MPI_REQUEST_NULL;
+      if (first && stamp != nullptr) {
+        post_stamped(comm, p, n, *stamp, &r);
+        expected_.push_back(static_cast<int>(n + sizeof(detail::stamp_header)));
+      } else {
+        if (is_send_) {
+          RINGFLOW_CHECK_MPI(MPI_Isend(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, &r),
+                             rank_, peer_);
+        } else {
+          RINGFLOW_CHECK_MPI(MPI_Irecv(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, &r),
+                             rank_, peer_);
+        }
+        expected_.push_back(static_cast<int>(n));
+      }
+      reqs_.push_back(r);
+      p += n;
+      left -= n;
+      first = false;
+    } while (left > 0);
+  }
 
   ~mpi_request() override {
     // Only reached for a request that failed or timed out: free what is left.
@@ -116,8 +172,12 @@ class mpi_request final : public detail::request_state {
   void wait() override {
     // Poll instead of MPI_Wait so a lost peer becomes timeout_error, not a
     // hang; yield between polls only when oversubscribed (decide_yield).
+    // Every 1024 polls also look at the job: a rank that failed or left
+    // ends this wait at once instead of at the deadline.
     const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
+    const auto started = std::chrono::steady_clock::now();
     const auto deadline = detail::deadline_after(timeout_);
+    bool probed = false;
     std::vector<MPI_Status> st(reqs_.size());
     for (unsigned spins = 0;; ++spins) {
       int flag = 0;
@@ -129,12 +189,21 @@ class mpi_request final : public detail::request_state {
       }
       if (spins >= 128) {
         if (yield) std::this_thread::yield();
-        if ((spins & 1023u) == 0 && std::chrono::steady_clock::now() > deadline) {
-          throw timeout_error(fmt::format(
-              "rank {}: MPI {} {} bytes {} rank {} (tag {}) did not complete within {} ms "
-              "(RINGFLOW_TIMEOUT); is rank {} stuck, dead or calling a different collective?",
-              rank_, is_send_ ? "send of" : "receive of", bytes_, is_send_ ? "to" : "from", peer_,
-              tag_, timeout_.count(), peer_));
+        if ((spins & 1023u) == 0) {
+          job::check_peer(world_peer_, rank_, what());
+          if (auto owner = owner_.lock()) {
+            answer_stall_probes(*owner);
+            if (!probed && std::chrono::steady_clock::now() - started > stall_probe_after) {
+              send_stall_probe(*owner, peer_, current_);
+              probed = true;
+            }
+          }
+          if (std::chrono::steady_clock::now() > deadline) {
+            fail<timeout_error>(fmt::format(
+                "rank {}: {} did not complete within {} ms (RINGFLOW_TIMEOUT); is rank {} stuck, "
+                "dead or calling a different collective?",
+                rank_, what(), timeout_.count(), peer_));
+          }
         }
       }
     }
@@ -152,14 +221,30 @@ class mpi_request final : public detail::request_state {
     int cls = 0;
     MPI_Error_class(code, &cls);
     if (cls == MPI_ERR_TRUNCATE) {
-      throw comm_error(fmt::format(
+      // The buffer holds the start of the message: a differing stamp says more.
+      check_stamp(static_cast<int>(sizeof(detail::stamp_header)));
+      fail<comm_error>(fmt::format(
           "rank {}: message from rank {} (tag {}) is larger than the {} bytes expected: the ranks "
           "disagree on the message size",
           rank_, peer_, tag_, bytes_));
     }
-    throw comm_error(fmt::format("{} failed on rank {} ({} rank {}, tag {}, {} bytes): {}", call,
+    fail<comm_error>(fmt::format("{} failed on rank {} ({} rank {}, tag {}, {} bytes): {}", call,
                                  rank_, is_send_ ? "send to" : "receive from", peer_, tag_, bytes_,
                                  mpi_error_text(code)));
+  }
+
+  // "receive of 4096 bytes from rank 1 (tag 16385)"
+  std::string what() const {
+    return fmt::format("MPI {} {} bytes {} rank {} (tag {})", is_send_ ? "send of" : "receive of",
+                       bytes_, is_send_ ? "to" : "from", peer_, tag_);
+  }
+
+  // Throws `msg` as E; a collective's failure breaks the job (job::fail),
+  // a user's point-to-point failure is the user's to handle.
+  template <class E>
+  [[noreturn]] void fail(const std::string& msg) const {
+    if (tag_ >= collective_tag_base) job::fail(job::notice::failed, msg);
+    throw E(msg);
   }
 
   void verify_sizes(const std::vector<MPI_Status>& st) {
@@ -167,30 +252,108 @@ class mpi_request final : public detail::request_state {
     for (std::size_t i = 0; i < st.size(); ++i) {
       int got = 0;
       MPI_Get_count(&st[i], MPI_BYTE, &got);
+      if (i == 0) check_stamp(got);
       if (got != expected_[i]) {
-        throw comm_error(fmt::format(
+        fail<comm_error>(fmt::format(
             "rank {}: message from rank {} (tag {}) has {} bytes, expected {}: the ranks "
             "disagree on the message size",
             rank_, peer_, tag_, got, expected_[i]));
       }
     }
+    if (bounce_ && user_bytes_) {
+      std::memcpy(user_, bounce_.get() + sizeof(detail::stamp_header), user_bytes_);
+    }
+  }
+
+  // Up to this many payload bytes travel copied behind the stamp; larger
+  // ones go by a two-block datatype (creating one costs about a microsecond).
+  static constexpr std::size_t copy_limit = 16 * 1024;
+
+  void post_stamped(MPI_Comm comm, char* p, std::size_t n, const fingerprint& stamp,
+                    MPI_Request* r) {
+    constexpr std::size_t h = sizeof(detail::stamp_header);
+    mine_ = stamp;
+    stamped_ = true;
+    if (n <= copy_limit) {
+      bounce_ = std::make_unique<std::byte[]>(n + h);
+      const int len = static_cast<int>(n + h);
+      if (is_send_) {
+        detail::stamp_header head;
+        head.fp = stamp;
+        std::memcpy(bounce_.get(), &head, h);
+        if (n) std::memcpy(bounce_.get() + h, p, n);
+        RINGFLOW_CHECK_MPI(MPI_Isend(bounce_.get(), len, MPI_BYTE, peer_, tag_, comm, r), rank_,
+                           peer_);
+      } else {
+        user_ = p;
+        user_bytes_ = n;
+        RINGFLOW_CHECK_MPI(MPI_Irecv(bounce_.get(), len, MPI_BYTE, peer_, tag_, comm, r), rank_,
+                           peer_);
+      }
+      return;
+    }
+    if (is_send_) head_.fp = stamp;
+    MPI_Aint where[2];
+    MPI_Get_address(&head_, &where[0]);
+    MPI_Get_address(p, &where[1]);
+    int lens[2] = {static_cast<int>(h), static_cast<int>(n)};
+    MPI_Datatype type = MPI_DATATYPE_NULL;
+    RINGFLOW_CHECK_MPI(MPI_Type_create_hindexed(2, lens, where, MPI_BYTE, &type), rank_, peer_);
+    RINGFLOW_CHECK_MPI(MPI_Type_commit(&type), rank_, peer_);
+    const int rc = is_send_ ? MPI_Isend(MPI_BOTTOM, 1, type, peer_, tag_, comm, r)
+                            : MPI_Irecv(MPI_BOTTOM, 1, type, peer_, tag_, comm, r);
+    MPI_Type_free(&type);  // the posted operation keeps its own reference
+    RINGFLOW_CHECK_MPI(rc, rank_, peer_);
+  }
+
+  // A received stamp that differs from this rank's is a mismatch between the
+  // two ranks' collectives: usage_error here, and the job learns of it.
+  void check_stamp(int got) {
+    if (!stamped_ || is_send_ || got < static_cast<int>(sizeof(detail::stamp_header))) return;
+    detail::stamp_header head;
+    std::memcpy(&head, bounce_ ? static_cast<const void*>(bounce_.get()) : &head_, sizeof head);
+    std::string msg;
+    if (head.magic != detail::stamp_header::magic_value) {
+      msg = fmt::format(
+          "rank {}: the message from rank {} (tag {}) carries no collective stamp, while this rank "
+          "runs {} with stamps: do all ranks use the same RINGFLOW_CHECK / check_mode?",
+          rank_, peer_, tag_, mine_.describe());
+    } else if (!(head.fp == mine_)) {
+      msg = detail::stamp_mismatch_text(rank_, mine_, peer_, head.fp);
+    } else {
+      return;
+    }
+    job::fail(job::notice::mismatch, msg);
+    throw usage_error(msg);
   }
 
   std::vector<MPI_Request> reqs_;
   std::vector<int> expected_;
-  int rank_, peer_, tag_;
+  int rank_, peer_, world_peer_, tag_;
   std::size_t bytes_;
   bool is_send_;
   std::chrono::milliseconds timeout_;
+  // Stamped messages (check_mode::stamp): the header, or a buffer holding
+  // header + payload for small ones, and where a received payload goes.
+  bool stamped_ = false;
+  fingerprint mine_;
+  std::weak_ptr<mpi_transport> owner_;  // set by watch_stalls
+  fingerprint current_;
+  detail::stamp_header head_;
+  std::unique_ptr<std::byte[]> bounce_;
+  void* user_ = nullptr;
+  std::size_t user_bytes_ = 0;
 };
 
-class mpi_transport final : public transport {
+class mpi_transport final : public transport,
+                            public std::enable_shared_from_this<mpi_transport> {
  public:
   // Takes ownership of `comm` (a communicator ringflow created by dup/split).
   explicit mpi_transport(MPI_Comm comm) : comm_(comm) {
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
+    world_ranks_ = job::world_ranks(comm_);
   }
   ~mpi_transport() override {
     int finalized = 0;
@@ -249,39 +412,130 @@ class mpi_transport final : public transport {
     }
     if (count > static_cast<std::size_t>(INT_MAX)) return false;
     const void* send = (in == out) ? MPI_IN_PLACE : in;
-    RINGFLOW_CHECK_MPI(MPI_Allreduce(send, out, static_cast<int>(count), mt, mo, comm_), rank_, -1);
-    return true;
+    // MPI_Iallreduce polled like every other wait, so the native path has a
+    // deadline and hears of failed ranks too. A timed-out MPI collective
+    // cannot be cancelled: the job is broken then (job::fail).
+    // Stamp mode: MPI_Allreduce carries no stamp, so a second, 16-byte
+    // MPI_Iallreduce (max of h and ~h for a hash h of the fingerprint: both
+    // come back as this rank's own exactly when every rank's is the same)
+    // runs beside it. Posted first, it completes even when the data one
+    // cannot (different counts).
+    MPI_Request check_req = MPI_REQUEST_NULL;
+    long long check_in[2] = {0, 0}, check_out[2] = {0, 0};
+    const fingerprint* stamp = current_stamp(collective_tag_base + 1);
+    if (stamp != nullptr) {
+      std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the fingerprint's bytes
+      const auto* b = reinterpret_cast<const unsigned char*>(stamp);
+      for (std::size_t i = 0; i < sizeof(fingerprint); ++i) h = (h ^ b[i]) * 1099511628211ull;
+      check_in[0] = static_cast<long long>(h);
+      check_in[1] = ~check_in[0];
+      RINGFLOW_CHECK_MPI(
+          MPI_Iallreduce(check_in, check_out, 2, MPI_LONG_LONG, MPI_MAX, comm_, &check_req),
+          rank_, -1);
+    }
+    MPI_Request req = MPI_REQUEST_NULL;
+    RINGFLOW_CHECK_MPI(MPI_Iallreduce(send, out, static_cast<int>(count), mt, mo, comm_, &req),
+                       rank_, -1);
+    const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
+    const auto deadline = detail::deadline_after(timeout());
+    for (unsigned spins = 0;; ++spins) {
+      if (check_req != MPI_REQUEST_NULL) {
+        int done = 0;
+        if (MPI_Test(&check_req, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && done &&
+            (check_out[0] != check_in[0] || check_out[1] != check_in[1])) {
+          const std::string msg = fmt::format(
+              "collective mismatch detected on rank {}: the ranks called the native "
+              "MPI_Allreduce with different collectives; this rank called {} (RINGFLOW_CHECK=full "
+              "names every rank's call)",
+              rank_, stamp->describe());
+          job::fail(job::notice::mismatch, msg);
+          throw usage_error(msg);
+        }
+      }
+      int flag = 0;
+      const int rc = MPI_Test(&req, &flag, MPI_STATUS_IGNORE);
+      if (rc != MPI_SUCCESS) {
+        const std::string msg = fmt::format("MPI_Iallreduce failed on rank {}: {}", rank_,
+                                            mpi_error_text(rc));
+        job::fail(job::notice::failed, msg);
+        throw comm_error(msg);
+      }
+      if (flag && check_req == MPI_REQUEST_NULL) return true;
+      if (spins < 128) continue;
+      if (yield) std::this_thread::yield();
+      if ((spins & 1023u) != 0) continue;
+      const auto what = [&] {
+        return fmt::format("MPI_Allreduce (native) of {} {} {}", count, dtype_name(type),
+                           op_name(op));
+      };
+      job::check_members(world_ranks_, rank_, what());
+      if (std::chrono::steady_clock::now() > deadline) {
+        const std::string msg = fmt::format(
+            "rank {}: {} did not complete within {} ms (RINGFLOW_TIMEOUT); is a rank stuck, dead "
+            "or calling a different collective?",
+            rank_, what(), timeout().count());
+        job::fail(job::notice::failed, msg);
+        throw timeout_error(msg);
+      }
+    }
   }
 
  private:
   request post(void* data, std::size_t bytes, int peer, int tag, bool is_send) {
-    std::vector<MPI_Request> reqs;
-    std::vector<int> expected;
-    auto* p = static_cast<char*>(data);
-    std::size_t left = bytes;
-    do {  // a zero-byte message is still one message
-      const std::size_t n = left < max_piece ? left : max_piece;
-      MPI_Request r = MPI_REQUEST_NULL;
-      if (is_send) {
-        RINGFLOW_CHECK_MPI(MPI_Isend(p, static_cast<int>(n), MPI_BYTE, peer, tag, comm_, &r), rank_,
-                           peer);
-      } else {
-        RINGFLOW_CHECK_MPI(MPI_Irecv(p, static_cast<int>(n), MPI_BYTE, peer, tag, comm_, &r), rank_,
-                           peer);
-      }
-      reqs.push_back(r);
-      expected.push_back(static_cast<int>(n));
-      p += n;
-      left -= n;
-    } while (left > 0);
-    return request(std::make_unique<mpi_request>(std::move(reqs), std::move(expected), rank_, peer,
-                                                 tag, bytes, is_send, timeout()));
+    const fingerprint* stamp = is_send ? stamp_for_send(peer, tag) : stamp_for_receive(peer, tag);
+    auto r = std::make_unique<mpi_request>(rank_, peer, world_rank_of(peer), tag, bytes, is_send,
+                                           timeout());
+    if (const fingerprint* now = current_stamp(tag)) r->watch_stalls(weak_from_this(), *now);
+    r->post(comm_, data, stamp);
+    return request(std::move(r));
+  }
+
+  friend void send_stall_probe(mpi_transport& t, int peer, const fingerprint& fp);
+  friend void answer_stall_probes(mpi_transport& t);
+
+  int world_rank_of(int peer) const {
+    return peer >= 0 && peer < size_ ? world_ranks_[static_cast<std::size_t>(peer)] : -1;
   }
 
   MPI_Comm comm_;
   int rank_ = 0;
   int size_ = 1;
+  std::vector<int> world_ranks_;  // of each rank of comm_ (the job's notices use world ranks)
+  std::deque<detail::stamp_header> probes_sent_;  // buffers of probes in flight (a few at most)
 };
+
+void send_stall_probe(mpi_transport& t, int peer, const fingerprint& fp) {
+  t.probes_sent_.emplace_back();
+  t.probes_sent_.back().fp = fp;
+  MPI_Request r = MPI_REQUEST_NULL;
+  if (MPI_Isend(&t.probes_sent_.back(), sizeof(detail::stamp_header), MPI_BYTE, peer,
+                stall_probe_tag, t.comm_, &r) == MPI_SUCCESS) {
+    MPI_Request_free(&r);  // 32 bytes leave at once; the buffer lives as long as t
+  }
+}
+
+void answer_stall_probes(mpi_transport& t) {
+  for (;;) {
+    int flag = 0;
+    MPI_Status st;
+    if (MPI_Iprobe(MPI_ANY_SOURCE, stall_probe_tag, t.comm_, &flag, &st) != MPI_SUCCESS || !flag) {
+      return;
+    }
+    detail::stamp_header head;
+    if (MPI_Recv(&head, sizeof head, MPI_BYTE, st.MPI_SOURCE, stall_probe_tag, t.comm_,
+                 MPI_STATUS_IGNORE) != MPI_SUCCESS ||
+        head.magic != detail::stamp_header::magic_value) {
+      continue;
+    }
+    // Only a collective this rank has run can be compared; a peer ahead of
+    // this rank is waiting for it and hears back when it gets there.
+    const fingerprint* mine = t.stamp_of(head.fp.sequence);
+    if (mine == nullptr || *mine == head.fp) continue;
+    const std::string msg = detail::stamp_mismatch_text(t.rank_, *mine, st.MPI_SOURCE, head.fp);
+    job::fail(job::notice::mismatch, msg);
+    throw usage_error(msg);
+  }
+}
 
 constexpr int to_mpi(threading t) {
   switch (t) {
@@ -335,6 +589,7 @@ void environment::init(int* argc, char*** argv, threading level) {
   provided_ = from_mpi(provided);
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   previous_terminate = std::set_terminate(abort_on_terminate);
+  job::start();
 }
 
 environment::environment(int& argc, char**& argv, threading level) { init(&argc, &argv, level); }
@@ -345,7 +600,9 @@ environment::~environment() {
   std::set_terminate(previous_terminate);
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (!finalized) MPI_Finalize();
+  if (finalized) return;
+  job::finish();  // aborts a broken job instead of finalizing it
+  MPI_Finalize();
 }
 
 bool initialized() noexcept {

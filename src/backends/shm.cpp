@@ -50,6 +50,7 @@
 
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/core/log.hpp"
+#include "mpi_job.hpp"
 
 #include "ringflow/coll/registry.hpp"
 
@@ -148,6 +149,7 @@ struct node_state {
   bool oversubscribed = false;  // rank 0's verdict, so all ranks wait alike
   std::chrono::microseconds spin{0};  // poll this long before sleeping
   int broken_by = -1;  // rank that failed; the segment's counters are lost
+  std::vector<int> world_ranks;  // of each rank, for the job's failure notices
 
   node_state() = default;
   node_state(const node_state&) = delete;
@@ -215,6 +217,7 @@ bool oversubscribed(int local_ranks) {
 
 // Collective over `mc`: finds the node, creates and maps the segment.
 void set_up(node_state& st, MPI_Comm mc) {
+  st.world_ranks = mpi::job::world_ranks(mc);
   MPI_Comm_rank(mc, &st.rank);
   MPI_Comm_size(mc, &st.size);
   MPI_Comm node = MPI_COMM_NULL;
@@ -415,6 +418,12 @@ class waiter {
 
   void check_peers_and_deadline(int q, const char* doing, std::uint64_t block,
                                 std::uint64_t blocks) {
+    // A rank that failed elsewhere in the job, or left it, ends this wait.
+    if (q >= 0 && static_cast<std::size_t>(q) < st_.world_ranks.size()) {
+      mpi::job::check_peer(st_.world_ranks[static_cast<std::size_t>(q)], st_.rank,
+                           fmt::format("shm allreduce of {} {} waiting for rank {} to {} block {}",
+                                       count_, dtype_name(type_), q, doing, block + 1));
+    }
     std::atomic_ref<std::int32_t> broken(st_.head().broken);
     if (const int b = broken.load(std::memory_order_relaxed); b != 0) {
       st_.broken_by = b - 1;
@@ -427,10 +436,12 @@ class waiter {
       int expected = 0;
       broken.compare_exchange_strong(expected, st_.rank + 1);
       st_.broken_by = st_.rank;
-      throw timeout_error(fmt::format(
+      const std::string msg = fmt::format(
           "rank {}: shm allreduce of {} {} waited {} ms for rank {} to {} block {} of {} "
           "(RINGFLOW_TIMEOUT); is rank {} stuck, dead or calling a different collective?",
-          st_.rank, count_, dtype_name(type_), timeout_.count(), q, doing, block + 1, blocks, q));
+          st_.rank, count_, dtype_name(type_), timeout_.count(), q, doing, block + 1, blocks, q);
+      mpi::job::fail(mpi::job::notice::failed, msg);
+      throw timeout_error(msg);
     }
   }
 

@@ -14,27 +14,6 @@
 
 namespace ringflow {
 
-std::string_view coll_name(coll_kind k) {
-  switch (k) {
-    case coll_kind::allreduce: return "allreduce";
-    case coll_kind::reduce_scatter: return "reduce_scatter";
-    case coll_kind::allgather: return "allgather";
-    case coll_kind::broadcast: return "broadcast";
-    case coll_kind::barrier: return "barrier";
-  }
-  return "unknown";
-}
-
-std::string fingerprint::describe() const {
-  std::string s = fmt::format("{}(type={}, ", coll_name(kind), dtype_name(type));
-  if (kind == coll_kind::allreduce || kind == coll_kind::reduce_scatter) {
-    s += fmt::format("op={}, ", op_name(op));
-  }
-  if (kind == coll_kind::broadcast) s += fmt::format("root={}, ", root);
-  s += fmt::format("count={}) as collective #{}", count, sequence);
-  return s;
-}
-
 algo parse_algo(std::string_view text) {
   for (algo a : all_algos) {
     if (text == algo_name(a)) return a;
@@ -51,8 +30,6 @@ algo parse_algo(std::string_view text) {
 
 namespace detail {
 namespace {
-constexpr int fingerprint_tag = collective_tag_base + 100;
-static_assert(sizeof(fingerprint) == 24);
 
 std::string rank_list(const std::vector<int>& ranks) {
   if (ranks.size() == 1) return fmt::format("rank {}", ranks[0]);

@@ -11,16 +11,9 @@ namespace ringflow {
 
 struct communicator::state {
   std::atomic<std::uint64_t> sequence{0};
-  std::atomic<bool> checked{checked_by_default()};
+  std::atomic<ringflow::check_mode> mode{check_mode_from_env()};
   std::shared_ptr<void> attachment;
 };
-
-bool checked_by_default() {
-  const char* env = std::getenv("RINGFLOW_CHECK");
-  if (env == nullptr) return false;
-  const std::string_view v(env);
-  return v == "1" || v == "on" || v == "true" || v == "yes";
-}
 
 communicator::communicator(std::shared_ptr<transport> t)
     : transport_(std::move(t)), state_(std::make_shared<state>()) {
@@ -31,14 +24,16 @@ communicator communicator::split(int color, int key) const {
   auto t = transport_->split(color, key);
   if (!t) return communicator();
   communicator c(std::move(t));
-  c.set_checked(checked());
+  c.set_check_mode(check_mode());
   return c;
 }
 
-bool communicator::checked() const noexcept { return state_->checked.load(std::memory_order_relaxed); }
+ringflow::check_mode communicator::check_mode() const noexcept {
+  return state_->mode.load(std::memory_order_relaxed);
+}
 
-void communicator::set_checked(bool on) const noexcept {
-  state_->checked.store(on, std::memory_order_relaxed);
+void communicator::set_check_mode(ringflow::check_mode m) const noexcept {
+  state_->mode.store(m, std::memory_order_relaxed);
 }
 
 std::uint64_t communicator::next_sequence() const noexcept {

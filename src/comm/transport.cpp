@@ -61,12 +61,12 @@ void wait_all(std::span<request> requests) {
 std::chrono::milliseconds default_timeout() {
   static const std::chrono::milliseconds value = [] {
     const char* env = std::getenv("RINGFLOW_TIMEOUT");
-    if (env == nullptr || *env == '\0') return std::chrono::milliseconds(300'000);
+    if (env == nullptr || *env == '\0') return std::chrono::milliseconds(600'000);
     char* end = nullptr;
     const double seconds = std::strtod(env, &end);
     if (end == env || *end != '\0' || seconds < 0) {
-      log::warn("RINGFLOW_TIMEOUT='{}' is not a number of seconds; using 300", env);
-      return std::chrono::milliseconds(300'000);
+      log::warn("RINGFLOW_TIMEOUT='{}' is not a number of seconds; using 600", env);
+      return std::chrono::milliseconds(600'000);
     }
     if (seconds == 0) return std::chrono::milliseconds::max();
     return std::chrono::milliseconds(static_cast<long long>(seconds * 1000.0));

@@ -7,6 +7,7 @@
 #include <span>
 #include <string>
 
+#include "ringflow/comm/fingerprint.hpp"
 #include "ringflow/comm/transport.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/error.hpp"
@@ -58,11 +59,18 @@ class communicator {
     irecv(data, peer, tag).wait();
   }
 
-  /// Checked mode: before each collective the ranks compare a fingerprint
-  /// (sequence number, collective, dtype, op, count, root) and a mismatch
-  /// throws usage_error on every rank. On when RINGFLOW_CHECK=1.
-  bool checked() const noexcept;
-  void set_checked(bool on) const noexcept;
+  /// How the ranks check that they run the same collective (sequence
+  /// number, collective, dtype, op, count, root): see check_mode. The
+  /// default comes from RINGFLOW_CHECK (stamp when unset). Every rank of a
+  /// communicator must use the same mode; split children inherit it.
+  ringflow::check_mode check_mode() const noexcept;
+  void set_check_mode(ringflow::check_mode m) const noexcept;
+  /// checked(): the mode is not off. set_checked(true) selects the full
+  /// exchange (check_mode::full), set_checked(false) turns checks off.
+  bool checked() const noexcept { return check_mode() != check_mode::off; }
+  void set_checked(bool on) const noexcept {
+    set_check_mode(on ? check_mode::full : check_mode::off);
+  }
 
   /// Number of collectives started on this communicator (same on every rank).
   std::uint64_t next_sequence() const noexcept;
@@ -79,7 +87,5 @@ class communicator {
   std::shared_ptr<state> state_;
 };
 
-/// True when RINGFLOW_CHECK is set to 1/on/true in the environment.
-bool checked_by_default();
 
 }  // namespace ringflow

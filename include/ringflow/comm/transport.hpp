@@ -10,6 +10,10 @@
 #include <string>
 #include <string_view>
 
+#include <utility>
+#include <vector>
+
+#include "ringflow/comm/fingerprint.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/reduce_op.hpp"
 
@@ -19,6 +23,12 @@ namespace ringflow {
 /// collectives (so a user message can never match a collective's).
 inline constexpr int max_user_tag = 16383;
 inline constexpr int collective_tag_base = 16384;
+/// Collective tags whose messages carry stamps (check_mode::stamp): the
+/// algorithms' tags, not the full check's exchange (+100) nor split (+4000).
+inline constexpr int fingerprint_tag = collective_tag_base + 100;
+/// A rank stalled in a collective asks its peer what it ran (stamp mode).
+inline constexpr int stall_probe_tag = collective_tag_base + 101;
+inline constexpr int stamped_tag_end = collective_tag_base + 4000;
 
 namespace detail {
 /// A pending operation inside a backend.
@@ -58,7 +68,7 @@ class request {
 void wait_all(std::span<request> requests);
 
 /// The seconds a blocking wait may take before timeout_error: RINGFLOW_TIMEOUT
-/// (seconds, 0 = forever), default 300.
+/// (seconds, 0 = forever), default 600 (NCCL's default in PyTorch).
 std::chrono::milliseconds default_timeout();
 
 namespace detail {
@@ -106,8 +116,75 @@ class transport {
   std::chrono::milliseconds timeout() const noexcept { return timeout_; }
   void set_timeout(std::chrono::milliseconds t) noexcept { timeout_ = t; }
 
+  /// Stamp mode (check_mode::stamp): begin_collective hands over the
+  /// collective's fingerprint; until the next call, the backend attaches it
+  /// to the first message of each (peer, tag) of the collective and compares
+  /// it on arrival. end_stamps() stops (check mode off or full).
+  void begin_stamps(const fingerprint& fp) noexcept {
+    stamp_ = fp;
+    stamping_ = true;
+    sent_.clear();
+    received_.clear();
+    history_[fp.sequence % history_size] = {fp.sequence + 1, fp};
+  }
+  void end_stamps() noexcept { stamping_ = false; }
+
+ protected:
+  /// For backends: the stamp a send (receive) of `tag` to (from) `peer`
+  /// carries, or nullptr. The first message of each (peer, tag) of a
+  /// collective carries one; both sides count alike, since messages of one
+  /// (source, destination, tag) match in posting order.
+  const fingerprint* stamp_for_send(int peer, int tag) {
+    return stamping_ && stamped_tag(tag) && first_use(sent_, peer, tag) ? &stamp_ : nullptr;
+  }
+  const fingerprint* stamp_for_receive(int peer, int tag) {
+    return stamping_ && stamped_tag(tag) && first_use(received_, peer, tag) ? &stamp_ : nullptr;
+  }
+  /// The stamp of every message of the current collective (backends that
+  /// compare on every message, as the local one does), or nullptr.
+  const fingerprint* current_stamp(int tag) const noexcept {
+    return stamping_ && stamped_tag(tag) ? &stamp_ : nullptr;
+  }
+  /// What this rank ran as collective `sequence`, if it is among the last
+  /// history_size stamped ones (a stalled peer's probe is compared with it).
+  const fingerprint* stamp_of(std::uint64_t sequence) const noexcept {
+    const auto& h = history_[sequence % history_size];
+    return h.first == sequence + 1 ? &h.second : nullptr;
+  }
+
  private:
+  static bool stamped_tag(int tag) noexcept {
+    return tag > collective_tag_base && tag < stamped_tag_end && tag != fingerprint_tag;
+  }
+  static bool first_use(std::vector<std::pair<int, int>>& used, int peer, int tag) {
+    for (const auto& u : used) {
+      if (u.first == peer && u.second == tag) return false;
+    }
+    used.emplace_back(peer, tag);
+    return true;
+  }
+
+  static constexpr std::size_t history_size = 64;
+
   std::chrono::milliseconds timeout_ = default_timeout();
+  bool stamping_ = false;
+  fingerprint stamp_;
+  std::pair<std::uint64_t, fingerprint> history_[history_size] = {};  // (sequence + 1, what)
+  std::vector<std::pair<int, int>> sent_, received_;  // (peer, tag) stamped this collective
 };
+
+namespace detail {
+/// What a stamped message starts with: a marker and the sender's fingerprint.
+struct stamp_header {
+  static constexpr std::uint32_t magic_value = 0x52465354;  // "RFST"
+  std::uint32_t magic = magic_value;
+  std::uint32_t version = 1;
+  fingerprint fp;
+};
+static_assert(sizeof(stamp_header) == 32);
+
+/// The usage_error text for two ranks whose stamps differ.
+std::string stamp_mismatch_text(int me, const fingerprint& mine, int peer, const fingerprint& theirs);
+}  // namespace detail
 
 }  // namespace ringflow

@@ -1,0 +1,71 @@
+// Fingerprints of collectives: names, descriptions, the check mode from the
+// environment, and the text of a stamp mismatch.
+#include "ringflow/comm/fingerprint.hpp"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+
+#include "ringflow/comm/transport.hpp"
+#include "ringflow/core/log.hpp"
+
+namespace ringflow {
+
+std::string_view coll_name(coll_kind k) {
+  switch (k) {
+    case coll_kind::allreduce: return "allreduce";
+    case coll_kind::reduce_scatter: return "reduce_scatter";
+    case coll_kind::allgather: return "allgather";
+    case coll_kind::broadcast: return "broadcast";
+    case coll_kind::barrier: return "barrier";
+  }
+  return "unknown";
+}
+
+std::string fingerprint::describe() const {
+  std::string s = fmt::format("{}(type={}, ", coll_name(kind), dtype_name(type));
+  if (kind == coll_kind::allreduce || kind == coll_kind::reduce_scatter) {
+    s += fmt::format("op={}, ", op_name(op));
+  }
+  if (kind == coll_kind::broadcast) s += fmt::format("root={}, ", root);
+  s += fmt::format("count={}) as collective #{}", count, sequence);
+  return s;
+}
+
+std::string_view check_mode_name(check_mode m) {
+  switch (m) {
+    case check_mode::off: return "off";
+    case check_mode::stamp: return "stamp";
+    case check_mode::full: return "full";
+  }
+  return "unknown";
+}
+
+check_mode check_mode_from_env() {
+  static const check_mode value = [] {
+    const char* env = std::getenv("RINGFLOW_CHECK");
+    if (env == nullptr || *env == '\0') return check_mode::stamp;
+    const std::string_view v(env);
+    if (v == "0" || v == "off" || v == "false" || v == "no") return check_mode::off;
+    if (v == "1" || v == "on" || v == "true" || v == "yes" || v == "stamp") {
+      return check_mode::stamp;
+    }
+    if (v == "full") return check_mode::full;
+    log::warn("RINGFLOW_CHECK='{}' is not one of 0, 1, stamp, full; using stamp", v);
+    return check_mode::stamp;
+  }();
+  return value;
+}
+
+namespace detail {
+std::string stamp_mismatch_text(int me, const fingerprint& mine, int peer,
+                                const fingerprint& theirs) {
+  return fmt::format(
+      "collective mismatch detected on rank {}: rank {} called {}; rank {} called {}. Every rank "
+      "must call the same collective with the same type, op, count and root, in the same order "
+      "(RINGFLOW_CHECK=full names every rank's call)",
+      me, peer, theirs.describe(), me, mine.describe());
+}
+}  // namespace detail
+
+}  // namespace ringflow
