@@ -7,8 +7,15 @@
 // buffer for the first 2*(p - q) ranks).
 //
 // Determinism: in round k both partners compute op(lower half, upper half)
-// from identical operands, so every rank holds the same bits after each
-// round; folded indices increase with rank, so the order is fixed run to run.
+// from identical operands. That alone does not give identical bits: the two
+// partners run different inlined copies of the loop (one writes over its
+// lower operand, the other over its upper one) and the compiler may take
+// the operands of + and * in either order, which decides the payload of
+// NaN + NaN. So the rounds combine with combine_symmetric (fold.hpp): a NaN
+// result of sum, prod or avg is the canonical quiet NaN, and every other
+// result is order-free; min/max keep the written order (lower partial
+// first). Every rank then holds the same bits after each round; folded
+// indices increase with rank, so the order is fixed run to run.
 #pragma once
 
 #include <cstddef>
@@ -42,7 +49,9 @@ void recursive_doubling_allreduce(transport& t, const T* in, T* out, std::size_t
       return;
     }
     t.irecv(incoming, bytes, r - 1, tag).wait();
-    combine_to(out, static_cast<const T*>(incoming), in, count, op);
+    // One rank computes this and the even neighbour copies it, but the same
+    // canonical NaN keeps the algorithm's results uniform.
+    combine_symmetric(out, static_cast<const T*>(incoming), in, count, op);
   } else if (out != in) {
     std::memcpy(static_cast<void*>(out), in, bytes);
   }
@@ -54,9 +63,9 @@ void recursive_doubling_allreduce(transport& t, const T* in, T* out, std::size_t
     rq.wait();
     sq.wait();  // out is overwritten next
     if (other < me) {
-      combine_to(out, static_cast<const T*>(incoming), out, count, op);
+      combine_symmetric(out, static_cast<const T*>(incoming), out, count, op);
     } else {
-      combine_to(out, out, static_cast<const T*>(incoming), count, op);
+      combine_symmetric(out, out, static_cast<const T*>(incoming), count, op);
     }
   }
   finish_range(out, count, op, p);
