@@ -16,8 +16,6 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include "tool_flags.hpp"
-
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -28,6 +26,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "tool_flags.hpp"
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;

@@ -22,8 +22,6 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
-#include "tool_flags.hpp"
-
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -37,6 +35,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "tool_flags.hpp"
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
