@@ -20,18 +20,8 @@ constexpr dtype all_dtypes[] = {dtype::f32, dtype::f64, dtype::f16, dtype::bf16,
 constexpr op_kind all_ops[] = {op_kind::sum, op_kind::prod, op_kind::min, op_kind::max,
                                op_kind::avg};
 
-long long parse_int(const std::string& flag, const std::string& text, long long lo, long long hi) {
-  long long v = 0;
-  const char* end = text.data() + text.size();
-  auto [p, ec] = std::from_chars(text.data(), end, v);
-  if (text.empty() || ec != std::errc() || p != end) {
-    throw bad_flag(fmt::format("{} expects an integer, got '{}'", flag, text));
-  }
-  if (v < lo || v > hi) {
-    throw bad_flag(fmt::format("{} {} is out of range [{}, {}]", flag, v, lo, hi));
-  }
-  return v;
-}
+using ringflow::tool_flags::parse_int;
+using ringflow::tool_flags::parse_bytes;
 
 dtype parse_dtype(const std::string& flag, const std::string& text) {
   for (dtype t : all_dtypes) {
@@ -58,66 +48,21 @@ op_kind parse_op(const std::string& flag, const std::string& text) {
 
 }  // namespace
 
-std::size_t parse_bytes(const std::string& flag, const std::string& text) {
-  std::size_t v = 0;
-  const char* begin = text.data();
-  const char* end = text.data() + text.size();
-  auto [p, ec] = std::from_chars(begin, end, v);
-  if (text.empty() || ec != std::errc() || p == begin) {
-    throw bad_flag(fmt::format("{} expects a byte count such as 1024, 64K, 4M or 1G, got '{}'",
-                               flag, text));
-  }
-  std::string suffix(p, end);
-  std::transform(suffix.begin(), suffix.end(), suffix.begin(),
-                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  std::size_t scale = 1;
-  if (!suffix.empty() && (suffix[0] == 'k' || suffix[0] == 'm' || suffix[0] == 'g')) {
-    scale = suffix[0] == 'k' ? (std::size_t{1} << 10)
-            : suffix[0] == 'm' ? (std::size_t{1} << 20)
-                               : (std::size_t{1} << 30);
-    suffix.erase(0, 1);
-    if (suffix == "ib" || suffix == "b") suffix.clear();
-  } else if (suffix == "b") {
-    suffix.clear();
-  }
-  if (!suffix.empty()) {
-    throw bad_flag(fmt::format("{} '{}': unknown size suffix (use K, M or G)", flag, text));
-  }
-  if (v > std::numeric_limits<std::size_t>::max() / scale) {
-    throw bad_flag(fmt::format("{} '{}' is too large", flag, text));
-  }
-  return v * scale;
-}
-
 bench_cli parse_cli(int argc, char** argv) {
   bench_cli cli;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::string value;
-    bool has_inline = false;
-    if (arg.rfind("--", 0) == 0) {  // --flag=value
-      if (const auto eq = arg.find('='); eq != std::string::npos) {
-        value = arg.substr(eq + 1);
-        arg.resize(eq);
-        has_inline = true;
-      }
-    }
-    auto take = [&]() -> std::string {
-      if (has_inline) return value;
-      if (i + 1 >= argc) throw bad_flag(fmt::format("{} needs a value", arg));
-      return argv[++i];
-    };
-    auto no_value = [&] {
-      if (has_inline) throw bad_flag(fmt::format("{} takes no value", arg));
-    };
+  tool_flags::reader flags(argc, argv);
+  while (flags.next()) {
+    const std::string& arg = flags.flag();
+    auto take = [&] { return flags.value(); };
+    auto no_value = [&] { flags.no_value(); };
 
     if (arg == "-h" || arg == "--help") {
       no_value();
       cli.help = true;
     } else if (arg == "-b" || arg == "--minbytes") {
-      cli.min_bytes = parse_bytes(arg, take());
+      cli.min_bytes = parse_bytes(arg, take(), 1, max_message_bytes);
     } else if (arg == "-e" || arg == "--maxbytes") {
-      cli.max_bytes = parse_bytes(arg, take());
+      cli.max_bytes = parse_bytes(arg, take(), 1, max_message_bytes);
     } else if (arg == "-f" || arg == "--stepfactor") {
       cli.factor = static_cast<std::size_t>(parse_int(arg, take(), 2, 1 << 20));
     } else if (arg == "-n" || arg == "--iters") {
@@ -153,8 +98,7 @@ bench_cli parse_cli(int argc, char** argv) {
     } else if (arg == "--reps") {
       cli.reps = static_cast<int>(parse_int(arg, take(), 1, 100000));
     } else if (arg == "--segment") {
-      cli.cfg.segment_bytes = parse_bytes(arg, take());
-      if (cli.cfg.segment_bytes == 0) throw bad_flag("--segment must be at least 1 byte");
+      cli.cfg.segment_bytes = parse_bytes(arg, take(), 1, std::size_t{1} << 30);
     } else if (arg == "--calibrate") {
       no_value();
       cli.calibrate = true;
@@ -168,7 +112,7 @@ bench_cli parse_cli(int argc, char** argv) {
       no_value();
       cli.extended = true;
     } else {
-      throw bad_flag(fmt::format("unknown flag '{}'", argv[i]));
+      flags.unknown();
     }
   }
   if (cli.min_bytes == 0) throw bad_flag("-b must be at least 1 byte");
@@ -264,12 +208,12 @@ std::string usage_text() {
 
 Times one ringflow collective over a range of message sizes, nccl-tests style.
 
-  -b, --minbytes BYTES     smallest message (K/M/G suffixes; default 1K)
-  -e, --maxbytes BYTES     largest message (default 64M)
-  -f, --stepfactor F       multiply the size by F each step (default 4)
-  -n, --iters N            timed iterations per repetition (default 20)
-  -w, --warmup_iters N     untimed iterations before timing (default 5)
-      --reps R             repetitions; times are the median over them (default 5)
+  -b, --minbytes BYTES     smallest message (K/M/G suffixes; 1 to 8G; default 1K)
+  -e, --maxbytes BYTES     largest message (1 to 8G; default 64M)
+  -f, --stepfactor F       multiply the size by F each step (2 to 2^20; default 4)
+  -n, --iters N            timed iterations per repetition (1 to 10^6; default 20)
+  -w, --warmup_iters N     untimed iterations before timing (0 to 10^6; default 5)
+      --reps R             repetitions; times are the median over them (1 to 10^5; default 5)
   -c, --check 0|1          check the result of a fresh run after timing (default 1)
   -d, --datatype TYPE      float double half bfloat16 int32 int64 int8 uint8 (default float)
   -o, --op OP              sum prod min max avg (default sum)
@@ -291,7 +235,7 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
                            node layout's tuning table in $RINGFLOW_TUNING, else
                            ~/.cache/ringflow/tuning-<host>.json (auto then picks from it;
                            use --reps 9 or more; RINGFLOW_TUNING=off ignores tables)
-      --segment BYTES      ring pipeline segment (default: the library's, 256K)
+      --segment BYTES      ring pipeline segment (1 to 1G; default: the library's, 256K)
       --baseline mpi       interleave the matching MPI collective rep by rep with
                            ringflow and print its busbw and ratio = ringflow/mpi
       --csv PATH           write one CSV row per size (- for stdout, replaces the table)
@@ -304,7 +248,8 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
 time  = median over --reps of (mean time of -n iterations, slowest rank)
 algbw = size / time;  busbw = algbw * factor: allreduce 2(n-1)/n,
         reduce_scatter and allgather (n-1)/n, broadcast 1 (see docs/benchmarks.md)
-Exit status: 0 ok, 1 wrong results or a failure, 2 bad flags.
+Exit status: 0 ok, 1 wrong results or a failure, 2 bad flags (one line on stderr
+naming the flag and the range it accepts).
 )";
 }
 

@@ -7,14 +7,16 @@
 #include <vector>
 
 #include "harness.hpp"
+#include "tool_flags.hpp"
 
 namespace ringflow::bench {
 
 /// A bad command line; the message names the flag. Exit status 2.
-class bad_flag : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
+using ringflow::tool_flags::bad_flag;
+
+/// The largest message -b / -e accept (8 GiB: a run needs a few times it
+/// per rank).
+inline constexpr std::size_t max_message_bytes = std::size_t{8} << 30;
 
 struct bench_cli {
   std::size_t min_bytes = 1024;
@@ -51,8 +53,5 @@ std::vector<std::size_t> message_sizes(const bench_cli& cli);
 /// The --help text.
 std::string usage_text();
 
-/// "1K" -> 1024, "4M" -> 4194304, "1G", "512"; accepts K/M/G (x1024) with an
-/// optional B or iB, any case. Throws bad_flag naming `flag`.
-std::size_t parse_bytes(const std::string& flag, const std::string& text);
 
 }  // namespace ringflow::bench

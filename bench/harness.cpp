@@ -333,11 +333,8 @@ int main(int argc, char** argv) {
                                      : run_bench(ring, ring_mpi, cli, entry);
       }
     } catch (const bad_flag& e) {
-      if (rank == 0 && e.what()[0] != '\0') {
-        std::fprintf(stderr, "ringflow-bench: error: %s\n(ringflow-bench --help lists the flags)\n",
-                     e.what());
-      }
-      status = 2;
+      if (rank == 0 && e.what()[0] != '\0') ringflow::tool_flags::report("ringflow-bench", e);
+      status = ringflow::tool_flags::bad_flag_status;
     } catch (const std::exception& e) {
       // A failure inside a collective may leave peers waiting: end the job.
       ringflow::mpi::abort(1, e.what());

@@ -27,6 +27,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tool_flags.hpp"
+
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
 namespace pl = ringflow::pipeline;
@@ -85,114 +87,57 @@ void print_help() {
 }
 
 // Thrown for a bad command line or layout: main prints it and exits with status 2.
-struct bad_flag : std::exception {
-  explicit bad_flag(std::string m) : message(std::move(m)) {}
-  const char* what() const noexcept override { return message.c_str(); }
-  std::string message;
-};
-
-long long parse_int(std::string_view flag, const std::string& text, long long min, long long max) {
-  std::size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || v < min || v > max) {
-    throw bad_flag(fmt::format("{} expects an integer in [{}, {}], got '{}'", flag, min, max, text));
-  }
-  return v;
-}
-
-double parse_double(std::string_view flag, const std::string& text) {
-  std::size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || !(v > 0) || !std::isfinite(v)) {
-    throw bad_flag(fmt::format("{} expects a positive number, got '{}'", flag, text));
-  }
-  return v;
-}
-
-template <class T>
-std::vector<T> parse_list(std::string_view flag, const std::string& text) {
-  std::vector<T> out;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t comma = text.find(',', start);
-    const std::string part =
-        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    out.push_back(static_cast<T>(parse_int(flag, part, 1, 1 << 16)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return out;
-}
+using ringflow::tool_flags::bad_flag;
 
 // Returns nullopt when --help was printed.
 std::optional<options> parse_args(int argc, char** argv, bool print) {
   options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
+  ringflow::tool_flags::reader flags(argc, argv);
+  while (flags.next()) {
+    const std::string& arg = flags.flag();
+    if (flags.is("--help", "-h")) {
       if (print) print_help();
       return std::nullopt;
-    }
-    std::string value;
-    bool have_value = false;
-    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      have_value = true;
-    }
-    const auto take = [&]() -> std::string {
-      if (have_value) return value;
-      if (i + 1 >= argc) throw bad_flag(fmt::format("{} needs a value", arg));
-      return argv[++i];
-    };
-    if (arg == "--schedule") {
-      o.schedule = take();
+    } else if (arg == "--schedule") {
+      o.schedule = flags.value();
       if (o.schedule != "gpipe" && o.schedule != "1f1b" && o.schedule != "interleaved") {
         throw bad_flag(fmt::format("--schedule expects gpipe, 1f1b or interleaved, got '{}'",
                                    o.schedule));
       }
     } else if (arg == "--stages") {
-      o.stages = static_cast<int>(parse_int(arg, take(), 1, 4096));
+      o.stages = static_cast<int>(flags.integer(1, 4096));
     } else if (arg == "--micro-batches") {
-      o.micro_batches = static_cast<int>(parse_int(arg, take(), 1, 4096));
+      o.micro_batches = static_cast<int>(flags.integer(1, 4096));
     } else if (arg == "--chunks") {
-      o.chunks = static_cast<int>(parse_int(arg, take(), 1, 64));
+      o.chunks = static_cast<int>(flags.integer(1, 64));
     } else if (arg == "--split-backward") {
+      flags.no_value();
       o.split_backward = true;
     } else if (arg == "--layers") {
-      o.split = parse_list<std::size_t>(arg, take());
+      o.split.clear();
+      for (long long l : flags.integers(1, 1 << 16, 4096)) o.split.push_back(static_cast<std::size_t>(l));
     } else if (arg == "--epochs") {
-      o.epochs = static_cast<int>(parse_int(arg, take(), 1, 100000));
+      o.epochs = static_cast<int>(flags.integer(1, 100000));
     } else if (arg == "--batch") {
-      o.batch = static_cast<std::size_t>(parse_int(arg, take(), 1, 1 << 20));
+      o.batch = static_cast<std::size_t>(flags.integer(1, 1 << 20));
     } else if (arg == "--lr") {
-      o.lr = parse_double(arg, take());
+      o.lr = flags.number(0, 10, /*lo_open=*/true);
     } else if (arg == "--seed") {
-      o.seed = static_cast<std::uint64_t>(parse_int(arg, take(), 0, INT64_MAX));
+      o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
     } else if (arg == "--hidden") {
-      o.hidden = parse_list<ad::index>(arg, take());
+      o.hidden.clear();
+      for (long long h : flags.integers(1, 1 << 16, 64)) o.hidden.push_back(static_cast<ad::index>(h));
     } else if (arg == "--data-dir") {
-      o.data_dir = take();
-      if (o.data_dir.empty()) throw bad_flag("--data-dir needs a non-empty folder");
+      o.data_dir = flags.text();
     } else if (arg == "--limit") {
-      o.limit = static_cast<std::size_t>(parse_int(arg, take(), 1, INT64_MAX));
+      o.limit = static_cast<std::size_t>(flags.integer(1, INT64_MAX));
     } else if (arg == "--trace") {
-      o.trace = take();
-      if (o.trace.empty()) throw bad_flag("--trace needs a file name");
+      o.trace = flags.text();
     } else if (arg == "--print-schedule") {
+      flags.no_value();
       o.print_schedule = true;
     } else {
-      throw bad_flag(fmt::format("unknown argument '{}'", argv[i]));
+      flags.unknown();
     }
   }
   if (o.trace.empty()) {
@@ -375,8 +320,7 @@ int main(int argc, char** argv) {
     return train(*o, world);
   } catch (const bad_flag& e) {
     // Every rank sees the same flags and sizes, so all of them stop here.
-    if (rank0) std::fprintf(stderr, "pipeline_fashion_mnist: %s; see --help\n", e.what());
-    return exit_usage;
+    return rank0 ? ringflow::tool_flags::report("pipeline_fashion_mnist", e) : exit_usage;
   } catch (const ringflow::usage_error& e) {
     if (rank0) std::fprintf(stderr, "pipeline_fashion_mnist: %s\n", e.what());
     return exit_usage;

@@ -36,6 +36,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tool_flags.hpp"
+
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
 namespace rt = ringflow::train;
@@ -94,109 +96,52 @@ void print_help() {
       rt::default_bucket_cap_bytes / 1024);
 }
 
-// Thrown for a bad command line: main prints it and exits with status 2.
-struct bad_flag : std::exception {
-  explicit bad_flag(std::string m) : message(std::move(m)) {}
-  const char* what() const noexcept override { return message.c_str(); }
-  std::string message;
-};
+using ringflow::tool_flags::bad_flag;
 
-long long parse_int(std::string_view flag, const std::string& text, long long min, long long max) {
-  std::size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || v < min || v > max) {
-    throw bad_flag(fmt::format("{} expects an integer in [{}, {}], got '{}'", flag, min, max, text));
-  }
-  return v;
-}
-
-double parse_double(std::string_view flag, const std::string& text) {
-  std::size_t used = 0;
-  double v = 0;
-  try {
-    v = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || used != text.size() || !(v > 0) || !std::isfinite(v)) {
-    throw bad_flag(fmt::format("{} expects a positive number, got '{}'", flag, text));
-  }
-  return v;
-}
-
-std::vector<ad::index> parse_hidden(const std::string& text) {
-  std::vector<ad::index> sizes;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const std::size_t comma = text.find(',', start);
-    const std::string part =
-        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
-    sizes.push_back(static_cast<ad::index>(parse_int("--hidden", part, 1, 1 << 16)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return sizes;
-}
-
-// Returns nullopt when --help was printed.
+// Returns nullopt when --help was asked for; throws bad_flag (one line
+// naming the flag and its range; main exits with status 2).
 std::optional<options> parse_args(int argc, char** argv) {
   options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    if (arg == "--help" || arg == "-h") return std::nullopt;
-    std::string value;
-    bool have_value = false;
-    if (const auto eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      have_value = true;
-    }
-    const auto take = [&]() -> std::string {
-      if (have_value) return value;
-      if (i + 1 >= argc) throw bad_flag(fmt::format("{} needs a value", arg));
-      return argv[++i];
-    };
-    if (arg == "--epochs") {
-      o.epochs = static_cast<int>(parse_int(arg, take(), 1, 100000));
+  ringflow::tool_flags::reader flags(argc, argv);
+  while (flags.next()) {
+    const std::string& arg = flags.flag();
+    if (flags.is("--help", "-h")) {
+      return std::nullopt;
+    } else if (arg == "--epochs") {
+      o.epochs = static_cast<int>(flags.integer(1, 100000));
     } else if (arg == "--batch") {
-      o.batch = static_cast<std::size_t>(parse_int(arg, take(), 1, 1 << 20));
+      o.batch = static_cast<std::size_t>(flags.integer(1, 1 << 20));
     } else if (arg == "--lr") {
-      o.lr = parse_double(arg, take());
+      o.lr = flags.number(0, 10, /*lo_open=*/true);
     } else if (arg == "--seed") {
-      o.seed = static_cast<std::uint64_t>(parse_int(arg, take(), 0, INT64_MAX));
+      o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
     } else if (arg == "--hidden") {
-      o.hidden = parse_hidden(take());
+      o.hidden.clear();
+      for (long long h : flags.integers(1, 1 << 16, 64)) o.hidden.push_back(static_cast<ad::index>(h));
     } else if (arg == "--threads") {
-      o.threads = static_cast<int>(parse_int(arg, take(), 1, 1024));
+      o.threads = static_cast<int>(flags.integer(1, 1024));
     } else if (arg == "--data-dir") {
-      o.data_dir = take();
-      if (o.data_dir.empty()) throw bad_flag("--data-dir needs a non-empty folder");
+      o.data_dir = flags.text();
     } else if (arg == "--limit") {
-      o.limit = static_cast<std::size_t>(parse_int(arg, take(), 1, INT64_MAX));
+      o.limit = static_cast<std::size_t>(flags.integer(1, INT64_MAX));
     } else if (arg == "--checkpoint-dir") {
-      o.checkpoint_dir = take();
-      if (o.checkpoint_dir.empty()) throw bad_flag("--checkpoint-dir needs a non-empty folder");
+      o.checkpoint_dir = flags.text();
     } else if (arg == "--checkpoint-every") {
-      o.checkpoint_every = parse_int(arg, take(), 1, INT64_MAX);
+      o.checkpoint_every = flags.integer(1, INT64_MAX);
     } else if (arg == "--resume") {
-      if (have_value) throw bad_flag("--resume takes no value");
+      flags.no_value();
       o.resume = true;
     } else if (arg == "--bucket-kib") {
-      o.bucket_kib = static_cast<std::size_t>(parse_int(arg, take(), 0, 1 << 22));
+      o.bucket_kib = static_cast<std::size_t>(flags.integer(0, 1 << 22));
     } else if (arg == "--algo") {
-      const std::string name = take();
+      const std::string name = flags.value();
       try {
         o.algorithm = ringflow::parse_algo(name);
       } catch (const ringflow::usage_error&) {
         throw bad_flag(fmt::format("--algo expects auto, ring or native, got '{}'", name));
       }
     } else if (arg == "--compress") {
-      o.compress = take();
+      o.compress = flags.value();
       if (o.compress != "auto") {
         try {
           ringflow::compress::make_compressor(o.compress);
@@ -205,14 +150,14 @@ std::optional<options> parse_args(int argc, char** argv) {
         }
       }
     } else if (arg == "--progress") {
-      o.progress = take();
+      o.progress = flags.value();
       if (o.progress != "auto" && o.progress != "bar" && o.progress != "lines" &&
           o.progress != "none") {
         throw bad_flag(fmt::format("--progress expects auto, bar, lines or none, got '{}'",
                                    o.progress));
       }
     } else {
-      throw bad_flag(fmt::format("unknown argument '{}'", argv[i]));
+      flags.unknown();
     }
   }
   if (o.resume && o.checkpoint_dir.empty()) throw bad_flag("--resume needs --checkpoint-dir");
@@ -508,8 +453,7 @@ int main(int argc, char** argv) {
   try {
     o = parse_args(argc, argv);
   } catch (const bad_flag& e) {
-    if (comm.rank() == 0) std::fprintf(stderr, "train_fashion_mnist: %s; see --help\n", e.what());
-    return exit_usage;
+    return comm.rank() == 0 ? ringflow::tool_flags::report("train_fashion_mnist", e) : exit_usage;
   }
   if (!o) {
     if (comm.rank() == 0) print_help();

@@ -16,11 +16,14 @@
 
 #include <fmt/format.h>
 
+#include "tool_flags.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -57,31 +60,28 @@ struct args {
   int iters = 10;
 };
 
-args parse(int argc, char** argv) {
+// Nullopt after --help; throws tool_flags::bad_flag.
+std::optional<args> parse(int argc, char** argv) {
   args a;
-  for (int i = 1; i < argc; ++i) {
-    const std::string s = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "bench_buckets: %s needs a value\n", s.c_str());
-        std::exit(2);
+  ringflow::tool_flags::reader flags(argc, argv);
+  while (flags.next()) {
+    if (flags.is("--part")) {
+      a.part = flags.value();
+      if (a.part != "all" && a.part != "small" && a.part != "sweep") {
+        throw ringflow::tool_flags::bad_flag(
+            fmt::format("--part expects all, small or sweep, got '{}'", a.part));
       }
-      return argv[++i];
-    };
-    if (s == "--part") a.part = next();
-    else if (s == "--reps") a.reps = std::atoi(next().c_str());
-    else if (s == "--iters") a.iters = std::atoi(next().c_str());
-    else if (s == "--help" || s == "-h") {
-      std::printf("bench_buckets [--part all|small|sweep] [--reps N] [--iters N]\n");
-      std::exit(0);
+    } else if (flags.is("--reps")) {
+      a.reps = static_cast<int>(flags.integer(1, 100000));
+    } else if (flags.is("--iters")) {
+      a.iters = static_cast<int>(flags.integer(1, 1000000));
+    } else if (flags.is("--help", "-h")) {
+      std::printf("bench_buckets [--part all|small|sweep] [--reps N in [1, 100000]] "
+                  "[--iters N in [1, 1000000]]\n");
+      return std::nullopt;
     } else {
-      std::fprintf(stderr, "bench_buckets: unknown argument '%s'; see --help\n", s.c_str());
-      std::exit(2);
+      flags.unknown();
     }
-  }
-  if (a.reps < 1 || a.iters < 1) {
-    std::fprintf(stderr, "bench_buckets: --reps and --iters must be >= 1\n");
-    std::exit(2);
   }
   return a;
 }
@@ -184,7 +184,15 @@ void cap_sweep(const ringflow::communicator& comm, const args& a) {
 int main(int argc, char** argv) {
   ringflow::mpi::environment env(argc, argv);
   auto comm = ringflow::mpi::world();
-  const args a = parse(argc, argv);
+  std::optional<args> parsed;
+  try {
+    parsed = parse(argc, argv);
+  } catch (const ringflow::tool_flags::bad_flag& e) {
+    return comm.rank() == 0 ? ringflow::tool_flags::report("bench_buckets", e)
+                            : ringflow::tool_flags::bad_flag_status;
+  }
+  if (!parsed) return 0;
+  const args& a = *parsed;
   if (a.part == "all" || a.part == "small") small_tensors(comm, a);
   if (a.part == "all" || a.part == "sweep") cap_sweep(comm, a);
   return 0;

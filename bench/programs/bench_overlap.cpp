@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "tool_flags.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -55,35 +57,34 @@ int main(int argc, char** argv) {
   std::string out = (fs::temp_directory_path() / "ringflow_overlap").string();
   std::string analyze_path;
   int analyze_ranks = 1;
-  for (int i = 1; i < argc; ++i) {
-    const std::string s = argv[i];
-    const auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "bench_overlap: %s needs a value\n", s.c_str());
-        std::exit(2);
+  try {
+    ringflow::tool_flags::reader flags(argc, argv);
+    while (flags.next()) {
+      if (flags.is("--steps")) steps = static_cast<int>(flags.integer(1, 100000));
+      else if (flags.is("--out")) out = flags.text();
+      else if (flags.is("--analyze")) analyze_path = flags.text();
+      else if (flags.is("--ranks")) analyze_ranks = static_cast<int>(flags.integer(1, 1 << 16));
+      else if (flags.is("--help", "-h")) {
+        std::printf("bench_overlap [--steps N in [1, 100000]] [--out DIR] | --analyze TRACE.json "
+                    "--ranks N in [1, 65536]\n");
+        return 0;
+      } else {
+        flags.unknown();
       }
-      return argv[++i];
-    };
-    if (s == "--steps") steps = std::atoi(next().c_str());
-    else if (s == "--out") out = next();
-    else if (s == "--analyze") analyze_path = next();
-    else if (s == "--ranks") analyze_ranks = std::atoi(next().c_str());
-    else if (s == "--help" || s == "-h") {
-      std::printf("bench_overlap [--steps N] [--out DIR] | --analyze TRACE.json --ranks N\n");
-      return 0;
-    } else {
-      std::fprintf(stderr, "bench_overlap: unknown argument '%s'; see --help\n", s.c_str());
-      return 2;
     }
+  } catch (const ringflow::tool_flags::bad_flag& e) {
+    return ringflow::tool_flags::report("bench_overlap", e);
   }
   if (!analyze_path.empty()) {
-    header();
-    print_row(analyze_path, analyze(analyze_path, analyze_ranks), analyze_ranks);
+    try {
+      const auto summary = analyze(analyze_path, analyze_ranks);
+      header();
+      print_row(analyze_path, summary, analyze_ranks);
+    } catch (const ringflow::error& e) {
+      std::fprintf(stderr, "bench_overlap: %s\n", e.what());
+      return 1;
+    }
     return 0;
-  }
-  if (steps < 1) {
-    std::fprintf(stderr, "bench_overlap: --steps must be >= 1\n");
-    return 2;
   }
   setenv("RINGFLOW_YIELD", "1", 0);  // as train_fashion_mnist: see there
   ringflow::mpi::environment env(argc, argv);

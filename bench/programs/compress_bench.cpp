@@ -32,6 +32,7 @@
 #include "ringflow/compress/compressor.hpp"
 #include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
+#include "tool_flags.hpp"
 
 using namespace ringflow::compress;
 
@@ -52,12 +53,17 @@ std::vector<std::string> split(std::string_view s) {
   return out;
 }
 
-[[noreturn]] void usage(const char* msg) {
-  fmt::print(stderr, "compress_bench: {}\nusage: compress_bench [--elements N] [--ranks P] "
-                     "[--reps R] [--only spec,...]\n       compress_bench --train [--ranks P] "
-                     "[--epochs E] [--only spec,...] [--limit N] [--seed S]\n       compress_bench --fp16-paths "
-                     "[--elements N] [--reps R]\n       compress_bench --powersgd-layout [--reps R]\n", msg);
-  std::exit(2);
+constexpr const char* usage_text =
+    "usage: compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...]\n"
+    "       compress_bench --train [--ranks P] [--epochs E] [--only spec,...] [--limit N] [--seed S]\n"
+    "       compress_bench --fp16-paths [--elements N] [--reps R]\n"
+    "       compress_bench --powersgd-layout [--reps R]\n"
+    "Ranges: --elements [1, 2^27], --ranks [1, 128], --reps [1, 10000], --epochs [1, 1000],\n"
+    "--limit [1, 10^7], --seed [0, 2^63-1]. A bad value exits with status 2.\n";
+
+// A bad command line: one line on stderr, exit status 2 (no MPI here).
+[[noreturn]] void usage(const std::string& msg) {
+  std::exit(ringflow::tool_flags::report("compress_bench", ringflow::tool_flags::bad_flag(msg)));
 }
 
 namespace ad = ringflow::ad;
@@ -278,7 +284,7 @@ int train_table(const std::vector<std::string>& specs, int ranks, int epochs, st
 }
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   std::size_t n = std::size_t{1} << 22;  // 16 MiB of fp32: a typical DDP bucket
   int ranks = 4, reps = 7, epochs = 3;
   bool train = false, paths = false, layout = false;
@@ -286,31 +292,29 @@ int main(int argc, char** argv) {
   std::uint64_t seed = 42;
   std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001",
                                  "sign", "powersgd:1", "powersgd:4"};
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view a = argv[i];
-    if (a == "--train") {
-      train = true;
-      continue;
+  try {
+    ringflow::tool_flags::reader flags(argc, argv);
+    while (flags.next()) {
+      if (flags.is("--train")) flags.no_value(), train = true;
+      else if (flags.is("--fp16-paths")) flags.no_value(), paths = true;
+      else if (flags.is("--powersgd-layout")) flags.no_value(), layout = true;
+      else if (flags.is("--elements")) n = flags.count(1, std::size_t{1} << 27);
+      else if (flags.is("--ranks")) ranks = static_cast<int>(flags.integer(1, 128));
+      else if (flags.is("--reps")) reps = static_cast<int>(flags.integer(1, 10000));
+      else if (flags.is("--only")) specs = split(flags.text());
+      else if (flags.is("--epochs")) epochs = static_cast<int>(flags.integer(1, 1000));
+      else if (flags.is("--limit")) limit = flags.count(1, 10'000'000);
+      else if (flags.is("--seed")) seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
+      else if (flags.is("--help", "-h")) {
+        std::printf("%s", usage_text);
+        return 0;
+      } else {
+        flags.unknown();
+      }
     }
-    if (a == "--fp16-paths") {
-      paths = true;
-      continue;
-    }
-    if (a == "--powersgd-layout") {
-      layout = true;
-      continue;
-    }
-    if (i + 1 >= argc) usage("missing value");
-    if (a == "--elements") n = std::strtoull(argv[++i], nullptr, 10);
-    else if (a == "--ranks") ranks = std::atoi(argv[++i]);
-    else if (a == "--reps") reps = std::atoi(argv[++i]);
-    else if (a == "--only") specs = split(argv[++i]);
-    else if (a == "--epochs") epochs = std::atoi(argv[++i]);
-    else if (a == "--limit") limit = std::strtoull(argv[++i], nullptr, 10);
-    else if (a == "--seed") seed = std::strtoull(argv[++i], nullptr, 10);
-    else usage("unknown flag");
+  } catch (const ringflow::tool_flags::bad_flag& e) {
+    return ringflow::tool_flags::report("compress_bench", e);
   }
-  if (n == 0 || ranks < 1 || reps < 1 || epochs < 1) usage("bad value");
   if (train) {
     if (specs.front() == "none" && specs.size() == 9) {  // the default list: add auto, drop repeats
       specs = {"none", "fp16", "bf16", "int8", "topk:0.01", "sign", "powersgd:4", "auto"};
@@ -355,4 +359,8 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   return 0;
+} catch (const ringflow::error& e) {
+  // A bad --only spec, or a dataset that cannot be loaded.
+  fmt::print(stderr, "compress_bench: {}\n", e.what());
+  return 2;
 }

@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "tool_flags.hpp"
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -177,18 +179,6 @@ double median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-std::vector<int> parse_list(const std::string& text) {
-  std::vector<int> out;
-  std::size_t start = 0;
-  while (start <= text.size()) {
-    const auto comma = text.find(',', start);
-    out.push_back(std::stoi(text.substr(start, comma == std::string::npos ? text.npos : comma - start)));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
-  }
-  return out;
-}
-
 std::string peaks_mib(const std::vector<std::size_t>& peaks) {
   std::string out;
   for (auto b : peaks) out += fmt::format("{}{:.0f}", out.empty() ? "" : "/", b / 1048576.0);
@@ -197,40 +187,39 @@ std::string peaks_mib(const std::vector<std::size_t>& peaks) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   options o;
   try {
-    for (int i = 1; i < argc; ++i) {
-      const std::string a = argv[i];
-      const auto value = [&]() -> std::string {
-        if (i + 1 >= argc) throw std::invalid_argument(a + " needs a value");
-        return argv[++i];
-      };
-      if (a == "--ranks") o.ranks = std::stoi(value());
-      else if (a == "--micro-batches") o.micro_batches = parse_list(value());
-      else if (a == "--forward-us") o.forward_us = std::stod(value());
-      else if (a == "--backward-us") o.backward_us = std::stod(value());
-      else if (a == "--chunks") o.chunks = std::stoi(value());
-      else if (a == "--reps") o.reps = std::stoi(value());
-      else if (a == "--svg") o.svg_dir = value();
-      else if (a == "--activation-kib") o.activation_kib = static_cast<std::size_t>(std::stoul(value()));
-      else if (a == "--help" || a == "-h") {
+    namespace tf = ringflow::tool_flags;
+    tf::reader flags(argc, argv);
+    while (flags.next()) {
+      if (flags.is("--ranks")) o.ranks = static_cast<int>(flags.integer(1, 64));
+      else if (flags.is("--micro-batches")) {
+        o.micro_batches.clear();
+        for (long long m : flags.integers(1, 1024, 64)) o.micro_batches.push_back(static_cast<int>(m));
+      }
+      else if (flags.is("--forward-us")) o.forward_us = flags.number(0, 1e6, /*lo_open=*/true);
+      else if (flags.is("--backward-us")) o.backward_us = flags.number(0, 1e6, /*lo_open=*/true);
+      else if (flags.is("--chunks")) o.chunks = static_cast<int>(flags.integer(1, 64));
+      else if (flags.is("--reps")) o.reps = static_cast<int>(flags.integer(1, 1000));
+      else if (flags.is("--svg")) o.svg_dir = flags.text();
+      else if (flags.is("--activation-kib")) o.activation_kib = flags.count(0, 65536);
+      else if (flags.is("--help", "-h")) {
         std::printf(
             "pipeline_bench [--ranks P] [--micro-batches A,B,..] [--forward-us F] "
             "[--backward-us B] [--chunks V] [--reps R] [--activation-kib K] [--svg DIR]\n"
             "  --svg DIR   write DIR/pipeline_{gpipe,1f1b,interleaved}.svg for --ranks and the\n"
-            "              last --micro-batches count, print their ASCII grids, and exit\n");
+            "              last --micro-batches count, print their ASCII grids, and exit\n"
+            "Ranges: --ranks [1, 64], --micro-batches up to 64 values in [1, 1024], --forward-us and\n"
+            "--backward-us (0, 1e6], --chunks [1, 64], --reps [1, 1000], --activation-kib [0, 65536].\n"
+            "A bad value exits with status 2.\n");
         return 0;
       } else {
-        throw std::invalid_argument("unknown argument '" + a + "'");
+        flags.unknown();
       }
     }
-    if (o.ranks < 1 || o.chunks < 1 || o.reps < 1 || o.forward_us <= 0 || o.backward_us <= 0) {
-      throw std::invalid_argument("ranks, chunks and reps must be >= 1, times > 0");
-    }
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "pipeline_bench: %s; see --help\n", e.what());
-    return 2;
+  } catch (const ringflow::tool_flags::bad_flag& e) {
+    return ringflow::tool_flags::report("pipeline_bench", e);
   }
 
   if (!o.svg_dir.empty()) return write_pictures(o);
@@ -277,4 +266,7 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   return 0;
+} catch (const ringflow::error& e) {
+  std::fprintf(stderr, "pipeline_bench: %s\n", e.what());
+  return 1;
 }

@@ -6,7 +6,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <map>
 #include <string>
 #include <string_view>
@@ -14,6 +13,7 @@
 
 #include "ringflow/compress/decide.hpp"
 #include "ringflow/core/error.hpp"
+#include "tool_flags.hpp"
 
 using namespace ringflow::compress;
 
@@ -29,31 +29,31 @@ std::vector<std::string> split(std::string_view s) {
   return out;
 }
 
-double number(const char* flag, const char* text) {
-  char* end = nullptr;
-  const double v = std::strtod(text, &end);
-  if (end == text || *end != '\0' || !(v >= 0)) {
-    fmt::print(stderr, "ringflow-sim: {} needs a non-negative number, got '{}'\n", flag, text);
-    std::exit(2);
-  }
-  return v;
-}
+// Bounds that keep a run to seconds: codec speed measured on at most 2^24
+// elements, at most 2^20 buckets (each bucket is predicted one by one).
+constexpr std::size_t max_calibrate = std::size_t{1} << 24;
+constexpr std::size_t max_buckets = std::size_t{1} << 20;
 
 constexpr const char* help = R"(ringflow-sim: predicted step time with and without compression
 
-  --params N         model parameters (fp32 gradients), default 25.6e6 (ResNet-50)
-  --bucket-mb M      gradient bucket size in MiB, default 25
-  --buckets a,b,...  explicit bucket sizes in elements (overrides the two above)
-  --ranks P          data-parallel ranks, default 16
-  --link-gbps G      link bandwidth in Gb/s, default 10
-  --alpha-us A       per-message latency in microseconds, default 20
+  --params N         model parameters (fp32 gradients), default 25.6e6 (ResNet-50);
+                     whole number in [1, 1e12]
+  --bucket-mb M      gradient bucket size in MiB, in (0, 65536], default 25; at
+                     most 2^20 buckets (params / bucket)
+  --buckets a,b,...  explicit bucket sizes in elements, each in [1, 2^30], at
+                     most 2^20 of them (overrides the two above)
+  --ranks P          data-parallel ranks, in [1, 2^20], default 16
+  --link-gbps G      link bandwidth in Gb/s, in (0, 1e6], default 10
+  --alpha-us A       per-message latency in microseconds, in [0, 1e6], default 20
   --cost-model       take alpha and beta from the collectives' calibrated cost
                      model of this machine (inter-node link) instead
   --compute-ms C     forward+backward time per step, added to every row (no
-                     overlap modelled), default 0
+                     overlap modelled), in [0, 1e7], default 0
   --compressors s,.. default none,fp16,bf16,int8,topk:0.01,sign,powersgd:4,auto
   --auto-from s,..   candidates of the auto row, default bf16,int8
-  --calibrate N      elements used to measure codec speed, default 1048576
+  --calibrate N      elements used to measure codec speed, in [1, 2^24],
+                     default 1048576
+A bad flag value prints one line naming the flag and its range; exit status 2.
 )";
 }  // namespace
 
@@ -66,45 +66,56 @@ int main(int argc, char** argv) try {
   std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "sign",
                                  "powersgd:4", "auto"};
   std::vector<std::string> auto_from{"bf16", "int8"};
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view a = argv[i];
-    if (a == "-h" || a == "--help") {
-      fmt::print("{}", help);
-      return 0;
+  try {
+    ringflow::tool_flags::reader args(argc, argv);
+    while (args.next()) {
+      if (args.is("-h", "--help")) {
+        fmt::print("{}", help);
+        return 0;
+      }
+      if (args.is("--cost-model")) {
+        args.no_value();
+        use_cost_model = true;
+      } else if (args.is("--params")) {
+        params = static_cast<double>(args.count(1, 1'000'000'000'000));
+      } else if (args.is("--bucket-mb")) {
+        bucket_mb = args.number(0, 65536, /*lo_open=*/true);
+      } else if (args.is("--ranks")) {
+        ranks = static_cast<int>(args.integer(1, 1 << 20));
+      } else if (args.is("--link-gbps")) {
+        gbps = args.number(0, 1e6, /*lo_open=*/true);
+      } else if (args.is("--alpha-us")) {
+        alpha_us = args.number(0, 1e6);
+      } else if (args.is("--compute-ms")) {
+        compute_ms = args.number(0, 1e7);
+      } else if (args.is("--calibrate")) {
+        calib = args.count(1, max_calibrate);
+      } else if (args.is("--compressors")) {
+        specs = split(args.text());
+      } else if (args.is("--auto-from")) {
+        auto_from = split(args.text());
+      } else if (args.is("--buckets")) {
+        buckets.clear();
+        for (long long b : args.integers(1, 1 << 30, max_buckets)) {
+          buckets.push_back(static_cast<std::size_t>(b));
+        }
+      } else {
+        args.unknown();
+      }
     }
-    if (a == "--cost-model") {
-      use_cost_model = true;
-      continue;
+    if (buckets.empty()) {
+      const auto total = static_cast<std::size_t>(params);
+      const auto per = std::max<std::size_t>(1, static_cast<std::size_t>(bucket_mb * (1 << 20) / 4));
+      if (total / per >= max_buckets) {
+        throw ringflow::tool_flags::bad_flag(fmt::format(
+            "--params {} in buckets of --bucket-mb {} makes {} buckets, more than {}; use larger "
+            "buckets",
+            total, bucket_mb, (total + per - 1) / per, max_buckets));
+      }
+      for (std::size_t done = 0; done < total; done += per) buckets.push_back(std::min(per, total - done));
     }
-    if (i + 1 >= argc) {
-      fmt::print(stderr, "ringflow-sim: {} needs a value\n{}", a, help);
-      return 2;
-    }
-    const char* v = argv[++i];
-    if (a == "--params") params = number("--params", v);
-    else if (a == "--bucket-mb") bucket_mb = number("--bucket-mb", v);
-    else if (a == "--ranks") ranks = static_cast<int>(number("--ranks", v));
-    else if (a == "--link-gbps") gbps = number("--link-gbps", v);
-    else if (a == "--alpha-us") alpha_us = number("--alpha-us", v);
-    else if (a == "--compute-ms") compute_ms = number("--compute-ms", v);
-    else if (a == "--calibrate") calib = static_cast<std::size_t>(number("--calibrate", v));
-    else if (a == "--compressors") specs = split(v);
-    else if (a == "--auto-from") auto_from = split(v);
-    else if (a == "--buckets") {
-      for (const auto& s : split(v)) buckets.push_back(static_cast<std::size_t>(number("--buckets", s.c_str())));
-    } else {
-      fmt::print(stderr, "ringflow-sim: unknown flag {}\n{}", a, help);
-      return 2;
-    }
-  }
-  if (ranks < 1 || calib < 1) {
-    fmt::print(stderr, "ringflow-sim: --ranks and --calibrate must be >= 1\n");
-    return 2;
-  }
-  if (buckets.empty()) {
-    const auto total = static_cast<std::size_t>(params);
-    const auto per = std::max<std::size_t>(1, static_cast<std::size_t>(bucket_mb * (1 << 20) / 4));
-    for (std::size_t done = 0; done < total; done += per) buckets.push_back(std::min(per, total - done));
+  } catch (const ringflow::tool_flags::bad_flag& e) {
+    return ringflow::tool_flags::report("ringflow-sim", e);
   }
   std::size_t total = 0;
   for (auto b : buckets) total += b;
@@ -163,6 +174,10 @@ int main(int argc, char** argv) try {
   }
   return 0;
 } catch (const ringflow::error& e) {
+  // A bad --compressors / --auto-from spec, or an unusable cost model.
   fmt::print(stderr, "ringflow-sim: {}\n", e.what());
   return 2;
+} catch (const std::exception& e) {
+  fmt::print(stderr, "ringflow-sim: {}\n", e.what());
+  return 1;
 }

@@ -281,7 +281,11 @@ std::string_view json_value(std::string_view text, std::string_view key) {
   return text.substr(v, end - v);
 }
 
-double json_number(std::string_view text, std::string_view key, std::string_view origin) {
+// A cost model file is a few hundred bytes; anything much larger is not one.
+constexpr std::size_t max_cost_model_bytes = std::size_t{1} << 20;
+
+double json_number(std::string_view text, std::string_view key, std::string_view origin,
+                   double max) {
   const std::string_view v = json_value(text, key);
   // strtod: from_chars for double needs a newer libstdc++ than some users have.
   const std::string s(v);
@@ -292,11 +296,26 @@ double json_number(std::string_view text, std::string_view key, std::string_view
     throw usage_error(fmt::format("cost model {}: \"{}\" is missing or not a non-negative number{}",
                                   origin, key, s.empty() ? "" : fmt::format(" ('{}')", s)));
   }
+  if (d > max) {
+    throw usage_error(fmt::format("cost model {}: \"{}\" = {} is outside [0, {}]; rerun "
+                                  "ringflow-bench --calibrate",
+                                  origin, key, s, max));
+  }
   return d;
 }
 }  // namespace
 
 cost_model cost_model::from_json(std::string_view text, std::string_view origin) {
+  if (text.size() > max_cost_model_bytes) {
+    throw usage_error(fmt::format("cost model {}: {} bytes is more than the {} a cost model file "
+                                  "may hold; rerun ringflow-bench --calibrate",
+                                  origin, text.size(), max_cost_model_bytes));
+  }
+  // Upper bounds: seconds per message and per byte far beyond any link, and
+  // sizes within what a double holds exactly.
+  constexpr double max_seconds = 10.0;
+  constexpr double max_s_per_byte = 1.0;
+  constexpr double max_bytes = 9007199254740992.0;  // 2^53
   if (json_value(text, "format") != "ringflow-cost-model") {
     throw usage_error(fmt::format(
         "cost model {}: not a ringflow cost model (no \"format\": \"ringflow-cost-model\"); "
@@ -304,23 +323,23 @@ cost_model cost_model::from_json(std::string_view text, std::string_view origin)
         origin));
   }
   cost_model m;
-  m.intra.alpha = json_number(text, "intra_alpha_s", origin);
-  m.intra.beta = json_number(text, "intra_beta_s_per_byte", origin);
-  m.inter.alpha = json_number(text, "inter_alpha_s", origin);
-  m.inter.beta = json_number(text, "inter_beta_s_per_byte", origin);
+  m.intra.alpha = json_number(text, "intra_alpha_s", origin, max_seconds);
+  m.intra.beta = json_number(text, "intra_beta_s_per_byte", origin, max_s_per_byte);
+  m.inter.alpha = json_number(text, "inter_alpha_s", origin, max_seconds);
+  m.inter.beta = json_number(text, "inter_beta_s_per_byte", origin, max_s_per_byte);
   // Optional (absent: one alpha for every message size).
-  auto optional = [&](std::string_view key) {
-    return json_value(text, key).empty() ? 0.0 : json_number(text, key, origin);
+  auto optional = [&](std::string_view key, double max) {
+    return json_value(text, key).empty() ? 0.0 : json_number(text, key, origin, max);
   };
-  m.intra.large_alpha = optional("intra_large_alpha_s");
-  m.intra.large_from = optional("intra_large_from_bytes");
-  m.inter.large_alpha = optional("inter_large_alpha_s");
-  m.inter.large_from = optional("inter_large_from_bytes");
-  m.gamma = json_number(text, "gamma_s_per_byte", origin);
+  m.intra.large_alpha = optional("intra_large_alpha_s", max_seconds);
+  m.intra.large_from = optional("intra_large_from_bytes", max_bytes);
+  m.inter.large_alpha = optional("inter_large_alpha_s", max_seconds);
+  m.inter.large_from = optional("inter_large_from_bytes", max_bytes);
+  m.gamma = json_number(text, "gamma_s_per_byte", origin, max_s_per_byte);
   // Optional (absent: files from before it; the built-in value).
   m.oversubscribed_step = json_value(text, "oversubscribed_step_s").empty()
                               ? builtin_cost_model().oversubscribed_step
-                              : json_number(text, "oversubscribed_step_s", origin);
+                              : json_number(text, "oversubscribed_step_s", origin, max_seconds);
   m.machine = std::string(json_value(text, "machine"));
   m.origin = std::string(origin);
   return m;
@@ -339,6 +358,13 @@ cost_model local_cost_model() {
   const std::string path = cost_model_path();
   std::ifstream f(path);
   if (!f) return builtin_cost_model();
+  std::error_code ec;
+  if (const auto n = std::filesystem::file_size(path, ec); !ec && n > max_cost_model_bytes) {
+    log::warn("cost model {}: {} bytes is more than the {} a cost model file may hold; using the "
+              "built-in cost model",
+              path, n, max_cost_model_bytes);
+    return builtin_cost_model();
+  }
   std::stringstream ss;
   ss << f.rdbuf();
   try {

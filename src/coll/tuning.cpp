@@ -47,9 +47,22 @@ struct json {
   }
 };
 
+// Bounds on what a tuning file may hold, far beyond a real one (tens of
+// KB): a corrupt or hostile file is refused before it costs much memory.
+constexpr std::size_t max_tuning_file_bytes = std::size_t{16} << 20;
+constexpr std::size_t max_json_values = std::size_t{1} << 20;
+constexpr std::size_t max_tuning_tables = 4096;
+
 class json_reader {
  public:
-  json_reader(std::string_view text, std::string_view origin) : s_(text), origin_(origin) {}
+  json_reader(std::string_view text, std::string_view origin) : s_(text), origin_(origin) {
+    if (s_.size() > max_tuning_file_bytes) {
+      throw usage_error(fmt::format("tuning table {}: {} bytes is more than the {} a tuning file "
+                                    "may hold (not a valid tuning file; rerun ringflow-bench "
+                                    "--tune, or set RINGFLOW_TUNING=off)",
+                                    origin_, s_.size(), max_tuning_file_bytes));
+    }
+  }
 
   json document() {
     json v = value(0);
@@ -62,8 +75,20 @@ class json_reader {
   std::string_view s_;
   std::string_view origin_;
   std::size_t i_ = 0;
+  std::size_t values_ = 0;
+  // line() counts newlines from where it last stopped (the reader only moves
+  // forward), so a long file costs linear, not quadratic, time.
+  mutable std::size_t line_pos_ = 0;
+  mutable std::size_t line_no_ = 1;
 
-  std::size_t line() const { return 1 + static_cast<std::size_t>(std::count(s_.begin(), s_.begin() + static_cast<std::ptrdiff_t>(std::min(i_, s_.size())), '\n')); }
+  std::size_t line() const {
+    const std::size_t to = std::min(i_, s_.size());
+    if (to < line_pos_) line_pos_ = 0, line_no_ = 1;
+    line_no_ += static_cast<std::size_t>(std::count(s_.begin() + static_cast<std::ptrdiff_t>(line_pos_),
+                                                    s_.begin() + static_cast<std::ptrdiff_t>(to), '\n'));
+    line_pos_ = to;
+    return line_no_;
+  }
 
   [[noreturn]] void fail(std::string_view what) const {
     throw usage_error(fmt::format("tuning table {}: line {}: {} (not a valid tuning file; rerun "
@@ -83,6 +108,7 @@ class json_reader {
 
   json value(int depth) {
     if (depth > 16) fail("nested too deeply");
+    if (++values_ > max_json_values) fail(fmt::format("more than {} JSON values", max_json_values));
     skip();
     if (i_ >= s_.size()) fail("unexpected end of file");
     json v;
@@ -528,6 +554,10 @@ tuning_file tuning_file::from_json(std::string_view text, std::string_view origi
   f.machine = c.text(doc, "machine");
   if (f.machine.empty()) c.fail(doc, "\"machine\" is empty");
   const json& tables = c.field(doc, "tables", json::array, "an array");
+  if (tables.items.size() > max_tuning_tables) {
+    c.fail(tables, fmt::format("\"tables\" holds {} tables, more than {}", tables.items.size(),
+                               max_tuning_tables));
+  }
   for (const json& t : tables.items) {
     tuning_table table = parse_table(c, t);
     for (const auto& seen : f.tables) {
@@ -572,6 +602,13 @@ std::optional<tuning_file> read_tuning_file(const std::string& path) {
   if (path.empty()) return std::nullopt;
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return std::nullopt;
+  // Refuse an oversized file before reading it into memory.
+  if (const auto n = std::filesystem::file_size(path, ec); !ec && n > max_tuning_file_bytes) {
+    throw usage_error(fmt::format("tuning table {}: {} bytes is more than the {} a tuning file "
+                                  "may hold (rerun ringflow-bench --tune, or set "
+                                  "RINGFLOW_TUNING=off)",
+                                  path, n, max_tuning_file_bytes));
+  }
   std::ifstream in(path);
   if (!in) {
     throw usage_error(fmt::format("tuning table {}: cannot be read: {}", path, std::strerror(errno)));

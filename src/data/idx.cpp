@@ -181,6 +181,37 @@ std::string truncation_message(const std::filesystem::path& path, const byte_sou
                      src.ended_early() ? " (the gzip stream itself ends early)" : "");
 }
 
+// Deflate cannot compress better than about 1032:1; a gzip file cannot
+// inflate to more than this many times its own length.
+constexpr std::uintmax_t max_deflate_ratio = 1100;
+
+// The name of header field `i` (dimension i) in messages.
+std::string dim_name(std::uint32_t magic, std::size_t i) {
+  static constexpr const char* image_names[] = {"count", "rows", "cols"};
+  if (magic == idx_images_magic && i < 3) return image_names[i];
+  return i == 0 ? "count" : fmt::format("dimension {}", i);
+}
+
+std::string dim_field(std::uint32_t magic, std::size_t i) {
+  return fmt::format("'{}' (dimension {})", dim_name(magic, i), i);
+}
+
+std::string describe_dims(std::uint32_t magic, const std::vector<std::uint32_t>& dims) {
+  std::string out;
+  for (std::size_t i = 0; i < dims.size(); ++i) {
+    out += fmt::format("{}{}={}", i ? ", " : "", dim_name(magic, i), dims[i]);
+  }
+  return out;
+}
+
+// The file's length; the largest value when it has none (a pipe), where the
+// incremental reading below still bounds the memory.
+std::uintmax_t file_size_of(const std::filesystem::path& path) {
+  std::error_code ec;
+  const std::uintmax_t n = std::filesystem::file_size(path, ec);
+  return ec ? std::numeric_limits<std::uintmax_t>::max() : n;
+}
+
 }  // namespace
 
 std::size_t idx_array::item_size() const {
@@ -228,26 +259,66 @@ idx_array read_idx(const std::filesystem::path& path, std::uint32_t expected_mag
   for (std::size_t i = 0; i < ndims; ++i) out.dims[i] = load_be32(&dim_bytes[4 * i]);
 
   const std::size_t header = 4 + 4 * ndims;
-  const std::size_t item = out.item_size();
+  // Every size the header claims is checked before anything is allocated:
+  // a corrupt header must fail with a message, not ask for terabytes.
+  std::size_t item = 1;
+  for (std::size_t i = 1; i < ndims; ++i) {
+    if (out.dims[i] == 0) {
+      throw data_error(fmt::format("{}: IDX header field {} is 0; every dimension after the item "
+                                   "count must be at least 1 (the file is corrupt)",
+                                   quoted(path), dim_field(magic, i)));
+    }
+    if (out.dims[i] > idx_max_item_bytes / item) {
+      throw data_error(fmt::format(
+          "{}: IDX header field {} = {} makes one item larger than {} bytes (the limit); the "
+          "file is corrupt",
+          quoted(path), dim_field(magic, i), out.dims[i], idx_max_item_bytes));
+    }
+    item *= out.dims[i];
+  }
   const std::size_t count = out.dims[0];
   const std::size_t keep = limit > 0 ? std::min(limit, count) : count;
-  // Guard the multiplication against a corrupt header claiming petabytes.
-  if (item != 0 && keep > std::numeric_limits<std::size_t>::max() / 2 / item) {
-    throw data_error(fmt::format("{}: IDX header claims an absurd size ({} items of {} bytes); "
-                                 "the file is corrupt",
-                                 quoted(path), keep, item));
-  }
+  const std::string what = fmt::format(
+      "reading {} items of {} bytes (the header announces {} items: {})", keep, item, count,
+      describe_dims(magic, out.dims));
+  // count < 2^32 and item <= 2^24, so the product cannot overflow.
   const std::size_t payload = keep * item;
+  if (payload > idx_max_payload_bytes) {
+    throw data_error(fmt::format(
+        "{}: IDX header field {} = {} with {} bytes per item claims {} bytes, more than the {} "
+        "bytes this reader accepts; the file is corrupt (or pass a limit)",
+        quoted(path), dim_field(magic, 0), count, item, payload, idx_max_payload_bytes));
+  }
+  // The payload must fit in what the file can hold: its length when raw,
+  // deflate's best compression ratio times its length when gzipped.
+  const std::uintmax_t file_bytes = file_size_of(path);
+  if (!src.gzip() && header + payload > file_bytes) {
+    throw data_error(truncation_message(path, src, what, header + payload,
+                                        static_cast<std::size_t>(file_bytes)));
+  }
+  if (src.gzip() && payload / max_deflate_ratio > file_bytes) {
+    // (file_bytes is at most a few GB here, so the product below is exact.)
+    throw data_error(fmt::format(
+        "{}: IDX header field {} = {} claims {} payload bytes, but a gzip file of {} bytes "
+        "inflates to at most about {}; the file is corrupt or truncated",
+        quoted(path), dim_field(magic, 0), count, payload, file_bytes,
+        file_bytes * max_deflate_ratio));
+  }
   out.header_count = count;
   out.dims[0] = static_cast<std::uint32_t>(keep);
-  out.values.resize(payload);
-  got = src.read(out.values.data(), payload);
+  // Grow the buffer as data arrives (doubling), so even a claim that passed
+  // the checks above costs memory only for the bytes really present.
+  got = 0;
+  while (got < payload) {
+    const std::size_t want = std::min(payload, std::max(2 * got, std::size_t{1} << 20));
+    out.values.resize(want);
+    const std::size_t n = src.read(out.values.data() + got, want - got);
+    got += n;
+    if (got < want) break;
+  }
+  out.values.resize(got);
   if (got < payload) {
-    throw data_error(truncation_message(
-        path, src,
-        fmt::format("reading {} items of {} bytes (the header announces {} items)", keep, item,
-                    count),
-        header + payload, header + got));
+    throw data_error(truncation_message(path, src, what, header + payload, header + got));
   }
   if (src.gzip() && keep == count) {
     // Drive inflate through the gzip trailer so a CRC or length mismatch

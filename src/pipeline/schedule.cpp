@@ -285,6 +285,13 @@ std::vector<std::string_view> split_words(std::string_view line) {
   return words;
 }
 
+// Bounds of the text format: far beyond any real pipeline, small enough
+// that a corrupt file cannot make the parser or the verifier allocate or
+// loop without end.
+constexpr int max_text_ranks = 1 << 16;
+constexpr int max_text_stages = 1 << 16;
+constexpr int max_text_micro_batches = 1 << 20;
+
 bool parse_int(std::string_view text, int& out) {
   if (text.empty()) return false;
   const auto r = std::from_chars(text.data(), text.data() + text.size(), out);
@@ -314,6 +321,10 @@ schedule parse_schedule(std::string_view text) {
       if (words.size() < 4 || words[2] != "micro_batches" || !parse_int(words[3], s.micro_batches)) {
         throw fail("expected 'schedule <name> micro_batches <m> [forward_only]'");
       }
+      if (s.micro_batches < 1 || s.micro_batches > max_text_micro_batches) {
+        throw fail(fmt::format("micro_batches {} is outside [1, {}]", s.micro_batches,
+                               max_text_micro_batches));
+      }
       s.name = std::string(words[1]);
       s.forward_only = words.size() > 4 && words[4] == "forward_only";
       continue;
@@ -322,8 +333,12 @@ schedule parse_schedule(std::string_view text) {
       s.stage_rank.clear();
       for (std::size_t i = 1; i < words.size(); ++i) {
         int r = 0;
-        if (!parse_int(words[i], r) || r < 0) {
-          throw fail(fmt::format("placement: '{}' is not a rank", words[i]));
+        if (!parse_int(words[i], r) || r < 0 || r >= max_text_ranks) {
+          throw fail(fmt::format("placement: '{}' is not a rank in [0, {})", words[i],
+                                 max_text_ranks));
+        }
+        if (s.stage_rank.size() >= static_cast<std::size_t>(max_text_stages)) {
+          throw fail(fmt::format("placement: more than {} stages", max_text_stages));
         }
         s.stage_rank.push_back(r);
       }
@@ -332,8 +347,8 @@ schedule parse_schedule(std::string_view text) {
     if (words[0] == "rank") {
       std::string_view num = words.size() > 1 ? words[1] : std::string_view{};
       if (!num.empty() && num.back() == ':') num.remove_suffix(1);
-      if (!parse_int(num, current) || current < 0 || current > 1 << 16) {
-        throw fail("expected 'rank <r>:'");
+      if (!parse_int(num, current) || current < 0 || current >= max_text_ranks) {
+        throw fail(fmt::format("expected 'rank <r>:' with r in [0, {})", max_text_ranks));
       }
       if (s.programs.size() <= static_cast<std::size_t>(current)) {
         s.programs.resize(static_cast<std::size_t>(current) + 1);
@@ -369,6 +384,12 @@ schedule parse_schedule(std::string_view text) {
             "'{}' is not an instruction; use F, B, BI, BW, SA, RA, SG or RG followed by "
             "<stage>.<micro-batch> (e.g. F0.3), REDUCE or STEP",
             w));
+      }
+      if (ins.op != op_kind::reduce_grads && ins.op != op_kind::optimizer_step &&
+          (ins.stage < 0 || ins.stage >= max_text_stages || ins.micro_batch < 0 ||
+           ins.micro_batch >= max_text_micro_batches)) {
+        throw fail(fmt::format("'{}': the stage must be in [0, {}) and the micro-batch in [0, {})",
+                               w, max_text_stages, max_text_micro_batches));
       }
       s.programs[static_cast<std::size_t>(current)].push_back(ins);
     }

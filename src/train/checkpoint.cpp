@@ -67,43 +67,62 @@ class writer {
   std::string out_;
 };
 
+// Reads the payload field by field; every length and count is checked
+// against the bytes left before anything is allocated, and a refusal names
+// the field.
 class reader {
  public:
   reader(const std::filesystem::path& file, const unsigned char* data, std::size_t n)
       : file_(file), data_(data), n_(n) {}
   template <class T>
-  T get() {
-    need(sizeof(T));
+  T get(const char* field) {
+    need(sizeof(T), field, 1);
     T v;
     std::memcpy(&v, data_ + pos_, sizeof v);
     pos_ += sizeof v;
     return v;
   }
-  std::string get_string() {
-    const auto len = get<std::uint64_t>();
-    need(len);
-    std::string s(reinterpret_cast<const char*>(data_ + pos_), len);
-    pos_ += len;
+  std::string get_string(const char* field) {
+    const auto len = get<std::uint64_t>(field);
+    need(len, field, len);
+    std::string s(reinterpret_cast<const char*>(data_ + pos_), static_cast<std::size_t>(len));
+    pos_ += static_cast<std::size_t>(len);
     return s;
   }
-  std::vector<float> get_floats() {
-    const auto len = get<std::uint64_t>();
-    if (len > (n_ - pos_) / sizeof(float)) malformed();
-    std::vector<float> v(len);
-    std::memcpy(v.data(), data_ + pos_, len * sizeof(float));
-    pos_ += len * sizeof(float);
+  std::vector<float> get_floats(const char* field) {
+    const auto len = get<std::uint64_t>(field);
+    if (len > (n_ - pos_) / sizeof(float)) malformed(field, len);
+    std::vector<float> v(static_cast<std::size_t>(len));
+    // memcpy with a null destination is undefined even for 0 bytes, and an
+    // empty vector's data() may be null.
+    if (len > 0) std::memcpy(v.data(), data_ + pos_, v.size() * sizeof(float));
+    pos_ += v.size() * sizeof(float);
     return v;
   }
+  // A count of entries that each take at least `min_entry_bytes`: more than
+  // the bytes left can hold is refused before any is read.
+  std::uint64_t get_count(const char* field, std::size_t min_entry_bytes) {
+    const auto count = get<std::uint64_t>(field);
+    if (count > (n_ - pos_) / min_entry_bytes) malformed(field, count);
+    return count;
+  }
   bool at_end() const { return pos_ == n_; }
-  [[noreturn]] void malformed() const {
-    fail(file_, fmt::format("the payload is malformed at byte {} of {} although its checksum "
-                            "matches (written by another program?)",
-                            pos_, n_));
+  [[noreturn]] void malformed(const char* field, std::uint64_t value) const {
+    fail(file_, fmt::format("the payload is malformed at byte {} of {}: field '{}' = {} does not "
+                            "fit in the {} bytes left although the checksum matches (written by "
+                            "another program?)",
+                            pos_, n_, field, value, n_ - pos_));
+  }
+  [[noreturn]] void trailing() const {
+    fail(file_, fmt::format("the payload is malformed: {} unexpected bytes follow its last field "
+                            "at byte {} of {} although the checksum matches (written by another "
+                            "program?)",
+                            n_ - pos_, pos_, n_));
   }
 
  private:
-  void need(std::size_t k) const {
-    if (k > n_ - pos_) malformed();
+  void need(std::uint64_t k, const char* field, std::uint64_t value) const {
+    if (k > n_ - pos_) malformed(field, value);
   }
   const std::filesystem::path& file_;
   const unsigned char* data_;
@@ -194,10 +213,10 @@ parsed_checkpoint parse(const std::filesystem::path& file, const std::vector<uns
   }
   reader hr(file, b.data() + magic.size(), header_bytes - magic.size());
   parsed_checkpoint out;
-  out.version = hr.get<std::uint32_t>();
-  (void)hr.get<std::uint32_t>();
-  const auto payload_bytes = hr.get<std::uint64_t>();
-  const auto payload_crc = hr.get<std::uint32_t>();
+  out.version = hr.get<std::uint32_t>("format version");
+  (void)hr.get<std::uint32_t>("header crc");
+  const auto payload_bytes = hr.get<std::uint64_t>("payload bytes");
+  const auto payload_crc = hr.get<std::uint32_t>("payload crc");
   if (out.version == 0 || out.version > checkpoint_format_version) {
     fail(file, fmt::format("has format version {}; this build reads versions 1 to {} (a newer "
                            "ringflow wrote it?)",
@@ -221,33 +240,40 @@ parsed_checkpoint parse(const std::filesystem::path& file, const std::vector<uns
                            crc, payload_crc));
   }
   reader r(file, payload, have);
-  out.step = r.get<std::int64_t>();
-  out.world_size = r.get<std::int32_t>();
-  out.has_sampler = r.get<std::uint8_t>() != 0;
-  out.sampler.seed = r.get<std::uint64_t>();
-  out.sampler.epoch = r.get<std::uint64_t>();
-  out.sampler.position = r.get<std::uint64_t>();
-  const auto nparams = r.get<std::uint64_t>();
+  out.step = r.get<std::int64_t>("step");
+  out.world_size = r.get<std::int32_t>("world size");
+  if (out.world_size < 1) {
+    fail(file, fmt::format("is malformed: field 'world size' = {} must be at least 1 although "
+                           "the checksum matches (written by another program?)",
+                           out.world_size));
+  }
+  out.has_sampler = r.get<std::uint8_t>("has sampler") != 0;
+  out.sampler.seed = r.get<std::uint64_t>("sampler seed");
+  out.sampler.epoch = r.get<std::uint64_t>("sampler epoch");
+  out.sampler.position = r.get<std::uint64_t>("sampler position");
+  // Smallest encodings: a parameter is three lengths (name, shape, values),
+  // a buffer two, an extra entry two.
+  const auto nparams = r.get_count("parameter count", 24);
   for (std::uint64_t i = 0; i < nparams; ++i) {
     saved_param p;
-    p.name = r.get_string();
-    p.shape = r.get_string();
-    p.values = r.get_floats();
+    p.name = r.get_string("parameter name");
+    p.shape = r.get_string("parameter shape");
+    p.values = r.get_floats("parameter values");
     out.params.push_back(std::move(p));
   }
-  out.opt_kind = r.get_string();
-  out.opt_steps = r.get<std::int64_t>();
-  const auto nbuf = r.get<std::uint64_t>();
+  out.opt_kind = r.get_string("optimizer kind");
+  out.opt_steps = r.get<std::int64_t>("optimizer steps");
+  const auto nbuf = r.get_count("optimizer buffer count", 16);
   for (std::uint64_t i = 0; i < nbuf; ++i) {
-    std::string name = r.get_string();
-    out.opt_buffers.emplace_back(std::move(name), r.get_floats());
+    std::string name = r.get_string("optimizer buffer name");
+    out.opt_buffers.emplace_back(std::move(name), r.get_floats("optimizer buffer values"));
   }
-  const auto nextra = r.get<std::uint64_t>();
+  const auto nextra = r.get_count("extra count", 16);
   for (std::uint64_t i = 0; i < nextra; ++i) {
-    std::string k = r.get_string();
-    out.extra[std::move(k)] = r.get_string();
+    std::string k = r.get_string("extra key");
+    out.extra[std::move(k)] = r.get_string("extra value");
   }
-  if (!r.at_end()) r.malformed();
+  if (!r.at_end()) r.trailing();
   return out;
 }
 

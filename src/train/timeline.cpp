@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -263,6 +264,23 @@ double number_or(const json_value* v, double fallback) {
   return fallback;
 }
 
+// number_or() for a field that must be a whole number in [lo, hi]:
+// converting an out-of-range double to an integer is undefined behaviour,
+// so a corrupt trace is refused naming the field instead.
+std::int64_t integer_or(const json_value* v, std::int64_t fallback, double lo, double hi,
+                        const std::filesystem::path& file, std::string_view field) {
+  const double d = number_or(v, static_cast<double>(fallback));
+  if (!(d >= lo && d <= hi) || d != std::floor(d)) {
+    throw error(fmt::format("trace '{}': an event's \"{}\" is {}, not a whole number in [{}, {}]",
+                            file.string(), field, d, lo, hi));
+  }
+  return static_cast<std::int64_t>(d);
+}
+
+// Traces are read whole and parsed into a tree several times their size;
+// anything beyond this is refused before reading.
+constexpr std::uintmax_t max_trace_bytes = std::uintmax_t{1} << 30;
+
 }  // namespace
 
 std::filesystem::path rank_file(const std::filesystem::path& path, int rank) {
@@ -374,6 +392,11 @@ void timeline::write() const {
 std::vector<trace_event> read_trace(const std::filesystem::path& file) {
   std::ifstream f(file, std::ios::binary);
   if (!f) throw error(fmt::format("cannot open the trace '{}'", file.string()));
+  std::error_code ec;
+  if (const auto n = std::filesystem::file_size(file, ec); !ec && n > max_trace_bytes) {
+    throw error(fmt::format("trace '{}' holds {} bytes, more than the {} read_trace accepts",
+                            file.string(), n, max_trace_bytes));
+  }
   std::stringstream ss;
   ss << f.rdbuf();
   const std::string text = ss.str();
@@ -395,17 +418,24 @@ std::vector<trace_event> read_trace(const std::filesystem::path& file) {
     const json_value* name = ev.find("name");
     if (name && std::holds_alternative<std::string>(name->v)) e.name = std::get<std::string>(name->v);
     e.lane = number_or(ev.find("tid"), 0) == 1 ? lane::comm : lane::compute;
-    e.rank = static_cast<int>(number_or(ev.find("pid"), 0));
+    e.rank = static_cast<int>(integer_or(ev.find("pid"), 0, 0, 1 << 30, file, "pid"));
     if (!ev.find("ts") || !ev.find("dur")) {
       throw error(fmt::format("trace '{}': complete event '{}' lacks ts or dur", file.string(),
                               e.name));
     }
     e.start_us = number_or(ev.find("ts"), 0);
     e.duration_us = number_or(ev.find("dur"), 0);
+    if (!std::isfinite(e.start_us) || !std::isfinite(e.duration_us)) {
+      throw error(fmt::format("trace '{}': complete event '{}' has ts {} and dur {}; both must be "
+                              "finite",
+                              file.string(), e.name, e.start_us, e.duration_us));
+    }
     if (const json_value* args = ev.find("args")) {
-      e.step = static_cast<std::int64_t>(number_or(args->find("step"), -1));
-      e.bucket = static_cast<std::int64_t>(number_or(args->find("bucket"), -1));
-      e.bytes = static_cast<std::int64_t>(number_or(args->find("bytes"), -1));
+      // 2^53: the whole numbers a double holds exactly.
+      constexpr double big = 9007199254740992.0;
+      e.step = integer_or(args->find("step"), -1, -1, big, file, "args.step");
+      e.bucket = integer_or(args->find("bucket"), -1, -1, big, file, "args.bucket");
+      e.bytes = integer_or(args->find("bytes"), -1, -1, big, file, "args.bytes");
     }
     out.push_back(std::move(e));
   }

@@ -16,6 +16,12 @@ inline constexpr std::uint32_t idx_images_magic = 0x00000803;
 /// IDX magic of a 1-d unsigned-byte array (labels: count).
 inline constexpr std::uint32_t idx_labels_magic = 0x00000801;
 
+/// The most payload bytes read_idx accepts (4 GiB; Fashion-MNIST's largest
+/// file holds 47 MB): a header claiming more is refused before allocating.
+inline constexpr std::size_t idx_max_payload_bytes = std::size_t{1} << 32;
+/// The most bytes one item (the product of dims[1..]) may hold (16 MiB).
+inline constexpr std::size_t idx_max_item_bytes = std::size_t{1} << 24;
+
 /// An IDX array of unsigned bytes: its dimensions (the first is the item
 /// count) and its payload in row-major order.
 struct idx_array {
@@ -40,7 +46,11 @@ struct idx_array {
 /// Throws data_error naming the path when the file is missing or
 /// unreadable, the magic differs (found vs expected), the gzip stream is
 /// corrupt (zlib's message), or the file holds fewer bytes than its header
-/// promises (expected vs got).
+/// promises (expected vs got). Sizes are checked before allocating: a
+/// dimension after the first that is 0, an item over idx_max_item_bytes, a
+/// payload over idx_max_payload_bytes or over what the file's length can
+/// hold (raw: its length; gzip: about 1100 times it) is refused naming the
+/// header field; memory grows only with the bytes actually read.
 /// @code
 ///   auto labels = ringflow::data::read_idx("train-labels-idx1-ubyte.gz",
 ///                                          ringflow::data::idx_labels_magic);

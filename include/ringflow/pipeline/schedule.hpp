@@ -117,6 +117,8 @@ schedule make_schedule(std::string_view kind, int ranks, int micro_batches, int 
 /// rank's instructions may continue on the following lines.
 std::string to_text(const schedule& s);
 /// Parses to_text's format; throws usage_error naming the line and token.
+/// Bounds: micro_batches in [1, 2^20], ranks and placement entries below
+/// 2^16, instruction stages below 2^16 and micro-batches below 2^20.
 schedule parse_schedule(std::string_view text);
 
 /// Builds a schedule by hand, instruction by instruction.

@@ -1,0 +1,88 @@
+# Runs the tools with bad flag values and checks that each exits with status
+# 2 within the timeout and prints exactly one line of its own on stderr,
+# naming the flag. MPI programs run under mpirun -np 1, which may add its own
+# notice about the non-zero exit: only the tool's lines are counted.
+#
+#   cmake -DTOOL_ringflow-sim=... -DMPIEXEC=mpirun "-DMPIEXEC_FLAGS=..." -P bad_flags.cmake
+set(_failures 0)
+set(_runs 0)
+separate_arguments(_mpi_flags UNIX_COMMAND "${MPIEXEC_FLAGS}")
+
+# check(<tool> <mpi: ON|OFF> <flag named in the message> <args...>)
+function(check tool mpi flag)
+  set(exe "${TOOL_${tool}}")
+  if(NOT exe)
+    return()
+  endif()
+  if(mpi)
+    set(cmd ${MPIEXEC} -np 1 ${_mpi_flags} ${exe} ${ARGN})
+  else()
+    set(cmd ${exe} ${ARGN})
+  endif()
+  execute_process(COMMAND ${cmd} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err
+                  TIMEOUT 30)
+  math(EXPR n "${_runs} + 1")
+  set(_runs ${n} PARENT_SCOPE)
+  # The tool's own lines: "<tool>: ..." (';' would split the CMake list).
+  string(REPLACE ";" "," err_list "${err}")
+  string(REGEX MATCHALL "(^|\n)${tool}: [^\n]*" mine "${err_list}")
+  list(LENGTH mine lines)
+  set(problem "")
+  if(NOT rc STREQUAL "2")
+    set(problem "exit status '${rc}', expected 2")
+  elseif(NOT lines EQUAL 1)
+    set(problem "${lines} lines from ${tool} on stderr, expected 1")
+  else()
+    string(FIND "${mine}" "${flag}" at)
+    if(at LESS 0)
+      set(problem "the message does not name ${flag}")
+    endif()
+  endif()
+  string(REPLACE ";" " " shown "${ARGN}")
+  if(problem)
+    message("FAIL ${tool} ${shown}: ${problem}\n  stderr: ${err}")
+    math(EXPR f "${_failures} + 1")
+    set(_failures ${f} PARENT_SCOPE)
+  else()
+    string(STRIP "${mine}" mine)
+    message("ok   ${tool} ${shown}  ->  ${mine}")
+  endif()
+endfunction()
+
+# ringflow-sim (no MPI): the values that used to spin or abort, and others.
+check(ringflow-sim OFF --bucket-mb --bucket-mb 0)
+check(ringflow-sim OFF --bucket-mb --bucket-mb inf)
+check(ringflow-sim OFF --bucket-mb --bucket-mb nan)
+check(ringflow-sim OFF --calibrate --calibrate 3e8)
+check(ringflow-sim OFF --calibrate --calibrate 1e12)
+check(ringflow-sim OFF --params --params 1e15 --bucket-mb 1e-9)
+check(ringflow-sim OFF --bucket-mb --params 1e9 --bucket-mb 1e-6)
+check(ringflow-sim OFF --ranks --ranks -3)
+check(ringflow-sim OFF --ranks --ranks 4x)
+check(ringflow-sim OFF --link-gbps --link-gbps 0)
+check(ringflow-sim OFF --buckets --buckets 10,0,5)
+check(ringflow-sim OFF --params --params)
+
+# ringflow-bench (MPI).
+check(ringflow-bench ON -b -b 0)
+check(ringflow-bench ON -e -e 1000G)
+check(ringflow-bench ON -n -n 0)
+check(ringflow-bench ON --iters --iters=1e3)
+check(ringflow-bench ON --reps --reps abc)
+check(ringflow-bench ON --segment --segment 0)
+
+# The other programs and the examples, one or two each.
+check(compress_bench OFF --elements --elements 0)
+check(compress_bench OFF --ranks --ranks 100000)
+check(pipeline_bench OFF --forward-us --forward-us inf)
+check(pipeline_bench OFF --micro-batches --micro-batches 4,-1)
+check(bench_overlap OFF --steps --steps 0)
+check(bench_buckets ON --reps --reps 1e9)
+check(train_fashion_mnist ON --lr --lr nan)
+check(train_fashion_mnist ON --epochs --epochs 3junk)
+check(pipeline_fashion_mnist ON --micro-batches --micro-batches 0)
+
+message("${_runs} bad-flag runs, ${_failures} failed")
+if(_failures GREATER 0)
+  message(FATAL_ERROR "${_failures} of ${_runs} bad-flag runs did not exit 2 with one line naming the flag")
+endif()
