@@ -415,69 +415,71 @@ class mpi_transport final : public transport,
     // MPI_Iallreduce polled like every other wait, so the native path has a
     // deadline and hears of failed ranks too. A timed-out MPI collective
     // cannot be cancelled: the job is broken then (job::fail).
-    // Stamp mode: MPI_Allreduce carries no stamp, so a second, 16-byte
-    // MPI_Iallreduce (max of h and ~h for a hash h of the fingerprint: both
-    // come back as this rank's own exactly when every rank's is the same)
-    // runs beside it. Posted first, it completes even when the data one
-    // cannot (different counts).
-    MPI_Request check_req = MPI_REQUEST_NULL;
-    long long check_in[2] = {0, 0}, check_out[2] = {0, 0};
-    const fingerprint* stamp = current_stamp(collective_tag_base + 1);
-    if (stamp != nullptr) {
+    const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
+    const auto deadline = detail::deadline_after(timeout());
+    const auto what = [&] {
+      return fmt::format("MPI_Allreduce (native) of {} {} {}", count, dtype_name(type),
+                         op_name(op));
+    };
+    const auto wait = [&](MPI_Request& req) {
+      for (unsigned spins = 0;; ++spins) {
+        int flag = 0;
+        const int rc = MPI_Test(&req, &flag, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) {
+          const std::string msg = fmt::format("MPI_Iallreduce failed on rank {}: {}", rank_,
+                                              mpi_error_text(rc));
+          job::fail(job::notice::failed, msg);
+          throw comm_error(msg);
+        }
+        if (flag) return;
+        if (spins < 128) continue;
+        if (yield) std::this_thread::yield();
+        if ((spins & 1023u) != 0) continue;
+        job::check_members(world_ranks_, rank_, what());
+        if (std::chrono::steady_clock::now() > deadline) {
+          const std::string msg = fmt::format(
+              "rank {}: {} did not complete within {} ms (RINGFLOW_TIMEOUT); is a rank stuck, "
+              "dead or calling a different collective?",
+              rank_, what(), timeout().count());
+          job::fail(job::notice::failed, msg);
+          throw timeout_error(msg);
+        }
+      }
+    };
+    // Stamp mode: MPI_Allreduce carries no stamp, so a 16-byte MPI_Iallreduce
+    // (max of h and ~h for a hash h of the fingerprint: both come back as
+    // this rank's own exactly when every rank's is the same) runs first. It
+    // must complete before the data is posted: MPI collectives with
+    // different counts or types are undefined behaviour (OpenMPI's libnbc
+    // writes past its buffers), so the check costs one small allreduce's
+    // latency here. algo::automatic never picks native; RINGFLOW_CHECK=0
+    // drops the check.
+    if (const fingerprint* stamp = current_stamp(collective_tag_base + 1)) {
       std::uint64_t h = 1469598103934665603ull;  // FNV-1a over the fingerprint's bytes
       const auto* b = reinterpret_cast<const unsigned char*>(stamp);
       for (std::size_t i = 0; i < sizeof(fingerprint); ++i) h = (h ^ b[i]) * 1099511628211ull;
-      check_in[0] = static_cast<long long>(h);
-      check_in[1] = ~check_in[0];
+      long long check_in[2] = {static_cast<long long>(h), ~static_cast<long long>(h)};
+      long long check_out[2] = {0, 0};
+      MPI_Request check_req = MPI_REQUEST_NULL;
       RINGFLOW_CHECK_MPI(
           MPI_Iallreduce(check_in, check_out, 2, MPI_LONG_LONG, MPI_MAX, comm_, &check_req),
           rank_, -1);
+      wait(check_req);
+      if (check_out[0] != check_in[0] || check_out[1] != check_in[1]) {
+        const std::string msg = fmt::format(
+            "collective mismatch detected on rank {}: the ranks called the native "
+            "MPI_Allreduce with different collectives; this rank called {} (RINGFLOW_CHECK=full "
+            "names every rank's call)",
+            rank_, stamp->describe());
+        job::fail(job::notice::mismatch, msg);
+        throw usage_error(msg);
+      }
     }
     MPI_Request req = MPI_REQUEST_NULL;
     RINGFLOW_CHECK_MPI(MPI_Iallreduce(send, out, static_cast<int>(count), mt, mo, comm_, &req),
                        rank_, -1);
-    const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
-    const auto deadline = detail::deadline_after(timeout());
-    for (unsigned spins = 0;; ++spins) {
-      if (check_req != MPI_REQUEST_NULL) {
-        int done = 0;
-        if (MPI_Test(&check_req, &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && done &&
-            (check_out[0] != check_in[0] || check_out[1] != check_in[1])) {
-          const std::string msg = fmt::format(
-              "collective mismatch detected on rank {}: the ranks called the native "
-              "MPI_Allreduce with different collectives; this rank called {} (RINGFLOW_CHECK=full "
-              "names every rank's call)",
-              rank_, stamp->describe());
-          job::fail(job::notice::mismatch, msg);
-          throw usage_error(msg);
-        }
-      }
-      int flag = 0;
-      const int rc = MPI_Test(&req, &flag, MPI_STATUS_IGNORE);
-      if (rc != MPI_SUCCESS) {
-        const std::string msg = fmt::format("MPI_Iallreduce failed on rank {}: {}", rank_,
-                                            mpi_error_text(rc));
-        job::fail(job::notice::failed, msg);
-        throw comm_error(msg);
-      }
-      if (flag && check_req == MPI_REQUEST_NULL) return true;
-      if (spins < 128) continue;
-      if (yield) std::this_thread::yield();
-      if ((spins & 1023u) != 0) continue;
-      const auto what = [&] {
-        return fmt::format("MPI_Allreduce (native) of {} {} {}", count, dtype_name(type),
-                           op_name(op));
-      };
-      job::check_members(world_ranks_, rank_, what());
-      if (std::chrono::steady_clock::now() > deadline) {
-        const std::string msg = fmt::format(
-            "rank {}: {} did not complete within {} ms (RINGFLOW_TIMEOUT); is a rank stuck, dead "
-            "or calling a different collective?",
-            rank_, what(), timeout().count());
-        job::fail(job::notice::failed, msg);
-        throw timeout_error(msg);
-      }
-    }
+    wait(req);
+    return true;
   }
 
  private:

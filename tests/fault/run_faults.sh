@@ -45,6 +45,8 @@ for np in $nps; do
         ((rc == 0)) || verdict="FAIL(rc $rc)"
       elif ((rc == 0)); then
         verdict="FAIL(exit 0)"
+      elif [[ $c != kill ]] && ((rc > 128)); then
+        verdict="FAIL(crash, rc $rc)"  # a signal: heap corruption, an uncaught exception
       elif ((ms >= (bound + 30) * 1000)); then
         verdict="FAIL(hung)"
       elif ((ms > bound * 1000)); then
