@@ -75,7 +75,7 @@ void print_help() {
       "  --lr X                 peak AdamW learning rate, warm-up then cosine to 0 (default 1e-3)\n"
       "  --seed N               seed of weights and shuffling (default 42)\n"
       "  --hidden A,B,..        hidden layer widths, comma-separated (default 256,128)\n"
-      "  --threads N            Eigen threads per rank (default 1; needs an OpenMP build)\n"
+      "  --threads N            threads per rank for the matrix products (default 1)\n"
       "  --data-dir DIR         folder with the Fashion-MNIST IDX files\n"
       "                         (default $RINGFLOW_DATA_DIR or /usr/share/datasets/fashion-mnist)\n"
       "  --limit N              load only the first N samples of each split (quick runs)\n"
@@ -259,7 +259,7 @@ int train(const options& o, const ringflow::communicator& comm) {
     return exit_usage;
   }
   const std::size_t local_batch = o.batch / static_cast<std::size_t>(np);
-  Eigen::setNbThreads(o.threads);
+  ad::set_threads(o.threads);
   const auto t_load = clock_type::now();
   auto fm = rd::load_fashion_mnist(
       o.data_dir.empty() ? rd::default_fashion_mnist_dir() : std::filesystem::path(o.data_dir),
@@ -327,10 +327,10 @@ int train(const options& o, const ringflow::communicator& comm) {
   for (std::size_t i = 1; i < sizes.size(); ++i) layout += fmt::format("-{}", sizes[i]);
   report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; mlp "
               "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
-              "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}",
+              "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}; products: {}",
               np, fm.train.size(), fm.test.size(), seconds_since(t_load), layout,
               model.parameters().numel(), dp.buckets().size(), o.batch, local_batch,
-              steps_per_epoch, o.lr, o.compress);
+              steps_per_epoch, o.lr, o.compress, ad::gemm_backend());
 
   const auto save = [&] {
     if (ckpt.empty()) return;

@@ -13,6 +13,7 @@ packages=(
   catch2                               # tests
   libgloo-dev                          # benchmark peer
   dataset-fashion-mnist                # training example data
+  libopenblas0-pthread                 # fast CPU products, loaded at run time (docs/design.md)
 )
 
 if [[ "${RINGFLOW_SKIP_DEPS:-0}" == 1 ]]; then

@@ -1,5 +1,6 @@
 // Forward values and backward closures of every ad op, for float and double.
 #include "ringflow/ad/ops.hpp"
+#include "ringflow/ad/gemm.hpp"
 
 #include <fmt/format.h>
 
@@ -162,17 +163,23 @@ basic_tensor<S> matmul(const basic_tensor<S>& a, const basic_tensor<S>& b) {
   }
   const shape s = na.dims.rank() == 2 ? shape{na.rows(), nb.cols()} : shape{nb.cols()};
   auto out = make_node<S>("matmul", s);
-  out->value_map().noalias() = na.value_map() * nb.value_map();
-  return finish<S>(std::move(out), {a.node(), b.node()}, [](detail::node<S>& self, std::size_t i) {
-    auto g = self.grad_map();
-    auto& x = *self.inputs[0];
-    auto& w = *self.inputs[1];
-    if (i == 0) {
-      x.grad_map().noalias() += g * w.value_map().transpose();
-    } else {
-      w.grad_map().noalias() += x.value_map().transpose() * g;
-    }
-  });
+  // [m,k] x [k,n]: the products go through ad::gemm (a BLAS when present).
+  const index m = na.rows(), k = na.cols(), n = nb.cols();
+  gemm<S>(false, false, m, n, k, S(1), na.value.get(), k, nb.value.get(), n, S(0),
+          out->value.get(), n);
+  return finish<S>(std::move(out), {a.node(), b.node()},
+                   [m, n, k](detail::node<S>& self, std::size_t i) {
+                     auto g = self.grad_map();
+                     auto& x = *self.inputs[0];
+                     auto& w = *self.inputs[1];
+                     if (i == 0) {  // dx [m,k] += g [m,n] * w^T
+                       gemm<S>(false, true, m, k, n, S(1), g.data(), n, w.value.get(), n, S(1),
+                               x.grad_map().data(), k);
+                     } else {  // dw [k,n] += x^T * g
+                       gemm<S>(true, false, k, n, m, S(1), x.value.get(), k, g.data(), n, S(1),
+                               w.grad_map().data(), n);
+                     }
+                   });
 }
 
 template <class S>

@@ -1,6 +1,7 @@
 // Everything in ringflow::ad: tensors, ops, layers, parameter store, optimizers, schedules.
 #pragma once
 
+#include "ringflow/ad/gemm.hpp"
 #include "ringflow/ad/init.hpp"
 #include "ringflow/ad/layers.hpp"
 #include "ringflow/ad/ops.hpp"
