@@ -442,11 +442,6 @@ int train(const options& o, const ringflow::communicator& comm) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Each rank runs backward on one thread while the progress thread drives
-  // the bucket allreduces: a progress thread spinning in MPI polls would take
-  // the core from backward (OpenMPI binds each rank to one core when ranks <=
-  // cores), so waiting ranks yield unless the user decided otherwise.
-  setenv("RINGFLOW_YIELD", "1", /*overwrite=*/0);
   ringflow::mpi::environment env(argc, argv);
   auto comm = ringflow::mpi::world();
   std::optional<options> o;

@@ -86,7 +86,6 @@ int main(int argc, char** argv) {
     }
     return 0;
   }
-  setenv("RINGFLOW_YIELD", "1", 0);  // as train_fashion_mnist: see there
   ringflow::mpi::environment env(argc, argv);
   auto comm = ringflow::mpi::world();
   if (comm.rank() == 0) fs::create_directories(out);

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -26,6 +27,7 @@
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 #include "mpi_job.hpp"
+#include "waiting.hpp"
 
 namespace ringflow::mpi {
 namespace {
@@ -47,48 +49,63 @@ std::string mpi_error_text(int code) {
     }                                                                                         \
   } while (0)
 
-// Whether a waiting rank should yield its core while it polls. Spinning is
-// fastest when every rank has a core; with more ranks than cores
-// (--oversubscribe) a spinning rank starves the very rank it waits for.
-// Decided once per process from the node's rank count (MPI_Comm_split_type)
-// and the cores this process may run on; RINGFLOW_YIELD=0/1 overrides.
-std::atomic<int> yield_when_idle{-1};
+}  // namespace
 
-void decide_yield(MPI_Comm comm) {
-  if (yield_when_idle.load() >= 0) return;
-  if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
-    yield_when_idle.store(std::string_view(env) == "0" ? 0 : 1);
-    return;
-  }
-  // Cores = the union of the CPUs the node's ranks may run on: bind-to-core
-  // gives each rank one CPU but the ranks still have one each, while taskset
-  // or a container limits the union below the machine's core count.
-  cpu_set_t mine;
-  CPU_ZERO(&mine);
-  if (sched_getaffinity(0, sizeof mine, &mine) != 0) {
-    for (unsigned c = 0; c < std::thread::hardware_concurrency() && c < CPU_SETSIZE; ++c) {
-      CPU_SET(c, &mine);
+namespace waiting {
+namespace {
+std::atomic<int> caller_yields{-1};    // -1: not decided yet
+std::atomic<int> progress_yields{-1};
+occupancy decided;
+std::once_flag decided_once;
+}  // namespace
+
+occupancy probe(MPI_Comm comm) {
+  std::call_once(decided_once, [comm] {
+    // Cores = the union of the CPUs the node's ranks may run on: bind-to-core
+    // gives each rank one CPU but the ranks still have one each, while
+    // taskset or a container limits the union below the machine's count.
+    cpu_set_t mine;
+    CPU_ZERO(&mine);
+    if (sched_getaffinity(0, sizeof mine, &mine) != 0) {
+      for (unsigned c = 0; c < std::thread::hardware_concurrency() && c < CPU_SETSIZE; ++c) {
+        CPU_SET(c, &mine);
+      }
     }
-  }
-  MPI_Comm node = MPI_COMM_NULL;
-  int local = 1;
-  int cores = CPU_COUNT(&mine);
-  if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
-    MPI_Comm_size(node, &local);
-    std::vector<cpu_set_t> all(static_cast<std::size_t>(local));
-    if (MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, node) ==
-        MPI_SUCCESS) {
-      cpu_set_t either;
-      CPU_ZERO(&either);
-      for (auto& s : all) CPU_OR(&either, &either, &s);
-      cores = CPU_COUNT(&either);
+    occupancy o;
+    o.cores = CPU_COUNT(&mine);
+    MPI_Comm node = MPI_COMM_NULL;
+    if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+      MPI_Comm_size(node, &o.local_ranks);
+      std::vector<cpu_set_t> all(static_cast<std::size_t>(o.local_ranks));
+      if (MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, node) ==
+          MPI_SUCCESS) {
+        cpu_set_t either;
+        CPU_ZERO(&either);
+        for (auto& s : all) CPU_OR(&either, &either, &s);
+        o.cores = CPU_COUNT(&either);
+      }
+      MPI_Comm_free(&node);
     }
-    MPI_Comm_free(&node);
-  }
-  yield_when_idle.store(local > cores ? 1 : 0);
-  log::debug("mpi: {} ranks on this node, {} cores: {} while waiting", local, cores,
-             local > cores ? "yielding" : "spinning");
+    decided = o;
+    int caller = o.local_ranks > o.cores ? 1 : 0;
+    int progress = 2 * o.local_ranks > o.cores ? 1 : 0;
+    if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
+      caller = progress = std::string_view(env) == "0" ? 0 : 1;
+    }
+    caller_yields.store(caller);
+    progress_yields.store(progress);
+    log::debug("mpi: {} ranks on this node, {} cores: callers {}, progress threads {} while "
+               "waiting",
+               o.local_ranks, o.cores, caller ? "yield" : "spin", progress ? "yield" : "spin");
+  });
+  return decided;
 }
+
+bool yield_caller() noexcept { return caller_yields.load(std::memory_order_relaxed) == 1; }
+bool yield_progress() noexcept { return progress_yields.load(std::memory_order_relaxed) == 1; }
+}  // namespace waiting
+
+namespace {
 
 // Messages larger than INT_MAX bytes go out as several MPI messages.
 constexpr std::size_t max_piece = std::size_t{1} << 30;
@@ -171,10 +188,10 @@ class mpi_request final : public detail::request_state {
 
   void wait() override {
     // Poll instead of MPI_Wait so a lost peer becomes timeout_error, not a
-    // hang; yield between polls only when oversubscribed (decide_yield).
+    // hang; yield between polls as waiting::should_yield says.
     // Every 1024 polls also look at the job: a rank that failed or left
     // ends this wait at once instead of at the deadline.
-    const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
+    const bool yield = waiting::should_yield();
     const auto started = std::chrono::steady_clock::now();
     const auto deadline = detail::deadline_after(timeout_);
     bool probed = false;
@@ -415,7 +432,7 @@ class mpi_transport final : public transport,
     // MPI_Iallreduce polled like every other wait, so the native path has a
     // deadline and hears of failed ranks too. A timed-out MPI collective
     // cannot be cancelled: the job is broken then (job::fail).
-    const bool yield = yield_when_idle.load(std::memory_order_relaxed) == 1;
+    const bool yield = waiting::should_yield();
     const auto deadline = detail::deadline_after(timeout());
     const auto what = [&] {
       return fmt::format("MPI_Allreduce (native) of {} {} {}", count, dtype_name(type),
@@ -632,7 +649,7 @@ communicator from_comm(MPI_Comm comm) {
   MPI_Comm dup = MPI_COMM_NULL;
   const int rc = MPI_Comm_dup(comm, &dup);
   if (rc != MPI_SUCCESS) throw comm_error("MPI_Comm_dup failed: " + mpi_error_text(rc));
-  decide_yield(dup);
+  waiting::probe(dup);
   return communicator(std::make_shared<mpi_transport>(dup));
 }
 

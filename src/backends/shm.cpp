@@ -51,6 +51,7 @@
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/core/log.hpp"
 #include "mpi_job.hpp"
+#include "waiting.hpp"
 
 #include "ringflow/coll/registry.hpp"
 
@@ -147,7 +148,8 @@ struct node_state {
   std::size_t data_offset = 0;
   std::uint64_t next_block = 0;  // global index of this rank's next block
   bool oversubscribed = false;  // rank 0's verdict, so all ranks wait alike
-  std::chrono::microseconds spin{0};  // poll this long before sleeping
+  std::chrono::microseconds spin{0};           // a caller polls this long before sleeping
+  std::chrono::microseconds progress_spin{0};  // a progress thread (waiting.hpp)
   int broken_by = -1;  // rank that failed; the segment's counters are lost
   std::vector<int> world_ranks;  // of each rank, for the job's failure notices
 
@@ -193,19 +195,6 @@ std::size_t block_from_env() {
   return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
 }
 
-// Whether the node has more ranks than cores, so a waiting rank should give
-// its core up almost at once (it may be the core the awaited rank needs);
-// RINGFLOW_YIELD=0/1 overrides, as for the mpi backend.
-bool oversubscribed(int local_ranks) {
-  if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
-    return std::string_view(env) != "0";
-  }
-  int cores = static_cast<int>(std::thread::hardware_concurrency());
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) cores = std::max(cores, CPU_COUNT(&set));
-  return local_ranks > cores;
-}
-
 #define RINGFLOW_SHM_CHECK_MPI(call, rank)                                                    \
   do {                                                                                        \
     const int rf_rc_ = (call);                                                                \
@@ -242,15 +231,19 @@ void set_up(node_state& st, MPI_Comm mc) {
     char name[64];
     std::uint64_t block;
     std::int32_t err;
-    std::int32_t yield;
+    std::int32_t yield;           // callers: more ranks than cores
     std::int64_t spin_us;
+    std::int64_t progress_spin_us;  // progress threads (waiting.hpp)
   } msg{};
   std::string failure;
   int fd = -1;
+  mpi::waiting::probe(mc);  // every rank (collective the first time); the mpi backend's verdict
   if (st.rank == 0) {
     msg.block = block_from_env();
-    msg.yield = oversubscribed(local) ? 1 : 0;
+    msg.yield = mpi::waiting::yield_caller() ? 1 : 0;
     msg.spin_us = spin_from_env(msg.yield ? spin_for_oversubscribed : spin_for).count();
+    msg.progress_spin_us =
+        spin_from_env(mpi::waiting::yield_progress() ? spin_for_oversubscribed : spin_for).count();
     static std::atomic<unsigned> serial{0};
     const auto stamp = static_cast<unsigned long long>(
         std::chrono::steady_clock::now().time_since_epoch().count());
@@ -269,6 +262,7 @@ void set_up(node_state& st, MPI_Comm mc) {
   st.block_bytes = msg.block;
   st.oversubscribed = msg.yield != 0;
   st.spin = std::chrono::microseconds(msg.spin_us);
+  st.progress_spin = std::chrono::microseconds(msg.progress_spin_us);
   st.data_offset = control_bytes(st.size);
   st.bytes = st.data_offset + (static_cast<std::size_t>(st.size) + 1) * slots * st.block_bytes;
   if (st.rank == 0) {
@@ -395,7 +389,9 @@ class waiter {
       have_deadline_ = true;
     }
     std::atomic_ref<std::uint64_t> value(c.value);
-    const auto spin = st_.spin;
+    const auto spin = detail::on_progress_thread() || detail::progress_threads() > 0
+                          ? st_.progress_spin
+                          : st_.spin;
     for (unsigned polls = 1;; ++polls) {
       if (value.load(std::memory_order_acquire) >= target) return;
       cpu_relax();

@@ -45,12 +45,16 @@ class async_engine {
   };
 
   void loop() {
+    detail::set_progress_thread(true);  // its waits yield to the caller's compute
     for (;;) {
       item next;
       {
         std::unique_lock lock(mutex_);
         wake_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-        if (queue_.empty()) return;  // stopping and drained
+        if (queue_.empty()) {  // stopping and drained
+          detail::set_progress_thread(false);
+          return;
+        }
         next = std::move(queue_.front());
         queue_.pop_front();
       }

@@ -1,4 +1,5 @@
 // request plumbing shared by every backend, and the default timeout.
+#include <atomic>
 #include "ringflow/comm/transport.hpp"
 
 #include <cstdlib>
@@ -73,5 +74,19 @@ std::chrono::milliseconds default_timeout() {
   }();
   return value;
 }
+
+namespace detail {
+namespace {
+thread_local bool progress_thread = false;
+std::atomic<int> alive_progress_threads{0};
+}  // namespace
+bool on_progress_thread() noexcept { return progress_thread; }
+void set_progress_thread(bool on) noexcept {
+  if (on == progress_thread) return;
+  progress_thread = on;
+  alive_progress_threads.fetch_add(on ? 1 : -1, std::memory_order_relaxed);
+}
+int progress_threads() noexcept { return alive_progress_threads.load(std::memory_order_relaxed); }
+}  // namespace detail
 
 }  // namespace ringflow

@@ -78,6 +78,17 @@ inline std::chrono::steady_clock::time_point deadline_after(std::chrono::millise
   if (timeout >= std::chrono::hours(24 * 365)) return std::chrono::steady_clock::time_point::max();
   return now + timeout;
 }
+
+/// Whether the calling thread drives collectives in the background (the
+/// async engine's progress thread, coll/async.cpp). Its waits compete for
+/// the cores with the caller's own compute (backward, the optimizer), so
+/// backends let it give its core up sooner than a caller that waits.
+bool on_progress_thread() noexcept;
+/// Marks the calling thread as a progress thread (or not, as it ends).
+void set_progress_thread(bool on) noexcept;
+/// Progress threads alive in this process. While there is one, every thread
+/// of the rank shares the cores with it, the caller's waits included.
+int progress_threads() noexcept;
 }  // namespace detail
 
 /// Backend interface. Messages between one (source, destination, tag) triple
