@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "ringflow/backends/mpi.hpp"
+#include "ringflow/comm/flight.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 
@@ -134,6 +135,9 @@ bool mark_broken(notice kind, int origin, std::string_view text) {
   }
   s.broken_at.store(now_ns());
   wake_watchdog();
+  // Every rank writes its flight recorder as soon as it learns the job broke
+  // (before the stack unwinds and the job is aborted).
+  detail::flight_dump_on_failure(text);
   return true;
 }
 
@@ -219,6 +223,7 @@ void start() {
   if (s.active.load()) return;
   MPI_Comm_rank(MPI_COMM_WORLD, &s.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &s.size);
+  detail::flight_set_process_rank(s.rank);
   int provided = MPI_THREAD_SINGLE;
   MPI_Query_thread(&provided);
   s.multiple = provided >= MPI_THREAD_MULTIPLE;
