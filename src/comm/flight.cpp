@@ -92,6 +92,48 @@ registry& R() {
 
 std::atomic<int> process_rank{-1};
 
+std::int64_t wall_ns() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Ticks -> wall-clock ns: a reference pair taken when the first ring is
+// made, and another at each snapshot (at least 10 ms apart, so the rate is
+// good to a few parts per million).
+struct clock_pair {
+  std::int64_t ticks, wall;
+};
+clock_pair origin{0, 0};
+std::once_flag origin_once;
+
+void take_origin() {
+  std::call_once(origin_once, [] {
+    origin = {flight_ticks(), wall_ns()};
+  });
+}
+
+struct tick_converter {
+  clock_pair now;
+  double ns_per_tick = 1.0;
+  tick_converter() {
+    take_origin();
+    now = {flight_ticks(), wall_ns()};
+    while (now.wall - origin.wall < 10'000'000) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      now = {flight_ticks(), wall_ns()};
+    }
+    if (now.ticks > origin.ticks) {
+      ns_per_tick = static_cast<double>(now.wall - origin.wall) /
+                    static_cast<double>(now.ticks - origin.ticks);
+    }
+  }
+  std::int64_t wall(std::int64_t ticks) const {
+    if (ticks == 0) return 0;
+    return now.wall - static_cast<std::int64_t>(static_cast<double>(now.ticks - ticks) * ns_per_tick);
+  }
+};
+
 // SIGTERM / SIGUSR1: the handler writes the signal number into a pipe; a
 // thread reads it, dumps, and for SIGTERM then restores the previous
 // disposition and raises the signal again.
@@ -216,7 +258,7 @@ std::string render(std::string_view reason) {
   append_escaped(out, host);
   out += ",\"reason\":";
   append_escaped(out, reason);
-  out += fmt::format(R"(,"time_ns":{},"ring_size":{},"communicators":{}}})", flight_now_ns(),
+  out += fmt::format(R"(,"time_ns":{},"ring_size":{},"communicators":{}}})", wall_ns(),
                      flight::ring_size(), rings.size());
   out += '\n';
   for (const auto& ring : rings) {
@@ -290,22 +332,31 @@ std::vector<flight::entry> flight_ring::snapshot() const {
       const char* a = r.algorithm.load(std::memory_order_relaxed);
       e.algorithm = a != nullptr ? a : "";
       e.st = static_cast<flight::state>(r.st.load(std::memory_order_acquire));
-      e.start_ns = r.start_ns.load(std::memory_order_relaxed);
-      e.end_ns = r.end_ns.load(std::memory_order_relaxed);
+      e.start_ns = r.start.load(std::memory_order_relaxed);
+      e.end_ns = r.end.load(std::memory_order_relaxed);
       e.wait_peer = r.wait_peer.load(std::memory_order_relaxed);
       e.wait_tag = r.wait_tag.load(std::memory_order_relaxed);
-      e.wait_since_ns = r.wait_since_ns.load(std::memory_order_relaxed);
+      e.wait_since_ns = r.wait_since.load(std::memory_order_relaxed);
       std::atomic_thread_fence(std::memory_order_acquire);
       got = r.version.load(std::memory_order_relaxed) == v1;
     }
     // A slot reused under the reader holds a newer collective: skip it.
     if (got && e.sequence == seq && e.st != flight::state::empty) out.push_back(std::move(e));
   }
+  if (!out.empty()) {
+    const tick_converter conv;
+    for (auto& e : out) {
+      e.start_ns = conv.wall(e.start_ns);
+      e.end_ns = conv.wall(e.end_ns);
+      e.wait_since_ns = conv.wall(e.wait_since_ns);
+    }
+  }
   return out;
 }
 
 std::shared_ptr<flight_ring> make_flight_ring(const transport& t, std::uint64_t comm_id) {
   if (!flight::enabled()) return nullptr;
+  take_origin();
   auto ring = std::make_shared<flight_ring>(flight::ring_size(), comm_id, t.rank(), t.size(),
                                             t.name());
   {

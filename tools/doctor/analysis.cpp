@@ -279,7 +279,57 @@ report diagnose(const std::vector<dump>& dumps) {
                 [](const auto& a, const auto& b) { return a.second < b.second; });
       cr.disagreements.push_back(std::move(d));
     }
-    cr.problem = !cr.missing.empty() || !cr.behind.empty() || !cr.failed.empty() ||
+    // Who waits on whom in the front collective.
+    std::map<int, const record*> at_front;
+    std::map<int, std::int64_t> started_front;
+    for (const auto& rs : cr.ranks) {
+      for (const auto& r : dumps[rs.file].records) {
+        if (r.comm != k.first || r.instance != k.second || r.rank != rs.rank || r.seq != cr.front) {
+          continue;
+        }
+        started_front[rs.rank] = r.start_ns;
+        at_front[rs.rank] = &r;
+      }
+    }
+    if (!started_front.empty()) {
+      std::int64_t first = std::numeric_limits<std::int64_t>::max();
+      for (const auto& [rank, t] : started_front) first = std::min(first, t);
+      for (const auto& [rank, t] : started_front) {
+        if (t - first > late_after_ns) cr.late.emplace_back(rank, t - first);
+      }
+    }
+    std::map<int, int> waits_on;
+    for (const auto& [rank, r] : at_front) {
+      if (r->state == "done" || r->wait_peer < 0 || r->wait_since_ns == 0) continue;
+      // A late rank's own waits came after the others had given up on it.
+      const bool is_late = std::any_of(cr.late.begin(), cr.late.end(),
+                                       [&](const auto& l) { return l.first == rank; });
+      if (is_late) continue;
+      // A wait that began after its peer's collective had already failed
+      // is the aftermath, not the cause.
+      const auto peer = at_front.find(r->wait_peer);
+      if (peer != at_front.end() && peer->second->end_ns != 0 &&
+          r->wait_since_ns > peer->second->end_ns) {
+        continue;
+      }
+      waits_on[rank] = r->wait_peer;
+    }
+    // The longest chain (ties: from the lowest rank); stops at a repeat.
+    for (const auto& [from, to] : waits_on) {
+      std::vector<int> chain{from};
+      std::set<int> seen{from};
+      int at = to;
+      for (;;) {
+        chain.push_back(at);  // a repeat closes a cycle
+        if (seen.count(at)) break;
+        seen.insert(at);
+        const auto next = waits_on.find(at);
+        if (next == waits_on.end()) break;
+        at = next->second;
+      }
+      if (chain.size() > cr.wait_chain.size()) cr.wait_chain = chain;
+    }
+    cr.problem = !cr.late.empty() || !cr.missing.empty() || !cr.behind.empty() || !cr.failed.empty() ||
                  !cr.disagreements.empty();
     rep.problem = rep.problem || cr.problem;
     rep.comms.push_back(std::move(cr));
@@ -368,6 +418,24 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
                                           })
                              ->highest);
     }
+    if (c.wait_chain.size() >= 2) {
+      std::string chain;
+      for (std::size_t i = 0; i < c.wait_chain.size(); ++i) {
+        chain += fmt::format("{}rank {}", i ? " -> " : "", c.wait_chain[i]);
+      }
+      const int end = c.wait_chain.back();
+      const bool cycle = std::find(c.wait_chain.begin(), c.wait_chain.end() - 1, end) !=
+                         c.wait_chain.end() - 1;
+      out += fmt::format("  WAITS at #{}: {}{}\n", c.front, chain,
+                         cycle ? " (a cycle)"
+                               : fmt::format(" (rank {} waits on no one in #{}: look there first)",
+                                             end, c.front));
+    }
+    for (const auto& [rank, lag] : c.late) {
+      out += fmt::format("  LATE: rank {} started #{} {} after the first rank did (it was stopped, "
+                         "busy or slow before it)\n",
+                         rank, c.front, seconds(lag));
+    }
     for (const auto& d : c.disagreements) {
       std::string line = fmt::format("  DISAGREE at #{}: ", d.seq);
       for (std::size_t i = 0; i < d.calls.size(); ++i) {
@@ -385,7 +453,7 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
       out += fmt::format("  ok: every rank reached #{} and all agree\n", c.front);
     }
   }
-  out += rep.problem ? "\nverdict: problem found (see BEHIND / DISAGREE / FAILED above)\n"
+  out += rep.problem ? "\nverdict: problem found (see BEHIND / LATE / DISAGREE / FAILED above)\n"
                      : "\nverdict: no problem found\n";
   return out;
 }

@@ -85,8 +85,16 @@ struct comm_report {
   std::vector<int> behind;        // ranks that have not started `front`
   std::vector<int> failed;        // ranks whose collective failed
   std::vector<disagreement> disagreements;
+  /// In `front`: who waits on whom, followed to a rank that waits on no one
+  /// (that rank is where to look). Empty when nobody waits.
+  std::vector<int> wait_chain;
+  /// Ranks that started `front` more than late_after_ns after the first one.
+  std::vector<std::pair<int, std::int64_t>> late;  // rank, ns after the first
   bool problem = false;
 };
+
+/// A rank that starts a collective this much after the first is "late".
+inline constexpr std::int64_t late_after_ns = 1'000'000'000;
 
 struct report {
   std::vector<comm_report> comms;
