@@ -8,8 +8,9 @@
 # RINGFLOW_CHECK=0,RINGFLOW_FLIGHT=0. The default and every CONFIG are run
 # interleaved (default, config 1, config 2, default, ...) --runs times at each
 # size and rank count, each run one mpirun of ringflow-bench (its own time is
-# the median of --reps repetitions); the table gives the median over runs and
-# the ratio config/default (1.02 = 2% slower than the default).
+# the median of 5 repetitions); the table gives the median over runs, the
+# ratio of medians config/default (1.02 = 2% slower than the default) and the
+# median of the run-by-run ratios ("paired", steadier on a loaded machine).
 #
 # Options:
 #   --np "2 4"          rank counts (default "2 4")
@@ -94,15 +95,19 @@ for np in $np_list; do
   done
 done
 
-printf '%-4s %-6s %-36s %12s %8s\n' np size config median_us ratio
+printf '%-4s %-6s %-36s %12s %8s %10s\n' np size config median_us ratio paired
 for np in $np_list; do
   for size in $sizes; do
     base=$(median <"$tmp/t.$np.$size.0")
     for i in "${!all[@]}"; do
       m=$(median <"$tmp/t.$np.$size.$i")
-      printf '%-4s %-6s %-36s %12.3f %8.3f\n' "$np" "$size" "${all[$i]:-default}" "$m" \
-        "$(awk -v a="$m" -v b="$base" 'BEGIN { print a / b }')"
+      # The median of run-by-run ratios (each config against the default run
+      # just before it): robust against a machine whose load drifts.
+      paired=$(paste "$tmp/t.$np.$size.$i" "$tmp/t.$np.$size.0" | awk '{ print $1 / $2 }' | median)
+      printf '%-4s %-6s %-36s %12.3f %8.3f %10.3f\n' "$np" "$size" "${all[$i]:-default}" "$m" \
+        "$(awk -v a="$m" -v b="$base" 'BEGIN { print a / b }')" "$paired"
     done
   done
 done
-echo "(median over $runs interleaved runs; each run the median of 5 repetitions; ratio = config / default)"
+echo "(median over $runs interleaved runs, each the median of 5 repetitions; ratio = median(config) /"
+echo " median(default); paired = median over runs of config / default of the same run)"

@@ -135,9 +135,6 @@ bool mark_broken(notice kind, int origin, std::string_view text) {
   }
   s.broken_at.store(now_ns());
   wake_watchdog();
-  // Every rank writes its flight recorder as soon as it learns the job broke
-  // (before the stack unwinds and the job is aborted).
-  detail::flight_dump_on_failure(text);
   return true;
 }
 
@@ -156,7 +153,11 @@ void handle(const message& m) {
     }
     case notice::failed:
     case notice::mismatch:
-      mark_broken(static_cast<notice>(m.kind), m.origin, text);
+      // Every rank writes its flight recorder as soon as it learns that the
+      // job broke (before the stack unwinds and the job is aborted).
+      if (mark_broken(static_cast<notice>(m.kind), m.origin, text)) {
+        detail::flight_dump_on_failure(text);
+      }
       break;
   }
 }
@@ -272,6 +273,7 @@ void fail(notice kind, std::string_view text) noexcept {
   try {
     if (!mark_broken(kind, s.rank, text)) return;
     if (s.active.load()) broadcast_notice(make_message(kind, s.rank, text));
+    detail::flight_dump_on_failure(text);  // after telling the others
   } catch (...) {
     // Out of memory while formatting: the watchdog still ends the job.
   }

@@ -109,14 +109,28 @@ TEST_CASE("a failed collective is recorded as failed", "[comm][flight]") {
 }
 
 TEST_CASE("async collectives are recorded on the engine's communicator", "[comm][flight]") {
+  const std::string path = "flight_async_test.jsonl";
   local::run(2, [&](communicator& c) {
-    std::vector<float> g(100, 1.0f);
+    std::vector<float> g(777, 1.0f);
     auto h = allreduce_async(c, std::span(g), sum);
     h.wait();
-    // The caller's communicator ran no collective of its own except the
-    // split that made the engine's duplicate (not a recorded collective).
+    // The caller's own communicator ran no collective (the engine's private
+    // duplicate did), so its ring is empty.
     CHECK(flight::recent(c.raw()).empty());
+    if (c.rank() == 0) flight::dump_to(path, "async");
   });
+  std::ifstream in(path);
+  std::string line;
+  int found = 0;
+  while (std::getline(in, line)) {
+    if (line.find(R"("kind":"allreduce","dtype":"float","op":"sum","count":777,)") !=
+            std::string::npos &&
+        line.find(R"("state":"done")") != std::string::npos) {
+      ++found;
+    }
+  }
+  CHECK(found == 2);  // one per rank, on the engine's communicator
+  std::remove(path.c_str());
 }
 
 TEST_CASE("a dump has a header, a line per communicator and per record", "[comm][flight]") {

@@ -30,6 +30,12 @@ inline std::uint64_t begin_collective(const communicator& comm, coll_kind kind, 
                                       op_kind op, std::size_t count, int root = -1) {
   const std::uint64_t seq = comm.next_sequence();
   if (seq == 0) forget_context(comm);
+  if (flight_record* prev = comm.raw().flight_current()) {
+    // The previous collective began without a collective_scope (the NCCL
+    // path, which only enqueues): it returned, so it is done.
+    flight_ring::end(prev, true);
+    comm.raw().set_flight_current(nullptr);
+  }
   if (flight_ring* ring = comm.raw().flight_ring()) {
     comm.raw().set_flight_current(ring->begin(seq, kind, type, op, count, root));
   }
