@@ -140,6 +140,12 @@ struct tick_converter {
 int signal_pipe[2] = {-1, -1};
 struct sigaction previous_term, previous_usr1;
 std::once_flag signals_once;
+// Set when static destruction begins (by an object made after the ones the
+// dump uses): a signal then ends the process without a dump.
+std::atomic<bool> exiting{false};
+struct exit_guard {
+  ~exit_guard() { exiting.store(true); }
+};
 
 extern "C" void on_flight_signal(int signo) {
   const int saved = errno;
@@ -150,13 +156,15 @@ extern "C" void on_flight_signal(int signo) {
   errno = saved;
 }
 
-void dump_now(std::string_view reason) noexcept {
+// `label` says why in the log line; the file's header gets all of `reason`
+// (the log line does not repeat the error text, which is printed anyway).
+void dump_now(std::string_view reason, std::string_view label) noexcept {
   try {
     const std::string path = flight::dump(reason);
     log::warn("flight recorder: wrote {} ({}); read all ranks' dumps with ringflow-doctor {}",
-              path, reason, flight::directory());
+              path, label, flight::directory());
   } catch (const std::exception& e) {
-    log::warn("flight recorder: no dump after {}: {}", reason, e.what());
+    log::warn("flight recorder: no dump after {}: {}", label, e.what());
   }
 }
 
@@ -167,11 +175,11 @@ void signal_loop() {
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return;
     if (b == SIGUSR1) {
-      dump_now("SIGUSR1");
+      if (!exiting.load()) dump_now("SIGUSR1", "SIGUSR1");
       continue;
     }
     if (b == SIGTERM) {
-      dump_now("SIGTERM");
+      if (!exiting.load()) dump_now("SIGTERM", "SIGTERM");
       ::sigaction(SIGTERM, &previous_term, nullptr);
       ::raise(SIGTERM);
       return;
@@ -185,6 +193,7 @@ void install_signals() {
     return;
   }
   if (::pipe2(signal_pipe, O_CLOEXEC) != 0) return;
+  static exit_guard guard;
   struct sigaction sa {};
   sa.sa_handler = on_flight_signal;
   sigemptyset(&sa.sa_mask);
@@ -390,7 +399,7 @@ void flight_set_process_rank(int rank) noexcept {
 void flight_dump_on_failure(std::string_view reason) noexcept {
   if (!flight::enabled()) return;
   if (process_rank.load() < 0 && std::getenv("RINGFLOW_FLIGHT_DIR") == nullptr) return;
-  dump_now(reason);
+  dump_now(reason, "after a failure");
 }
 
 }  // namespace detail
