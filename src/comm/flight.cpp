@@ -332,21 +332,21 @@ std::vector<flight::entry> flight_ring::snapshot() const {
     for (int attempt = 0; attempt < 4 && !got; ++attempt) {
       const std::uint32_t v1 = r.version.load(std::memory_order_acquire);
       if (v1 & 1u) continue;
-      e.sequence = r.sequence.load(std::memory_order_relaxed);
-      e.kind = static_cast<coll_kind>(r.kind.load(std::memory_order_relaxed));
-      e.type = static_cast<dtype>(r.type.load(std::memory_order_relaxed));
-      e.op = static_cast<op_kind>(r.op.load(std::memory_order_relaxed));
-      e.count = r.count.load(std::memory_order_relaxed);
-      e.root = r.root.load(std::memory_order_relaxed);
-      const char* a = r.algorithm.load(std::memory_order_relaxed);
+      // Acquire loads keep the version check below after them.
+      e.sequence = r.sequence.load(std::memory_order_acquire);
+      e.kind = static_cast<coll_kind>(r.kind.load(std::memory_order_acquire));
+      e.type = static_cast<dtype>(r.type.load(std::memory_order_acquire));
+      e.op = static_cast<op_kind>(r.op.load(std::memory_order_acquire));
+      e.count = r.count.load(std::memory_order_acquire);
+      e.root = r.root.load(std::memory_order_acquire);
+      const char* a = r.algorithm.load(std::memory_order_acquire);
       e.algorithm = a != nullptr ? a : "";
       e.st = static_cast<flight::state>(r.st.load(std::memory_order_acquire));
-      e.start_ns = r.start.load(std::memory_order_relaxed);
-      e.end_ns = r.end.load(std::memory_order_relaxed);
-      e.wait_peer = r.wait_peer.load(std::memory_order_relaxed);
-      e.wait_tag = r.wait_tag.load(std::memory_order_relaxed);
-      e.wait_since_ns = r.wait_since.load(std::memory_order_relaxed);
-      std::atomic_thread_fence(std::memory_order_acquire);
+      e.start_ns = r.start.load(std::memory_order_acquire);
+      e.end_ns = r.end.load(std::memory_order_acquire);
+      e.wait_peer = r.wait_peer.load(std::memory_order_acquire);
+      e.wait_tag = r.wait_tag.load(std::memory_order_acquire);
+      e.wait_since_ns = r.wait_since.load(std::memory_order_acquire);
       got = r.version.load(std::memory_order_relaxed) == v1;
     }
     // A slot reused under the reader holds a newer collective: skip it.
