@@ -164,3 +164,33 @@ TEST_CASE("a dump has a header, a line per communicator and per record", "[comm]
   CHECK(records >= 6);
   std::remove(path.c_str());
 }
+
+TEST_CASE("dumps may run while collectives are recorded", "[comm][flight]") {
+  // The dumper reads the rings while the ranks write them (ThreadSanitizer
+  // checks this test in CI); every record it sees is whole.
+  const std::string path = "flight_concurrent_test.jsonl";
+  std::atomic<bool> done{false};
+  std::atomic<int> dumps{0};
+  std::thread dumper([&] {
+    while (!done.load()) {
+      flight::dump_to(path, "concurrent");
+      ++dumps;
+    }
+  });
+  local::run(2, [&](communicator& c) {
+    std::vector<std::int64_t> v(4, 1);
+    for (int i = 0; i < 3000; ++i) allreduce(c, std::span(v), sum);
+  });
+  done.store(true);
+  dumper.join();
+  CHECK(dumps.load() > 0);
+  std::ifstream in(path);
+  std::string line;
+  REQUIRE(std::getline(in, line));
+  CHECK(line.find(R"("type":"header")") != std::string::npos);
+  while (std::getline(in, line)) {
+    CHECK(line.front() == '{');
+    CHECK(line.back() == '}');
+  }
+  std::remove(path.c_str());
+}
