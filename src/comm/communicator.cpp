@@ -18,6 +18,9 @@ struct communicator::state {
 communicator::communicator(std::shared_ptr<transport> t)
     : transport_(std::move(t)), state_(std::make_shared<state>()) {
   if (!transport_) throw usage_error("communicator: null transport");
+  // The flight recorder's ring is made now rather than in the first
+  // collective, so that collective does not pay for it (nor skew the ranks).
+  transport_->flight_ring();
 }
 
 communicator communicator::split(int color, int key) const {

@@ -15,6 +15,17 @@ np=${3:-3}
 flags=(--oversubscribe)
 [[ $(id -u) == 0 ]] && flags+=(--allow-run-as-root)
 failures=0
+
+# The pids whose parent is $1 (from /proc: no procps needed).
+children_of() {
+  local f stat
+  for f in /proc/[0-9]*/stat; do
+    stat=$(cat "$f" 2>/dev/null) || continue
+    stat=${stat##*) }  # after the command name, which may hold spaces
+    read -r _ ppid _ <<<"$stat"
+    [[ $ppid == "$1" ]] && { f=${f#/proc/}; echo "${f%/stat}"; }
+  done
+}
 # The doctor must name rank 1 as where to look: at the end of the wait
 # chain, late, behind, or without a dump.
 pointer='waits on no one in #20|LATE: rank 1 |BEHIND: rank 1 |no dump from (rank 1|ranks[0-9,]*1)'
@@ -75,7 +86,7 @@ echo "run_doctor: sigusr1: $n dumps from the $want running ranks"
 sleep 0.5
 mkdir "$dir.snap"
 cp "$dir"/ringflow-flight.*.jsonl "$dir.snap"/ 2>/dev/null  # before the job's end adds more
-ranks=$(pgrep -P "$job")
+ranks=$(children_of "$job")
 kill -CONT $ranks 2>/dev/null  # the stopped rank goes on, hears the job end
 kill -TERM "$job" 2>/dev/null
 for ((i = 0; i < 50; ++i)); do

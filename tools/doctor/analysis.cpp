@@ -258,14 +258,18 @@ report diagnose(const std::vector<dump>& dumps) {
           cr.failed.push_back(rank);
         }
       }
-      cr.front = std::max(cr.front, rs.highest);
+      rs.any = any;
+      if (any) cr.front = std::max(cr.front, rs.highest);
       cr.ranks.push_back(std::move(rs));
     }
+    const bool used = std::any_of(cr.ranks.begin(), cr.ranks.end(),
+                                  [](const rank_state& rs) { return rs.any; });
+    if (!used) continue;  // a communicator that ran no collective: nothing to say
     for (int r = 0; r < cr.size; ++r) {
       if (!ranks.count(r)) cr.missing.push_back(r);
     }
     for (const auto& rs : cr.ranks) {
-      if (rs.highest < cr.front) cr.behind.push_back(rs.rank);
+      if (!rs.any || rs.highest < cr.front) cr.behind.push_back(rs.rank);
     }
     for (auto& [seq, by_call] : calls) {
       if (by_call.size() < 2) continue;
@@ -350,8 +354,9 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
     for (const auto& rs : c.ranks) {
       const dump& d = dumps[rs.file];
       std::string line = fmt::format("  rank {}: ", rs.rank);
-      line += rs.last_done ? fmt::format("last completed #{}", *rs.last_done)
-                           : std::string("none completed");
+      line += !rs.any        ? std::string("no collective recorded")
+              : rs.last_done ? fmt::format("last completed #{}", *rs.last_done)
+                             : std::string("none completed");
       if (rs.in_flight) {
         const record& r = *rs.in_flight;
         line += fmt::format("; {} #{} {} algorithm {}", r.state == "failed" ? "failed in" : "in",
@@ -386,7 +391,7 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
       std::vector<int> ahead;
       const record* front_rec = nullptr;
       for (const auto& rs : c.ranks) {
-        if (rs.highest == c.front) {
+        if (rs.any && rs.highest == c.front) {
           ahead.push_back(rs.rank);
           for (const auto& r : dumps[rs.file].records) {
             if (r.comm == c.comm && r.instance == c.instance && r.rank == rs.rank &&
@@ -400,6 +405,12 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
         const auto& rs = *std::find_if(c.ranks.begin(), c.ranks.end(),
                                        [&](const rank_state& s) { return s.rank == b; });
         const bool stuck_in_own = rs.in_flight && rs.in_flight->state == "running";
+        if (!rs.any) {
+          out += fmt::format("  BEHIND: rank {} has run no collective on this communicator while "
+                             "{} {} in #{}\n",
+                             b, rank_list(ahead), ahead.size() == 1 ? "is" : "are", c.front);
+          continue;
+        }
         out += fmt::format(
             "  BEHIND: rank {} is at #{} ({}) while {} {} in #{}{}\n", b, rs.highest,
             stuck_in_own ? "still running it"
@@ -409,14 +420,19 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
                                     front_rec->algorithm.empty() ? "-" : front_rec->algorithm)
                       : "");
       }
-      out += fmt::format("  -> look at what {} does after collective #{}: it is stuck outside "
-                         "ringflow (computing, stopped, dead) or took another path\n",
+      std::uint64_t lowest = c.front;
+      bool none = false;
+      for (int b : c.behind) {
+        const auto& rs = *std::find_if(c.ranks.begin(), c.ranks.end(),
+                                       [&](const rank_state& s) { return s.rank == b; });
+        if (!rs.any) none = true;
+        lowest = std::min(lowest, rs.highest);
+      }
+      out += fmt::format("  -> look at what {} does {}: it is stuck outside ringflow (computing, "
+                         "stopped, dead) or took another path\n",
                          rank_list(c.behind),
-                         std::min_element(c.ranks.begin(), c.ranks.end(),
-                                          [](const auto& a, const auto& b) {
-                                            return a.highest < b.highest;
-                                          })
-                             ->highest);
+                         none ? std::string("before its first collective")
+                              : fmt::format("after collective #{}", lowest));
     }
     if (c.wait_chain.size() >= 2) {
       std::string chain;

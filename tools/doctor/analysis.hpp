@@ -66,6 +66,7 @@ struct rank_state {
   std::uint64_t highest = 0;               // highest sequence started
   std::optional<record> in_flight;         // the running (or failed) collective at `highest`
   std::uint64_t started = 0;               // collectives begun in all
+  bool any = false;                        // has recorded collectives
 };
 
 /// Ranks that called different collectives as the same sequence number.
