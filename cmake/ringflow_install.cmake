@@ -25,7 +25,7 @@ install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/ringflow
         COMPONENT ringflow_development
         FILES_MATCHING PATTERN "*.hpp" PATTERN "*.h" PATTERN "*.cuh" PATTERN "*.inl")
 
-# (bench/ installs ringflow-bench itself.)
+# (bench/ installs ringflow-bench itself, tools/ ringflow-doctor.)
 
 install(EXPORT ringflowTargets
         NAMESPACE ringflow::

@@ -11,6 +11,7 @@ packages=(
   libopenmpi-dev openmpi-bin           # MPI backend, mpirun
   libeigen3-dev libfmt-dev zlib1g-dev  # library dependencies
   catch2                               # tests
+  nlohmann-json3-dev                   # ringflow-doctor reads flight-recorder dumps (JSON)
   libgloo-dev                          # benchmark peer
   dataset-fashion-mnist                # training example data
   libopenblas0-pthread                 # fast CPU products, loaded at run time (docs/design.md)

@@ -6,6 +6,7 @@
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/comm/communicator.hpp"
+#include "ringflow/comm/flight.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/half.hpp"

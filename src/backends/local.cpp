@@ -73,15 +73,21 @@ struct mailbox {
   std::deque<posted_recv> recvs;
 };
 
+std::atomic<std::uint64_t> group_serial{0};
+
 struct group : std::enable_shared_from_this<group> {
   explicit group(int n)
-      : size(n), boxes(static_cast<std::size_t>(n)), finished(static_cast<std::size_t>(n)) {}
+      : size(n), boxes(static_cast<std::size_t>(n)), finished(static_cast<std::size_t>(n)),
+        flight_id(detail::flight_mix(0x6c6f63616cull, group_serial.fetch_add(1))) {}
 
   const int size;
   std::vector<mailbox> boxes;
   // Ranks whose function returned (local::run): a wait for one of them can
   // never complete, since everything it sent was taken before it returned.
   std::vector<std::atomic<bool>> finished;
+  // The flight recorder's id of a group made by make_group/run (split
+  // children get theirs from communicator::split).
+  const std::uint64_t flight_id;
 
   // First failure in the group: which rank and why.
   std::atomic<bool> failed{false};
@@ -161,9 +167,9 @@ class local_request final : public detail::request_state {
  public:
   local_request(std::shared_ptr<group> g, int box, std::shared_ptr<completion> s, int rank,
                 int peer, int tag, std::size_t bytes, bool is_send,
-                std::chrono::milliseconds timeout)
+                std::chrono::milliseconds timeout, detail::flight_record* flight)
       : group_(std::move(g)), box_(box), state_(std::move(s)), rank_(rank), peer_(peer), tag_(tag),
-        bytes_(bytes), is_send_(is_send), timeout_(timeout) {}
+        bytes_(bytes), is_send_(is_send), timeout_(timeout), flight_(flight) {}
 
   bool test() override {
     auto& box = group_->boxes[static_cast<std::size_t>(box_)];
@@ -181,16 +187,20 @@ class local_request final : public detail::request_state {
     auto& box = group_->boxes[static_cast<std::size_t>(box_)];
     std::unique_lock lock(box.mutex);
     const auto deadline = detail::deadline_after(timeout_);
+    if (!state_->done && flight_ != nullptr) flight_->note_wait(peer_, tag_);
     while (!state_->done) {
       if (group_->failed.load()) throw_abandoned();
       if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
       if (box.changed.wait_until(lock, deadline) == std::cv_status::timeout && !state_->done) {
         if (group_->failed.load()) throw_abandoned();
-        throw timeout_error(fmt::format(
+        const std::string msg = fmt::format(
             "rank {}: {} {} bytes {} rank {} (tag {}) did not complete within {} ms "
             "(RINGFLOW_TIMEOUT); is rank {} stuck or calling a different collective?",
             rank_, is_send_ ? "send of" : "receive of", bytes_, is_send_ ? "to" : "from", peer_,
-            tag_, timeout_.count(), peer_));
+            tag_, timeout_.count(), peer_);
+        lock.unlock();
+        if (tag_ >= collective_tag_base) detail::flight_dump_on_failure(msg);
+        throw timeout_error(msg);
       }
     }
     rethrow_if_error();
@@ -222,11 +232,14 @@ class local_request final : public detail::request_state {
   std::size_t bytes_;
   bool is_send_;
   std::chrono::milliseconds timeout_;
+  detail::flight_record* flight_;  // the collective this message belongs to, or null
 };
 
 class local_transport final : public transport {
  public:
-  local_transport(std::shared_ptr<group> g, int rank) : group_(std::move(g)), rank_(rank) {}
+  local_transport(std::shared_ptr<group> g, int rank) : group_(std::move(g)), rank_(rank) {
+    set_flight_id(group_->flight_id);
+  }
 
   int rank() const noexcept override { return rank_; }
   int size() const noexcept override { return group_->size; }
@@ -294,7 +307,8 @@ class local_transport final : public transport {
   request make_request(int box, std::shared_ptr<completion> s, int peer, int tag,
                        std::size_t bytes, bool is_send) {
     return request(std::make_unique<local_request>(group_, box, std::move(s), rank_, peer, tag,
-                                                   bytes, is_send, timeout()));
+                                                   bytes, is_send, timeout(),
+                                                   flight_current()));
   }
 
   void check_peer(int peer, const char* what) const {

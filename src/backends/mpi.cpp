@@ -130,6 +130,10 @@ class mpi_request final : public detail::request_state {
       : rank_(rank), peer_(peer), world_peer_(world_peer), tag_(tag), bytes_(bytes),
         is_send_(is_send), timeout_(timeout) {}
 
+  // The flight record of the collective this message belongs to: a wait
+  // that blocks notes its peer and tag there.
+  void watch_flight(detail::flight_record* r) noexcept { flight_ = r; }
+
   // Lets a stalled wait probe its peer (stamp mode, collective messages).
   void watch_stalls(std::weak_ptr<mpi_transport> owner, const fingerprint& current) {
     owner_ = std::move(owner);
@@ -205,6 +209,7 @@ class mpi_request final : public detail::request_state {
         return;
       }
       if (spins >= 128) {
+        if (spins == 128 && flight_ != nullptr) flight_->note_wait(peer_, tag_);
         if (yield) std::this_thread::yield();
         if ((spins & 1023u) == 0) {
           job::check_peer(world_peer_, rank_, what());
@@ -355,6 +360,7 @@ class mpi_request final : public detail::request_state {
   bool stamped_ = false;
   fingerprint mine_;
   std::weak_ptr<mpi_transport> owner_;  // set by watch_stalls
+  detail::flight_record* flight_ = nullptr;  // set by watch_flight
   fingerprint current_;
   detail::stamp_header head_;
   std::unique_ptr<std::byte[]> bounce_;
@@ -371,6 +377,11 @@ class mpi_transport final : public transport,
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
     world_ranks_ = job::world_ranks(comm_);
+    // Flight-recorder id: the members' world ranks (split children derive
+    // theirs in communicator::split).
+    std::uint64_t id = 0x6d7069ull;
+    for (int w : world_ranks_) id = detail::flight_mix(id, static_cast<std::uint64_t>(w));
+    set_flight_id(id);
   }
   ~mpi_transport() override {
     int finalized = 0;
@@ -450,6 +461,10 @@ class mpi_transport final : public transport,
         }
         if (flag) return;
         if (spins < 128) continue;
+        if (spins == 128) {
+          // -1: the native collective waits on every rank at once.
+          if (detail::flight_record* fr = flight_current()) fr->note_wait(-1, -1);
+        }
         if (yield) std::this_thread::yield();
         if ((spins & 1023u) != 0) continue;
         job::check_members(world_ranks_, rank_, what());
@@ -505,6 +520,7 @@ class mpi_transport final : public transport,
     auto r = std::make_unique<mpi_request>(rank_, peer, world_rank_of(peer), tag, bytes, is_send,
                                            timeout());
     if (const fingerprint* now = current_stamp(tag)) r->watch_stalls(weak_from_this(), *now);
+    r->watch_flight(flight_current());
     r->post(comm_, data, stamp);
     return request(std::move(r));
   }
@@ -637,6 +653,7 @@ void abort(int code, std::string_view why) noexcept {
   std::fprintf(stderr, "[ringflow error] rank %d aborts the MPI job: %.*s\n", rank,
                static_cast<int>(why.size()), why.data());
   std::fflush(stderr);
+  detail::flight_dump_on_failure(why);
   if (initialized()) MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
 }

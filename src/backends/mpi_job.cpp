@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "ringflow/backends/mpi.hpp"
+#include "ringflow/comm/flight.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 
@@ -152,7 +153,11 @@ void handle(const message& m) {
     }
     case notice::failed:
     case notice::mismatch:
-      mark_broken(static_cast<notice>(m.kind), m.origin, text);
+      // Every rank writes its flight recorder as soon as it learns that the
+      // job broke (before the stack unwinds and the job is aborted).
+      if (mark_broken(static_cast<notice>(m.kind), m.origin, text)) {
+        detail::flight_dump_on_failure(text);
+      }
       break;
   }
 }
@@ -219,6 +224,7 @@ void start() {
   if (s.active.load()) return;
   MPI_Comm_rank(MPI_COMM_WORLD, &s.rank);
   MPI_Comm_size(MPI_COMM_WORLD, &s.size);
+  detail::flight_set_process_rank(s.rank);
   int provided = MPI_THREAD_SINGLE;
   MPI_Query_thread(&provided);
   s.multiple = provided >= MPI_THREAD_MULTIPLE;
@@ -284,6 +290,7 @@ void fail(notice kind, std::string_view text) noexcept {
   try {
     if (!mark_broken(kind, s.rank, text)) return;
     if (s.active.load()) broadcast_notice(make_message(kind, s.rank, text));
+    detail::flight_dump_on_failure(text);  // after telling the others
   } catch (...) {
     // Out of memory while formatting: the watchdog still ends the job.
   }

@@ -363,8 +363,9 @@ node_state& usable_state_of(const communicator& comm) {
 // instead of hanging.
 class waiter {
  public:
-  waiter(node_state& st, std::chrono::milliseconds timeout, std::size_t count, dtype type)
-      : st_(st), timeout_(timeout), count_(count), type_(type) {}
+  waiter(node_state& st, std::chrono::milliseconds timeout, std::size_t count, dtype type,
+         detail::flight_record* flight)
+      : st_(st), timeout_(timeout), count_(count), type_(type), flight_(flight) {}
 
   // Until counter(q).value >= target for every q != this rank.
   template <class Counter>
@@ -384,6 +385,8 @@ class waiter {
   void slow_wait(counter_line& c, std::uint64_t target, int q, const char* doing,
                  std::uint64_t block, std::uint64_t blocks) {
     const auto start = std::chrono::steady_clock::now();
+    // The flight recorder notes the rank waited on (tag -1: shared memory).
+    if (flight_ != nullptr) flight_->note_wait(q, -1);
     if (!have_deadline_) {
       deadline_ = detail::deadline_after(timeout_);
       have_deadline_ = true;
@@ -445,6 +448,7 @@ class waiter {
   std::chrono::milliseconds timeout_;
   std::size_t count_;
   dtype type_;
+  detail::flight_record* flight_;
   bool have_deadline_ = false;
   std::chrono::steady_clock::time_point deadline_{};
 };
@@ -503,12 +507,12 @@ void finish_all(T* dst, std::size_t n, const Op& op, int p) {
 
 template <class T, class Op>
 void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
-         std::size_t count, const Op& op) {
+         std::size_t count, const Op& op, detail::flight_record* flight) {
   const int p = st.size, me = st.rank;
   const std::size_t per_block = block_elems<T>(st, count);
   const std::size_t blocks = (count + per_block - 1) / per_block;
   const std::uint64_t first = st.next_block;
-  waiter wait(st, timeout, count, dtype_of<T>);
+  waiter wait(st, timeout, count, dtype_of<T>, flight);
   auto arrived = [&](int q) -> counter_line& { return st.arrived(q); };
   auto reduced = [&](int q) -> counter_line& { return st.reduced(q); };
   auto block_len = [&](std::size_t h) { return std::min(per_block, count - h * per_block); };
@@ -592,15 +596,15 @@ void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
 
 template <class T>
 void run_op(node_state& st, std::chrono::milliseconds timeout, const void* in, void* out,
-            std::size_t count, op_kind op) {
+            std::size_t count, op_kind op, detail::flight_record* flight) {
   const auto* i = static_cast<const T*>(in);
   auto* o = static_cast<T*>(out);
   switch (op) {
-    case op_kind::sum: return run(st, timeout, i, o, count, sum_op{});
-    case op_kind::prod: return run(st, timeout, i, o, count, prod_op{});
-    case op_kind::min: return run(st, timeout, i, o, count, min_op{});
-    case op_kind::max: return run(st, timeout, i, o, count, max_op{});
-    case op_kind::avg: return run(st, timeout, i, o, count, avg_op{});
+    case op_kind::sum: return run(st, timeout, i, o, count, sum_op{}, flight);
+    case op_kind::prod: return run(st, timeout, i, o, count, prod_op{}, flight);
+    case op_kind::min: return run(st, timeout, i, o, count, min_op{}, flight);
+    case op_kind::max: return run(st, timeout, i, o, count, max_op{}, flight);
+    case op_kind::avg: return run(st, timeout, i, o, count, avg_op{}, flight);
   }
   throw usage_error(fmt::format("shm allreduce on rank {}: unknown reduce op {}", st.rank,
                                 static_cast<int>(op)));
@@ -647,7 +651,7 @@ void shm_allreduce(const communicator& comm, const void* in, void* out, std::siz
     if (st.size == 1) {
       single_rank<T>(in, out, count, op);
     } else {
-      run_op<T>(st, comm.raw().timeout(), in, out, count, op);
+      run_op<T>(st, comm.raw().timeout(), in, out, count, op, comm.raw().flight_current());
     }
   });
 }

@@ -18,11 +18,19 @@ struct communicator::state {
 communicator::communicator(std::shared_ptr<transport> t)
     : transport_(std::move(t)), state_(std::make_shared<state>()) {
   if (!transport_) throw usage_error("communicator: null transport");
+  // The flight recorder's ring is made now rather than in the first
+  // collective, so that collective does not pay for it (nor skew the ranks).
+  transport_->flight_ring();
 }
 
 communicator communicator::split(int color, int key) const {
+  // Every member splits in the same order, so the child's flight-recorder
+  // id (parent id, split index, color) is the same on all of its members.
+  const std::uint64_t index = transport_->next_split_index();
   auto t = transport_->split(color, key);
   if (!t) return communicator();
+  t->set_flight_id(detail::flight_mix(detail::flight_mix(transport_->flight_id(), index),
+                                      static_cast<std::uint64_t>(static_cast<std::int64_t>(color))));
   communicator c(std::move(t));
   c.set_check_mode(check_mode());
   return c;

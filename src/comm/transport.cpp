@@ -59,6 +59,15 @@ void wait_all(std::span<request> requests) {
   if (first) std::rethrow_exception(first);
 }
 
+transport::~transport() {
+  if (flight_) detail::retire_flight_ring(flight_);
+}
+
+void transport::make_flight() {
+  flight_made_ = true;
+  flight_ = detail::make_flight_ring(*this, flight_id_);
+}
+
 std::chrono::milliseconds default_timeout() {
   static const std::chrono::milliseconds value = [] {
     const char* env = std::getenv("RINGFLOW_TIMEOUT");

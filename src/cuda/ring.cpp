@@ -292,6 +292,8 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
   require_device(comm, what, "out", out, out_count);
   require_slots(comm, what, opt);
   ringflow::detail::begin_collective(comm, coll_kind::allreduce, type, op, in_count);
+  ringflow::detail::collective_scope flight_scope(comm);
+  ringflow::detail::note_algorithm(comm, "staged_ring");
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
   detail::with_type_op(type, op, [&]<class T, class Op>() {
@@ -318,6 +320,8 @@ void staged_reduce_scatter(const communicator& comm, const void* in, void* out,
   require_device(comm, what, "out", out, out_count);
   require_slots(comm, what, opt);
   ringflow::detail::begin_collective(comm, coll_kind::reduce_scatter, type, op, in_count);
+  ringflow::detail::collective_scope flight_scope(comm);
+  ringflow::detail::note_algorithm(comm, "staged_ring");
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
   detail::with_type_op(type, op, [&]<class T, class Op>() {
@@ -343,6 +347,8 @@ void staged_allgather(const communicator& comm, const void* in, void* out, std::
   require_device(comm, what, "out", out, out_count);
   require_slots(comm, what, opt);
   ringflow::detail::begin_collective(comm, coll_kind::allgather, type, op_kind::sum, out_count);
+  ringflow::detail::collective_scope flight_scope(comm);
+  ringflow::detail::note_algorithm(comm, "staged_ring");
   if (out_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
   detail::with_type(type, [&]<class T>() {
@@ -363,6 +369,8 @@ void staged_broadcast(const communicator& comm, void* data, std::size_t count, d
   }
   require_device(comm, what, "data", data, count);
   ringflow::detail::begin_collective(comm, coll_kind::broadcast, type, op_kind::sum, count, root);
+  ringflow::detail::collective_scope flight_scope(comm);
+  ringflow::detail::note_algorithm(comm, "staged_ring");
   if (count == 0 || comm.size() == 1) return;
   // Windows of one segment through two pinned buffers: the root copies
   // window w+1 off the device while window w is broadcast; the others copy

@@ -29,6 +29,11 @@ expect() {
   esac
 }
 
+# Flight-recorder dumps of the broken jobs go to a directory of our own.
+RINGFLOW_FLIGHT_DIR=$(mktemp -d)
+export RINGFLOW_FLIGHT_DIR
+trap 'rm -rf "$RINGFLOW_FLIGHT_DIR"' EXIT
+
 failures=0
 for np in $nps; do
   for algo in $algos; do

@@ -44,6 +44,7 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
                                          : automatic_allreduce_algo(comm, count * sizeof(T), seq);
   }
   transport& t = comm.raw();
+  note_algorithm(comm, algo_name(a == algo::automatic ? algo::ring : a));
   switch (a) {
     case algo::automatic:
     case algo::ring:
@@ -150,6 +151,7 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
   }
   const std::uint64_t seq =
       detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
+  detail::collective_scope scope(comm);
   detail::run_allreduce(comm, in.data(), out.data(), in.size(), op, opt, seq);
 }
 
@@ -187,6 +189,8 @@ void reduce_scatter(const communicator& comm, std::span<const std::type_identity
   }
   const bool recursive = detail::use_recursive(comm, opt, "reduce_scatter", false);
   detail::begin_collective(comm, coll_kind::reduce_scatter, dtype_of<T>, Op::kind, in.size());
+  detail::collective_scope scope(comm);
+  detail::note_algorithm(comm, algo_name(recursive ? algo::halving_doubling : algo::ring));
   if (recursive) {
     detail::halving_reduce_scatter(comm.raw(), in.data(), out.data(), in.size(), op);
     return;
@@ -212,6 +216,8 @@ void allgather(const communicator& comm, std::span<const std::type_identity_t<T>
   }
   const bool recursive = detail::use_recursive(comm, opt, "allgather", true);
   detail::begin_collective(comm, coll_kind::allgather, dtype_of<T>, op_kind::sum, out.size());
+  detail::collective_scope scope(comm);
+  detail::note_algorithm(comm, algo_name(recursive ? algo::recursive_doubling : algo::ring));
   if (recursive) {
     detail::doubling_allgather(comm.raw(), in.data(), out.data(), out.size());
     return;
@@ -229,6 +235,10 @@ void broadcast(const communicator& comm, std::span<T> data, int root, coll_optio
   }
   detail::begin_collective(comm, coll_kind::broadcast, dtype_of<T>, op_kind::sum, data.size(),
                            root);
+  detail::collective_scope scope(comm);
+  detail::note_algorithm(comm, data.size_bytes() <= detail::bcast_tree_max_bytes
+                                   ? "binomial_tree"
+                                   : "chain");
   detail::broadcast_bytes(comm.raw(), data.data(), data.size_bytes(), root,
                           detail::segment_or_default(opt));
 }
@@ -236,6 +246,8 @@ void broadcast(const communicator& comm, std::span<T> data, int root, coll_optio
 /// Blocks until every rank of `comm` has entered the barrier.
 inline void barrier(const communicator& comm) {
   detail::begin_collective(comm, coll_kind::barrier, dtype::u8, op_kind::sum, 0);
+  detail::collective_scope scope(comm);
+  detail::note_algorithm(comm, "dissemination");
   detail::dissemination_barrier(comm.raw());
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "ringflow/comm/fingerprint.hpp"
+#include "ringflow/comm/flight.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/reduce_op.hpp"
 
@@ -95,7 +96,8 @@ int progress_threads() noexcept;
 /// are matched in the order they were posted, as in MPI.
 class transport {
  public:
-  virtual ~transport() = default;
+  transport() = default;
+  virtual ~transport();
 
   virtual int rank() const noexcept = 0;
   virtual int size() const noexcept = 0;
@@ -140,6 +142,24 @@ class transport {
   }
   void end_stamps() noexcept { stamping_ = false; }
 
+  /// Flight recorder (comm/flight.hpp): this transport's ring, created at
+  /// its first collective (null when RINGFLOW_FLIGHT=0).
+  detail::flight_ring* flight_ring() {
+    if (!flight_made_) make_flight();
+    return flight_.get();
+  }
+  const detail::flight_ring* flight_ring_if_made() const noexcept { return flight_.get(); }
+  /// The record of the collective running now (null between collectives):
+  /// backends note in it the peer and tag a wait blocks on.
+  detail::flight_record* flight_current() const noexcept { return flight_current_; }
+  void set_flight_current(detail::flight_record* r) noexcept { flight_current_ = r; }
+  /// The communicator id records carry: the same on every member (backends
+  /// set it for the groups they create; split children derive theirs).
+  std::uint64_t flight_id() const noexcept { return flight_id_; }
+  void set_flight_id(std::uint64_t id) noexcept { flight_id_ = id; }
+  /// Counts communicator::split calls on this transport (child ids).
+  std::uint64_t next_split_index() noexcept { return splits_++; }
+
  protected:
   /// For backends: the stamp a send (receive) of `tag` to (from) `peer`
   /// carries, or nullptr. The first message of each (peer, tag) of a
@@ -176,6 +196,13 @@ class transport {
   }
 
   static constexpr std::size_t history_size = 64;
+
+  void make_flight();
+  std::shared_ptr<detail::flight_ring> flight_;
+  bool flight_made_ = false;
+  detail::flight_record* flight_current_ = nullptr;
+  std::uint64_t flight_id_ = 0;
+  std::uint64_t splits_ = 0;
 
   std::chrono::milliseconds timeout_ = default_timeout();
   bool stamping_ = false;
