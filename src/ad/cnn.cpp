@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -124,6 +125,17 @@ void to_channel_major(const S* nchw, index n, index oc, index hw, S* out) {
   }
 }
 
+// A per-thread buffer of at least n elements, reused across calls (its old
+// contents are garbage): the temporaries of conv2d would otherwise cost a
+// fresh, zeroed and page-faulted allocation of megabytes per call.
+template <class S>
+S* scratch(int slot, std::size_t n) {
+  thread_local std::array<std::vector<S>, 3> buffers;
+  auto& b = buffers[static_cast<std::size_t>(slot)];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
 }  // namespace
 
 template <class S>
@@ -155,18 +167,19 @@ basic_tensor<S> conv2d(const basic_tensor<S>& x, const basic_tensor<S>& weight,
   const index p = g.n * g.ohw();
   const index hw = g.ohw();
   // The columns are kept for the backward (dW needs them).
-  auto cols = std::make_shared<std::vector<S>>(static_cast<std::size_t>(k * p));
+  // im2col writes every element: no zero-fill needed.
+  std::shared_ptr<S> cols = detail::allocate_uninitialized<S>(k * p);
   std::vector<basic_tensor<S>> inputs{x, weight};
   if (has_bias) inputs.push_back(bias);
 
   auto forward = [&](const std::vector<std::span<const S>>& in, std::span<S> out) {
-    im2col(g, in[0].data(), cols->data());
-    std::vector<S> tmp(static_cast<std::size_t>(oc * p));
+    im2col(g, in[0].data(), cols.get());
+    S* tmp = scratch<S>(0, static_cast<std::size_t>(oc * p));
     // [OC, K] x [K, P] -> [OC, P]
-    gemm<S>(false, false, oc, p, k, S(1), in[1].data(), k, cols->data(), p, S(0), tmp.data(), p);
+    gemm<S>(false, false, oc, p, k, S(1), in[1].data(), k, cols.get(), p, S(0), tmp, p);
     for (index b = 0; b < g.n; ++b) {
       for (index o = 0; o < oc; ++o) {
-        const S* src = tmp.data() + (o * g.n + b) * hw;
+        const S* src = tmp + (o * g.n + b) * hw;
         S* dst = out.data() + (b * oc + o) * hw;
         const S add = has_bias ? in[2][static_cast<std::size_t>(o)] : S(0);
         for (index i = 0; i < hw; ++i) dst[i] = src[i] + add;
@@ -186,20 +199,18 @@ basic_tensor<S> conv2d(const basic_tensor<S>& x, const basic_tensor<S>& weight,
       }
       return;
     }
-    std::vector<S> gt(static_cast<std::size_t>(oc * p));
-    to_channel_major(gy, g.n, oc, hw, gt.data());
+    S* gt = scratch<S>(1, static_cast<std::size_t>(oc * p));
+    to_channel_major(gy, g.n, oc, hw, gt);
     if (a.input == 1) {  // dW [OC,K] += gt [OC,P] x cols^T [P,K]
-      gemm<S>(false, true, oc, k, p, S(1), gt.data(), p, cols->data(), p, S(1),
-              a.grad_input.data(), k);
+      gemm<S>(false, true, oc, k, p, S(1), gt, p, cols.get(), p, S(1), a.grad_input.data(), k);
     } else {  // dcols [K,P] = W^T [K,OC] x gt [OC,P]; dx += col2im(dcols)
-      std::vector<S> dcols(static_cast<std::size_t>(k * p));
-      gemm<S>(true, false, k, p, oc, S(1), a.inputs[1].data(), k, gt.data(), p, S(0),
-              dcols.data(), p);
-      col2im_add(g, dcols.data(), a.grad_input.data());
+      S* dcols = scratch<S>(2, static_cast<std::size_t>(k * p));
+      gemm<S>(true, false, k, p, oc, S(1), a.inputs[1].data(), k, gt, p, S(0), dcols, p);
+      col2im_add(g, dcols, a.grad_input.data());
     }
   };
   return detail::make_custom<S>("conv2d", "", inputs, shape{g.n, oc, g.oh, g.ow}, forward,
-                                std::move(backward));
+                                std::move(backward), /*zero_output=*/false);
 }
 
 namespace {
@@ -254,7 +265,7 @@ basic_tensor<S> max_pool2d(const basic_tensor<S>& x, index kernel, index stride,
     }
   };
   return detail::make_custom<S>("max_pool2d", "", {x}, shape{g.n, g.c, g.oh, g.ow}, forward,
-                                std::move(backward));
+                                std::move(backward), /*zero_output=*/false);
 }
 
 template <class S>

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <memory>
 
 namespace ringflow::ad {
 
@@ -12,7 +13,8 @@ namespace detail {
 template <class S>
 basic_tensor<S> make_custom(const char* op, std::string name,
                             const std::vector<basic_tensor<S>>& inputs, shape output_shape,
-                            const custom_forward_fn<S>& forward, custom_backward_fn<S> backward) {
+                            const custom_forward_fn<S>& forward, custom_backward_fn<S> backward,
+                            bool zero_output) {
   const std::string shown = name.empty() ? std::string(op) : name;
   if (!forward) throw usage_error(fmt::format("ad::{}: no forward function given", shown));
   std::vector<std::shared_ptr<node<S>>> nodes;
@@ -30,7 +32,11 @@ basic_tensor<S> make_custom(const char* op, std::string name,
   out->op = op;
   out->name = std::move(name);
   out->dims = output_shape;
-  out->value = allocate<S>(output_shape.numel());
+  if (zero_output) {
+    out->value = allocate<S>(output_shape.numel());
+  } else {
+    out->value = allocate_uninitialized<S>(output_shape.numel());
+  }
   forward(values, std::span<S>(out->value.get(), static_cast<std::size_t>(output_shape.numel())));
 
   const bool record = grad_enabled() && std::any_of(nodes.begin(), nodes.end(), [](const auto& n) {
@@ -74,7 +80,8 @@ basic_tensor<S> custom_op(std::string name, const std::vector<basic_tensor<S>>& 
                                      const custom_forward_fn<S>&, custom_backward_fn<S>);      \
   template basic_tensor<S> detail::make_custom(const char*, std::string,                       \
                                                const std::vector<basic_tensor<S>>&, shape,     \
-                                               const custom_forward_fn<S>&, custom_backward_fn<S>);
+                                               const custom_forward_fn<S>&, custom_backward_fn<S>, \
+                                               bool);
 RINGFLOW_AD_CUSTOM(float)
 RINGFLOW_AD_CUSTOM(double)
 #undef RINGFLOW_AD_CUSTOM

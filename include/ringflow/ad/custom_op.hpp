@@ -63,11 +63,14 @@ basic_tensor<S> custom_op(std::string name, const std::vector<basic_tensor<S>>& 
                           custom_backward_fn<S> backward);
 
 namespace detail {
-/// custom_op for the library's own ops: `op` is a string literal (node::op).
+/// custom_op for the library's own ops: `op` is a string literal (node::op);
+/// with zero_output false the output starts uninitialized (for a forward
+/// that writes every element).
 template <class S>
 basic_tensor<S> make_custom(const char* op, std::string name,
                             const std::vector<basic_tensor<S>>& inputs, shape output_shape,
-                            const custom_forward_fn<S>& forward, custom_backward_fn<S> backward);
+                            const custom_forward_fn<S>& forward, custom_backward_fn<S> backward,
+                            bool zero_output = true);
 }  // namespace detail
 
 }  // namespace ringflow::ad
