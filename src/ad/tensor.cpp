@@ -36,7 +36,7 @@ namespace detail {
 class buffer_cache {
  public:
   static constexpr std::size_t min_bytes = std::size_t(256) << 10;
-  static constexpr std::size_t max_bytes = std::size_t(1) << 30;
+  static constexpr std::size_t max_bytes = std::size_t(512) << 20;
   static constexpr std::align_val_t alignment{64};
 
   static buffer_cache& get() {
