@@ -123,8 +123,7 @@ std::optional<options> parse_args(int argc, char** argv) {
     } else if (arg == "--model") {
       o.model = flags.value();
       if (o.model != "mlp" && o.model != "cnn") {
-        std::fprintf(stderr, "train_fashion_mnist: --model %s: use mlp or cnn\n", o.model.c_str());
-        std::exit(exit_usage);
+        throw bad_flag(fmt::format("--model expects mlp or cnn, got '{}'", o.model));
       }
     } else if (arg == "--channels") {
       o.channels.clear();
