@@ -1,4 +1,4 @@
-// train_fashion_mnist: data-parallel MLP training on Fashion-MNIST over MPI ranks; prints the test accuracy.
+// train_fashion_mnist: data-parallel MLP (default) or CNN training on Fashion-MNIST over MPI ranks; prints the test accuracy.
 //
 //   mpirun -np 4 build/bin/train_fashion_mnist --epochs 6 --batch 128
 //   mpirun -np 4 build/bin/train_fashion_mnist --checkpoint-dir ck --resume
@@ -51,7 +51,9 @@ struct options {
   std::size_t batch = 128;
   double lr = 1e-3;
   std::uint64_t seed = 42;
+  std::string model = "mlp";
   std::vector<ad::index> hidden = {256, 128};
+  std::vector<ad::index> channels = {16, 32};
   int threads = 1;
   std::string data_dir;
   std::size_t limit = 0;
@@ -66,7 +68,7 @@ struct options {
 
 void print_help() {
   std::printf(
-      "train_fashion_mnist: data-parallel MLP training on Fashion-MNIST; reports test accuracy.\n"
+      "train_fashion_mnist: data-parallel MLP or CNN training on Fashion-MNIST; reports test accuracy.\n"
       "\n"
       "Usage: mpirun -np N train_fashion_mnist [flags]   (--flag value or --flag=value)\n"
       "  --epochs N             passes over the training set (default 6)\n"
@@ -74,7 +76,10 @@ void print_help() {
       "                         must be a multiple of the rank count)\n"
       "  --lr X                 peak AdamW learning rate, warm-up then cosine to 0 (default 1e-3)\n"
       "  --seed N               seed of weights and shuffling (default 42)\n"
-      "  --hidden A,B,..        hidden layer widths, comma-separated (default 256,128)\n"
+      "  --model NAME           mlp, or cnn: [conv3x3 pad 1, relu, maxpool 2] per --channels,\n"
+      "                         then linear 128, relu, linear 10 (default mlp)\n"
+      "  --hidden A,B,..        hidden layer widths of the mlp, comma-separated (default 256,128)\n"
+      "  --channels A,B,..      conv channels of the cnn, one block each (default 16,32)\n"
       "  --threads N            threads per rank for the matrix products (default 1)\n"
       "  --data-dir DIR         folder with the Fashion-MNIST IDX files\n"
       "                         (default $RINGFLOW_DATA_DIR or /usr/share/datasets/fashion-mnist)\n"
@@ -115,6 +120,14 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.lr = flags.number(0, 10, /*lo_open=*/true);
     } else if (arg == "--seed") {
       o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
+    } else if (arg == "--model") {
+      o.model = flags.value();
+      if (o.model != "mlp" && o.model != "cnn") {
+        throw bad_flag(fmt::format("--model expects mlp or cnn, got '{}'", o.model));
+      }
+    } else if (arg == "--channels") {
+      o.channels.clear();
+      for (long long c : flags.integers(1, 1 << 12, 8)) o.channels.push_back(static_cast<ad::index>(c));
     } else if (arg == "--hidden") {
       o.hidden.clear();
       for (long long h : flags.integers(1, 1 << 16, 64)) o.hidden.push_back(static_cast<ad::index>(h));
@@ -167,6 +180,43 @@ std::optional<options> parse_args(int argc, char** argv) {
   return o;
 }
 
+// The model --model names. The cnn sees each 784-pixel row as a 1x28x28 image;
+// each block halves the image (28 -> 14 -> 7 ...).
+ad::sequential build_model(const options& o, ad::index features, ad::index classes) {
+  if (o.model == "mlp") {
+    std::vector<ad::index> sizes = {features};
+    sizes.insert(sizes.end(), o.hidden.begin(), o.hidden.end());
+    sizes.push_back(classes);
+    ad::mlp m(sizes, ad::activation::relu, o.seed);
+    return ad::sequential(std::move(m));
+  }
+  ad::index side = 28;
+  if (features != side * side) {
+    throw ringflow::usage_error(
+        fmt::format("--model cnn: needs 28x28 images; the data has {} features", features));
+  }
+  ad::sequential net;
+  net.add(ad::reshape_layer({1, side, side}));
+  ad::index in = 1;
+  std::uint64_t seed = o.seed;
+  for (ad::index c : o.channels) {
+    if (side < 2) {
+      throw ringflow::usage_error(
+          fmt::format("--channels: {} blocks halve 28x28 to nothing; use at most 4", o.channels.size()));
+    }
+    net.add(ad::conv2d_layer(in, c, 3, /*stride=*/1, /*padding=*/1, seed++));
+    net.add(ad::activation_layer(ad::activation::relu));
+    net.add(ad::max_pool2d_layer(2));
+    in = c;
+    side /= 2;
+  }
+  net.add(ad::flatten_layer());
+  net.add(ad::linear(in * side * side, 128, seed++));
+  net.add(ad::activation_layer(ad::activation::relu));
+  net.add(ad::linear(128, classes, seed++));
+  return net;
+}
+
 using clock_type = std::chrono::steady_clock;
 double seconds_since(clock_type::time_point t) {
   return std::chrono::duration<double>(clock_type::now() - t).count();
@@ -174,7 +224,7 @@ double seconds_since(clock_type::time_point t) {
 
 // Test accuracy over all ranks: rank r classifies slices r, r + N, ... of the
 // test set (viewed in place) and the correct counts are summed.
-double accuracy(const ringflow::communicator& comm, ad::mlp& model, const rd::dataset& ds) {
+double accuracy(const ringflow::communicator& comm, ad::module& model, const rd::dataset& ds) {
   ad::no_grad guard;
   model.eval();
   const std::size_t slice = 500;
@@ -271,10 +321,8 @@ int train(const options& o, const ringflow::communicator& comm) {
                                             o.batch, fm.train.size()));
   }
 
-  std::vector<ad::index> sizes = {static_cast<ad::index>(fm.train.features())};
-  sizes.insert(sizes.end(), o.hidden.begin(), o.hidden.end());
-  sizes.push_back(fm.train.num_classes);
-  ad::mlp model(sizes, ad::activation::relu, o.seed);
+  ad::sequential model = build_model(o, static_cast<ad::index>(fm.train.features()),
+                                     static_cast<ad::index>(fm.train.num_classes));
   ad::adamw opt(model.parameters(), {.lr = o.lr, .weight_decay = 1e-4});
   rd::sampler sampler(fm.train.size(), rank, np, o.seed);
   const std::size_t steps_per_epoch = rd::batch_count(sampler.per_rank(), local_batch, true);
@@ -323,12 +371,18 @@ int train(const options& o, const ringflow::communicator& comm) {
                         .compress = o.compress,
                         .compress_options = {.seed = o.seed}});
 
-  std::string layout = fmt::format("{}", sizes[0]);
-  for (std::size_t i = 1; i < sizes.size(); ++i) layout += fmt::format("-{}", sizes[i]);
-  report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; mlp "
+  std::string layout = fmt::format("{}", fm.train.features());
+  if (o.model == "mlp") {
+    for (ad::index h : o.hidden) layout += fmt::format("-{}", h);
+  } else {
+    for (ad::index c : o.channels) layout += fmt::format("-conv{}", c);
+    layout += "-128";
+  }
+  layout += fmt::format("-{}", fm.train.num_classes);
+  report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; {} "
               "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
               "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}; products: {}",
-              np, fm.train.size(), fm.test.size(), seconds_since(t_load), layout,
+              np, fm.train.size(), fm.test.size(), seconds_since(t_load), o.model, layout,
               model.parameters().numel(), dp.buckets().size(), o.batch, local_batch,
               steps_per_epoch, o.lr, o.compress, ad::gemm_backend());
 

@@ -3,7 +3,7 @@
 // (the same model, batch and optimizer in PyTorch); scripts/bench_torch.sh
 // runs the two interleaved and prints medians and ratios.
 //
-//   ad_step_bench [--model mlp] [--threads 1] [--batch 128] [--steps 300] [--warmup 30]
+//   ad_step_bench [--model mlp|cnn] [--threads 1] [--batch 128] [--steps 300] [--warmup 30]
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -19,7 +19,9 @@ namespace {
 const char* usage_text =
     "ad_step_bench: samples/s of one training step (forward, softmax cross-entropy, backward,\n"
     "AdamW) of the autodiff on random data; compare with bench/torch/step_bench.py\n"
-    "  --model mlp           the model: mlp = 784-256-128-10 with ReLU (default)\n"
+    "  --model mlp|cnn       the model: mlp = 784-256-128-10 with ReLU (default); cnn =\n"
+    "                        conv3x3(1->16) relu maxpool2, conv3x3(16->32) relu maxpool2,\n"
+    "                        linear 1568-128 relu, linear 128-10\n"
     "  --threads N           threads for the matrix products (default 1)\n"
     "  --batch N             samples per step (default 128)\n"
     "  --steps N             timed steps (default 300)\n"
@@ -47,15 +49,30 @@ int main(int argc, char** argv) {
         flags.unknown();
       }
     }
-    if (model_name != "mlp") {
-      throw ringflow::tool_flags::bad_flag("--model expects mlp, got '" + model_name + "'");
+    if (model_name != "mlp" && model_name != "cnn") {
+      throw ringflow::tool_flags::bad_flag("--model expects mlp or cnn, got '" + model_name + "'");
     }
   } catch (const ringflow::tool_flags::bad_flag& e) {
     return ringflow::tool_flags::report("ad_step_bench", e);
   }
   ad::set_threads(threads);
   constexpr ad::index features = 784, classes = 10;
-  ad::mlp model({features, 256, 128, classes}, ad::activation::relu, 42);
+  ad::sequential model;
+  if (model_name == "mlp") {
+    model = ad::mlp({features, 256, 128, classes}, ad::activation::relu, 42);
+  } else {  // train_fashion_mnist --model cnn
+    model.add(ad::reshape_layer({1, 28, 28}));
+    model.add(ad::conv2d_layer(1, 16, 3, 1, 1, 42));
+    model.add(ad::activation_layer(ad::activation::relu));
+    model.add(ad::max_pool2d_layer(2));
+    model.add(ad::conv2d_layer(16, 32, 3, 1, 1, 43));
+    model.add(ad::activation_layer(ad::activation::relu));
+    model.add(ad::max_pool2d_layer(2));
+    model.add(ad::flatten_layer());
+    model.add(ad::linear(32 * 7 * 7, 128, 44));
+    model.add(ad::activation_layer(ad::activation::relu));
+    model.add(ad::linear(128, classes, 45));
+  }
   ad::adamw opt(model.parameters(), {.lr = 1e-3f, .weight_decay = 1e-4f});
 
   // A few random batches, cycled (the data loader is not what is measured).

@@ -2,7 +2,7 @@
 loss and optimizer (AdamW lr 1e-3, weight decay 1e-4), random data, one
 process, torch.set_num_threads(N). Prints the same one-line format.
 
-    python step_bench.py [--model mlp] [--threads 1] [--batch 128] [--steps 300] [--warmup 30]
+    python step_bench.py [--model mlp|cnn] [--threads 1] [--batch 128] [--steps 300] [--warmup 30]
 """
 import argparse
 import time
@@ -16,7 +16,14 @@ def build(name):
             torch.nn.Linear(784, 256), torch.nn.ReLU(),
             torch.nn.Linear(256, 128), torch.nn.ReLU(),
             torch.nn.Linear(128, 10)), (784,)
-    raise SystemExit(f"step_bench.py: --model expects mlp, got '{name}'")
+    if name == "cnn":  # train_fashion_mnist --model cnn
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32 * 7 * 7, 128), torch.nn.ReLU(),
+            torch.nn.Linear(128, 10)), (1, 28, 28)
+    raise SystemExit(f"step_bench.py: --model expects mlp or cnn, got '{name}'")
 
 
 def main():

@@ -92,7 +92,12 @@ shape broadcast_shape(const char* op, const shape& a, const shape& b) {
         op, a.str(), b.str()));
   }
   const int rank = std::max(a.rank(), b.rank());
-  if (rank == 2 || rows != 1) return shape{rows, cols};
+  // An image (rank 3-4) keeps its shape when the other operand broadcasts into it.
+  if (rank > 2) {
+    if (a.rank() > 2 && a.rows() == rows && a.cols() == cols) return a;
+    if (b.rank() > 2 && b.rows() == rows && b.cols() == cols) return b;
+  }
+  if (rank >= 2 || rows != 1) return shape{rows, cols};
   if (rank == 1) return shape{cols};
   return shape{};
 }
@@ -155,7 +160,8 @@ template <class S>
 basic_tensor<S> matmul(const basic_tensor<S>& a, const basic_tensor<S>& b) {
   const auto& na = need(a, "matmul");
   const auto& nb = need(b, "matmul");
-  if (nb.dims.rank() != 2 || na.dims.rank() == 0 || na.cols() != nb.rows()) {
+  if (nb.dims.rank() != 2 || na.dims.rank() == 0 || na.dims.rank() > 2 ||
+      na.cols() != nb.rows()) {
     throw usage_error(fmt::format(
         "ad::matmul: shapes {} and {} are not compatible: need [B,K] (or [K]) times [K,N]; "
         "the inner dimensions must agree",
@@ -421,6 +427,19 @@ basic_tensor<S> flatten(const basic_tensor<S>& x) {
   return reshape(x, shape{need(x, "flatten").dims.numel()});
 }
 
+template <class S>
+basic_tensor<S> flatten(const basic_tensor<S>& x, int start_dim) {
+  const auto& nx = need(x, "flatten");
+  if (start_dim == 0) return flatten(x);
+  if (start_dim != 1 || nx.dims.rank() < 2) {
+    throw usage_error(fmt::format(
+        "ad::flatten: start_dim {} is not valid for shape {}; use 0 (everything) or 1 (keep the "
+        "batch dimension of a rank >= 2 tensor)",
+        start_dim, nx.dims.str()));
+  }
+  return reshape(x, shape{nx.rows(), nx.cols()});
+}
+
 namespace {
 // Which axis of the [rows, cols] view `dim` names, for a tensor of `rank`.
 int view_axis(const char* op, const shape& s, int dim) {
@@ -619,6 +638,7 @@ std::vector<int> argmax_rows(const basic_tensor<S>& x) {
   template basic_tensor<S> mse(const basic_tensor<S>&, const basic_tensor<S>&);                 \
   template basic_tensor<S> reshape(const basic_tensor<S>&, shape);                              \
   template basic_tensor<S> flatten(const basic_tensor<S>&);                                     \
+  template basic_tensor<S> flatten(const basic_tensor<S>&, int);                                \
   template basic_tensor<S> concat(const std::vector<basic_tensor<S>>&, int);                    \
   template basic_tensor<S> slice(const basic_tensor<S>&, int, index, index);                    \
   template basic_tensor<S> dropout(const basic_tensor<S>&, double, generator&, bool);           \

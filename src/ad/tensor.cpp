@@ -6,6 +6,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+#include <vector>
 
 #include "ringflow/core/log.hpp"
 
@@ -24,10 +28,69 @@ no_grad::~no_grad() { grad_mode = previous_; }
 
 namespace detail {
 
+// Large value and gradient buffers are kept for reuse: a training step
+// allocates the same sizes every step, and memory fresh from the OS costs a
+// page fault per 4 KiB (about a quarter of a small CNN's step). Process-wide
+// (a tensor may die on another thread than the one that made it), at most
+// max_bytes held; sizes are matched exactly.
+class buffer_cache {
+ public:
+  static constexpr std::size_t min_bytes = std::size_t(256) << 10;
+  static constexpr std::size_t max_bytes = std::size_t(512) << 20;
+  static constexpr std::align_val_t alignment{64};
+
+  static buffer_cache& get() {
+    static auto* cache = new buffer_cache;  // never destroyed: tensors in statics outlive it
+    return *cache;
+  }
+  void* take(std::size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it == free_.end() || it->second.empty()) return nullptr;
+    void* p = it->second.back();
+    it->second.pop_back();
+    held_ -= bytes;
+    return p;
+  }
+  void give(void* p, std::size_t bytes) noexcept {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + bytes <= max_bytes) {
+        try {
+          free_[bytes].push_back(p);
+          held_ += bytes;
+          return;
+        } catch (...) {  // no memory for the list entry: release the buffer instead
+        }
+      }
+    }
+    ::operator delete(p, alignment);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<std::size_t, std::vector<void*>> free_;
+  std::size_t held_ = 0;
+};
+
+template <class S>
+std::shared_ptr<S> allocate_uninitialized(index n) {
+  const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(S);
+  if (bytes < buffer_cache::min_bytes) {
+    auto v = std::make_shared_for_overwrite<S[]>(static_cast<std::size_t>(n));
+    return std::shared_ptr<S>(v, v.get());
+  }
+  void* p = buffer_cache::get().take(bytes);
+  if (p == nullptr) p = ::operator new(bytes, buffer_cache::alignment);
+  return std::shared_ptr<S>(static_cast<S*>(p),
+                            [bytes](S* q) { buffer_cache::get().give(q, bytes); });
+}
+
 template <class S>
 std::shared_ptr<S> allocate(index n) {
-  auto v = std::make_shared<std::vector<S>>(static_cast<std::size_t>(n));
-  return std::shared_ptr<S>(v, v->data());
+  auto p = allocate_uninitialized<S>(n);
+  std::fill_n(p.get(), n, S(0));
+  return p;
 }
 
 template <class S>
@@ -358,6 +421,7 @@ weight_grad_pass<S> backward(const basic_tensor<S>& root, const basic_tensor<S>&
 
 #define RINGFLOW_AD_INSTANTIATE(S)                                                         \
   template std::shared_ptr<S> detail::allocate<S>(index);                                  \
+  template std::shared_ptr<S> detail::allocate_uninitialized<S>(index);                    \
   template struct detail::node<S>;                                                         \
   template class basic_tensor<S>;                                                          \
   template class weight_grad_pass<S>;                                                      \

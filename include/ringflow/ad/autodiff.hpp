@@ -1,6 +1,8 @@
 // Everything in ringflow::ad: tensors, ops, layers, parameter store, optimizers, schedules.
 #pragma once
 
+#include "ringflow/ad/cnn.hpp"
+#include "ringflow/ad/custom_op.hpp"
 #include "ringflow/ad/gemm.hpp"
 #include "ringflow/ad/init.hpp"
 #include "ringflow/ad/layers.hpp"

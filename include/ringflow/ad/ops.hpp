@@ -85,6 +85,11 @@ basic_tensor<S> reshape(const basic_tensor<S>& x, shape s);
 /// Rank 1 [numel].
 template <class S>
 basic_tensor<S> flatten(const basic_tensor<S>& x);
+/// Folds the dimensions from `start_dim` on into one: start_dim 0 is
+/// flatten(x); start_dim 1 keeps the batch, [N,C,H,W] -> [N,C*H*W] (what a
+/// CNN does before its linear layers).
+template <class S>
+basic_tensor<S> flatten(const basic_tensor<S>& x, int start_dim);
 /// Joins along dim 0 (rows) or 1 (columns) of rank-2 tensors, or along the
 /// only axis (dim 0) of rank-1 tensors.
 template <class S>

@@ -102,6 +102,10 @@ struct node : std::enable_shared_from_this<node<S>> {
 /// `n` zero-initialized elements, shared.
 template <class S>
 std::shared_ptr<S> allocate(index n);
+/// `n` elements, uninitialized (for a writer that fills every one). Large
+/// buffers of both come from a process-wide cache of freed buffers.
+template <class S>
+std::shared_ptr<S> allocate_uninitialized(index n);
 
 }  // namespace detail
 
