@@ -11,6 +11,7 @@ packages=(
   libopenmpi-dev openmpi-bin           # MPI backend, mpirun
   libeigen3-dev libfmt-dev zlib1g-dev  # library dependencies
   catch2                               # tests
+  ccache                               # compiler cache: run_tests.sh builds three trees (release, asan, tsan)
   libgloo-dev                          # benchmark peer
   dataset-fashion-mnist                # training example data
 )
