@@ -1,5 +1,6 @@
-# ringflow_add_test(name SOURCES ... LABELS ... [MPI_RANKS n...] [CUDA])
+# ringflow_add_test(name SOURCES ... LABELS ... [MPI_RANKS n...] [CUDA] [ARGS arg...])
 #
+# ARGS go to the test binary (a Catch2 test spec, say).
 # Builds one Catch2 binary. Without MPI_RANKS it is registered once; with
 # MPI_RANKS it is registered once per rank count as name_npN, run through
 # ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} N (with --oversubscribe and,
@@ -35,7 +36,7 @@ function(ringflow_sanitizer_env out)
 endfunction()
 
 function(ringflow_add_test name)
-  cmake_parse_arguments(ARG "CUDA" "" "SOURCES;LABELS;MPI_RANKS" ${ARGN})
+  cmake_parse_arguments(ARG "CUDA" "" "SOURCES;LABELS;MPI_RANKS;ARGS" ${ARGN})
   if(ARG_MPI_RANKS)
     ringflow_sanitizer_env(_san_env MPI)
   else()
@@ -66,7 +67,7 @@ function(ringflow_add_test name)
     foreach(n ${ARG_MPI_RANKS})
       add_test(NAME ${name}_np${n}
                COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${n} ${_extra_flags}
-                       ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${name}> ${MPIEXEC_POSTFLAGS})
+                       ${MPIEXEC_PREFLAGS} $<TARGET_FILE:${name}> ${MPIEXEC_POSTFLAGS} ${ARG_ARGS})
       # A failing rank should stop its peers within a minute, not after the
       # 300 s default wait: the tests never wait legitimately that long.
       set_tests_properties(${name}_np${n} PROPERTIES LABELS "${ARG_LABELS}" PROCESSORS ${n}
@@ -76,7 +77,7 @@ function(ringflow_add_test name)
       endif()
     endforeach()
   else()
-    add_test(NAME ${name} COMMAND ${name})
+    add_test(NAME ${name} COMMAND ${name} ${ARG_ARGS})
     set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT 600
                          ENVIRONMENT "${_test_env}")
     if(ARG_CUDA)
