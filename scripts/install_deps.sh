@@ -12,6 +12,7 @@ packages=(
   libeigen3-dev libfmt-dev zlib1g-dev  # library dependencies
   catch2                               # tests
   nlohmann-json3-dev                   # ringflow-doctor reads flight-recorder dumps (JSON)
+  ccache                               # compiler cache: run_tests.sh builds three trees (release, asan, tsan)
   libgloo-dev                          # benchmark peer
   dataset-fashion-mnist                # training example data
   libopenblas0-pthread                 # fast CPU products, loaded at run time (docs/design.md)

@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# The test command: install dependencies, build ringflow, run every CTest test (unit, mpi, cuda).
+# The test command: install dependencies, build ringflow, run every CTest test (unit, mpi, cuda),
+# then the sanitizer stages (ASan+UBSan, TSan; see docs/testing.md).
 #
 #   scripts/run_tests.sh [extra ctest arguments, e.g. -L unit or -R install]
 # Environment: BUILD_DIR (default build), JOBS (build jobs, default 2),
 # CTEST_PARALLEL_LEVEL (tests at once; default 1), CMAKE_ARGS (extra configure
-# flags), BUILD_TYPE (default Release), RINGFLOW_SKIP_DEPS=1 (no apt-get).
-# Exits non-zero when the build or any test fails. GPU tests report "skipped"
-# on machines without a GPU.
+# flags), BUILD_TYPE (default Release), RINGFLOW_SKIP_DEPS=1 (no apt-get),
+# RINGFLOW_SANITIZERS=0 (skip the sanitizer stages). The extra ctest
+# arguments apply to the first test stage only.
+# Exits non-zero when the build or any test fails, or any sanitizer reports.
+# GPU tests report "skipped" on machines without a GPU.
+#
+# Sanitizer stages (Debug -O1, CUDA off, trees build-asan and build-tsan):
+#   asan  RINGFLOW_SANITIZE=address,undefined, every target; ctest -L 'unit|mpi'
+#         (the unit tests, the tools' bad-flag runs, the install consumer, and
+#         test_mpi under mpirun -np 1..5)
+#   tsan  RINGFLOW_SANITIZE=thread, the threaded tests only (test_comm, test_coll,
+#         test_train, test_pipeline); ctest -L unit there
+# A report fails its test (halt_on_error, -fno-sanitize-recover; the options are
+# set per test by cmake/ringflow_testing.cmake), and so the stage.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +41,46 @@ cmake --build "$BUILD_DIR" -j "$JOBS"
 step "tests"
 status=0
 ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" || status=$?
+echo "run_tests: build and tests took $((SECONDS - started)) s"
+
+# ccache makes the sanitizer rebuilds of an unchanged tree take seconds; it is
+# optional (install_deps.sh installs it on Debian).
+launcher=()
+if command -v ccache >/dev/null 2>&1; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
+fi
+
+# sanitizer_stage NAME SANITIZE CTEST_LABEL [TARGETS...]: configure build-NAME
+# with RINGFLOW_SANITIZE=SANITIZE, then either build everything and run the
+# tests labelled CTEST_LABEL, or build only the test binaries TARGETS and run
+# the tests of that name (the tests of the others are registered but unbuilt).
+sanitizer_stage() {
+  local name=$1 sanitize=$2 label=$3
+  shift 3
+  local dir=build-$name t0=$SECONDS rc=0
+  local -a targets=() extra=() select=(-L "$label")
+  for t in "$@"; do targets+=(--target "$t"); done
+  if (($# > 0)); then
+    select=(-L "$label" -R "^($(IFS='|'; echo "$*"))\$")
+    # Only the named test binaries: no examples, tools or install tests.
+    extra=(-DRINGFLOW_BUILD_EXAMPLES=OFF -DRINGFLOW_BUILD_BENCH=OFF -DRINGFLOW_INSTALL=OFF)
+  fi
+  step "sanitizer stage $name ($sanitize, $dir, ctest -L '$label')"
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-g -O1" \
+    -DCMAKE_C_FLAGS_DEBUG="-g -O1" -DRINGFLOW_WITH_CUDA=OFF -DRINGFLOW_BUILD_TESTS=ON \
+    -DRINGFLOW_SANITIZE="$sanitize" "${launcher[@]}" "${extra[@]}" &&
+    cmake --build "$dir" -j "$JOBS" "${targets[@]}" &&
+    ctest --test-dir "$dir" --output-on-failure --no-tests=error "${select[@]}" || rc=$?
+  echo "run_tests: sanitizer stage $name $( ((rc == 0)) && echo passed || echo FAILED ) in $((SECONDS - t0)) s"
+  return "$rc"
+}
+
+if [[ "${RINGFLOW_SANITIZERS:-1}" == 0 ]]; then
+  step "sanitizer stages skipped (RINGFLOW_SANITIZERS=0)"
+else
+  sanitizer_stage asan address,undefined 'unit|mpi' || status=1
+  sanitizer_stage tsan thread unit test_comm test_coll test_train test_pipeline || status=1
+fi
 
 step "run_tests: $( ((status == 0)) && echo passed || echo FAILED ) in $((SECONDS - started)) s"
 exit "$status"

@@ -200,9 +200,15 @@ class checker {
 };
 
 double cost_of(const instruction& ins, const stage_costs& c) {
+  // Only compute instructions name a stage with a cost: transfers cost
+  // nothing here, and rank-wide ones (REDUCE, STEP) have stage -1, so the
+  // per-stage tables must not be indexed for them (verify() has checked that
+  // non-empty tables have one entry per stage; the checker, that compute
+  // stages are in range).
+  if (!is_compute(ins.op)) return 0.0;
   const auto st = static_cast<std::size_t>(ins.stage);
-  const double f = c.forward.empty() ? 1.0 : c.forward[st];
-  const double b = c.backward.empty() ? 2.0 : c.backward[st];
+  const double f = c.forward.empty() ? 1.0 : c.forward.at(st);
+  const double b = c.backward.empty() ? 2.0 : c.backward.at(st);
   switch (ins.op) {
     case op_kind::forward: return f;
     case op_kind::backward: return b;

@@ -29,7 +29,7 @@ TEST_CASE("partition is balanced and covers the buffer", "[coll][partition]") {
 }
 
 TEST_CASE("ring collectives match the serial reference for every dtype and op",
-          "[coll][local]") {
+          "[coll][local][sweep]") {
   for (int p = 1; p <= 8; ++p) {
     INFO("ranks = " << p);
     require_none(run_collecting(p, [](communicator& c, failures& f) {

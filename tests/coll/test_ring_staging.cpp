@@ -13,7 +13,7 @@ using namespace ringflow;
 using ringflow::testing::failures;
 
 TEST_CASE("staged ring policy matches the CPU ring bit for bit on 1..5 thread ranks",
-          "[coll][staging]") {
+          "[coll][staging][sweep]") {
   for (int p = 1; p <= 5; ++p) {
     INFO("ranks " << p);
     testing::require_none(testing::run_collecting(
@@ -57,7 +57,7 @@ TEST_CASE("staged ring policy: a neighbour that never comes is a timeout, not a 
 }
 
 TEST_CASE("direct ring over a device-pointer transport at the sizes that failed on the GPU",
-          "[coll][staging]") {
+          "[coll][staging][sweep]") {
   // Receives land when their completion is seen, from a copy of their own,
   // while the lazy stream still has work queued: the contract of
   // cuda/ring.hpp, kept by tests/cuda_mpi/test_staged.cpp's transport.

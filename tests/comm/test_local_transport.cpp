@@ -138,7 +138,14 @@ TEST_CASE("split forms independent groups ordered by key", "[comm][local]") {
   }
 }
 
-TEST_CASE("checked mode: a count mismatch throws usage_error on every rank", "[comm][checked]") {
+// [timing]: holds only when every rank finishes the fingerprint exchange
+// before the first one throws; otherwise local::run abandons the others'
+// pending receives and they get comm_error ("abandoned because rank N failed:
+// collective mismatch ..."). Under TSan that happens about 1 run in 3, so the
+// TSan stage leaves [timing] out (docs/testing.md); on a loaded machine it
+// also fails in the Release build (seen once at load 9 on 2 cores).
+TEST_CASE("checked mode: a count mismatch throws usage_error on every rank",
+          "[comm][checked][timing]") {
   std::mutex m;
   std::vector<std::string> messages;
   try {
@@ -207,9 +214,12 @@ template <class Fn>
 std::vector<std::string> stamp_errors(int n, Fn fn) {
   std::mutex m;
   std::vector<std::string> messages;
+  // Catch2's assertion macros are not thread-safe (TSan: a data race in
+  // Catch::RunContext), so the ranks record and the test thread checks.
+  std::atomic<int> not_stamp{0};
   try {
     local::run(n, [&](communicator& c) {
-      REQUIRE(c.check_mode() == check_mode::stamp);  // the default (tests/support/main.cpp)
+      if (c.check_mode() != check_mode::stamp) ++not_stamp;
       try {
         fn(c);
       } catch (const error& e) {
@@ -220,6 +230,7 @@ std::vector<std::string> stamp_errors(int n, Fn fn) {
     });
   } catch (const error&) {
   }
+  REQUIRE(not_stamp == 0);  // stamp is the default (tests/support/main.cpp)
   return messages;
 }
 
@@ -286,14 +297,19 @@ TEST_CASE("stamp mode: a rank with count 0 ends the others, no hang", "[comm][ch
 }
 
 TEST_CASE("stamp mode: matching collectives pass, results unchanged", "[comm][checked]") {
-  local::run(4, [](communicator& c) {
+  // The ranks count wrong elements; the test thread asserts (Catch2's
+  // macros are not thread-safe: TSan reported a race in Catch::RunContext).
+  std::atomic<long> wrong_sum{0}, wrong_bcast{0};
+  local::run(4, [&](communicator& c) {
     for (std::size_t n : {0u, 1u, 3u, 1000u, 70000u}) {
       std::vector<double> g(n, static_cast<double>(c.rank()));
       allreduce(c, std::span<double>(g), sum);
-      for (double v : g) REQUIRE(v == 6.0);
+      for (double v : g) wrong_sum += v != 6.0;
       std::vector<double> b(n, c.rank() == 2 ? 5.0 : 0.0);
       broadcast(c, std::span<double>(b), 2);
-      for (double v : b) REQUIRE(v == 5.0);
+      for (double v : b) wrong_bcast += v != 5.0;
     }
   });
+  CHECK(wrong_sum == 0);
+  CHECK(wrong_bcast == 0);
 }
