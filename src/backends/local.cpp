@@ -94,17 +94,22 @@ struct group : std::enable_shared_from_this<group> {
   std::mutex failure_mutex;
   int failed_rank = -1;
   std::string failure;
+  bool failure_is_usage = false;
 
   // split(): children by (split round, color), created by the first arrival.
   std::mutex split_mutex;
   std::map<std::pair<std::uint64_t, int>, std::shared_ptr<group>> children;
 
-  void fail(int rank, const std::string& why) {
+  // `usage`: the failing rank's error was a usage_error (a mismatch between
+  // the ranks' calls, a bad argument); the others' abandoned waits then throw
+  // usage_error too, as on the MPI backend, instead of comm_error.
+  void fail(int rank, const std::string& why, bool usage = false) {
     {
       std::lock_guard lock(failure_mutex);
       if (failed_rank < 0) {
         failed_rank = rank;
         failure = why;
+        failure_is_usage = usage;
       }
     }
     failed.store(true);
@@ -113,7 +118,7 @@ struct group : std::enable_shared_from_this<group> {
       box.changed.notify_all();
     }
     std::lock_guard lock(split_mutex);
-    for (auto& [key, child] : children) child->fail(rank, why);
+    for (auto& [key, child] : children) child->fail(rank, why, usage);
   }
 
   void finish(int rank) {
@@ -127,6 +132,15 @@ struct group : std::enable_shared_from_this<group> {
   std::string failure_text() {
     std::lock_guard lock(failure_mutex);
     return fmt::format("rank {} failed: {}", failed_rank, failure);
+  }
+  bool failed_by_usage() {
+    std::lock_guard lock(failure_mutex);
+    return failure_is_usage;
+  }
+  // Throws `msg` as the kind of error that failed the group.
+  [[noreturn]] void throw_failure(const std::string& msg) {
+    if (failed_by_usage()) throw usage_error(msg);
+    throw comm_error(msg);
   }
 };
 
@@ -220,9 +234,9 @@ class local_request final : public detail::request_state {
         peer_));
   }
   [[noreturn]] void throw_abandoned() const {
-    throw comm_error(fmt::format("rank {}: {} rank {} (tag {}) abandoned because {}", rank_,
-                                 is_send_ ? "send to" : "receive from", peer_, tag_,
-                                 group_->failure_text()));
+    group_->throw_failure(fmt::format("rank {}: {} rank {} (tag {}) abandoned because {}",
+                                      rank_, is_send_ ? "send to" : "receive from", peer_, tag_,
+                                      group_->failure_text()));
   }
 
   std::shared_ptr<group> group_;
@@ -317,8 +331,8 @@ class local_transport final : public transport {
                                     rank_, peer, group_->size));
     }
     if (group_->failed.load()) {
-      throw comm_error(fmt::format("rank {}: cannot {} rank {}: {}", rank_, what, peer,
-                                   group_->failure_text()));
+      group_->throw_failure(fmt::format("rank {}: cannot {} rank {}: {}", rank_, what, peer,
+                                        group_->failure_text()));
     }
   }
 
@@ -406,7 +420,7 @@ void run(int n, const std::function<void(communicator&)>& fn) {
           std::lock_guard lock(order_mutex);
           failure_order.push_back(r);
         }
-        g->fail(r, e.what());
+        g->fail(r, e.what(), dynamic_cast<const usage_error*>(&e) != nullptr);
       } catch (...) {
         errors[static_cast<std::size_t>(r)] = std::current_exception();
         {
