@@ -58,10 +58,12 @@ sanitizer_stage() {
   local name=$1 sanitize=$2 label=$3
   shift 3
   local dir=build-$name t0=$SECONDS rc=0
-  local -a targets=() extra=() select=(-L "$label")
+  # -LE fault: the fault-injection tests (fault_injection, flight_doctor) stop,
+  # kill and abort ranks on purpose; they run in the first stage only.
+  local -a targets=() extra=() select=(-L "$label" -LE fault)
   for t in "$@"; do targets+=(--target "$t"); done
   if (($# > 0)); then
-    select=(-L "$label" -R "^($(IFS='|'; echo "$*"))\$")
+    select=(-L "$label" -LE fault -R "^($(IFS='|'; echo "$*"))\$")
     # Only the named test binaries: no examples, tools or install tests.
     extra=(-DRINGFLOW_BUILD_EXAMPLES=OFF -DRINGFLOW_BUILD_BENCH=OFF -DRINGFLOW_INSTALL=OFF)
   fi
