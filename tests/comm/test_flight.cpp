@@ -1,6 +1,7 @@
 // The flight recorder on the thread backend: what each record holds (kind,
 // dtype, op, count, root, algorithm, state, times, the peer and tag waited
 // on), the ring's wrap-around, failed collectives, and the dump's lines.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -78,7 +79,10 @@ TEST_CASE("the flight ring keeps the last ring_size() collectives", "[comm][flig
   std::vector<flight::entry> rec;
   local::run(2, [&](communicator& c) {
     int v = 1;
-    for (std::size_t i = 0; i < n + 10; ++i) allreduce(c, std::span<int>(&v, 1), sum);
+    for (std::size_t i = 0; i < n + 10; ++i) {
+      v = 1;  // summed in place over 2 ranks: it would double each time and overflow (UBSan)
+      allreduce(c, std::span<int>(&v, 1), sum);
+    }
     if (c.rank() == 1) rec = flight::recent(c.raw());
   });
   REQUIRE(rec.size() == n);
@@ -179,7 +183,10 @@ TEST_CASE("dumps may run while collectives are recorded", "[comm][flight]") {
   });
   local::run(2, [&](communicator& c) {
     std::vector<std::int64_t> v(4, 1);
-    for (int i = 0; i < 3000; ++i) allreduce(c, std::span(v), sum);
+    for (int i = 0; i < 3000; ++i) {
+      std::fill(v.begin(), v.end(), 1);  // in place it would double each time and overflow
+      allreduce(c, std::span(v), sum);
+    }
   });
   done.store(true);
   dumper.join();
