@@ -10,6 +10,7 @@
 
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/compress/compressor.hpp"
+#include "ringflow/compress/cpu_codec.hpp"
 #include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "ringflow/core/error.hpp"
@@ -54,17 +55,10 @@ const T* as(std::span<const std::byte> s, std::size_t byte_offset = 0) {
 }
 
 // max |x| of a block; NaN if the block holds one (so the shared scale, and
-// with it the decoded block, becomes NaN on every rank instead of hiding it).
-float block_absmax(const float* x, std::size_t n) {
-  // Max of the |x| bit patterns: orders like the magnitudes, and a NaN's bits
-  // are above +Inf's, so a NaN wins without a branch.
-  std::uint32_t m = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::uint32_t a = kernels::magnitude_key(x[i]);
-    m = a > m ? a : m;
-  }
-  return ringflow::detail::bits_float(m);
-}
+// with it the decoded block, becomes NaN on every rank instead of hiding it):
+// the max of the |x| bit patterns, which order like the magnitudes, with a
+// NaN's bits above +Inf's (cpu_codec.hpp: vector loops where the CPU has them).
+float block_absmax(const float* x, std::size_t n) { return cpu::block_absmax(x, n); }
 
 std::span<std::byte> bytes_of(std::vector<std::uint8_t>& v) {
   return std::as_writable_bytes(std::span(v));
@@ -172,8 +166,7 @@ void none_compressor::encode(std::span<const float> in, std::span<std::byte> out
 
 void none_compressor::decode_add(std::span<const std::byte> payload, std::span<float> out) const {
   check_payload(*this, payload.size(), out.size(), "decode");
-  const float* v = as<float>(payload);
-  for (std::size_t i = 0; i < out.size(); ++i) out[i] += v[i];
+  cpu::add(as<float>(payload), out.data(), out.size());
 }
 
 void none_compressor::reduce(const communicator& comm, std::span<float> data,
@@ -199,8 +192,7 @@ void half_compressor::encode(std::span<const float> in, std::span<std::byte> out
   if (format_ == format::fp16) {
     encode_fp16(in, std::span<std::uint16_t>(w, in.size()));  // F16C where the CPU has it
   } else {
-    const kernels::encode_bf16 enc;
-    for (std::size_t i = 0; i < in.size(); ++i) w[i] = enc(in[i]);
+    cpu::encode_bf16(in.data(), w, in.size());
   }
 }
 
@@ -210,8 +202,7 @@ void half_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   if (format_ == format::fp16) {
     decode_fp16(std::span<const std::uint16_t>(w, out.size()), out, /*add=*/true);
   } else {
-    const kernels::decode_bf16 dec;
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] += dec(w[i]);
+    cpu::decode_bf16(w, out.data(), out.size(), /*add=*/true);
   }
 }
 
@@ -232,12 +223,11 @@ void half_compressor::reduce(const communicator& comm, std::span<float> data,
     decode_fp16(bits, data);
   } else {
     wire_bf16_.resize(n);
-    for (std::size_t i = 0; i < n; ++i) wire_bf16_[i].bits = kernels::encode_bf16{}(data[i]);
-    if (!mine.empty()) {
-      for (std::size_t i = 0; i < n; ++i) mine[i] = kernels::decode_bf16{}(wire_bf16_[i].bits);
-    }
+    std::uint16_t* bits = &wire_bf16_.data()->bits;
+    cpu::encode_bf16(data.data(), bits, n);
+    if (!mine.empty()) cpu::decode_bf16(bits, mine.data(), n, /*add=*/false);
     allreduce(comm, std::span<bfloat16>(wire_bf16_), sum, algo::ring);
-    for (std::size_t i = 0; i < n; ++i) data[i] = kernels::decode_bf16{}(wire_bf16_[i].bits);
+    cpu::decode_bf16(bits, data.data(), n, /*add=*/false);
   }
   account(n, comm, stats);
 }
@@ -274,7 +264,7 @@ void int8_compressor::encode(std::span<const float> in, std::span<std::byte> out
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
     scales[b] = block_absmax(in.data() + lo, hi - lo);
     const kernels::quantize_int8 quant{kernels::int8_inv_step(scales[b], 127), 127, key};
-    for (std::size_t i = lo; i < hi; ++i) q[i] = quant(in[i], i);
+    cpu::quantize_int8(in.data() + lo, q + lo, hi - lo, lo, quant);
   }
 }
 
@@ -286,8 +276,8 @@ void int8_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   const auto* q = as<std::int8_t>(payload, 4 * nb);
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
-    const kernels::dequantize_int8 deq{kernels::int8_step(scales[b], 127)};
-    for (std::size_t i = lo; i < hi; ++i) out[i] += deq(q[i]);
+    cpu::dequantize_int8(q + lo, out.data() + lo, hi - lo, kernels::int8_step(scales[b], 127),
+                         /*add=*/true);
   }
 }
 
@@ -320,18 +310,18 @@ void int8_compressor::reduce(const communicator& comm, std::span<float> data,
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
     const kernels::quantize_int8 quant{kernels::int8_inv_step(scales_[b], levels), levels, key};
-    for (std::size_t i = lo; i < hi; ++i) q_[i] = quant(data[i], i);
+    cpu::quantize_int8(data.data() + lo, q_.data() + lo, hi - lo, lo, quant);
     if (!mine.empty()) {
-      const kernels::dequantize_int8 deq{kernels::int8_step(scales_[b], levels)};
-      for (std::size_t i = lo; i < hi; ++i) mine[i] = deq(q_[i]);
+      cpu::dequantize_int8(q_.data() + lo, mine.data() + lo, hi - lo,
+                           kernels::int8_step(scales_[b], levels), /*add=*/false);
     }
   }
   // 3. Integer sum: exact and order independent, so every rank gets the same bits.
   allreduce(comm, std::span<std::int8_t>(q_), sum, algo::ring);
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
-    const kernels::dequantize_int8 deq{kernels::int8_step(scales_[b], levels)};
-    for (std::size_t i = lo; i < hi; ++i) data[i] = deq(q_[i]);
+    cpu::dequantize_int8(q_.data() + lo, data.data() + lo, hi - lo,
+                         kernels::int8_step(scales_[b], levels), /*add=*/false);
   }
   account(n, comm, stats);
 }
@@ -483,16 +473,14 @@ void sign_compressor::encode(std::span<const float> in, std::span<std::byte> out
   const std::size_t nb = ceil_div(n, block_);
   float* scales = as<float>(out);
   auto* words = as<std::uint32_t>(out, 4 * nb);
+  // One pass: a block's scale and its sign words while the block is in L1.
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
     // Summed in the canonical order of kernels::abs_sum_block, which the GPU
     // kernel (one warp per block) reproduces bit for bit. A NaN in the block
     // makes the scale (and the decoded block) NaN.
-    scales[b] = kernels::abs_sum_block(in.data() + lo, hi - lo) / static_cast<float>(hi - lo);
-  }
-  for (std::size_t w = 0; w < ceil_div(n, 32); ++w) {
-    const std::size_t lo = 32 * w;
-    words[w] = kernels::pack_signs(in.data() + lo, static_cast<unsigned>(std::min<std::size_t>(32, n - lo)));
+    scales[b] = cpu::abs_sum_block(in.data() + lo, hi - lo) / static_cast<float>(hi - lo);
+    cpu::pack_signs(in.data() + lo, words + lo / 32, hi - lo);  // lo is a multiple of 32
   }
 }
 
@@ -502,16 +490,10 @@ void sign_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   const std::size_t nb = ceil_div(n, block_);
   const float* scales = as<float>(payload);
   const auto* words = as<std::uint32_t>(payload, 4 * nb);
-  // Block by block, word by word: no division per element (block is a multiple of 32).
+  // Block by block (a multiple of 32 elements, so every block starts a word).
   for (std::size_t b = 0; b < nb; ++b) {
     const std::size_t lo = b * block_, hi = std::min(n, lo + block_);
-    const float s = scales[b];
-    for (std::size_t w = lo / 32; 32 * w < hi; ++w) {
-      const std::uint32_t word = words[w];
-      float* o = out.data() + 32 * w;
-      const auto bits = static_cast<unsigned>(std::min<std::size_t>(32, n - 32 * w));
-      for (unsigned j = 0; j < bits; ++j) o[j] += kernels::unpack_sign(word, j, s);
-    }
+    cpu::unpack_signs_add(words + lo / 32, out.data() + lo, hi - lo, scales[b]);
   }
 }
 
