@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <ctime>
 #include <cstdlib>
 #include <string>
@@ -30,6 +31,7 @@
 #include <vector>
 
 #include "ringflow/compress/compressor.hpp"
+#include "ringflow/compress/cpu_codec.hpp"
 #include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "tool_flags.hpp"
@@ -329,33 +331,51 @@ int main(int argc, char** argv) try {
   if (paths) return fp16_paths(x, reps);
 
   fmt::print("compress_bench: {} fp32 elements ({:.1f} MiB), bytes sent for {} ranks, median of {} "
-             "runs; GB/s of fp32 input per thread CPU second (last column: per wall second)\n\n", n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps);
-  fmt::print("| compressor | payload bytes | ratio | bytes sent / rank | encode GB/s | decode GB/s | "
-             "encode+decode GB/s | encode+decode GB/s (wall) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+             "runs; GB/s of fp32 input per thread CPU second (last column: per wall second); "
+             "memcpy of the same 4n bytes timed in every rep beside the codec, x = codec GB/s / "
+             "memcpy GB/s (median of per-rep ratios); codec paths: {}\n\n",
+             n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps, to_string(best_codec_path()));
+  fmt::print("| compressor | payload bytes | ratio | bytes sent / rank | memcpy GB/s | encode GB/s | "
+             "encode x memcpy | decode-add GB/s | decode-add x memcpy | encode+decode GB/s | "
+             "encode+decode GB/s (wall) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::vector<float> copy(n);
   for (const std::string& spec : specs) {
     auto c = make_compressor(spec, 1);
     std::vector<std::byte> payload(c->payload_bytes(n));
-    std::vector<double> te, td, tw;
+    std::vector<double> te, td, tw, tm, re, rd;
     for (int r = 0; r <= reps; ++r) {
+      std::fill(out.begin(), out.end(), 0.0f);
+      // memcpy first or last, alternating, so neither side always runs warm.
+      auto run_memcpy = [&] {
+        const double m0 = thread_seconds();
+        std::memcpy(copy.data(), x.data(), 4 * n);
+        return thread_seconds() - m0;
+      };
+      const double m_before = r % 2 == 0 ? run_memcpy() : 0.0;
       const auto w0 = clock_type::now();
       const double t0 = thread_seconds();
       c->encode(x, payload, 0);
       const double t1 = thread_seconds();
-      c->decode(payload, out);
+      c->decode_add(payload, out);
       const double t2 = thread_seconds();
       const auto w1 = clock_type::now();
+      const double m = r % 2 == 0 ? m_before : run_memcpy();
       if (r == 0) continue;  // warm-up
       te.push_back(t1 - t0);
       td.push_back(t2 - t1);
+      tm.push_back(m);
+      re.push_back(m / (t1 - t0));
+      rd.push_back(m / (t2 - t1));
       tw.push_back(std::chrono::duration<double>(w1 - w0).count());
     }
     std::size_t sent = 0;
     for (const auto& w : c->wire_plan(n, ranks)) sent += ring_bytes_sent(w, ranks, 0);
     const double bytes = 4.0 * static_cast<double>(n);
-    const double e = median(te), d = median(td), w = median(tw);
-    fmt::print("| {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.2f} | {:.2f} |\n", c->name(),
-               c->payload_bytes(n), bytes / static_cast<double>(c->payload_bytes(n)), sent,
-               bytes / e / 1e9, bytes / d / 1e9, bytes / (e + d) / 1e9, bytes / w / 1e9);
+    const double e = median(te), d = median(td), w = median(tw), mc = median(tm);
+    fmt::print("| {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.2f}x | {:.2f} | {:.2f}x | {:.2f} | {:.2f} |\n",
+               c->name(), c->payload_bytes(n), bytes / static_cast<double>(c->payload_bytes(n)), sent,
+               bytes / mc / 1e9, bytes / e / 1e9, median(re), bytes / d / 1e9, median(rd),
+               bytes / (e + d) / 1e9, bytes / w / 1e9);
     std::fflush(stdout);
   }
   return 0;
