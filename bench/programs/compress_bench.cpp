@@ -3,7 +3,7 @@
 // Markdown table (the one in docs/compression.md); with --train, the test
 // accuracy of Fashion-MNIST data-parallel training through each compressor.
 //
-//   compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...]
+//   compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...] [--alpha-us A]
 //   compress_bench --train [--ranks 4] [--epochs 3] [--only spec,...] [--limit N]
 //   compress_bench --fp16-paths [--elements N] [--reps R]   (portable vs F16C, interleaved)
 //   compress_bench --powersgd-layout [--reps R]   (flat vs per-layer on the MLP's big bucket)
@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <ctime>
 #include <cstdlib>
@@ -32,6 +33,7 @@
 
 #include "ringflow/compress/compressor.hpp"
 #include "ringflow/compress/cpu_codec.hpp"
+#include "ringflow/compress/decide.hpp"
 #include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "tool_flags.hpp"
@@ -56,12 +58,13 @@ std::vector<std::string> split(std::string_view s) {
 }
 
 constexpr const char* usage_text =
-    "usage: compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...]\n"
+    "usage: compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...] [--alpha-us A]\n"
     "       compress_bench --train [--ranks P] [--epochs E] [--only spec,...] [--limit N] [--seed S]\n"
     "       compress_bench --fp16-paths [--elements N] [--reps R]\n"
     "       compress_bench --powersgd-layout [--reps R]\n"
     "Ranges: --elements [1, 2^27], --ranks [1, 128], --reps [1, 10000], --epochs [1, 1000],\n"
-    "--limit [1, 10^7], --seed [0, 2^63-1]. A bad value exits with status 2.\n";
+    "--limit [1, 10^7], --seed [0, 2^63-1], --alpha-us [0, 10^6] (link latency of the\n"
+    "break-even column, default 20). A bad value exits with status 2.\n";
 
 // A bad command line: one line on stderr, exit status 2 (no MPI here).
 [[noreturn]] void usage(const std::string& msg) {
@@ -289,6 +292,7 @@ int train_table(const std::vector<std::string>& specs, int ranks, int epochs, st
 int main(int argc, char** argv) try {
   std::size_t n = std::size_t{1} << 22;  // 16 MiB of fp32: a typical DDP bucket
   int ranks = 4, reps = 7, epochs = 3;
+  double alpha_us = 20;
   bool train = false, paths = false, layout = false;
   std::size_t limit = 0;
   std::uint64_t seed = 42;
@@ -302,6 +306,7 @@ int main(int argc, char** argv) try {
       else if (flags.is("--powersgd-layout")) flags.no_value(), layout = true;
       else if (flags.is("--elements")) n = flags.count(1, std::size_t{1} << 27);
       else if (flags.is("--ranks")) ranks = static_cast<int>(flags.integer(1, 128));
+      else if (flags.is("--alpha-us")) alpha_us = static_cast<double>(flags.integer(0, 1000000));
       else if (flags.is("--reps")) reps = static_cast<int>(flags.integer(1, 10000));
       else if (flags.is("--only")) specs = split(flags.text());
       else if (flags.is("--epochs")) epochs = static_cast<int>(flags.integer(1, 1000));
@@ -333,11 +338,14 @@ int main(int argc, char** argv) try {
   fmt::print("compress_bench: {} fp32 elements ({:.1f} MiB), bytes sent for {} ranks, median of {} "
              "runs; GB/s of fp32 input per thread CPU second (last column: per wall second); "
              "memcpy of the same 4n bytes timed in every rep beside the codec, x = codec GB/s / "
-             "memcpy GB/s (median of per-rep ratios); codec paths: {}\n\n",
-             n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps, to_string(best_codec_path()));
+             "memcpy GB/s (median of per-rep ratios); codec paths: {}; \"wins below\": the link bandwidth "
+             "under which the cost model (decide.hpp, break_even_gbps, {} us latency, {} ranks) "
+             "predicts this codec beats plain fp32\n\n",
+             n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps, to_string(best_codec_path()),
+             alpha_us, ranks);
   fmt::print("| compressor | payload bytes | ratio | bytes sent / rank | memcpy GB/s | encode GB/s | "
              "encode x memcpy | decode-add GB/s | decode-add x memcpy | encode+decode GB/s | "
-             "encode+decode GB/s (wall) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+             "encode+decode GB/s (wall) | wins below link GB/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   std::vector<float> copy(n);
   for (const std::string& spec : specs) {
     auto c = make_compressor(spec, 1);
@@ -372,10 +380,18 @@ int main(int argc, char** argv) try {
     for (const auto& w : c->wire_plan(n, ranks)) sent += ring_bytes_sent(w, ranks, 0);
     const double bytes = 4.0 * static_cast<double>(n);
     const double e = median(te), d = median(td), w = median(tw), mc = median(tm);
-    fmt::print("| {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.2f}x | {:.2f} | {:.2f}x | {:.2f} | {:.2f} |\n",
+    // The cost model's crossover with these codec speeds: below this link
+    // bandwidth (at --alpha-us latency) compressing this bucket pays.
+    const double be = break_even_gbps(*c, n, ranks, alpha_us * 1e-6,
+                                      codec_speed{bytes / e / 1e9, bytes / d / 1e9});
+    const std::string wins = c->name() == "none" ? "-"
+                             : be == 0.0         ? "never"
+                             : std::isinf(be)    ? "always"
+                                                 : fmt::format("{:.2f} ({:.1f} Gb/s)", be, 8 * be);
+    fmt::print("| {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.2f}x | {:.2f} | {:.2f}x | {:.2f} | {:.2f} | {} |\n",
                c->name(), c->payload_bytes(n), bytes / static_cast<double>(c->payload_bytes(n)), sent,
                bytes / mc / 1e9, bytes / e / 1e9, median(re), bytes / d / 1e9, median(rd),
-               bytes / (e + d) / 1e9, bytes / w / 1e9);
+               bytes / (e + d) / 1e9, bytes / w / 1e9, wins);
     std::fflush(stdout);
   }
   return 0;

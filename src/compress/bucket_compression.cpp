@@ -67,8 +67,12 @@ traffic bucket_compression::reduce(const communicator& comm, std::span<float> gr
                                    std::size_t bucket_index) {
   if (grads.empty()) return {};  // nothing to send; keeps empty buckets harmless
   slot& s = slot_for(comm, bucket_index, grads.size());
-  const traffic t =
-      compressed_allreduce(comm, grads, *s.c, bucket_index, s.ef ? &ef_ : nullptr);
+  traffic t;
+  if (auto* plain = dynamic_cast<none_compressor*>(s.c.get()); plain != nullptr && !s.ef) {
+    plain->average(comm, grads, opts_.plain_coll, t);
+  } else {
+    t = compressed_allreduce(comm, grads, *s.c, bucket_index, s.ef ? &ef_ : nullptr);
+  }
   total_ += t;
   return t;
 }

@@ -178,6 +178,13 @@ void none_compressor::reduce(const communicator& comm, std::span<float> data,
   account(data.size(), comm, stats);
 }
 
+void none_compressor::average(const communicator& comm, std::span<float> data,
+                              const coll_options& opt, traffic& stats) {
+  check_not_empty(*this, data.size(), "average");
+  allreduce(comm, data, avg, opt);
+  account(data.size(), comm, stats);
+}
+
 // ---------------------------------------------------------------------------
 // fp16 / bf16
 

@@ -8,6 +8,7 @@
 #include <ctime>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string_view>
 
 #include "ringflow/compress/kernels.hpp"
@@ -108,6 +109,25 @@ prediction predict(const compressor& c, std::size_t n, int ranks, const link_mod
   return out;
 }
 
+double break_even_gbps(const compressor& c, std::size_t n, int ranks, double alpha_s,
+                       const codec_speed& speed, double margin) {
+  if (!(margin >= 0 && margin < 1)) {
+    throw usage_error(fmt::format("break_even_gbps: margin must be in [0, 1), got {}", margin));
+  }
+  if (ranks <= 1 || n == 0) return 0.0;  // nothing on the wire: nothing to win
+  // predict() at beta = 0 gives the alpha terms (A) and the codec time; at
+  // beta = 1 s/byte it adds the byte terms (B).
+  const link_model a_only{alpha_s, 0.0}, unit{alpha_s, 1.0};
+  const prediction p0 = predict(c, n, ranks, a_only, speed);
+  const prediction p1 = predict(c, n, ranks, unit, speed);
+  const double keep = 1.0 - margin;
+  const double bytes_gain = keep * p1.plain_s - p1.wire_s - (keep * p0.plain_s - p0.wire_s);
+  const double fixed_cost = p0.compressed_s() - keep * p0.plain_s;
+  if (bytes_gain <= 0) return 0.0;
+  if (fixed_cost <= 0) return std::numeric_limits<double>::infinity();
+  return bytes_gain / fixed_cost / 1e9;  // 1 / beta*, bytes per second -> GB/s
+}
+
 auto_policy::auto_policy(link_model link, int ranks, std::vector<std::string> candidates,
                          double margin)
     : link_(link), ranks_(ranks), candidates_(std::move(candidates)), margin_(margin) {
@@ -134,6 +154,19 @@ std::map<std::string, prediction> auto_policy::predictions(std::size_t n) const 
           "auto_policy: no codec speed for '{}'; call calibrate() or set_speed() first", spec));
     }
     out[spec] = predict(*probes_.at(spec), n, ranks_, link_, it->second);
+  }
+  return out;
+}
+
+std::map<std::string, double> auto_policy::break_even(std::size_t n) const {
+  std::map<std::string, double> out;
+  for (const std::string& spec : candidates_) {
+    auto it = speed_.find(spec);
+    if (it == speed_.end()) {
+      throw usage_error(fmt::format(
+          "auto_policy: no codec speed for '{}'; call calibrate() or set_speed() first", spec));
+    }
+    out[spec] = break_even_gbps(*probes_.at(spec), n, ranks_, link_.alpha_s, it->second, margin_);
   }
   return out;
 }

@@ -196,8 +196,11 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   if (opts.compress.empty()) opts.compress = "none";
   if (opts.compress != "none") {
     // Throws usage_error on a bad spec, on every rank alike, before any collective.
-    s.compression =
-        std::make_unique<compress::bucket_compression>(opts.compress, opts.compress_options);
+    // A bucket left uncompressed (auto's none) is averaged exactly like the
+    // plain path below: allreduce(avg) with these coll options.
+    compress::bucket_compression_options co = opts.compress_options;
+    co.plain_coll = opts.coll;
+    s.compression = std::make_unique<compress::bucket_compression>(opts.compress, std::move(co));
   }
   s.comm = std::move(comm);
   s.params = std::move(params);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ringflow/backends/local.hpp"
+#include "ringflow/coll/collectives.hpp"
 #include "ringflow/compress/bucket_compression.hpp"
 #include "ringflow/compress/compressed_allreduce.hpp"
 #include "ringflow/compress/kernels.hpp"
@@ -304,4 +305,24 @@ TEST_CASE("bucket_compression keeps a compressor per bucket and agrees on auto c
   REQUIRE(same_bits(outs[0], outs[1]));
   REQUIRE(resid[0] > 0);  // top-k gets error feedback by default
   REQUIRE_THROWS_AS(bucket_compression("topk:2"), usage_error);
+}
+
+TEST_CASE("auto's uncompressed buckets are exactly the plain allreduce(avg)", "[compress][bucket]") {
+  local::run(3, [&](communicator& c) {
+    bucket_compression_options o;
+    o.link = link_model::from_gbps(1e6, 0);  // absurdly fast link: nothing pays
+    bucket_compression autoc("auto", o);
+    bucket_compression none("none");
+    std::vector<float> a = rank_input(c.rank(), 5000), b = a, plain = a;
+    const traffic t = autoc.reduce(c, std::span(a), 0);
+    none.reduce(c, std::span(b), 0);
+    allreduce(c, std::span(plain), avg);
+    REQUIRE(autoc.spec_of(0) == "none");
+    REQUIRE(same_bits(a, plain));
+    REQUIRE(same_bits(b, plain));
+    // Bytes are the fp32 ring's, as for the compressed buckets' comparison.
+    REQUIRE(t.bytes_sent == t.plain_bytes_sent);
+    REQUIRE(t.bytes_sent > 0);
+    REQUIRE(t.payload_bytes == 4 * 5000);
+  });
 }

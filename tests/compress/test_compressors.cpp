@@ -335,3 +335,32 @@ TEST_CASE("the alpha-beta model prefers compression on slow links and big bucket
   auto_policy uncalibrated(slow, 4);
   require_usage_error([&] { uncalibrated.choose(n); }, "calibrate");
 }
+
+TEST_CASE("break_even_gbps is where the model's two predictions cross", "[compress][decide]") {
+  // bf16 at 2 ranks, no latency: plain 4n*beta, bf16 2n*beta + 4n/4e9 + 4n/4e9,
+  // so it wins below 2n / (2n / 1e9) = 1 GB/s.
+  const std::size_t n = 1 << 20;
+  auto bf16 = make_compressor("bf16");
+  REQUIRE(near(break_even_gbps(*bf16, n, 2, 0.0, codec_speed{4, 4}), 1.0, 1e-12));
+  // With a 10% margin: 0.9 * 4n*beta > 2n*beta + 2n/1e9 -> 1.6n*beta > 2n/1e9: 0.8 GB/s.
+  REQUIRE(near(break_even_gbps(*bf16, n, 2, 0.0, codec_speed{4, 4}, 0.1), 0.8, 1e-12));
+  // top-k at 50% density on 16 ranks sends more than the fp32 ring: never wins.
+  REQUIRE(break_even_gbps(*make_compressor("topk:0.5"), n, 16, 20e-6, codec_speed{1, 1}) == 0.0);
+  REQUIRE(break_even_gbps(*bf16, n, 1, 20e-6, codec_speed{4, 4}) == 0.0);
+  // The policy's verdict flips at its break-even speed, for every candidate.
+  for (const int ranks : {2, 4, 16}) {
+    for (const std::string spec : {"bf16", "int8"}) {
+      auto_policy probe(link_model::from_gbps(8, 20), ranks, {spec});
+      probe.set_speed(spec, spec == "bf16" ? codec_speed{6, 9} : codec_speed{3, 12});
+      const double gbps = probe.break_even(n).at(spec);
+      INFO(spec << " at " << ranks << " ranks: wins below " << gbps << " GB/s");
+      REQUIRE(gbps > 0);
+      REQUIRE(std::isfinite(gbps));
+      for (const auto& [factor, want] : {std::pair{0.97, spec}, std::pair{1.03, std::string("none")}}) {
+        auto_policy pol(link_model::from_gbps(8 * gbps * factor, 20), ranks, {spec});
+        pol.set_speed(spec, spec == "bf16" ? codec_speed{6, 9} : codec_speed{3, 12});
+        REQUIRE(pol.choose(n) == want);
+      }
+    }
+  }
+}

@@ -29,6 +29,11 @@ struct bucket_compression_options {
   std::optional<link_model> link = {};
   /// The compressors `auto` chooses among (besides none).
   std::vector<std::string> auto_candidates = {"bf16", "int8"};
+  /// How a bucket that goes uncompressed (`none`, or `auto`'s choice of none)
+  /// without error feedback is averaged: allreduce(comm, grads, avg,
+  /// plain_coll), the very call of an uncompressed trainer, so `auto` costs
+  /// nothing where it picks none. train::data_parallel passes its coll options.
+  coll_options plain_coll = {};
 };
 
 /// Compressed averaging of a trainer's gradient buckets.

@@ -19,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ringflow/coll/options.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/core/half.hpp"
 
@@ -158,6 +159,12 @@ class none_compressor final : public compressor {
   void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
   void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
               std::uint64_t bucket_id, traffic& stats) override;
+  /// The uncompressed average itself: allreduce(comm, data, avg, opt), bit for
+  /// bit what a trainer without compression does (reduce() sums on the ring
+  /// and leaves the division to compressed_allreduce). Counts the fp32 ring's
+  /// bytes (what plain_bytes_sent counts, whatever algorithm `opt` picks).
+  void average(const communicator& comm, std::span<float> data, const coll_options& opt,
+               traffic& stats);
 };
 
 /// fp16 or bf16 on the wire. reduce() rounds each rank's values to 16 bits and

@@ -62,6 +62,22 @@ struct prediction {
 prediction predict(const compressor& c, std::size_t n, int ranks, const link_model& link,
                    const codec_speed& speed);
 
+/// The link bandwidth, in GB/s (bytes), below which compressing a bucket of
+/// n elements with `c` is predicted to beat the plain fp32 allreduce by
+/// `margin` (0: at all; auto_policy uses 0.1), on links of latency alpha_s.
+/// Both times are linear in beta = 1/bandwidth, so the crossover is
+///   beta* = (A_c + codec_s - (1 - margin) A_p) / ((1 - margin) B_p - B_c)
+/// with A the alpha terms and B the bytes-times-beta terms of each side.
+/// Returns 0 where compression never wins (it sends no fewer bytes, e.g.
+/// top-k's allgather at many ranks) and +infinity where it wins at any speed.
+///
+/// @code
+/// double gbps = break_even_gbps(*make_compressor("bf16"), 1 << 20, 16, 20e-6, speed);
+/// // bf16 pays on links slower than `gbps` GB/s (8 * gbps Gb/s)
+/// @endcode
+double break_even_gbps(const compressor& c, std::size_t n, int ranks, double alpha_s,
+                       const codec_speed& speed, double margin = 0.0);
+
 /// The `auto` policy: per bucket, the candidate with the lowest predicted
 /// time, but only where it beats the plain fp32 allreduce by `margin`
 /// (a fraction: 0.1 = 10% faster); otherwise "none".
@@ -83,6 +99,10 @@ class auto_policy {
   std::string choose(std::size_t n) const;
   /// The predictions for every candidate (calibrate() or set_speed() first).
   std::map<std::string, prediction> predictions(std::size_t n) const;
+  /// For every candidate, the link GB/s below which auto would pick it over
+  /// none for a bucket of n elements (break_even_gbps with this policy's
+  /// alpha and margin): where this machine's codecs start to pay.
+  std::map<std::string, double> break_even(std::size_t n) const;
   const std::vector<std::string>& candidates() const noexcept { return candidates_; }
 
  private:
