@@ -20,6 +20,7 @@
 #include "gloo_peer.hpp"
 #include "modes.hpp"
 #include "ringflow/backends/shm.hpp"
+#include "ringflow/coll/context.hpp"
 #include "ringflow/coll/cost_model.hpp"
 #include "ringflow/coll/tuning.hpp"
 
@@ -35,6 +36,11 @@ struct contender {
   double median_us = 0, p99_us = 0, min_us = 0, max_us = 0;
   std::size_t wrong = 0;
 };
+
+// Where automatic's choice came from, for the table's "from" column.
+const char* from_label(const explanation& e) {
+  return e.from_table ? "table" : e.from_first_use ? "first" : "model";
+}
 
 double percentile(std::vector<double> v, double q) {
   if (v.empty()) return 0;
@@ -219,12 +225,15 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     std::string head = fmt::format("{:>8}", "size");
     for (const auto& c : who) head += fmt::format(" {:>10}", label(c.name));
     head += fmt::format("  {:>12}", "best");
-    if (!tune) head += fmt::format(" {:>12} {:>6} {:>9}", "auto picks", "from", "auto/best");
+    if (!tune) {
+      head += fmt::format(" {:>12} {:>6} {:>9} {:>16}", "auto picks", "from", "auto/best",
+                          "first use");
+    }
     fmt::print("{}\n", head);
   }
   if (csv != nullptr) {
     fmt::print(csv, "bytes,algo,ranks,nodes,median_us,p99_us,min_us,max_us,busbw_GBs,wrong,"
-                    "auto_choice,best_fixed,auto_from\n");
+                    "auto_choice,best_fixed,auto_from,first_use_calls,first_use_ms\n");
   }
 
   bench_config cfg = cli.cfg;
@@ -279,6 +288,8 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
       }
     }
   }
+  int first_calls = 0;     // auto's first-use trials at this size
+  double first_ms = 0;     // and their time on rank 0
   for (std::size_t si = 0; si < sizes.size(); ++si) {
     const std::size_t bytes = sizes[si];
     const bench_shape s = entry.shape(bytes, elem, nranks, rank);
@@ -290,6 +301,22 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     } else {
       if (gloo) gloo->prepare(bufs);
       entry.fill(ctx, bufs);
+      // auto first: where first-use tuning decides this size, its trials
+      // (the first few dozen calls) run before the warmup, so the timed reps
+      // show what auto runs afterwards; the table reports what the trials
+      // cost. The count is a pure function of the call history, the same
+      // on every rank.
+      first_calls = 0;
+      first_ms = 0;
+      for (auto& c : who) {
+        if (c.name != "auto") continue;
+        const double t0 = MPI_Wtime();
+        while (first_calls < 100000 && detail::automatic_calls_left(comm, s.total * elem) != 0) {
+          run(c);
+          ++first_calls;
+        }
+        first_ms = (MPI_Wtime() - t0) * 1e3;
+      }
       for (auto& c : who) {
         c.reps_us.clear();
         for (int k = 0; k < cli.warmup; ++k) run(c);
@@ -341,8 +368,10 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
       }
       line += fmt::format("  {:>12}", label(best->name));
       if (!tune) {
-        line += fmt::format(" {:>12} {:>6} {:>9.3f}", label(algo_name(e.choice)),
-                            e.from_table ? "table" : "model", ratio);
+        line += fmt::format(" {:>12} {:>6} {:>9.3f} {:>16}", label(algo_name(e.choice)),
+                            from_label(e), ratio,
+                            first_calls > 0 ? fmt::format("{} calls {:.1f} ms", first_calls, first_ms)
+                                            : "-");
       }
       fmt::print("{}\n", line);
       std::fflush(stdout);
@@ -350,20 +379,21 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     if (csv != nullptr) {
       const double factor = entry.bus_factor(nranks);
       for (const auto& c : who) {
-        fmt::print(csv, "{},{},{},{},{:.2f},{:.2f},{:.2f},{:.2f},{:.3f},{},{},{},{}\n",
+        fmt::print(csv, "{},{},{},{},{:.2f},{:.2f},{:.2f},{:.2f},{:.3f},{},{},{},{},{},{:.3f}\n",
                    s.total * elem, c.name, nranks, e.shape.nodes, c.median_us, c.p99_us, c.min_us,
                    c.max_us,
                    c.median_us > 0 ? static_cast<double>(s.total * elem) / c.median_us / 1e3 * factor
                                    : 0.0,
-                   c.wrong, algo_name(e.choice), best->name, e.from_table ? "table" : "model");
+                   c.wrong, algo_name(e.choice), best->name, from_label(e), first_calls, first_ms);
       }
       std::fflush(csv);
     }
   }
   if (table && !tune) {
     fmt::print("# auto/best: auto's median over the best fixed ringflow algorithm's median at that "
-               "size; from: auto's choice came from the tuning table or the cost model ('!' marks "
-               "wrong results)\n");
+               "size; from: auto's choice came from the tuning table, first-use tuning (first) or "
+               "the cost model; first use: the allreduces auto spent trying candidates at that "
+               "size before the timed reps, and their time ('!' marks wrong results)\n");
   }
   if (csv != nullptr && csv != stdout) std::fclose(csv);
   if (tune) {

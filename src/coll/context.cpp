@@ -41,7 +41,7 @@ struct wire_record {
   std::int32_t node_size;  // RINGFLOW_NODE_SIZE; 0 unset, -1 malformed
   std::int32_t tuning;     // a tuning_status (rank 0's counts)
   std::int32_t shm_registered;
-  std::int32_t reserved;
+  std::int32_t autotune;   // RINGFLOW_AUTOTUNE: 1 on, 0 off, -1 malformed
   std::uint64_t cpus[16];  // the CPUs this rank may run on (sched_getaffinity)
   double model[10];
 };
@@ -102,12 +102,18 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
   const int p = t.size(), r = t.rank();
   wire_record mine{};
   gethostname(mine.host, sizeof mine.host - 1);
-  std::string env_problem;
+  std::string env_problem, autotune_problem;
   try {
     mine.node_size = node_size_from_env();
   } catch (const error& e) {
     mine.node_size = -1;
     env_problem = e.what();
+  }
+  try {
+    mine.autotune = first_use_enabled_by_env() ? 1 : 0;
+  } catch (const error& e) {
+    mine.autotune = -1;
+    autotune_problem = e.what();
   }
   mine.shm_registered = registered_algorithm(algo::shm) != nullptr ? 1 : 0;
   cpu_set_t set;
@@ -143,7 +149,12 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
     throw usage_error(fmt::format("rank {}: rank 0's RINGFLOW_NODE_SIZE is malformed{}", r,
                                   env_problem.empty() ? "" : ": " + env_problem));
   }
+  if (root.autotune < 0) {
+    throw usage_error(fmt::format("rank {}: rank 0's RINGFLOW_AUTOTUNE is malformed{}", r,
+                                  autotune_problem.empty() ? "" : ": " + autotune_problem));
+  }
   auto ctx = std::make_shared<comm_context>();
+  ctx->first_use = root.autotune == 1;
   if (root.node_size > 0) {
     ctx->topo = topology::blocks(p, root.node_size);
   } else {
@@ -233,9 +244,51 @@ void forget_context(const communicator& comm) noexcept {
   cache().erase(&comm.raw());
 }
 
-algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes, std::uint64_t seq) {
-  const auto ctx = context_of(comm, seq);
-  return fastest_algorithm(ctx->table.get(), ctx->model, ctx->choice_shape(), bytes);
+namespace {
+// Whether first-use tuning decides `bytes` on ctx (no table covers it).
+bool first_use_applies(const comm_context& ctx, std::size_t bytes) {
+  if (!ctx.first_use) return false;
+  const tuning_table* t = ctx.table.get();
+  return t == nullptr || !t->matches(ctx.shape) || !t->covers(bytes);
+}
+
+std::string human_bytes(std::size_t b) {
+  if (b >= (1u << 20) && b % (1u << 20) == 0) return fmt::format("{} MiB", b >> 20);
+  if (b >= 1024 && b % 1024 == 0) return fmt::format("{} KiB", b >> 10);
+  return fmt::format("{} B", b);
+}
+}  // namespace
+
+automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes,
+                                        std::uint64_t seq) {
+  automatic_pick p;
+  p.context = context_of(comm, seq);
+  const comm_context& ctx = *p.context;
+  const cluster_shape shape = ctx.choice_shape();
+  if (!first_use_applies(ctx, bytes)) {
+    p.algorithm = fastest_algorithm(ctx.table.get(), ctx.model, shape, bytes);
+    return p;
+  }
+  p.trial = ctx.tuner.next(comm.raw(), bytes, ctx.model, shape);
+  p.algorithm = p.trial.algorithm;
+  p.timed = p.trial.timed;
+  return p;
+}
+
+void automatic_trial_done(const automatic_pick& p, double seconds) {
+  if (p.timed && p.context) p.context->tuner.record(p.trial, seconds);
+}
+
+int automatic_calls_left(const communicator& comm, std::size_t bytes) {
+  std::shared_ptr<const comm_context> ctx;
+  {
+    std::lock_guard lock(cache_mutex);
+    auto it = cache().find(&comm.raw());
+    if (it == cache().end()) return -1;
+    ctx = it->second.context;
+  }
+  if (comm.size() == 1 || bytes == 0 || !first_use_applies(*ctx, bytes)) return 0;
+  return ctx->tuner.calls_left(bytes);
 }
 
 algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes, std::uint64_t seq) {
@@ -254,8 +307,46 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
     return choose_algorithm(m, cluster_shape{}, bytes);
   }
   const auto ctx = detail::context_of(comm, seq);
-  return choose_algorithm(ctx->table.get(), ctx->table_origin, ctx->model, ctx->choice_shape(),
-                          bytes, ctx->table_note);
+  const cluster_shape shape = ctx->choice_shape();
+  explanation e = choose_algorithm(ctx->table.get(), ctx->table_origin, ctx->model, shape, bytes,
+                                   ctx->table_note);
+  if (bytes == 0 || !detail::first_use_applies(*ctx, bytes)) return e;
+  const auto done = ctx->tuner.settled(bytes);
+  const int cls = detail::first_use_class(bytes);
+  const std::size_t lo = cls == 0 ? 1 : (std::size_t{1} << (cls - 1)) + 1;
+  const std::size_t hi = std::size_t{1} << cls;
+  if (!done) {
+    const int left = ctx->tuner.calls_left(bytes);
+    const auto cand = detail::first_use_candidates(ctx->model, shape, bytes);
+    std::string names;
+    for (algo a : cand) names += fmt::format("{}{}", names.empty() ? "" : ", ", algo_name(a));
+    e.first_use_note = fmt::format(
+        "first-use tuning: the {} allreduces of {}..{} try {} ({} timed rounds of {} calls "
+        "each), then run the fastest",
+        left < 0 ? fmt::format("first {}", static_cast<int>(cand.size()) *
+                                                   detail::first_use_block(bytes) *
+                                                   (detail::first_use_rounds(bytes) + 1) +
+                                               1)
+                 : fmt::format("next {}", left),
+        detail::human_bytes(lo), detail::human_bytes(hi), names, detail::first_use_rounds(bytes),
+        detail::first_use_block(bytes));
+    return e;
+  }
+  explanation m;
+  m.bytes = bytes;
+  m.shape = shape;
+  m.model_origin = ctx->model.origin;
+  m.table_note = ctx->table_note;
+  m.from_first_use = true;
+  m.first_use_rounds = done->rounds;
+  m.first_use_block = done->block;
+  m.candidates = done->medians;
+  m.choice = done->choice;
+  m.predicted_s = m.candidates.front().seconds;
+  const auto& second = m.candidates.size() > 1 ? m.candidates[1] : m.candidates[0];
+  m.runner_up = second.algorithm;
+  m.runner_up_s = second.seconds;
+  return m;
 }
 
 }  // namespace ringflow

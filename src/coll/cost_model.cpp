@@ -230,8 +230,16 @@ std::string explanation::to_string() const {
         bytes, shape.ranks, shape.ranks == 1 ? "" : "s", shape.nodes, shape.nodes == 1 ? "" : "s",
         shape.ranks_per_node, algo_name(choice), predicted_s * 1e6, algo_name(runner_up),
         runner_up_s * 1e6, table_origin, table_rows);
-  } else if (!table_note.empty()) {
-    s += fmt::format("; no tuning table used: {}", table_note);
+  } else if (from_first_use) {
+    s = fmt::format(
+        "allreduce of {} bytes on {} rank{} ({} node{} x {}): {} measured {:.1f} us; runner-up {} "
+        "{:.1f} us (first-use tuning: slowest rank's median of {} rounds of {} calls each)",
+        bytes, shape.ranks, shape.ranks == 1 ? "" : "s", shape.nodes, shape.nodes == 1 ? "" : "s",
+        shape.ranks_per_node, algo_name(choice), predicted_s * 1e6, algo_name(runner_up),
+        runner_up_s * 1e6, first_use_rounds, first_use_block);
+  } else {
+    if (!table_note.empty()) s += fmt::format("; no tuning table used: {}", table_note);
+    if (!first_use_note.empty()) s += fmt::format("; {}", first_use_note);
   }
   return s;
 }

@@ -390,6 +390,11 @@ std::pair<const tuning_row*, const tuning_row*> for_each_expected(const tuning_t
 }
 }  // namespace
 
+bool tuning_table::covers(std::size_t bytes) const {
+  if (rows.empty()) return false;
+  return bytes >= rows.front().bytes / 4 && bytes / 4 <= rows.back().bytes;
+}
+
 std::vector<algo_prediction> tuning_table::expected(std::size_t bytes, const cluster_shape& shape,
                                                     std::string* rows_used) const {
   std::vector<algo_prediction> out;

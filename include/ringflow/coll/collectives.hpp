@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <chrono>
 #include <span>
 #include <type_traits>
 
@@ -32,17 +33,11 @@ inline std::size_t segment_or_default(const coll_options& o) {
   return o.segment_bytes ? o.segment_bytes : default_segment_bytes;
 }
 
-/// Runs the allreduce algorithm `opt` names (after the argument checks).
-/// `seq` is the collective's sequence number (from begin_collective).
+/// Runs allreduce algorithm `a` (not automatic); `opt` is what the caller
+/// asked for (automatic lets a declining shm fall back).
 template <class T, class Op>
-void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t count, const Op& op,
-                   const coll_options& opt, std::uint64_t seq) {
-  algo a = opt.algorithm;
-  if (a == algo::automatic) {
-    // One rank or nothing to do: no need to consult (or exchange) the model.
-    a = (comm.size() == 1 || count == 0) ? algo::ring
-                                         : automatic_allreduce_algo(comm, count * sizeof(T), seq);
-  }
+void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, std::size_t count,
+                        const Op& op, const coll_options& opt, std::uint64_t seq) {
   transport& t = comm.raw();
   note_algorithm(comm, algo_name(a == algo::automatic ? algo::ring : a));
   switch (a) {
@@ -89,7 +84,7 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
           // Declined on every rank alike before touching data (e.g. the
           // segment could not be set up): automatic picks again without shm.
           const algo next = automatic_after_shm_declined(comm, count * sizeof(T), seq);
-          run_allreduce(comm, in, out, count, op, coll_options{next, opt.segment_bytes}, seq);
+          run_allreduce_with(next, comm, in, out, count, op, opt, seq);
           return;
         }
         throw not_supported_error(fmt::format(
@@ -102,6 +97,29 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
   }
   throw usage_error(fmt::format("allreduce on rank {}: unknown algorithm {}", comm.rank(),
                                 static_cast<int>(a)));
+}
+
+/// Runs the allreduce algorithm `opt` names (after the argument checks);
+/// automatic asks the table, first-use tuning or the model, and times the
+/// call when it is one of first-use tuning's trials. `seq` is the
+/// collective's sequence number (from begin_collective).
+template <class T, class Op>
+void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t count, const Op& op,
+                   const coll_options& opt, std::uint64_t seq) {
+  if (opt.algorithm != algo::automatic || comm.size() == 1 || count == 0) {
+    // One rank or nothing to do: no need to consult (or exchange) the model.
+    const algo a = opt.algorithm == algo::automatic ? algo::ring : opt.algorithm;
+    run_allreduce_with(a, comm, in, out, count, op, opt, seq);
+    return;
+  }
+  const automatic_pick pick = automatic_allreduce_pick(comm, count * sizeof(T), seq);
+  if (!pick.timed) {
+    run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt, seq);
+    return;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt, seq);
+  automatic_trial_done(pick, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 /// What reduce_scatter and allgather run for `opt`: the ring (automatic and

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/first_use.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/topology.hpp"
 #include "ringflow/coll/tuning.hpp"
@@ -29,6 +30,10 @@ struct comm_context {
   /// Set (on every rank alike) when the registered shm allreduce declined a
   /// call that automatic gave it: automatic stops offering shm here.
   mutable std::atomic<bool> shm_declined{false};
+  /// First-use tuning (rank 0's RINGFLOW_AUTOTUNE) and its state: sizes no
+  /// table covers are measured on their first allreduces.
+  bool first_use = true;
+  mutable first_use_tuner tuner;
 
   /// The shape automatic chooses for (without shm once it declined).
   cluster_shape choice_shape() const {
@@ -52,8 +57,27 @@ std::shared_ptr<const comm_context> context_of(const communicator& comm, std::ui
 void forget_context(const communicator& comm) noexcept;
 
 /// The algorithm algo::automatic runs for an allreduce of `bytes` (p > 1):
-/// rank 0's tuning table where it matches, else rank 0's cost model.
-algo automatic_allreduce_algo(const communicator& comm, std::size_t bytes, std::uint64_t seq);
+/// rank 0's tuning table where it covers the size, else first-use tuning
+/// (a trial while the size class is being measured, then the measured
+/// fastest), else (RINGFLOW_AUTOTUNE=off) rank 0's cost model. When
+/// `timed`, the caller times the call and passes the seconds to
+/// automatic_trial_done.
+struct automatic_pick {
+  algo algorithm = algo::ring;
+  bool timed = false;
+  first_use_tuner::pick trial;
+  std::shared_ptr<const comm_context> context;
+};
+automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes,
+                                        std::uint64_t seq);
+void automatic_trial_done(const automatic_pick& p, double seconds);
+
+/// Allreduces of `bytes` still to come on `comm` before first-use tuning has
+/// settled that size (0: settled, or no tuning applies there; -1: the
+/// communicator has no context yet or the size class was not seen). Local,
+/// and the same on every rank; benchmarks use it to run auto's trials
+/// before they time it.
+int automatic_calls_left(const communicator& comm, std::size_t bytes);
 
 /// After the shm allreduce declined a call automatic gave it (it does so on
 /// every rank alike): remembers that for this communicator and returns the

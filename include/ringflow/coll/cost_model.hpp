@@ -106,6 +106,16 @@ struct explanation {
   std::string table_origin;  ///< the tuning file, when from_table
   std::string table_rows;    ///< the tuned size(s) used: "4096" or "4096..16384"
   std::string table_note;    ///< why no table was used, when one was looked for
+  /// True when the choice was measured by first-use tuning on this
+  /// communicator (then the seconds are the agreed medians: the slowest
+  /// rank's median over `first_use_rounds` rounds of the mean of
+  /// `first_use_block` consecutive calls).
+  bool from_first_use = false;
+  int first_use_rounds = 0;
+  int first_use_block = 0;
+  /// When first-use tuning applies but has not settled this size yet: what
+  /// it will do ("measured on the next 54 allreduces of 513 B..1 KiB").
+  std::string first_use_note;
 
   /// "allreduce of 1048576 bytes on 4 ranks (1 node x 4): ring 812.3 us, runner-up ..."
   std::string to_string() const;

@@ -46,6 +46,10 @@ struct tuning_table {
   /// outside the tuned range; empty beyond that (the caller falls back to
   /// the model). `rows_used` receives the tuned size(s) used ("4096" or
   /// "4096..16384").
+  /// Whether expected() has an answer for `bytes` (within a factor 4 of
+  /// the tuned range).
+  bool covers(std::size_t bytes) const;
+
   std::vector<algo_prediction> expected(std::size_t bytes, const cluster_shape& shape,
                                         std::string* rows_used = nullptr) const;
 };

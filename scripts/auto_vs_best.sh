@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# algo::automatic against the best fixed algorithm on a machine without a
+# tuning table: RUNS runs of `ringflow-bench --algo all` per rank count
+# (each run interleaves every algorithm and auto at every size), then per
+# size the median over runs of auto/best, the worst run, and what auto
+# picked in each run. Issue 13's criterion: median <= 1.10 at every size.
+#   RUNS=3 NPS="2 4" MIN=1K MAX=64M BUILD_DIR=build scripts/auto_vs_best.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+runs=${RUNS:-3}; nps=${NPS:-"2 4"}; min=${MIN:-1K}; max=${MAX:-64M}
+bin=${BUILD_DIR:-build}/bin/ringflow-bench
+[[ -x $bin ]] || { echo "auto_vs_best: $bin not built" >&2; exit 1; }
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+for ((r = 1; r <= runs; ++r)); do
+  for np in $nps; do
+    RINGFLOW_TUNING=off mpirun --allow-run-as-root --oversubscribe -np "$np" -x RINGFLOW_TUNING \
+      "$bin" --algo all --no-gloo -b "$min" -e "$max" --csv "$out/np$np.run$r.csv" >/dev/null
+  done
+done
+echo "# $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; $runs runs of ringflow-bench --algo all --no-gloo -b $min -e $max, RINGFLOW_TUNING=off"
+python3 - "$out" "$runs" $nps <<'PY'
+import csv, statistics, sys, os
+d, runs, nps = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def human(b):
+    for unit, s in (("M", 1 << 20), ("K", 1 << 10)):
+        if b >= s and b % s == 0: return f"{b // s}{unit}"
+    return str(b)
+for np in nps:
+    per = {}  # bytes -> list of (ratio, auto pick, best, from, first-use calls)
+    for r in range(1, runs + 1):
+        rows = list(csv.DictReader(open(os.path.join(d, f"np{np}.run{r}.csv"))))
+        by = {}
+        for row in rows: by.setdefault(int(row["bytes"]), []).append(row)
+        for b, rs in by.items():
+            fixed = [x for x in rs if x["algo"] not in ("auto", "mpi") and not x["algo"].startswith("gloo") and x["wrong"] == "0"]
+            best = min(fixed, key=lambda x: float(x["median_us"]))
+            auto = next(x for x in rs if x["algo"] == "auto")
+            per.setdefault(b, []).append((float(auto["median_us"]) / float(best["median_us"]),
+                                          auto["auto_choice"], best["algo"], auto["auto_from"],
+                                          auto.get("first_use_calls", "")))
+    print(f"\n-np {np}")
+    print(f"{'size':>6} {'auto/best median':>16} {'worst':>6}  picks (best) per run")
+    ok = 0
+    for b in sorted(per):
+        v = per[b]
+        med = statistics.median(x[0] for x in v)
+        ok += med <= 1.10
+        picks = ", ".join(f"{x[1]} ({x[2]})" for x in v)
+        print(f"{human(b):>6} {med:16.3f} {max(x[0] for x in v):6.3f}  {picks}")
+    print(f"median auto/best <= 1.10 at {ok} of {len(per)} sizes")
+PY
