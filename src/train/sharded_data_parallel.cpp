@@ -174,9 +174,9 @@ struct sharded_data_parallel::state {
     const train::timeline trace = tl;
     std::atomic<std::size_t>* live = &bucket_grad_bytes;
     current.bytes_sent += ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), true, false);
-    handles[b] = collective_handle(ringflow::detail::enqueue(
-        comm, [in, out, rec, at_step, coll, trace, b, staging, staged_bytes,
-               live](const communicator& c) mutable {
+    handles[b] = collective_handle(
+        ringflow::detail::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging,
+                                         staged_bytes, live](const communicator& c) mutable {
           const double t0 = now_us();
           reduce_scatter<float>(c, in, out, avg, coll);
           if (staging) {
@@ -221,10 +221,10 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
   }
   const int rank = comm.rank();
   if (opts.stage == 3) {
-    throw not_supported_error(fmt::format(
-        "train::sharded_data_parallel on rank {}: stage 3 (sharded parameters) is not "
-        "implemented yet; use stage 1 or 2",
-        rank));
+    throw not_supported_error(
+        fmt::format("train::sharded_data_parallel on rank {}: stage 3 (sharded parameters) is not "
+                    "implemented yet; use stage 1 or 2",
+                    rank));
   }
   if (opts.stage == 0) {
     throw usage_error(fmt::format(
@@ -239,9 +239,9 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
         rank, opts.stage));
   }
   if (opts.root < 0 || opts.root >= comm.size()) {
-    throw usage_error(fmt::format(
-        "train::sharded_data_parallel on rank {}: root {} is outside [0, {})", rank, opts.root,
-        comm.size()));
+    throw usage_error(
+        fmt::format("train::sharded_data_parallel on rank {}: root {} is outside [0, {})", rank,
+                    opts.root, comm.size()));
   }
   if (opts.coll.algorithm != algo::automatic && opts.coll.algorithm != algo::ring) {
     throw usage_error(fmt::format(

@@ -9,6 +9,7 @@
 
 #include "ringflow/ad/autodiff.hpp"
 #include "ringflow/backends/local.hpp"
+#include "ringflow/train/checkpoint.hpp"
 #include "ringflow/train/data_parallel.hpp"
 #include "ringflow/train/sharded_data_parallel.hpp"
 #include "support/catch.hpp"
@@ -60,7 +61,8 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 // where the trainers' progress threads run) puts on the wire.
 class counting_transport final : public transport {
  public:
-  counting_transport(std::shared_ptr<transport> inner, std::shared_ptr<std::atomic<std::uint64_t>> n)
+  counting_transport(std::shared_ptr<transport> inner,
+                     std::shared_ptr<std::atomic<std::uint64_t>> n)
       : inner_(std::move(inner)), sent_(std::move(n)) {}
   int rank() const noexcept override { return inner_->rank(); }
   int size() const noexcept override { return inner_->size(); }
@@ -84,7 +86,8 @@ class counting_transport final : public transport {
 };
 
 struct counted_comm {
-  std::shared_ptr<std::atomic<std::uint64_t>> sent = std::make_shared<std::atomic<std::uint64_t>>(0);
+  std::shared_ptr<std::atomic<std::uint64_t>> sent =
+      std::make_shared<std::atomic<std::uint64_t>>(0);
   communicator comm;
   explicit counted_comm(communicator& c) {
     // Non-owning: `c` outlives this communicator inside local::run.
@@ -118,15 +121,15 @@ std::vector<std::vector<float>> run_training(communicator& c, int stage, Opt mak
     out.push_back(copy_of(model.parameters().all_values()));
   };
   if (stage == 0) {
-    train::data_parallel dp(c, model.parameters(),
-                            {.bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap / 2,
-                             .coll = {algo::ring, 0}});
+    train::data_parallel dp(
+        c, model.parameters(),
+        {.bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap / 2, .coll = {algo::ring, 0}});
     auto opt = make_opt(model.parameters());
     for (int t = 0; t < steps; ++t) one_step(dp, opt, t);
   } else {
-    train::sharded_data_parallel sdp(c, model.parameters(),
-                                     {.stage = stage, .bucket_cap_bytes = cap,
-                                      .first_bucket_cap_bytes = cap / 2});
+    train::sharded_data_parallel sdp(
+        c, model.parameters(),
+        {.stage = stage, .bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap / 2});
     auto opt = make_opt(sdp.shard());
     for (int t = 0; t < steps; ++t) one_step(sdp, opt, t);
   }
@@ -202,13 +205,14 @@ TEST_CASE("sharded: parameters unused on some ranks contribute zero, as in data_
         }
       };
       if (stage == 0) {
-        train::data_parallel dp(c, store, {.bucket_cap_bytes = 0, .first_bucket_cap_bytes = 0,
-                                           .coll = {algo::ring, 0}});
+        train::data_parallel dp(
+            c, store,
+            {.bucket_cap_bytes = 0, .first_bucket_cap_bytes = 0, .coll = {algo::ring, 0}});
         ad::adamw opt(store, {.lr = 0.1});
         body(dp, opt);
       } else {
-        train::sharded_data_parallel sdp(c, store, {.stage = stage, .bucket_cap_bytes = 0,
-                                                    .first_bucket_cap_bytes = 0});
+        train::sharded_data_parallel sdp(
+            c, store, {.stage = stage, .bucket_cap_bytes = 0, .first_bucket_cap_bytes = 0});
         ad::adamw opt(sdp.shard(), {.lr = 0.1});
         body(sdp, opt);
       }
@@ -420,7 +424,8 @@ TEST_CASE("no_sync: k backwards, one reduction, the gradient of the k-times batc
           const std::uint64_t seed = 1000u * static_cast<unsigned>(r) + i;
           const auto xs = noise(local_batch * features, seed);
           x.insert(x.end(), xs.begin(), xs.end());
-          for (std::size_t j = 0; j < local_batch; ++j) y.push_back(static_cast<int>((j * 7 + seed) % 4));
+          for (std::size_t j = 0; j < local_batch; ++j)
+            y.push_back(static_cast<int>((j * 7 + seed) % 4));
         }
       }
       const auto n = static_cast<ad::index>(y.size());
@@ -441,8 +446,8 @@ TEST_CASE("no_sync: k backwards, one reduction, the gradient of the k-times batc
       INFO("ranks " << p << " stage " << stage);
       const auto synced =
           per_rank<accumulation>(p, [&](communicator& c) { return accumulate(c, stage, k, true); });
-      const auto res =
-          per_rank<accumulation>(p, [&](communicator& c) { return accumulate(c, stage, k, false); });
+      const auto res = per_rank<accumulation>(
+          p, [&](communicator& c) { return accumulate(c, stage, k, false); });
       for (int r = 0; r < p; ++r) {
         const auto& m = res[static_cast<std::size_t>(r)];
         INFO("rank " << r);
@@ -450,7 +455,8 @@ TEST_CASE("no_sync: k backwards, one reduction, the gradient of the k-times batc
         REQUIRE(m.counted == m.bytes);
         // One reduction: exactly 1/k of the bytes of k synced steps.
         REQUIRE(m.bytes * k == synced[static_cast<std::size_t>(r)].bytes);
-        REQUIRE(synced[static_cast<std::size_t>(r)].counted == synced[static_cast<std::size_t>(r)].bytes);
+        REQUIRE(synced[static_cast<std::size_t>(r)].counted ==
+                synced[static_cast<std::size_t>(r)].bytes);
         if (p > 1) REQUIRE(m.bytes > 0);
         if (stage == 0) {
           REQUIRE(rel_err(m.grad, want) <= 1e-6);
@@ -516,9 +522,9 @@ TEST_CASE("no_sync and sharded usage errors name the problem and the rank",
     const auto& e = errs[static_cast<std::size_t>(r)];
     REQUIRE(e.size() == 10);
     const std::string rank = "rank " + std::to_string(r);
-    const std::vector<std::string> want = {"stage 3", "stage 7",  "data_parallel",
-                                           "algo::tree", "empty", "shard()",
-                                           "twice",   "no_sync", "no_sync", "no_sync"};
+    const std::vector<std::string> want = {"stage 3", "stage 7", "data_parallel", "algo::tree",
+                                           "empty",   "shard()", "twice",         "no_sync",
+                                           "no_sync", "no_sync"};
     for (std::size_t i = 0; i < e.size(); ++i) {
       INFO(e[i]);
       REQUIRE(e[i].find(want[i]) != std::string::npos);
@@ -554,5 +560,27 @@ TEST_CASE("sharded clip_grad_norm uses the norm over all ranks", "[train][zero]"
   for (const auto& r : res) {
     REQUIRE(r.norm_plain > 0);
     REQUIRE(r.norm_sharded == Catch::Approx(r.norm_plain).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("collective checkpoints refuse sharded optimizer state on every rank",
+          "[train][zero][errors]") {
+  const auto errs = per_rank<std::string>(3, [](communicator& c) -> std::string {
+    ad::mlp model(model_sizes, ad::activation::tanh, 3);
+    train::sharded_data_parallel sdp(c, model.parameters(), {.stage = 1});
+    ad::adamw opt(sdp.shard());
+    train::training_state st{.params = model.parameters(),
+                             .optimizer = train::optimizer_state_of(opt)};
+    try {
+      train::save_checkpoint(c, "/nonexistent/never_written.rfck", st);
+    } catch (const train::checkpoint_error& e) {
+      return e.what();
+    }
+    return "(no error)";
+  });
+  for (const auto& e : errs) {
+    INFO(e);
+    REQUIRE(e.find("sharded optimizer state") != std::string::npos);
+    REQUIRE(e.find("rank ") != std::string::npos);
   }
 }
