@@ -17,6 +17,7 @@
 #include <ringflow/data/sampler.hpp>
 #include <ringflow/train/checkpoint.hpp>
 #include <ringflow/train/data_parallel.hpp>
+#include <ringflow/train/sharded_data_parallel.hpp>
 
 #include <Eigen/Core>
 #include <fmt/format.h>
@@ -64,6 +65,7 @@ struct options {
   std::string progress = "auto";
   ringflow::algo algorithm = ringflow::algo::automatic;
   std::string compress = "none";
+  int zero = 0;
 };
 
 void print_help() {
@@ -94,6 +96,10 @@ void print_help() {
       "                         topk:<ratio in (0,1]>, sign[:block], powersgd:<rank>, or auto\n"
       "                         (the cost model picks per bucket) (default none; see\n"
       "                         docs/compression.md); bytes sent are reported at the end\n"
+      "  --zero STAGE           0: plain data parallel; 1: optimizer state sharded over the\n"
+      "                         ranks; 2: gradients too (ZeRO; bitwise equal to 0 with --algo\n"
+      "                         ring; docs/training.md) (default 0). Memory per rank and bytes\n"
+      "                         per step are reported at the end\n"
       "  --help                 this text\n"
       "\n"
       "Environment: RINGFLOW_TIMELINE=trace.json writes a Chrome trace per rank\n"
@@ -162,6 +168,8 @@ std::optional<options> parse_args(int argc, char** argv) {
           throw bad_flag(fmt::format("--compress '{}' (or auto): {}", o.compress, e.what()));
         }
       }
+    } else if (arg == "--zero") {
+      o.zero = static_cast<int>(flags.integer(0, 3));
     } else if (arg == "--progress") {
       o.progress = flags.value();
       if (o.progress != "auto" && o.progress != "bar" && o.progress != "lines" &&
@@ -174,6 +182,19 @@ std::optional<options> parse_args(int argc, char** argv) {
     }
   }
   if (o.resume && o.checkpoint_dir.empty()) throw bad_flag("--resume needs --checkpoint-dir");
+  if (o.zero > 0) {
+    if (!o.checkpoint_dir.empty()) {
+      throw bad_flag("--checkpoint-dir: checkpoints of sharded optimizer state (--zero 1|2) are not "
+                     "implemented yet; use --zero 0");
+    }
+    if (o.compress != "none") {
+      throw bad_flag("--compress: gradient compression is not available with --zero 1|2; use "
+                     "--zero 0");
+    }
+    if (o.algorithm != ringflow::algo::automatic && o.algorithm != ringflow::algo::ring) {
+      throw bad_flag("--algo: --zero 1|2 runs ring reduce-scatters and allgathers; use auto or ring");
+    }
+  }
   if (o.checkpoint_every > 0 && o.checkpoint_dir.empty()) {
     throw bad_flag("--checkpoint-every needs --checkpoint-dir");
   }
@@ -323,7 +344,27 @@ int train(const options& o, const ringflow::communicator& comm) {
 
   ad::sequential model = build_model(o, static_cast<ad::index>(fm.train.features()),
                                      static_cast<ad::index>(fm.train.num_classes));
-  ad::adamw opt(model.parameters(), {.lr = o.lr, .weight_decay = 1e-4});
+  // --zero 0: data_parallel, the optimizer over the whole model; 1, 2: the
+  // sharded trainer, the optimizer over this rank's shard only.
+  std::optional<rt::data_parallel> dp;
+  std::optional<rt::sharded_data_parallel> sdp;
+  const std::size_t cap = o.bucket_kib * 1024;
+  const std::size_t first_cap = std::min(cap, rt::default_first_bucket_cap_bytes);
+  if (o.zero == 0) {
+    dp.emplace(comm, model.parameters(),
+               rt::data_parallel_options{.bucket_cap_bytes = cap,
+                                         .first_bucket_cap_bytes = first_cap,
+                                         .coll = {.algorithm = o.algorithm},
+                                         .compress = o.compress,
+                                         .compress_options = {.seed = o.seed}});
+  } else {
+    sdp.emplace(comm, model.parameters(),
+                rt::sharded_data_parallel_options{.stage = o.zero,
+                                                  .bucket_cap_bytes = cap,
+                                                  .first_bucket_cap_bytes = first_cap,
+                                                  .coll = {.algorithm = o.algorithm}});
+  }
+  ad::adamw opt(dp ? model.parameters() : sdp->shard(), {.lr = o.lr, .weight_decay = 1e-4});
   rd::sampler sampler(fm.train.size(), rank, np, o.seed);
   const std::size_t steps_per_epoch = rd::batch_count(sampler.per_rank(), local_batch, true);
   const auto total_steps = static_cast<std::int64_t>(steps_per_epoch) * o.epochs;
@@ -363,14 +404,6 @@ int train(const options& o, const ringflow::communicator& comm) {
   state.extra["global_batch"] = std::to_string(o.batch);
   state.extra["seed"] = std::to_string(o.seed);
 
-  rt::data_parallel dp(comm, model.parameters(),
-                       {.bucket_cap_bytes = o.bucket_kib * 1024,
-                        .first_bucket_cap_bytes = std::min(o.bucket_kib * 1024,
-                                                           rt::default_first_bucket_cap_bytes),
-                        .coll = {.algorithm = o.algorithm},
-                        .compress = o.compress,
-                        .compress_options = {.seed = o.seed}});
-
   std::string layout = fmt::format("{}", fm.train.features());
   if (o.model == "mlp") {
     for (ad::index h : o.hidden) layout += fmt::format("-{}", h);
@@ -381,10 +414,12 @@ int train(const options& o, const ringflow::communicator& comm) {
   layout += fmt::format("-{}", fm.train.num_classes);
   report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; {} "
               "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
-              "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}; products: {}",
+              "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}; zero stage {}; "
+              "products: {}",
               np, fm.train.size(), fm.test.size(), seconds_since(t_load), o.model, layout,
-              model.parameters().numel(), dp.buckets().size(), o.batch, local_batch,
-              steps_per_epoch, o.lr, o.compress, ad::gemm_backend());
+              model.parameters().numel(), dp ? dp->buckets().size() : sdp->buckets().size(),
+              o.batch, local_batch, steps_per_epoch, o.lr, o.compress, o.zero,
+              ad::gemm_backend());
 
   const auto save = [&] {
     if (ckpt.empty()) return;
@@ -396,85 +431,112 @@ int train(const options& o, const ringflow::communicator& comm) {
   const std::size_t report_every =
       report.bar() ? std::max<std::size_t>(1, steps_per_epoch / 50)
                    : std::max<std::size_t>(1, steps_per_epoch / 4);
-  for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
-    if (!(resumed && epoch == static_cast<int>(sampler.epoch()))) {
-      sampler.set_epoch(static_cast<std::uint64_t>(epoch));
-    }
-    rd::prefetcher batches(fm.train, sampler.remaining(), local_batch,
-                           {.depth = 2, .drop_last = true});
-    const std::size_t first_step = sampler.position() / local_batch;
-    rd::batch b;
-    const auto t_epoch = clock_type::now();
-    auto t_window = t_epoch;
-    // Summed over ranks at each report: loss sum, correct, samples, wait s, comm s.
-    std::array<double, 5> window{0, 0, 0, 0, 0};
-    double epoch_wait = 0, epoch_comm = 0;
-    std::size_t epoch_samples = 0;
-    for (std::size_t s = first_step; batches.next(b); ++s, ++state.step) {
-      opt.set_lr(schedule(state.step));
-      opt.zero_grad();
-      ad::tensor loss;
-      std::vector<int> predicted;
-      {
-        auto span = dp.span("forward");
-        auto x = ad::tensor::from_data(b.images.data(), {static_cast<ad::index>(b.size()),
-                                                         static_cast<ad::index>(b.images.cols())});
-        auto logits = model(x);
-        loss = ad::softmax_cross_entropy(logits, std::span<const int>(b.labels));
-        predicted = ad::argmax_rows(logits);
+  std::uint64_t bytes_last_step = 0;
+  const auto run_epochs = [&](auto& trainer) {
+    for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
+      if (!(resumed && epoch == static_cast<int>(sampler.epoch()))) {
+        sampler.set_epoch(static_cast<std::uint64_t>(epoch));
       }
-      dp.backward(loss);
-      dp.step(opt);
-      sampler.advance(b.size());
+      rd::prefetcher batches(fm.train, sampler.remaining(), local_batch,
+                             {.depth = 2, .drop_last = true});
+      const std::size_t first_step = sampler.position() / local_batch;
+      rd::batch b;
+      const auto t_epoch = clock_type::now();
+      auto t_window = t_epoch;
+      // Summed over ranks at each report: loss sum, correct, samples, wait s, comm s.
+      std::array<double, 5> window{0, 0, 0, 0, 0};
+      double epoch_wait = 0, epoch_comm = 0;
+      std::size_t epoch_samples = 0;
+      for (std::size_t s = first_step; batches.next(b); ++s, ++state.step) {
+        opt.set_lr(schedule(state.step));
+        opt.zero_grad();
+        ad::tensor loss;
+        std::vector<int> predicted;
+        {
+          auto span = trainer.span("forward");
+          auto x = ad::tensor::from_data(b.images.data(), {static_cast<ad::index>(b.size()),
+                                                           static_cast<ad::index>(b.images.cols())});
+          auto logits = model(x);
+          loss = ad::softmax_cross_entropy(logits, std::span<const int>(b.labels));
+          predicted = ad::argmax_rows(logits);
+        }
+        trainer.backward(loss);
+        trainer.step(opt);
+        sampler.advance(b.size());
 
-      const double l = loss.item();
-      if (!std::isfinite(l)) {
-        throw ringflow::error(fmt::format("rank {}: loss became {} at epoch {} step {}; lower --lr",
-                                          rank, l, epoch + 1, s + 1));
+        const double l = loss.item();
+        if (!std::isfinite(l)) {
+          throw ringflow::error(fmt::format("rank {}: loss became {} at epoch {} step {}; lower --lr",
+                                            rank, l, epoch + 1, s + 1));
+        }
+        window[0] += l;
+        for (std::size_t i = 0; i < b.size(); ++i) window[1] += predicted[i] == b.labels[i] ? 1 : 0;
+        window[2] += static_cast<double>(b.size());
+        window[3] += trainer.last_step().wait_s;
+        window[4] += trainer.last_step().comm_s;
+        bytes_last_step = trainer.last_step().bytes_sent;
+        if ((s + 1) % report_every == 0 || s + 1 == steps_per_epoch) {
+          const double wall = seconds_since(t_window);
+          const double steps_in_window = window[2] / static_cast<double>(local_batch);
+          ringflow::allreduce(comm, std::span<double>(window), ringflow::sum);
+          epoch_wait += window[3] / np;
+          epoch_comm += window[4] / np;
+          epoch_samples += static_cast<std::size_t>(window[2]);
+          report.update({epoch + 1, o.epochs, s + 1, steps_per_epoch,
+                         window[0] / (steps_in_window * np), window[1] / window[2],
+                         window[2] / wall, window[3] / np / wall,
+                         window[4] > 0 ? std::max(0.0, 1.0 - window[3] / window[4]) : 0.0});
+          window = {0, 0, 0, 0, 0};
+          t_window = clock_type::now();
+        }
+        if (o.checkpoint_every > 0 && state.step % o.checkpoint_every == o.checkpoint_every - 1) {
+          ++state.step;  // the step just taken counts
+          save();
+          --state.step;
+        }
       }
-      window[0] += l;
-      for (std::size_t i = 0; i < b.size(); ++i) window[1] += predicted[i] == b.labels[i] ? 1 : 0;
-      window[2] += static_cast<double>(b.size());
-      window[3] += dp.last_step().wait_s;
-      window[4] += dp.last_step().comm_s;
-      if ((s + 1) % report_every == 0 || s + 1 == steps_per_epoch) {
-        const double wall = seconds_since(t_window);
-        const double steps_in_window = window[2] / static_cast<double>(local_batch);
-        ringflow::allreduce(comm, std::span<double>(window), ringflow::sum);
-        epoch_wait += window[3] / np;
-        epoch_comm += window[4] / np;
-        epoch_samples += static_cast<std::size_t>(window[2]);
-        report.update({epoch + 1, o.epochs, s + 1, steps_per_epoch,
-                       window[0] / (steps_in_window * np), window[1] / window[2],
-                       window[2] / wall, window[3] / np / wall,
-                       window[4] > 0 ? std::max(0.0, 1.0 - window[3] / window[4]) : 0.0});
-        window = {0, 0, 0, 0, 0};
-        t_window = clock_type::now();
-      }
-      if (o.checkpoint_every > 0 && state.step % o.checkpoint_every == o.checkpoint_every - 1) {
-        ++state.step;  // the step just taken counts
-        save();
-        --state.step;
-      }
+      const double epoch_s = seconds_since(t_epoch);
+      test_acc = accuracy(comm, model, fm.test);
+      report.line("epoch {}/{} done: test accuracy {:.4f}, {:.1f}s, {:.0f} samples/s, {:.1f}% of "
+                  "the time waiting on communication ({:.0f}% of it hidden behind backward)",
+                  epoch + 1, o.epochs, test_acc, epoch_s,
+                  static_cast<double>(epoch_samples) / epoch_s, 100 * epoch_wait / epoch_s,
+                  epoch_comm > 0 ? std::max(0.0, 100 * (1 - epoch_wait / epoch_comm)) : 0.0);
+      save();
     }
-    const double epoch_s = seconds_since(t_epoch);
-    test_acc = accuracy(comm, model, fm.test);
-    report.line("epoch {}/{} done: test accuracy {:.4f}, {:.1f}s, {:.0f} samples/s, {:.1f}% of "
-                "the time waiting on communication ({:.0f}% of it hidden behind backward)",
-                epoch + 1, o.epochs, test_acc, epoch_s,
-                static_cast<double>(epoch_samples) / epoch_s, 100 * epoch_wait / epoch_s,
-                epoch_comm > 0 ? std::max(0.0, 100 * (1 - epoch_wait / epoch_comm)) : 0.0);
-    save();
+  };
+  if (dp) {
+    run_epochs(*dp);
+  } else {
+    run_epochs(*sdp);
   }
   if (start_epoch >= o.epochs) test_acc = accuracy(comm, model, fm.test);
   report.line("trained {} epoch(s) in {:.1f}s on {} rank(s)", o.epochs - start_epoch,
               seconds_since(t_train), np);
+  {
+    // Model-state memory and traffic of rank 0 (docs/training.md, "Sharded data parallel").
+    const rt::memory_stats m = dp ? dp->memory(opt) : sdp->memory(opt);
+    const double mib = 1.0 / (1024.0 * 1024.0);
+    const double ring = 2.0 * (np - 1) / np * static_cast<double>(model.parameters().numel()) * 4;
+    report.line("memory per rank (zero {}): parameters {:.2f} MiB, gradients {:.2f} MiB{}, "
+                "optimizer state {:.2f} MiB, total {:.2f} MiB; bytes sent per step {} (ring "
+                "formula 2(p-1)/p x {} parameter bytes = {:.0f})",
+                o.zero, static_cast<double>(m.parameter_bytes) * mib,
+                static_cast<double>(m.gradient_bytes) * mib,
+                sdp && o.zero >= 2
+                    ? fmt::format(" (peak {:.2f} MiB during backward)",
+                                  static_cast<double>(sdp->peak_gradient_bytes()) * mib)
+                    : std::string(),
+                static_cast<double>(m.optimizer_state_bytes) * mib,
+                static_cast<double>(m.total()) * mib, bytes_last_step,
+                model.parameters().numel() * 4, ring);
+  }
   if (o.compress != "none") {
-    const auto t = dp.compression_traffic();
+    const auto t = dp->compression_traffic();
     std::string chosen;
     if (o.compress == "auto") {
-      for (std::size_t k = 0; k < dp.buckets().size(); ++k) {
-        chosen += fmt::format("{}{}", k == 0 ? " (buckets: " : ", ", dp.compression_of(k));
+      for (std::size_t k = 0; k < dp->buckets().size(); ++k) {
+        chosen += fmt::format("{}{}", k == 0 ? " (buckets: " : ", ", dp->compression_of(k));
       }
       if (!chosen.empty()) chosen += ")";
     }

@@ -23,6 +23,7 @@ struct parameter_store<S>::state {
   std::shared_ptr<std::vector<S>> grads = std::make_shared<std::vector<S>>();
   std::vector<parameter_info<S>> params;
   hook_type hook;
+  bool grads_released = false;
 };
 
 template <class S>
@@ -82,6 +83,7 @@ void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_ten
     if (n.grad) std::copy_n(n.grad.get(), size, grads->data() + offset);
     n.value = std::shared_ptr<S>(values, values->data() + offset);
     n.grad = std::shared_ptr<S>(grads, grads->data() + offset);
+    n.make_grad = nullptr;
     n.name = name;
     n.is_parameter = true;  // requires_grad is left as is: a frozen parameter stays frozen
     infos.push_back({name, offset, size, t});
@@ -89,6 +91,7 @@ void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_ten
   }
   state_->values = std::move(values);
   state_->grads = std::move(grads);
+  state_->grads_released = false;
   state_->params = std::move(infos);
   for (std::size_t i = 0; i < state_->params.size(); ++i) {
     install_hook<S>(*state_->params[i].tensor.node(), i, state_->hook);
@@ -147,7 +150,46 @@ std::span<S> parameter_store<S>::all_grads() const {
 
 template <class S>
 void parameter_store<S>::zero_grad() const {
+  if (state_->grads_released) {
+    for (auto& p : state_->params) p.tensor.node()->grad.reset();
+    return;
+  }
   std::fill(state_->grads->begin(), state_->grads->end(), S(0));
+}
+
+template <class S>
+void parameter_store<S>::release_grads(grad_allocator alloc) const {
+  if (state_->grads_released) return;
+  for (std::size_t i = 0; i < state_->params.size(); ++i) {
+    auto& n = *state_->params[i].tensor.node();
+    n.grad.reset();
+    if (alloc) {
+      n.make_grad = [alloc, i] { return alloc(i); };
+    } else {
+      n.make_grad = nullptr;
+    }
+  }
+  state_->grads = std::make_shared<std::vector<S>>();
+  state_->grads_released = true;
+}
+
+template <class S>
+void parameter_store<S>::pack_grads() const {
+  if (!state_->grads_released) return;
+  auto grads = std::make_shared<std::vector<S>>(state_->values->size(), S(0));
+  for (auto& p : state_->params) {
+    auto& n = *p.tensor.node();
+    if (n.grad) std::copy_n(n.grad.get(), p.size, grads->data() + p.offset);
+    n.grad = std::shared_ptr<S>(grads, grads->data() + p.offset);
+    n.make_grad = nullptr;
+  }
+  state_->grads = std::move(grads);
+  state_->grads_released = false;
+}
+
+template <class S>
+bool parameter_store<S>::grads_released() const {
+  return state_->grads_released;
 }
 
 template <class S>
@@ -162,8 +204,10 @@ template <class S>
 void parameter_store<S>::check_bound() const {
   for (const auto& p : state_->params) {
     const auto& n = *p.tensor.node();
-    if (n.value.get() != state_->values->data() + p.offset ||
-        n.grad.get() != state_->grads->data() + p.offset) {
+    // Released gradients are the parameters' own allocations (or none).
+    const bool grad_ok =
+        state_->grads_released || n.grad.get() == state_->grads->data() + p.offset;
+    if (n.value.get() != state_->values->data() + p.offset || !grad_ok) {
       throw usage_error(fmt::format(
           "ad::parameter_store: parameter '{}' was re-packed into another store (its module "
           "was added to another model?); get the store again with model.parameters() and "

@@ -113,7 +113,7 @@ node<S>::~node() {
 
 template <class S>
 matrix_map<S> node<S>::grad_map() {
-  if (!grad) grad = allocate<S>(dims.numel());
+  if (!grad) grad = make_grad ? make_grad() : allocate<S>(dims.numel());
   return {grad.get(), rows(), cols()};
 }
 

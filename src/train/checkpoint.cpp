@@ -490,8 +490,27 @@ void agree_or_throw(const communicator& comm, const std::string& problem) {
 }
 }  // namespace
 
+namespace {
+// The collective overloads save rank 0's optimizer state for all: refused
+// when it covers only part of the parameters (a sharded optimizer, built over
+// train::sharded_data_parallel::shard(), holds a different piece per rank).
+std::string unsharded_problem(const training_state& s) {
+  for (const auto& [name, buf] : s.optimizer.buffers) {
+    if (!buf.empty() && buf.size() != s.params.numel()) {
+      return fmt::format(
+          "the optimizer's '{}' buffer has {} elements but the parameters {}: sharded optimizer "
+          "state (train::sharded_data_parallel) cannot be saved or loaded by the collective "
+          "checkpoint yet (resharding checkpoints are not implemented); use data_parallel",
+          name, buf.size(), s.params.numel());
+    }
+  }
+  return {};
+}
+}  // namespace
+
 void save_checkpoint(const communicator& comm, const std::filesystem::path& file,
                      const training_state& s) {
+  agree_or_throw(comm, unsharded_problem(s));
   std::string problem;
   if (comm.rank() == 0) {
     try {
@@ -506,6 +525,7 @@ void save_checkpoint(const communicator& comm, const std::filesystem::path& file
 
 checkpoint_info load_checkpoint(const communicator& comm, const std::filesystem::path& file,
                                 training_state& s) {
+  agree_or_throw(comm, unsharded_problem(s));
   std::vector<unsigned char> bytes;
   std::string problem;
   if (comm.rank() == 0) {

@@ -11,6 +11,7 @@
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/core/log.hpp"
+#include "layout_hash.hpp"
 
 namespace ringflow::train {
 
@@ -36,7 +37,16 @@ std::vector<bucket> plan_buckets(const ad::parameter_store<float>& params, std::
   return out;
 }
 
-namespace {
+std::uint64_t ring_bytes_sent(std::size_t count, std::size_t elem_bytes, int ranks, int rank,
+                              bool reduce, bool gather) {
+  if (ranks <= 1 || count == 0) return 0;
+  std::uint64_t elems = 0;
+  if (reduce) elems += count - partition(count, ranks, rank).count;
+  if (gather) elems += count - partition(count, ranks, (rank + 1) % ranks).count;
+  return elems * elem_bytes;
+}
+
+namespace detail {
 // FNV-1a over the parameter names and sizes: equal on every rank that built
 // the same model.
 std::uint64_t layout_hash(const ad::parameter_store<float>& params) {
@@ -55,7 +65,9 @@ std::uint64_t layout_hash(const ad::parameter_store<float>& params) {
   }
   return h;
 }
+}  // namespace detail
 
+namespace {
 // The parameter tensors of a bucket (offsets relative to it), so that
 // PowerSGD compresses each 2-D parameter as its own matrix.
 compress::bucket_layout layout_of(const bucket& bk, const ad::parameter_store<float>& params) {
@@ -89,6 +101,10 @@ struct data_parallel::state {
   std::vector<std::size_t> expected_in;  // per bucket: expected parameters
   // Per step.
   std::vector<std::uint32_t> fired;
+  std::vector<bool> accumulated;  // got a gradient in a no_sync backward this step
+  bool no_sync = false;
+  std::size_t accumulated_backwards = 0;
+  compress::traffic traffic_before;  // compressed bytes at the start of the step
   std::vector<std::size_t> pending;
   std::vector<collective_handle> handles;
   std::vector<bucket_record> records;
@@ -100,6 +116,9 @@ struct data_parallel::state {
 
   void reset_step() {
     std::fill(fired.begin(), fired.end(), 0u);
+    accumulated.assign(fired.size(), false);
+    accumulated_backwards = 0;
+    if (compression) traffic_before = compression->total();
     pending = expected_in;
     std::fill(records.begin(), records.end(), bucket_record{});
     next = 0;
@@ -114,10 +133,15 @@ struct data_parallel::state {
           "data_parallel was built; rebuild it after changing requires_grad",
           comm.rank(), params[i].name));
     }
+    if (no_sync) {  // accumulation: the gradient keeps adding up in the buffer
+      accumulated[i] = true;
+      return;
+    }
     if (++fired[i] > 1) {
       throw usage_error(fmt::format(
           "train::data_parallel on rank {}: parameter '{}' reported its gradient twice in step "
-          "{}; call finish() (or step()) once after each backward",
+          "{}; call finish() (or step()) once after each backward, or run the earlier "
+          "backwards inside no_sync() to accumulate",
           comm.rank(), params[i].name, step));
     }
     const std::size_t b = bucket_of[i];
@@ -145,7 +169,7 @@ struct data_parallel::state {
     compress::bucket_compression* bc = compression.get();
     // Enqueued by hand (rather than allreduce_async) to timestamp the
     // allreduce where it runs: on the progress thread.
-    handles[b] = collective_handle(detail::enqueue(
+    handles[b] = collective_handle(ringflow::detail::enqueue(
         comm, [data, rec, at_step, coll, trace, b, bc](const communicator& c) {
           const double t0 = now_us();
           if (bc != nullptr) {
@@ -230,7 +254,7 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   s.reset_step();
 
   // Same model everywhere? max over {h, ~h} gives the max and (negated) min hash.
-  const std::uint64_t h = layout_hash(s.params);
+  const std::uint64_t h = detail::layout_hash(s.params);
   std::array<std::int64_t, 2> hm{static_cast<std::int64_t>(h), ~static_cast<std::int64_t>(h)};
   // The first async call creates the progress thread at the same point on
   // every rank (it splits the communicator).
@@ -279,6 +303,7 @@ train::timeline::scoped_span data_parallel::span(std::string_view name) const {
 
 void data_parallel::backward(const ad::tensor& loss) {
   auto& s = *state_;
+  if (s.no_sync) ++s.accumulated_backwards;
   const double t0 = now_us();
   ad::backward(loss);
   const double t1 = now_us();
@@ -286,14 +311,35 @@ void data_parallel::backward(const ad::tensor& loss) {
   s.current.backward_s += (t1 - t0) * 1e-6;
 }
 
+no_sync_scope data_parallel::no_sync() {
+  auto& s = *state_;
+  if (s.no_sync) {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: no_sync() while a no_sync scope is alive", s.comm.rank()));
+  }
+  return no_sync_scope(&s.no_sync);
+}
+
+memory_stats data_parallel::memory(std::size_t optimizer_state_bytes) const {
+  const auto& s = *state_;
+  return {s.params.numel() * sizeof(float), s.params.all_grads().size_bytes(),
+          optimizer_state_bytes};
+}
+
 void data_parallel::finish() {
   auto& s = *state_;
+  if (s.no_sync) {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: finish() (or step()) inside a no_sync() scope; end "
+        "the scope and run the last backward of the accumulation outside it",
+        s.comm.rank()));
+  }
   // Buckets whose hooks did not all fire: a parameter that got no gradient
   // contributes zero (from this rank). Launched in bucket order, like the rest.
   for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
     auto grads = s.params.all_grads();
     for (const std::size_t i : s.buckets[b].params) {
-      if (s.expected[i] && s.fired[i] == 0) {
+      if (s.expected[i] && s.fired[i] == 0 && !s.accumulated[i]) {
         const auto& p = s.params[i];
         std::fill_n(grads.begin() + static_cast<std::ptrdiff_t>(p.offset), p.size, 0.0f);
       }
@@ -313,6 +359,15 @@ void data_parallel::finish() {
   s.current.wait_s = (w1 - w0) * 1e-6;
   s.current.comm_s = 0;
   for (const auto& r : s.records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
+  s.current.accumulated_backwards = s.accumulated_backwards;
+  if (s.compression) {
+    s.current.bytes_sent = s.compression->total().bytes_sent - s.traffic_before.bytes_sent;
+  } else {
+    for (const auto& bk : s.buckets) {
+      s.current.bytes_sent +=
+          ring_bytes_sent(bk.size, sizeof(float), s.comm.size(), s.comm.rank(), true, true);
+    }
+  }
   s.last = s.current;
   s.last_fired = s.fired;
   ++s.step;

@@ -1,4 +1,4 @@
-// data_parallel and collective checkpoints over MPI (mpirun -np 1..5): averaging, identical parameters, unused parameters, resume.
+// data_parallel, sharded_data_parallel (ZeRO 1/2) and collective checkpoints over MPI (mpirun -np 1..5): averaging, identical parameters, unused parameters, resume.
 #include <unistd.h>
 
 #include <cstring>
@@ -11,6 +11,7 @@
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/train/checkpoint.hpp"
 #include "ringflow/train/data_parallel.hpp"
+#include "ringflow/train/sharded_data_parallel.hpp"
 #include "support/catch.hpp"
 
 using namespace ringflow;
@@ -156,4 +157,51 @@ TEST_CASE("mpi: collective checkpoint save and load resume the same losses", "[m
   REQUIRE(std::memcmp(first.data(), second.data(), first.size() * sizeof(float)) == 0);
   barrier(world);
   if (world.rank() == 0) fs::remove_all(file.parent_path());
+}
+
+TEST_CASE("mpi: sharded stages 1 and 2 match data_parallel over the ring bit for bit",
+          "[mpi][train][zero]") {
+  auto world = mpi::world();
+  const auto run = [&](int stage) {
+    ad::mlp model({8, 19, 3}, ad::activation::relu, 10 + static_cast<unsigned>(world.rank()));
+    std::vector<std::vector<float>> after;
+    const auto steps = [&](auto& trainer, ad::adamw& opt) {
+      for (int step = 0; step < 4; ++step) {
+        const auto x = inputs(4 * 8, static_cast<unsigned>(100 * step + world.rank()));
+        const std::vector<int> y = {0, 1, 2, (world.rank() + step) % 3};
+        opt.set_lr(1e-2 / (1 + step));
+        opt.zero_grad();
+        trainer.backward(ad::softmax_cross_entropy(
+            model(ad::tensor::from_data(x.data(), {4, 8})), std::span<const int>(y)));
+        trainer.step(opt);
+        auto v = model.parameters().all_values();
+        after.emplace_back(v.begin(), v.end());
+      }
+    };
+    if (stage == 0) {
+      train::data_parallel dp(world, model.parameters(),
+                              {.bucket_cap_bytes = 256, .first_bucket_cap_bytes = 64,
+                               .coll = {algo::ring, 0}});
+      ad::adamw opt(model.parameters(), {.lr = 1e-2});
+      steps(dp, opt);
+    } else {
+      train::sharded_data_parallel sdp(world, model.parameters(),
+                                       {.stage = stage, .bucket_cap_bytes = 256,
+                                        .first_bucket_cap_bytes = 64});
+      ad::adamw opt(sdp.shard(), {.lr = 1e-2});
+      steps(sdp, opt);
+    }
+    return after;
+  };
+  const auto plain = run(0);
+  for (int stage : {1, 2}) {
+    INFO("stage " << stage);
+    const auto sharded = run(stage);
+    REQUIRE(sharded.size() == plain.size());
+    for (std::size_t t = 0; t < plain.size(); ++t) {
+      REQUIRE(std::memcmp(sharded[t].data(), plain[t].data(), plain[t].size() * sizeof(float)) ==
+              0);
+      REQUIRE(same_on_all_ranks(world, sharded[t]));
+    }
+  }
 }

@@ -66,7 +66,29 @@ class parameter_store {
   std::span<S> all_values() const;
   /// Every gradient, back to back; all_grads()[p.offset + k] IS p's grad element k.
   std::span<S> all_grads() const;
+  /// Zeroes every gradient (with released gradients: frees them instead;
+  /// the next backward starts each from zero).
   void zero_grad() const;
+
+  /// Where a released parameter's gradient is placed: called with the
+  /// parameter's index when a backward first needs its gradient; must return
+  /// p.size zeros (which the node keeps until its grad is reset).
+  using grad_allocator = std::function<std::shared_ptr<S>(std::size_t index)>;
+
+  /// Releases the flat gradient buffer: each parameter's gradient is then
+  /// allocated when a backward first reaches it (by `alloc`, or a buffer of
+  /// its own when empty) and freed by whoever consumed it
+  /// (train::sharded_data_parallel at stage 2 frees each bucket's gradients
+  /// once reduced), so the store no longer holds numel() gradients at all
+  /// times. all_grads() is then empty. Current gradients are dropped.
+  /// pack_grads() (or pack()) undoes it.
+  void release_grads(grad_allocator alloc = {}) const;
+  /// Gives the store a flat gradient buffer again: zeros, with every
+  /// parameter's current gradient (if it has one) copied in, and every
+  /// parameter's grad() pointing into it. No-op when not released.
+  void pack_grads() const;
+  /// True after release_grads() (until pack_grads() or pack()).
+  bool grads_released() const;
 
   /// Calls hook(index, param) during backward as soon as that parameter's
   /// gradient is final: exactly once per parameter reached by the backward,

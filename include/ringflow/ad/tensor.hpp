@@ -78,6 +78,9 @@ struct node : std::enable_shared_from_this<node<S>> {
   std::vector<std::shared_ptr<node>> inputs;
   backward_fn backward;
   std::function<void(node&)> grad_ready;  // fired once the gradient is final
+  // Where a leaf's gradient comes from when grad is null (empty: allocate()).
+  // A store with released gradients places them (parameter_store::release_grads).
+  std::function<std::shared_ptr<S>()> make_grad;
   std::string name;
   const char* op = "leaf";
   bool requires_grad = false;

@@ -14,6 +14,7 @@
 #include "ringflow/coll/options.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/compress/bucket_compression.hpp"
+#include "ringflow/train/memory.hpp"
 #include "ringflow/train/timeline.hpp"
 
 namespace ringflow::train {
@@ -81,7 +82,38 @@ struct step_stats {
   double comm_s = 0;      ///< sum of the bucket allreduces (on the progress thread)
   double wait_s = 0;      ///< finish() blocked waiting for them (communication not hidden)
   std::size_t buckets_launched_in_backward = 0;  ///< buckets started before finish()
+  /// Bytes this rank sent for the step's gradient (and, sharded, parameter)
+  /// collectives. data_parallel counts what the ring allreduce of its buckets
+  /// sends (exact with coll.algorithm = algo::ring; other algorithms send
+  /// other amounts) or, compressed, the compressed bytes; sharded_data_parallel
+  /// counts its ring reduce-scatters and allgathers exactly.
+  std::uint64_t bytes_sent = 0;
+  /// Backward passes accumulated under no_sync() before this step's reduction.
+  std::size_t accumulated_backwards = 0;
 };
+
+/// While alive, the trainer that made it only accumulates gradients (see
+/// data_parallel::no_sync). Move-only; ends the accumulation when destroyed.
+class no_sync_scope {
+ public:
+  explicit no_sync_scope(bool* flag) : flag_(flag) { *flag_ = true; }
+  no_sync_scope(no_sync_scope&& o) noexcept : flag_(o.flag_) { o.flag_ = nullptr; }
+  no_sync_scope& operator=(no_sync_scope&&) = delete;
+  no_sync_scope(const no_sync_scope&) = delete;
+  ~no_sync_scope() {
+    if (flag_ != nullptr) *flag_ = false;
+  }
+
+ private:
+  bool* flag_;
+};
+
+/// Bytes the ring sends from rank `rank` for a reduce-scatter (and, with
+/// `gather`, the allgather after it: the ring allreduce) of `count` elements
+/// of `elem_bytes` over `ranks`: every piece but the rank's own
+/// (reduce-scatter) and every piece but its right neighbour's (allgather).
+std::uint64_t ring_bytes_sent(std::size_t count, std::size_t elem_bytes, int ranks, int rank,
+                              bool reduce, bool gather);
 
 /// Data-parallel wrapper over a model's parameter store.
 ///
@@ -118,8 +150,8 @@ struct step_stats {
 /// the gradients of parameters whose hook "did not fire" set to zero).
 ///
 /// One backward per step: a parameter reporting its gradient twice before
-/// finish() is a usage_error (gradient accumulation without sync is not
-/// supported yet). Collectives the caller runs on `comm` itself (say, a loss
+/// finish() is a usage_error, unless the earlier backwards ran inside
+/// no_sync() (gradient accumulation). Collectives the caller runs on `comm` itself (say, a loss
 /// allreduce) do not mix with the bucket traffic, which uses a duplicate.
 class data_parallel {
  public:
@@ -146,6 +178,27 @@ class data_parallel {
   /// rank that failed). Calling it twice in a row is fine (the second call
   /// averages again: call it once per step).
   void finish();
+
+  /// Gradient accumulation without communication (PyTorch DDP's no_sync):
+  /// while the returned scope lives, backward() launches no bucket and only
+  /// accumulates into the gradient buffer; the first backward after the scope
+  /// ends reduces the sum of all of them once. For the mean over k
+  /// micro-batches scale each loss by 1/k. finish() or step() inside the
+  /// scope is a usage_error.
+  /// @code
+  ///   for (int i = 0; i < k - 1; ++i) { auto ns = dp.no_sync(); dp.backward(loss(i) * (1.0f / k)); }
+  ///   dp.backward(loss(k - 1) * (1.0f / k));   // buckets launched as usual
+  ///   dp.step(opt);
+  /// @endcode
+  [[nodiscard]] no_sync_scope no_sync();
+
+  /// Bytes of parameters and gradients (numel() floats each: replicated) and
+  /// of the optimizer's state.
+  memory_stats memory(std::size_t optimizer_state_bytes) const;
+  template <class Optimizer>
+  memory_stats memory(Optimizer& opt) const {
+    return memory(optimizer_state_bytes(opt));
+  }
 
   /// finish(), then opt.step() inside an "optimizer" span.
   template <class Optimizer>

@@ -1,0 +1,159 @@
+// Sharded data parallelism (ZeRO stages 1 and 2): each rank keeps the optimizer state (and at
+// stage 2 the averaged gradients) of its piece of every bucket only.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "ringflow/ad/parameter_store.hpp"
+#include "ringflow/ad/tensor.hpp"
+#include "ringflow/coll/options.hpp"
+#include "ringflow/coll/partition.hpp"
+#include "ringflow/comm/communicator.hpp"
+#include "ringflow/train/data_parallel.hpp"
+#include "ringflow/train/memory.hpp"
+#include "ringflow/train/timeline.hpp"
+
+namespace ringflow::train {
+
+/// Options of sharded_data_parallel.
+struct sharded_data_parallel_options {
+  /// 1: optimizer state sharded; 2: gradients too. 3 (parameters too) is not
+  /// implemented and throws not_supported_error; 0 is train::data_parallel.
+  int stage = 1;
+  /// The bucket plan, as for data_parallel (same caps: same buckets).
+  std::size_t bucket_cap_bytes = default_bucket_cap_bytes;
+  std::size_t first_bucket_cap_bytes = default_first_bucket_cap_bytes;
+  int root = 0;
+  bool broadcast_parameters = true;
+  /// Segment size of the reduce-scatters and allgathers; the algorithm must
+  /// be automatic or ring (both run the ring).
+  coll_options coll = {};
+  std::filesystem::path timeline_path = {};
+};
+
+/// ZeRO-style data-parallel trainer over a model's parameter store.
+///
+/// The buckets are data_parallel's (plan_buckets with the same caps). Rank r
+/// owns piece r (ringflow::partition) of every bucket; the concatenation of
+/// its pieces is shard(), a parameter store of about numel()/p elements over
+/// which the caller builds the optimizer (ad::adamw, ad::sgd: unchanged).
+///
+/// Each step: during backward, as a bucket's gradients become final, its
+/// reduce_scatter(avg) is queued on the progress thread (in bucket order, as
+/// in data_parallel) and leaves the averaged piece in shard()'s gradients.
+/// step(opt): finish(), copy the owned parameter values into shard(), run
+/// opt.step() on the shard, and allgather every bucket's pieces back into the
+/// full parameters. After it the parameters are bitwise identical on every
+/// rank, and bitwise identical to data_parallel's with coll.algorithm =
+/// algo::ring (ring allreduce is ring reduce-scatter + ring allgather; the
+/// optimizers are per element). See docs/training.md, "Sharded data parallel".
+///
+/// Stage 1 keeps the model's full gradient buffer (after finish() it holds
+/// this rank's own, unaveraged gradients; the averages are in shard()).
+/// Stage 2 releases it (parameter_store::release_grads): each bucket's
+/// gradients are copied into a bucket-sized staging buffer when final and
+/// freed; the staging buffer is freed once its reduce_scatter has run. The
+/// destructor packs the model's gradients again.
+///
+/// @code
+///   ad::mlp model({784, 256, 10}, ad::activation::relu, 42);
+///   train::sharded_data_parallel sdp(comm, model.parameters(), {.stage = 2});
+///   ad::adamw opt(sdp.shard());            // optimizer state for this rank's piece only
+///   for (...) {
+///     opt.zero_grad();                     // the shard's gradients
+///     sdp.backward(loss_of(model, batch));
+///     sdp.step(opt);
+///   }
+/// @endcode
+///
+/// ad::clip_grad_norm(shard()) would clip by this rank's piece alone; use
+/// clip_grad_norm() here, which takes the norm over all ranks.
+class sharded_data_parallel {
+ public:
+  sharded_data_parallel(communicator comm, ad::parameter_store<float> params,
+                        sharded_data_parallel_options opts = {});
+  /// Waits for pending collectives (never throws), packs the model's
+  /// gradients again (stage 2) and writes the timeline.
+  ~sharded_data_parallel();
+  sharded_data_parallel(const sharded_data_parallel&) = delete;
+  sharded_data_parallel& operator=(const sharded_data_parallel&) = delete;
+
+  /// This rank's piece of the parameters: build the optimizer over it. One
+  /// parameter "shard" of shard_size() elements (0 on a rank whose pieces are
+  /// all empty: the optimizer then has nothing to update).
+  ad::parameter_store<float> shard() const;
+  /// For bucket b, the piece this rank owns, as an offset into the model's
+  /// flat buffers (all_values()) and a count.
+  const std::vector<chunk>& owned() const;
+
+  train::timeline::scoped_span span(std::string_view name) const;
+  void backward(const ad::tensor& loss);
+  /// Launches the buckets not launched yet, waits for all: shard()'s
+  /// gradients then hold the average over ranks of this rank's pieces.
+  void finish();
+  /// finish(), opt.step() on the shard, allgather of the parameters.
+  /// `opt` must be built over shard() (usage_error otherwise).
+  template <class Optimizer>
+  void step(Optimizer& opt) {
+    check_optimizer(opt.parameters());
+    finish();
+    before_update();
+    {
+      auto s = trace().scope("optimizer", steps() - 1);
+      opt.step();
+    }
+    gather_parameters();
+  }
+
+  /// Scales shard()'s gradients so that the norm of the whole (averaged)
+  /// gradient is at most max_norm; returns the norm before. Collective: call
+  /// it on every rank, after finish() and before step(). (An allreduce of one
+  /// double, counted in bytes_sent.)
+  double clip_grad_norm(double max_norm);
+
+  /// Gradient accumulation without communication: while the returned scope
+  /// lives, backward() only accumulates (no bucket is launched, a parameter
+  /// may report its gradient any number of times). The backward after the
+  /// scope ends reduces the sum once. Scale each loss by 1/k for the mean.
+  /// finish() or step() inside the scope is a usage_error. At stage 2 the
+  /// accumulated gradients are held in full until that last backward.
+  [[nodiscard]] no_sync_scope no_sync();
+
+  int stage() const;
+  const std::vector<bucket>& buckets() const;
+  std::int64_t steps() const;
+  /// Timing and bytes of the last finished step (bytes_sent: the reduce-
+  /// scatters of finish() and the allgather of step(), counted exactly).
+  const step_stats& last_step() const;
+  const std::vector<std::uint32_t>& ready_counts() const;
+  /// Bytes this rank holds now for parameters, gradients (model buffer,
+  /// staging buffers, the shard's) and the optimizer's state (pass the
+  /// optimizer: train::optimizer_state_bytes reads its buffers).
+  memory_stats memory(std::size_t optimizer_state_bytes) const;
+  template <class Optimizer>
+  memory_stats memory(Optimizer& opt) const {
+    return memory(optimizer_state_bytes(opt));
+  }
+  /// The largest gradient bytes held at any moment since construction
+  /// (stage 2: what is in flight during backward).
+  std::size_t peak_gradient_bytes() const;
+
+  const communicator& comm() const;
+  const ad::parameter_store<float>& parameters() const;
+  const train::timeline& trace() const;
+  void write_timeline() const;
+
+ private:
+  void check_optimizer(const ad::parameter_store<float>& optimized) const;
+  void before_update();
+  void gather_parameters();
+  struct state;
+  std::unique_ptr<state> state_;
+};
+
+}  // namespace ringflow::train
