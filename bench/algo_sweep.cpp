@@ -1,5 +1,5 @@
 // ringflow-bench --algo all: every allreduce algorithm, auto and MPI_Allreduce
-// at each size, interleaved rep by rep (rotating who goes first), so slow
+// at each size, interleaved rep by rep (a fresh shuffled order each rep), so slow
 // phases of a shared machine hit all of them alike; medians, p99, min, max.
 // ringflow-bench --tune: the same loop over the algorithms automatic may
 // pick, saved as this rank count's and layout's tuning table.
@@ -14,6 +14,7 @@
 #include <ctime>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -200,7 +201,7 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
   const explanation first = explain(comm, sizes.empty() ? 0 : sizes.front(), cli.cfg.type);
   if (table) {
     fmt::print("# ringflow-bench allreduce {}: {} ranks, {}, {} {}, median of {} reps x {} "
-               "iters{} (rotating order), times in us\n",
+               "iters{} ({} order), times in us\n",
                tune ? "--tune" : "--algo all", nranks,
                fmt::format("{} node{} x {}{}", shape.shape.nodes,
                            shape.shape.nodes == 1 ? "" : "s", shape.shape.ranks_per_node,
@@ -208,7 +209,8 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
                                ? fmt::format(" on {} cores", shape.shape.cores_per_node)
                                : ""),
                dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters,
-               tune ? " (fewer from 1 MiB: ~8 MiB per rep; rep-major over sizes)" : "");
+               tune ? " (fewer from 1 MiB: ~8 MiB per rep; rep-major over sizes)" : "",
+               tune ? "rotating" : "shuffled");
     if (tune) {
       fmt::print("# tuning file: {}\n", tuning_path());
     } else {
@@ -321,9 +323,18 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
         c.reps_us.clear();
         for (int k = 0; k < cli.warmup; ++k) run(c);
       }
+      // A fresh order every rep (the same on every rank: a fixed seed per
+      // size and rep): a plain rotation keeps each contender's predecessor
+      // fixed, and what runs just before matters (shm's 16 MiB segment
+      // leaves the caches cold for whoever follows it: the ring measured
+      // 10-30% slower right after shm than right after MPI_Allreduce).
+      std::vector<std::size_t> order(who.size());
       for (int k = 0; k < cli.reps; ++k) {
-        for (std::size_t j = 0; j < who.size(); ++j) {
-          contender& c = who[(j + static_cast<std::size_t>(k)) % who.size()];
+        for (std::size_t j = 0; j < order.size(); ++j) order[j] = j;
+        std::mt19937 gen(static_cast<std::uint32_t>(1000003u * si + static_cast<std::uint32_t>(k)));
+        std::shuffle(order.begin(), order.end(), gen);
+        for (std::size_t j : order) {
+          contender& c = who[j];
           c.reps_us.push_back(timed_rep(mpi, cli.iters, [&] { run(c); }));
         }
       }

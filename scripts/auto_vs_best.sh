@@ -3,7 +3,9 @@
 # tuning table: RUNS runs of `ringflow-bench --algo all` per rank count
 # (each run interleaves every algorithm and auto at every size), then per
 # size the median over runs of auto/best, the worst run, and what auto
-# picked in each run. Issue 13's criterion: median <= 1.10 at every size.
+# picked in each run, and what auto's first-use trials cost there (median
+# over runs: calls, ms on rank 0). Issue 13's criterion: median <= 1.10 at
+# every size.
 #   RUNS=3 NPS="2 4" MIN=1K MAX=64M BUILD_DIR=build scripts/auto_vs_best.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -38,15 +40,17 @@ for np in nps:
             auto = next(x for x in rs if x["algo"] == "auto")
             per.setdefault(b, []).append((float(auto["median_us"]) / float(best["median_us"]),
                                           auto["auto_choice"], best["algo"], auto["auto_from"],
-                                          auto.get("first_use_calls", "")))
+                                          int(auto.get("first_use_calls") or 0),
+                                          float(auto.get("first_use_ms") or 0)))
     print(f"\n-np {np}")
-    print(f"{'size':>6} {'auto/best median':>16} {'worst':>6}  picks (best) per run")
+    print(f"{'size':>6} {'auto/best median':>16} {'worst':>6} {'first use':>18}  picks (best) per run")
     ok = 0
     for b in sorted(per):
         v = per[b]
         med = statistics.median(x[0] for x in v)
         ok += med <= 1.10
         picks = ", ".join(f"{x[1]} ({x[2]})" for x in v)
-        print(f"{human(b):>6} {med:16.3f} {max(x[0] for x in v):6.3f}  {picks}")
+        fu = f"{statistics.median(x[4] for x in v):.0f} calls {statistics.median(x[5] for x in v):.1f} ms"
+        print(f"{human(b):>6} {med:16.3f} {max(x[0] for x in v):6.3f} {fu:>18}  {picks}")
     print(f"median auto/best <= 1.10 at {ok} of {len(per)} sizes")
 PY

@@ -321,11 +321,11 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
     std::string names;
     for (algo a : cand) names += fmt::format("{}{}", names.empty() ? "" : ", ", algo_name(a));
     e.first_use_note = fmt::format(
-        "first-use tuning: the {} allreduces of {}..{} try {} ({} timed rounds of {} calls "
-        "each), then run the fastest",
+        "first-use tuning: the {} allreduces of {}..{} try {} ({} rounds of 1 untimed and "
+        "{} timed calls each), then run the fastest",
         left < 0 ? fmt::format("first {}", static_cast<int>(cand.size()) *
-                                                   detail::first_use_block(bytes) *
-                                                   (detail::first_use_rounds(bytes) + 1) +
+                                                   (detail::first_use_block(bytes) + 1) *
+                                                   detail::first_use_rounds(bytes) +
                                                1)
                  : fmt::format("next {}", left),
         detail::human_bytes(lo), detail::human_bytes(hi), names, detail::first_use_rounds(bytes),

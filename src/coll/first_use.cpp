@@ -92,17 +92,20 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
   }
   if (s->done) return {s->done->choice, false, cls, 0};
   const int n = static_cast<int>(s->candidates.size());
-  const int per_round = n * s->block;
-  const int trials = per_round * (s->rounds + 1);
+  const int span = s->block + 1;  // one untimed call, then the timed block
+  const int per_round = n * span;
+  const int trials = per_round * s->rounds;
   if (s->calls < trials) {
     // Round r visits the candidates starting at r (mod n), so a burst of
-    // load from elsewhere does not always land on the same one; each gets
-    // `block` consecutive calls, timed together as one sample.
+    // load from elsewhere does not always land on the same one. Each visit
+    // is one untimed call (the candidate's buffers and caches warm again
+    // after the others ran) and `block` timed ones, averaged into a sample.
     const int round = s->calls / per_round;
-    const int slot = ((s->calls % per_round) / s->block + round) % n;
-    const bool last_of_block = (s->calls % s->block) == s->block - 1;
+    const int in_round = s->calls % per_round;
+    const int slot = (in_round / span + round) % n;
+    const int q = in_round % span;
     ++s->calls;
-    return {s->candidates[static_cast<std::size_t>(slot)], round > 0, cls, slot, last_of_block};
+    return {s->candidates[static_cast<std::size_t>(slot)], q > 0, cls, slot, q == s->block};
   }
   // Every rank arrives here at the same call: agree on the medians.
   std::vector<double> med(static_cast<std::size_t>(n));
@@ -164,7 +167,7 @@ int first_use_tuner::calls_left(std::size_t bytes) const {
   if (s == nullptr) return -1;
   if (s->done) return 0;
   const int n = static_cast<int>(s->candidates.size());
-  return n * s->block * (s->rounds + 1) - s->calls + 1;
+  return n * (s->block + 1) * s->rounds - s->calls + 1;
 }
 
 bool first_use_enabled_by_env() {

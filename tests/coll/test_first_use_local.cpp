@@ -68,8 +68,8 @@ TEST_CASE("first-use tuning agrees on the slowest rank's median and ignores a bu
   REQUIRE(cand.size() >= 2);
   const algo fast_but_not_everywhere = cand.front();
   const algo winner = cand.back();
-  const int expected_calls = static_cast<int>(cand.size()) * detail::first_use_block(bytes) *
-                                 (detail::first_use_rounds(bytes) + 1) +
+  const int expected_calls = static_cast<int>(cand.size()) * (detail::first_use_block(bytes) + 1) *
+                                 detail::first_use_rounds(bytes) +
                              1;
   require_none(run_collecting(3, [&](communicator& c, failures& fl) {
     detail::first_use_tuner tuner;
@@ -80,7 +80,7 @@ TEST_CASE("first-use tuning agrees on the slowest rank's median and ignores a bu
       ++calls;
       if (!p.timed) {
         if (tuner.settled(bytes)) break;
-        continue;  // the untimed first round
+        continue;  // a visit's untimed first call
       }
       // The model's favourite is fastest on ranks 0 and 2 but slow on rank 1:
       // the slowest rank decides. The winner has one burst of 100x.

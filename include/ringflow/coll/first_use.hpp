@@ -1,7 +1,7 @@
 // First-use tuning for algo::automatic: where no tuning table covers a size,
 // the first allreduces of each size class try the plausible algorithms in
-// turn (round-robin, a block of consecutive calls each, the first round
-// untimed), time them on every rank, agree on the fastest with one small
+// turn (round-robin; each visit one untimed call, then a block of timed
+// ones), time them on every rank, agree on the fastest with one small
 // allreduce (the maximum over ranks of each algorithm's median block mean),
 // and keep that choice for the communicator's life.
 // The trials are the caller's own allreduces, so they cost only the
@@ -33,13 +33,12 @@ namespace ringflow::detail {
 /// power of two, as its exponent (1 KiB: 10; 1025 B to 2 KiB: 11).
 int first_use_class(std::size_t bytes);
 
-/// Timed rounds per candidate for an allreduce of `bytes` (after one untimed
-/// round): more where calls are cheap and noisy, fewer where one call takes
-/// milliseconds.
+/// Rounds per candidate for an allreduce of `bytes`: more where calls are
+/// cheap and noisy, fewer where one call takes milliseconds.
 int first_use_rounds(std::size_t bytes);
 
-/// Consecutive calls per candidate and round for `bytes`, timed together as
-/// one sample (their mean).
+/// Timed calls per candidate and round for `bytes` (after one untimed call),
+/// averaged into one sample.
 int first_use_block(std::size_t bytes);
 
 /// The candidates first-use tuning tries for `bytes` on `shape`: the model's
@@ -53,7 +52,7 @@ std::vector<algo> first_use_candidates(const cost_model& m, const cluster_shape&
 struct first_use_choice {
   algo choice = algo::ring;
   std::vector<algo_prediction> medians;  ///< agreed medians (max over ranks), fastest first
-  int rounds = 0;                        ///< timed rounds per candidate behind each median
+  int rounds = 0;                        ///< rounds per candidate behind each median
   int block = 1;                         ///< calls averaged into each round's sample
   int calls = 0;                         ///< allreduces it took, the untimed round included
 };
