@@ -313,7 +313,7 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
   if (bytes == 0 || !detail::first_use_applies(*ctx, bytes)) return e;
   const auto done = ctx->tuner.settled(bytes);
   const int cls = detail::first_use_class(bytes);
-  const std::size_t lo = cls == 0 ? 1 : (std::size_t{1} << (cls - 1)) + 1;
+  const std::size_t lo = cls == 0 ? 0 : std::size_t{1} << (cls - 1);  // exclusive
   const std::size_t hi = std::size_t{1} << cls;
   if (!done) {
     const int left = ctx->tuner.calls_left(bytes);
@@ -321,7 +321,7 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
     std::string names;
     for (algo a : cand) names += fmt::format("{}{}", names.empty() ? "" : ", ", algo_name(a));
     e.first_use_note = fmt::format(
-        "first-use tuning: the {} allreduces of {}..{} try {} ({} rounds of 1 untimed and "
+        "first-use tuning: the {} allreduces of over {} up to {} try {} ({} rounds of 1 untimed and "
         "{} timed calls each), then run the fastest",
         left < 0 ? fmt::format("first {}", static_cast<int>(cand.size()) *
                                                    (detail::first_use_block(bytes) + 1) *

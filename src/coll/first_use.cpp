@@ -131,8 +131,8 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
       all += fmt::format("{}{} {:.1f} us", all.empty() ? "" : ", ", algo_name(m.algorithm),
                          m.seconds * 1e6);
     }
-    log::info("first-use tuning, allreduce of {}..{} B on {} ranks: {} ({} calls)",
-              cls == 0 ? 1 : (std::size_t{1} << (cls - 1)) + 1, std::size_t{1} << cls, t.size(),
+    log::info("first-use tuning, allreduces of over {} B up to {} B on {} ranks: {} ({} calls)",
+              cls == 0 ? 0 : std::size_t{1} << (cls - 1), std::size_t{1} << cls, t.size(),
               all, c.calls);
   }
   s->done = std::move(c);
