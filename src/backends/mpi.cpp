@@ -536,6 +536,8 @@ class mpi_transport final : public transport,
     return request(std::move(r));
   }
 
+  void answer_peers() override { answer_stall_probes(*this); }
+
   friend void send_stall_probe(mpi_transport& t, int peer, const fingerprint& fp);
   friend void answer_stall_probes(mpi_transport& t);
 

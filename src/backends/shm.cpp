@@ -364,8 +364,8 @@ node_state& usable_state_of(const communicator& comm) {
 class waiter {
  public:
   waiter(node_state& st, std::chrono::milliseconds timeout, std::size_t count, dtype type,
-         detail::flight_record* flight)
-      : st_(st), timeout_(timeout), count_(count), type_(type), flight_(flight) {}
+         detail::flight_record* flight, transport* peers)
+      : st_(st), timeout_(timeout), count_(count), type_(type), flight_(flight), peers_(peers) {}
 
   // Until counter(q).value >= target for every q != this rank.
   template <class Counter>
@@ -411,6 +411,10 @@ class waiter {
       }
       sleepers.fetch_sub(1, std::memory_order_seq_cst);
       if (value.load(std::memory_order_acquire) >= target) return;
+      // A peer that ran another collective (or another algorithm: automatic
+      // chooses by size, so mismatched sizes can pick differently) waits in
+      // messages and probes this rank: answer it.
+      if (peers_ != nullptr) peers_->answer_peers();
       check_peers_and_deadline(q, doing, block, blocks);
     }
   }
@@ -449,6 +453,7 @@ class waiter {
   std::size_t count_;
   dtype type_;
   detail::flight_record* flight_;
+  transport* peers_;  // answers the peers' probes while this rank waits
   bool have_deadline_ = false;
   std::chrono::steady_clock::time_point deadline_{};
 };
@@ -507,12 +512,12 @@ void finish_all(T* dst, std::size_t n, const Op& op, int p) {
 
 template <class T, class Op>
 void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
-         std::size_t count, const Op& op, detail::flight_record* flight) {
+         std::size_t count, const Op& op, detail::flight_record* flight, transport* peers) {
   const int p = st.size, me = st.rank;
   const std::size_t per_block = block_elems<T>(st, count);
   const std::size_t blocks = (count + per_block - 1) / per_block;
   const std::uint64_t first = st.next_block;
-  waiter wait(st, timeout, count, dtype_of<T>, flight);
+  waiter wait(st, timeout, count, dtype_of<T>, flight, peers);
   auto arrived = [&](int q) -> counter_line& { return st.arrived(q); };
   auto reduced = [&](int q) -> counter_line& { return st.reduced(q); };
   auto block_len = [&](std::size_t h) { return std::min(per_block, count - h * per_block); };
@@ -596,15 +601,15 @@ void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
 
 template <class T>
 void run_op(node_state& st, std::chrono::milliseconds timeout, const void* in, void* out,
-            std::size_t count, op_kind op, detail::flight_record* flight) {
+            std::size_t count, op_kind op, detail::flight_record* flight, transport* peers) {
   const auto* i = static_cast<const T*>(in);
   auto* o = static_cast<T*>(out);
   switch (op) {
-    case op_kind::sum: return run(st, timeout, i, o, count, sum_op{}, flight);
-    case op_kind::prod: return run(st, timeout, i, o, count, prod_op{}, flight);
-    case op_kind::min: return run(st, timeout, i, o, count, min_op{}, flight);
-    case op_kind::max: return run(st, timeout, i, o, count, max_op{}, flight);
-    case op_kind::avg: return run(st, timeout, i, o, count, avg_op{}, flight);
+    case op_kind::sum: return run(st, timeout, i, o, count, sum_op{}, flight, peers);
+    case op_kind::prod: return run(st, timeout, i, o, count, prod_op{}, flight, peers);
+    case op_kind::min: return run(st, timeout, i, o, count, min_op{}, flight, peers);
+    case op_kind::max: return run(st, timeout, i, o, count, max_op{}, flight, peers);
+    case op_kind::avg: return run(st, timeout, i, o, count, avg_op{}, flight, peers);
   }
   throw usage_error(fmt::format("shm allreduce on rank {}: unknown reduce op {}", st.rank,
                                 static_cast<int>(op)));
@@ -651,7 +656,8 @@ void shm_allreduce(const communicator& comm, const void* in, void* out, std::siz
     if (st.size == 1) {
       single_rank<T>(in, out, count, op);
     } else {
-      run_op<T>(st, comm.raw().timeout(), in, out, count, op, comm.raw().flight_current());
+      run_op<T>(st, comm.raw().timeout(), in, out, count, op, comm.raw().flight_current(),
+                &comm.raw());
     }
   });
 }

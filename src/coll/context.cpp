@@ -187,6 +187,16 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
     registered = registered && w.shm_registered != 0;
   }
   ctx->shape.shm = registered && one_host && comm.backend() == "mpi" && ctx->shape.nodes == 1;
+  if (ctx->shape.shm && ctx->first_use) {
+    // First-use tuning will try shm on some later call. Its set-up is a
+    // handful of blocking MPI collectives; run here, where every rank is in
+    // this exchange, a rank that failed or left before that later call cannot
+    // leave the others waiting in them unbounded. (A count of 0 sets up and
+    // reduces nothing; a segment that cannot be set up declines.)
+    if (!registered_algorithm(algo::shm)(comm, nullptr, nullptr, 0, dtype::f32, op_kind::sum)) {
+      ctx->shm_declined.store(true, std::memory_order_relaxed);
+    }
+  }
 
   // Rank 0's table for exactly this shape, sent to the others as text.
   const std::string path(root.tuning_path, strnlen(root.tuning_path, sizeof root.tuning_path));

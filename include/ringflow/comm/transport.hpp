@@ -125,6 +125,13 @@ class transport {
   /// collectives' progress thread needs it). MPI: MPI_THREAD_MULTIPLE.
   virtual bool concurrent_use_ok() const noexcept { return true; }
 
+  /// Called by waits that do not go through this transport (the shm
+  /// backend's shared-memory waits) while they block, so the peers' checks
+  /// are still answered: the MPI backend answers a stalled peer's stamp
+  /// probe here, which turns a mismatched call into a mismatch error on
+  /// every rank instead of a timeout. Never blocks; throws what it finds.
+  virtual void answer_peers() {}
+
   /// How long a blocking wait may take on this transport.
   std::chrono::milliseconds timeout() const noexcept { return timeout_; }
   void set_timeout(std::chrono::milliseconds t) noexcept { timeout_ = t; }
