@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 #include "mpi_job.hpp"
@@ -89,8 +90,14 @@ occupancy probe(MPI_Comm comm) {
     decided = o;
     int caller = o.local_ranks > o.cores ? 1 : 0;
     int progress = 2 * o.local_ranks > o.cores ? 1 : 0;
-    if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
-      caller = progress = std::string_view(env) == "0" ? 0 : 1;
+    // A switch overrides both; a malformed value warns and keeps the choice above.
+    if (const auto v = env::text("RINGFLOW_YIELD")) {
+      if (const auto on = env::parse_switch(*v)) {
+        caller = progress = *on ? 1 : 0;
+      } else {
+        env::report(env::malformed::warn, "RINGFLOW_YIELD", *v, "not a switch", env::switch_words,
+                    "the automatic choice");
+      }
     }
     caller_yields.store(caller);
     progress_yields.store(progress);

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
 #include "mpi_job.hpp"
 #include "waiting.hpp"
@@ -79,9 +80,8 @@ constexpr auto spin_for_oversubscribed = std::chrono::microseconds(2);
 
 // RINGFLOW_SHM_SPIN_US overrides the poll time (rank 0's, for tuning).
 std::chrono::microseconds spin_from_env(std::chrono::microseconds fallback) {
-  const char* env = std::getenv("RINGFLOW_SHM_SPIN_US");
-  if (env == nullptr || *env == '\0') return fallback;
-  return std::chrono::microseconds(std::max(0LL, std::strtoll(env, nullptr, 10)));
+  return std::chrono::microseconds(
+      env::integer("RINGFLOW_SHM_SPIN_US", fallback.count(), {0, 1'000'000}, env::malformed::warn));
 }
 // A sleeping rank wakes at least this often to check its deadline and
 // whether a peer gave up.
@@ -183,15 +183,11 @@ std::size_t control_bytes(int size) {
   return (c + 4095) / 4096 * 4096;
 }
 
-// RINGFLOW_SHM_BLOCK: bytes with an optional K or M suffix, rounded up to 4 KiB.
+// RINGFLOW_SHM_BLOCK: bytes with an optional K, M or G suffix, from 4 KiB to
+// 256 MiB (clamped), rounded up to 4 KiB.
 std::size_t block_from_env() {
-  const char* env = std::getenv("RINGFLOW_SHM_BLOCK");
-  if (env == nullptr || *env == '\0') return shm::default_block_bytes;
-  char* end = nullptr;
-  unsigned long long v = std::strtoull(env, &end, 10);
-  if (end != nullptr && (*end == 'k' || *end == 'K')) v <<= 10;
-  if (end != nullptr && (*end == 'm' || *end == 'M')) v <<= 20;
-  v = std::clamp<unsigned long long>(v, 4096, 256ull << 20);
+  const std::uint64_t v = env::bytes("RINGFLOW_SHM_BLOCK", shm::default_block_bytes, 4096,
+                                     256ull << 20, env::malformed::warn);
   return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
 }
 

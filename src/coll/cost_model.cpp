@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "ringflow/coll/fold.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 
@@ -354,12 +355,8 @@ cost_model cost_model::from_json(std::string_view text, std::string_view origin)
 }
 
 std::string cost_model_path() {
-  if (const char* p = std::getenv("RINGFLOW_COST_MODEL"); p != nullptr && *p != '\0') return p;
-  if (const char* x = std::getenv("XDG_CACHE_HOME"); x != nullptr && *x != '\0') {
-    return std::string(x) + "/ringflow/cost_model.json";
-  }
-  const char* home = std::getenv("HOME");
-  return std::string(home != nullptr && *home != '\0' ? home : ".") + "/.cache/ringflow/cost_model.json";
+  if (auto p = env::text("RINGFLOW_COST_MODEL")) return std::move(*p);
+  return (env::cache_dir() / "cost_model.json").string();
 }
 
 cost_model local_cost_model() {

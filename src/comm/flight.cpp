@@ -21,6 +21,7 @@
 
 #include "ringflow/comm/transport.hpp"
 #include "ringflow/core/dtype.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 #include "ringflow/core/reduce_op.hpp"
@@ -40,30 +41,15 @@ std::string_view state_name(state s) {
 
 bool enabled() noexcept {
   static const bool value = [] {
-    const char* env = std::getenv("RINGFLOW_FLIGHT");
-    if (env == nullptr || *env == '\0') return true;
-    const std::string_view v(env);
-    if (v == "0" || v == "off" || v == "false" || v == "no") return false;
-    if (v != "1" && v != "on" && v != "true" && v != "yes") {
-      log::warn("RINGFLOW_FLIGHT='{}' is not 0 or 1; recording stays on", v);
-    }
-    return true;
+    return env::flag("RINGFLOW_FLIGHT", true, env::malformed::warn);
   }();
   return value;
 }
 
 std::size_t ring_size() noexcept {
   static const std::size_t value = [] {
-    constexpr std::size_t fallback = 256;
-    const char* env = std::getenv("RINGFLOW_FLIGHT_SIZE");
-    if (env == nullptr || *env == '\0') return fallback;
-    char* end = nullptr;
-    const long long n = std::strtoll(env, &end, 10);
-    if (end == env || *end != '\0' || n < 1 || n > 65536) {
-      log::warn("RINGFLOW_FLIGHT_SIZE='{}' is not a count in [1, 65536]; using {}", env, fallback);
-      return fallback;
-    }
-    return static_cast<std::size_t>(n);
+    return static_cast<std::size_t>(
+        env::integer("RINGFLOW_FLIGHT_SIZE", 256, {1, 65536}, env::malformed::warn));
   }();
   return value;
 }
@@ -188,10 +174,7 @@ void signal_loop() {
 }
 
 void install_signals() {
-  if (std::getenv("RINGFLOW_FLIGHT_SIGNALS") != nullptr &&
-      std::string_view(std::getenv("RINGFLOW_FLIGHT_SIGNALS")) == "0") {
-    return;
-  }
+  if (!env::flag("RINGFLOW_FLIGHT_SIGNALS", true, env::malformed::warn)) return;
   if (::pipe2(signal_pipe, O_CLOEXEC) != 0) return;
   static exit_guard guard;
   struct sigaction sa {};
@@ -398,7 +381,7 @@ void flight_set_process_rank(int rank) noexcept {
 
 void flight_dump_on_failure(std::string_view reason) noexcept {
   if (!flight::enabled()) return;
-  if (process_rank.load() < 0 && std::getenv("RINGFLOW_FLIGHT_DIR") == nullptr) return;
+  if (process_rank.load() < 0 && !env::is_set("RINGFLOW_FLIGHT_DIR")) return;
   dump_now(reason, "after a failure");
 }
 
@@ -411,10 +394,7 @@ std::vector<entry> recent(const transport& t) {
   return ring != nullptr ? ring->snapshot() : std::vector<entry>{};
 }
 
-std::string directory() {
-  const char* env = std::getenv("RINGFLOW_FLIGHT_DIR");
-  return env != nullptr && *env != '\0' ? std::string(env) : std::string(".");
-}
+std::string directory() { return env::text("RINGFLOW_FLIGHT_DIR").value_or("."); }
 
 std::string default_path() {
   return fmt::format("{}/ringflow-flight.{}.jsonl", directory(), detail::rank_label());

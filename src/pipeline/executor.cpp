@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::pipeline {
@@ -27,10 +28,7 @@ double now_us() {
   return std::chrono::duration<double, std::micro>(clock_type::now().time_since_epoch()).count();
 }
 
-bool timeline_env() {
-  const char* v = std::getenv("RINGFLOW_TIMELINE");
-  return v != nullptr && *v != '\0';
-}
+bool timeline_env() { return env::is_set("RINGFLOW_TIMELINE"); }
 
 const char* category_of(op_kind op) {
   switch (op) {

@@ -16,6 +16,7 @@
 #include <utility>
 #include <variant>
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::train {
@@ -314,9 +315,9 @@ timeline::timeline(int rank, std::filesystem::path path) : state_(std::make_shar
 }
 
 timeline timeline::from_env(int rank) {
-  const char* p = std::getenv("RINGFLOW_TIMELINE");
-  if (p == nullptr || *p == '\0') return {};
-  return timeline(rank, p);
+  const auto p = env::text("RINGFLOW_TIMELINE");
+  if (!p) return {};
+  return timeline(rank, *p);
 }
 
 std::filesystem::path timeline::file() const { return state_ ? state_->file : std::filesystem::path(); }
