@@ -17,16 +17,11 @@
 #include <sstream>
 #include <tuple>
 
+#include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow {
-namespace detail {
-// Defined in src/coll/cost_model.cpp: the cost model's file is written the
-// same way (directory, temporary file, rename).
-void save_text_file(const std::string& path, const std::string& text, std::string_view what);
-}  // namespace detail
-
 namespace {
 
 // ---- a small JSON reader (objects, arrays, strings, numbers, literals) -----
@@ -621,7 +616,11 @@ std::optional<tuning_file> read_tuning_file(const std::string& path) {
 }
 
 void save_tuning_file(const tuning_file& f, const std::string& path) {
-  detail::save_text_file(path, f.to_json(), "tuning table");
+  try {
+    detail::write_file_atomically(path, f.to_json(), {.create_directories = true});
+  } catch (const detail::file_write_error& e) {
+    throw usage_error(fmt::format("cannot save the tuning table: {}", e.what()));
+  }
 }
 
 }  // namespace ringflow

@@ -20,6 +20,7 @@
 #include <thread>
 
 #include "ringflow/comm/transport.hpp"
+#include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/dtype.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
@@ -280,19 +281,11 @@ std::string render(std::string_view reason) {
 
 // Writes next to `path` and renames, so a reader never sees half a file.
 void write_file(const std::string& path, const std::string& text) {
-  const std::string tmp = fmt::format("{}.tmp{}", path, static_cast<long>(::getpid()));
-  std::FILE* f = std::fopen(tmp.c_str(), "w");
-  if (f == nullptr) {
-    throw error(fmt::format("flight recorder: cannot write '{}': {} (set RINGFLOW_FLIGHT_DIR to "
-                            "a writable directory)",
-                            tmp, std::strerror(errno)));
-  }
-  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
-  const bool closed = std::fclose(f) == 0;
-  if (!ok || !closed || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int e = errno;
-    std::remove(tmp.c_str());
-    throw error(fmt::format("flight recorder: cannot write '{}': {}", path, std::strerror(e)));
+  try {
+    write_file_atomically(path, text);
+  } catch (const file_write_error& e) {
+    throw error(fmt::format("flight recorder: {} (set RINGFLOW_FLIGHT_DIR to a writable directory)",
+                            e.what()));
   }
 }
 
