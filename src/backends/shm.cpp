@@ -51,6 +51,7 @@
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
+#include "mpi_check.hpp"
 #include "mpi_job.hpp"
 #include "waiting.hpp"
 
@@ -191,23 +192,14 @@ std::size_t block_from_env() {
   return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
 }
 
-#define RINGFLOW_SHM_CHECK_MPI(call, rank)                                                    \
-  do {                                                                                        \
-    const int rf_rc_ = (call);                                                                \
-    if (rf_rc_ != MPI_SUCCESS) {                                                              \
-      throw comm_error(fmt::format("shm set-up on rank {}: {} failed (MPI error {})", (rank), \
-                                   #call, rf_rc_));                                           \
-    }                                                                                         \
-  } while (0)
-
 // Collective over `mc`: finds the node, creates and maps the segment.
 void set_up(node_state& st, MPI_Comm mc) {
   st.world_ranks = mpi::job::world_ranks(mc);
   MPI_Comm_rank(mc, &st.rank);
   MPI_Comm_size(mc, &st.size);
   MPI_Comm node = MPI_COMM_NULL;
-  RINGFLOW_SHM_CHECK_MPI(
-      MPI_Comm_split_type(mc, MPI_COMM_TYPE_SHARED, st.rank, MPI_INFO_NULL, &node), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Comm_split_type(mc, MPI_COMM_TYPE_SHARED, st.rank, MPI_INFO_NULL, &node),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   int local = 0;
   MPI_Comm_size(node, &local);
   MPI_Comm_free(&node);
@@ -248,7 +240,8 @@ void set_up(node_state& st, MPI_Comm mc) {
     fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) msg.err = errno;
   }
-  RINGFLOW_SHM_CHECK_MPI(MPI_Bcast(&msg, sizeof msg, MPI_BYTE, 0, mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Bcast(&msg, sizeof msg, MPI_BYTE, 0, mc),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   if (msg.err != 0) {
     throw comm_error(fmt::format(
         "shm set-up on rank {}: rank 0 could not create shared memory {}: {}; check that "
@@ -275,7 +268,8 @@ void set_up(node_state& st, MPI_Comm mc) {
   }
   // Everyone waits for rank 0's allocation before mapping.
   int bad = failure.empty() ? -1 : st.rank, worst = -1;
-  RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   if (worst < 0) {
     // Not MAP_POPULATE: pages fault in as blocks first use them, so a
     // communicator that only reduces small buffers maps little.
@@ -288,7 +282,8 @@ void set_up(node_state& st, MPI_Comm mc) {
   }
   if (fd >= 0) close(fd);
   bad = failure.empty() ? -1 : st.rank;
-  RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   // Every rank has mapped it (or failed): the name can go, so nothing is left
   // behind in /dev/shm even if a rank crashes later.
   if (st.rank == 0) shm_unlink(msg.name);
@@ -304,7 +299,7 @@ void set_up(node_state& st, MPI_Comm mc) {
     st.head().size = st.size;
   }
   // The header is written before any rank publishes a counter.
-  RINGFLOW_SHM_CHECK_MPI(MPI_Barrier(mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Barrier(mc), fmt::format("in shm set-up on rank {}", st.rank));
   log::debug("shm: rank {} of {} mapped {} bytes (blocks up to {} KiB), {}", st.rank, st.size,
              st.bytes, st.block_bytes / 1024,
              st.oversubscribed ? "more ranks than cores" : "a core per rank");
