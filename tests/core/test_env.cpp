@@ -10,8 +10,8 @@
 #include "support/collect.hpp"
 
 using namespace ringflow;
-using ringflow::testing::scoped_env;
 using env::malformed;
+using ringflow::testing::scoped_env;
 
 namespace {
 
@@ -85,8 +85,8 @@ TEST_CASE("byte counts take K, M, G suffixes (powers of 1024)", "[core][env]") {
   CHECK(env::parse_bytes("4MiB") == std::optional<std::uint64_t>(4u << 20));
   CHECK(env::parse_bytes("1G") == std::optional<std::uint64_t>(1u << 30));
   CHECK(env::parse_bytes("2kb") == std::optional<std::uint64_t>(2048));
-  for (const char* bad : {"", "K", "-4K", "4T", "4Kx", "4 K", "99999999999999999999",
-                          "17179869184G"}) {
+  for (const char* bad :
+       {"", "K", "-4K", "4T", "4Kx", "4 K", "99999999999999999999", "17179869184G"}) {
     INFO(bad);
     CHECK_FALSE(env::parse_bytes(bad).has_value());
   }
@@ -116,14 +116,16 @@ TEST_CASE("a malformed value fails naming the variable, the value and what is ac
     scoped_env v(var, "sometimes");
     const std::string e = refusal([] { (void)env::flag(var, true, malformed::fail); });
     INFO(e);
-    CHECK(e == "RINGFLOW_TEST_ENV_READER='sometimes' is not a switch: expected 1, on, true, yes "
-               "or 0, off, false, no");
+    CHECK(e ==
+          "RINGFLOW_TEST_ENV_READER='sometimes' is not a switch: expected 1, on, true, yes "
+          "or 0, off, false, no");
   }
   {
     scoped_env v(var, "four");
     const std::string e = refusal([] { (void)env::integer(var, 1, {1, 16}, malformed::fail); });
     INFO(e);
-    CHECK(e == "RINGFLOW_TEST_ENV_READER='four' is not valid: expected a whole number from 1 to 16");
+    CHECK(e ==
+          "RINGFLOW_TEST_ENV_READER='four' is not valid: expected a whole number from 1 to 16");
   }
   {
     scoped_env v(var, "17");
@@ -137,8 +139,9 @@ TEST_CASE("a malformed value fails naming the variable, the value and what is ac
     const std::string e = refusal(
         [] { (void)env::real(var, 1, {.lo = 0, .hi = 100, .lo_open = true}, malformed::fail); });
     INFO(e);
-    CHECK(e == "RINGFLOW_TEST_ENV_READER='0' is out of range: expected a number above 0 and at "
-               "most 100");
+    CHECK(e ==
+          "RINGFLOW_TEST_ENV_READER='0' is out of range: expected a number above 0 and at "
+          "most 100");
   }
   {
     scoped_env v(var, "-1");
@@ -147,8 +150,9 @@ TEST_CASE("a malformed value fails naming the variable, the value and what is ac
   }
   {
     scoped_env v(var, "avx3");
-    const std::string e =
-        refusal([] { (void)env::choice(var, {"baseline", "avx2", "avx512"}, 0, malformed::fail); });
+    const std::string e = refusal([] {
+      (void)env::choice(var, {"baseline", "avx2", "avx512"}, 0, malformed::fail);
+    });
     INFO(e);
     CHECK(e == "RINGFLOW_TEST_ENV_READER='avx3' is not valid: expected baseline, avx2 or avx512");
   }

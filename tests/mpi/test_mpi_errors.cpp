@@ -1,8 +1,7 @@
 // MPI errors become ringflow::mpi_error: a comm_error that carries MPI's
 // error code and class, with a message naming the call, the rank and the peer.
-#include <mpi.h>
-
 #include <fmt/format.h>
+#include <mpi.h>
 
 #include <cstddef>
 #include <string>
