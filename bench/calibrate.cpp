@@ -18,6 +18,7 @@
 #include "ringflow/coll/context.hpp"
 #include "ringflow/coll/cost_model.hpp"
 #include "ringflow/coll/fold.hpp"
+#include "ringflow/core/env.hpp"
 
 namespace ringflow::bench {
 namespace {
@@ -68,7 +69,8 @@ link_cost fit_link(const communicator& comm, MPI_Comm mpi, int a, int b, int rep
   const std::size_t small = std::size_t{64} << 10, large = std::size_t{1} << 20;
   const double ts = exchange_seconds(comm, mpi, a, b, small, 256, reps);
   const double tl = exchange_seconds(comm, mpi, a, b, large, 32, reps);
-  if (comm.rank() == 0 && std::getenv("RINGFLOW_CALIBRATE_VERBOSE")) {
+  if (comm.rank() == 0 &&
+      env::flag("RINGFLOW_CALIBRATE_VERBOSE", false, env::malformed::warn)) {
     fmt::print("#   {} <-> {}: 8 B {:.2f} us, 64 KiB {:.2f} us, 1 MiB {:.2f} us\n", a, b,
                l.alpha * 1e6, ts * 1e6, tl * 1e6);
   }

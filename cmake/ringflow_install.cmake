@@ -3,21 +3,31 @@
 # Included from the top-level CMakeLists.txt when RINGFLOW_INSTALL is ON. After
 #   cmake --install build --prefix P
 # another project finds ringflow with find_package(ringflow CONFIG REQUIRED)
-# (CMAKE_PREFIX_PATH=P) and links ringflow::ringflow and ringflow::cuda, the
-# same target names an add_subdirectory(ringflow) user sees.
+# (CMAKE_PREFIX_PATH=P) and links ringflow::coll, ringflow::train,
+# ringflow::ringflow (both) and ringflow::cuda, the same target names an
+# add_subdirectory(ringflow) user sees. ringflow::cuda has its own export file
+# (ringflowCudaTargets.cmake), loaded only where its toolkit is found, so the
+# other targets never need CUDA.
 include(CMakePackageConfigHelpers)
 
 set(RINGFLOW_INSTALL_CMAKEDIR ${CMAKE_INSTALL_LIBDIR}/cmake/ringflow
     CACHE STRING "Where ringflowConfig.cmake is installed, relative to the prefix")
 mark_as_advanced(RINGFLOW_INSTALL_CMAKEDIR)
 
-install(TARGETS ringflow ringflow_cuda
-        EXPORT ringflowTargets
-        ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT ringflow_development
-        LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT ringflow_runtime
-                NAMELINK_COMPONENT ringflow_development
-        RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT ringflow_runtime
-        INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+foreach(_rf_set ringflowTargets ringflowCudaTargets)
+  if(_rf_set STREQUAL "ringflowTargets")
+    set(_rf_targets ringflow_coll ringflow_train ringflow)
+  else()
+    set(_rf_targets ringflow_cuda)
+  endif()
+  install(TARGETS ${_rf_targets}
+          EXPORT ${_rf_set}
+          ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT ringflow_development
+          LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT ringflow_runtime
+                  NAMELINK_COMPONENT ringflow_development
+          RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR} COMPONENT ringflow_runtime
+          INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+endforeach()
 
 # Every public header, and nothing else that may sit in include/.
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/ringflow
@@ -27,11 +37,13 @@ install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/ringflow
 
 # (bench/ installs ringflow-bench itself, tools/ ringflow-doctor.)
 
-install(EXPORT ringflowTargets
-        NAMESPACE ringflow::
-        FILE ringflowTargets.cmake
-        DESTINATION ${RINGFLOW_INSTALL_CMAKEDIR}
-        COMPONENT ringflow_development)
+foreach(_rf_set ringflowTargets ringflowCudaTargets)
+  install(EXPORT ${_rf_set}
+          NAMESPACE ringflow::
+          FILE ${_rf_set}.cmake
+          DESTINATION ${RINGFLOW_INSTALL_CMAKEDIR}
+          COMPONENT ringflow_development)
+endforeach()
 
 # What the config file needs to know about this build.
 if(RINGFLOW_WITH_CUDA)

@@ -7,6 +7,7 @@
 #include <ringflow/ad/autodiff.hpp>
 #include <ringflow/backends/mpi.hpp>
 #include <ringflow/coll/collectives.hpp>
+#include <ringflow/core/env.hpp>
 #include <ringflow/data/batch.hpp>
 #include <ringflow/data/dataset.hpp>
 #include <ringflow/data/sampler.hpp>
@@ -141,7 +142,7 @@ std::optional<options> parse_args(int argc, char** argv, bool print) {
     }
   }
   if (o.trace.empty()) {
-    if (const char* t = std::getenv("RINGFLOW_TIMELINE"); t != nullptr) o.trace = t;
+    if (auto t = ringflow::env::text("RINGFLOW_TIMELINE")) o.trace = std::move(*t);
   }
   return o;
 }

@@ -11,6 +11,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 
@@ -38,31 +39,30 @@ std::atomic<int> thread_count{0};
 std::atomic<bool> blas_enabled{true};  // 0: not yet read from the environment
 
 int default_threads() {
-  const char* v = std::getenv("RINGFLOW_THREADS");
-  if (v == nullptr || *v == '\0') return 1;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  if (end == v || *end != '\0' || n < 1 || n > 4096) {
-    log::warn("RINGFLOW_THREADS={} is not a thread count from 1 to 4096; using 1", v);
-    return 1;
-  }
-  return static_cast<int>(n);
+  return static_cast<int>(env::integer("RINGFLOW_THREADS", 1, {1, 4096}, env::malformed::warn));
 }
 
 blas load() {
   blas b;
-  const char* want = std::getenv("RINGFLOW_BLAS");
-  const std::string_view w = want != nullptr ? want : "";
-  if (w == "0" || w == "off" || w == "eigen") return b;
+  // A switch (off: Eigen; on: look for OpenBLAS, as when unset), `eigen`, or
+  // the path of a BLAS library.
+  std::string want;
+  if (const auto v = env::text("RINGFLOW_BLAS")) {
+    const auto on = env::parse_switch(*v);
+    if ((on && !*on) || env::iequals(*v, "eigen")) return b;
+    if (!on) want = *v;
+  }
   // An explicit path, or the names Debian's libopenblas0-pthread/-openmp
   // install (through the alternatives system).
-  const char* names[] = {want, "libopenblas.so.0", "libopenblas.so"};
+  const char* names[] = {want.empty() ? nullptr : want.c_str(), "libopenblas.so.0",
+                         "libopenblas.so"};
   for (const char* name : names) {
     if (name == nullptr || *name == '\0') continue;
     void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
     if (h == nullptr) {
-      if (name == want) log::warn("RINGFLOW_BLAS={}: cannot load it ({}); using Eigen", want,
-                                  dlerror());
+      if (name == names[0]) {
+        log::warn("RINGFLOW_BLAS={}: cannot load it ({}); using Eigen", want, dlerror());
+      }
       continue;
     }
     b.sgemm = reinterpret_cast<sgemm_fn>(dlsym(h, "cblas_sgemm"));

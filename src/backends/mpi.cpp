@@ -1,5 +1,6 @@
 // MPI backend: nonblocking point-to-point on a duplicated communicator with
-// MPI_ERRORS_RETURN; errors become comm_error naming the call, rank and peer.
+// MPI_ERRORS_RETURN; errors become mpi_error (a comm_error with MPI's code)
+// naming the call, rank and peer.
 #include "ringflow/backends/mpi.hpp"
 
 #include <fmt/format.h>
@@ -24,30 +25,23 @@
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
+#include "mpi_check.hpp"
 #include "mpi_job.hpp"
 #include "waiting.hpp"
 
 namespace ringflow::mpi {
 namespace {
 
-std::string mpi_error_text(int code) {
-  char text[MPI_MAX_ERROR_STRING];
-  int len = 0;
-  if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) return fmt::format("MPI error {}", code);
-  return std::string(text, static_cast<std::size_t>(len));
-}
+using detail::mpi_error_text;
 
-// The one checker for MPI calls: throws comm_error naming call, rank and peer.
-#define RINGFLOW_CHECK_MPI(call, rank, peer)                                                  \
-  do {                                                                                        \
-    const int rf_rc_ = (call);                                                                \
-    if (rf_rc_ != MPI_SUCCESS) {                                                              \
-      throw comm_error(fmt::format("{} failed on rank {} (peer {}): {}", #call, (rank), (peer), \
-                                   mpi_error_text(rf_rc_)));                                  \
-    }                                                                                         \
-  } while (0)
+// Where a checked call ran, for RINGFLOW_CHECK_MPI (mpi_check.hpp).
+std::string on_rank(int rank, int peer) {
+  return peer >= 0 ? fmt::format("on rank {} (peer {})", rank, peer)
+                   : fmt::format("on rank {}", rank);
+}
 
 }  // namespace
 
@@ -89,8 +83,14 @@ occupancy probe(MPI_Comm comm) {
     decided = o;
     int caller = o.local_ranks > o.cores ? 1 : 0;
     int progress = 2 * o.local_ranks > o.cores ? 1 : 0;
-    if (const char* env = std::getenv("RINGFLOW_YIELD"); env != nullptr && *env != '\0') {
-      caller = progress = std::string_view(env) == "0" ? 0 : 1;
+    // A switch overrides both; a malformed value warns and keeps the choice above.
+    if (const auto v = env::text("RINGFLOW_YIELD")) {
+      if (const auto on = env::parse_switch(*v)) {
+        caller = progress = *on ? 1 : 0;
+      } else {
+        env::report(env::malformed::warn, "RINGFLOW_YIELD", *v, "not a switch", env::switch_words,
+                    "the automatic choice");
+      }
     }
     caller_yields.store(caller);
     progress_yields.store(progress);
@@ -156,10 +156,10 @@ class mpi_request final : public detail::request_state {
       } else {
         if (is_send_) {
           RINGFLOW_CHECK_MPI(MPI_Isend(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, &r),
-                             rank_, peer_);
+                             on_rank(rank_, peer_));
         } else {
           RINGFLOW_CHECK_MPI(MPI_Irecv(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, &r),
-                             rank_, peer_);
+                             on_rank(rank_, peer_));
         }
         expected_.push_back(static_cast<int>(n));
       }
@@ -239,19 +239,17 @@ class mpi_request final : public detail::request_state {
         if (s.MPI_ERROR != MPI_SUCCESS && s.MPI_ERROR != MPI_ERR_PENDING) code = s.MPI_ERROR;
       }
     }
-    int cls = 0;
-    MPI_Error_class(code, &cls);
+    const int cls = detail::mpi_error_class(code);
     if (cls == MPI_ERR_TRUNCATE) {
       // The buffer holds the start of the message: a differing stamp says more.
       check_stamp(static_cast<int>(sizeof(detail::stamp_header)));
-      fail<comm_error>(fmt::format(
-          "rank {}: message from rank {} (tag {}) is larger than the {} bytes expected: the ranks "
-          "disagree on the message size",
-          rank_, peer_, tag_, bytes_));
+      fail_mpi(code, fmt::format("rank {}: message from rank {} (tag {}) is larger than the {} "
+                                 "bytes expected: the ranks disagree on the message size",
+                                 rank_, peer_, tag_, bytes_));
     }
-    fail<comm_error>(fmt::format("{} failed on rank {} ({} rank {}, tag {}, {} bytes): {}", call,
-                                 rank_, is_send_ ? "send to" : "receive from", peer_, tag_, bytes_,
-                                 mpi_error_text(code)));
+    fail_mpi(code, fmt::format("{} failed on rank {} ({} rank {}, tag {}, {} bytes): {}", call,
+                               rank_, is_send_ ? "send to" : "receive from", peer_, tag_, bytes_,
+                               mpi_error_text(code)));
   }
 
   // "receive of 4096 bytes from rank 1 (tag 16385)"
@@ -266,6 +264,11 @@ class mpi_request final : public detail::request_state {
   [[noreturn]] void fail(const std::string& msg) const {
     if (tag_ >= collective_tag_base) job::fail(job::notice::failed, msg);
     throw E(msg);
+  }
+  // A failed MPI call: mpi_error carries MPI's code (the message is complete).
+  [[noreturn]] void fail_mpi(int code, const std::string& msg) const {
+    if (tag_ >= collective_tag_base) job::fail(job::notice::failed, msg);
+    throw mpi_error(msg, code, detail::mpi_error_class(code));
   }
 
   void verify_sizes(const std::vector<MPI_Status>& st) {
@@ -308,13 +311,13 @@ class mpi_request final : public detail::request_state {
         head.fp = stamp;
         std::memcpy(bounce_.get(), &head, h);
         if (n) std::memcpy(bounce_.get() + h, p, n);
-        RINGFLOW_CHECK_MPI(MPI_Isend(bounce_.get(), len, MPI_BYTE, peer_, tag_, comm, r), rank_,
-                           peer_);
+        RINGFLOW_CHECK_MPI(MPI_Isend(bounce_.get(), len, MPI_BYTE, peer_, tag_, comm, r),
+                           on_rank(rank_, peer_));
       } else {
         user_ = p;
         user_bytes_ = n;
-        RINGFLOW_CHECK_MPI(MPI_Irecv(bounce_.get(), len, MPI_BYTE, peer_, tag_, comm, r), rank_,
-                           peer_);
+        RINGFLOW_CHECK_MPI(MPI_Irecv(bounce_.get(), len, MPI_BYTE, peer_, tag_, comm, r),
+                           on_rank(rank_, peer_));
       }
       return len;
     }
@@ -322,19 +325,19 @@ class mpi_request final : public detail::request_state {
     MPI_Request hr = MPI_REQUEST_NULL;
     if (is_send_) {
       RINGFLOW_CHECK_MPI(MPI_Isend(&head_, static_cast<int>(h), MPI_BYTE, peer_, tag_, comm, &hr),
-                         rank_, peer_);
+                         on_rank(rank_, peer_));
     } else {
       RINGFLOW_CHECK_MPI(MPI_Irecv(&head_, static_cast<int>(h), MPI_BYTE, peer_, tag_, comm, &hr),
-                         rank_, peer_);
+                         on_rank(rank_, peer_));
     }
     reqs_.push_back(hr);
     expected_.push_back(static_cast<int>(h));
     if (is_send_) {
-      RINGFLOW_CHECK_MPI(MPI_Isend(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, r), rank_,
-                         peer_);
+      RINGFLOW_CHECK_MPI(MPI_Isend(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, r),
+                         on_rank(rank_, peer_));
     } else {
-      RINGFLOW_CHECK_MPI(MPI_Irecv(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, r), rank_,
-                         peer_);
+      RINGFLOW_CHECK_MPI(MPI_Irecv(p, static_cast<int>(n), MPI_BYTE, peer_, tag_, comm, r),
+                         on_rank(rank_, peer_));
     }
     return static_cast<int>(n);
   }
@@ -414,8 +417,8 @@ class mpi_transport final : public transport,
 
   std::shared_ptr<transport> split(int color, int key) override {
     MPI_Comm out = MPI_COMM_NULL;
-    RINGFLOW_CHECK_MPI(MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &out), rank_,
-                       -1);
+    RINGFLOW_CHECK_MPI(MPI_Comm_split(comm_, color < 0 ? MPI_UNDEFINED : color, key, &out),
+                       on_rank(rank_, -1));
     if (out == MPI_COMM_NULL) return nullptr;
     auto t = std::make_shared<mpi_transport>(out);
     t->set_timeout(timeout());
@@ -468,7 +471,7 @@ class mpi_transport final : public transport,
           const std::string msg = fmt::format("MPI_Iallreduce failed on rank {}: {}", rank_,
                                               mpi_error_text(rc));
           job::fail(job::notice::failed, msg);
-          throw comm_error(msg);
+          throw mpi_error(msg, rc, detail::mpi_error_class(rc));
         }
         if (flag) return;
         if (spins < 128) continue;
@@ -506,7 +509,7 @@ class mpi_transport final : public transport,
       MPI_Request check_req = MPI_REQUEST_NULL;
       RINGFLOW_CHECK_MPI(
           MPI_Iallreduce(check_in, check_out, 2, MPI_LONG_LONG, MPI_MAX, comm_, &check_req),
-          rank_, -1);
+          on_rank(rank_, -1));
       wait(check_req);
       if (check_out[0] != check_in[0] || check_out[1] != check_in[1]) {
         const std::string msg = fmt::format(
@@ -520,7 +523,7 @@ class mpi_transport final : public transport,
     }
     MPI_Request req = MPI_REQUEST_NULL;
     RINGFLOW_CHECK_MPI(MPI_Iallreduce(send, out, static_cast<int>(count), mt, mo, comm_, &req),
-                       rank_, -1);
+                       on_rank(rank_, -1));
     wait(req);
     return true;
   }
@@ -632,7 +635,7 @@ void environment::init(int* argc, char*** argv, threading level) {
   }
   int provided = 0;
   const int rc = MPI_Init_thread(argc, argv, to_mpi(level), &provided);
-  if (rc != MPI_SUCCESS) throw comm_error("MPI_Init_thread failed: " + mpi_error_text(rc));
+  if (rc != MPI_SUCCESS) throw detail::make_mpi_error(rc, "MPI_Init_thread failed");
   owns_ = true;
   provided_ = from_mpi(provided);
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
@@ -678,7 +681,7 @@ communicator from_comm(MPI_Comm comm) {
   }
   MPI_Comm dup = MPI_COMM_NULL;
   const int rc = MPI_Comm_dup(comm, &dup);
-  if (rc != MPI_SUCCESS) throw comm_error("MPI_Comm_dup failed: " + mpi_error_text(rc));
+  if (rc != MPI_SUCCESS) throw detail::make_mpi_error(rc, "MPI_Comm_dup failed");
   waiting::probe(dup);
   return communicator(std::make_shared<mpi_transport>(dup));
 }

@@ -49,7 +49,9 @@
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
+#include "mpi_check.hpp"
 #include "mpi_job.hpp"
 #include "waiting.hpp"
 
@@ -79,9 +81,8 @@ constexpr auto spin_for_oversubscribed = std::chrono::microseconds(2);
 
 // RINGFLOW_SHM_SPIN_US overrides the poll time (rank 0's, for tuning).
 std::chrono::microseconds spin_from_env(std::chrono::microseconds fallback) {
-  const char* env = std::getenv("RINGFLOW_SHM_SPIN_US");
-  if (env == nullptr || *env == '\0') return fallback;
-  return std::chrono::microseconds(std::max(0LL, std::strtoll(env, nullptr, 10)));
+  return std::chrono::microseconds(
+      env::integer("RINGFLOW_SHM_SPIN_US", fallback.count(), {0, 1'000'000}, env::malformed::warn));
 }
 // A sleeping rank wakes at least this often to check its deadline and
 // whether a peer gave up.
@@ -183,26 +184,13 @@ std::size_t control_bytes(int size) {
   return (c + 4095) / 4096 * 4096;
 }
 
-// RINGFLOW_SHM_BLOCK: bytes with an optional K or M suffix, rounded up to 4 KiB.
+// RINGFLOW_SHM_BLOCK: bytes with an optional K, M or G suffix, from 4 KiB to
+// 256 MiB (clamped), rounded up to 4 KiB.
 std::size_t block_from_env() {
-  const char* env = std::getenv("RINGFLOW_SHM_BLOCK");
-  if (env == nullptr || *env == '\0') return shm::default_block_bytes;
-  char* end = nullptr;
-  unsigned long long v = std::strtoull(env, &end, 10);
-  if (end != nullptr && (*end == 'k' || *end == 'K')) v <<= 10;
-  if (end != nullptr && (*end == 'm' || *end == 'M')) v <<= 20;
-  v = std::clamp<unsigned long long>(v, 4096, 256ull << 20);
+  const std::uint64_t v = env::bytes("RINGFLOW_SHM_BLOCK", shm::default_block_bytes, 4096,
+                                     256ull << 20, env::malformed::warn);
   return static_cast<std::size_t>((v + 4095) / 4096 * 4096);
 }
-
-#define RINGFLOW_SHM_CHECK_MPI(call, rank)                                                    \
-  do {                                                                                        \
-    const int rf_rc_ = (call);                                                                \
-    if (rf_rc_ != MPI_SUCCESS) {                                                              \
-      throw comm_error(fmt::format("shm set-up on rank {}: {} failed (MPI error {})", (rank), \
-                                   #call, rf_rc_));                                           \
-    }                                                                                         \
-  } while (0)
 
 // Collective over `mc`: finds the node, creates and maps the segment.
 void set_up(node_state& st, MPI_Comm mc) {
@@ -210,8 +198,8 @@ void set_up(node_state& st, MPI_Comm mc) {
   MPI_Comm_rank(mc, &st.rank);
   MPI_Comm_size(mc, &st.size);
   MPI_Comm node = MPI_COMM_NULL;
-  RINGFLOW_SHM_CHECK_MPI(
-      MPI_Comm_split_type(mc, MPI_COMM_TYPE_SHARED, st.rank, MPI_INFO_NULL, &node), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Comm_split_type(mc, MPI_COMM_TYPE_SHARED, st.rank, MPI_INFO_NULL, &node),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   int local = 0;
   MPI_Comm_size(node, &local);
   MPI_Comm_free(&node);
@@ -252,7 +240,8 @@ void set_up(node_state& st, MPI_Comm mc) {
     fd = shm_open(msg.name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd < 0) msg.err = errno;
   }
-  RINGFLOW_SHM_CHECK_MPI(MPI_Bcast(&msg, sizeof msg, MPI_BYTE, 0, mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Bcast(&msg, sizeof msg, MPI_BYTE, 0, mc),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   if (msg.err != 0) {
     throw comm_error(fmt::format(
         "shm set-up on rank {}: rank 0 could not create shared memory {}: {}; check that "
@@ -279,7 +268,8 @@ void set_up(node_state& st, MPI_Comm mc) {
   }
   // Everyone waits for rank 0's allocation before mapping.
   int bad = failure.empty() ? -1 : st.rank, worst = -1;
-  RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   if (worst < 0) {
     // Not MAP_POPULATE: pages fault in as blocks first use them, so a
     // communicator that only reduces small buffers maps little.
@@ -292,7 +282,8 @@ void set_up(node_state& st, MPI_Comm mc) {
   }
   if (fd >= 0) close(fd);
   bad = failure.empty() ? -1 : st.rank;
-  RINGFLOW_SHM_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Allreduce(&bad, &worst, 1, MPI_INT, MPI_MAX, mc),
+                     fmt::format("in shm set-up on rank {}", st.rank));
   // Every rank has mapped it (or failed): the name can go, so nothing is left
   // behind in /dev/shm even if a rank crashes later.
   if (st.rank == 0) shm_unlink(msg.name);
@@ -308,7 +299,7 @@ void set_up(node_state& st, MPI_Comm mc) {
     st.head().size = st.size;
   }
   // The header is written before any rank publishes a counter.
-  RINGFLOW_SHM_CHECK_MPI(MPI_Barrier(mc), st.rank);
+  RINGFLOW_CHECK_MPI(MPI_Barrier(mc), fmt::format("in shm set-up on rank {}", st.rank));
   log::debug("shm: rank {} of {} mapped {} bytes (blocks up to {} KiB), {}", st.rank, st.size,
              st.bytes, st.block_bytes / 1024,
              st.oversubscribed ? "more ranks than cores" : "a core per rank");

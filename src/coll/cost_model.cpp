@@ -16,6 +16,8 @@
 #include <sstream>
 
 #include "ringflow/coll/fold.hpp"
+#include "ringflow/core/atomic_file.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 
@@ -354,12 +356,8 @@ cost_model cost_model::from_json(std::string_view text, std::string_view origin)
 }
 
 std::string cost_model_path() {
-  if (const char* p = std::getenv("RINGFLOW_COST_MODEL"); p != nullptr && *p != '\0') return p;
-  if (const char* x = std::getenv("XDG_CACHE_HOME"); x != nullptr && *x != '\0') {
-    return std::string(x) + "/ringflow/cost_model.json";
-  }
-  const char* home = std::getenv("HOME");
-  return std::string(home != nullptr && *home != '\0' ? home : ".") + "/.cache/ringflow/cost_model.json";
+  if (auto p = env::text("RINGFLOW_COST_MODEL")) return std::move(*p);
+  return (env::cache_dir() / "cost_model.json").string();
 }
 
 cost_model local_cost_model() {
@@ -383,37 +381,12 @@ cost_model local_cost_model() {
   }
 }
 
-namespace detail {
-// Writes `text` to `path`: creates the directory, writes a temporary file
-// beside it and renames it over `path`; throws usage_error naming `what`.
-// Also used by src/coll/tuning.cpp (declared there).
-void save_text_file(const std::string& path, const std::string& text, std::string_view what) {
-  const std::filesystem::path p(path);
-  std::error_code ec;
-  if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path(), ec);
-  // Written next to the target and renamed over it, so a reader (another
-  // job's rank 0) never sees half a file.
-  const std::string tmp = fmt::format("{}.tmp{}", path, static_cast<long>(getpid()));
-  {
-    std::ofstream out(tmp);
-    if (!out) {
-      throw usage_error(fmt::format("cannot write the {} to {}: {}", what, tmp,
-                                    std::strerror(errno)));
-    }
-    out << text;
-    if (!out.flush()) throw usage_error(fmt::format("writing the {} to {} failed", what, tmp));
-  }
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::filesystem::remove(tmp, ec);
-    throw usage_error(fmt::format("cannot move the {} into place at {}: {}", what, path,
-                                  ec.message()));
-  }
-}
-}  // namespace detail
-
 void save_cost_model(const cost_model& m, const std::string& path) {
-  detail::save_text_file(path, m.to_json(), "cost model");
+  try {
+    detail::write_file_atomically(path, m.to_json(), {.create_directories = true});
+  } catch (const detail::file_write_error& e) {
+    throw usage_error(fmt::format("cannot save the cost model: {}", e.what()));
+  }
 }
 
 }  // namespace ringflow

@@ -11,6 +11,7 @@
 
 #include "ringflow/coll/ring.hpp"
 #include "ringflow/coll/tuning.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 #include "ringflow/core/reduce_op.hpp"
@@ -171,13 +172,7 @@ int first_use_tuner::calls_left(std::size_t bytes) const {
 }
 
 bool first_use_enabled_by_env() {
-  const char* v = std::getenv("RINGFLOW_AUTOTUNE");
-  if (v == nullptr || *v == '\0') return true;
-  const std::string_view s(v);
-  if (s == "1" || s == "on" || s == "true" || s == "yes") return true;
-  if (s == "0" || s == "off" || s == "false" || s == "no") return false;
-  throw usage_error(fmt::format(
-      "RINGFLOW_AUTOTUNE='{}' is not a switch: use 1, on, true, yes or 0, off, false, no", s));
+  return env::flag("RINGFLOW_AUTOTUNE", true, env::malformed::fail);
 }
 
 }  // namespace ringflow::detail

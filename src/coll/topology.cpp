@@ -9,6 +9,7 @@
 #include <map>
 #include <string_view>
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow {
@@ -56,16 +57,9 @@ topology topology::from_names(const std::vector<std::string>& names) {
 }
 
 int node_size_from_env() {
-  const char* env = std::getenv("RINGFLOW_NODE_SIZE");
-  if (env == nullptr || *env == '\0') return 0;
-  const std::string_view text(env);
-  int v = 0;
-  auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || p != text.data() + text.size() || v < 1) {
-    throw usage_error(fmt::format(
-        "RINGFLOW_NODE_SIZE='{}' is not a positive whole number of ranks per emulated node", text));
-  }
-  return v;
+  // Ranks per emulated node; 0: unset.
+  return static_cast<int>(
+      env::integer("RINGFLOW_NODE_SIZE", 0, {1, 1 << 20}, env::malformed::fail));
 }
 
 }  // namespace ringflow

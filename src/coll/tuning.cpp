@@ -17,15 +17,11 @@
 #include <sstream>
 #include <tuple>
 
+#include "ringflow/core/atomic_file.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow {
-namespace detail {
-// Defined in src/coll/cost_model.cpp: the cost model's file is written the
-// same way (directory, temporary file, rename).
-void save_text_file(const std::string& path, const std::string& text, std::string_view what);
-}  // namespace detail
-
 namespace {
 
 // ---- a small JSON reader (objects, arrays, strings, numbers, literals) -----
@@ -584,10 +580,11 @@ std::string tuning_host() {
 }
 
 std::string tuning_path() {
-  if (const char* p = std::getenv("RINGFLOW_TUNING"); p != nullptr && *p != '\0') {
-    const std::string v = p;
-    if (v == "off" || v == "none" || v == "0") return {};
-    return v;
+  if (const auto v = env::text("RINGFLOW_TUNING")) {
+    // A switch's off (or `none`) ignores tables; its on is the default path.
+    const auto on = env::parse_switch(*v);
+    if ((on && !*on) || env::iequals(*v, "none")) return {};
+    if (!on) return *v;
   }
   // The file names the machine, so a home directory shared by a cluster's
   // nodes keeps one file per host.
@@ -595,12 +592,7 @@ std::string tuning_path() {
   for (char& ch : host) {
     if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '.' && ch != '_') ch = '_';
   }
-  const std::string file = "/ringflow/tuning-" + host + ".json";
-  if (const char* x = std::getenv("XDG_CACHE_HOME"); x != nullptr && *x != '\0') {
-    return std::string(x) + file;
-  }
-  const char* home = std::getenv("HOME");
-  return std::string(home != nullptr && *home != '\0' ? home : ".") + "/.cache" + file;
+  return (env::cache_dir() / ("tuning-" + host + ".json")).string();
 }
 
 std::optional<tuning_file> read_tuning_file(const std::string& path) {
@@ -624,7 +616,11 @@ std::optional<tuning_file> read_tuning_file(const std::string& path) {
 }
 
 void save_tuning_file(const tuning_file& f, const std::string& path) {
-  detail::save_text_file(path, f.to_json(), "tuning table");
+  try {
+    detail::write_file_atomically(path, f.to_json(), {.create_directories = true});
+  } catch (const detail::file_write_error& e) {
+    throw usage_error(fmt::format("cannot save the tuning table: {}", e.what()));
+  }
 }
 
 }  // namespace ringflow

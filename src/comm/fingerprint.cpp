@@ -7,6 +7,7 @@
 #include <cstdlib>
 
 #include "ringflow/comm/transport.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
 
 namespace ringflow {
@@ -43,15 +44,14 @@ std::string_view check_mode_name(check_mode m) {
 
 check_mode check_mode_from_env() {
   static const check_mode value = [] {
-    const char* env = std::getenv("RINGFLOW_CHECK");
-    if (env == nullptr || *env == '\0') return check_mode::stamp;
-    const std::string_view v(env);
-    if (v == "0" || v == "off" || v == "false" || v == "no") return check_mode::off;
-    if (v == "1" || v == "on" || v == "true" || v == "yes" || v == "stamp") {
-      return check_mode::stamp;
-    }
-    if (v == "full") return check_mode::full;
-    log::warn("RINGFLOW_CHECK='{}' is not one of 0, 1, stamp, full; using stamp", v);
+    const auto v = env::text("RINGFLOW_CHECK");
+    if (!v) return check_mode::stamp;
+    // A switch (on is stamp), or a mode's name.
+    if (const auto on = env::parse_switch(*v)) return *on ? check_mode::stamp : check_mode::off;
+    if (env::iequals(*v, "stamp")) return check_mode::stamp;
+    if (env::iequals(*v, "full")) return check_mode::full;
+    env::report(env::malformed::warn, "RINGFLOW_CHECK", *v, "not valid",
+                fmt::format("a switch ({}), stamp or full", env::switch_words), "stamp");
     return check_mode::stamp;
   }();
   return value;

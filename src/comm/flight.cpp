@@ -20,7 +20,9 @@
 #include <thread>
 
 #include "ringflow/comm/transport.hpp"
+#include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/dtype.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 #include "ringflow/core/reduce_op.hpp"
@@ -40,30 +42,15 @@ std::string_view state_name(state s) {
 
 bool enabled() noexcept {
   static const bool value = [] {
-    const char* env = std::getenv("RINGFLOW_FLIGHT");
-    if (env == nullptr || *env == '\0') return true;
-    const std::string_view v(env);
-    if (v == "0" || v == "off" || v == "false" || v == "no") return false;
-    if (v != "1" && v != "on" && v != "true" && v != "yes") {
-      log::warn("RINGFLOW_FLIGHT='{}' is not 0 or 1; recording stays on", v);
-    }
-    return true;
+    return env::flag("RINGFLOW_FLIGHT", true, env::malformed::warn);
   }();
   return value;
 }
 
 std::size_t ring_size() noexcept {
   static const std::size_t value = [] {
-    constexpr std::size_t fallback = 256;
-    const char* env = std::getenv("RINGFLOW_FLIGHT_SIZE");
-    if (env == nullptr || *env == '\0') return fallback;
-    char* end = nullptr;
-    const long long n = std::strtoll(env, &end, 10);
-    if (end == env || *end != '\0' || n < 1 || n > 65536) {
-      log::warn("RINGFLOW_FLIGHT_SIZE='{}' is not a count in [1, 65536]; using {}", env, fallback);
-      return fallback;
-    }
-    return static_cast<std::size_t>(n);
+    return static_cast<std::size_t>(
+        env::integer("RINGFLOW_FLIGHT_SIZE", 256, {1, 65536}, env::malformed::warn));
   }();
   return value;
 }
@@ -188,10 +175,7 @@ void signal_loop() {
 }
 
 void install_signals() {
-  if (std::getenv("RINGFLOW_FLIGHT_SIGNALS") != nullptr &&
-      std::string_view(std::getenv("RINGFLOW_FLIGHT_SIGNALS")) == "0") {
-    return;
-  }
+  if (!env::flag("RINGFLOW_FLIGHT_SIGNALS", true, env::malformed::warn)) return;
   if (::pipe2(signal_pipe, O_CLOEXEC) != 0) return;
   static exit_guard guard;
   struct sigaction sa {};
@@ -297,19 +281,11 @@ std::string render(std::string_view reason) {
 
 // Writes next to `path` and renames, so a reader never sees half a file.
 void write_file(const std::string& path, const std::string& text) {
-  const std::string tmp = fmt::format("{}.tmp{}", path, static_cast<long>(::getpid()));
-  std::FILE* f = std::fopen(tmp.c_str(), "w");
-  if (f == nullptr) {
-    throw error(fmt::format("flight recorder: cannot write '{}': {} (set RINGFLOW_FLIGHT_DIR to "
-                            "a writable directory)",
-                            tmp, std::strerror(errno)));
-  }
-  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
-  const bool closed = std::fclose(f) == 0;
-  if (!ok || !closed || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int e = errno;
-    std::remove(tmp.c_str());
-    throw error(fmt::format("flight recorder: cannot write '{}': {}", path, std::strerror(e)));
+  try {
+    write_file_atomically(path, text);
+  } catch (const file_write_error& e) {
+    throw error(fmt::format("flight recorder: {} (set RINGFLOW_FLIGHT_DIR to a writable directory)",
+                            e.what()));
   }
 }
 
@@ -398,7 +374,7 @@ void flight_set_process_rank(int rank) noexcept {
 
 void flight_dump_on_failure(std::string_view reason) noexcept {
   if (!flight::enabled()) return;
-  if (process_rank.load() < 0 && std::getenv("RINGFLOW_FLIGHT_DIR") == nullptr) return;
+  if (process_rank.load() < 0 && !env::is_set("RINGFLOW_FLIGHT_DIR")) return;
   dump_now(reason, "after a failure");
 }
 
@@ -411,10 +387,7 @@ std::vector<entry> recent(const transport& t) {
   return ring != nullptr ? ring->snapshot() : std::vector<entry>{};
 }
 
-std::string directory() {
-  const char* env = std::getenv("RINGFLOW_FLIGHT_DIR");
-  return env != nullptr && *env != '\0' ? std::string(env) : std::string(".");
-}
+std::string directory() { return env::text("RINGFLOW_FLIGHT_DIR").value_or("."); }
 
 std::string default_path() {
   return fmt::format("{}/ringflow-flight.{}.jsonl", directory(), detail::rank_label());

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <exception>
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
 
@@ -70,14 +71,9 @@ void transport::make_flight() {
 
 std::chrono::milliseconds default_timeout() {
   static const std::chrono::milliseconds value = [] {
-    const char* env = std::getenv("RINGFLOW_TIMEOUT");
-    if (env == nullptr || *env == '\0') return std::chrono::milliseconds(600'000);
-    char* end = nullptr;
-    const double seconds = std::strtod(env, &end);
-    if (end == env || *end != '\0' || seconds < 0) {
-      log::warn("RINGFLOW_TIMEOUT='{}' is not a number of seconds; using 600", env);
-      return std::chrono::milliseconds(600'000);
-    }
+    // Seconds, 0 = forever; up to about 30 years, so the milliseconds fit.
+    const double seconds =
+        env::real("RINGFLOW_TIMEOUT", 600.0, {.lo = 0, .hi = 1e9}, env::malformed::warn);
     if (seconds == 0) return std::chrono::milliseconds::max();
     return std::chrono::milliseconds(static_cast<long long>(seconds * 1000.0));
   }();

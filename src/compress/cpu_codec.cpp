@@ -20,6 +20,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/half.hpp"
 #include "ringflow/core/log.hpp"
@@ -446,19 +447,10 @@ codec_path hardware_path() noexcept {
 
 codec_path capped_path() noexcept {
   const codec_path hw = hardware_path();
-  const char* v = std::getenv("RINGFLOW_CODEC_PATH");
-  if (v == nullptr || *v == '\0') return hw;
-  const std::string_view s = v;
-  codec_path want = hw;
-  if (s == "baseline") {
-    want = codec_path::baseline;
-  } else if (s == "avx2") {
-    want = codec_path::avx2;
-  } else if (s == "avx512") {
-    want = codec_path::avx512;
-  } else {
-    log::warn("RINGFLOW_CODEC_PATH={} is not baseline, avx2 or avx512; using {}", v, to_string(hw));
-  }
+  // The words in codec_path's order; a malformed value warns and keeps `hw`.
+  const int i = env::choice("RINGFLOW_CODEC_PATH", {"baseline", "avx2", "avx512"},
+                            static_cast<int>(hw), env::malformed::warn);
+  const auto want = static_cast<codec_path>(i);
   return want < hw ? want : hw;
 }
 

@@ -12,20 +12,14 @@
 #include <string_view>
 
 #include "ringflow/compress/kernels.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::compress {
 
 namespace {
 double env_or(const char* name, double fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  char* end = nullptr;
-  const double x = std::strtod(v, &end);
-  if (end == v || *end != '\0' || !(x > 0)) {
-    throw usage_error(fmt::format("{}='{}' is not a positive number", name, v));
-  }
-  return x;
+  return env::real(name, fallback, {.lo = 0, .hi = 1e12, .lo_open = true}, env::malformed::fail);
 }
 
 // CPU time of the calling thread: on a shared, oversubscribed machine this
@@ -59,8 +53,7 @@ link_model link_model::from_cost_model(const cost_model& m) {
 }
 
 link_model link_model::for_this_machine() {
-  const char* g = std::getenv("RINGFLOW_LINK_GBPS");
-  if (g && *g) return from_env();
+  if (env::is_set("RINGFLOW_LINK_GBPS")) return from_env();
   return from_cost_model(local_cost_model());
 }
 

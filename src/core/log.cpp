@@ -7,16 +7,18 @@
 #include <mutex>
 #include <string>
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::log {
 namespace {
 
 level initial_level() {
-  const char* env = std::getenv("RINGFLOW_LOG_LEVEL");
-  if (env == nullptr || *env == '\0') return level::warn;
+  // Not env::report's warning: the log is not ready while its level is read.
+  const auto v = env::text("RINGFLOW_LOG_LEVEL");
+  if (!v) return level::warn;
   try {
-    return parse_level(env);
+    return parse_level(*v);
   } catch (const usage_error& e) {
     std::fprintf(stderr, "[ringflow warn] %s; using 'warn'\n", e.what());
     return level::warn;

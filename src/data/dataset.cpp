@@ -1,6 +1,7 @@
 // Loading IDX image/label pairs into float datasets; Fashion-MNIST paths and normalization.
 #include "ringflow/data/dataset.hpp"
 
+#include "ringflow/core/env.hpp"
 #include "ringflow/data/idx.hpp"
 
 #include <fmt/format.h>
@@ -92,9 +93,7 @@ dataset load_idx_dataset(const std::filesystem::path& images, const std::filesys
 }
 
 std::filesystem::path default_fashion_mnist_dir() {
-  if (const char* env = std::getenv("RINGFLOW_DATA_DIR"); env != nullptr && *env != '\0') {
-    return env;
-  }
+  if (auto dir = env::text("RINGFLOW_DATA_DIR")) return std::move(*dir);
   return "/usr/share/datasets/fashion-mnist";
 }
 

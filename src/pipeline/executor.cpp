@@ -15,6 +15,8 @@
 #include <tuple>
 
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/core/atomic_file.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::pipeline {
@@ -27,10 +29,7 @@ double now_us() {
   return std::chrono::duration<double, std::micro>(clock_type::now().time_since_epoch()).count();
 }
 
-bool timeline_env() {
-  const char* v = std::getenv("RINGFLOW_TIMELINE");
-  return v != nullptr && *v != '\0';
-}
+bool timeline_env() { return env::is_set("RINGFLOW_TIMELINE"); }
 
 const char* category_of(op_kind op) {
   switch (op) {
@@ -356,10 +355,10 @@ void write_chrome_trace(const std::string& path, const communicator& comm,
     if (!body.empty()) body += ",";
     body.append(bytes.begin(), bytes.end());
   }
-  std::ofstream f(path);
-  f << finish_json(body, comm.size(), pid_offset);
-  if (!f) {
-    throw error(fmt::format("pipeline::write_chrome_trace on rank 0: cannot write '{}'", path));
+  try {
+    detail::write_file_atomically(path, finish_json(body, comm.size(), pid_offset));
+  } catch (const detail::file_write_error& e) {
+    throw error(fmt::format("pipeline::write_chrome_trace on rank 0: {}", e.what()));
   }
 }
 

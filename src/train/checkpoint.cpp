@@ -17,6 +17,7 @@
 #include <optional>
 
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/core/atomic_file.hpp"
 
 namespace ringflow::train {
 
@@ -373,30 +374,6 @@ std::vector<unsigned char> read_bytes(const std::filesystem::path& file) {
   return b;
 }
 
-// Closes a descriptor on scope exit.
-struct fd_guard {
-  int fd = -1;
-  ~fd_guard() {
-    if (fd >= 0) ::close(fd);
-  }
-};
-
-void write_all(const std::filesystem::path& file, const std::filesystem::path& tmp, int fd,
-               const std::string& bytes) {
-  std::size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      fail(file, fmt::format("writing the temporary file '{}' failed after {} of {} bytes: {}; "
-                             "the previous checkpoint (if any) is untouched",
-                             tmp.string(), done, bytes.size(),
-                             n < 0 ? std::strerror(errno) : "no progress"));
-    }
-    done += static_cast<std::size_t>(n);
-  }
-}
-
 }  // namespace
 
 optimizer_state optimizer_state_of(ad::adamw& opt) {
@@ -420,44 +397,12 @@ optimizer_state optimizer_state_of(ad::sgd& opt) {
 void save_checkpoint(const std::filesystem::path& file, const training_state& s) {
   if (file.empty()) throw usage_error("train::save_checkpoint: the file name is empty");
   const std::string bytes = encode(s);
-  const std::filesystem::path dir =
-      file.has_parent_path() ? file.parent_path() : std::filesystem::path(".");
-  static std::atomic<unsigned> counter{0};
-  const std::filesystem::path tmp =
-      dir / fmt::format(".{}.tmp.{}.{}", file.filename().string(), ::getpid(), counter++);
-  bool renamed = false;
   try {
-    {
-      fd_guard fd{::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644)};
-      if (fd.fd < 0) {
-        fail(file, fmt::format("cannot create the temporary file '{}': {}; does the folder "
-                               "exist and is it writable?",
-                               tmp.string(), std::strerror(errno)));
-      }
-      write_all(file, tmp, fd.fd, bytes);
-      if (::fsync(fd.fd) != 0) {
-        fail(file, fmt::format("fsync of '{}' failed: {}", tmp.string(), std::strerror(errno)));
-      }
-      const int fdv = fd.fd;
-      fd.fd = -1;
-      if (::close(fdv) != 0) {
-        fail(file, fmt::format("closing '{}' failed: {}", tmp.string(), std::strerror(errno)));
-      }
-    }
-    if (::rename(tmp.c_str(), file.c_str()) != 0) {
-      fail(file, fmt::format("renaming '{}' over it failed: {}", tmp.string(),
-                             std::strerror(errno)));
-    }
-    renamed = true;
-    // Make the rename itself durable.
-    fd_guard dfd{::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC)};
-    if (dfd.fd < 0 || ::fsync(dfd.fd) != 0) {
-      fail(file, fmt::format("fsync of the folder '{}' failed: {}", dir.string(),
-                             std::strerror(errno)));
-    }
-  } catch (...) {
-    if (!renamed) ::unlink(tmp.c_str());
-    throw;
+    detail::write_file_atomically(file, bytes);
+  } catch (const detail::file_write_error& e) {
+    fail(file, e.replaced()
+                   ? std::string(e.what())
+                   : fmt::format("{}; the previous checkpoint (if any) is untouched", e.what()));
   }
 }
 

@@ -16,6 +16,8 @@
 #include <utility>
 #include <variant>
 
+#include "ringflow/core/atomic_file.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::train {
@@ -314,9 +316,9 @@ timeline::timeline(int rank, std::filesystem::path path) : state_(std::make_shar
 }
 
 timeline timeline::from_env(int rank) {
-  const char* p = std::getenv("RINGFLOW_TIMELINE");
-  if (p == nullptr || *p == '\0') return {};
-  return timeline(rank, p);
+  const auto p = env::text("RINGFLOW_TIMELINE");
+  if (!p) return {};
+  return timeline(rank, *p);
 }
 
 std::filesystem::path timeline::file() const { return state_ ? state_->file : std::filesystem::path(); }
@@ -377,15 +379,13 @@ void timeline::write() const {
   if (evs.empty()) out.erase(out.size() - 2, 1);  // the trailing comma of the metadata
   out += "],\"displayTimeUnit\":\"ms\"}\n";
 
-  const auto& file = state_->file;
-  std::ofstream f(file, std::ios::binary | std::ios::trunc);
-  if (f) f.write(out.data(), static_cast<std::streamsize>(out.size()));
-  if (f) f.close();
-  if (!f) {
+  try {
+    detail::write_file_atomically(state_->file, out);
+  } catch (const detail::file_write_error& e) {
     throw error(fmt::format(
-        "train::timeline on rank {}: cannot write the trace '{}' (does the folder exist and is it "
-        "writable?); set RINGFLOW_TIMELINE to a writable path",
-        state_->rank, file.string()));
+        "train::timeline on rank {}: {} (does the folder exist and is it writable?); set "
+        "RINGFLOW_TIMELINE to a writable path",
+        state_->rank, e.what()));
   }
 }
 

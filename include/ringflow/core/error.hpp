@@ -20,6 +20,26 @@ class comm_error : public error {
   using error::error;
 };
 
+/// A failed MPI call: a comm_error that also carries what MPI returned.
+/// `mpi_code()` is the error code, `mpi_class()` its class (compare it with
+/// `MPI_ERR_RANK`, `MPI_ERR_TRUNCATE`, ... from `<mpi.h>`; this header does
+/// not include it).
+/// @code
+/// try { comm.raw().isend(p, n, 99, 0).wait(); }
+/// catch (const ringflow::mpi_error& e) { if (e.mpi_class() == MPI_ERR_RANK) ... }
+/// @endcode
+class mpi_error : public comm_error {
+ public:
+  mpi_error(const std::string& what, int code, int error_class)
+      : comm_error(what), code_(code), class_(error_class) {}
+  int mpi_code() const noexcept { return code_; }
+  int mpi_class() const noexcept { return class_; }
+
+ private:
+  int code_;
+  int class_;
+};
+
 /// The caller did something wrong: bad argument, mismatched sizes or types
 /// across ranks, a shape that does not broadcast.
 class usage_error : public error {
