@@ -1,6 +1,8 @@
-// data_parallel, sharded_data_parallel (ZeRO 1/2) and collective checkpoints over MPI (mpirun -np 1..5): averaging, identical parameters, unused parameters, resume.
+// data_parallel, sharded_data_parallel (ZeRO 1/2) and collective checkpoints over MPI (mpirun -np 1..5): averaging, identical parameters, unused parameters, resume, join.
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -34,6 +36,11 @@ bool same_on_all_ranks(const communicator& comm, std::vector<float> v) {
   int same = std::memcmp(root.data(), v.data(), v.size() * sizeof(float)) == 0 ? 1 : 0;
   allreduce(comm, std::span<int>(&same, 1), min);
   return same == 1;
+}
+
+std::vector<float> copy_of_values(ad::mlp& model) {
+  const auto v = model.parameters().all_values();
+  return {v.begin(), v.end()};
 }
 
 // One step on this rank's 4 samples of a global batch of 4 * size.
@@ -203,5 +210,117 @@ TEST_CASE("mpi: sharded stages 1 and 2 match data_parallel over the ring bit for
               0);
       REQUIRE(same_on_all_ranks(world, sharded[t]));
     }
+  }
+}
+
+TEST_CASE("mpi: join with the last rank 10% short averages over the contributors",
+          "[mpi][train][join]") {
+  auto world = mpi::world();
+  const int p = world.size();
+  const int full = 20;
+  const int mine = p > 1 && world.rank() == p - 1 ? 18 : full;
+  const auto batch = [&](ad::mlp& m, int rank, int step) {
+    const auto x = inputs(4 * 8, static_cast<unsigned>(100 * step + rank));
+    const std::vector<int> y = {0, 1, 2, (rank + step) % 3};
+    // from_matrix copies: the graph outlives `x` (from_data would only view it).
+    const ad::matrix<float> xm = Eigen::Map<const ad::matrix<float>>(x.data(), 4, 8);
+    return ad::softmax_cross_entropy(m(ad::tensor::from_matrix(xm)), std::span<const int>(y));
+  };
+  const auto run = [&](int stage) {
+    ad::mlp model({8, 19, 3}, ad::activation::relu, 10 + static_cast<unsigned>(world.rank()));
+    std::vector<std::vector<float>> after;
+    std::vector<int> contributing;
+    double worst = 0;
+    // This rank's own gradient at the current parameters (zeros once it has
+    // joined), summed over the ranks in double and divided by the
+    // contributors: the average by hand, checked against the trainer's.
+    const auto check_average = [&](std::span<const float> averaged, int t, bool active) {
+      ad::mlp copy({8, 19, 3}, ad::activation::relu, 1);
+      const auto v = model.parameters().all_values();
+      std::copy(v.begin(), v.end(), copy.parameters().all_values().begin());
+      copy.zero_grad();
+      std::vector<double> own(v.size(), 0.0);
+      if (active) {
+        batch(copy, world.rank(), t).backward();
+        const auto g = copy.parameters().all_grads();
+        own.assign(g.begin(), g.end());
+      }
+      double count = active ? 1 : 0;
+      allreduce(world, std::span<double>(own), sum);
+      allreduce(world, std::span<double>(&count, 1), sum);
+      double d = 0, n = 0;
+      for (std::size_t i = 0; i < own.size(); ++i) {
+        const double want = own[i] / count;
+        d += (averaged[i] - want) * (averaged[i] - want);
+        n += want * want;
+      }
+      worst = std::max(worst, std::sqrt(d / n));
+    };
+    std::int64_t shadowed = 0;
+    if (stage == 0) {
+      train::data_parallel dp(world, model.parameters(),
+                              {.bucket_cap_bytes = 256,
+                               .first_bucket_cap_bytes = 64,
+                               .coll = {algo::ring, 0},
+                               .uneven_inputs = true});
+      ad::adamw opt(model.parameters(), {.lr = 1e-2});
+      const auto note = [&] {
+        after.push_back(copy_of_values(model));
+        contributing.push_back(dp.last_step().contributing_ranks);
+      };
+      for (int t = 0; t < mine; ++t) {
+        opt.zero_grad();
+        dp.backward(batch(model, world.rank(), t));
+        dp.finish();
+        check_average(model.parameters().all_grads(), t, true);
+        opt.step();
+        note();
+      }
+      bool first = true;
+      shadowed = dp.join(opt, [&](std::int64_t t) {
+        if (!first) after.push_back(copy_of_values(model));
+        contributing.push_back(dp.last_step().contributing_ranks);
+        first = false;
+        check_average(model.parameters().all_grads(), static_cast<int>(t), false);
+      });
+      if (!first) after.push_back(copy_of_values(model));
+    } else {
+      train::sharded_data_parallel sdp(world, model.parameters(),
+                                       {.stage = stage,
+                                        .bucket_cap_bytes = 256,
+                                        .first_bucket_cap_bytes = 64,
+                                        .uneven_inputs = true});
+      ad::adamw opt(sdp.shard(), {.lr = 1e-2});
+      const auto note = [&] {
+        after.push_back(copy_of_values(model));
+        contributing.push_back(sdp.last_step().contributing_ranks);
+      };
+      for (int t = 0; t < mine; ++t) {
+        opt.zero_grad();
+        sdp.backward(batch(model, world.rank(), t));
+        sdp.step(opt);
+        note();
+      }
+      bool first = true;
+      shadowed = sdp.join(opt, [&](std::int64_t) {
+        if (!first) after.push_back(copy_of_values(model));
+        contributing.push_back(sdp.last_step().contributing_ranks);
+        first = false;
+      });
+      if (!first) after.push_back(copy_of_values(model));
+    }
+    REQUIRE(shadowed == full - mine);
+    REQUIRE(after.size() == static_cast<std::size_t>(full));
+    for (int t = 0; t < full; ++t) {
+      REQUIRE(contributing[static_cast<std::size_t>(t)] == (t < 18 || p == 1 ? p : p - 1));
+      REQUIRE(same_on_all_ranks(world, after[static_cast<std::size_t>(t)]));
+    }
+    if (stage == 0) REQUIRE(worst <= 1e-6);
+    return after;
+  };
+  const auto plain = run(0);
+  const auto sharded = run(2);
+  for (std::size_t t = 0; t < plain.size(); ++t) {
+    REQUIRE(std::memcmp(sharded[t].data(), plain[t].data(), plain[t].size() * sizeof(float)) == 0);
   }
 }

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -34,6 +35,9 @@ struct sharded_data_parallel_options {
   /// be automatic or ring (both run the ring).
   coll_options coll = {};
   std::filesystem::path timeline_path = {};
+  /// Uneven inputs, as data_parallel_options::uneven_inputs: one int32
+  /// allreduce per step counts the ranks still training; join() works.
+  bool uneven_inputs = false;
 };
 
 /// ZeRO-style data-parallel trainer over a model's parameter store.
@@ -110,6 +114,28 @@ class sharded_data_parallel {
     gather_parameters();
   }
 
+  /// Uneven inputs (needs uneven_inputs = true), as data_parallel::join():
+  /// on a rank with no batch left, takes part in the other ranks' steps with
+  /// zero gradients (not counted in the divisor), then runs before_step(step),
+  /// opt.step() on its shard and the allgather, until every rank has called
+  /// join(). Returns the steps shadowed.
+  template <class Optimizer>
+  std::int64_t join(Optimizer& opt, const std::function<void(std::int64_t)>& before_step = {}) {
+    check_optimizer(opt.parameters());
+    std::int64_t shadowed = 0;
+    while (shadow_finish()) {
+      before_update();
+      if (before_step) before_step(steps() - 1);
+      {
+        auto s = trace().scope("optimizer", steps() - 1);
+        opt.step();
+      }
+      gather_parameters();
+      ++shadowed;
+    }
+    return shadowed;
+  }
+
   /// Scales shard()'s gradients so that the norm of the whole (averaged)
   /// gradient is at most max_norm; returns the norm before. Collective: call
   /// it on every rank, after finish() and before step(). (An allreduce of one
@@ -150,6 +176,7 @@ class sharded_data_parallel {
 
  private:
   void check_optimizer(const ad::parameter_store<float>& optimized) const;
+  bool shadow_finish();
   void before_update();
   void gather_parameters();
   struct state;
