@@ -136,6 +136,27 @@ std::vector<wire_round> powersgd_compressor::wire_plan(std::size_t n, int) const
   return rounds;
 }
 
+void powersgd_compressor::load_state(const compressor_state& s) {
+  if (s.counter != 0) {
+    throw usage_error(fmt::format("{}: load_state got a call counter of {}, but PowerSGD keeps "
+                                  "only warm starts (saved by int8 or top-k?)",
+                                  name(), s.counter));
+  }
+  if (layout_) {
+    // A Q of another size would be silently drawn afresh by warm_q: refuse it.
+    const std::size_t want = plan_of(layout_->size).q_floats;
+    for (const auto& [id, q] : s.warm_start) {
+      if (q.size() != want) {
+        throw usage_error(fmt::format(
+            "{}: the warm start of bucket {} has {} values, but this bucket's matrices need {} "
+            "(another model, bucket cap or rank?)",
+            name(), id, q.size(), want));
+      }
+    }
+  }
+  warm_ = s.warm_start;
+}
+
 std::vector<float>& powersgd_compressor::warm_q(std::uint64_t bucket_id, const plan& pl) {
   std::vector<float>& q = warm_[bucket_id];
   if (q.size() != pl.q_floats) {
