@@ -484,6 +484,9 @@ compress::traffic data_parallel::compression_traffic() const {
 std::string data_parallel::compression_of(std::size_t b) const {
   return state_->compression ? state_->compression->spec_of(b) : std::string("none");
 }
+compress::bucket_compression* data_parallel::bucket_compression() const {
+  return state_->compression.get();
+}
 const communicator& data_parallel::comm() const { return state_->comm; }
 const ad::parameter_store<float>& data_parallel::parameters() const { return state_->params; }
 const train::timeline& data_parallel::trace() const { return state_->tl; }

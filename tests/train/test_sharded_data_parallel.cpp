@@ -563,7 +563,7 @@ TEST_CASE("sharded clip_grad_norm uses the norm over all ranks", "[train][zero]"
   }
 }
 
-TEST_CASE("collective checkpoints refuse sharded optimizer state on every rank",
+TEST_CASE("collective checkpoints refuse sharded optimizer state without its pieces on every rank",
           "[train][zero][errors]") {
   const auto errs = per_rank<std::string>(3, [](communicator& c) -> std::string {
     ad::mlp model(model_sizes, ad::activation::tanh, 3);

@@ -270,6 +270,10 @@ class data_parallel {
   /// The compressor bucket `b` uses ("" before its first reduction, "none"
   /// without compression); in `auto` mode the cost model's choice.
   std::string compression_of(std::size_t b) const;
+  /// The per-bucket compression (null when compression is "none"): put it
+  /// in training_state::compression so checkpoints save and restore its
+  /// residuals, counters and warm starts.
+  compress::bucket_compression* bucket_compression() const;
 
   const communicator& comm() const;
   const ad::parameter_store<float>& parameters() const;
