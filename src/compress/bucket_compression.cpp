@@ -99,6 +99,12 @@ std::unique_ptr<compressor> bucket_compression::restored(const bucket_state& b) 
   }
   const std::optional<bucket_layout>* layout =
       b.bucket < slots_.size() ? &slots_[b.bucket].layout : nullptr;
+  // Without layouts any index is possible, but not a corrupt one's size.
+  constexpr std::size_t max_buckets = std::size_t{1} << 20;
+  if (layout == nullptr && b.bucket >= max_buckets) {
+    throw usage_error(fmt::format("{} is not a plausible bucket index (at most {} buckets)", where,
+                                  max_buckets));
+  }
   if (layout == nullptr && !slots_.empty()) {
     throw usage_error(fmt::format("{} does not exist here: this trainer has {} buckets (another "
                                   "bucket cap?)",

@@ -352,6 +352,65 @@ TEST_CASE("bytes sent per step: counted exactly, and the ring formula 2(p-1)/p w
   }
 }
 
+TEST_CASE("uneven_inputs: the per-step count is in bytes_sent, exactly", "[train][join][traffic]") {
+  for (int p : {2, 3, 4}) {
+    struct result {
+      std::uint64_t measured[3] = {0, 0, 0};
+      std::uint64_t counted[3] = {0, 0, 0};
+      std::uint64_t without[3] = {0, 0, 0};  // counted with the option off
+      int contributing[3] = {0, 0, 0};
+    };
+    const auto res = per_rank<result>(p, [&](communicator& c) {
+      result out;
+      counted_comm cc(c);
+      ad::mlp model(model_sizes, ad::activation::tanh, 5);
+      for (int stage = 0; stage < 3; ++stage) {
+        for (const bool uneven : {false, true}) {
+          const auto measure = [&](auto& trainer, auto& opt) {
+            for (int t = 0; t < 2; ++t) {
+              const std::uint64_t before = cc.sent->load();
+              opt.zero_grad();
+              trainer.backward(loss_of(model, local_batch, features, 10 * t + c.rank()));
+              trainer.step(opt);
+              if (!uneven) {
+                out.without[stage] = trainer.last_step().bytes_sent;
+                continue;
+              }
+              out.measured[stage] = cc.sent->load() - before;
+              out.counted[stage] = trainer.last_step().bytes_sent;
+              out.contributing[stage] = trainer.last_step().contributing_ranks;
+            }
+          };
+          if (stage == 0) {
+            train::data_parallel dp(cc.comm, model.parameters(),
+                                    {.coll = {algo::ring, 0}, .uneven_inputs = uneven});
+            ad::adamw opt(model.parameters());
+            measure(dp, opt);
+          } else {
+            train::sharded_data_parallel sdp(cc.comm, model.parameters(),
+                                             {.stage = stage, .uneven_inputs = uneven});
+            ad::adamw opt(sdp.shard());
+            measure(sdp, opt);
+          }
+        }
+      }
+      return out;
+    });
+    for (int r = 0; r < p; ++r) {
+      const auto& m = res[static_cast<std::size_t>(r)];
+      for (int stage = 0; stage < 3; ++stage) {
+        INFO("ranks " << p << " rank " << r << " stage " << stage);
+        REQUIRE(m.counted[stage] == m.measured[stage]);
+        REQUIRE(m.contributing[stage] == p);
+        // The count: one int32 over the ring (4 or 8 bytes from this rank).
+        REQUIRE(m.counted[stage] ==
+                m.without[stage] + train::ring_bytes_sent(1, 4, p, r, true, true));
+        REQUIRE(m.counted[stage] > m.without[stage]);
+      }
+    }
+  }
+}
+
 namespace {
 // The gradient after k micro-batches accumulated under no_sync (each loss
 // scaled by 1/k) and the bytes sent, for stage 0 (data_parallel), 1 or 2;
