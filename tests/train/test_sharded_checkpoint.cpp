@@ -141,6 +141,8 @@ TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for b
                                same_bits(f.params, copy_of(model.parameters().all_values())) &&
                                f.steps == before_save && f.step == before_save;
       train_steps(sdp, model, opt, c, before_save, before_save + after_save, &out.after);
+      st.step = before_save + after_save;
+      train::save_checkpoint(c, dir / "writers_end.rfck", st);
     });
     for (const auto& w : writers) REQUIRE(w.state_matches_file);
     const full_state saved = read_full(file);
@@ -209,6 +211,13 @@ TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for b
       REQUIRE(same_bits(a.v, b.v));
       REQUIRE(a.steps == before_save + after_save);
       REQUIRE(!same_bits(a.m, saved.m));
+      if (p == 4) {
+        // And at the writers' count, the uninterrupted run's optimizer state.
+        const full_state w = read_full(dir / "writers_end.rfck");
+        REQUIRE(same_bits(a.params, w.params));
+        REQUIRE(same_bits(a.m, w.m));
+        REQUIRE(same_bits(a.v, w.v));
+      }
     }
   }
   fs::remove_all(dir);
@@ -255,6 +264,14 @@ TEST_CASE("sharded checkpoints: a plain checkpoint resumes sharded, and bad uses
     train::training_state shifted = st;
     for (auto& piece : shifted.optimizer.pieces) piece.offset += model.parameters().numel();
     expect([&] { train::load_checkpoint(c, file, shifted); });
+    // A model of another layout, sharded the same way.
+    ad::mlp wide({10, 25, 17, 4}, ad::activation::tanh, 3);
+    train::sharded_data_parallel wide_sdp(c, wide.parameters(), {.stage = 1});
+    ad::adamw wide_opt(wide_sdp.shard());
+    train::training_state wide_st{.params = wide.parameters(),
+                                  .optimizer = train::optimizer_state_of(wide_opt, wide_sdp.owned())};
+    expect([&] { train::load_checkpoint(c, file, wide_st); });
+    if (wide_opt.steps() != 0) e += "[refused but changed]|";
   });
   for (int r = 0; r < 3; ++r) {
     const std::string& e = errs[static_cast<std::size_t>(r)];
@@ -264,7 +281,7 @@ TEST_CASE("sharded checkpoints: a plain checkpoint resumes sharded, and bad uses
     for (std::size_t bar; (bar = e.find('|', at)) != std::string::npos; at = bar + 1) {
       parts.push_back(e.substr(at, bar - at));
     }
-    REQUIRE(parts.size() == 4);
+    REQUIRE(parts.size() == 5);
     REQUIRE(parts[0] == "(no error)");
     REQUIRE(parts[1].find("rank 1: ") != std::string::npos);
     REQUIRE(parts[1].find("optimizer_state_of(opt, sdp.owned())") != std::string::npos);
@@ -272,6 +289,9 @@ TEST_CASE("sharded checkpoints: a plain checkpoint resumes sharded, and bad uses
     REQUIRE(parts[2].find("one" + std::to_string(r) + ".rfck") != std::string::npos);
     REQUIRE(parts[3].find("reaches past") != std::string::npos);
     REQUIRE(parts[3].find("rank ") != std::string::npos);
+    REQUIRE(parts[3].find(file.string()) != std::string::npos);
+    REQUIRE(parts[4].find("does not match the model") != std::string::npos);
+    REQUIRE(parts[4].find("rank 0: checkpoint '" + file.string()) != std::string::npos);
   }
   REQUIRE(!fs::exists(dir / "never.rfck"));
   fs::remove_all(dir);
