@@ -68,6 +68,9 @@ struct sharded_data_parallel::state {
   std::int32_t contributors = 0;
   bool flag_launched = false;
   collective_handle flag_handle;
+  // finish() ran and shard()'s averaged gradients await step() (which then
+  // must not reduce again: the model's gradients are consumed).
+  bool reduced = false;
 
   int rank() const { return comm.rank(); }
 
@@ -376,6 +379,7 @@ train::timeline::scoped_span sharded_data_parallel::span(std::string_view name) 
 
 void sharded_data_parallel::backward(const ad::tensor& loss) {
   auto& s = *state_;
+  s.reduced = false;  // a new step's gradients
   if (s.no_sync) ++s.accumulated_backwards;
   const double t0 = now_us();
   ad::backward(loss);
@@ -443,8 +447,11 @@ void sharded_data_parallel::finish() {
   s.last_fired = s.fired;
   ++s.step;
   s.reset_step();
+  s.reduced = failure == nullptr;
   if (failure) std::rethrow_exception(failure);
 }
+
+bool sharded_data_parallel::reduced() const { return state_->reduced; }
 
 bool sharded_data_parallel::shadow_finish() {
   auto& s = *state_;
@@ -530,6 +537,7 @@ void sharded_data_parallel::gather_parameters() {
   // Counted in the step just finished (last_step()).
   s.last.bytes_sent += bytes;
   s.last.comm_s += (t1 - t0) * 1e-6;
+  s.reduced = false;
 }
 
 double sharded_data_parallel::clip_grad_norm(double max_norm) {

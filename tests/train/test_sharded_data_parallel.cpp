@@ -643,3 +643,44 @@ TEST_CASE("collective checkpoints refuse sharded optimizer state without its pie
     REQUIRE(e.find("rank ") != std::string::npos);
   }
 }
+
+TEST_CASE("sharded: finish(), clip_grad_norm(), step() updates with the clipped gradient",
+          "[train][zero]") {
+  for (int stage : {1, 2}) {
+    INFO("stage " << stage);
+    struct result {
+      std::vector<float> init, plain, unclipped, clipped;
+    };
+    const auto res = per_rank<result>(2, [stage](communicator& c) {
+      result out;
+      // kind 0: step(); 1: finish, clip by a huge cap, step; 2: clip to 1e-3.
+      for (int kind = 0; kind < 3; ++kind) {
+        ad::mlp model(model_sizes, ad::activation::tanh, 3);
+        train::sharded_data_parallel sdp(c, model.parameters(), {.stage = stage});
+        ad::sgd opt(sdp.shard(), {.lr = 0.1});
+        if (kind == 0) out.init = copy_of(model.parameters().all_values());
+        opt.zero_grad();
+        sdp.backward(loss_of(model, local_batch, features, c.rank()));
+        if (kind > 0) {
+          sdp.finish();
+          sdp.clip_grad_norm(kind == 1 ? 1e9 : 1e-3);
+        }
+        sdp.step(opt);
+        (kind == 0 ? out.plain : kind == 1 ? out.unclipped : out.clipped) =
+            copy_of(model.parameters().all_values());
+      }
+      return out;
+    });
+    for (const auto& r : res) {
+      REQUIRE(same_bits(r.unclipped, r.plain));
+      double full = 0, small = 0;
+      for (std::size_t i = 0; i < r.init.size(); ++i) {
+        full += std::abs(r.plain[i] - r.init[i]);
+        small += std::abs(r.clipped[i] - r.init[i]);
+      }
+      REQUIRE(full > 0);
+      REQUIRE(small > 0);
+      REQUIRE(small < 0.5 * full);  // clipped to a norm of 1e-3: a much smaller step
+    }
+  }
+}

@@ -100,12 +100,14 @@ class sharded_data_parallel {
   /// Launches the buckets not launched yet, waits for all: shard()'s
   /// gradients then hold the average over ranks of this rank's pieces.
   void finish();
-  /// finish(), opt.step() on the shard, allgather of the parameters.
+  /// finish() (unless the caller already ran it for this step, e.g. before
+  /// clip_grad_norm(): a second reduction would average the consumed, zeroed
+  /// model gradients), opt.step() on the shard, allgather of the parameters.
   /// `opt` must be built over shard() (usage_error otherwise).
   template <class Optimizer>
   void step(Optimizer& opt) {
     check_optimizer(opt.parameters());
-    finish();
+    if (!reduced()) finish();
     before_update();
     {
       auto s = trace().scope("optimizer", steps() - 1);
@@ -177,6 +179,7 @@ class sharded_data_parallel {
  private:
   void check_optimizer(const ad::parameter_store<float>& optimized) const;
   bool shadow_finish();
+  bool reduced() const;
   void before_update();
   void gather_parameters();
   struct state;
