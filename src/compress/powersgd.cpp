@@ -204,7 +204,7 @@ void powersgd_compressor::encode(std::span<const float> in, std::span<std::byte>
     std::memcpy(raw_out, in.data() + g.offset, g.size * sizeof(float));
     raw_out += g.size;
   }
-  std::memcpy(warm.data(), q_out, pl.q_floats * sizeof(float));
+  if (pl.q_floats > 0) std::memcpy(warm.data(), q_out, pl.q_floats * sizeof(float));
 }
 
 void powersgd_compressor::decode_add(std::span<const std::byte> payload, std::span<float> out) const {
@@ -302,7 +302,9 @@ void powersgd_compressor::reduce(const communicator& comm, std::span<float> data
     std::memcpy(data.data() + g.offset, raw, g.size * sizeof(float));
     raw += g.size;
   }
-  std::memcpy(warm.data(), second.data(), pl.q_floats * sizeof(float));
+  // A bucket without compressed matrices has no Q (both vectors empty, their
+  // data() possibly null: memcpy's arguments must not be, even for 0 bytes).
+  if (pl.q_floats > 0) std::memcpy(warm.data(), second.data(), pl.q_floats * sizeof(float));
   account(n, comm, stats);
 }
 
