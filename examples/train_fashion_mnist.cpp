@@ -61,6 +61,7 @@ struct options {
   std::string checkpoint_dir;
   bool resume = false;
   std::int64_t checkpoint_every = 0;
+  int stop_after = 0;  // 0: run all --epochs
   std::size_t bucket_kib = rt::default_bucket_cap_bytes / 1024;
   std::string progress = "auto";
   ringflow::algo algorithm = ringflow::algo::automatic;
@@ -89,6 +90,8 @@ void print_help() {
       "  --checkpoint-dir DIR   save DIR/checkpoint.rfck (atomically) after every epoch\n"
       "  --checkpoint-every N   ... and every N steps\n"
       "  --resume               continue from DIR/checkpoint.rfck (needs --checkpoint-dir)\n"
+      "  --stop-after E         stop after epoch E (the schedule still spans --epochs): the\n"
+      "                         first half of an interrupted run, for --resume to finish\n"
       "  --bucket-kib N         gradient bucket cap in KiB (default %zu)\n"
       "  --progress MODE        auto (a bar on a terminal), bar, lines or none (default auto)\n"
       "  --algo NAME            bucket allreduce: auto, ring or native (MPI_Allreduce) (default auto)\n"
@@ -99,7 +102,8 @@ void print_help() {
       "  --zero STAGE           0: plain data parallel; 1: optimizer state sharded over the\n"
       "                         ranks; 2: gradients too (ZeRO; bitwise equal to 0 with --algo\n"
       "                         ring; docs/training.md) (default 0). Memory per rank and bytes\n"
-      "                         per step are reported at the end\n"
+      "                         per step are reported at the end. Checkpoints of any stage\n"
+      "                         resume at any rank count and stage\n"
       "  --help                 this text\n"
       "\n"
       "Environment: RINGFLOW_TIMELINE=trace.json writes a Chrome trace per rank\n"
@@ -147,6 +151,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.checkpoint_dir = flags.text();
     } else if (arg == "--checkpoint-every") {
       o.checkpoint_every = flags.integer(1, INT64_MAX);
+    } else if (arg == "--stop-after") {
+      o.stop_after = static_cast<int>(flags.integer(1, 1000000));
     } else if (arg == "--resume") {
       flags.no_value();
       o.resume = true;
@@ -183,10 +189,6 @@ std::optional<options> parse_args(int argc, char** argv) {
   }
   if (o.resume && o.checkpoint_dir.empty()) throw bad_flag("--resume needs --checkpoint-dir");
   if (o.zero > 0) {
-    if (!o.checkpoint_dir.empty()) {
-      throw bad_flag("--checkpoint-dir: checkpoints of sharded optimizer state (--zero 1|2) are not "
-                     "implemented yet; use --zero 0");
-    }
     if (o.compress != "none") {
       throw bad_flag("--compress: gradient compression is not available with --zero 1|2; use "
                      "--zero 0");
@@ -373,11 +375,17 @@ int train(const options& o, const ringflow::communicator& comm) {
 
   // Checkpoint: everything needed to continue exactly where a run stopped.
   rt::training_state state{.params = model.parameters(),
-                           .optimizer = rt::optimizer_state_of(opt),
+                           // Sharded: this rank's pieces, gathered into the
+                           // full layout on save (any rank count resumes).
+                           .optimizer = sdp ? rt::optimizer_state_of(opt, sdp->owned())
+                                            : rt::optimizer_state_of(opt),
                            .sampler = &sampler,
                            .step = 0,
                            .world_size = np,
-                           .extra = {}};
+                           .extra = {},
+                           // Residuals, counters, warm starts: a compressed
+                           // run resumes bit for bit (at the same rank count).
+                           .compression = dp ? dp->bucket_compression() : nullptr};
   const std::filesystem::path ckpt =
       o.checkpoint_dir.empty() ? std::filesystem::path()
                                : std::filesystem::path(o.checkpoint_dir) / "checkpoint.rfck";
@@ -433,7 +441,8 @@ int train(const options& o, const ringflow::communicator& comm) {
                    : std::max<std::size_t>(1, steps_per_epoch / 4);
   std::uint64_t bytes_last_step = 0;
   const auto run_epochs = [&](auto& trainer) {
-    for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
+    const int last = o.stop_after > 0 ? std::min(o.stop_after, o.epochs) : o.epochs;
+    for (int epoch = start_epoch; epoch < last; ++epoch) {
       if (!(resumed && epoch == static_cast<int>(sampler.epoch()))) {
         sampler.set_epoch(static_cast<std::uint64_t>(epoch));
       }

@@ -23,6 +23,20 @@ std::span<float> error_feedback::residual(std::uint64_t bucket_id, std::size_t n
   return it->second;
 }
 
+std::span<const float> error_feedback::find(std::uint64_t bucket_id) const {
+  const auto it = residuals_.find(bucket_id);
+  if (it == residuals_.end()) return {};
+  return it->second;
+}
+
+void error_feedback::set(std::uint64_t bucket_id, std::vector<float> r) {
+  if (r.empty()) {
+    residuals_.erase(bucket_id);
+  } else {
+    residuals_[bucket_id] = std::move(r);
+  }
+}
+
 double error_feedback::residual_l1() const {
   double s = 0;
   for (const auto& [id, r] : residuals_) {

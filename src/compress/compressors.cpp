@@ -132,6 +132,36 @@ void bucket_layout::validate() const {
   }
 }
 
+void compressor::load_state(const compressor_state& s) {
+  if (s.counter != 0 || !s.warm_start.empty()) {
+    throw usage_error(fmt::format(
+        "{}: load_state got a counter of {} and {} warm starts, but this compressor keeps no "
+        "state (saved by another compressor?)",
+        name(), s.counter, s.warm_start.size()));
+  }
+}
+
+namespace {
+void check_counter_only(const compressor& c, const compressor_state& s) {
+  if (!s.warm_start.empty()) {
+    throw usage_error(fmt::format(
+        "{}: load_state got {} warm starts, but this compressor keeps only a call counter (saved "
+        "by PowerSGD?)",
+        c.name(), s.warm_start.size()));
+  }
+}
+}  // namespace
+
+void int8_compressor::load_state(const compressor_state& s) {
+  check_counter_only(*this, s);
+  step_ = s.counter;
+}
+
+void topk_compressor::load_state(const compressor_state& s) {
+  check_counter_only(*this, s);
+  step_ = s.counter;
+}
+
 void compressor::set_layout(bucket_layout layout) {
   layout.validate();
   layout_ = std::move(layout);

@@ -136,6 +136,27 @@ std::vector<wire_round> powersgd_compressor::wire_plan(std::size_t n, int) const
   return rounds;
 }
 
+void powersgd_compressor::load_state(const compressor_state& s) {
+  if (s.counter != 0) {
+    throw usage_error(fmt::format("{}: load_state got a call counter of {}, but PowerSGD keeps "
+                                  "only warm starts (saved by int8 or top-k?)",
+                                  name(), s.counter));
+  }
+  if (layout_) {
+    // A Q of another size would be silently drawn afresh by warm_q: refuse it.
+    const std::size_t want = plan_of(layout_->size).q_floats;
+    for (const auto& [id, q] : s.warm_start) {
+      if (q.size() != want) {
+        throw usage_error(fmt::format(
+            "{}: the warm start of bucket {} has {} values, but this bucket's matrices need {} "
+            "(another model, bucket cap or rank?)",
+            name(), id, q.size(), want));
+      }
+    }
+  }
+  warm_ = s.warm_start;
+}
+
 std::vector<float>& powersgd_compressor::warm_q(std::uint64_t bucket_id, const plan& pl) {
   std::vector<float>& q = warm_[bucket_id];
   if (q.size() != pl.q_floats) {
@@ -183,7 +204,7 @@ void powersgd_compressor::encode(std::span<const float> in, std::span<std::byte>
     std::memcpy(raw_out, in.data() + g.offset, g.size * sizeof(float));
     raw_out += g.size;
   }
-  std::memcpy(warm.data(), q_out, pl.q_floats * sizeof(float));
+  if (pl.q_floats > 0) std::memcpy(warm.data(), q_out, pl.q_floats * sizeof(float));
 }
 
 void powersgd_compressor::decode_add(std::span<const std::byte> payload, std::span<float> out) const {
@@ -281,7 +302,9 @@ void powersgd_compressor::reduce(const communicator& comm, std::span<float> data
     std::memcpy(data.data() + g.offset, raw, g.size * sizeof(float));
     raw += g.size;
   }
-  std::memcpy(warm.data(), second.data(), pl.q_floats * sizeof(float));
+  // A bucket without compressed matrices has no Q (both vectors empty, their
+  // data() possibly null: memcpy's arguments must not be, even for 0 bytes).
+  if (pl.q_floats > 0) std::memcpy(warm.data(), second.data(), pl.q_floats * sizeof(float));
   account(n, comm, stats);
 }
 

@@ -148,9 +148,38 @@ struct parsed_checkpoint {
   std::int64_t opt_steps = 0;
   std::vector<std::pair<std::string, std::vector<float>>> opt_buffers;
   std::map<std::string, std::string> extra;
+  bool has_compression = false;
+  std::string compression_spec;
+  std::vector<std::vector<compress::bucket_state>> compression;  // per rank
 };
 
-std::string encode(const training_state& s) {
+// One rank's compression state: buckets {index, spec, error feedback,
+// residual, counter, warm starts {key, values}}.
+std::string encode_compression(const std::vector<compress::bucket_state>& st) {
+  writer w;
+  w.put<std::uint64_t>(st.size());
+  for (const auto& b : st) {
+    w.put<std::uint64_t>(b.bucket);
+    w.put_string(b.spec);
+    w.put<std::uint8_t>(b.error_feedback ? 1 : 0);
+    w.put_floats(b.residual);
+    w.put<std::uint64_t>(b.codec.counter);
+    w.put<std::uint64_t>(b.codec.warm_start.size());
+    for (const auto& [key, q] : b.codec.warm_start) {
+      w.put<std::uint64_t>(key);
+      w.put_floats(q);
+    }
+  }
+  return std::move(w.bytes());
+}
+
+// The per-rank compression states of a file: blobs[r] = encode_compression(rank r's state).
+struct compression_blobs {
+  std::string spec;
+  std::vector<std::string> ranks;
+};
+
+std::string encode(const training_state& s, const compression_blobs* comp) {
   writer w;
   w.put<std::int64_t>(s.step);
   w.put<std::int32_t>(s.world_size);
@@ -176,6 +205,13 @@ std::string encode(const training_state& s) {
   for (const auto& [k, v] : s.extra) {
     w.put_string(k);
     w.put_string(v);
+  }
+  // Version 2: the compression state, one section per rank.
+  w.put<std::uint8_t>(comp != nullptr ? 1 : 0);
+  if (comp != nullptr) {
+    w.put_string(comp->spec);
+    w.put<std::uint64_t>(comp->ranks.size());
+    for (const auto& blob : comp->ranks) w.put_string(blob);
   }
   std::string payload = std::move(w.bytes());
 
@@ -274,6 +310,36 @@ parsed_checkpoint parse(const std::filesystem::path& file, const std::vector<uns
     std::string k = r.get_string("extra key");
     out.extra[std::move(k)] = r.get_string("extra value");
   }
+  if (out.version >= 2) {
+    out.has_compression = r.get<std::uint8_t>("has compression") != 0;
+    if (out.has_compression) {
+      out.compression_spec = r.get_string("compression spec");
+      const auto nranks = r.get_count("compression rank count", 8);
+      for (std::uint64_t k = 0; k < nranks; ++k) {
+        const std::string blob = r.get_string("compression state of a rank");
+        reader cr(file, reinterpret_cast<const unsigned char*>(blob.data()), blob.size());
+        std::vector<compress::bucket_state> st;
+        // Smallest encodings: a bucket is 6 fields of 8 bytes and a flag, a warm start two.
+        const auto nb = cr.get_count("compression bucket count", 41);
+        for (std::uint64_t i = 0; i < nb; ++i) {
+          compress::bucket_state b;
+          b.bucket = static_cast<std::size_t>(cr.get<std::uint64_t>("compression bucket"));
+          b.spec = cr.get_string("compression bucket spec");
+          b.error_feedback = cr.get<std::uint8_t>("compression error feedback") != 0;
+          b.residual = cr.get_floats("compression residual");
+          b.codec.counter = cr.get<std::uint64_t>("compression counter");
+          const auto nw = cr.get_count("compression warm start count", 16);
+          for (std::uint64_t j = 0; j < nw; ++j) {
+            const auto key = cr.get<std::uint64_t>("compression warm start key");
+            b.codec.warm_start[key] = cr.get_floats("compression warm start values");
+          }
+          st.push_back(std::move(b));
+        }
+        if (!cr.at_end()) cr.trailing();
+        out.compression.push_back(std::move(st));
+      }
+    }
+  }
   if (!r.at_end()) r.trailing();
   return out;
 }
@@ -295,8 +361,9 @@ std::optional<data::sampler_state> converted_sampler(const parsed_checkpoint& c,
 }
 
 // Every check that can refuse the checkpoint, before anything is modified.
+// `rank` of `ranks` is the caller's place (0 of 1 for the one-process overloads).
 void check_matches(const std::filesystem::path& file, const parsed_checkpoint& c,
-                   const training_state& s) {
+                   const training_state& s, int rank, int ranks) {
   if (c.params.size() != s.params.size()) {
     fail(file, fmt::format("does not match the model: it holds {} parameters, the model has {}",
                            c.params.size(), s.params.size()));
@@ -319,13 +386,31 @@ void check_matches(const std::filesystem::path& file, const parsed_checkpoint& c
     fail(file, fmt::format("holds {} '{}' optimizer buffers, the optimizer has {}",
                            c.opt_buffers.size(), c.opt_kind, s.optimizer.buffers.size()));
   }
+  const bool sharded = !s.optimizer.pieces.empty();
   for (std::size_t i = 0; i < c.opt_buffers.size(); ++i) {
     const auto& [name, values] = c.opt_buffers[i];
     const auto& [want_name, span] = s.optimizer.buffers[i];
-    if (name != want_name || values.size() != span.size()) {
+    if (name != want_name) {
+      fail(file, fmt::format("optimizer buffer {} is '{}' in the checkpoint but '{}' in the "
+                             "optimizer",
+                             i, name, want_name));
+    }
+    if (!sharded && values.size() != span.size()) {
       fail(file, fmt::format("optimizer buffer {} is '{}' of {} elements in the checkpoint but "
                              "'{}' of {} in the optimizer",
                              i, name, values.size(), want_name, span.size()));
+    }
+    // Sharded: the file holds the parameters' layout (or nothing, e.g. SGD
+    // without momentum); this rank takes its pieces of it.
+    if (sharded && values.size() != s.params.numel() && !values.empty()) {
+      fail(file, fmt::format("optimizer buffer {} '{}' has {} elements in the checkpoint, neither "
+                             "the {} of the parameters' layout nor none",
+                             i, name, values.size(), s.params.numel()));
+    }
+    if (sharded && values.empty() && !span.empty()) {
+      fail(file, fmt::format("optimizer buffer {} '{}' is empty in the checkpoint but this rank's "
+                             "pieces of it hold {} elements",
+                             i, name, span.size()));
     }
   }
   if (s.sampler != nullptr) {
@@ -337,9 +422,40 @@ void check_matches(const std::filesystem::path& file, const parsed_checkpoint& c
                              s.sampler->per_rank()));
     }
   }
+  if (s.compression != nullptr) {
+    const std::string& spec = s.compression->spec();
+    if (!c.has_compression) {
+      fail(file, fmt::format(
+                     "holds no compression state but the trainer compresses with '{}' and asked "
+                     "for it ({}); leave training_state::compression null to start the "
+                     "compression afresh (the run then does not resume bit for bit)",
+                     spec,
+                     c.version < 2 ? fmt::format("format version {} has none", c.version)
+                                   : std::string("written without training_state::compression")));
+    }
+    if (c.compression_spec != spec) {
+      fail(file, fmt::format("holds the state of compression '{}' but the trainer compresses with "
+                             "'{}'; use the same --compress as the run that wrote it",
+                             c.compression_spec, spec));
+    }
+    if (c.compression.size() != static_cast<std::size_t>(ranks)) {
+      fail(file, fmt::format(
+                     "holds compression state of {} rank(s) (error-feedback residuals are per "
+                     "rank) but is loaded on {}; resume on {} rank(s), or leave "
+                     "training_state::compression null to start the compression afresh (not bit "
+                     "for bit)",
+                     c.compression.size(), ranks, c.compression.size()));
+    }
+    try {
+      s.compression->check_state(c.compression[static_cast<std::size_t>(rank)]);
+    } catch (const usage_error& e) {
+      fail(file, fmt::format("its compression state of rank {} does not fit the trainer: {}", rank,
+                             e.what()));
+    }
+  }
 }
 
-checkpoint_info apply(const parsed_checkpoint& c, training_state& s) {
+checkpoint_info apply(const parsed_checkpoint& c, training_state& s, int rank) {
   auto values = s.params.all_values();
   for (std::size_t i = 0; i < c.params.size(); ++i) {
     const auto& p = s.params[i];
@@ -347,14 +463,30 @@ checkpoint_info apply(const parsed_checkpoint& c, training_state& s) {
               values.begin() + static_cast<std::ptrdiff_t>(p.offset));
   }
   for (std::size_t i = 0; i < c.opt_buffers.size(); ++i) {
-    std::copy(c.opt_buffers[i].second.begin(), c.opt_buffers[i].second.end(),
-              s.optimizer.buffers[i].second.begin());
+    const std::vector<float>& saved = c.opt_buffers[i].second;
+    const std::span<float> to = s.optimizer.buffers[i].second;
+    if (s.optimizer.pieces.empty()) {
+      std::copy(saved.begin(), saved.end(), to.begin());
+      continue;
+    }
+    if (saved.empty()) continue;
+    // This rank's pieces of the saved layout, concatenated: a reshard.
+    std::size_t at = 0;
+    for (const chunk& piece : s.optimizer.pieces) {
+      std::copy_n(saved.begin() + static_cast<std::ptrdiff_t>(piece.offset), piece.count,
+                  to.begin() + static_cast<std::ptrdiff_t>(at));
+      at += piece.count;
+    }
   }
   if (s.optimizer.set_steps) s.optimizer.set_steps(c.opt_steps);
   if (s.sampler != nullptr) s.sampler->load_state(*converted_sampler(c, *s.sampler));
+  if (s.compression != nullptr) {
+    s.compression->load_state(c.compression[static_cast<std::size_t>(rank)]);
+  }
   s.step = c.step;
   s.extra = c.extra;
   checkpoint_info info;
+  info.compression_ranks = static_cast<int>(c.compression.size());
   info.format_version = c.version;
   info.world_size = c.world_size;
   info.sampler = c.sampler;
@@ -394,9 +526,102 @@ optimizer_state optimizer_state_of(ad::sgd& opt) {
   return s;
 }
 
-void save_checkpoint(const std::filesystem::path& file, const training_state& s) {
+optimizer_state optimizer_state_of(ad::adamw& opt, std::vector<chunk> pieces) {
+  optimizer_state s = optimizer_state_of(opt);
+  s.pieces = std::move(pieces);
+  return s;
+}
+
+optimizer_state optimizer_state_of(ad::sgd& opt, std::vector<chunk> pieces) {
+  optimizer_state s = optimizer_state_of(opt);
+  s.pieces = std::move(pieces);
+  return s;
+}
+
+namespace {
+// What is wrong with the optimizer's buffers against the parameters: "" if
+// nothing. Replicated: numel elements each (or none). Sharded: the pieces lie
+// inside the parameters and every buffer holds their total (or nothing).
+std::string layout_problem(const training_state& s) {
+  const std::size_t numel = s.params.numel();
+  if (s.optimizer.pieces.empty()) {
+    for (const auto& [name, buf] : s.optimizer.buffers) {
+      if (!buf.empty() && buf.size() != numel) {
+        return fmt::format(
+            "the optimizer's '{}' buffer has {} elements but the parameters {}: sharded optimizer "
+            "state (an optimizer over train::sharded_data_parallel::shard()) needs its pieces; "
+            "build it with train::optimizer_state_of(opt, sdp.owned())",
+            name, buf.size(), numel);
+      }
+    }
+    return {};
+  }
+  std::size_t total = 0;
+  for (std::size_t k = 0; k < s.optimizer.pieces.size(); ++k) {
+    const chunk& piece = s.optimizer.pieces[k];
+    if (piece.offset > numel || piece.count > numel - piece.offset) {
+      return fmt::format("optimizer piece {} [{}, {}) reaches past the {} parameter elements "
+                         "(pieces of another model?)",
+                         k, piece.offset, piece.offset + piece.count, numel);
+    }
+    total += piece.count;
+  }
+  for (const auto& [name, buf] : s.optimizer.buffers) {
+    if (!buf.empty() && buf.size() != total) {
+      return fmt::format("the optimizer's '{}' buffer has {} elements but its pieces {} (are "
+                         "they this trainer's owned()?)",
+                         name, buf.size(), total);
+    }
+  }
+  return {};
+}
+
+// Counts, per parameter element, the pieces that hold it.
+void mark(const std::vector<chunk>& pieces, std::vector<std::uint32_t>& held) {
+  for (const chunk& piece : pieces) {
+    for (std::size_t i = 0; i < piece.count; ++i) ++held[piece.offset + i];
+  }
+}
+
+// Puts the concatenated pieces `v` at their places in `full` (the parameters' layout).
+void place(const std::vector<chunk>& pieces, std::span<const float> v, std::vector<float>& full) {
+  std::size_t at = 0;
+  for (const chunk& piece : pieces) {
+    std::copy_n(v.begin() + static_cast<std::ptrdiff_t>(at), piece.count,
+                full.begin() + static_cast<std::ptrdiff_t>(piece.offset));
+    at += piece.count;
+  }
+}
+
+// `s` with the optimizer's buffers replaced by `full` (the parameters' layout).
+training_state with_buffers(const training_state& s, std::vector<std::vector<float>>& full) {
+  training_state out = s;
+  out.optimizer.pieces.clear();
+  for (std::size_t i = 0; i < out.optimizer.buffers.size(); ++i) {
+    out.optimizer.buffers[i].second = std::span<float>(full[i]);
+  }
+  return out;
+}
+
+std::string coverage_problem(const std::vector<std::uint32_t>& held) {
+  for (std::size_t i = 0; i < held.size(); ++i) {
+    if (held[i] != 1) {
+      return fmt::format(
+          "parameter element {} is in {} of the sharded optimizer's pieces, not exactly one: the "
+          "pieces must be those of one sharded_data_parallel per rank (sdp.owned()), all ranks "
+          "saving together",
+          i, held[i]);
+    }
+  }
+  return {};
+}
+}  // namespace
+
+namespace {
+void write_checkpoint(const std::filesystem::path& file, const training_state& s,
+                      const compression_blobs* comp) {
   if (file.empty()) throw usage_error("train::save_checkpoint: the file name is empty");
-  const std::string bytes = encode(s);
+  const std::string bytes = encode(s, comp);
   try {
     detail::write_file_atomically(file, bytes);
   } catch (const detail::file_write_error& e) {
@@ -405,11 +630,41 @@ void save_checkpoint(const std::filesystem::path& file, const training_state& s)
                    : fmt::format("{}; the previous checkpoint (if any) is untouched", e.what()));
   }
 }
+}  // namespace
+
+void save_checkpoint(const std::filesystem::path& file, const training_state& s) {
+  std::optional<compression_blobs> comp;
+  if (s.compression != nullptr) {
+    comp = compression_blobs{s.compression->spec(), {encode_compression(s.compression->state())}};
+  }
+  if (s.optimizer.pieces.empty()) return write_checkpoint(file, s, comp ? &*comp : nullptr);
+  // Sharded: one process can write it only when its pieces are everything
+  // (one rank); otherwise the other ranks' pieces are missing.
+  if (const std::string problem = layout_problem(s); !problem.empty()) fail(file, problem);
+  std::vector<std::uint32_t> held(s.params.numel(), 0);
+  mark(s.optimizer.pieces, held);
+  if (const std::string problem = coverage_problem(held); !problem.empty()) {
+    fail(file, fmt::format("cannot be written by one process: {}; save sharded optimizer state "
+                           "with the collective save_checkpoint(comm, ...)",
+                           problem));
+  }
+  std::vector<std::vector<float>> full(s.optimizer.buffers.size());
+  for (std::size_t i = 0; i < full.size(); ++i) {
+    const auto& buf = s.optimizer.buffers[i].second;
+    if (buf.empty()) continue;
+    full[i].assign(s.params.numel(), 0.0f);
+    place(s.optimizer.pieces, buf, full[i]);
+  }
+  write_checkpoint(file, with_buffers(s, full), comp ? &*comp : nullptr);
+}
 
 checkpoint_info load_checkpoint(const std::filesystem::path& file, training_state& s) {
+  if (!s.optimizer.pieces.empty()) {
+    if (const std::string problem = layout_problem(s); !problem.empty()) fail(file, problem);
+  }
   const parsed_checkpoint c = parse(file, read_bytes(file));
-  check_matches(file, c, s);
-  return apply(c, s);
+  check_matches(file, c, s, 0, 1);
+  return apply(c, s, 0);
 }
 
 namespace {
@@ -436,30 +691,114 @@ void agree_or_throw(const communicator& comm, const std::string& problem) {
 }  // namespace
 
 namespace {
-// The collective overloads save rank 0's optimizer state for all: refused
-// when it covers only part of the parameters (a sharded optimizer, built over
-// train::sharded_data_parallel::shard(), holds a different piece per rank).
-std::string unsharded_problem(const training_state& s) {
-  for (const auto& [name, buf] : s.optimizer.buffers) {
-    if (!buf.empty() && buf.size() != s.params.numel()) {
-      return fmt::format(
-          "the optimizer's '{}' buffer has {} elements but the parameters {}: sharded optimizer "
-          "state (train::sharded_data_parallel) cannot be saved or loaded by the collective "
-          "checkpoint yet (resharding checkpoints are not implemented); use data_parallel",
-          name, buf.size(), s.params.numel());
+// "checkpoint '<file>': <problem>", or "" for no problem.
+std::string about(const std::filesystem::path& file, const std::string& problem) {
+  return problem.empty() ? problem : fmt::format("checkpoint '{}': {}", file.string(), problem);
+}
+
+// Sharded optimizer state of every rank, in the parameters' layout on rank 0
+// (`full`; empty vectors elsewhere): each rank in turn broadcasts its pieces
+// and their values. Returns rank 0's verdict on the coverage ("" when every
+// element came from exactly one rank).
+std::string gather_sharded(const communicator& comm, const std::filesystem::path& file,
+                           const training_state& s, std::vector<std::vector<float>>& full) {
+  const std::size_t numel = s.params.numel();
+  const std::size_t nbuf = s.optimizer.buffers.size();
+  const bool root = comm.rank() == 0;
+  std::size_t mine = 0;
+  for (const chunk& piece : s.optimizer.pieces) mine += piece.count;
+  // A buffer some rank keeps (SGD without momentum keeps none).
+  std::vector<std::int64_t> kept(nbuf);
+  for (std::size_t i = 0; i < nbuf; ++i) kept[i] = static_cast<std::int64_t>(s.optimizer.buffers[i].second.size());
+  allreduce(comm, std::span<std::int64_t>(kept), max);
+  std::string problem;
+  for (std::size_t i = 0; i < nbuf; ++i) {
+    if (kept[i] != 0 && s.optimizer.buffers[i].second.size() != mine) {
+      problem = fmt::format("the optimizer's '{}' buffer has {} elements on this rank but its "
+                            "pieces {} (and other ranks keep the buffer)",
+                            s.optimizer.buffers[i].first, s.optimizer.buffers[i].second.size(),
+                            mine);
     }
   }
-  return {};
+  agree_or_throw(comm, about(file, problem));
+  full.assign(nbuf, {});
+  if (root) {
+    for (std::size_t i = 0; i < nbuf; ++i) {
+      if (kept[i] != 0) full[i].assign(numel, 0.0f);
+    }
+  }
+  std::vector<std::uint32_t> held(root ? numel : 0, 0);
+  for (int r = 0; r < comm.size(); ++r) {
+    std::vector<std::int64_t> pc;
+    if (r == comm.rank()) {
+      for (const chunk& piece : s.optimizer.pieces) {
+        pc.push_back(static_cast<std::int64_t>(piece.offset));
+        pc.push_back(static_cast<std::int64_t>(piece.count));
+      }
+    }
+    std::int64_t len = static_cast<std::int64_t>(pc.size());
+    broadcast(comm, std::span<std::int64_t>(&len, 1), r);
+    pc.resize(static_cast<std::size_t>(len));
+    broadcast(comm, std::span<std::int64_t>(pc), r);
+    std::vector<chunk> pieces;
+    std::size_t total = 0;
+    for (std::size_t k = 0; k + 1 < pc.size(); k += 2) {
+      pieces.push_back({static_cast<std::size_t>(pc[k]), static_cast<std::size_t>(pc[k + 1])});
+      total += static_cast<std::size_t>(pc[k + 1]);
+    }
+    if (root) mark(pieces, held);  // in bounds: every rank checked its own (layout_problem)
+    for (std::size_t i = 0; i < nbuf; ++i) {
+      if (kept[i] == 0) continue;
+      std::vector<float> values(total);
+      if (r == comm.rank()) {
+        const auto& buf = s.optimizer.buffers[i].second;
+        std::copy(buf.begin(), buf.end(), values.begin());
+      }
+      broadcast(comm, std::span<float>(values), r);
+      if (root) place(pieces, values, full[i]);
+    }
+  }
+  return root ? coverage_problem(held) : std::string();
 }
 }  // namespace
 
 void save_checkpoint(const communicator& comm, const std::filesystem::path& file,
                      const training_state& s) {
-  agree_or_throw(comm, unsharded_problem(s));
+  agree_or_throw(comm, about(file, layout_problem(s)));
+  // Sharded or not is a trainer choice, the same on every rank.
+  int sharded = s.optimizer.pieces.empty() ? 0 : 1;
+  int all_sharded = sharded;
+  allreduce(comm, std::span<int>(&all_sharded, 1), min);
+  agree_or_throw(comm, about(file, all_sharded != sharded
+                                       ? "some ranks pass sharded optimizer state (pieces) and "
+                                         "others do not; build it the same way on every rank"
+                                       : ""));
+  std::vector<std::vector<float>> full;
+  if (sharded != 0) agree_or_throw(comm, about(file, gather_sharded(comm, file, s, full)));
+  // Every rank's compression state (its residuals differ from the others')
+  // goes to rank 0, which writes them all. Compressing or not is a trainer
+  // option, the same on every rank.
+  int compressing = s.compression != nullptr ? 1 : 0;
+  int all_compressing = compressing;
+  allreduce(comm, std::span<int>(&all_compressing, 1), min);
+  agree_or_throw(comm, about(file, all_compressing != compressing
+                                       ? "training_state::compression is set on some ranks "
+                                         "only; set it on every rank or none"
+                                       : ""));
+  std::optional<compression_blobs> comp;
+  if (compressing != 0) {
+    comp.emplace();
+    comp->spec = s.compression->spec();
+    const std::string mine = encode_compression(s.compression->state());
+    for (int r = 0; r < comm.size(); ++r) {
+      std::string got = broadcast_string(comm, r == comm.rank() ? mine : std::string(), r);
+      if (comm.rank() == 0) comp->ranks.push_back(std::move(got));
+    }
+  }
   std::string problem;
   if (comm.rank() == 0) {
     try {
-      save_checkpoint(file, s);
+      write_checkpoint(file, sharded != 0 ? with_buffers(s, full) : s, comp ? &*comp : nullptr);
     } catch (const std::exception& e) {
       problem = e.what();
       if (problem.empty()) problem = "unknown error";
@@ -470,7 +809,7 @@ void save_checkpoint(const communicator& comm, const std::filesystem::path& file
 
 checkpoint_info load_checkpoint(const communicator& comm, const std::filesystem::path& file,
                                 training_state& s) {
-  agree_or_throw(comm, unsharded_problem(s));
+  agree_or_throw(comm, about(file, layout_problem(s)));
   std::vector<unsigned char> bytes;
   std::string problem;
   if (comm.rank() == 0) {
@@ -488,12 +827,12 @@ checkpoint_info load_checkpoint(const communicator& comm, const std::filesystem:
   std::optional<parsed_checkpoint> c;
   try {
     c = parse(file, bytes);
-    check_matches(file, *c, s);
+    check_matches(file, *c, s, comm.rank(), comm.size());
   } catch (const std::exception& e) {
     problem = e.what();
   }
   agree_or_throw(comm, problem);
-  return apply(*c, s);
+  return apply(*c, s, comm.rank());
 }
 
 }  // namespace ringflow::train

@@ -113,6 +113,13 @@ struct data_parallel::state {
   step_stats current;
   step_stats last;
   std::vector<std::uint32_t> last_fired;
+  // Uneven inputs: this rank's share of the step's "still training" count
+  // (0 once joined) and the count's sum, written by the flag allreduce on the
+  // progress thread before any bucket of the step runs there.
+  std::int32_t contribution = 1;
+  std::int32_t contributors = 0;
+  bool flag_launched = false;
+  collective_handle flag_handle;
 
   void reset_step() {
     std::fill(fired.begin(), fired.end(), 0u);
@@ -122,7 +129,23 @@ struct data_parallel::state {
     pending = expected_in;
     std::fill(records.begin(), records.end(), bucket_record{});
     next = 0;
+    flag_launched = false;
     current = {};
+  }
+
+  // Queues the step's count of contributing ranks ahead of its first bucket:
+  // the progress thread runs in queue order, so every bucket of the step
+  // reads the finished count (the same on every rank).
+  void launch_flag() {
+    flag_launched = true;
+    const std::int32_t mine = contribution;
+    std::int32_t* out = &contributors;
+    flag_handle = collective_handle(
+        ringflow::detail::enqueue(comm, [mine, out](const communicator& c) {
+          std::int32_t n = mine;
+          allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
+          *out = n;
+        }));
   }
 
   void on_ready(std::size_t i) {
@@ -157,6 +180,7 @@ struct data_parallel::state {
   }
 
   void launch(std::size_t b) {
+    if (opts.uneven_inputs && !flag_launched) launch_flag();
     const bucket& bk = buckets[b];
     const std::span<float> data = params.all_grads().subspan(bk.offset, bk.size);
     bucket_record* rec = &records[b];
@@ -167,15 +191,24 @@ struct data_parallel::state {
     // them one at a time in bucket order, the same on every rank, which is
     // what bucket_compression needs (finish() waits before anyone reads it).
     compress::bucket_compression* bc = compression.get();
+    const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     // Enqueued by hand (rather than allreduce_async) to timestamp the
     // allreduce where it runs: on the progress thread.
     handles[b] = collective_handle(ringflow::detail::enqueue(
-        comm, [data, rec, at_step, coll, trace, b, bc](const communicator& c) {
+        comm, [data, rec, at_step, coll, trace, b, bc, count](const communicator& c) {
           const double t0 = now_us();
           if (bc != nullptr) {
             bc->reduce(c, data, b);
+          } else if (count == nullptr || *count == c.size()) {
+            allreduce(c, data, avg, coll);  // everyone contributed: the plain average
           } else {
-            allreduce(c, data, avg, coll);
+            // Joined ranks sent zeros: sum, then divide by the contributors
+            // only (as avg does with the rank count: one rounding).
+            allreduce(c, data, sum, coll);
+            if (*count > 0) {
+              const auto n = static_cast<float>(*count);
+              for (float& g : data) g /= n;
+            }
           }
           const double t1 = now_us();
           rec->start_us = t0;
@@ -196,6 +229,12 @@ struct data_parallel::state {
   }
 
   void wait_quietly() noexcept {
+    try {
+      flag_handle.wait();
+    } catch (const std::exception& e) {
+      log::error("train::data_parallel on rank {}: the contributing-ranks count failed: {}",
+                 comm.rank(), e.what());
+    }
     for (auto& h : handles) {
       try {
         h.wait();
@@ -218,6 +257,13 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   }
   params.check_bound();
   if (opts.compress.empty()) opts.compress = "none";
+  if (opts.uneven_inputs && opts.compress != "none") {
+    throw not_supported_error(fmt::format(
+        "train::data_parallel on rank {}: uneven_inputs (join) with compression '{}' is not "
+        "supported (a joined rank's error-feedback residual would still be sent); use "
+        "compress = \"none\" or even inputs",
+        comm.rank(), opts.compress));
+  }
   if (opts.compress != "none") {
     // Throws usage_error on a bad spec, on every rank alike, before any collective.
     // A bucket left uncompressed (auto's none) is averaged exactly like the
@@ -334,6 +380,7 @@ void data_parallel::finish() {
         "the scope and run the last backward of the accumulation outside it",
         s.comm.rank()));
   }
+  if (s.opts.uneven_inputs && !s.flag_launched) s.launch_flag();
   // Buckets whose hooks did not all fire: a parameter that got no gradient
   // contributes zero (from this rank). Launched in bucket order, like the rest.
   for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
@@ -350,13 +397,19 @@ void data_parallel::finish() {
   const double w0 = now_us();
   std::exception_ptr failure;
   try {
-    wait_all(std::span<collective_handle>(s.handles));
+    if (s.opts.uneven_inputs) s.flag_handle.wait();
   } catch (...) {
     failure = std::current_exception();
+  }
+  try {
+    wait_all(std::span<collective_handle>(s.handles));
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
   }
   const double w1 = now_us();
   s.tl.record("wait", lane::compute, w0, w1, s.step);
   s.current.wait_s = (w1 - w0) * 1e-6;
+  s.current.contributing_ranks = s.opts.uneven_inputs ? s.contributors : s.comm.size();
   s.current.comm_s = 0;
   for (const auto& r : s.records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
   s.current.accumulated_backwards = s.accumulated_backwards;
@@ -368,11 +421,54 @@ void data_parallel::finish() {
           ring_bytes_sent(bk.size, sizeof(float), s.comm.size(), s.comm.rank(), true, true);
     }
   }
+  if (s.opts.uneven_inputs) {
+    s.current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(),
+                                            s.comm.rank(), true, true);
+  }
   s.last = s.current;
   s.last_fired = s.fired;
   ++s.step;
   s.reset_step();
   if (failure) std::rethrow_exception(failure);
+}
+
+bool data_parallel::shadow_step() {
+  auto& s = *state_;
+  if (!s.opts.uneven_inputs) {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: join() needs data_parallel_options::uneven_inputs = "
+        "true on every rank (the ranks still training must send their count each step)",
+        s.comm.rank()));
+  }
+  if (s.no_sync) {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: join() inside a no_sync() scope; end the scope and "
+        "finish the accumulated step first",
+        s.comm.rank()));
+  }
+  const bool started = s.flag_launched || s.next > 0 ||
+                       std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
+                       std::find(s.accumulated.begin(), s.accumulated.end(), true) !=
+                           s.accumulated.end();
+  if (started) {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: join() in the middle of step {} (a backward ran since "
+        "the last finish()); call finish() or step() first",
+        s.comm.rank(), s.step));
+  }
+  s.contribution = 0;
+  s.launch_flag();
+  s.flag_handle.wait();
+  if (s.contributors == 0) {  // every rank has joined: the uneven epoch is over
+    s.contribution = 1;
+    s.flag_launched = false;
+    return false;
+  }
+  // A zero contribution, frozen parameters' slots included.
+  auto grads = s.params.all_grads();
+  std::fill(grads.begin(), grads.end(), 0.0f);
+  finish();
+  return true;
 }
 
 const std::vector<bucket>& data_parallel::buckets() const { return state_->buckets; }
@@ -387,6 +483,9 @@ compress::traffic data_parallel::compression_traffic() const {
 }
 std::string data_parallel::compression_of(std::size_t b) const {
   return state_->compression ? state_->compression->spec_of(b) : std::string("none");
+}
+compress::bucket_compression* data_parallel::bucket_compression() const {
+  return state_->compression.get();
 }
 const communicator& data_parallel::comm() const { return state_->comm; }
 const ad::parameter_store<float>& data_parallel::parameters() const { return state_->params; }

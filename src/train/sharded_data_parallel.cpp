@@ -61,6 +61,16 @@ struct sharded_data_parallel::state {
   step_stats current;
   step_stats last;
   std::vector<std::uint32_t> last_fired;
+  // Uneven inputs (see data_parallel.cpp): this rank's share of the count of
+  // ranks still training, and the count, written on the progress thread
+  // before the step's first reduce-scatter runs there.
+  std::int32_t contribution = 1;
+  std::int32_t contributors = 0;
+  bool flag_launched = false;
+  collective_handle flag_handle;
+  // finish() ran and shard()'s averaged gradients await step() (which then
+  // must not reduce again: the model's gradients are consumed).
+  bool reduced = false;
 
   int rank() const { return comm.rank(); }
 
@@ -86,7 +96,21 @@ struct sharded_data_parallel::state {
     std::fill(records.begin(), records.end(), span_record{});
     next = 0;
     clip_bytes = 0;
+    flag_launched = false;
     current = {};
+  }
+
+  void launch_flag() {
+    flag_launched = true;
+    const std::int32_t mine = contribution;
+    std::int32_t* out = &contributors;
+    flag_handle = collective_handle(
+        ringflow::detail::enqueue(comm, [mine, out](const communicator& c) {
+          std::int32_t n = mine;
+          allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
+          *out = n;
+        }));
+    current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), comm.size(), rank(), true, true);
   }
 
   void on_ready(std::size_t i) {
@@ -156,6 +180,7 @@ struct sharded_data_parallel::state {
   }
 
   void launch(std::size_t b) {
+    if (opts.uneven_inputs && !flag_launched) launch_flag();
     const bucket& bk = buckets[b];
     std::span<const float> in;
     std::shared_ptr<float> staging;
@@ -173,12 +198,22 @@ struct sharded_data_parallel::state {
     const coll_options coll = opts.coll;
     const train::timeline trace = tl;
     std::atomic<std::size_t>* live = &bucket_grad_bytes;
+    const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     current.bytes_sent += ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), true, false);
     handles[b] = collective_handle(
         ringflow::detail::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging,
-                                         staged_bytes, live](const communicator& c) mutable {
+                                         staged_bytes, live, count](const communicator& c) mutable {
           const double t0 = now_us();
-          reduce_scatter<float>(c, in, out, avg, coll);
+          if (count == nullptr || *count == c.size()) {
+            reduce_scatter<float>(c, in, out, avg, coll);
+          } else {
+            // Joined ranks sent zeros: the sum over the contributors only.
+            reduce_scatter<float>(c, in, out, sum, coll);
+            if (*count > 0) {
+              const auto n = static_cast<float>(*count);
+              for (float& g : out) g /= n;
+            }
+          }
           if (staging) {
             staging.reset();
             *live -= staged_bytes;
@@ -201,6 +236,12 @@ struct sharded_data_parallel::state {
   }
 
   void wait_quietly() noexcept {
+    try {
+      flag_handle.wait();
+    } catch (const std::exception& e) {
+      log::error("train::sharded_data_parallel on rank {}: the contributing-ranks count failed: {}",
+                 comm.rank(), e.what());
+    }
     for (auto& h : handles) {
       try {
         h.wait();
@@ -338,6 +379,7 @@ train::timeline::scoped_span sharded_data_parallel::span(std::string_view name) 
 
 void sharded_data_parallel::backward(const ad::tensor& loss) {
   auto& s = *state_;
+  s.reduced = false;  // a new step's gradients
   if (s.no_sync) ++s.accumulated_backwards;
   const double t0 = now_us();
   ad::backward(loss);
@@ -364,6 +406,7 @@ void sharded_data_parallel::finish() {
         "scope; end the scope and run the last backward of the accumulation outside it",
         s.rank()));
   }
+  if (s.opts.uneven_inputs && !s.flag_launched) s.launch_flag();
   for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
     if (s.opts.stage < 2) {
       // As in data_parallel: a parameter with no gradient this step contributes zero.
@@ -381,12 +424,18 @@ void sharded_data_parallel::finish() {
   const double w0 = now_us();
   std::exception_ptr failure;
   try {
-    wait_all(std::span<collective_handle>(s.handles));
+    if (s.opts.uneven_inputs) s.flag_handle.wait();
   } catch (...) {
     failure = std::current_exception();
   }
+  try {
+    wait_all(std::span<collective_handle>(s.handles));
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
+  }
   const double w1 = now_us();
   s.tl.record("wait", lane::compute, w0, w1, s.step);
+  s.current.contributing_ranks = s.opts.uneven_inputs ? s.contributors : s.comm.size();
   // The model's gradients are consumed: the next step accumulates from zero
   // (at stage 2 they were freed bucket by bucket already).
   if (s.opts.stage < 2) s.params.zero_grad();
@@ -398,7 +447,51 @@ void sharded_data_parallel::finish() {
   s.last_fired = s.fired;
   ++s.step;
   s.reset_step();
+  s.reduced = failure == nullptr;
   if (failure) std::rethrow_exception(failure);
+}
+
+bool sharded_data_parallel::reduced() const { return state_->reduced; }
+
+bool sharded_data_parallel::shadow_finish() {
+  auto& s = *state_;
+  if (!s.opts.uneven_inputs) {
+    throw usage_error(fmt::format(
+        "train::sharded_data_parallel on rank {}: join() needs "
+        "sharded_data_parallel_options::uneven_inputs = true on every rank (the ranks still "
+        "training must send their count each step)",
+        s.rank()));
+  }
+  if (s.no_sync) {
+    throw usage_error(fmt::format(
+        "train::sharded_data_parallel on rank {}: join() inside a no_sync() scope; end the scope "
+        "and finish the accumulated step first",
+        s.rank()));
+  }
+  const bool started = s.flag_launched || s.next > 0 ||
+                       std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
+                       std::find(s.accumulated.begin(), s.accumulated.end(), true) !=
+                           s.accumulated.end();
+  if (started) {
+    throw usage_error(fmt::format(
+        "train::sharded_data_parallel on rank {}: join() in the middle of step {} (a backward ran "
+        "since the last finish()); call finish() or step() first",
+        s.rank(), s.step));
+  }
+  s.contribution = 0;
+  s.launch_flag();
+  s.flag_handle.wait();
+  if (s.contributors == 0) {
+    s.contribution = 1;
+    s.flag_launched = false;
+    s.current = {};
+    return false;
+  }
+  // A zero contribution: stage 1 zeroes the flat buffer; stage 2's bucket
+  // buffers are made as zeros when finish() launches them.
+  if (s.opts.stage < 2) s.params.zero_grad();
+  finish();
+  return true;
 }
 
 void sharded_data_parallel::check_optimizer(const ad::parameter_store<float>& optimized) const {
@@ -444,6 +537,7 @@ void sharded_data_parallel::gather_parameters() {
   // Counted in the step just finished (last_step()).
   s.last.bytes_sent += bytes;
   s.last.comm_s += (t1 - t0) * 1e-6;
+  s.reduced = false;
 }
 
 double sharded_data_parallel::clip_grad_norm(double max_norm) {

@@ -1,6 +1,6 @@
 // Fuzzing the file loaders with mutated copies of valid files: each case must load or throw ringflow::error, in bounded memory.
 //
-// Seeds are written by the library itself (IDX files, a checkpoint, a
+// Seeds are written by the library itself (IDX files, checkpoints with and without compression state, a
 // schedule, a tuning table, a cost model, a trace); every loader then reads a
 // few hundred mutations of them (bit flips, byte overwrites, truncations,
 // huge counts written into header fields, appended garbage), drawn from a
@@ -19,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <iterator>
+#include <memory>
 #include <random>
 #include <string>
 #include <utility>
@@ -356,6 +357,36 @@ TEST_CASE("mutated input files load or are refused with ringflow::error, in boun
       });
     }
     results.push_back(ck);
+
+    // Format 2's compression section: a sign compressor's per-bucket
+    // residuals, loaded back into a trainer-like bucket_compression (its
+    // check_state refusals must surface as checkpoint_error too).
+    const auto make_compression = [] {
+      auto bc = std::make_unique<compress::bucket_compression>("sign");
+      bc->set_layout(0, {20, {{0, 4, 5}}});
+      bc->set_layout(1, {12, {}});
+      return bc;
+    };
+    auto saved = make_compression();
+    saved->load_state({{0, "sign", true, std::vector<float>(20, 0.25f), {}},
+                       {1, "sign", true, std::vector<float>(12, -0.5f), {}}});
+    train::training_state comp_state = state_with(train::optimizer_state_of(adam));
+    comp_state.compression = saved.get();
+    train::save_checkpoint(dir / "comp.rfck", comp_state);
+    const bytes comp_seed = read_file(dir / "comp.rfck");
+    auto target = make_compression();
+    comp_state.compression = target.get();
+    REQUIRE_NOTHROW(train::load_checkpoint(dir / "comp.rfck", comp_state));
+    REQUIRE(target->state() == saved->state());
+    tally cc{"ckpt+compr"};  // checkpoints with compression state
+    for (int i = 0; i < cases_per_loader; ++i) {
+      bytes b = mutate_binary(comp_seed, rng, fields, false);
+      if (rng() % 4 != 0) b = resealed(std::move(b));
+      const fs::path p = dir / "mc.rfck";
+      write_file(p, b);
+      run_case(cc, {p.string()}, [&] { (void)train::load_checkpoint(p, comp_state); });
+    }
+    results.push_back(cc);
   }
 
   // ---- pipeline schedule text --------------------------------------------

@@ -352,6 +352,65 @@ TEST_CASE("bytes sent per step: counted exactly, and the ring formula 2(p-1)/p w
   }
 }
 
+TEST_CASE("uneven_inputs: the per-step count is in bytes_sent, exactly", "[train][join][traffic]") {
+  for (int p : {2, 3, 4}) {
+    struct result {
+      std::uint64_t measured[3] = {0, 0, 0};
+      std::uint64_t counted[3] = {0, 0, 0};
+      std::uint64_t without[3] = {0, 0, 0};  // counted with the option off
+      int contributing[3] = {0, 0, 0};
+    };
+    const auto res = per_rank<result>(p, [&](communicator& c) {
+      result out;
+      counted_comm cc(c);
+      ad::mlp model(model_sizes, ad::activation::tanh, 5);
+      for (int stage = 0; stage < 3; ++stage) {
+        for (const bool uneven : {false, true}) {
+          const auto measure = [&](auto& trainer, auto& opt) {
+            for (int t = 0; t < 2; ++t) {
+              const std::uint64_t before = cc.sent->load();
+              opt.zero_grad();
+              trainer.backward(loss_of(model, local_batch, features, 10 * t + c.rank()));
+              trainer.step(opt);
+              if (!uneven) {
+                out.without[stage] = trainer.last_step().bytes_sent;
+                continue;
+              }
+              out.measured[stage] = cc.sent->load() - before;
+              out.counted[stage] = trainer.last_step().bytes_sent;
+              out.contributing[stage] = trainer.last_step().contributing_ranks;
+            }
+          };
+          if (stage == 0) {
+            train::data_parallel dp(cc.comm, model.parameters(),
+                                    {.coll = {algo::ring, 0}, .uneven_inputs = uneven});
+            ad::adamw opt(model.parameters());
+            measure(dp, opt);
+          } else {
+            train::sharded_data_parallel sdp(cc.comm, model.parameters(),
+                                             {.stage = stage, .uneven_inputs = uneven});
+            ad::adamw opt(sdp.shard());
+            measure(sdp, opt);
+          }
+        }
+      }
+      return out;
+    });
+    for (int r = 0; r < p; ++r) {
+      const auto& m = res[static_cast<std::size_t>(r)];
+      for (int stage = 0; stage < 3; ++stage) {
+        INFO("ranks " << p << " rank " << r << " stage " << stage);
+        REQUIRE(m.counted[stage] == m.measured[stage]);
+        REQUIRE(m.contributing[stage] == p);
+        // The count: one int32 over the ring (4 or 8 bytes from this rank).
+        REQUIRE(m.counted[stage] ==
+                m.without[stage] + train::ring_bytes_sent(1, 4, p, r, true, true));
+        REQUIRE(m.counted[stage] > m.without[stage]);
+      }
+    }
+  }
+}
+
 namespace {
 // The gradient after k micro-batches accumulated under no_sync (each loss
 // scaled by 1/k) and the bytes sent, for stage 0 (data_parallel), 1 or 2;
@@ -563,7 +622,7 @@ TEST_CASE("sharded clip_grad_norm uses the norm over all ranks", "[train][zero]"
   }
 }
 
-TEST_CASE("collective checkpoints refuse sharded optimizer state on every rank",
+TEST_CASE("collective checkpoints refuse sharded optimizer state without its pieces on every rank",
           "[train][zero][errors]") {
   const auto errs = per_rank<std::string>(3, [](communicator& c) -> std::string {
     ad::mlp model(model_sizes, ad::activation::tanh, 3);
@@ -582,5 +641,46 @@ TEST_CASE("collective checkpoints refuse sharded optimizer state on every rank",
     INFO(e);
     REQUIRE(e.find("sharded optimizer state") != std::string::npos);
     REQUIRE(e.find("rank ") != std::string::npos);
+  }
+}
+
+TEST_CASE("sharded: finish(), clip_grad_norm(), step() updates with the clipped gradient",
+          "[train][zero]") {
+  for (int stage : {1, 2}) {
+    INFO("stage " << stage);
+    struct result {
+      std::vector<float> init, plain, unclipped, clipped;
+    };
+    const auto res = per_rank<result>(2, [stage](communicator& c) {
+      result out;
+      // kind 0: step(); 1: finish, clip by a huge cap, step; 2: clip to 1e-3.
+      for (int kind = 0; kind < 3; ++kind) {
+        ad::mlp model(model_sizes, ad::activation::tanh, 3);
+        train::sharded_data_parallel sdp(c, model.parameters(), {.stage = stage});
+        ad::sgd opt(sdp.shard(), {.lr = 0.1});
+        if (kind == 0) out.init = copy_of(model.parameters().all_values());
+        opt.zero_grad();
+        sdp.backward(loss_of(model, local_batch, features, c.rank()));
+        if (kind > 0) {
+          sdp.finish();
+          sdp.clip_grad_norm(kind == 1 ? 1e9 : 1e-3);
+        }
+        sdp.step(opt);
+        (kind == 0 ? out.plain : kind == 1 ? out.unclipped : out.clipped) =
+            copy_of(model.parameters().all_values());
+      }
+      return out;
+    });
+    for (const auto& r : res) {
+      REQUIRE(same_bits(r.unclipped, r.plain));
+      double full = 0, small = 0;
+      for (std::size_t i = 0; i < r.init.size(); ++i) {
+        full += std::abs(r.plain[i] - r.init[i]);
+        small += std::abs(r.clipped[i] - r.init[i]);
+      }
+      REQUIRE(full > 0);
+      REQUIRE(small > 0);
+      REQUIRE(small < 0.5 * full);  // clipped to a norm of 1e-3: a much smaller step
+    }
   }
 }

@@ -36,6 +36,17 @@ struct bucket_compression_options {
   coll_options plain_coll = {};
 };
 
+/// What one bucket's compression carries from step to step (see
+/// bucket_compression::state()).
+struct bucket_state {
+  std::size_t bucket = 0;
+  std::string spec;              ///< the bucket's compressor (its name(), never "auto")
+  bool error_feedback = false;
+  std::vector<float> residual;   ///< error feedback's residual of this rank (empty without)
+  compressor_state codec;        ///< counters, warm starts
+  friend bool operator==(const bucket_state&, const bucket_state&) = default;
+};
+
 /// Compressed averaging of a trainer's gradient buckets.
 ///
 /// Call reduce() for every bucket of every step, with the same bucket index
@@ -75,6 +86,23 @@ class bucket_compression {
   /// The residuals (empty unless error feedback is on for some bucket).
   const error_feedback& residuals() const noexcept { return ef_; }
 
+  /// Everything the next reduce() depends on, per bucket reduced at least
+  /// once, in bucket order: the compressor picked (auto's choice included),
+  /// error feedback and this rank's residual, the compressor's counters and
+  /// warm starts. Restored by load_state(), a run continues bit for bit.
+  /// Read it between steps (not while reductions are in flight).
+  std::vector<bucket_state> state() const;
+  /// Throws usage_error naming the bucket if `s` cannot be restored here: a
+  /// compressor this spec would not use, error feedback on where it is off
+  /// (or the reverse), a residual of another size than the bucket's layout,
+  /// a bucket the layouts do not have, counters or warm starts the
+  /// compressor does not keep. Changes nothing.
+  void check_state(const std::vector<bucket_state>& s) const;
+  /// check_state(), then replaces every bucket's compressor, residual and
+  /// counters with `s`; buckets not in `s` start afresh (as never reduced).
+  /// Call between steps.
+  void load_state(const std::vector<bucket_state>& s);
+
  private:
   struct slot {
     std::unique_ptr<compressor> c;
@@ -82,6 +110,7 @@ class bucket_compression {
     std::optional<bucket_layout> layout;
   };
   slot& slot_for(const communicator& comm, std::size_t bucket_index, std::size_t n);
+  std::unique_ptr<compressor> restored(const bucket_state& b) const;
 
   std::string spec_;
   bucket_compression_options opts_;

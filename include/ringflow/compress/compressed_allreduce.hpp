@@ -23,6 +23,11 @@ class error_feedback {
   std::span<float> residual(std::uint64_t bucket_id, std::size_t n);
   /// Whether a residual exists for the bucket.
   bool has(std::uint64_t bucket_id) const { return residuals_.count(bucket_id) != 0; }
+  /// The residual of `bucket_id` if it exists, else empty (creates nothing).
+  std::span<const float> find(std::uint64_t bucket_id) const;
+  /// Replaces the residual of `bucket_id` (for checkpoints); an empty one
+  /// removes it.
+  void set(std::uint64_t bucket_id, std::vector<float> r);
   /// Drops every residual (e.g. after loading a checkpoint without them).
   void clear() { residuals_.clear(); }
   /// Sum of |r| over all buckets: a cheap health signal for logs.

@@ -86,6 +86,16 @@ struct bucket_layout {
   void validate() const;
 };
 
+/// What a compressor carries from one call to the next, for checkpoints:
+/// the call counter that picks int8's and top-k's random streams, and
+/// PowerSGD's warm-start Q per bucket id. Stateless compressors (none, fp16,
+/// bf16, sign) have neither.
+struct compressor_state {
+  std::uint64_t counter = 0;
+  std::map<std::uint64_t, std::vector<float>> warm_start = {};
+  friend bool operator==(const compressor_state&, const compressor_state&) = default;
+};
+
 /// A gradient compressor. encode/decode work on one rank's data; reduce() is
 /// the collective form that every compressed allreduce goes through.
 ///
@@ -126,6 +136,15 @@ class compressor {
 
   /// Running total over every reduce() of this compressor.
   const traffic& cumulative() const noexcept { return cumulative_; }
+
+  /// The state the next call depends on (see compressor_state); restoring
+  /// it into a compressor of the same spec and seed continues the same
+  /// random streams and warm starts bit for bit.
+  virtual compressor_state state() const { return {}; }
+  /// Restores state(). A compressor without state accepts only an empty
+  /// one; PowerSGD checks each Q's size against the layout, if one is set.
+  /// usage_error on a mismatch (nothing changed then).
+  virtual void load_state(const compressor_state& s);
 
   /// Declares the parameter tensors of the buckets this compressor will see
   /// (validated: a bad layout throws usage_error). Element-wise compressors
@@ -209,6 +228,8 @@ class int8_compressor final : public compressor {
   void reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
               std::uint64_t bucket_id, traffic& stats) override;
   std::size_t block() const noexcept { return block_; }
+  compressor_state state() const override { return {step_, {}}; }
+  void load_state(const compressor_state& s) override;
 
  private:
   std::size_t block_;
@@ -248,6 +269,8 @@ class topk_compressor final : public gather_compressor {
   std::vector<wire_round> wire_plan(std::size_t n, int ranks) const override;
   void encode(std::span<const float> in, std::span<std::byte> out, std::uint64_t = 0) override;
   void decode_add(std::span<const std::byte> payload, std::span<float> out) const override;
+  compressor_state state() const override { return {step_, {}}; }
+  void load_state(const compressor_state& s) override;
 
  private:
   double ratio_;
@@ -335,6 +358,8 @@ class powersgd_compressor final : public compressor {
 
   /// Forgets the warm-start Q of every bucket.
   void reset() { warm_.clear(); }
+  compressor_state state() const override { return {0, warm_}; }
+  void load_state(const compressor_state& s) override;
 
  private:
   std::vector<float>& warm_q(std::uint64_t bucket_id, const plan& pl);

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -74,6 +75,12 @@ struct data_parallel_options {
   std::string compress = "none";
   /// Seed, error feedback and `auto` candidates of the compression.
   compress::bucket_compression_options compress_options = {};
+  /// Uneven inputs (PyTorch's Join, hvd.join): every step first allreduces
+  /// one int32, the count of ranks still training, so that a rank that has
+  /// run out of batches can call join() and the others divide by the ranks
+  /// that contributed. Off: no extra collective, join() is a usage_error.
+  /// Must be the same on every rank. Not with compression (not_supported_error).
+  bool uneven_inputs = false;
 };
 
 /// Timing of one step (seconds), measured on this rank.
@@ -90,6 +97,9 @@ struct step_stats {
   std::uint64_t bytes_sent = 0;
   /// Backward passes accumulated under no_sync() before this step's reduction.
   std::size_t accumulated_backwards = 0;
+  /// Ranks whose gradients the step averaged: the communicator's size, or
+  /// with uneven_inputs the ranks that had not joined (the divisor).
+  int contributing_ranks = 0;
 };
 
 /// While alive, the trainer that made it only accumulates gradients (see
@@ -208,6 +218,39 @@ class data_parallel {
     opt.step();
   }
 
+  /// Uneven inputs: call on a rank that has no batch left (needs
+  /// uneven_inputs = true). It takes part in the other ranks' steps with a
+  /// zero contribution, not counted in the divisor: each step averages over
+  /// the ranks that have not joined, sum / contributing_ranks. After each
+  /// such step it runs `before_step(step)` (e.g. to set the learning rate of
+  /// that step) and opt.step() on the averaged gradient, so parameters and
+  /// optimizer state stay bitwise identical to the other ranks'. Returns when
+  /// every rank has called join() (the number of steps it shadowed); every
+  /// rank must call it, the last one returns 0 at once. Training may go on
+  /// afterwards (the next epoch). A backward not yet finished, or a no_sync
+  /// scope, is a usage_error.
+  /// @code
+  ///   for (auto& batch : my_batches) { opt.zero_grad(); dp.backward(loss(batch)); dp.step(opt); }
+  ///   dp.join(opt, [&](std::int64_t t) { opt.set_lr(schedule(t)); });
+  /// @endcode
+  template <class Optimizer>
+  std::int64_t join(Optimizer& opt, const std::function<void(std::int64_t)>& before_step = {}) {
+    std::int64_t shadowed = 0;
+    while (shadow_step()) {
+      if (before_step) before_step(steps() - 1);
+      auto s = trace().scope("optimizer", steps() - 1);
+      opt.step();
+      ++shadowed;
+    }
+    return shadowed;
+  }
+
+  /// One step of join() without the optimizer: sends the "not training"
+  /// count and, if some rank still trains, a zero contribution to every
+  /// bucket (the gradients then hold the average, as after finish()).
+  /// Returns false, without a step, once no rank trains any more.
+  bool shadow_step();
+
   const std::vector<bucket>& buckets() const;
   /// Steps finished so far (finish() calls).
   std::int64_t steps() const;
@@ -227,6 +270,10 @@ class data_parallel {
   /// The compressor bucket `b` uses ("" before its first reduction, "none"
   /// without compression); in `auto` mode the cost model's choice.
   std::string compression_of(std::size_t b) const;
+  /// The per-bucket compression (null when compression is "none"): put it
+  /// in training_state::compression so checkpoints save and restore its
+  /// residuals, counters and warm starts.
+  compress::bucket_compression* bucket_compression() const;
 
   const communicator& comm() const;
   const ad::parameter_store<float>& parameters() const;

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -34,6 +35,9 @@ struct sharded_data_parallel_options {
   /// be automatic or ring (both run the ring).
   coll_options coll = {};
   std::filesystem::path timeline_path = {};
+  /// Uneven inputs, as data_parallel_options::uneven_inputs: one int32
+  /// allreduce per step counts the ranks still training; join() works.
+  bool uneven_inputs = false;
 };
 
 /// ZeRO-style data-parallel trainer over a model's parameter store.
@@ -96,18 +100,42 @@ class sharded_data_parallel {
   /// Launches the buckets not launched yet, waits for all: shard()'s
   /// gradients then hold the average over ranks of this rank's pieces.
   void finish();
-  /// finish(), opt.step() on the shard, allgather of the parameters.
+  /// finish() (unless the caller already ran it for this step, e.g. before
+  /// clip_grad_norm(): a second reduction would average the consumed, zeroed
+  /// model gradients), opt.step() on the shard, allgather of the parameters.
   /// `opt` must be built over shard() (usage_error otherwise).
   template <class Optimizer>
   void step(Optimizer& opt) {
     check_optimizer(opt.parameters());
-    finish();
+    if (!reduced()) finish();
     before_update();
     {
       auto s = trace().scope("optimizer", steps() - 1);
       opt.step();
     }
     gather_parameters();
+  }
+
+  /// Uneven inputs (needs uneven_inputs = true), as data_parallel::join():
+  /// on a rank with no batch left, takes part in the other ranks' steps with
+  /// zero gradients (not counted in the divisor), then runs before_step(step),
+  /// opt.step() on its shard and the allgather, until every rank has called
+  /// join(). Returns the steps shadowed.
+  template <class Optimizer>
+  std::int64_t join(Optimizer& opt, const std::function<void(std::int64_t)>& before_step = {}) {
+    check_optimizer(opt.parameters());
+    std::int64_t shadowed = 0;
+    while (shadow_finish()) {
+      before_update();
+      if (before_step) before_step(steps() - 1);
+      {
+        auto s = trace().scope("optimizer", steps() - 1);
+        opt.step();
+      }
+      gather_parameters();
+      ++shadowed;
+    }
+    return shadowed;
   }
 
   /// Scales shard()'s gradients so that the norm of the whole (averaged)
@@ -150,6 +178,8 @@ class sharded_data_parallel {
 
  private:
   void check_optimizer(const ad::parameter_store<float>& optimized) const;
+  bool shadow_finish();
+  bool reduced() const;
   void before_update();
   void gather_parameters();
   struct state;
