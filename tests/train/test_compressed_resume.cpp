@@ -13,23 +13,14 @@
 #include "ringflow/train/checkpoint.hpp"
 #include "ringflow/train/data_parallel.hpp"
 #include "support/catch.hpp"
+#include "support/noise.hpp"
 
 using namespace ringflow;
 namespace fs = std::filesystem;
 
 namespace {
 
-std::vector<float> noise(std::size_t n, std::uint64_t seed) {
-  std::vector<float> v(n);
-  std::uint64_t x = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (auto& f : v) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    f = static_cast<float>(static_cast<double>(x >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-  }
-  return v;
-}
+using ringflow::testing::noise;
 
 constexpr std::size_t features = 16;
 constexpr std::size_t local_batch = 8;
