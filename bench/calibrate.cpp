@@ -118,7 +118,7 @@ int run_calibration(const communicator& comm, MPI_Comm mpi, const bench_cli& cli
   if (p < 2) {
     throw bad_flag("--calibrate needs at least 2 ranks (mpirun -np 2 or more)");
   }
-  const auto ctx = detail::context_of(comm, comm.next_sequence());
+  const detail::comm_context* ctx = detail::context_of(comm);
   const topology& topo = ctx->topo;
   const int reps = std::max(7, cli.reps);
   cost_model m;

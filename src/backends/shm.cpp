@@ -1,8 +1,8 @@
 // Shared-memory allreduce for the ranks of one node: segment set-up over MPI,
 // the block pipeline, and waits that time out instead of hanging.
 //
-// Segment (one per communicator, cached as an MPI attribute so it lives and
-// dies with the communicator):
+// Segment (one per communicator, kept in its slot (communicator::slot) so it
+// lives and dies with the communicator):
 //   header line | per rank: arrived, reduced, descriptor lines | data
 //   data = staging[rank][2 slots] + result[2 slots], each block_bytes long.
 // Block h of a call (global index g = first block of the call + h) uses slot
@@ -42,7 +42,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -305,20 +304,6 @@ void set_up(node_state& st, MPI_Comm mc) {
              st.oversubscribed ? "more ranks than cores" : "a core per rank");
 }
 
-int delete_state(MPI_Comm, int, void* attr, void*) {
-  delete static_cast<node_state*>(attr);
-  return MPI_SUCCESS;
-}
-
-int state_keyval() {
-  static int key = MPI_KEYVAL_INVALID;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, delete_state, &key, nullptr);
-  });
-  return key;
-}
-
 // The communicator's state, set up on first use (collective then).
 node_state& state_of(const communicator& comm) {
   if (comm.backend() != "mpi") {
@@ -327,18 +312,11 @@ node_state& state_of(const communicator& comm) {
         "processes of the mpi backend (use algo::ring for threads)",
         comm.rank(), comm.backend()));
   }
-  const MPI_Comm mc = mpi::native_handle(comm);
-  const int key = state_keyval();
-  void* value = nullptr;
-  int found = 0;
-  MPI_Comm_get_attr(mc, key, &value, &found);
-  if (found) return *static_cast<node_state*>(value);
-  auto st = std::make_unique<node_state>();
-  set_up(*st, mc);
-  if (MPI_Comm_set_attr(mc, key, st.get()) != MPI_SUCCESS) {
-    throw comm_error(fmt::format("shm set-up on rank {}: MPI_Comm_set_attr failed", st->rank));
-  }
-  return *st.release();
+  return comm.slot<node_state>([&] {
+    auto st = std::make_shared<node_state>();
+    set_up(*st, mpi::native_handle(comm));
+    return st;
+  });
 }
 
 node_state& usable_state_of(const communicator& comm) {

@@ -12,7 +12,7 @@ namespace ringflow {
 namespace detail {
 namespace {
 
-// One per communicator (stored in its attachment): a FIFO of work run by one
+// One per communicator (kept in its slot<async_engine>): a FIFO of work run by one
 // thread on a duplicate communicator, so async traffic never mixes with the
 // caller's blocking collectives on the original.
 class async_engine {
@@ -91,8 +91,7 @@ class async_engine {
 
 std::shared_ptr<async_state> enqueue(const communicator& comm,
                                      std::function<void(const communicator&)> work) {
-  auto& slot = comm.attachment();
-  if (!slot) {
+  async_engine& engine = comm.slot<async_engine>([&] {
     if (!comm.raw().concurrent_use_ok()) {
       throw not_supported_error(fmt::format(
           "nonblocking collectives on rank {}: the '{}' backend was not initialized for use from "
@@ -101,10 +100,9 @@ std::shared_ptr<async_state> enqueue(const communicator& comm,
     }
     // First async call on this communicator: every rank gets here at the same
     // point of its collective sequence, so the (collective) split is safe.
-    communicator dup = comm.split(0, comm.rank());
-    slot = std::make_shared<async_engine>(std::move(dup));
-  }
-  return static_cast<async_engine*>(slot.get())->push(std::move(work));
+    return std::make_shared<async_engine>(comm.split(0, comm.rank()));
+  });
+  return engine.push(std::move(work));
 }
 
 }  // namespace detail

@@ -8,7 +8,6 @@
 
 #include <bit>
 #include <cstring>
-#include <map>
 #include <mutex>
 #include <set>
 
@@ -87,17 +86,7 @@ std::string describe_shape(const cluster_shape& s) {
                      s.ranks_per_node);
 }
 
-struct cache_entry {
-  std::shared_ptr<const comm_context> context;
-  std::uint64_t last_seq = 0;
-};
-std::mutex cache_mutex;
-std::map<const transport*, cache_entry>& cache() {
-  static std::map<const transport*, cache_entry> c;
-  return c;
-}
-
-std::shared_ptr<const comm_context> build_context(const communicator& comm) {
+std::shared_ptr<comm_context> build_context(const communicator& comm) {
   transport& t = comm.raw();
   const int p = t.size(), r = t.rank();
   wire_record mine{};
@@ -233,25 +222,8 @@ std::shared_ptr<const comm_context> build_context(const communicator& comm) {
 
 }  // namespace
 
-std::shared_ptr<const comm_context> context_of(const communicator& comm, std::uint64_t seq) {
-  const transport* key = &comm.raw();
-  {
-    std::lock_guard lock(cache_mutex);
-    auto it = cache().find(key);
-    if (it != cache().end() && it->second.last_seq < seq && it->second.context->shape.ranks == comm.size()) {
-      it->second.last_seq = seq;
-      return it->second.context;
-    }
-  }
-  auto ctx = build_context(comm);
-  std::lock_guard lock(cache_mutex);
-  cache()[key] = cache_entry{ctx, seq};
-  return ctx;
-}
-
-void forget_context(const communicator& comm) noexcept {
-  std::lock_guard lock(cache_mutex);
-  cache().erase(&comm.raw());
+const comm_context* context_of(const communicator& comm) {
+  return &comm.slot<comm_context>([&] { return build_context(comm); });
 }
 
 namespace {
@@ -269,10 +241,9 @@ std::string human_bytes(std::size_t b) {
 }
 }  // namespace
 
-automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes,
-                                        std::uint64_t seq) {
+automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes) {
   automatic_pick p;
-  p.context = context_of(comm, seq);
+  p.context = context_of(comm);
   const comm_context& ctx = *p.context;
   const cluster_shape shape = ctx.choice_shape();
   if (!first_use_applies(ctx, bytes)) {
@@ -290,19 +261,14 @@ void automatic_trial_done(const automatic_pick& p, double seconds) {
 }
 
 int automatic_calls_left(const communicator& comm, std::size_t bytes) {
-  std::shared_ptr<const comm_context> ctx;
-  {
-    std::lock_guard lock(cache_mutex);
-    auto it = cache().find(&comm.raw());
-    if (it == cache().end()) return -1;
-    ctx = it->second.context;
-  }
+  const comm_context* ctx = comm.find_slot<comm_context>();
+  if (ctx == nullptr) return -1;
   if (comm.size() == 1 || bytes == 0 || !first_use_applies(*ctx, bytes)) return 0;
   return ctx->tuner.calls_left(bytes);
 }
 
-algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes, std::uint64_t seq) {
-  const auto ctx = context_of(comm, seq);
+algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes) {
+  const comm_context* ctx = context_of(comm);
   ctx->shm_declined.store(true, std::memory_order_relaxed);
   return fastest_algorithm(ctx->table.get(), ctx->model, ctx->choice_shape(), bytes);
 }
@@ -310,13 +276,11 @@ algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes, s
 }  // namespace detail
 
 explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/) {
-  const std::uint64_t seq = comm.next_sequence();
-  if (seq == 0) detail::forget_context(comm);
   if (comm.size() == 1) {
     cost_model m = local_cost_model();
     return choose_algorithm(m, cluster_shape{}, bytes);
   }
-  const auto ctx = detail::context_of(comm, seq);
+  const detail::comm_context* ctx = detail::context_of(comm);
   const cluster_shape shape = ctx->choice_shape();
   explanation e = choose_algorithm(ctx->table.get(), ctx->table_origin, ctx->model, shape, bytes,
                                    ctx->table_note);

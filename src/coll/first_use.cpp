@@ -79,8 +79,11 @@ double median_of(std::vector<double> v) {
 
 first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, const cost_model& m,
                                             const cluster_shape& shape) {
-  std::lock_guard lock(mutex_);
   const int cls = first_use_class(bytes);
+  if (const std::uint8_t v = settled_[static_cast<std::size_t>(cls)].load(std::memory_order_acquire)) {
+    return {static_cast<algo>(v - 1), false, cls, 0};
+  }
+  std::lock_guard lock(mutex_);
   class_state* s = find(cls);
   if (s == nullptr) {
     class_state fresh;
@@ -138,6 +141,8 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
   }
   s->done = std::move(c);
   s->seconds.clear();
+  settled_[static_cast<std::size_t>(cls)].store(static_cast<std::uint8_t>(static_cast<int>(s->done->choice) + 1),
+                                                std::memory_order_release);
   return {s->done->choice, false, cls, 0};
 }
 

@@ -37,7 +37,7 @@ inline std::size_t segment_or_default(const coll_options& o) {
 /// asked for (automatic lets a declining shm fall back).
 template <class T, class Op>
 void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, std::size_t count,
-                        const Op& op, const coll_options& opt, std::uint64_t seq) {
+                        const Op& op, const coll_options& opt) {
   transport& t = comm.raw();
   note_algorithm(comm, algo_name(a == algo::automatic ? algo::ring : a));
   switch (a) {
@@ -68,7 +68,7 @@ void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, s
       return;
     case algo::hierarchical:
       if (count == 0) return;
-      hierarchical_allreduce(t, in, out, count, op, context_of(comm, seq)->topo,
+      hierarchical_allreduce(t, in, out, count, op, context_of(comm)->topo,
                              opt.segment_bytes);
       return;
     case algo::shm: {
@@ -83,8 +83,8 @@ void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, s
         if (opt.algorithm == algo::automatic) {
           // Declined on every rank alike before touching data (e.g. the
           // segment could not be set up): automatic picks again without shm.
-          const algo next = automatic_after_shm_declined(comm, count * sizeof(T), seq);
-          run_allreduce_with(next, comm, in, out, count, op, opt, seq);
+          const algo next = automatic_after_shm_declined(comm, count * sizeof(T));
+          run_allreduce_with(next, comm, in, out, count, op, opt);
           return;
         }
         throw not_supported_error(fmt::format(
@@ -101,24 +101,24 @@ void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, s
 
 /// Runs the allreduce algorithm `opt` names (after the argument checks);
 /// automatic asks the table, first-use tuning or the model, and times the
-/// call when it is one of first-use tuning's trials. `seq` is the
-/// collective's sequence number (from begin_collective).
+/// call when it is one of first-use tuning's trials. Call it after
+/// begin_collective.
 template <class T, class Op>
 void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t count, const Op& op,
-                   const coll_options& opt, std::uint64_t seq) {
+                   const coll_options& opt) {
   if (opt.algorithm != algo::automatic || comm.size() == 1 || count == 0) {
     // One rank or nothing to do: no need to consult (or exchange) the model.
     const algo a = opt.algorithm == algo::automatic ? algo::ring : opt.algorithm;
-    run_allreduce_with(a, comm, in, out, count, op, opt, seq);
+    run_allreduce_with(a, comm, in, out, count, op, opt);
     return;
   }
-  const automatic_pick pick = automatic_allreduce_pick(comm, count * sizeof(T), seq);
+  const automatic_pick pick = automatic_allreduce_pick(comm, count * sizeof(T));
   if (!pick.timed) {
-    run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt, seq);
+    run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt);
     return;
   }
   const auto t0 = std::chrono::steady_clock::now();
-  run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt, seq);
+  run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt);
   automatic_trial_done(pick, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
@@ -167,10 +167,9 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
         "allreduce on rank {}: input and output overlap without being the same buffer",
         comm.rank()));
   }
-  const std::uint64_t seq =
-      detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
+  detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
   detail::collective_scope scope(comm);
-  detail::run_allreduce(comm, in.data(), out.data(), in.size(), op, opt, seq);
+  detail::run_allreduce(comm, in.data(), out.data(), in.size(), op, opt);
 }
 
 /// In-place allreduce.

@@ -1,5 +1,5 @@
 // Per-communicator facts the algorithms need, established once by a
-// collective exchange and cached: the node layout, rank 0's cost model and
+// collective exchange and kept in the communicator's slot: the node layout, rank 0's cost model and
 // rank 0's tuning table for this rank count and layout.
 #pragma once
 
@@ -43,18 +43,11 @@ struct comm_context {
   }
 };
 
-/// The context of `comm`, for the collective with sequence number `seq`.
-/// The first call on a communicator is itself collective (one small
-/// allgather); later calls are a lookup. The cache is keyed by transport
-/// address, so it must notice a new communicator at an old address on every
-/// rank alike: it is dropped at collective #0 (forget_context), and an entry
-/// last used at a sequence number >= `seq` is stale (sequence numbers only
-/// grow on one communicator), which also covers code that takes sequence
-/// numbers without begin_collective.
-std::shared_ptr<const comm_context> context_of(const communicator& comm, std::uint64_t seq);
-
-/// Drops the cached context of comm's transport (called at collective #0).
-void forget_context(const communicator& comm) noexcept;
+/// The context of `comm` (never null; it lives as long as comm). The first
+/// call on a communicator is itself collective (one small allgather, and
+/// shm's set-up when first-use tuning may try shm); later calls are one
+/// atomic load (communicator::slot).
+const comm_context* context_of(const communicator& comm);
 
 /// The algorithm algo::automatic runs for an allreduce of `bytes` (p > 1):
 /// rank 0's tuning table where it covers the size, else first-use tuning
@@ -66,10 +59,9 @@ struct automatic_pick {
   algo algorithm = algo::ring;
   bool timed = false;
   first_use_tuner::pick trial;
-  std::shared_ptr<const comm_context> context;
+  const comm_context* context = nullptr;
 };
-automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes,
-                                        std::uint64_t seq);
+automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes);
 void automatic_trial_done(const automatic_pick& p, double seconds);
 
 /// Allreduces of `bytes` still to come on `comm` before first-use tuning has
@@ -82,6 +74,6 @@ int automatic_calls_left(const communicator& comm, std::size_t bytes);
 /// After the shm allreduce declined a call automatic gave it (it does so on
 /// every rank alike): remembers that for this communicator and returns the
 /// choice without shm.
-algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes, std::uint64_t seq);
+algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes);
 
 }  // namespace ringflow::detail

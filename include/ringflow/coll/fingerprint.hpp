@@ -16,20 +16,14 @@ namespace detail {
 /// usage_error on every rank, naming which ranks called what.
 void verify_fingerprint(const communicator& comm, const fingerprint& mine);
 
-/// Drops the cached per-communicator context (coll/context.hpp).
-void forget_context(const communicator& comm) noexcept;
-
 /// Takes the next sequence number (returned) and checks, as the
 /// communicator's check_mode says, that every rank runs the same collective:
 /// stamp mode hands the fingerprint to the transport, which carries it in the
-/// collective's messages; full mode exchanges it now. Collective #0 of a
-/// communicator also drops any context cached under its transport's address
-/// (a previous communicator may have lived there). Code that runs a
+/// collective's messages; full mode exchanges it now. Code that runs a
 /// collective of its own should call this too.
 inline std::uint64_t begin_collective(const communicator& comm, coll_kind kind, dtype type,
                                       op_kind op, std::size_t count, int root = -1) {
   const std::uint64_t seq = comm.next_sequence();
-  if (seq == 0) forget_context(comm);
   if (flight_record* prev = comm.raw().flight_current()) {
     // The previous collective began without a collective_scope (the NCCL
     // path, which only enqueues): it returned, so it is done.

@@ -13,6 +13,8 @@
 // call without talking, except once per size class.
 #pragma once
 
+#include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -103,6 +105,9 @@ class first_use_tuner {
 
   mutable std::mutex mutex_;
   std::vector<std::pair<int, class_state>> classes_;  // few classes: a flat list
+  // Per class, the settled algorithm + 1 (0: not settled): once a class is
+  // settled, next() is one atomic load, without the lock.
+  std::array<std::atomic<std::uint8_t>, 65> settled_{};
 };
 
 /// Whether first-use tuning is on: RINGFLOW_AUTOTUNE unset, 1, on, true or

@@ -1,8 +1,10 @@
 // communicator: a cheap, copyable handle on a transport, plus the per-group
-// state collectives need (sequence number, checked mode).
+// state collectives need (sequence number, checked mode) and the one home of
+// the layers' per-communicator state (slot<T>).
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -75,13 +77,44 @@ class communicator {
   /// Number of collectives started on this communicator (same on every rank).
   std::uint64_t next_sequence() const noexcept;
 
-  /// Storage for the layers above (the async engine of coll/async.hpp),
-  /// shared by all copies of this communicator and destroyed with the last.
-  std::shared_ptr<void>& attachment() const noexcept;
+  /// The per-communicator state of a layer above (the async engine, the
+  /// tuning context, shm's segment): one T per communicator, shared by all
+  /// of its copies, destroyed with the last. The first call makes it with
+  /// `make()`, which returns a std::shared_ptr<T> (it may run collectives
+  /// on this communicator and use other slots); later calls are one atomic
+  /// load. Split children and other communicators over the same ranks have
+  /// their own.
+  /// @code
+  ///   auto& engine = comm.slot<async_engine>([&] { return std::make_shared<async_engine>(...); });
+  /// @endcode
+  template <class T, class Make>
+  T& slot(Make&& make) const {
+    const int id = slot_id<T>();
+    if (void* p = slot_find(id)) return *static_cast<T*>(p);
+    return *static_cast<T*>(slot_make(id, [&]() -> std::shared_ptr<void> {
+      std::shared_ptr<T> made = make();
+      return made;
+    }));
+  }
+  /// The T that slot<T>() made on this communicator, or nullptr.
+  template <class T>
+  T* find_slot() const noexcept {
+    return static_cast<T*>(slot_find(slot_id<T>()));
+  }
 
  private:
   struct state;
   void check_p2p(int peer, int tag, const char* what) const;
+
+  // Slot ids: one small integer per type T, handed out on first use.
+  static int next_slot_id();
+  template <class T>
+  static int slot_id() {
+    static const int id = next_slot_id();
+    return id;
+  }
+  void* slot_find(int id) const noexcept;
+  void* slot_make(int id, const std::function<std::shared_ptr<void>()>& make) const;
 
   std::shared_ptr<transport> transport_;
   std::shared_ptr<state> state_;
