@@ -26,5 +26,8 @@ cp "$BUILD_DIR"/tests/test_cuda "$BUILD_DIR"/tests/test_cuda_mpi gpu-prebuilt/te
 [[ -x $BUILD_DIR/bin/gpu-staged-bench ]] && cp "$BUILD_DIR"/bin/gpu-staged-bench gpu-prebuilt/bin/
 cp "$BUILD_DIR"/lib/libringflow_gpu_bench.so* gpu-prebuilt/lib/ 2>/dev/null || true
 strip gpu-prebuilt/tests/* gpu-prebuilt/bin/* 2>/dev/null || true
+# nlohmann_json (header-only, private to the library) for a native build
+# there: the GPU machines' image lacks the package; CMake looks here.
+mkdir -p gpu-prebuilt/include && cp -r /usr/include/nlohmann gpu-prebuilt/include/
 du -sh gpu-prebuilt
 ldd gpu-prebuilt/tests/test_cuda_mpi | grep -v "linux-vdso\|ld-linux"

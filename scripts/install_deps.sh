@@ -11,7 +11,7 @@ packages=(
   libopenmpi-dev openmpi-bin           # MPI backend, mpirun
   libeigen3-dev libfmt-dev zlib1g-dev  # library dependencies
   catch2                               # tests
-  nlohmann-json3-dev                   # ringflow-doctor reads flight-recorder dumps (JSON)
+  nlohmann-json3-dev                   # the library's JSON files (private, header-only; src/core/json.hpp)
   ccache                               # compiler cache: run_tests.sh builds three trees (release, asan, tsan)
   libgloo-dev                          # benchmark peer
   dataset-fashion-mnist                # training example data

@@ -13,8 +13,10 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
+#include "core/json.hpp"
 #include "ringflow/coll/fold.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
@@ -253,7 +255,7 @@ std::string cost_model::to_json() const {
       "{{\n"
       "  \"format\": \"ringflow-cost-model\",\n"
       "  \"version\": 1,\n"
-      "  \"machine\": \"{}\",\n"
+      "  \"machine\": {},\n"
       "  \"intra_alpha_s\": {:.6e},\n"
       "  \"intra_beta_s_per_byte\": {:.6e},\n"
       "  \"intra_large_alpha_s\": {:.6e},\n"
@@ -265,51 +267,33 @@ std::string cost_model::to_json() const {
       "  \"gamma_s_per_byte\": {:.6e},\n"
       "  \"oversubscribed_step_s\": {:.6e}\n"
       "}}\n",
-      machine, intra.alpha, intra.beta, intra.large_alpha, intra.large_from, inter.alpha,
+      detail::json::quote(machine), intra.alpha, intra.beta, intra.large_alpha, intra.large_from, inter.alpha,
       inter.beta, inter.large_alpha, inter.large_from, gamma, oversubscribed_step);
 }
 
 namespace {
-// The value after "key": in a flat JSON object (the only shape we write).
-std::string_view json_value(std::string_view text, std::string_view key) {
-  const std::string quoted = fmt::format("\"{}\"", key);
-  const auto k = text.find(quoted);
-  if (k == std::string_view::npos) return {};
-  auto v = text.find(':', k + quoted.size());
-  if (v == std::string_view::npos) return {};
-  ++v;
-  while (v < text.size() && std::isspace(static_cast<unsigned char>(text[v]))) ++v;
-  if (v < text.size() && text[v] == '"') {
-    const auto end = text.find('"', v + 1);
-    return end == std::string_view::npos ? std::string_view{} : text.substr(v + 1, end - v - 1);
-  }
-  auto end = v;
-  while (end < text.size() && text[end] != ',' && text[end] != '}' &&
-         !std::isspace(static_cast<unsigned char>(text[end]))) {
-    ++end;
-  }
-  return text.substr(v, end - v);
-}
-
 // A cost model file is a few hundred bytes; anything much larger is not one.
 constexpr std::size_t max_cost_model_bytes = std::size_t{1} << 20;
 
-double json_number(std::string_view text, std::string_view key, std::string_view origin,
-                   double max) {
-  const std::string_view v = json_value(text, key);
-  // strtod: from_chars for double needs a newer libstdc++ than some users have.
-  const std::string s(v);
-  char* end = nullptr;
-  errno = 0;
-  const double d = s.empty() ? 0 : std::strtod(s.c_str(), &end);
-  if (s.empty() || errno != 0 || end != s.c_str() + s.size() || !std::isfinite(d) || d < 0) {
-    throw usage_error(fmt::format("cost model {}: \"{}\" is missing or not a non-negative number{}",
-                                  origin, key, s.empty() ? "" : fmt::format(" ('{}')", s)));
+[[noreturn]] void cost_model_fail(std::string_view origin, std::string_view what) {
+  throw usage_error(fmt::format("cost model {}: {}; rerun ringflow-bench --calibrate", origin, what));
+}
+
+// doc[key] as a number in [0, max]; nullopt when absent and `optional`.
+std::optional<double> json_number(const detail::json::value& doc, std::string_view key,
+                                  std::string_view origin, double max, bool optional = false) {
+  const auto it = doc.find(key);
+  if (it == doc.end()) {
+    if (optional) return std::nullopt;
+    cost_model_fail(origin, fmt::format("\"{}\" is missing", key));
   }
-  if (d > max) {
-    throw usage_error(fmt::format("cost model {}: \"{}\" = {} is outside [0, {}]; rerun "
-                                  "ringflow-bench --calibrate",
-                                  origin, key, s, max));
+  if (!it->is_number()) {
+    cost_model_fail(origin, fmt::format("\"{}\" must be a number, not {} ({})", key,
+                                        detail::json::kind_name(*it), it->dump()));
+  }
+  const double d = it->get<double>();
+  if (!std::isfinite(d) || d < 0 || d > max) {
+    cost_model_fail(origin, fmt::format("\"{}\" = {} is outside [0, {}]", key, d, max));
   }
   return d;
 }
@@ -317,40 +301,38 @@ double json_number(std::string_view text, std::string_view key, std::string_view
 
 cost_model cost_model::from_json(std::string_view text, std::string_view origin) {
   if (text.size() > max_cost_model_bytes) {
-    throw usage_error(fmt::format("cost model {}: {} bytes is more than the {} a cost model file "
-                                  "may hold; rerun ringflow-bench --calibrate",
-                                  origin, text.size(), max_cost_model_bytes));
+    cost_model_fail(origin, fmt::format("{} bytes is more than the {} a cost model file may hold",
+                                        text.size(), max_cost_model_bytes));
+  }
+  const detail::json::value doc =
+      detail::json::parse(text, 4, [&](const std::string& why) { cost_model_fail(origin, why); });
+  const auto format = doc.is_object() ? doc.find("format") : doc.end();
+  if (!doc.is_object() || format == doc.end() || *format != "ringflow-cost-model") {
+    cost_model_fail(origin, "not a ringflow cost model (no \"format\": \"ringflow-cost-model\")");
   }
   // Upper bounds: seconds per message and per byte far beyond any link, and
   // sizes within what a double holds exactly.
   constexpr double max_seconds = 10.0;
   constexpr double max_s_per_byte = 1.0;
   constexpr double max_bytes = 9007199254740992.0;  // 2^53
-  if (json_value(text, "format") != "ringflow-cost-model") {
-    throw usage_error(fmt::format(
-        "cost model {}: not a ringflow cost model (no \"format\": \"ringflow-cost-model\"); "
-        "rerun ringflow-bench --calibrate",
-        origin));
-  }
   cost_model m;
-  m.intra.alpha = json_number(text, "intra_alpha_s", origin, max_seconds);
-  m.intra.beta = json_number(text, "intra_beta_s_per_byte", origin, max_s_per_byte);
-  m.inter.alpha = json_number(text, "inter_alpha_s", origin, max_seconds);
-  m.inter.beta = json_number(text, "inter_beta_s_per_byte", origin, max_s_per_byte);
+  m.intra.alpha = *json_number(doc, "intra_alpha_s", origin, max_seconds);
+  m.intra.beta = *json_number(doc, "intra_beta_s_per_byte", origin, max_s_per_byte);
+  m.inter.alpha = *json_number(doc, "inter_alpha_s", origin, max_seconds);
+  m.inter.beta = *json_number(doc, "inter_beta_s_per_byte", origin, max_s_per_byte);
   // Optional (absent: one alpha for every message size).
-  auto optional = [&](std::string_view key, double max) {
-    return json_value(text, key).empty() ? 0.0 : json_number(text, key, origin, max);
-  };
-  m.intra.large_alpha = optional("intra_large_alpha_s", max_seconds);
-  m.intra.large_from = optional("intra_large_from_bytes", max_bytes);
-  m.inter.large_alpha = optional("inter_large_alpha_s", max_seconds);
-  m.inter.large_from = optional("inter_large_from_bytes", max_bytes);
-  m.gamma = json_number(text, "gamma_s_per_byte", origin, max_s_per_byte);
+  m.intra.large_alpha = json_number(doc, "intra_large_alpha_s", origin, max_seconds, true).value_or(0);
+  m.intra.large_from = json_number(doc, "intra_large_from_bytes", origin, max_bytes, true).value_or(0);
+  m.inter.large_alpha = json_number(doc, "inter_large_alpha_s", origin, max_seconds, true).value_or(0);
+  m.inter.large_from = json_number(doc, "inter_large_from_bytes", origin, max_bytes, true).value_or(0);
+  m.gamma = *json_number(doc, "gamma_s_per_byte", origin, max_s_per_byte);
   // Optional (absent: files from before it; the built-in value).
-  m.oversubscribed_step = json_value(text, "oversubscribed_step_s").empty()
-                              ? builtin_cost_model().oversubscribed_step
-                              : json_number(text, "oversubscribed_step_s", origin, max_seconds);
-  m.machine = std::string(json_value(text, "machine"));
+  m.oversubscribed_step = json_number(doc, "oversubscribed_step_s", origin, max_seconds, true)
+                              .value_or(builtin_cost_model().oversubscribed_step);
+  if (const auto mach = doc.find("machine"); mach != doc.end()) {
+    if (!mach->is_string()) cost_model_fail(origin, "\"machine\" must be a string");
+    m.machine = mach->get<std::string>();
+  }
   m.origin = std::string(origin);
   return m;
 }

@@ -1,4 +1,4 @@
-// Tuning tables: the file (a small JSON parser and writer), the lookup with
+// Tuning tables: the file (JSON, read through core/json.hpp), the lookup with
 // log-log interpolation between tuned sizes, and the table-or-model choice.
 #include "ringflow/coll/tuning.hpp"
 
@@ -17,6 +17,7 @@
 #include <sstream>
 #include <tuple>
 
+#include "core/json.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
@@ -24,233 +25,57 @@
 namespace ringflow {
 namespace {
 
-// ---- a small JSON reader (objects, arrays, strings, numbers, literals) -----
+// ---- reading a tuning file (JSON through core/json.hpp) ---------------------
 
-struct json {
-  enum kind_t { null, boolean, number, string, array, object } kind = null;
-  double num = 0;
-  bool flag = false;
-  std::string str;
-  std::vector<json> items;                             // array
-  std::vector<std::pair<std::string, json>> members;   // object, in file order
-  std::size_t line = 0;                                // where the value starts
-
-  const json* find(std::string_view key) const {
-    for (const auto& [k, v] : members) {
-      if (k == key) return &v;
-    }
-    return nullptr;
-  }
-};
+namespace json = detail::json;
+using json::value;
 
 // Bounds on what a tuning file may hold, far beyond a real one (tens of
 // KB): a corrupt or hostile file is refused before it costs much memory.
 constexpr std::size_t max_tuning_file_bytes = std::size_t{16} << 20;
-constexpr std::size_t max_json_values = std::size_t{1} << 20;
 constexpr std::size_t max_tuning_tables = 4096;
+constexpr int max_tuning_depth = 16;
 
-class json_reader {
- public:
-  json_reader(std::string_view text, std::string_view origin) : s_(text), origin_(origin) {
-    if (s_.size() > max_tuning_file_bytes) {
-      throw usage_error(fmt::format("tuning table {}: {} bytes is more than the {} a tuning file "
-                                    "may hold (not a valid tuning file; rerun ringflow-bench "
-                                    "--tune, or set RINGFLOW_TUNING=off)",
-                                    origin_, s_.size(), max_tuning_file_bytes));
-    }
-  }
-
-  json document() {
-    json v = value(0);
-    skip();
-    if (i_ != s_.size()) fail("unexpected text after the document");
-    return v;
-  }
-
- private:
-  std::string_view s_;
-  std::string_view origin_;
-  std::size_t i_ = 0;
-  std::size_t values_ = 0;
-  // line() counts newlines from where it last stopped (the reader only moves
-  // forward), so a long file costs linear, not quadratic, time.
-  mutable std::size_t line_pos_ = 0;
-  mutable std::size_t line_no_ = 1;
-
-  std::size_t line() const {
-    const std::size_t to = std::min(i_, s_.size());
-    if (to < line_pos_) line_pos_ = 0, line_no_ = 1;
-    line_no_ += static_cast<std::size_t>(std::count(s_.begin() + static_cast<std::ptrdiff_t>(line_pos_),
-                                                    s_.begin() + static_cast<std::ptrdiff_t>(to), '\n'));
-    line_pos_ = to;
-    return line_no_;
-  }
-
-  [[noreturn]] void fail(std::string_view what) const {
-    throw usage_error(fmt::format("tuning table {}: line {}: {} (not a valid tuning file; rerun "
-                                  "ringflow-bench --tune, or set RINGFLOW_TUNING=off)",
-                                  origin_, line(), what));
-  }
-
-  void skip() {
-    while (i_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
-  }
-
-  void expect(char c) {
-    skip();
-    if (i_ >= s_.size() || s_[i_] != c) fail(fmt::format("expected '{}'", c));
-    ++i_;
-  }
-
-  json value(int depth) {
-    if (depth > 16) fail("nested too deeply");
-    if (++values_ > max_json_values) fail(fmt::format("more than {} JSON values", max_json_values));
-    skip();
-    if (i_ >= s_.size()) fail("unexpected end of file");
-    json v;
-    v.line = line();
-    const char c = s_[i_];
-    if (c == '{') {
-      v.kind = json::object;
-      ++i_;
-      skip();
-      if (i_ < s_.size() && s_[i_] == '}') {
-        ++i_;
-        return v;
-      }
-      for (;;) {
-        skip();
-        if (i_ >= s_.size() || s_[i_] != '"') fail("expected a quoted key");
-        std::string key = string_body();
-        expect(':');
-        v.members.emplace_back(std::move(key), value(depth + 1));
-        skip();
-        if (i_ < s_.size() && s_[i_] == ',') {
-          ++i_;
-          continue;
-        }
-        expect('}');
-        return v;
-      }
-    }
-    if (c == '[') {
-      v.kind = json::array;
-      ++i_;
-      skip();
-      if (i_ < s_.size() && s_[i_] == ']') {
-        ++i_;
-        return v;
-      }
-      for (;;) {
-        v.items.push_back(value(depth + 1));
-        skip();
-        if (i_ < s_.size() && s_[i_] == ',') {
-          ++i_;
-          continue;
-        }
-        expect(']');
-        return v;
-      }
-    }
-    if (c == '"') {
-      v.kind = json::string;
-      v.str = string_body();
-      return v;
-    }
-    for (std::string_view lit : {"true", "false", "null"}) {
-      if (s_.substr(i_, lit.size()) == lit) {
-        i_ += lit.size();
-        v.kind = lit == "null" ? json::null : json::boolean;
-        v.flag = lit == "true";
-        return v;
-      }
-    }
-    std::size_t end = i_;
-    while (end < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[end])) ||
-                               std::strchr("+-.eE", s_[end]) != nullptr)) {
-      ++end;
-    }
-    const std::string text(s_.substr(i_, end - i_));
-    char* stop = nullptr;
-    errno = 0;
-    const double d = text.empty() ? 0 : std::strtod(text.c_str(), &stop);
-    if (text.empty() || errno != 0 || stop != text.c_str() + text.size() || !std::isfinite(d)) {
-      fail(fmt::format("'{}' is not a JSON value", s_.substr(i_, std::min<std::size_t>(12, s_.size() - i_))));
-    }
-    i_ = end;
-    v.kind = json::number;
-    v.num = d;
-    return v;
-  }
-
-  // At the opening quote; returns the unescaped body (\" \\ \/ \n \t only).
-  std::string string_body() {
-    ++i_;
-    std::string out;
-    while (i_ < s_.size() && s_[i_] != '"') {
-      char c = s_[i_++];
-      if (c == '\\') {
-        if (i_ >= s_.size()) break;
-        const char e = s_[i_++];
-        c = e == 'n' ? '\n' : e == 't' ? '\t' : e;
-        if (std::strchr("\"\\/nt", e) == nullptr) fail(fmt::format("unsupported escape '\\{}'", e));
-      }
-      out.push_back(c);
-    }
-    if (i_ >= s_.size()) fail("unterminated string");
-    ++i_;
-    return out;
-  }
-};
-
-std::string escaped(std::string_view s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') out.push_back('\\');
-    if (c == '\n') {
-      out += "\\n";
-      continue;
-    }
-    out.push_back(c);
-  }
-  return out;
-}
-
-// Field access with messages that name the file, the line and the field.
+// Field access with messages that name the file, where in it (a JSON path:
+// tables[0].sizes[3].best) and the field.
 struct checker {
   std::string_view origin;
 
-  [[noreturn]] void fail(const json& at, std::string_view what) const {
-    throw usage_error(fmt::format("tuning table {}: line {}: {} (rerun ringflow-bench --tune, or "
-                                  "set RINGFLOW_TUNING=off)",
-                                  origin, at.line, what));
+  [[noreturn]] void fail(const std::string& at, std::string_view what) const {
+    throw usage_error(fmt::format("tuning table {}: {}{} (not a valid tuning file; rerun "
+                                  "ringflow-bench --tune, or set RINGFLOW_TUNING=off)",
+                                  origin, at.empty() ? "" : at + ": ", what));
   }
-  const json& field(const json& obj, std::string_view key, json::kind_t kind,
-                    std::string_view kind_name) const {
-    const json* v = obj.find(key);
-    if (v == nullptr) fail(obj, fmt::format("\"{}\" is missing", key));
-    if (v->kind != kind) fail(*v, fmt::format("\"{}\" must be {}", key, kind_name));
-    return *v;
+  const value& field(const value& obj, const std::string& at, std::string_view key,
+                     value::value_t kind, std::string_view kind_name) const {
+    const auto it = obj.find(key);
+    if (it == obj.end()) fail(at, fmt::format("\"{}\" is missing", key));
+    const bool ok = kind == value::value_t::number_float ? it->is_number() : it->type() == kind;
+    if (!ok) fail(json::member(at, key), fmt::format("\"{}\" must be {}", key, kind_name));
+    return *it;
   }
-  std::string text(const json& obj, std::string_view key) const {
-    return field(obj, key, json::string, "a string").str;
+  std::string text(const value& obj, const std::string& at, std::string_view key) const {
+    return field(obj, at, key, value::value_t::string, "a string").get<std::string>();
   }
-  double positive(const json& obj, std::string_view key) const {
-    const json& v = field(obj, key, json::number, "a number");
-    if (!(v.num > 0)) fail(v, fmt::format("\"{}\" must be positive, not {}", key, v.num));
-    return v.num;
+  double number(const value& obj, const std::string& at, std::string_view key) const {
+    return field(obj, at, key, value::value_t::number_float, "a number").get<double>();
   }
-  int count(const json& obj, std::string_view key, bool zero_ok = false) const {
-    const json& v = field(obj, key, json::number, "a number");
-    if (v.num != std::floor(v.num) || v.num < (zero_ok ? 0 : 1) || v.num > 1e9) {
-      fail(v, fmt::format("\"{}\" must be a whole number of at least {}, not {}", key,
-                          zero_ok ? 0 : 1, v.num));
+  double positive(const value& obj, const std::string& at, std::string_view key) const {
+    const double v = number(obj, at, key);
+    if (!(v > 0)) fail(json::member(at, key), fmt::format("\"{}\" must be positive, not {}", key, v));
+    return v;
+  }
+  int count(const value& obj, const std::string& at, std::string_view key, bool zero_ok = false) const {
+    const double v = number(obj, at, key);
+    if (v != std::floor(v) || v < (zero_ok ? 0 : 1) || v > 1e9) {
+      fail(json::member(at, key), fmt::format("\"{}\" must be a whole number of at least {}, not {}",
+                                              key, zero_ok ? 0 : 1, v));
     }
-    return static_cast<int>(v.num);
+    return static_cast<int>(v);
   }
 };
 
-algo parse_candidate(const checker& c, const json& at, const std::string& name) {
+algo parse_candidate(const checker& c, const std::string& at, const std::string& name) {
   algo a = algo::ring;
   try {
     a = parse_algo(name);
@@ -263,58 +88,64 @@ algo parse_candidate(const checker& c, const json& at, const std::string& name) 
   return a;
 }
 
-tuning_table parse_table(const checker& c, const json& t) {
-  if (t.kind != json::object) c.fail(t, "every entry of \"tables\" must be an object");
+tuning_table parse_table(const checker& c, const value& t, const std::string& at) {
+  if (!t.is_object()) c.fail(at, "every entry of \"tables\" must be an object");
   tuning_table out;
-  out.ranks = c.count(t, "ranks");
-  out.nodes = c.count(t, "nodes");
-  out.ranks_per_node = c.count(t, "ranks_per_node");
+  out.ranks = c.count(t, at, "ranks");
+  out.nodes = c.count(t, at, "nodes");
+  out.ranks_per_node = c.count(t, at, "ranks_per_node");
   if (out.nodes > out.ranks || static_cast<long long>(out.nodes) * out.ranks_per_node < out.ranks ||
       out.ranks_per_node > out.ranks) {
-    c.fail(t, fmt::format("{} ranks on {} nodes of at most {} ranks is not a layout", out.ranks,
-                          out.nodes, out.ranks_per_node));
+    c.fail(at, fmt::format("{} ranks on {} nodes of at most {} ranks is not a layout", out.ranks,
+                           out.nodes, out.ranks_per_node));
   }
-  if (t.find("cores_per_node") != nullptr) out.cores_per_node = c.count(t, "cores_per_node", true);
-  if (t.find("dtype") != nullptr) out.dtype = c.text(t, "dtype");
-  if (t.find("op") != nullptr) out.op = c.text(t, "op");
-  if (t.find("tuned_at") != nullptr) out.tuned_at = c.text(t, "tuned_at");
-  if (t.find("reps") != nullptr) out.reps = c.count(t, "reps");
-  if (t.find("sessions") != nullptr) out.sessions = c.count(t, "sessions");
-  const json& sizes = c.field(t, "sizes", json::array, "an array");
-  if (sizes.items.empty()) c.fail(sizes, "\"sizes\" is empty");
-  if (sizes.items.size() > 64) c.fail(sizes, "more than 64 sizes");
-  for (const json& r : sizes.items) {
-    if (r.kind != json::object) c.fail(r, "every entry of \"sizes\" must be an object");
+  if (t.contains("cores_per_node")) out.cores_per_node = c.count(t, at, "cores_per_node", true);
+  if (t.contains("dtype")) out.dtype = c.text(t, at, "dtype");
+  if (t.contains("op")) out.op = c.text(t, at, "op");
+  if (t.contains("tuned_at")) out.tuned_at = c.text(t, at, "tuned_at");
+  if (t.contains("reps")) out.reps = c.count(t, at, "reps");
+  if (t.contains("sessions")) out.sessions = c.count(t, at, "sessions");
+  const std::string sizes_at = json::member(at, "sizes");
+  const value& sizes = c.field(t, at, "sizes", value::value_t::array, "an array");
+  if (sizes.empty()) c.fail(sizes_at, "\"sizes\" is empty");
+  if (sizes.size() > 64) c.fail(sizes_at, "more than 64 sizes");
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    const value& r = sizes[i];
+    const std::string row_at = json::element(sizes_at, i);
+    if (!r.is_object()) c.fail(row_at, "every entry of \"sizes\" must be an object");
     tuning_row row;
-    const double b = c.positive(r, "bytes");
-    if (b != std::floor(b) || b > 1e15) c.fail(r, fmt::format("\"bytes\" {} is not a size", b));
+    const double b = c.positive(r, row_at, "bytes");
+    if (b != std::floor(b) || b > 1e15) c.fail(row_at, fmt::format("\"bytes\" {} is not a size", b));
     row.bytes = static_cast<std::size_t>(b);
     if (!out.rows.empty() && row.bytes <= out.rows.back().bytes) {
-      c.fail(r, fmt::format("sizes must ascend: {} after {}", row.bytes, out.rows.back().bytes));
+      c.fail(row_at, fmt::format("sizes must ascend: {} after {}", row.bytes, out.rows.back().bytes));
     }
-    const json& med = c.field(r, "median_us", json::object, "an object");
-    if (med.members.empty()) c.fail(med, "\"median_us\" is empty");
-    for (const auto& [name, v] : med.members) {
-      const algo a = parse_candidate(c, v, name);
-      if (v.kind != json::number || !(v.num > 0)) {
-        c.fail(v, fmt::format("the median of '{}' must be a positive number", name));
+    const std::string med_at = json::member(row_at, "median_us");
+    const value& med = c.field(r, row_at, "median_us", value::value_t::object, "an object");
+    if (med.empty()) c.fail(med_at, "\"median_us\" is empty");
+    for (const auto& [name, v] : med.items()) {
+      const std::string v_at = json::member(med_at, name);
+      const algo a = parse_candidate(c, v_at, name);
+      if (!v.is_number() || !(v.get<double>() > 0)) {
+        c.fail(v_at, fmt::format("the median of '{}' must be a positive number", name));
       }
       for (const auto& seen : row.median) {
-        if (seen.algorithm == a) c.fail(v, fmt::format("'{}' appears twice", name));
+        if (seen.algorithm == a) c.fail(v_at, fmt::format("'{}' appears twice", name));
       }
-      row.median.push_back({a, v.num * 1e-6});
+      row.median.push_back({a, v.get<double>() * 1e-6});
     }
-    const json& best_v = c.field(r, "best", json::string, "a string");
-    row.best = parse_candidate(c, best_v, best_v.str);
+    const std::string best_at = json::member(row_at, "best");
+    const std::string best_name = c.text(r, row_at, "best");
+    row.best = parse_candidate(c, best_at, best_name);
     double best_s = -1, min_s = -1;
     for (const auto& m : row.median) {
       if (m.algorithm == row.best) best_s = m.seconds;
       if (min_s < 0 || m.seconds < min_s) min_s = m.seconds;
     }
-    if (best_s < 0) c.fail(best_v, fmt::format("\"best\" '{}' has no median", best_v.str));
+    if (best_s < 0) c.fail(best_at, fmt::format("\"best\" '{}' has no median", best_name));
     if (best_s > min_s) {
-      c.fail(best_v, fmt::format("\"best\" '{}' ({:.3f} us) is not the lowest median ({:.3f} us)",
-                                 best_v.str, best_s * 1e6, min_s * 1e6));
+      c.fail(best_at, fmt::format("\"best\" '{}' ({:.3f} us) is not the lowest median ({:.3f} us)",
+                                  best_name, best_s * 1e6, min_s * 1e6));
     }
     out.rows.push_back(std::move(row));
   }
@@ -510,17 +341,17 @@ void tuning_file::put(tuning_table t) {
 
 std::string tuning_file::to_json() const {
   std::string s = fmt::format(
-      "{{\n  \"format\": \"ringflow-tuning\",\n  \"version\": 1,\n  \"machine\": \"{}\",\n"
+      "{{\n  \"format\": \"ringflow-tuning\",\n  \"version\": 1,\n  \"machine\": {},\n"
       "  \"tables\": [",
-      escaped(machine));
+      json::quote(machine));
   for (std::size_t i = 0; i < tables.size(); ++i) {
     const tuning_table& t = tables[i];
     s += fmt::format(
         "{}\n    {{\n      \"ranks\": {}, \"nodes\": {}, \"ranks_per_node\": {}, "
-        "\"cores_per_node\": {},\n      \"dtype\": \"{}\", \"op\": \"{}\", \"reps\": {}, "
-        "\"sessions\": {}, \"tuned_at\": \"{}\",\n      \"sizes\": [",
-        i ? "," : "", t.ranks, t.nodes, t.ranks_per_node, t.cores_per_node, escaped(t.dtype),
-        escaped(t.op), std::max(1, t.reps), std::max(1, t.sessions), escaped(t.tuned_at));
+        "\"cores_per_node\": {},\n      \"dtype\": {}, \"op\": {}, \"reps\": {}, "
+        "\"sessions\": {}, \"tuned_at\": {},\n      \"sizes\": [",
+        i ? "," : "", t.ranks, t.nodes, t.ranks_per_node, t.cores_per_node, json::quote(t.dtype),
+        json::quote(t.op), std::max(1, t.reps), std::max(1, t.sessions), json::quote(t.tuned_at));
     for (std::size_t j = 0; j < t.rows.size(); ++j) {
       const tuning_row& r = t.rows[j];
       s += fmt::format("{}\n        {{\"bytes\": {}, \"best\": \"{}\", \"median_us\": {{", j ? "," : "",
@@ -538,33 +369,37 @@ std::string tuning_file::to_json() const {
 }
 
 tuning_file tuning_file::from_json(std::string_view text, std::string_view origin) {
-  const json doc = json_reader(text, origin).document();
   const checker c{origin};
-  if (doc.kind != json::object) c.fail(doc, "the document must be a JSON object");
-  const json* format = doc.find("format");
-  if (format == nullptr || format->kind != json::string || format->str != "ringflow-tuning") {
-    c.fail(doc, "not a ringflow tuning table (no \"format\": \"ringflow-tuning\")");
+  if (text.size() > max_tuning_file_bytes) {
+    c.fail("", fmt::format("{} bytes is more than the {} a tuning file may hold", text.size(),
+                           max_tuning_file_bytes));
   }
-  const json& version = c.field(doc, "version", json::number, "a number");
-  if (version.num != 1) {
-    c.fail(version, fmt::format("version {} is not supported (this ringflow reads version 1)",
-                                version.num));
+  const value doc = json::parse(text, max_tuning_depth, [&](const std::string& why) { c.fail("", why); });
+  if (!doc.is_object()) c.fail("", "the document must be a JSON object");
+  const auto format = doc.find("format");
+  if (format == doc.end() || !format->is_string() || format->get<std::string>() != "ringflow-tuning") {
+    c.fail("", "not a ringflow tuning table (no \"format\": \"ringflow-tuning\")");
+  }
+  const double version = c.number(doc, "", "version");
+  if (version != 1) {
+    c.fail("version", fmt::format("version {} is not supported (this ringflow reads version 1)", version));
   }
   tuning_file f;
   f.origin = std::string(origin);
-  f.machine = c.text(doc, "machine");
-  if (f.machine.empty()) c.fail(doc, "\"machine\" is empty");
-  const json& tables = c.field(doc, "tables", json::array, "an array");
-  if (tables.items.size() > max_tuning_tables) {
-    c.fail(tables, fmt::format("\"tables\" holds {} tables, more than {}", tables.items.size(),
-                               max_tuning_tables));
+  f.machine = c.text(doc, "", "machine");
+  if (f.machine.empty()) c.fail("machine", "\"machine\" is empty");
+  const value& tables = c.field(doc, "", "tables", value::value_t::array, "an array");
+  if (tables.size() > max_tuning_tables) {
+    c.fail("tables", fmt::format("\"tables\" holds {} tables, more than {}", tables.size(),
+                                 max_tuning_tables));
   }
-  for (const json& t : tables.items) {
-    tuning_table table = parse_table(c, t);
+  for (std::size_t i = 0; i < tables.size(); ++i) {
+    const std::string at = json::element("tables", i);
+    tuning_table table = parse_table(c, tables[i], at);
     for (const auto& seen : f.tables) {
       if (same_shape(seen, table)) {
-        c.fail(t, fmt::format("two tables for {} ranks on {} node(s) x {}", table.ranks,
-                              table.nodes, table.ranks_per_node));
+        c.fail(at, fmt::format("two tables for {} ranks on {} node(s) x {}", table.ranks,
+                               table.nodes, table.ranks_per_node));
       }
     }
     f.tables.push_back(std::move(table));

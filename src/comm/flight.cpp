@@ -19,6 +19,7 @@
 #include <mutex>
 #include <thread>
 
+#include "core/json.hpp"
 #include "ringflow/comm/transport.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/dtype.hpp"
@@ -206,25 +207,7 @@ void ensure_signals() {
   });
 }
 
-void append_escaped(std::string& out, std::string_view s) {
-  out += '"';
-  for (const char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
-      case '\r': out += "\\r"; break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          out += fmt::format("\\u{:04x}", static_cast<unsigned>(c));
-        } else {
-          out += c;
-        }
-    }
-  }
-  out += '"';
-}
+void append_escaped(std::string& out, std::string_view s) { out += detail::json::quote(s); }
 
 std::string rank_label() {
   const int r = process_rank.load();

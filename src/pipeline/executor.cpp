@@ -2,6 +2,8 @@
 // and the Chrome trace writer.
 #include "ringflow/pipeline/executor.hpp"
 
+#include "core/json.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -234,24 +236,14 @@ run_stats executor::run(stage_runner& runner) {
 
 namespace {
 
-std::string json_escape(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out;
-}
-
 void append_events(std::string& out, const std::vector<trace_event>& events, int pid, double t0,
                    bool& first) {
   for (const auto& e : events) {
     out += first ? "\n" : ",\n";
     first = false;
-    out += fmt::format(
-        R"({{"name":"{}","cat":"{}","ph":"X","ts":{:.3f},"dur":{:.3f},"pid":{},"tid":0,"args":{{"stage":{},"micro_batch":{}}}}})",
-        json_escape(e.name), e.category, e.start_us - t0, e.duration_us, pid, e.stage,
-        e.micro_batch);
+    out += detail::json::trace_event(
+        e.name, e.category, pid, 0, e.start_us - t0, e.duration_us,
+        fmt::format(R"("stage":{},"micro_batch":{})", e.stage, e.micro_batch));
   }
 }
 

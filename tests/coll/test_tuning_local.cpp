@@ -161,7 +161,7 @@ TEST_CASE("corrupt tuning files are refused with a message naming the file",
     }
     FAIL("accepted: " << text.substr(0, 200));
   };
-  refused("", "unexpected end of file");
+  refused("", "unexpected end of input");
   refused(good.substr(0, good.size() / 2), "line");
   refused("{\"format\": \"ringflow-cost-model\", \"version\": 1}", "not a ringflow tuning table");
   auto with = [&](const std::string& from, const std::string& to) {
