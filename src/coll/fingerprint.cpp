@@ -9,24 +9,9 @@
 #include <map>
 #include <vector>
 
-#include "ringflow/coll/options.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow {
-
-algo parse_algo(std::string_view text) {
-  for (algo a : all_algos) {
-    if (text == algo_name(a)) return a;
-  }
-  if (text == "automatic") return algo::automatic;
-  if (text == "rd") return algo::recursive_doubling;
-  if (text == "hd" || text == "rabenseifner") return algo::halving_doubling;
-  if (text == "dtree") return algo::double_tree;
-  throw usage_error(fmt::format(
-      "unknown algorithm '{}': use auto, ring, native, recursive_doubling, halving_doubling, tree, "
-      "double_tree, hierarchical or shm",
-      text));
-}
 
 namespace detail {
 namespace {

@@ -15,6 +15,22 @@
 
 namespace ringflow::train {
 
+comm_hook_fn allreduce_hook(coll_options coll) {
+  return [coll](const bucket_view& v) {
+    if (v.contributors == v.comm.size()) {
+      allreduce(v.comm, v.grads, avg, coll);  // everyone contributed: the plain average
+      return;
+    }
+    // Joined ranks sent zeros: sum, then divide by the contributors only (as
+    // avg does with the rank count: one rounding).
+    allreduce(v.comm, v.grads, sum, coll);
+    if (v.contributors > 0) {
+      const auto n = static_cast<float>(v.contributors);
+      for (float& g : v.grads) g /= n;
+    }
+  };
+}
+
 std::vector<bucket> plan_buckets(const ad::parameter_store<float>& params, std::size_t cap_bytes,
                                  std::size_t first_cap_bytes) {
   std::vector<bucket> out;
@@ -97,6 +113,7 @@ struct data_parallel::state {
   std::vector<bucket> buckets;
   std::vector<std::size_t> bucket_of;    // parameter -> bucket
   std::unique_ptr<compress::bucket_compression> compression;  // null: plain allreduce
+  comm_hook_fn hook;  // how a bucket is reduced: the user's, the compression, or allreduce_hook
   std::vector<bool> expected;            // requires_grad when built
   std::vector<std::size_t> expected_in;  // per bucket: expected parameters
   // Per step.
@@ -185,38 +202,23 @@ struct data_parallel::state {
     const std::span<float> data = params.all_grads().subspan(bk.offset, bk.size);
     bucket_record* rec = &records[b];
     const std::int64_t at_step = step;
-    const coll_options coll = opts.coll;
     const train::timeline trace = tl;
-    // Only the progress thread touches it while buckets are in flight; it runs
-    // them one at a time in bucket order, the same on every rank, which is
-    // what bucket_compression needs (finish() waits before anyone reads it).
-    compress::bucket_compression* bc = compression.get();
+    const comm_hook_fn* reduce = &hook;  // lives in the state, which outlives the handles
+    const bool compressed = compression != nullptr;
     const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     // Enqueued by hand (rather than allreduce_async) to timestamp the
     // allreduce where it runs: on the progress thread.
     handles[b] = collective_handle(ringflow::detail::enqueue(
-        comm, [data, rec, at_step, coll, trace, b, bc, count](const communicator& c) {
+        comm, [data, rec, at_step, trace, b, reduce, compressed, count](const communicator& c) {
           const double t0 = now_us();
-          if (bc != nullptr) {
-            bc->reduce(c, data, b);
-          } else if (count == nullptr || *count == c.size()) {
-            allreduce(c, data, avg, coll);  // everyone contributed: the plain average
-          } else {
-            // Joined ranks sent zeros: sum, then divide by the contributors
-            // only (as avg does with the rank count: one rounding).
-            allreduce(c, data, sum, coll);
-            if (*count > 0) {
-              const auto n = static_cast<float>(*count);
-              for (float& g : data) g /= n;
-            }
-          }
+          (*reduce)(bucket_view{c, data, b, at_step, count != nullptr ? *count : c.size()});
           const double t1 = now_us();
           rec->start_us = t0;
           rec->end_us = t1;
           if (trace.enabled()) {
             trace_event e;
-            e.name = bc != nullptr ? fmt::format("compressed allreduce bucket {}", b)
-                                   : fmt::format("allreduce bucket {}", b);
+            e.name = compressed ? fmt::format("compressed allreduce bucket {}", b)
+                                : fmt::format("allreduce bucket {}", b);
             e.lane = lane::comm;
             e.start_us = t0;
             e.duration_us = t1 - t0;
@@ -264,6 +266,12 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
         "compress = \"none\" or even inputs",
         comm.rank(), opts.compress));
   }
+  if (opts.comm_hook && opts.compress != "none") {
+    throw usage_error(fmt::format(
+        "train::data_parallel on rank {}: both a comm_hook and compression '{}' were given; a "
+        "hook replaces the built-in reduction, so compress inside the hook or leave it empty",
+        comm.rank(), opts.compress));
+  }
   if (opts.compress != "none") {
     // Throws usage_error on a bad spec, on every rank alike, before any collective.
     // A bucket left uncompressed (auto's none) is averaged exactly like the
@@ -271,6 +279,13 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
     compress::bucket_compression_options co = opts.compress_options;
     co.plain_coll = opts.coll;
     s.compression = std::make_unique<compress::bucket_compression>(opts.compress, std::move(co));
+    // Only the progress thread touches it while buckets are in flight; it
+    // runs them one at a time in bucket order, the same on every rank, which
+    // is what bucket_compression needs (finish() waits before anyone reads it).
+    compress::bucket_compression* bc = s.compression.get();
+    s.hook = [bc](const bucket_view& v) { bc->reduce(v.comm, v.grads, v.index); };
+  } else {
+    s.hook = opts.comm_hook ? opts.comm_hook : allreduce_hook(opts.coll);
   }
   s.comm = std::move(comm);
   s.params = std::move(params);

@@ -11,6 +11,7 @@
 
 #include "ringflow/ad/autodiff.hpp"
 #include "ringflow/backends/local.hpp"
+#include "ringflow/coll/collectives.hpp"
 #include "ringflow/train/data_parallel.hpp"
 #include "ringflow/train/timeline.hpp"
 #include "support/catch.hpp"
@@ -458,4 +459,95 @@ TEST_CASE("timeline: rank_file, empty traces, invalid JSON is refused", "[train]
   off.record("x", train::lane::compute, 0, 1);
   REQUIRE(off.events().empty());
   fs::remove_all(dir);
+}
+
+TEST_CASE("comm_hook: called once per bucket per step in bucket order; the default hook by hand "
+          "gives the same bits",
+          "[train][dp][hook]") {
+  struct result {
+    std::vector<std::vector<float>> params;
+    std::vector<std::pair<std::int64_t, std::size_t>> calls;  // (step, bucket)
+    std::vector<int> contributors;
+    std::size_t buckets = 0;
+  };
+  const int p = 3;
+  const std::size_t features = 10;
+  auto train = [&](communicator& c, bool custom) {
+    result out;
+    ad::mlp model({10, 32, 32, 4}, ad::activation::relu, 7 + static_cast<unsigned>(c.rank()));
+    train::data_parallel_options o{.bucket_cap_bytes = 2048, .first_bucket_cap_bytes = 256};
+    if (custom) {
+      // Runs on the progress thread; `out` is read only after the trainer is gone.
+      const train::comm_hook_fn plain = train::allreduce_hook();
+      o.comm_hook = [&out, plain](const train::bucket_view& v) {
+        out.calls.emplace_back(v.step, v.index);
+        out.contributors.push_back(v.contributors);
+        plain(v);
+      };
+    }
+    {
+      train::data_parallel dp(c, model.parameters(), o);
+      ad::sgd opt(model.parameters(), {.lr = 0.1f});
+      out.buckets = dp.buckets().size();
+      for (int step = 0; step < 3; ++step) {
+        const auto b = make_batch(8, features, 100u * static_cast<unsigned>(step) +
+                                                   static_cast<unsigned>(c.rank()));
+        opt.zero_grad();
+        dp.backward(loss_on(model, b, 0, 8, features));
+        dp.step(opt);
+        auto v = model.parameters().all_values();
+        out.params.emplace_back(v.begin(), v.end());
+      }
+    }
+    return out;
+  };
+  const auto plain = per_rank<result>(p, [&](communicator& c) { return train(c, false); });
+  const auto hooked = per_rank<result>(p, [&](communicator& c) { return train(c, true); });
+  for (int r = 0; r < p; ++r) {
+    const auto& h = hooked[static_cast<std::size_t>(r)];
+    REQUIRE(h.calls.size() == 3 * h.buckets);
+    for (std::size_t i = 0; i < h.calls.size(); ++i) {
+      CHECK(h.calls[i].first == static_cast<std::int64_t>(i / h.buckets));
+      CHECK(h.calls[i].second == i % h.buckets);
+      CHECK(h.contributors[i] == p);
+    }
+    for (std::size_t s = 0; s < h.params.size(); ++s) {
+      const auto& a = h.params[s];
+      const auto& b = plain[static_cast<std::size_t>(r)].params[s];
+      REQUIRE(a.size() == b.size());
+      REQUIRE(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+    }
+  }
+}
+
+TEST_CASE("comm_hook: a hook that changes the reduction is what the trainer uses; a hook with "
+          "compression is refused",
+          "[train][dp][hook]") {
+  const auto maxed = per_rank<std::vector<float>>(2, [](communicator& c) {
+    ad::parameter_store<float> store;
+    ad::tensor w = store.add("w", {4});
+    train::data_parallel dp(c, store, {.comm_hook = [](const train::bucket_view& v) {
+                                          allreduce(v.comm, v.grads, ringflow::max);
+                                        }});
+    // loss = sum(w * k): the gradient is k, different on each rank.
+    const float k = c.rank() == 0 ? 1.0f : 5.0f;
+    dp.backward(ad::sum(w * k));
+    dp.finish();
+    auto g = store.all_grads();
+    return std::vector<float>(g.begin(), g.end());
+  });
+  for (const auto& g : maxed) REQUIRE(g == std::vector<float>(4, 5.0f));
+
+  const auto refused = per_rank<int>(2, [](communicator& c) {
+    ad::parameter_store<float> store;
+    store.add("w", {4});
+    try {
+      train::data_parallel dp(c, store, {.compress = "fp16",
+                                         .comm_hook = [](const train::bucket_view&) {}});
+    } catch (const usage_error&) {
+      return 1;
+    }
+    return 0;
+  });
+  REQUIRE(refused == std::vector<int>{1, 1});
 }

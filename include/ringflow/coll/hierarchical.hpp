@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "ringflow/coll/fold.hpp"
+#include "ringflow/coll/options.hpp"
 #include "ringflow/coll/partition.hpp"
 #include "ringflow/coll/ring.hpp"
 #include "ringflow/coll/topology.hpp"

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <span>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -53,6 +54,32 @@ struct bucket {
 std::vector<bucket> plan_buckets(const ad::parameter_store<float>& params, std::size_t cap_bytes,
                                  std::size_t first_cap_bytes);
 
+/// What a comm hook gets for one bucket (see data_parallel_options::comm_hook).
+struct bucket_view {
+  /// The communicator to reduce on: data_parallel's progress-thread
+  /// duplicate (collectives on it run in bucket order on every rank).
+  const communicator& comm;
+  /// The bucket's gradients, summed over this rank's backward passes; the
+  /// hook leaves the average over the contributing ranks here, in place.
+  std::span<float> grads;
+  std::size_t index;          ///< the bucket (0: the last parameters)
+  std::int64_t step;          ///< the step being reduced
+  /// Ranks that contributed real gradients this step: comm.size(), or fewer
+  /// with uneven_inputs after some ranks joined (theirs are zeros).
+  int contributors;
+};
+
+/// Reduces one bucket (PyTorch DDP's register_comm_hook): called on the
+/// progress thread, one bucket at a time in bucket order, on every rank.
+/// It must leave the same values on every rank and may only communicate on
+/// view.comm. The built-in hooks are allreduce_hook() and the compression
+/// (data_parallel_options::compress).
+using comm_hook_fn = std::function<void(const bucket_view& view)>;
+
+/// The default hook: allreduce(avg) with `coll` when every rank contributed,
+/// else allreduce(sum) divided by the contributors (one rounding, as avg).
+comm_hook_fn allreduce_hook(coll_options coll = {});
+
 /// Options of data_parallel.
 struct data_parallel_options {
   std::size_t bucket_cap_bytes = default_bucket_cap_bytes;
@@ -81,6 +108,16 @@ struct data_parallel_options {
   /// that contributed. Off: no extra collective, join() is a usage_error.
   /// Must be the same on every rank. Not with compression (not_supported_error).
   bool uneven_inputs = false;
+  /// How each bucket is reduced; empty: allreduce_hook(coll), or the
+  /// compression when `compress` is not "none" (a hook and a compression
+  /// together are a usage_error). The same hook on every rank.
+  /// @code
+  ///   opts.comm_hook = [](const train::bucket_view& v) {   // fp32 sum, then scale
+  ///     allreduce(v.comm, v.grads, ringflow::sum, ringflow::algo::ring);
+  ///     for (float& g : v.grads) g /= static_cast<float>(v.contributors);
+  ///   };
+  /// @endcode
+  comm_hook_fn comm_hook = {};
 };
 
 /// Timing of one step (seconds), measured on this rank.
