@@ -33,22 +33,24 @@ started=$SECONDS
 step "dependencies"
 scripts/install_deps.sh
 
+# ccache makes rebuilds of an unchanged tree take seconds (the sanitizer
+# trees, and the add_subdirectory tests, which compile the main tree's
+# library sources again with the same flags); it is optional
+# (install_deps.sh installs it on Debian).
+launcher=()
+if command -v ccache >/dev/null 2>&1; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
+fi
+
 step "configure and build ($BUILD_DIR, $BUILD_TYPE, -j$JOBS)"
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" -DRINGFLOW_BUILD_TESTS=ON \
-  "${extra_cmake_args[@]}"
+  "${launcher[@]}" "${extra_cmake_args[@]}"
 cmake --build "$BUILD_DIR" -j "$JOBS"
 
 step "tests"
 status=0
 ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" || status=$?
 echo "run_tests: build and tests took $((SECONDS - started)) s"
-
-# ccache makes the sanitizer rebuilds of an unchanged tree take seconds; it is
-# optional (install_deps.sh installs it on Debian).
-launcher=()
-if command -v ccache >/dev/null 2>&1; then
-  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
-fi
 
 # sanitizer_stage NAME SANITIZE CTEST_LABEL [TARGETS...]: configure build-NAME
 # with RINGFLOW_SANITIZE=SANITIZE, then either build everything and run the
