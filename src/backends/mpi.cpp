@@ -425,6 +425,7 @@ class mpi_transport final : public transport,
     return t;
   }
 
+  bool processes_can_share_memory() const noexcept override { return true; }
   bool concurrent_use_ok() const noexcept override {
     int provided = MPI_THREAD_SINGLE;
     MPI_Query_thread(&provided);

@@ -169,13 +169,14 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
     for (auto w : u) cores += std::popcount(w);
     ctx->shape.cores_per_node = std::max(ctx->shape.cores_per_node, cores);
   }
-  // shm: every rank has it registered, the mpi backend, and one host.
+  // shm: every rank has it registered, processes that can share memory
+  // (the transport says so), and one host.
   bool one_host = true, registered = true;
   for (const auto& w : all) {
     one_host = one_host && std::strncmp(w.host, root.host, sizeof w.host) == 0;
     registered = registered && w.shm_registered != 0;
   }
-  ctx->shape.shm = registered && one_host && comm.backend() == "mpi" && ctx->shape.nodes == 1;
+  ctx->shape.shm = registered && one_host && t.processes_can_share_memory() && ctx->shape.nodes == 1;
   if (ctx->shape.shm && ctx->first_use) {
     // First-use tuning will try shm on some later call. Its set-up is a
     // handful of blocking MPI collectives; run here, where every rank is in

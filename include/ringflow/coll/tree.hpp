@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "ringflow/coll/fold.hpp"
+#include "ringflow/coll/options.hpp"
 #include "ringflow/coll/ring.hpp"
 #include "ringflow/comm/transport.hpp"
 

@@ -125,6 +125,11 @@ class transport {
   /// collectives' progress thread needs it). MPI: MPI_THREAD_MULTIPLE.
   virtual bool concurrent_use_ok() const noexcept { return true; }
 
+  /// True when the ranks are processes that can map one shared-memory
+  /// segment when they run on one host (the MPI backend): what the
+  /// registered algo::shm needs. coll/ asks this instead of naming backends.
+  virtual bool processes_can_share_memory() const noexcept { return false; }
+
   /// Called by waits that do not go through this transport (the shm
   /// backend's shared-memory waits) while they block, so the peers' checks
   /// are still answered: the MPI backend answers a stalled peer's stamp
