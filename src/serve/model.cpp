@@ -38,19 +38,6 @@ void apply_activation(ad::activation f, float* y, std::size_t n) {
   }
 }
 
-// q = nearest(x / scale + zero_point) clamped to [0, 255] (ties round up;
-// NaN becomes 0). Written so the baseline compiler vectorizes it.
-void quantize_input(const float* x, std::size_t n, const activation_quant& qp, std::uint8_t* q) {
-  const float inv = 1.0f / qp.scale;
-  const auto zp = static_cast<float>(qp.zero_point);
-  for (std::size_t i = 0; i < n; ++i) {
-    float v = x[i] * inv + zp;
-    v = v > 0.0f ? v : 0.0f;
-    v = v < 255.0f ? v : 255.0f;
-    q[i] = static_cast<std::uint8_t>(static_cast<int>(v + 0.5f));
-  }
-}
-
 void fp32_layer(const dense_layer& l, const float* x, index batch, float* y) {
   ad::gemm<float>(false, false, batch, l.out, l.in, 1.0f, x, l.in, l.weight.data(), l.out, 0.0f, y,
                   l.out);
@@ -79,7 +66,8 @@ void int8_layer(const dense_layer& l, const packed_int8_matrix& w, const float* 
   const auto n_out = static_cast<std::size_t>(batch * l.out);
   s.q.resize(n_in);
   s.acc.resize(n_out);
-  quantize_input(x, n_in, l.input, s.q.data());
+  quantize_u8(x, n_in, 1.0f / l.input.scale, static_cast<float>(l.input.zero_point), s.q.data(),
+              w.path());
   gemm_u8s8s32(batch, s.q.data(), l.in, l.input.zero_point, w, s.acc.data(), l.out);
   // Dequantize: y = acc * (input scale * weight scale[j]) + b[j].
   s.out_scale.resize(static_cast<std::size_t>(l.out));

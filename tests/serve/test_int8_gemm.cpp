@@ -2,6 +2,7 @@
 // this CPU runs, for odd sizes (around the 2/4-deep groups and 8/16-wide
 // lanes), edge values (-128, 127, 0, 255) and random data.
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -153,4 +154,36 @@ TEST_CASE("bad int8 product arguments are refused", "[serve][int8]") {
   CHECK_THROWS_AS(gemm_u8s8s32(2, a.data(), 3, 0, w, c.data(), 3), usage_error);   // lda < k
   CHECK_THROWS_AS(gemm_u8s8s32(2, a.data(), 4, 256, w, c.data(), 3), usage_error); // zero point
   CHECK_THROWS_AS(gemm_u8s8s32(1, a.data(), 4, 0, packed_int8_matrix{}, c.data(), 3), usage_error);
+}
+
+TEST_CASE("input quantization gives the same bytes on every path", "[serve][int8]") {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-3.0f, 300.0f);
+  for (const std::size_t n : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{31},
+                              std::size_t{32}, std::size_t{33}, std::size_t{100}, std::size_t{1000}}) {
+    std::vector<float> x(n);
+    for (auto& v : x) v = u(rng);
+    const float specials[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(), -0.0f, 0.5f, 1.5f, 254.5f, 255.49f, 1e30f};
+    for (std::size_t k = 0; k < std::size(specials) && k < n; ++k) x[(k * 7) % n] = specials[k];
+    std::vector<std::uint8_t> want(n);
+    // The reference, element by element.
+    for (std::size_t i = 0; i < n; ++i) {
+      float v = x[i] * 1.0f + 0.0f;
+      v = v > 0.0f ? v : 0.0f;
+      v = v < 255.0f ? v : 255.0f;
+      want[i] = static_cast<std::uint8_t>(static_cast<int>(v + 0.5f));
+    }
+    for (const int8_path path : supported_int8_paths()) {
+      INFO("path " << to_string(path) << " n " << n);
+      std::vector<std::uint8_t> got(n, 7);
+      quantize_u8(x.data(), n, 1.0f, 0.0f, got.data(), path);
+      REQUIRE(got == want);
+      // A scale and zero point: the same as the baseline path.
+      std::vector<std::uint8_t> base(n), vec(n);
+      quantize_u8(x.data(), n, 0.37f, 17.0f, base.data(), int8_path::baseline);
+      quantize_u8(x.data(), n, 0.37f, 17.0f, vec.data(), path);
+      REQUIRE(base == vec);
+    }
+  }
 }

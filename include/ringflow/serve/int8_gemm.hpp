@@ -88,4 +88,11 @@ void gemm_u8s8s32(index m, const std::uint8_t* a, index lda, std::int32_t a_zero
 void gemm_s8s8s32(index m, const std::int8_t* a, index lda, const packed_int8_matrix& b,
                   std::int32_t* c, index ldc);
 
+/// The quantization of a layer's input to uint8, vectorized on `path`:
+/// q[i] = trunc(clamp(x[i] * inv_scale + zero_point, 0, 255) + 0.5) (ties
+/// round up, NaN becomes 0). The same bits on every path (no fused
+/// multiply-add: src/serve is compiled with -ffp-contract=off).
+void quantize_u8(const float* x, std::size_t n, float inv_scale, float zero_point, std::uint8_t* q,
+                 int8_path path = best_int8_path());
+
 }  // namespace ringflow::serve
