@@ -38,6 +38,12 @@ sv::model small_pruned() {
   return sv::model::from_sequential(net);
 }
 
+// Bitwise equality (memcmp must not see the null data() of an empty vector).
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
 void same_layers(const sv::model& a, const sv::model& b) {
   REQUIRE(a.layers().size() == b.layers().size());
   for (std::size_t i = 0; i < a.layers().size(); ++i) {
@@ -46,11 +52,10 @@ void same_layers(const sv::model& a, const sv::model& b) {
     CHECK(x.in == y.in);
     CHECK(x.out == y.out);
     CHECK(x.act == y.act);
-    CHECK(std::memcmp(x.weight.data(), y.weight.data(), x.weight.size() * 4) == 0);
-    CHECK(x.weight.size() == y.weight.size());
-    CHECK(std::memcmp(x.bias.data(), y.bias.data(), x.bias.size() * 4) == 0);
+    CHECK(same_bits(x.weight, y.weight));
+    CHECK(same_bits(x.bias, y.bias));
     CHECK(x.qweight == y.qweight);
-    CHECK(std::memcmp(x.weight_scale.data(), y.weight_scale.data(), x.weight_scale.size() * 4) == 0);
+    CHECK(same_bits(x.weight_scale, y.weight_scale));
     CHECK(x.input.scale == y.input.scale);
     CHECK(x.input.zero_point == y.input.zero_point);
   }
