@@ -12,6 +12,7 @@ import gzip
 import os
 import struct
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -83,6 +84,9 @@ def main():
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
+    # quantize_dynamic is deprecated in favour of torchao but still what
+    # PyTorch users run; its warnings would only clutter the line format.
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(a.threads)
     x = idx(find(a.data_dir, "t10k-images-idx3-ubyte")).reshape(-1, 784).astype(np.float32) / 255.0
     x = (x - 0.2860406) / 0.3530242
