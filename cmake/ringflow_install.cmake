@@ -3,8 +3,8 @@
 # Included from the top-level CMakeLists.txt when RINGFLOW_INSTALL is ON. After
 #   cmake --install build --prefix P
 # another project finds ringflow with find_package(ringflow CONFIG REQUIRED)
-# (CMAKE_PREFIX_PATH=P) and links ringflow::coll, ringflow::train,
-# ringflow::ringflow (both) and ringflow::cuda, the same target names an
+# (CMAKE_PREFIX_PATH=P) and links ringflow::coll, ringflow::train, ringflow::serve,
+# ringflow::ringflow (all three) and ringflow::cuda, the same target names an
 # add_subdirectory(ringflow) user sees. ringflow::cuda has its own export file
 # (ringflowCudaTargets.cmake), loaded only where its toolkit is found, so the
 # other targets never need CUDA.
@@ -16,7 +16,7 @@ mark_as_advanced(RINGFLOW_INSTALL_CMAKEDIR)
 
 foreach(_rf_set ringflowTargets ringflowCudaTargets)
   if(_rf_set STREQUAL "ringflowTargets")
-    set(_rf_targets ringflow_coll ringflow_train ringflow)
+    set(_rf_targets ringflow_coll ringflow_train ringflow_serve ringflow)
   else()
     set(_rf_targets ringflow_cuda)
   endif()

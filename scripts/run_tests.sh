@@ -16,7 +16,7 @@
 #         (the unit tests, the tools' bad-flag runs, the install consumer, and
 #         test_mpi under mpirun -np 1..5)
 #   tsan  RINGFLOW_SANITIZE=thread, the threaded tests only (test_comm, test_coll,
-#         test_train, test_pipeline); ctest -L unit there
+#         test_train, test_pipeline, test_serve); ctest -L unit there
 # A report fails its test (halt_on_error, -fno-sanitize-recover; the options are
 # set per test by cmake/ringflow_testing.cmake), and so the stage.
 set -euo pipefail
@@ -83,7 +83,7 @@ if [[ "${RINGFLOW_SANITIZERS:-1}" == 0 ]]; then
   step "sanitizer stages skipped (RINGFLOW_SANITIZERS=0)"
 else
   sanitizer_stage asan address,undefined 'unit|mpi' || status=1
-  sanitizer_stage tsan thread unit test_comm test_coll test_train test_pipeline || status=1
+  sanitizer_stage tsan thread unit test_comm test_coll test_train test_pipeline test_serve || status=1
 fi
 
 step "run_tests: $( ((status == 0)) && echo passed || echo FAILED ) in $((SECONDS - started)) s"

@@ -93,6 +93,8 @@ class basic_activation_layer : public basic_module<S> {
  public:
   explicit basic_activation_layer(activation f) : f_(f) {}
   basic_tensor<S> forward(const basic_tensor<S>& x) override { return apply(f_, x); }
+  /// The function it applies (serve::model::from_sequential reads it).
+  activation function() const { return f_; }
 
  private:
   activation f_;

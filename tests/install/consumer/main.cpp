@@ -5,6 +5,7 @@
 
 #include <ringflow/cuda/device.hpp>
 #include <ringflow/ringflow.hpp>
+#include <ringflow/serve/model.hpp>
 
 int main() {
   constexpr int ranks = 4;
@@ -34,6 +35,13 @@ int main() {
   }
   if (wrong != 0) {
     std::fprintf(stderr, "ringflow consumer: %d wrong elements\n", wrong);
+    return 1;
+  }
+  // ringflow::serve links too: y = 2 x0 + 3 x1 + 1.
+  const ringflow::serve::model m(std::vector<ringflow::serve::dense_layer>{
+      {.in = 2, .out = 1, .weight = {2.0f, 3.0f}, .bias = {1.0f}}});
+  if (m.forward(std::vector<float>{1.0f, 1.0f}, 1)[0] != 6.0f) {
+    std::fprintf(stderr, "ringflow consumer: the serve model computed a wrong value\n");
     return 1;
   }
   std::printf("ringflow consumer: OK (%d ranks, %d floats, cuda compiled=%d, gpus=%d)\n", ranks, n,
