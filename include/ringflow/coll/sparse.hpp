@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <numeric>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "ringflow/coll/collectives.hpp"
@@ -54,15 +55,22 @@ sparse_rows<T> sparse_allreduce(const communicator& comm, std::span<const std::i
   allgather<std::int64_t>(comm, std::span<const std::int64_t>(mine, 2),
                           std::span<std::int64_t>(shapes));
   std::vector<std::size_t> index_counts(up), value_counts(up);
+  bool same_width = true;
   for (std::size_t q = 0; q < up; ++q) {
-    if (static_cast<std::size_t>(shapes[2 * q + 1]) != width) {
-      throw usage_error(fmt::format(
-          "sparse_allreduce on rank {}: rank {} passed rows of {} elements, this rank {}; every "
-          "rank must pass the same width",
-          comm.rank(), q, shapes[2 * q + 1], width));
-    }
+    same_width = same_width && static_cast<std::size_t>(shapes[2 * q + 1]) == width;
     index_counts[q] = static_cast<std::size_t>(shapes[2 * q]);
     value_counts[q] = index_counts[q] * width;
+  }
+  if (!same_width) {
+    // Every rank lists every rank's width: the same facts wherever it is read.
+    std::string widths;
+    for (std::size_t q = 0; q < up; ++q) {
+      widths += fmt::format("{}rank {}: {}", q ? ", " : "", q, shapes[2 * q + 1]);
+    }
+    throw usage_error(fmt::format(
+        "sparse_allreduce on rank {}: the ranks pass rows of different widths ({}); every rank "
+        "must pass the same width",
+        comm.rank(), widths));
   }
   const std::size_t total = std::accumulate(index_counts.begin(), index_counts.end(), std::size_t{0});
   std::vector<std::int64_t> all_indices(total);
