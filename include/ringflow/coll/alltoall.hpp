@@ -4,7 +4,8 @@
 //
 // Pairwise: in step s = 1..p-1 rank r sends its block for rank (r+s) mod p and
 // receives the block of rank (r-s) mod p, each straight from the input into
-// the output (no staging); up to alltoall_window steps are in flight, so the
+// the output (no staging), its own block copied while the first messages
+// travel; up to alltoall_window steps are in flight, so the
 // links stay busy without every receive of a large group waiting at once.
 // p-1 messages of n/p bytes per rank: the fewest bytes possible, but p-1
 // latency terms. Every pair exchanges one message even when it is empty, so
@@ -49,11 +50,16 @@ inline void copy_elems(T* dst, const T* src, std::size_t n) {
 /// The pairwise schedule over blocks: block(q) is {pointer, elements} of
 /// what this rank sends q (send) or receives from q (recv). The requests of
 /// the steps in flight live in fixed slots: no allocation per call.
-template <class T, class SendBlock, class RecvBlock>
-void pairwise_exchange(transport& t, SendBlock send_block, RecvBlock recv_block) {
+/// `self()` copies this rank's own block; it runs once the first window is
+/// posted, so the copy overlaps those transfers.
+template <class T, class SendBlock, class RecvBlock, class SelfCopy>
+void pairwise_exchange(transport& t, SendBlock send_block, RecvBlock recv_block, SelfCopy self) {
   const int p = t.size(), r = t.rank();
   const int steps = p - 1;
-  if (steps <= 0) return;
+  if (steps <= 0) {
+    self();
+    return;
+  }
   const int window = std::min(steps, alltoall_window);
   request recvs[alltoall_window], sends[alltoall_window];
   auto post = [&](int s) {
@@ -64,6 +70,7 @@ void pairwise_exchange(transport& t, SendBlock send_block, RecvBlock recv_block)
     sends[(s - 1) % alltoall_window] = t.isend(out.first, out.second * sizeof(T), to, alltoall_tag);
   };
   for (int s = 1; s <= window; ++s) post(s);
+  self();
   for (int s = 1; s <= steps; ++s) {
     recvs[(s - 1) % alltoall_window].wait();
     sends[(s - 1) % alltoall_window].wait();
@@ -79,20 +86,20 @@ void pairwise_alltoallv(transport& t, const T* in, const std::size_t* send_count
                         const std::size_t* send_displs, T* out, const std::size_t* recv_counts,
                         const std::size_t* recv_displs) {
   const int r = t.rank();
-  copy_elems(out + recv_displs[r], in + send_displs[r], send_counts[r]);
   pairwise_exchange<T>(
       t, [&](int q) { return std::pair(in + send_displs[q], send_counts[q]); },
-      [&](int q) { return std::pair(out + recv_displs[q], recv_counts[q]); });
+      [&](int q) { return std::pair(out + recv_displs[q], recv_counts[q]); },
+      [&] { copy_elems(out + recv_displs[r], in + send_displs[r], send_counts[r]); });
 }
 
 /// Pairwise alltoall of `count` elements per peer (in and out hold p blocks).
 template <class T>
 void pairwise_alltoall(transport& t, const T* in, T* out, std::size_t count) {
   const auto r = static_cast<std::size_t>(t.rank());
-  copy_elems(out + r * count, in + r * count, count);
   pairwise_exchange<T>(
       t, [&](int q) { return std::pair(in + static_cast<std::size_t>(q) * count, count); },
-      [&](int q) { return std::pair(out + static_cast<std::size_t>(q) * count, count); });
+      [&](int q) { return std::pair(out + static_cast<std::size_t>(q) * count, count); },
+      [&] { copy_elems(out + r * count, in + r * count, count); });
 }
 
 /// Bruck alltoall of `count` elements per peer (see the file comment).
