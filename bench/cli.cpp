@@ -217,15 +217,17 @@ Times one ringflow collective over a range of message sizes, nccl-tests style.
   -c, --check 0|1          check the result of a fresh run after timing (default 1)
   -d, --datatype TYPE      float double half bfloat16 int32 int64 int8 uint8 (default float)
   -o, --op OP              sum prod min max avg (default sum)
-  -r, --root RANK          broadcast root (default 0)
-      --coll NAME          allreduce reduce_scatter allgather broadcast (default allreduce)
+  -r, --root RANK          root of broadcast, gather, scatter, reduce (default 0)
+      --coll NAME          allreduce reduce_scatter allgather broadcast alltoall alltoallv
+                           gather scatter reduce allgatherv (default allreduce)
       --algo NAME          ring | native | auto (native: MPI_Allreduce, allreduce only);
                            allreduce also: recursive_doubling halving_doubling tree
                            double_tree hierarchical shm, and all (every algorithm,
                            auto and MPI_Allreduce interleaved at each size, and
                            Gloo's ring, ring_chunked, halving_doubling when built with it);
                            reduce_scatter and allgather also: halving_doubling
-                           (recursive halving / doubling on power-of-two ranks)
+                           (recursive halving / doubling on power-of-two ranks);
+                           alltoall: auto pairwise bruck; reduce: auto tree ring
       --calibrate          measure alpha, beta, gamma here and save the cost model to
                            $RINGFLOW_COST_MODEL or ~/.cache/ringflow/cost_model.json
       --no-gloo            leave Gloo's peers out of --algo all (they take milliseconds

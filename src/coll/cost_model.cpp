@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "core/json.hpp"
+#include "ringflow/coll/alltoall.hpp"
 #include "ringflow/coll/fold.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
@@ -178,6 +179,80 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
     default:
       return -1;
   }
+}
+
+double predict_alltoall_seconds(alltoall_algo a, const cost_model& m, const cluster_shape& s,
+                                std::size_t bytes) {
+  const int p = s.ranks;
+  if (p <= 1) return 0;
+  const double n = static_cast<double>(bytes);
+  const double block = n / p;
+  const link_cost& l = s.nodes > 1 ? m.inter : m.intra;
+  const double pen = m.oversubscribed_step * oversubscription(s);
+  switch (a) {
+    case alltoall_algo::pairwise: {
+      // p-1 messages of n/p bytes; alltoall_window steps are in flight at
+      // once, so a descheduled peer costs once per window, not per step.
+      const double windows = std::ceil((p - 1.0) / detail::alltoall_window);
+      return (p - 1) * l.message(block) + windows * pen;
+    }
+    case alltoall_algo::bruck: {
+      // Round k sends the blocks whose position has bit k set, packed; every
+      // byte of a round is packed and unpacked (charged gamma per byte, a
+      // streaming pass like a reduction's), and the input and output are
+      // rotated once each.
+      double t = 2 * n * m.gamma;
+      for (int k = 1; k < p; k <<= 1) {
+        int blocks = 0;
+        for (int i = 1; i < p; ++i) blocks += (i & k) ? 1 : 0;
+        const double moved = blocks * block;
+        t += l.message(moved) + 2 * moved * m.gamma + pen;
+      }
+      return t;
+    }
+    case alltoall_algo::automatic:
+      break;
+  }
+  return -1;
+}
+
+alltoall_algo choose_alltoall(const cost_model& m, const cluster_shape& s, std::size_t bytes) {
+  const double pw = predict_alltoall_seconds(alltoall_algo::pairwise, m, s, bytes);
+  const double br = predict_alltoall_seconds(alltoall_algo::bruck, m, s, bytes);
+  return br < pw ? alltoall_algo::bruck : alltoall_algo::pairwise;
+}
+
+double predict_reduce_seconds(algo a, const cost_model& m, const cluster_shape& s,
+                              std::size_t bytes, std::size_t segment_bytes) {
+  const int p = s.ranks;
+  if (p <= 1) return 0;
+  const double n = static_cast<double>(bytes);
+  const link_cost& l = s.nodes > 1 ? m.inter : m.intra;
+  const double pen = m.oversubscribed_step * oversubscription(s);
+  switch (a) {
+    case algo::tree: {
+      // ceil(log2 p) rounds on the root's path, each a whole-buffer message
+      // and its reduction.
+      const double rounds = std::ceil(log2i(p));
+      return rounds * (l.message(n) + n * m.gamma + pen);
+    }
+    case algo::ring: {
+      // The ring's reduce-scatter half (p-1 steps), then the root receives
+      // p-1 pieces of n/p.
+      const std::size_t seg = segment_bytes ? segment_bytes : default_segment_bytes;
+      const double k = static_cast<double>(seg_count(n / p, seg));
+      return (p - 1) * (k * l.message(n / p / k) + pen) + (p - 1.0) / p * n * m.gamma / k +
+             (p - 1) * l.message(n / p) + pen;
+    }
+    default:
+      return -1;
+  }
+}
+
+algo choose_reduce(const cost_model& m, const cluster_shape& s, std::size_t bytes) {
+  const double tree = predict_reduce_seconds(algo::tree, m, s, bytes);
+  const double ring = predict_reduce_seconds(algo::ring, m, s, bytes);
+  return ring < tree ? algo::ring : algo::tree;
 }
 
 namespace {

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <initializer_list>
 
 #include "ringflow/comm/transport.hpp"
 #include "ringflow/core/env.hpp"
@@ -19,17 +20,48 @@ std::string_view coll_name(coll_kind k) {
     case coll_kind::allgather: return "allgather";
     case coll_kind::broadcast: return "broadcast";
     case coll_kind::barrier: return "barrier";
+    case coll_kind::alltoall: return "alltoall";
+    case coll_kind::alltoallv: return "alltoallv";
+    case coll_kind::gather: return "gather";
+    case coll_kind::gatherv: return "gatherv";
+    case coll_kind::scatter: return "scatter";
+    case coll_kind::scatterv: return "scatterv";
+    case coll_kind::reduce: return "reduce";
+    case coll_kind::allgatherv: return "allgatherv";
+    case coll_kind::reduce_scatter_v: return "reduce_scatter_v";
   }
   return "unknown";
 }
 
 std::string fingerprint::describe() const {
   std::string s = fmt::format("{}(type={}, ", coll_name(kind), dtype_name(type));
-  if (kind == coll_kind::allreduce || kind == coll_kind::reduce_scatter) {
+  const auto is = [&](std::initializer_list<coll_kind> ks) {
+    for (coll_kind k : ks) {
+      if (kind == k) return true;
+    }
+    return false;
+  };
+  if (is({coll_kind::allreduce, coll_kind::reduce_scatter, coll_kind::reduce,
+          coll_kind::reduce_scatter_v})) {
     s += fmt::format("op={}, ", op_name(op));
   }
-  if (kind == coll_kind::broadcast) s += fmt::format("root={}, ", root);
-  s += fmt::format("count={}) as collective #{}", count, sequence);
+  if (is({coll_kind::broadcast, coll_kind::gather, coll_kind::gatherv, coll_kind::scatter,
+          coll_kind::scatterv, coll_kind::reduce})) {
+    s += fmt::format("root={}, ", root);
+  }
+  if (is({coll_kind::alltoallv, coll_kind::gatherv, coll_kind::scatterv})) {
+    s += fmt::format("counts per peer) as collective #{}", sequence);
+    return s;
+  }
+  if (is({coll_kind::allgatherv, coll_kind::reduce_scatter_v})) {
+    s += fmt::format("count={}, counts hash={:#010x}) as collective #{}", count,
+                     static_cast<std::uint32_t>(root), sequence);
+    return s;
+  }
+  const char* what = kind == coll_kind::alltoall                                  ? "count per peer"
+                     : kind == coll_kind::gather || kind == coll_kind::scatter ? "count per rank"
+                                                                                 : "count";
+  s += fmt::format("{}={}) as collective #{}", what, count, sequence);
   return s;
 }
 

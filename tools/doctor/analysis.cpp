@@ -70,8 +70,10 @@ struct field_reader {
 constexpr std::int64_t i64max = std::numeric_limits<std::int64_t>::max();
 
 const std::set<std::string> known_states = {"empty", "running", "done", "failed"};
-const std::set<std::string> known_kinds = {"allreduce", "reduce_scatter", "allgather", "broadcast",
-                                           "barrier"};
+const std::set<std::string> known_kinds = {
+    "allreduce", "reduce_scatter", "allgather", "broadcast", "barrier",    "alltoall",
+    "alltoallv", "gather",         "gatherv",   "scatter",   "scatterv",   "reduce",
+    "allgatherv", "reduce_scatter_v"};
 
 std::string rank_list(const std::vector<int>& ranks) {
   if (ranks.size() == 1) return fmt::format("rank {}", ranks[0]);
@@ -87,8 +89,14 @@ std::string call_of(const record& r) { return describe(r); }
 
 std::string describe(const record& r) {
   std::string s = fmt::format("{}({}", r.kind, r.dtype);
-  if (r.kind == "allreduce" || r.kind == "reduce_scatter") s += fmt::format(", {}", r.op);
-  if (r.kind == "broadcast") s += fmt::format(", root={}", r.root);
+  if (r.kind == "allreduce" || r.kind == "reduce_scatter" || r.kind == "reduce" ||
+      r.kind == "reduce_scatter_v") {
+    s += fmt::format(", {}", r.op);
+  }
+  if (r.kind == "broadcast" || r.kind == "reduce" || r.kind.starts_with("gather") ||
+      r.kind.starts_with("scatter")) {
+    s += fmt::format(", root={}", r.root);
+  }
   s += fmt::format(", count={})", r.count);
   return s;
 }

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <vector>
 
 #include "ringflow/coll/collectives.hpp"
 
@@ -87,6 +88,84 @@ collective_handle broadcast_async(const communicator& comm, std::span<T> data, i
                                   coll_options opt = {}) {
   return collective_handle(detail::enqueue(
       comm, [data, root, opt](const communicator& c) { broadcast(c, data, root, opt); }));
+}
+
+/// Nonblocking alltoall, gather, scatter, reduce and "v" collectives: the
+/// blocking call run on the progress thread (same results). The count and
+/// displacement lists are copied; the data buffers must stay valid.
+template <element T>
+collective_handle alltoall_async(const communicator& comm,
+                                 std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                 alltoall_options opt = {}) {
+  return collective_handle(detail::enqueue(
+      comm, [in, out, opt](const communicator& c) { alltoall<T>(c, in, out, opt); }));
+}
+
+template <element T>
+collective_handle alltoallv_async(const communicator& comm,
+                                  std::span<const std::type_identity_t<T>> in,
+                                  std::span<const std::size_t> send_counts,
+                                  std::span<const std::size_t> send_displs, std::span<T> out,
+                                  std::span<const std::size_t> recv_counts,
+                                  std::span<const std::size_t> recv_displs) {
+  using list = std::vector<std::size_t>;
+  return collective_handle(detail::enqueue(
+      comm, [in, out, sc = list(send_counts.begin(), send_counts.end()),
+             sd = list(send_displs.begin(), send_displs.end()),
+             rc = list(recv_counts.begin(), recv_counts.end()),
+             rd = list(recv_displs.begin(), recv_displs.end())](const communicator& c) {
+        alltoallv<T>(c, in, sc, sd, out, rc, rd);
+      }));
+}
+
+template <element T>
+collective_handle gather_async(const communicator& comm,
+                               std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                               int root) {
+  return collective_handle(detail::enqueue(
+      comm, [in, out, root](const communicator& c) { gather<T>(c, in, out, root); }));
+}
+
+template <element T>
+collective_handle scatter_async(const communicator& comm,
+                                std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                int root) {
+  return collective_handle(detail::enqueue(
+      comm, [in, out, root](const communicator& c) { scatter<T>(c, in, out, root); }));
+}
+
+template <element T, reduce_op Op = sum_op>
+collective_handle reduce_async(const communicator& comm,
+                               std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                               Op op, int root, coll_options opt = {}) {
+  return collective_handle(detail::enqueue(comm, [in, out, op, root, opt](const communicator& c) {
+    reduce<T, Op>(c, in, out, op, root, opt);
+  }));
+}
+
+template <element T>
+collective_handle allgatherv_async(const communicator& comm,
+                                   std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                                   std::span<const std::size_t> counts,
+                                   std::span<const std::size_t> displs) {
+  using list = std::vector<std::size_t>;
+  return collective_handle(detail::enqueue(
+      comm, [in, out, n = list(counts.begin(), counts.end()),
+             d = list(displs.begin(), displs.end())](const communicator& c) {
+        allgatherv<T>(c, in, out, n, d);
+      }));
+}
+
+template <element T, reduce_op Op = sum_op>
+collective_handle reduce_scatter_v_async(const communicator& comm,
+                                         std::span<const std::type_identity_t<T>> in,
+                                         std::span<T> out, std::span<const std::size_t> counts,
+                                         Op op = {}) {
+  using list = std::vector<std::size_t>;
+  return collective_handle(detail::enqueue(
+      comm, [in, out, op, n = list(counts.begin(), counts.end())](const communicator& c) {
+        reduce_scatter_v<T, Op>(c, in, out, n, op);
+      }));
 }
 
 /// Waits for every handle; rethrows the first error after waiting for all.

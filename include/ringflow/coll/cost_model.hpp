@@ -129,6 +129,23 @@ explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, st
 /// (no allocation: this is what every automatic allreduce calls).
 algo fastest_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
 
+/// Predicted seconds of one alltoall in which every rank sends `bytes` in
+/// all (bytes / p to each rank, itself included) with algorithm `a`
+/// (pairwise or bruck; -1 for automatic). Formulas: docs/collectives.md.
+double predict_alltoall_seconds(alltoall_algo a, const cost_model& m, const cluster_shape& shape,
+                                std::size_t bytes);
+/// The faster of pairwise and bruck under `m` (pairwise on a tie): a pure
+/// function, so every rank holding rank 0's model picks the same.
+alltoall_algo choose_alltoall(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
+
+/// Predicted seconds of one reduce of `bytes` to a root with algo::tree
+/// (binomial tree) or algo::ring (ring reduce-scatter, then a gather of the
+/// pieces); -1 for any other algorithm.
+double predict_reduce_seconds(algo a, const cost_model& m, const cluster_shape& shape,
+                              std::size_t bytes, std::size_t segment_bytes = 0);
+/// The faster of tree and ring under `m` (tree on a tie).
+algo choose_reduce(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
+
 /// What algo::automatic does for an allreduce of `bytes` on `comm`: the model
 /// of rank 0 (sent to the others once per communicator) and the node layout.
 /// Collective: every rank calls it, in the same order relative to the other

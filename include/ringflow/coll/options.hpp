@@ -64,4 +64,24 @@ struct coll_options {
   std::size_t segment_bytes = 0;
 };
 
+/// Which algorithm alltoall uses (alltoallv always runs the pairwise exchange).
+enum class alltoall_algo {
+  automatic,  ///< the cost model picks (rank 0's model, the same on every rank)
+  pairwise,   ///< p-1 direct messages per rank, several in flight: for large blocks
+  bruck,      ///< ceil(log2 p) rounds of packed blocks: few messages, for small blocks
+};
+
+constexpr std::string_view alltoall_algo_name(alltoall_algo a) {
+  switch (a) {
+    case alltoall_algo::automatic: return "auto";
+    case alltoall_algo::pairwise: return "pairwise";
+    case alltoall_algo::bruck: return "bruck";
+  }
+  return "unknown";
+}
+
+struct alltoall_options {
+  alltoall_algo algorithm = alltoall_algo::automatic;
+};
+
 }  // namespace ringflow

@@ -12,15 +12,35 @@
 
 namespace ringflow {
 
-enum class coll_kind : std::uint8_t { allreduce, reduce_scatter, allgather, broadcast, barrier };
+enum class coll_kind : std::uint8_t {
+  allreduce,
+  reduce_scatter,
+  allgather,
+  broadcast,
+  barrier,
+  alltoall,
+  alltoallv,
+  gather,
+  gatherv,
+  scatter,
+  scatterv,
+  reduce,
+  allgatherv,
+  reduce_scatter_v,
+};
 
 std::string_view coll_name(coll_kind k);
 
 /// What one rank is about to do; every rank must agree.
 struct fingerprint {
   std::uint64_t sequence = 0;
-  std::uint64_t count = 0;  // total elements of the collective (same on all ranks)
-  std::int32_t root = -1;   // broadcast root, -1 otherwise
+  // Total elements of the collective (same on all ranks); alltoall: per
+  // peer; gather/scatter: per rank; 0 for alltoallv, gatherv and scatterv,
+  // whose counts no single rank knows (their messages' sizes are checked).
+  std::uint64_t count = 0;
+  // The root (broadcast, gather(v), scatter(v), reduce), -1 otherwise;
+  // allgatherv and reduce_scatter_v: a 31-bit hash of the per-rank counts.
+  std::int32_t root = -1;
   coll_kind kind = coll_kind::allreduce;
   dtype type = dtype::f32;
   op_kind op = op_kind::sum;
