@@ -278,43 +278,6 @@ int8_path detect() noexcept {
   return int8_path::baseline;
 }
 #else
-// Input quantization, 32 floats per step. max_ps(v, 0) returns 0 for a NaN
-// v (the second operand), like the baseline's v > 0 ? v : 0.
-RINGFLOW_AVX2 std::size_t quantize_avx2(const float* x, std::size_t n, float inv, float zp,
-                                        std::uint8_t* q) {
-  const __m256 vinv = _mm256_set1_ps(inv), vzp = _mm256_set1_ps(zp), lo = _mm256_setzero_ps(),
-               hi = _mm256_set1_ps(255.0f), half = _mm256_set1_ps(0.5f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  std::size_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    __m256i w[4];
-    for (int k = 0; k < 4; ++k) {
-      __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vinv), vzp);
-      v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-      w[k] = _mm256_cvttps_epi32(_mm256_add_ps(v, half));
-    }
-    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(w[0], w[1]), _mm256_packus_epi32(w[2], w[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
-  }
-  _mm256_zeroupper();
-  return i;
-}
-
-RINGFLOW_VNNI std::size_t quantize_avx512(const float* x, std::size_t n, float inv, float zp,
-                                          std::uint8_t* q) {
-  const __m512 vinv = _mm512_set1_ps(inv), vzp = _mm512_set1_ps(zp), lo = _mm512_setzero_ps(),
-               hi = _mm512_set1_ps(255.0f), half = _mm512_set1_ps(0.5f);
-  std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv), vzp);
-    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
-    const __m512i w = _mm512_cvttps_epi32(_mm512_add_ps(v, half));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtusepi32_epi8(w));
-  }
-  _mm256_zeroupper();
-  return i;
-}
-
 int8_path detect() noexcept { return int8_path::baseline; }
 #endif
 
