@@ -28,6 +28,10 @@ struct group;
 // Completion record shared by the two sides of one message.
 struct completion {
   bool done = false;
+  // Matched, and the bytes are being copied outside the lock: neither side
+  // may give up (and free its buffer) until `done`, or the copier would read
+  // or write freed memory.
+  bool copying = false;
   std::string error;  // non-empty: the message failed (size or stamp mismatch)
   bool mismatch = false;  // the error is the two ranks' collectives differing
 };
@@ -192,6 +196,7 @@ class local_request final : public detail::request_state {
       rethrow_if_error();
       return true;
     }
+    if (state_->copying) return false;
     if (group_->failed.load()) throw_abandoned();
     if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
     return false;
@@ -203,9 +208,14 @@ class local_request final : public detail::request_state {
     const auto deadline = detail::deadline_after(timeout_);
     if (!state_->done && flight_ != nullptr) flight_->note_wait(peer_, tag_);
     while (!state_->done) {
+      if (state_->copying) {  // finishes without blocking on anything
+        box.changed.wait(lock);
+        continue;
+      }
       if (group_->failed.load()) throw_abandoned();
       if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
-      if (box.changed.wait_until(lock, deadline) == std::cv_status::timeout && !state_->done) {
+      if (box.changed.wait_until(lock, deadline) == std::cv_status::timeout && !state_->done &&
+          !state_->copying) {
         if (group_->failed.load()) throw_abandoned();
         const std::string msg = fmt::format(
             "rank {}: {} {} bytes {} rank {} (tag {}) did not complete within {} ms "
@@ -270,6 +280,7 @@ class local_transport final : public transport {
         if (it->source == rank_ && it->tag == tag) {
           posted_recv r = *it;
           box.recvs.erase(it);
+          state->copying = r.state->copying = true;
           lock.unlock();
           // Copy outside the lock; both requests stay pending until done is set.
           if (!stamps_differ(stamp, r.stamp, *state, *r.state, rank_, peer, tag)) {
@@ -299,6 +310,7 @@ class local_transport final : public transport {
         if (it->source == peer && it->tag == tag) {
           posted_send s = *it;
           box.sends.erase(it);
+          state->copying = s.state->copying = true;
           lock.unlock();
           if (!stamps_differ(s.stamp, stamp, *s.state, *state, peer, rank_, tag)) {
             copy_message(s.data, s.bytes, data, bytes, *s.state, *state, peer, rank_, tag);

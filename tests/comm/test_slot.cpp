@@ -10,8 +10,19 @@
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/context.hpp"
 #include "support/catch.hpp"
+#include "support/collect.hpp"
 
 using namespace ringflow;
+using ringflow::testing::failures;
+using ringflow::testing::require_none;
+using ringflow::testing::run_collecting;
+
+// Rank threads must not call Catch2's assertions (they are not thread-safe):
+// they record what went wrong and the test thread asserts.
+#define SLOT_EXPECT(cond)                                                            \
+  do {                                                                               \
+    if (!(cond)) out.push_back("rank " + std::to_string(c.rank()) + ": " #cond); \
+  } while (0)
 
 namespace {
 struct counter_state {
@@ -36,40 +47,51 @@ struct second_kind : logged {};
 }  // namespace
 
 TEST_CASE("a slot is made once per communicator and shared by its copies", "[comm][slot]") {
-  local::run(3, [](communicator& c) {
+  require_none(run_collecting(3, [](communicator& c, failures& out) {
     int made = 0;
     auto make = [&] {
       ++made;
       return std::make_shared<counter_state>();
     };
-    REQUIRE(c.find_slot<counter_state>() == nullptr);
+    SLOT_EXPECT(c.find_slot<counter_state>() == nullptr);
     counter_state& a = c.slot<counter_state>(make);
     a.value = c.rank() + 10;
     communicator copy = c;
     counter_state& b = copy.slot<counter_state>(make);
-    REQUIRE(&a == &b);
-    REQUIRE(b.value == c.rank() + 10);
-    REQUIRE(made == 1);
-    REQUIRE(copy.find_slot<counter_state>() == &a);
+    SLOT_EXPECT(&a == &b);
+    SLOT_EXPECT(b.value == c.rank() + 10);
+    SLOT_EXPECT(made == 1);
+    SLOT_EXPECT(copy.find_slot<counter_state>() == &a);
 
     // A split child is another communicator: its own state.
     communicator child = c.split(0, c.rank());
-    REQUIRE(child.find_slot<counter_state>() == nullptr);
-    REQUIRE(&child.slot<counter_state>(make) != &a);
-    REQUIRE(made == 2);
-  });
+    SLOT_EXPECT(child.find_slot<counter_state>() == nullptr);
+    SLOT_EXPECT(&child.slot<counter_state>(make) != &a);
+    SLOT_EXPECT(made == 2);
+  }));
 }
 
 TEST_CASE("a make() that throws leaves the slot empty and the next call tries again", "[comm][slot]") {
-  local::run(2, [](communicator& c) {
-    REQUIRE_THROWS_AS(c.slot<counter_state>([]() -> std::shared_ptr<counter_state> {
-      throw std::runtime_error("set-up failed");
-    }),
-                      std::runtime_error);
-    REQUIRE(c.find_slot<counter_state>() == nullptr);
-    REQUIRE(c.slot<counter_state>([] { return std::make_shared<counter_state>(); }).value == 0);
-    REQUIRE_THROWS_AS(c.slot<first_kind>([] { return std::shared_ptr<first_kind>(); }), usage_error);
-  });
+  require_none(run_collecting(2, [](communicator& c, failures& out) {
+    bool threw = false;
+    try {
+      c.slot<counter_state>([]() -> std::shared_ptr<counter_state> {
+        throw std::runtime_error("set-up failed");
+      });
+    } catch (const std::runtime_error&) {
+      threw = true;
+    }
+    SLOT_EXPECT(threw);
+    SLOT_EXPECT(c.find_slot<counter_state>() == nullptr);
+    SLOT_EXPECT(c.slot<counter_state>([] { return std::make_shared<counter_state>(); }).value == 0);
+    bool null_refused = false;
+    try {
+      c.slot<first_kind>([] { return std::shared_ptr<first_kind>(); });
+    } catch (const usage_error&) {
+      null_refused = true;
+    }
+    SLOT_EXPECT(null_refused);
+  }));
 }
 
 TEST_CASE("slots die with the last copy, later ones first, and make() may use other slots",
@@ -93,16 +115,17 @@ TEST_CASE("slots die with the last copy, later ones first, and make() may use ot
 }
 
 TEST_CASE("the tuning context lives in the communicator's slot", "[comm][slot]") {
-  local::run(2, [](communicator& c) {
+  require_none(run_collecting(2, [](communicator& c, failures& out) {
     std::vector<float> x(64, 1.0f);
-    REQUIRE(c.find_slot<detail::comm_context>() == nullptr);
+    SLOT_EXPECT(c.find_slot<detail::comm_context>() == nullptr);
     allreduce(c, std::span(x), sum);
     const detail::comm_context* ctx = c.find_slot<detail::comm_context>();
-    REQUIRE(ctx != nullptr);
-    REQUIRE(detail::context_of(c) == ctx);
-    REQUIRE(ctx->shape.ranks == 2);
+    SLOT_EXPECT(ctx != nullptr);
+    if (ctx == nullptr) return;
+    SLOT_EXPECT(detail::context_of(c) == ctx);
+    SLOT_EXPECT(ctx->shape.ranks == 2);
     allreduce(c, std::span(x), sum);
-    REQUIRE(c.find_slot<detail::comm_context>() == ctx);
-    REQUIRE(x[0] == 4.0f);
-  });
+    SLOT_EXPECT(c.find_slot<detail::comm_context>() == ctx);
+    SLOT_EXPECT(x[0] == 4.0f);
+  }));
 }
