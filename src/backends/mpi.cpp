@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/backends/shm.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
@@ -387,6 +388,9 @@ class mpi_transport final : public transport,
  public:
   // Takes ownership of `comm` (a communicator ringflow created by dup/split).
   explicit mpi_transport(MPI_Comm comm) : comm_(comm) {
+    // The shared-memory allreduce serves MPI communicators: it registers
+    // itself with coll/ (algo::shm) when the first one is made.
+    detail::shm_register();
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);

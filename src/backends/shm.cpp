@@ -38,6 +38,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -54,6 +55,7 @@
 #include "mpi_job.hpp"
 #include "waiting.hpp"
 
+#include "ringflow/coll/cost_model.hpp"
 #include "ringflow/coll/registry.hpp"
 
 namespace ringflow {
@@ -432,12 +434,14 @@ class waiter {
 // slots allow, because every block costs two waits on all ranks, and a wait
 // is what hurts most on a loaded or oversubscribed node. Depends only on
 // values every rank shares, so all ranks cut the buffer alike.
+std::size_t block_bytes_for(std::size_t bytes, std::size_t largest) {
+  const std::size_t b = (bytes / 2 + 4095) / 4096 * 4096;
+  return std::clamp(b, std::min(min_block_bytes, largest), largest);
+}
+
 template <class T>
 std::size_t block_elems(const node_state& st, std::size_t count) {
-  const std::size_t bytes = count * sizeof(T);
-  std::size_t b = (bytes / 2 + 4095) / 4096 * 4096;
-  b = std::clamp(b, std::min(min_block_bytes, st.block_bytes), st.block_bytes);
-  return b / sizeof(T);
+  return block_bytes_for(count * sizeof(T), st.block_bytes) / sizeof(T);
 }
 
 // Slice `r` of a block of `n` elements, on slice_align byte boundaries.
@@ -631,20 +635,41 @@ void shm_allreduce(const communicator& comm, const void* in, void* out, std::siz
   });
 }
 
+// The cost model's prediction for algo::shm (registered with it below).
+// Per block two waits on every rank of the node; each rank copies (p-1)/p of
+// the buffer in and out and reads its own input once more to reduce
+// (docs/shm.md: 1 + 2(p-1)/p bytes of traffic per byte beyond the ring's
+// messages; measured -np 2 here, 64 KiB to 1 MiB: 1.3x to 2.3x the ring),
+// and reduces its slice after the first wait with nothing to overlap it
+// with. Measured here: -np 2, 16 to 64 KiB, ~0.8 ns per byte of buffer,
+// about 5x the message beta per byte of that traffic (the copies go through
+// two cores' caches; a message is one kernel copy). A wait needs every rank
+// of the node to have arrived, so an oversubscribed node pays a descheduled
+// peer for each other rank (-np 4 here: ~80 us at 4 KiB, where the trees
+// take ~34 us).
+double shm_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes) {
+  if (!s.shm || s.nodes > 1) return -1;
+  const int p = s.ranks;
+  if (p <= 1) return 0;
+  const double n = static_cast<double>(bytes);
+  const double block = static_cast<double>(block_bytes_for(bytes, shm::default_block_bytes));
+  const double blocks = std::max(1.0, std::ceil(n / block));
+  constexpr double copy_factor = 5;
+  const double pen = m.oversubscribed_step * oversubscription(s);
+  const double moved = (1.0 + 2.0 * (p - 1) / p) * n;
+  const double wait = m.intra.alpha + pen * (s.ranks_per_node - 1);
+  return blocks * 2 * wait + moved * copy_factor * m.intra.beta + (p - 1.0) / p * n * m.gamma;
+}
+
 bool shm_register() noexcept {
   static const bool done = [] {
-    register_algorithm(algo::shm, &shm::try_allreduce);
+    register_algorithm(algo::shm, &shm::try_allreduce, &shm_cost);
     return true;
   }();
   return done;
 }
 
 }  // namespace detail
-
-namespace {
-// For shared-library builds, where no header needs to pull this file in.
-[[maybe_unused]] const bool registered_at_load = detail::shm_register();
-}  // namespace
 
 namespace shm {
 

@@ -19,6 +19,7 @@
 #include "core/json.hpp"
 #include "ringflow/coll/alltoall.hpp"
 #include "ringflow/coll/fold.hpp"
+#include "ringflow/coll/registry.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
@@ -68,14 +69,6 @@ double ring_time(const link_cost& l, double gamma, int p, double n, std::size_t 
 double fold_time(const link_cost& l, double gamma, int p, double n) {
   if (detail::pow2_floor(p) == p) return 0;
   return 2 * l.message(n) + n * gamma;
-}
-
-// The shm backend's blocks: one up to 64 KiB, else at least two, of at most
-// its default 4 MiB (backends/shm.hpp; coll/ includes no backend header).
-double shm_blocks(double n) {
-  constexpr double small = 64.0 * 1024, largest = 4.0 * 1024 * 1024;
-  if (n <= small) return 1;
-  return std::max(2.0, std::ceil(n / largest));
 }
 
 }  // namespace
@@ -158,23 +151,9 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
              2.0 * (s.nodes - 1) * pen;
     }
     case algo::shm: {
-      // Per block two waits on every rank of the node; each rank copies
-      // (p-1)/p of the buffer in and out and reads its own input once more
-      // to reduce (docs/shm.md: 1 + 2(p-1)/p bytes of traffic per byte
-      // beyond the ring's messages; measured -np 2 here, 64 KiB to 1 MiB:
-      // 1.3x to 2.3x the ring), and reduces its slice after the first wait
-      // with nothing to overlap it with.
-      // Measured here: -np 2, 16 to 64 KiB, ~0.8 ns per byte of buffer,
-      // about 5x the message beta per byte of that traffic (the copies go
-      // through two cores' caches; a message is one kernel copy). A wait
-      // needs every rank of the node to have arrived, so an oversubscribed
-      // node pays a descheduled peer for each other rank (-np 4 here:
-      // ~80 us at 4 KiB, where the trees take ~34 us).
-      if (!s.shm || s.nodes > 1) return -1;
-      constexpr double copy_factor = 5;
-      const double moved = (1.0 + 2.0 * (p - 1) / p) * n;
-      const double wait = m.intra.alpha + pen * (s.ranks_per_node - 1);
-      return shm_blocks(n) * 2 * wait + moved * copy_factor * m.intra.beta + (p - 1.0) / p * n * g;
+      // Provided by a backend (backends/shm), which registers its cost.
+      const auto cost = detail::registered_cost(algo::shm);
+      return cost != nullptr ? cost(m, s, bytes) : -1;
     }
     default:
       return -1;

@@ -104,6 +104,7 @@ bool fake_shm(const communicator& c, void* out, const void* in, std::size_t coun
 TEST_CASE("algo::shm runs the registered function, and says so when there is none",
           "[coll][registry]") {
   const auto saved = detail::registered_algorithm(algo::shm);
+  const auto saved_cost = detail::registered_cost(algo::shm);
   detail::register_algorithm(algo::shm, nullptr);
   try {
     local::run(2, [](communicator& c) {
@@ -128,7 +129,7 @@ TEST_CASE("algo::shm runs the registered function, and says so when there is non
                                allreduce(c, std::span<int>(v), max, algo::shm);
                              }),
                   not_supported_error);
-  detail::register_algorithm(algo::shm, saved);
+  detail::register_algorithm(algo::shm, saved, saved_cost);
   CHECK_THROWS_AS(detail::register_algorithm(algo::automatic, &fake_shm), usage_error);
 }
 

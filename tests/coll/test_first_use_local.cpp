@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "ringflow/backends/local.hpp"
+#include "ringflow/backends/shm.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/context.hpp"
 #include "ringflow/coll/cost_model.hpp"
@@ -50,7 +51,9 @@ TEST_CASE("first-use size classes, rounds and candidates", "[coll][first_use]") 
     CHECK(c.front() == choose_algorithm(m, four, b).choice);  // the model's order
     for (algo a : c) CHECK(automatic_candidate(a, four));      // never shm without shm
   }
-  // shm is always tried where it can run, even where the model doubts it.
+  // shm is always tried where it can run, even where the model doubts it
+  // (registered by the MPI backend's first communicator; none here).
+  REQUIRE(detail::shm_register());
   cluster_shape with_shm = four;
   with_shm.shm = true;
   for (std::size_t b = 1024; b <= (std::size_t{64} << 20); b *= 4) {

@@ -8,6 +8,8 @@
 #include <string>
 
 #include "ringflow/backends/local.hpp"
+#include "ringflow/backends/shm.hpp"
+#include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/cost_model.hpp"
 #include "ringflow/coll/tuning.hpp"
 #include "support/catch.hpp"
@@ -224,7 +226,8 @@ TEST_CASE("automatic chooses from a matching tuning table", "[coll][tuning]") {
   CHECK(contains(e.to_string(), "tuning table syn.json"));
   CHECK(contains(e.to_string(), "measured"));
   CHECK(choose_algorithm(&t, "syn.json", m, three, 65536).choice == algo::halving_doubling);
-  // shm when it may run.
+  // shm when it may run (and is registered: the MPI backend does that).
+  REQUIRE(detail::shm_register());
   cluster_shape with_shm = three;
   with_shm.shm = true;
   CHECK(choose_algorithm(&t, "syn.json", m, with_shm, 65536).choice == algo::shm);
@@ -324,6 +327,10 @@ TEST_CASE("automatic falls back to the model when no table matches the ranks or 
 }
 
 TEST_CASE("the model covers shm and oversubscribed nodes", "[coll][cost_model][tuning]") {
+  // The MPI backend registers shm (and its cost) with its first
+  // communicator; this test makes none, so it registers it itself.
+  REQUIRE(detail::shm_register());
+  REQUIRE(detail::registered_cost(algo::shm) != nullptr);
   const cost_model m = builtin_cost_model();
   cluster_shape one{4, 1, 4};
   CHECK(predict_seconds(algo::shm, m, one, 4096) < 0);  // not available

@@ -91,7 +91,8 @@ TEST_CASE("mpi: a shm allreduce that declines hands automatic's call to its next
   const std::string path = fmt::format("ringflow_test_tuning_decline{}.json", world.rank());
   save_tuning_file(table_with_winner(shape, algo::shm), path);
   const auto saved = detail::registered_algorithm(algo::shm);
-  detail::register_algorithm(algo::shm, &declining_shm);
+  const auto saved_cost = detail::registered_cost(algo::shm);
+  detail::register_algorithm(algo::shm, &declining_shm, saved_cost);
   failures f;
   {
     scoped_env env("RINGFLOW_TUNING", path.c_str());
@@ -102,7 +103,7 @@ TEST_CASE("mpi: a shm allreduce that declines hands automatic's call to its next
       f.push_back(fmt::format("rank {}: still offers shm after it declined", world.rank()));
     }
   }
-  detail::register_algorithm(algo::shm, saved);
+  detail::register_algorithm(algo::shm, saved, saved_cost);
   std::remove(path.c_str());
   require_none(f);
 }

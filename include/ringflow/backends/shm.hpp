@@ -27,11 +27,11 @@ namespace detail {
 void shm_allreduce(const communicator& comm, const void* in, void* out, std::size_t count,
                    dtype type, op_kind op);
 
-/// Registers shm::try_allreduce as algo::shm with coll/ (idempotent; true).
-/// Every translation unit that includes this header calls it, so a static
-/// libringflow keeps the shm object file and algo::shm works.
+/// Registers shm::try_allreduce and its cost function as algo::shm with
+/// coll/ (idempotent; true). The MPI backend calls it when it makes a
+/// communicator (the one way it is registered), which also keeps this object
+/// file in a static libringflow.
 bool shm_register() noexcept;
-inline const bool shm_registered = shm_register();
 }  // namespace detail
 
 namespace shm {
