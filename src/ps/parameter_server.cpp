@@ -135,6 +135,13 @@ void pending::wait() {
       done = requests_[next].test();
     } catch (const std::exception& e) {
       const int server = peers_[next];
+      // The rest fail alike (or complete); waited here, not logged by destructors.
+      for (auto& r : requests_) {
+        try {
+          r.wait();
+        } catch (const std::exception&) {
+        }
+      }
       requests_.clear();
       throw server_error(fmt::format("rank {}: ps {}: parameter server rank {} is gone: {}",
                                      rank_, what_, server, e.what()),
@@ -210,6 +217,14 @@ node::~node() {
       }
     }
     if (server_thread_.joinable()) server_thread_.join();
+  }
+  // Silent workers' header receives (after the join: the server thread
+  // writes them): they end when those workers do.
+  for (auto& r : abandoned_) {
+    try {
+      r.wait();
+    } catch (const std::exception&) {
+    }
   }
 }
 
@@ -478,6 +493,7 @@ void node::serve_loop() {
     p.reply_req = comm_.isend(std::span<const float>(p.reply), p.rank, tag + 2);
     p.pulled_at = stats_.updates;
     p.pull = -1;
+    p.heard = clock_type::now();  // it owes us nothing from here: silence counts again
     stats_.record.push_back({event_kind::serve, w});
   };
 

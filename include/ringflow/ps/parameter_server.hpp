@@ -71,7 +71,7 @@ struct options {
   int staleness = 1;
   /// local_sgd: local steps between parameter averages (H >= 1).
   int local_steps = 4;
-  optimizer_options optimizer;
+  optimizer_options optimizer{};
   /// A server drops a worker it has heard nothing from for this long while
   /// it owed nothing (no pull waiting): a dead or stuck worker.
   std::chrono::milliseconds worker_timeout{60000};
