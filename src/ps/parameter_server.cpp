@@ -183,6 +183,11 @@ node::node(communicator comm, std::span<const float> initial, options o)
   }
   server_index_ = layout_.server_index(rank);
   worker_index_ = layout_.worker_index(rank);
+  if (server_index_ >= 0) {  // well-formed (empty) even when never served
+    stats_.server = server_index_;
+    stats_.pushes_by_worker.assign(static_cast<std::size_t>(layout_.workers()), 0);
+    stats_.staleness.assign(staleness_buckets, 0);
+  }
   workers_ = comm_.split(worker_index_ >= 0 ? 0 : -1, rank);
   if (opts_.mode == consistency::local_sgd) return;  // no server traffic
   if (server_index_ >= 0) {
