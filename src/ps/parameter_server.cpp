@@ -225,7 +225,7 @@ node::~node() {
   }
   // Silent workers' header receives (after the join: the server thread
   // writes them): they end when those workers do.
-  for (auto& r : abandoned_) {
+  for (auto& [buffer, r] : abandoned_) {
     try {
       r.wait();
     } catch (const std::exception&) {
@@ -427,7 +427,7 @@ void node::serve_loop() {
 
   struct peer {
     int rank = -1;
-    std::array<std::int64_t, header_words> header{};
+    std::vector<std::int64_t> header = std::vector<std::int64_t>(header_words, 0);  // heap: may outlive the loop
     request header_req;
     bool active = true;
     std::int64_t clock = 0;  // pushes received
@@ -452,7 +452,7 @@ void node::serve_loop() {
     p.pull = -1;
     if (silent) {
       // Kept by the node: its destructor waits for the worker to end.
-      abandoned_.push_back(std::move(p.header_req));
+      abandoned_.emplace_back(std::move(p.header), std::move(p.header_req));
     } else {
       try {
         p.header_req.wait();

@@ -15,6 +15,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "ringflow/ad/optim.hpp"
@@ -159,12 +160,12 @@ class pending {
 
  private:
   friend class node;
-  std::vector<request> requests_;
-  std::vector<int> peers_;
-  std::vector<std::int64_t> headers_;  // wire headers, alive until sent
-  std::chrono::milliseconds timeout_{0};
-  int rank_ = -1;
   std::string what_;
+  int rank_ = -1;
+  std::chrono::milliseconds timeout_{0};
+  std::vector<std::int64_t> headers_;  // wire headers: declared before requests_,
+  std::vector<int> peers_;             // so they outlive the requests' destructors
+  std::vector<request> requests_;
 };
 
 /// One rank's part in a parameter-server job. Collective constructor: every
@@ -238,7 +239,9 @@ class node {
   std::int64_t clock_ = 0;  // pushes sent by this worker
   std::uint64_t bytes_sent_ = 0;
   bool finished_ = false, served_ = false;
-  std::vector<request> abandoned_;  // header receives of silent workers
+  // Header receives of silent workers, with the buffers they may still fill
+  // (request second: destroyed, i.e. waited for, before its buffer).
+  std::vector<std::pair<std::vector<std::int64_t>, request>> abandoned_;
   std::thread server_thread_;
   std::exception_ptr server_failure_;
 };
