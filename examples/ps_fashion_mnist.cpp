@@ -165,6 +165,13 @@ int run(const options& o, const ringflow::communicator& comm) {
     po.local_steps = o.local_steps;
     po.optimizer.sgd = {.lr = o.lr, .momentum = 0.9};
   }
+  if (!allreduce_mode) {
+    try {
+      (void)ps::layout(1 << 20, np, po, rank);
+    } catch (const ringflow::usage_error& e) {
+      throw ringflow::usage_error(fmt::format("--servers {}: {}", o.servers, e.what()));
+    }
+  }
   const int workers = allreduce_mode ? np : ps::layout(1 << 20, np, po, rank).workers();
   // async/ssp apply every push as its own step: W pushes at lr / W move as
   // far as one synchronous step of the W-gradient average at lr.
