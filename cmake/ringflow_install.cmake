@@ -4,7 +4,7 @@
 #   cmake --install build --prefix P
 # another project finds ringflow with find_package(ringflow CONFIG REQUIRED)
 # (CMAKE_PREFIX_PATH=P) and links ringflow::coll, ringflow::train, ringflow::serve,
-# ringflow::ringflow (all three) and ringflow::cuda, the same target names an
+# ringflow::ps, ringflow::ringflow (all four) and ringflow::cuda, the same target names an
 # add_subdirectory(ringflow) user sees. ringflow::cuda has its own export file
 # (ringflowCudaTargets.cmake), loaded only where its toolkit is found, so the
 # other targets never need CUDA.
@@ -16,7 +16,7 @@ mark_as_advanced(RINGFLOW_INSTALL_CMAKEDIR)
 
 foreach(_rf_set ringflowTargets ringflowCudaTargets)
   if(_rf_set STREQUAL "ringflowTargets")
-    set(_rf_targets ringflow_coll ringflow_train ringflow_serve ringflow)
+    set(_rf_targets ringflow_coll ringflow_train ringflow_serve ringflow_ps ringflow)
   else()
     set(_rf_targets ringflow_cuda)
   endif()

@@ -1,0 +1,404 @@
+// ps::node on thread ranks: layout and bad input, sync == allreduce-average
+// SGD, the SSP bound, async record/replay bit for bit, dropped workers and a
+// lost server (no hang).
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ringflow/ad/optim.hpp"
+#include "ringflow/ad/parameter_store.hpp"
+#include "ringflow/backends/local.hpp"
+#include "ringflow/coll/collectives.hpp"
+#include "ringflow/ps/parameter_server.hpp"
+#include "support/catch.hpp"
+#include "support/collect.hpp"
+
+using namespace ringflow;
+using ringflow::testing::failures;
+using ringflow::testing::require_none;
+using ringflow::testing::run_collecting;
+
+namespace {
+
+std::vector<float> initial_params(std::size_t n) {
+  std::vector<float> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = std::sin(0.37f * static_cast<float>(i)) * 0.5f;
+  return v;
+}
+
+// A worker's gradient: a deterministic function of what it pulled, the
+// worker and the step (a replayed run computes the same bits).
+void gradient(std::span<const float> p, int worker, std::int64_t step, std::span<float> g) {
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    g[i] = 0.3f * p[i] - 0.1f * std::cos(0.01f * static_cast<float>(i * (worker + 1)) +
+                                         0.2f * static_cast<float>(step));
+  }
+}
+
+// Some compute that takes longer for a slowed worker (no sleeps).
+float busy_work(int units) {
+  volatile float x = 0;
+  for (int i = 0; i < units * 20000; ++i) x = x + std::sin(static_cast<float>(i));
+  return x;
+}
+
+// Runs a worker loop: pull, (gradient, push, pull) x steps, finish.
+void work(ps::node& n, std::vector<float>& params, int steps, int slow_units = 0) {
+  std::vector<float> g(params.size());
+  n.pull(params).wait();
+  for (int t = 0; t < steps; ++t) {
+    if (slow_units > 0) busy_work(slow_units);
+    gradient(params, n.worker_index(), t, g);
+    n.push(g).wait();
+    n.pull(params).wait();
+  }
+  n.finish();
+}
+
+// The allreduce reference: W thread ranks average their gradients with
+// allreduce and step ad::sgd on their own copy.
+std::vector<float> allreduce_reference(int W, std::size_t numel, int steps, ad::sgd_options o) {
+  std::vector<float> result;
+  std::mutex m;
+  local::run(W, [&](communicator& c) {
+    ad::parameter_store<float> store;
+    store.add("p", ad::shape{static_cast<ad::index>(numel)});
+    const auto init = initial_params(numel);
+    std::copy(init.begin(), init.end(), store.all_values().begin());
+    ad::sgd opt(store, o);
+    for (int t = 0; t < steps; ++t) {
+      gradient(store.all_values(), c.rank(), t, store.all_grads());
+      allreduce(c, store.all_grads(), avg);
+      opt.step();
+    }
+    if (c.rank() == 0) {
+      std::lock_guard lock(m);
+      result.assign(store.all_values().begin(), store.all_values().end());
+    }
+  });
+  return result;
+}
+
+struct job_result {
+  std::vector<float> params;  // gathered at the end (rank 0's copy)
+  std::vector<ps::server_stats> stats;
+  failures errors;
+};
+
+// One ps job on `ranks` thread ranks; `worker_body` replaces work() when set.
+// gather = false: no closing collective (a rank that "dies" just returns).
+template <class Body>
+job_result run_job(int ranks, std::size_t numel, ps::options o, Body worker_body,
+                   bool gather = true) {
+  job_result r;
+  std::mutex m;
+  r.errors = run_collecting(ranks, [&](communicator& c, failures& f) {
+    const auto init = initial_params(numel);
+    ps::node n(c, init, o);
+    std::vector<float> params = init;
+    try {
+      if (n.is_worker()) worker_body(n, params);
+      if (n.is_server() && !n.is_worker()) n.serve();
+    } catch (const std::exception& e) {
+      f.push_back(fmt::format("rank {}: {}", c.rank(), e.what()));
+      return;
+    }
+    if (gather) n.gather_parameters(params);
+    std::lock_guard lock(m);
+    if (n.is_server()) r.stats.push_back(n.stats());
+    if (c.rank() == 0) r.params = params;
+  });
+  std::sort(r.stats.begin(), r.stats.end(),
+            [](const auto& a, const auto& b) { return a.server < b.server; });
+  return r;
+}
+
+}  // namespace
+
+TEST_CASE("ps layout: balanced shards and clear errors for bad input", "[ps]") {
+  ps::options o;
+  o.servers = 2;
+  ps::layout l(10, 5, o);
+  CHECK(l.servers() == 2);
+  CHECK(l.workers() == 3);
+  CHECK(l.shard(0).begin == 0);
+  CHECK(l.shard(0).end == 5);
+  CHECK(l.shard(1).end == 10);
+  CHECK(l.worker_rank(0) == 2);
+  CHECK(l.worker_index(1) == -1);
+  o.servers = 5;
+  CHECK_THROWS_WITH(ps::layout(10, 5, o, 3),
+                    Catch::Contains("rank 3") && Catch::Contains("5 dedicated server(s) do not fit 5"));
+  o.servers = 2;
+  CHECK_THROWS_WITH(ps::layout(1, 5, o), Catch::Contains("cannot be split over 2 servers"));
+  o.where = ps::placement::colocated;
+  ps::layout co(7, 3, o);
+  CHECK(co.servers() == 3);
+  CHECK(co.workers() == 3);
+  CHECK(co.worker_rank(2) == 2);
+  CHECK(ps::parse_consistency("ssp") == ps::consistency::ssp);
+  CHECK_THROWS_WITH(ps::parse_consistency("eventual"), Catch::Contains("unknown consistency"));
+}
+
+TEST_CASE("ps: wrong buffer sizes name the rank and the sizes", "[ps]") {
+  const auto f = run_collecting(2, [](communicator& c, failures& fail) {
+    const auto init = initial_params(16);
+    ps::node n(c, init, {.servers = 1});
+    if (n.is_worker()) {
+      std::vector<float> small(5);
+      try {
+        n.push(small).wait();
+        fail.push_back("push of a wrong size did not throw");
+      } catch (const usage_error& e) {
+        if (std::string(e.what()).find("rank 1") == std::string::npos ||
+            std::string(e.what()).find("5 floats, the servers hold 16") == std::string::npos) {
+          fail.push_back(std::string("unclear error: ") + e.what());
+        }
+      }
+      n.finish();
+    } else {
+      n.serve();
+    }
+  });
+  require_none(f);
+}
+
+TEST_CASE("ps sync equals allreduce-average SGD (dedicated and colocated)", "[ps]") {
+  const ad::sgd_options sgd{.lr = 0.1, .momentum = 0.9};
+  const int steps = 12;
+  const std::size_t numel = 103;
+  struct setup {
+    int ranks;
+    ps::placement where;
+    int servers;
+  };
+  for (const setup s : {setup{4, ps::placement::dedicated, 1}, setup{5, ps::placement::dedicated, 2},
+                        setup{3, ps::placement::colocated, 0}}) {
+    INFO("ranks " << s.ranks << " servers " << s.servers << " colocated "
+                  << (s.where == ps::placement::colocated));
+    ps::options o{.mode = ps::consistency::sync, .where = s.where, .servers = s.servers};
+    o.optimizer.sgd = sgd;
+    const auto r = run_job(s.ranks, numel, o, [&](ps::node& n, std::vector<float>& p) {
+      work(n, p, steps);
+    });
+    require_none(r.errors);
+    const int W = ps::layout(numel, s.ranks, o).workers();
+    const auto ref = allreduce_reference(W, numel, steps, sgd);
+    REQUIRE(r.params.size() == ref.size());
+    double worst = 0;
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+      worst = std::max(worst, static_cast<double>(std::abs(r.params[i] - ref[i])));
+    }
+    CHECK(worst <= 1e-6);
+    for (const auto& st : r.stats) {
+      CHECK(st.updates == static_cast<std::uint64_t>(steps));
+      CHECK(st.staleness[0] == static_cast<std::uint64_t>(steps * W));
+    }
+  }
+}
+
+TEST_CASE("ps SSP: no worker is more than s pushes ahead of the slowest", "[ps]") {
+  for (int s : {0, 2}) {
+    INFO("staleness " << s);
+    const int W = 3, steps = 10;
+    std::vector<std::atomic<std::int64_t>> clocks(W);
+    std::vector<std::atomic<bool>> done(W);
+    for (auto& c : clocks) c = 0;
+    for (auto& d : done) d = false;
+    std::mutex m;
+    failures seen;
+    ps::options o{.mode = ps::consistency::ssp, .servers = 1, .staleness = s};
+    const auto r = run_job(W + 1, 64, o, [&](ps::node& n, std::vector<float>& p) {
+      const int w = n.worker_index();
+      std::vector<float> g(p.size());
+      n.pull(p).wait();
+      for (int t = 0; t < steps; ++t) {
+        if (w == 0) busy_work(4);  // the slowed worker
+        gradient(p, w, t, g);
+        ++clocks[static_cast<std::size_t>(w)];  // before the push: never behind the server's count
+        n.push(g).wait();
+        n.pull(p).wait();
+        const std::int64_t mine = clocks[static_cast<std::size_t>(w)].load();
+        for (int j = 0; j < W; ++j) {
+          if (done[static_cast<std::size_t>(j)].load()) continue;
+          const std::int64_t theirs = clocks[static_cast<std::size_t>(j)].load();
+          if (mine - theirs > s) {
+            std::lock_guard lock(m);
+            seen.push_back(fmt::format("worker {} at {} passed worker {} at {} (s = {})", w, mine,
+                                       j, theirs, s));
+          }
+        }
+      }
+      done[static_cast<std::size_t>(w)] = true;
+      n.finish();
+    });
+    require_none(r.errors);
+    require_none(seen);
+    REQUIRE(r.stats.size() == 1);
+    CHECK(r.stats[0].max_clock_gap <= s);
+    CHECK(r.stats[0].updates == static_cast<std::uint64_t>(W * steps));
+  }
+}
+
+TEST_CASE("ps async: replaying the record reproduces the parameters bit for bit", "[ps]") {
+  const int steps = 8;
+  const std::size_t numel = 77;
+  ps::options o{.mode = ps::consistency::async, .servers = 2};
+  o.optimizer.type = ps::optimizer_options::kind::adamw;
+  o.optimizer.adamw.lr = 0.01;
+  const auto body = [&](ps::node& n, std::vector<float>& p) {
+    work(n, p, steps, n.worker_index() == 1 ? 2 : 0);
+  };
+  const auto live = run_job(5, numel, o, body);
+  require_none(live.errors);
+  REQUIRE(live.stats.size() == 2);
+  ps::replay_record record;
+  for (const auto& st : live.stats) {
+    CHECK(st.updates == static_cast<std::uint64_t>(3 * steps));
+    record.servers.push_back(st.record);
+  }
+  ps::options again = o;
+  again.replay = &record;
+  const auto replayed = run_job(5, numel, again, body);
+  require_none(replayed.errors);
+  REQUIRE(replayed.params.size() == live.params.size());
+  CHECK(std::memcmp(replayed.params.data(), live.params.data(), numel * sizeof(float)) == 0);
+  for (std::size_t s = 0; s < 2; ++s) CHECK(replayed.stats[s].record == live.stats[s].record);
+}
+
+TEST_CASE("ps: a worker that dies or leaves early is dropped, the rest finish", "[ps]") {
+  for (auto mode : {ps::consistency::sync, ps::consistency::async}) {
+    INFO("mode " << ps::to_string(mode));
+    ps::options o{.mode = mode, .servers = 1};
+    const auto r = run_job(4, 32, o, [&](ps::node& n, std::vector<float>& p) {
+      const int w = n.worker_index();
+      std::vector<float> g(p.size());
+      n.pull(p).wait();
+      for (int t = 0; t < 10; ++t) {
+        if (w == 0 && t == 3) return;  // dies: no goodbye
+        if (w == 1 && t == 5) break;   // leaves early: says goodbye
+        gradient(p, w, t, g);
+        n.push(g).wait();
+        n.pull(p).wait();
+      }
+      n.finish();
+    }, /*gather=*/false);
+    require_none(r.errors);
+    REQUIRE(r.stats.size() == 1);
+    const auto& st = r.stats[0];
+    REQUIRE(st.dropped == std::vector<int>{1});  // worker 0 is rank 1
+    CHECK(st.drop_reasons[0].find("rank 1") != std::string::npos);
+    CHECK(std::find(st.finished.begin(), st.finished.end(), 2) != st.finished.end());
+    CHECK(st.pushes_by_worker[0] == 3);
+    CHECK(st.pushes_by_worker[1] == 5);
+    CHECK(st.pushes_by_worker[2] == 10);
+  }
+}
+
+TEST_CASE("ps: a silent worker is dropped after worker_timeout", "[ps]") {
+  std::atomic<bool> served{false};
+  ps::options o{.mode = ps::consistency::sync, .servers = 1};
+  o.worker_timeout = std::chrono::milliseconds(300);
+  std::vector<ps::server_stats> stats;
+  const auto f = run_collecting(3, [&](communicator& c, failures& fail) {
+    const auto init = initial_params(20);
+    ps::node n(c, init, o);
+    std::vector<float> p = init;
+    if (n.is_server()) {
+      stats.push_back(n.serve());
+      served = true;
+      return;
+    }
+    if (n.worker_index() == 0) {
+      n.pull(p).wait();
+      // Stuck (alive, silent) until the server has finished without it.
+      while (!served.load()) std::this_thread::yield();
+      return;
+    }
+    try {
+      work(n, p, 6);
+    } catch (const std::exception& e) {
+      fail.push_back(e.what());
+    }
+  });
+  require_none(f);
+  REQUIRE(stats.size() == 1);
+  REQUIRE(stats[0].dropped == std::vector<int>{1});
+  CHECK(stats[0].drop_reasons[0].find("worker_timeout") != std::string::npos);
+  CHECK(stats[0].updates == 6);
+}
+
+TEST_CASE("ps: a server that is gone fails the workers with its rank, no hang", "[ps]") {
+  std::mutex m;
+  std::vector<std::string> messages;
+  const auto f = run_collecting(3, [&](communicator& c, failures& fail) {
+    const auto init = initial_params(20);
+    ps::node n(c, init, {.mode = ps::consistency::async, .servers = 1});
+    if (n.is_server()) return;  // ends without serving
+    std::vector<float> p = init;
+    try {
+      n.pull(p).wait();
+      fail.push_back(fmt::format("rank {}: pull from a gone server returned", c.rank()));
+    } catch (const ps::server_error& e) {
+      if (e.server_rank() != 0) fail.push_back("wrong server rank");
+      std::lock_guard lock(m);
+      messages.push_back(e.what());
+    }
+  });
+  require_none(f);
+  REQUIRE(messages.size() == 2);
+  for (const auto& s : messages) CHECK_THAT(s, Catch::Contains("parameter server rank 0"));
+}
+
+TEST_CASE("ps local SGD: H local steps, then the workers' average", "[ps]") {
+  const int H = 4, steps = 8;
+  const std::size_t numel = 40;
+  std::vector<float> got;
+  std::mutex m;
+  const auto f = run_collecting(3, [&](communicator& c, failures& fail) {
+    const auto init = initial_params(numel);
+    ps::node n(c, init, {.mode = ps::consistency::local_sgd, .servers = 1, .local_steps = H});
+    std::vector<float> p = init;
+    if (n.is_worker()) {
+      ad::parameter_store<float> store;
+      store.add("p", ad::shape{static_cast<ad::index>(numel)});
+      std::copy(init.begin(), init.end(), store.all_values().begin());
+      ad::sgd opt(store, {.lr = 0.1});
+      int averaged = 0;
+      for (int t = 0; t < steps; ++t) {
+        gradient(store.all_values(), n.worker_index(), t, store.all_grads());
+        opt.step();
+        averaged += n.average(store.all_values(), t) ? 1 : 0;
+      }
+      if (averaged != steps / H) fail.push_back("wrong number of averages");
+      std::copy(store.all_values().begin(), store.all_values().end(), p.begin());
+      n.finish();
+    } else {
+      n.serve();
+    }
+    n.gather_parameters(p);
+    if (c.rank() == 0) {
+      std::lock_guard lock(m);
+      got = p;
+    }
+  });
+  require_none(f);
+  // Serial reference: two workers, sgd without momentum, average every H.
+  std::vector<std::vector<float>> w(2, initial_params(numel));
+  std::vector<float> g(numel);
+  for (int t = 0; t < steps; ++t) {
+    for (int k = 0; k < 2; ++k) {
+      gradient(w[static_cast<std::size_t>(k)], k, t, g);
+      for (std::size_t i = 0; i < numel; ++i) w[static_cast<std::size_t>(k)][i] -= 0.1f * g[i];
+    }
+    if ((t + 1) % H == 0) {
+      for (std::size_t i = 0; i < numel; ++i) w[0][i] = w[1][i] = (w[0][i] + w[1][i]) / 2;
+    }
+  }
+  REQUIRE(got.size() == numel);
+  for (std::size_t i = 0; i < numel; ++i) CHECK(std::abs(got[i] - w[0][i]) <= 1e-6);
+}
