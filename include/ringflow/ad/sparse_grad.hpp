@@ -34,10 +34,10 @@ struct sparse_rows_grad {
     values.clear();
     coalesced = true;
   }
-  /// Adds `row` (width elements) to the gradient of table row `index`.
-  void add_row(std::int64_t index, const S* row) {
-    if (!indices.empty() && indices.back() >= index) coalesced = false;
-    indices.push_back(index);
+  /// Adds `row` (width elements) to the gradient of table row `row_index`.
+  void add_row(std::int64_t row_index, const S* row) {
+    if (!indices.empty() && indices.back() >= row_index) coalesced = false;
+    indices.push_back(row_index);
     values.insert(values.end(), row, row + width);
   }
   /// Sorts the indices ascending and sums the rows of equal indices, in the
