@@ -150,6 +150,9 @@ std::span<S> parameter_store<S>::all_grads() const {
 
 template <class S>
 void parameter_store<S>::zero_grad() const {
+  for (auto& p : state_->params) {
+    if (p.tensor.node()->sparse) p.tensor.node()->sparse->clear();
+  }
   if (state_->grads_released) {
     for (auto& p : state_->params) p.tensor.node()->grad.reset();
     return;

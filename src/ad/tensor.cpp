@@ -254,6 +254,7 @@ template <class S>
 void basic_tensor<S>::zero_grad() const {
   auto& n = checked();
   if (n.grad) grad().setZero();
+  if (n.sparse) n.sparse->clear();
 }
 
 template <class S>

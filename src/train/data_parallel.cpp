@@ -10,6 +10,7 @@
 
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/coll/sparse.hpp"
 #include "ringflow/core/log.hpp"
 #include "layout_hash.hpp"
 
@@ -103,6 +104,30 @@ struct bucket_record {
   double start_us = 0;
   double end_us = 0;
 };
+
+// The plan without the sparse parameters (ad::embedding tables, reduced by
+// sparse_allreduce instead): a bucket holding one is cut around it, so every
+// bucket is still a contiguous slice of the gradient buffer.
+std::vector<bucket> without_sparse(std::vector<bucket> plan, const std::vector<bool>& sparse,
+                                   const ad::parameter_store<float>& params) {
+  if (std::find(sparse.begin(), sparse.end(), true) == sparse.end()) return plan;
+  std::vector<bucket> out;
+  for (auto& bk : plan) {
+    bucket piece;
+    for (const std::size_t k : bk.params) {  // descending offsets
+      if (sparse[k]) {
+        if (!piece.params.empty()) out.push_back(std::move(piece));
+        piece = bucket{};
+        continue;
+      }
+      piece.offset = params[k].offset;
+      piece.size += params[k].size;
+      piece.params.push_back(k);
+    }
+    if (!piece.params.empty()) out.push_back(std::move(piece));
+  }
+  return out;
+}
 }  // namespace
 
 struct data_parallel::state {
@@ -111,7 +136,14 @@ struct data_parallel::state {
   data_parallel_options opts;
   train::timeline tl;
   std::vector<bucket> buckets;
-  std::vector<std::size_t> bucket_of;    // parameter -> bucket
+  std::vector<std::size_t> bucket_of;    // parameter -> bucket (dense parameters)
+  // Parameters with sparse row gradients (ad::embedding): no bucket; each is
+  // reduced by one sparse_allreduce after the buckets, in parameter order.
+  std::vector<bool> is_sparse;
+  std::vector<std::size_t> sparse_params;
+  std::vector<collective_handle> sparse_handles;
+  std::vector<bucket_record> sparse_records;
+  std::vector<std::uint64_t> sparse_bytes;  // per sparse parameter, written where it runs
   std::unique_ptr<compress::bucket_compression> compression;  // null: plain allreduce
   comm_hook_fn hook;  // how a bucket is reduced: the user's, the compression, or allreduce_hook
   std::vector<bool> expected;            // requires_grad when built
@@ -145,6 +177,8 @@ struct data_parallel::state {
     if (compression) traffic_before = compression->total();
     pending = expected_in;
     std::fill(records.begin(), records.end(), bucket_record{});
+    std::fill(sparse_records.begin(), sparse_records.end(), bucket_record{});
+    std::fill(sparse_bytes.begin(), sparse_bytes.end(), std::uint64_t{0});
     next = 0;
     flag_launched = false;
     current = {};
@@ -184,8 +218,53 @@ struct data_parallel::state {
           "backwards inside no_sync() to accumulate",
           comm.rank(), params[i].name, step));
     }
+    if (is_sparse[i]) return;  // reduced in finish(), after the buckets
     const std::size_t b = bucket_of[i];
     if (--pending[b] == 0) launch_ready();
+  }
+
+  // Queues the sparse_allreduce of sparse parameter `k` (its index in
+  // sparse_params): the rows of every rank, summed per index, divided by the
+  // contributors (as allreduce(avg) divides: one rounding), replace this
+  // rank's rows in the parameter's sparse gradient.
+  void launch_sparse(std::size_t k) {
+    const std::size_t i = sparse_params[k];
+    ad::sparse_rows_grad<float>* g = params[i].tensor.sparse_grad();
+    bucket_record* rec = &sparse_records[k];
+    std::uint64_t* bytes = &sparse_bytes[k];
+    const std::int64_t at_step = step;
+    const train::timeline trace = tl;
+    const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
+    const std::string name = params[i].name;
+    sparse_handles[k] = collective_handle(ringflow::detail::enqueue(
+        comm, [g, rec, bytes, at_step, trace, count, name](const communicator& c) {
+          const double t0 = now_us();
+          g->coalesce();
+          auto r = sparse_allreduce<float>(c, std::span<const std::int64_t>(g->indices),
+                                           std::span<const float>(g->values), g->width);
+          const int n = count != nullptr ? *count : c.size();
+          if (n > 0) {
+            const avg_op average;
+            for (float& v : r.values) v = average.finish(v, n);
+          }
+          *bytes = sparse_allreduce_bytes_sent(r.rank_rows, r.width, sizeof(float), c.rank());
+          g->indices = std::move(r.indices);
+          g->values = std::move(r.values);
+          g->coalesced = true;
+          const double t1 = now_us();
+          rec->start_us = t0;
+          rec->end_us = t1;
+          if (trace.enabled()) {
+            trace_event e;
+            e.name = fmt::format("sparse allreduce {}", name);
+            e.lane = lane::comm;
+            e.start_us = t0;
+            e.duration_us = t1 - t0;
+            e.step = at_step;
+            e.bytes = static_cast<std::int64_t>(*bytes);
+            trace.record(std::move(e));
+          }
+        }));
   }
 
   // Launches buckets strictly in order, so every rank queues the same sequence.
@@ -245,6 +324,14 @@ struct data_parallel::state {
                    e.what());
       }
     }
+    for (auto& h : sparse_handles) {
+      try {
+        h.wait();
+      } catch (const std::exception& e) {
+        log::error("train::data_parallel on rank {}: a sparse allreduce failed: {}", comm.rank(),
+                   e.what());
+      }
+    }
   }
 };
 
@@ -292,7 +379,17 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   s.opts = std::move(opts);
   s.tl = s.opts.timeline_path.empty() ? train::timeline::from_env(s.comm.rank())
                                       : train::timeline(s.comm.rank(), s.opts.timeline_path);
-  s.buckets = plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes);
+  s.is_sparse.assign(s.params.size(), false);
+  for (std::size_t i = 0; i < s.params.size(); ++i) {
+    if (auto* g = s.params[i].tensor.sparse_grad(); g != nullptr && s.params[i].tensor.requires_grad()) {
+      s.is_sparse[i] = true;
+      s.sparse_params.push_back(i);
+      g->rank = s.comm.rank();  // for the embedding's error messages
+    }
+  }
+  s.buckets = without_sparse(
+      plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes),
+      s.is_sparse, s.params);
   s.bucket_of.assign(s.params.size(), 0);
   s.expected.assign(s.params.size(), false);
   s.expected_in.assign(s.buckets.size(), 0);
@@ -308,6 +405,10 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
       s.compression->set_layout(b, layout_of(s.buckets[b], s.params));
     }
   }
+  for (const std::size_t i : s.sparse_params) s.expected[i] = true;
+  s.sparse_handles.resize(s.sparse_params.size());
+  s.sparse_records.resize(s.sparse_params.size());
+  s.sparse_bytes.resize(s.sparse_params.size());
   s.fired.assign(s.params.size(), 0);
   s.last_fired = s.fired;
   s.handles.resize(s.buckets.size());
@@ -315,7 +416,9 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   s.reset_step();
 
   // Same model everywhere? max over {h, ~h} gives the max and (negated) min hash.
-  const std::uint64_t h = detail::layout_hash(s.params);
+  // Which parameters are sparse must agree too (their reduction differs).
+  std::uint64_t h = detail::layout_hash(s.params);
+  for (const std::size_t i : s.sparse_params) h = (h ^ (i + 1)) * 0x100000001b3ull;
   std::array<std::int64_t, 2> hm{static_cast<std::int64_t>(h), ~static_cast<std::int64_t>(h)};
   // The first async call creates the progress thread at the same point on
   // every rank (it splits the communicator).
@@ -409,6 +512,12 @@ void data_parallel::finish() {
     s.launch(b);
   }
   s.next = s.buckets.size();
+  for (std::size_t k = 0; k < s.sparse_params.size(); ++k) {
+    const std::size_t i = s.sparse_params[k];
+    // No gradient this step: this rank contributes no rows.
+    if (s.fired[i] == 0 && !s.accumulated[i]) s.params[i].tensor.sparse_grad()->clear();
+    s.launch_sparse(k);
+  }
   const double w0 = now_us();
   std::exception_ptr failure;
   try {
@@ -421,12 +530,18 @@ void data_parallel::finish() {
   } catch (...) {
     if (!failure) failure = std::current_exception();
   }
+  try {
+    wait_all(std::span<collective_handle>(s.sparse_handles));
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
+  }
   const double w1 = now_us();
   s.tl.record("wait", lane::compute, w0, w1, s.step);
   s.current.wait_s = (w1 - w0) * 1e-6;
   s.current.contributing_ranks = s.opts.uneven_inputs ? s.contributors : s.comm.size();
   s.current.comm_s = 0;
   for (const auto& r : s.records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
+  for (const auto& r : s.sparse_records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
   s.current.accumulated_backwards = s.accumulated_backwards;
   if (s.compression) {
     s.current.bytes_sent = s.compression->total().bytes_sent - s.traffic_before.bytes_sent;
@@ -436,6 +551,7 @@ void data_parallel::finish() {
           ring_bytes_sent(bk.size, sizeof(float), s.comm.size(), s.comm.rank(), true, true);
     }
   }
+  for (const std::uint64_t b : s.sparse_bytes) s.current.bytes_sent += b;
   if (s.opts.uneven_inputs) {
     s.current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(),
                                             s.comm.rank(), true, true);
@@ -482,6 +598,7 @@ bool data_parallel::shadow_step() {
   // A zero contribution, frozen parameters' slots included.
   auto grads = s.params.all_grads();
   std::fill(grads.begin(), grads.end(), 0.0f);
+  for (const std::size_t i : s.sparse_params) s.params[i].tensor.sparse_grad()->clear();
   finish();
   return true;
 }

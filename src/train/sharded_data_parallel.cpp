@@ -291,6 +291,15 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
         rank, algo_name(opts.coll.algorithm)));
   }
   params.check_bound();
+  for (const auto& p : params) {
+    if (p.tensor.sparse_grad() != nullptr) {
+      throw not_supported_error(fmt::format(
+          "train::sharded_data_parallel on rank {}: parameter '{}' has sparse row gradients "
+          "(ad::embedding); the sharded trainer reduces dense gradients only: build the "
+          "embedding with embedding_options::sparse = false, or use train::data_parallel",
+          rank, p.name));
+    }
+  }
   if (params.numel() == 0) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: the parameter store is empty; build the "

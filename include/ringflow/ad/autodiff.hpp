@@ -3,6 +3,7 @@
 
 #include "ringflow/ad/cnn.hpp"
 #include "ringflow/ad/custom_op.hpp"
+#include "ringflow/ad/embedding.hpp"
 #include "ringflow/ad/gemm.hpp"
 #include "ringflow/ad/init.hpp"
 #include "ringflow/ad/layers.hpp"
@@ -11,4 +12,5 @@
 #include "ringflow/ad/parameter_store.hpp"
 #include "ringflow/ad/schedule.hpp"
 #include "ringflow/ad/shape.hpp"
+#include "ringflow/ad/sparse_grad.hpp"
 #include "ringflow/ad/tensor.hpp"

@@ -22,6 +22,12 @@ struct sgd_options {
 };
 
 /// Stochastic gradient descent.
+///
+/// Sparse tables (ad::embedding, weight().sparse_grad() set) are updated
+/// lazily: only the rows in the sparse gradient change, with the formula
+/// above applied to those rows (weight decay and momentum included); rows
+/// no id touched keep their value and velocity. Without momentum and weight
+/// decay this is exactly dense SGD (an untouched row's gradient is zero).
 /// @code
 ///   ad::sgd opt(model.parameters(), {.lr = 0.1, .momentum = 0.9, .nesterov = true});
 /// @endcode
@@ -64,6 +70,12 @@ struct adamw_options {
 };
 
 /// Adam with decoupled weight decay (Loshchilov & Hutter).
+///
+/// Sparse tables (ad::embedding) are updated lazily, like PyTorch's
+/// SparseAdam: the rows in the sparse gradient get the full update (decay,
+/// moments, bias correction with the global step t); untouched rows and
+/// their moments stay as they are, where dense AdamW would still decay them
+/// and move them by their old moments.
 /// @code
 ///   ad::adamw opt(model.parameters(), {.lr = 1e-3});
 ///   opt.step();
@@ -93,8 +105,8 @@ class basic_adamw {
   std::int64_t t_ = 0;
 };
 
-/// The L2 norm of all gradients; if it exceeds max_norm, scales every
-/// gradient by max_norm / norm. Returns the norm before clipping.
+/// The L2 norm of all gradients (sparse table gradients coalesced and
+/// included); if it exceeds max_norm, scales every gradient by max_norm / norm. Returns the norm before clipping.
 template <class S>
 double clip_grad_norm(const parameter_store<S>& params, double max_norm);
 

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "ringflow/ad/shape.hpp"
+#include "ringflow/ad/sparse_grad.hpp"
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::ad {
@@ -81,6 +82,9 @@ struct node : std::enable_shared_from_this<node<S>> {
   // Where a leaf's gradient comes from when grad is null (empty: allocate()).
   // A store with released gradients places them (parameter_store::release_grads).
   std::function<std::shared_ptr<S>()> make_grad;
+  // A table parameter with sparse row gradients (ad::embedding with sparse
+  // on): its backward adds rows here and leaves `grad` alone.
+  std::shared_ptr<sparse_rows_grad<S>> sparse;
   std::string name;
   const char* op = "leaf";
   bool requires_grad = false;
@@ -159,6 +163,10 @@ class basic_tensor {
   /// The gradient as an Eigen view; allocates zeros if there is none yet.
   matrix_map<S> grad() const { return checked().grad_map(); }
   bool has_grad() const { return checked().grad != nullptr; }
+  /// The sparse row gradient of a table parameter (ad::embedding with
+  /// sparse on), or null for a dense gradient. Optimizers and
+  /// train::data_parallel use it in place of grad() for such a parameter.
+  sparse_rows_grad<S>* sparse_grad() const { return checked().sparse.get(); }
   std::span<S> data() const;
   std::span<S> grad_data() const;
   /// The single element of a one-element tensor (throws usage_error otherwise).
@@ -171,7 +179,7 @@ class basic_tensor {
   bool is_parameter() const { return checked().is_parameter; }
   /// The parameter name ("0.weight"), or the op that made it ("matmul").
   std::string name() const;
-  /// Sets the gradient to zero (leaves accumulate over backward calls).
+  /// Sets the gradient (dense and sparse) to zero (leaves accumulate over backward calls).
   void zero_grad() const;
   /// A leaf sharing this value, outside the graph.
   basic_tensor detach() const;

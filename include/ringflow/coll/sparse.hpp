@@ -23,7 +23,29 @@ struct sparse_rows {
   std::vector<std::int64_t> indices;
   std::vector<T> values;
   std::size_t width = 0;
+  /// How many rows each rank contributed (sparse_allreduce fills it; the
+  /// traffic of the reduction follows from it, see sparse_allreduce_bytes_sent).
+  std::vector<std::size_t> rank_rows;
 };
+
+/// Bytes rank `rank` sends in a sparse_allreduce where rank q contributed
+/// rank_rows[q] rows of `width` elements of `elem_bytes`: the ring allgather
+/// of the (count, width) pairs, then the ring allgathervs of the int64
+/// indices and of the rows, each sending every block but the right
+/// neighbour's.
+inline std::uint64_t sparse_allreduce_bytes_sent(std::span<const std::size_t> rank_rows,
+                                                 std::size_t width, std::size_t elem_bytes,
+                                                 int rank) {
+  const auto p = rank_rows.size();
+  if (p <= 1) return 0;
+  const std::size_t right = (static_cast<std::size_t>(rank) + 1) % p;
+  std::uint64_t rows = 0;
+  for (std::size_t q = 0; q < p; ++q) {
+    if (q != right) rows += rank_rows[q];
+  }
+  const std::uint64_t shapes = (p - 1) * 2 * sizeof(std::int64_t);
+  return shapes + rows * (sizeof(std::int64_t) + width * elem_bytes);
+}
 
 /// Sparse allreduce (sum): `indices` (any order, repeats allowed) name this
 /// rank's rows of `width` elements in `rows` (indices.size() * width
@@ -87,6 +109,7 @@ sparse_rows<T> sparse_allreduce(const communicator& comm, std::span<const std::i
   });
   sparse_rows<T> out;
   out.width = width;
+  out.rank_rows = index_counts;
   const sum_op add;
   for (std::size_t k = 0; k < total; ++k) {
     const std::size_t from = order[k];
