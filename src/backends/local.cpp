@@ -197,8 +197,14 @@ class local_request final : public detail::request_state {
       return true;
     }
     if (state_->copying) return false;
-    if (group_->failed.load()) throw_abandoned();
-    if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
+    if (group_->failed.load()) {
+      withdraw(box);
+      throw_abandoned();
+    }
+    if (group_->finished[static_cast<std::size_t>(peer_)].load()) {
+      withdraw(box);
+      throw_peer_finished();
+    }
     return false;
   }
 
@@ -212,10 +218,17 @@ class local_request final : public detail::request_state {
         box.changed.wait(lock);
         continue;
       }
-      if (group_->failed.load()) throw_abandoned();
-      if (group_->finished[static_cast<std::size_t>(peer_)].load()) throw_peer_finished();
+      if (group_->failed.load()) {
+        withdraw(box);
+        throw_abandoned();
+      }
+      if (group_->finished[static_cast<std::size_t>(peer_)].load()) {
+        withdraw(box);
+        throw_peer_finished();
+      }
       if (box.changed.wait_until(lock, deadline) == std::cv_status::timeout && !state_->done &&
           !state_->copying) {
+        withdraw(box);
         if (group_->failed.load()) throw_abandoned();
         const std::string msg = fmt::format(
             "rank {}: {} {} bytes {} rank {} (tag {}) did not complete within {} ms "
@@ -231,6 +244,17 @@ class local_request final : public detail::request_state {
   }
 
  private:
+  // Giving up on a message that no one has matched yet: take it out of the
+  // mailbox (the caller holds box.mutex), so a peer that arrives later cannot
+  // match it and copy into or out of a buffer our caller is about to free.
+  void withdraw(mailbox& box) const {
+    auto mine = [this](const auto& posted) { return posted.state == state_; };
+    if (is_send_) {
+      std::erase_if(box.sends, mine);
+    } else {
+      std::erase_if(box.recvs, mine);
+    }
+  }
   void rethrow_if_error() const {
     if (state_->error.empty()) return;
     if (state_->mismatch) throw usage_error(state_->error);
