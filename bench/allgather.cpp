@@ -20,7 +20,7 @@ double allgather_bus_factor(int nranks) { return double(nranks - 1) / nranks; }
 
 // Element i of the gathered buffer comes from the rank owning piece i / piece.
 void allgather_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     const chunk own = partition(b.shape.total, ctx.comm.size(), ctx.comm.rank());
     for (std::size_t j = 0; j < b.shape.send_count; ++j) {
@@ -31,7 +31,7 @@ void allgather_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void allgather_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     allgather<T>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
                  std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), ctx.cfg.options());
   });
@@ -44,7 +44,7 @@ void allgather_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t allgather_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* out = static_cast<const T*>(b.recv);
     const std::size_t piece = b.shape.send_count;
     std::size_t wrong = 0;

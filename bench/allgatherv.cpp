@@ -42,7 +42,7 @@ bench_shape allgatherv_shape(std::size_t bytes, std::size_t elem_size, int nrank
 double allgatherv_bus_factor(int nranks) { return double(nranks - 1) / nranks; }
 
 void allgatherv_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     const auto o = offsets(pieces(b.shape.total, ctx.comm.size()));
     const std::size_t base = o[static_cast<std::size_t>(ctx.comm.rank())];
@@ -56,7 +56,7 @@ void allgatherv_fill(const bench_context& ctx, const bench_buffers& b) {
 void allgatherv_run(const bench_context& ctx, const bench_buffers& b) {
   const auto c = pieces(b.shape.total, ctx.comm.size());
   const auto o = offsets(c);
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     allgatherv<T>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
                   std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), c, o);
   });
@@ -72,7 +72,7 @@ void allgatherv_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t allgatherv_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* out = static_cast<const T*>(b.recv);
     const auto c = pieces(b.shape.total, ctx.comm.size());
     std::size_t wrong = 0, i = 0;

@@ -21,7 +21,7 @@ bench_shape allreduce_shape(std::size_t bytes, std::size_t elem_size, int /*nran
 double allreduce_bus_factor(int nranks) { return 2.0 * (nranks - 1) / nranks; }
 
 void allreduce_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     for (std::size_t i = 0; i < b.shape.send_count; ++i) {
       in[i] = input_value<T>(ctx.cfg.op, ctx.comm.rank(), i);
@@ -31,8 +31,8 @@ void allreduce_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void allreduce_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       allreduce<T, Op>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.total),
                        std::span<T>(static_cast<T*>(b.recv), b.shape.total), op,
                        ctx.cfg.options());
@@ -46,15 +46,15 @@ void allreduce_baseline(const bench_context& ctx, const bench_buffers& b) {
   MPI_Allreduce(b.send, b.recv, static_cast<int>(b.shape.total), mpi_datatype(ctx.cfg.type),
                 mpi_op(ctx.cfg.op), ctx.mpi);
   if (ctx.cfg.op == op_kind::avg) {
-    with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
       detail::finish_range(static_cast<T*>(b.recv), b.shape.total, avg_op{}, ctx.comm.size());
     });
   }
 }
 
 std::size_t allreduce_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    return with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    return visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       const auto* out = static_cast<const T*>(b.recv);
       std::size_t wrong = 0;
       for (std::size_t i = 0; i < b.shape.total; ++i) {

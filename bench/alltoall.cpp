@@ -28,7 +28,7 @@ std::size_t alltoall_index(std::size_t block, int from, int to, std::size_t j, i
 }
 
 void alltoall_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     const int p = ctx.comm.size(), r = ctx.comm.rank();
     for (int q = 0; q < p; ++q) {
@@ -48,7 +48,7 @@ alltoall_algo alltoall_choice(const bench_config& cfg) {
 }
 
 void alltoall_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     alltoall<T>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
                 std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count),
                 alltoall_options{alltoall_choice(ctx.cfg)});
@@ -62,7 +62,7 @@ void alltoall_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t alltoall_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* out = static_cast<const T*>(b.recv);
     const int p = ctx.comm.size(), r = ctx.comm.rank();
     std::size_t wrong = 0;

@@ -56,7 +56,7 @@ std::size_t value_index(int from, int to, std::size_t j) {
 }
 
 void alltoallv_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     const int p = ctx.comm.size(), r = ctx.comm.rank();
     const layout l = layout_of(b.shape.count, p, r);
@@ -71,7 +71,7 @@ void alltoallv_fill(const bench_context& ctx, const bench_buffers& b) {
 
 void alltoallv_run(const bench_context& ctx, const bench_buffers& b) {
   const layout l = layout_of(b.shape.count, ctx.comm.size(), ctx.comm.rank());
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     alltoallv<T>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
                  l.send_counts, l.send_displs,
                  std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), l.recv_counts,
@@ -90,7 +90,7 @@ void alltoallv_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t alltoallv_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* out = static_cast<const T*>(b.recv);
     const int p = ctx.comm.size(), r = ctx.comm.rank();
     const layout l = layout_of(b.shape.count, p, r);

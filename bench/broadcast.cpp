@@ -23,7 +23,7 @@ void broadcast_fill(const bench_context& ctx, const bench_buffers& b) {
     poison(b.recv, b.shape.recv_count, dtype_size(ctx.cfg.type));
     return;
   }
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* data = static_cast<T*>(b.recv);
     for (std::size_t i = 0; i < b.shape.recv_count; ++i) {
       data[i] = input_value<T>(op_kind::sum, ctx.cfg.root, i);
@@ -32,7 +32,7 @@ void broadcast_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void broadcast_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     broadcast<T>(ctx.comm, std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count),
                  ctx.cfg.root, ctx.cfg.options());
   });
@@ -44,7 +44,7 @@ void broadcast_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t broadcast_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* data = static_cast<const T*>(b.recv);
     std::size_t wrong = 0;
     for (std::size_t i = 0; i < b.shape.recv_count; ++i) {

@@ -29,7 +29,7 @@ bench_shape scatter_shape(std::size_t bytes, std::size_t elem_size, int nranks, 
 double rooted_bus_factor(int nranks) { return double(nranks - 1) / nranks; }
 
 void gather_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     const std::size_t base = static_cast<std::size_t>(ctx.comm.rank()) * b.shape.count;
     for (std::size_t j = 0; j < b.shape.count; ++j) {
@@ -40,7 +40,7 @@ void gather_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void gather_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     gather<T>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.count),
               std::span<T>(static_cast<T*>(b.recv), b.shape.total), ctx.cfg.root);
   });
@@ -54,7 +54,7 @@ void gather_baseline(const bench_context& ctx, const bench_buffers& b) {
 
 std::size_t gather_wrong(const bench_context& ctx, const bench_buffers& b) {
   if (ctx.comm.rank() != ctx.cfg.root) return 0;
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* out = static_cast<const T*>(b.recv);
     std::size_t wrong = 0;
     for (std::size_t i = 0; i < b.shape.total; ++i) {
@@ -66,7 +66,7 @@ std::size_t gather_wrong(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void scatter_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     for (std::size_t i = 0; i < b.shape.total; ++i) {
       in[i] = input_value<T>(op_kind::sum, ctx.cfg.root, i);
@@ -76,7 +76,7 @@ void scatter_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void scatter_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     scatter<T>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.total),
                std::span<T>(static_cast<T*>(b.recv), b.shape.count), ctx.cfg.root);
   });
@@ -89,7 +89,7 @@ void scatter_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t scatter_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     const auto* out = static_cast<const T*>(b.recv);
     const std::size_t base = static_cast<std::size_t>(ctx.comm.rank()) * b.shape.count;
     std::size_t wrong = 0;

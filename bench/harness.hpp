@@ -19,6 +19,7 @@
 #include "ringflow/coll/options.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/core/dtype.hpp"
+#include "ringflow/core/dtype_visit.hpp"
 #include "ringflow/core/half.hpp"
 #include "ringflow/core/reduce_op.hpp"
 
@@ -92,41 +93,7 @@ const std::vector<collective_entry>& collectives();
       ::ringflow::bench::register_collective(entry);                                  \
   }
 
-// ---- typed dispatch -------------------------------------------------------
-
-template <class T>
-struct type_tag {
-  using type = T;
-};
-
-/// Calls f(type_tag<T>{}) for the element type named by `t`.
-template <class F>
-decltype(auto) with_dtype(dtype t, F&& f) {
-  switch (t) {
-    case dtype::f32: return f(type_tag<float>{});
-    case dtype::f64: return f(type_tag<double>{});
-    case dtype::i8: return f(type_tag<std::int8_t>{});
-    case dtype::u8: return f(type_tag<std::uint8_t>{});
-    case dtype::i32: return f(type_tag<std::int32_t>{});
-    case dtype::i64: return f(type_tag<std::int64_t>{});
-    case dtype::f16: return f(type_tag<half>{});
-    case dtype::bf16: return f(type_tag<bfloat16>{});
-  }
-  return f(type_tag<float>{});
-}
-
-/// Calls f(Op{}) for the reduce op named by `k`.
-template <class F>
-decltype(auto) with_op(op_kind k, F&& f) {
-  switch (k) {
-    case op_kind::sum: return f(sum_op{});
-    case op_kind::prod: return f(prod_op{});
-    case op_kind::min: return f(min_op{});
-    case op_kind::max: return f(max_op{});
-    case op_kind::avg: return f(avg_op{});
-  }
-  return f(sum_op{});
-}
+// ---- typed dispatch: ringflow::visit_dtype / visit_op (core/dtype_visit.hpp)
 
 /// The MPI datatype for `t`, or MPI_DATATYPE_NULL (MPI has no half/bfloat16).
 MPI_Datatype mpi_datatype(dtype t);

@@ -18,7 +18,7 @@ bench_shape reduce_shape(std::size_t bytes, std::size_t elem_size, int /*nranks*
 double reduce_bus_factor(int /*nranks*/) { return 1.0; }
 
 void reduce_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     for (std::size_t i = 0; i < b.shape.send_count; ++i) {
       in[i] = input_value<T>(ctx.cfg.op, ctx.comm.rank(), i);
@@ -28,8 +28,8 @@ void reduce_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void reduce_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       reduce<T, Op>(ctx.comm,
                     std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
                     std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), op, ctx.cfg.root,
@@ -42,7 +42,7 @@ void reduce_baseline(const bench_context& ctx, const bench_buffers& b) {
   MPI_Reduce(b.send, b.recv, static_cast<int>(b.shape.count), mpi_datatype(ctx.cfg.type),
              mpi_op(ctx.cfg.op), ctx.cfg.root, ctx.mpi);
   if (ctx.cfg.op == op_kind::avg && ctx.comm.rank() == ctx.cfg.root) {
-    with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
       detail::finish_range(static_cast<T*>(b.recv), b.shape.count, avg_op{}, ctx.comm.size());
     });
   }
@@ -50,8 +50,8 @@ void reduce_baseline(const bench_context& ctx, const bench_buffers& b) {
 
 std::size_t reduce_wrong(const bench_context& ctx, const bench_buffers& b) {
   if (ctx.comm.rank() != ctx.cfg.root) return 0;
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    return with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    return visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       const auto* out = static_cast<const T*>(b.recv);
       std::size_t wrong = 0;
       for (std::size_t i = 0; i < b.shape.count; ++i) {

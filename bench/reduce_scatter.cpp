@@ -20,7 +20,7 @@ bench_shape reduce_scatter_shape(std::size_t bytes, std::size_t elem_size, int n
 double reduce_scatter_bus_factor(int nranks) { return double(nranks - 1) / nranks; }
 
 void reduce_scatter_fill(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     auto* in = static_cast<T*>(b.send);
     for (std::size_t i = 0; i < b.shape.send_count; ++i) {
       in[i] = input_value<T>(ctx.cfg.op, ctx.comm.rank(), i);
@@ -30,8 +30,8 @@ void reduce_scatter_fill(const bench_context& ctx, const bench_buffers& b) {
 }
 
 void reduce_scatter_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       reduce_scatter<T, Op>(
           ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
           std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), op, ctx.cfg.options());
@@ -43,7 +43,7 @@ void reduce_scatter_baseline(const bench_context& ctx, const bench_buffers& b) {
   MPI_Reduce_scatter_block(b.send, b.recv, static_cast<int>(b.shape.recv_count),
                            mpi_datatype(ctx.cfg.type), mpi_op(ctx.cfg.op), ctx.mpi);
   if (ctx.cfg.op == op_kind::avg) {
-    with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
       detail::finish_range(static_cast<T*>(b.recv), b.shape.recv_count, avg_op{},
                            ctx.comm.size());
     });
@@ -51,8 +51,8 @@ void reduce_scatter_baseline(const bench_context& ctx, const bench_buffers& b) {
 }
 
 std::size_t reduce_scatter_wrong(const bench_context& ctx, const bench_buffers& b) {
-  return with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    return with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  return visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    return visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       const auto* out = static_cast<const T*>(b.recv);
       const chunk own = partition(b.shape.total, ctx.comm.size(), ctx.comm.rank());
       std::size_t wrong = 0;

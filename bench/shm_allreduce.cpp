@@ -11,8 +11,8 @@ namespace {
 // The shm entry point directly (no dispatch, no fingerprint); everything
 // else, MPI_Allreduce baseline included, is the shared allreduce row.
 void shm_run(const bench_context& ctx, const bench_buffers& b) {
-  with_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    with_op(ctx.cfg.op, [&]<class Op>(Op op) {
+  visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
+    visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       shm::allreduce<T, Op>(ctx.comm,
                             std::span<const T>(static_cast<const T*>(b.send), b.shape.total),
                             std::span<T>(static_cast<T*>(b.recv), b.shape.total), op);

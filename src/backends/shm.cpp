@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/core/dtype_visit.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
 #include "mpi_check.hpp"
@@ -596,20 +597,6 @@ void single_rank(const void* in, void* out, std::size_t count, op_kind op) {
   if (op == op_kind::avg) finish_all(o, count, avg_op{}, 1);
 }
 
-template <class F>
-void with_type(dtype type, F&& f) {
-  switch (type) {
-    case dtype::f32: return f(float{});
-    case dtype::f64: return f(double{});
-    case dtype::i8: return f(std::int8_t{});
-    case dtype::u8: return f(std::uint8_t{});
-    case dtype::i32: return f(std::int32_t{});
-    case dtype::i64: return f(std::int64_t{});
-    case dtype::f16: return f(half{});
-    case dtype::bf16: return f(bfloat16{});
-  }
-  throw usage_error(fmt::format("shm allreduce: unknown dtype {}", static_cast<int>(type)));
-}
 
 }  // namespace
 
@@ -625,7 +612,7 @@ void shm_allreduce(const communicator& comm, const void* in, void* out, std::siz
         st.rank, st.broken_by));
   }
   if (count == 0) return;
-  with_type(type, [&]<class T>(T) {
+  visit_dtype(type, [&]<class T>(type_tag<T>) {
     if (st.size == 1) {
       single_rank<T>(in, out, count, op);
     } else {

@@ -681,7 +681,7 @@ void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::siz
   // coll/ring.hpp's schedule, the CPU's very code, with device memory
   // handed straight to the NCCL transport (cuda/ring.hpp, direct mode).
   guarded(st, [&] {
-    detail::with_type_op(type, op, [&]<class T, class Op>() {
+    visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
       device_ring_memory m(*t, ring_memory_mode::direct, seg, stream);
       ::ringflow::detail::ring_allreduce_on(m, *t, static_cast<const T*>(in), static_cast<T*>(out),
                                             in_count, Op{}, seg);

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "ringflow/core/dtype_visit.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/reduce.hpp"
@@ -68,37 +69,15 @@ void reduce_typed(op_kind op, void* dst, const void* a, const void* b, std::size
 void reduce(dtype type, op_kind op, void* dst, const void* a, const void* b, std::size_t n,
             cudaStream_t s) {
   if (n == 0) return;
-  switch (type) {
-    case dtype::f32: return reduce_typed<float>(op, dst, a, b, n, s);
-    case dtype::f64: return reduce_typed<double>(op, dst, a, b, n, s);
-    case dtype::i8: return reduce_typed<std::int8_t>(op, dst, a, b, n, s);
-    case dtype::u8: return reduce_typed<std::uint8_t>(op, dst, a, b, n, s);
-    case dtype::i32: return reduce_typed<std::int32_t>(op, dst, a, b, n, s);
-    case dtype::i64: return reduce_typed<std::int64_t>(op, dst, a, b, n, s);
-    case dtype::f16: return reduce_typed<half>(op, dst, a, b, n, s);
-    case dtype::bf16: return reduce_typed<bfloat16>(op, dst, a, b, n, s);
-  }
-  throw usage_error("cuda::reduce: unknown dtype");
+  visit_dtype(type, [&]<class T>(type_tag<T>) { reduce_typed<T>(op, dst, a, b, n, s); });
 }
 
 void finish(dtype type, op_kind op, void* data, std::size_t n, int nranks, cudaStream_t s) {
   if (op != op_kind::avg || n == 0) return;
-  auto launch = [&](auto* typed) {
-    using T = std::remove_pointer_t<decltype(typed)>;
-    avg_finish_kernel<T><<<grid_for(n), block_threads, 0, s>>>(typed, n, nranks);
+  visit_dtype(type, [&]<class T>(type_tag<T>) {
+    avg_finish_kernel<T><<<grid_for(n), block_threads, 0, s>>>(static_cast<T*>(data), n, nranks);
     RINGFLOW_CHECK_LAUNCH("avg_finish_kernel");
-  };
-  switch (type) {
-    case dtype::f32: return launch(static_cast<float*>(data));
-    case dtype::f64: return launch(static_cast<double*>(data));
-    case dtype::i8: return launch(static_cast<std::int8_t*>(data));
-    case dtype::u8: return launch(static_cast<std::uint8_t*>(data));
-    case dtype::i32: return launch(static_cast<std::int32_t*>(data));
-    case dtype::i64: return launch(static_cast<std::int64_t*>(data));
-    case dtype::f16: return launch(static_cast<half*>(data));
-    case dtype::bf16: return launch(static_cast<bfloat16*>(data));
-  }
-  throw usage_error("cuda::finish: unknown dtype");
+  });
 }
 
 }  // namespace ringflow::cuda

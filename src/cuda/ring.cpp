@@ -296,7 +296,7 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
   ringflow::detail::note_algorithm(comm, "staged_ring");
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
-  detail::with_type_op(type, op, [&]<class T, class Op>() {
+  visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
     const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
@@ -324,7 +324,7 @@ void staged_reduce_scatter(const communicator& comm, const void* in, void* out,
   ringflow::detail::note_algorithm(comm, "staged_ring");
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
-  detail::with_type_op(type, op, [&]<class T, class Op>() {
+  visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
     const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
@@ -351,7 +351,7 @@ void staged_allgather(const communicator& comm, const void* in, void* out, std::
   ringflow::detail::note_algorithm(comm, "staged_ring");
   if (out_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
-  detail::with_type(type, [&]<class T>() {
+  visit_dtype(type, [&]<class T>(type_tag<T>) {
     const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);

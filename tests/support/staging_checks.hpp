@@ -20,6 +20,7 @@
 
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/ring_staging.hpp"
+#include "ringflow/core/dtype_visit.hpp"
 #include "support/coll_checks.hpp"
 
 namespace ringflow::testing {
@@ -92,23 +93,9 @@ class lazy_host_ops {
     ++executed_;
   }
 
-  template <class F>
-  static void with_type(dtype type, F&& f) {
-    switch (type) {
-      case dtype::f32: return f(float{});
-      case dtype::f64: return f(double{});
-      case dtype::i8: return f(std::int8_t{});
-      case dtype::u8: return f(std::uint8_t{});
-      case dtype::i32: return f(std::int32_t{});
-      case dtype::i64: return f(std::int64_t{});
-      case dtype::f16: return f(half{});
-      case dtype::bf16: return f(bfloat16{});
-    }
-  }
   static void host_reduce(dtype type, op_kind op, void* dst, const void* a, const void* b,
                           std::size_t n) {
-    with_type(type, [&](auto tag) {
-      using T = decltype(tag);
+    visit_dtype(type, [&]<class T>(type_tag<T>) {
       T* d = static_cast<T*>(dst);
       const T* x = static_cast<const T*>(a);
       const T* y = static_cast<const T*>(b);
@@ -125,8 +112,7 @@ class lazy_host_ops {
     });
   }
   static void host_finish(dtype type, void* dst, std::size_t n, int p) {
-    with_type(type, [&](auto tag) {
-      using T = decltype(tag);
+    visit_dtype(type, [&]<class T>(type_tag<T>) {
       T* d = static_cast<T*>(dst);
       for (std::size_t i = 0; i < n; ++i) d[i] = avg_op{}.finish(d[i], p);
     });
