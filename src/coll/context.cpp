@@ -315,6 +315,7 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
   m.from_first_use = true;
   m.first_use_rounds = done->rounds;
   m.first_use_block = done->block;
+  m.first_use_kept_model = done->kept_model_pick;
   m.candidates = done->medians;
   m.choice = done->choice;
   m.predicted_s = m.candidates.front().seconds;

@@ -295,6 +295,9 @@ std::string explanation::to_string() const {
         bytes, shape.ranks, shape.ranks == 1 ? "" : "s", shape.nodes, shape.nodes == 1 ? "" : "s",
         shape.ranks_per_node, algo_name(choice), predicted_s * 1e6, algo_name(runner_up),
         runner_up_s * 1e6, first_use_rounds, first_use_block);
+    if (first_use_kept_model) {
+      s += "; kept the cost model's pick: the runner-up was faster by less than the 5% margin";
+    }
   } else {
     if (!table_note.empty()) s += fmt::format("; no tuning table used: {}", table_note);
     if (!first_use_note.empty()) s += fmt::format("; {}", first_use_note);

@@ -129,6 +129,22 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
   std::stable_sort(c.medians.begin(), c.medians.end(),
                    [](const algo_prediction& x, const algo_prediction& y) { return x.seconds < y.seconds; });
   c.choice = c.medians.front().algorithm;
+  // The model's pick stays unless another candidate measured clearly faster:
+  // three samples of a 64 MiB call on shared cores can put a slower
+  // algorithm ahead by a few percent (one run of five picked
+  // halving_doubling at -np 4, 1.28x slower than shm). Keeping a pick that
+  // really is up to first_use_margin slower costs at most that much.
+  const algo model_pick = s->candidates.front();
+  for (std::size_t i = 1; i < c.medians.size(); ++i) {
+    if (c.medians[i].algorithm != model_pick) continue;
+    if (c.medians[i].seconds <= c.medians.front().seconds * (1 + first_use_margin)) {
+      std::rotate(c.medians.begin(), c.medians.begin() + static_cast<std::ptrdiff_t>(i),
+                  c.medians.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+      c.choice = model_pick;
+      c.kept_model_pick = true;
+    }
+    break;
+  }
   if (t.rank() == 0 && log::current_level() >= log::level::info) {
     std::string all;
     for (const auto& m : c.medians) {

@@ -126,6 +126,47 @@ TEST_CASE("first-use tuning agrees on the slowest rank's median and ignores a bu
   }));
 }
 
+TEST_CASE("first-use tuning keeps the model's pick within the margin, not beyond it",
+          "[coll][first_use]") {
+  const cost_model m = builtin_cost_model();
+  const cluster_shape shape{2, 1, 2, 0, false};
+  const std::size_t bytes = std::size_t{64} << 20;
+  const auto cand = detail::first_use_candidates(m, shape, bytes);
+  REQUIRE(cand.size() >= 2);
+  const algo model_pick = cand.front();
+  const algo other = cand[1];
+  // Every rank measures model_pick at `ratio` times `other`, the rest 10x.
+  auto settle = [&](double ratio, failures& fl, communicator& c) {
+    detail::first_use_tuner tuner;
+    for (int calls = 0; calls < 10000 && !tuner.settled(bytes); ++calls) {
+      const auto p = tuner.next(c.raw(), bytes, m, shape);
+      if (!p.timed) continue;
+      double s = 10.0;
+      if (p.algorithm == other) s = 1.0;
+      if (p.algorithm == model_pick) s = ratio;
+      tuner.record(p, s * 1e-3);
+    }
+    const auto done = tuner.settled(bytes);
+    if (!done) fl.push_back(fmt::format("rank {}: not settled", c.rank()));
+    return done;
+  };
+  require_none(run_collecting(2, [&](communicator& c, failures& fl) {
+    const auto near_tie = settle(1.03, fl, c);  // within 5%: noise, the model stays
+    if (near_tie) {
+      if (near_tie->choice != model_pick || !near_tie->kept_model_pick ||
+          near_tie->medians.front().algorithm != model_pick) {
+        fl.push_back(fmt::format("rank {}: 3% slower {} was not kept (chose {})", c.rank(),
+                                 algo_name(model_pick), algo_name(near_tie->choice)));
+      }
+    }
+    const auto clear = settle(1.20, fl, c);  // 20% slower: measured, replaced
+    if (clear && (clear->choice != other || clear->kept_model_pick)) {
+      fl.push_back(fmt::format("rank {}: 20% slower {} was kept over {}", c.rank(),
+                               algo_name(model_pick), algo_name(other)));
+    }
+  }));
+}
+
 TEST_CASE("automatic allreduces are right during and after first-use tuning",
           "[coll][first_use]") {
   scoped_env tuning("RINGFLOW_TUNING", "off");

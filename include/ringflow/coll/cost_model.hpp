@@ -113,6 +113,9 @@ struct explanation {
   bool from_first_use = false;
   int first_use_rounds = 0;
   int first_use_block = 0;
+  /// First-use tuning kept the cost model's pick although a runner-up
+  /// measured up to 5% faster (detail::first_use_margin: within the noise).
+  bool first_use_kept_model = false;
   /// When first-use tuning applies but has not settled this size yet: what
   /// it will do ("measured on the next 54 allreduces of 513 B..1 KiB").
   std::string first_use_note;

@@ -57,7 +57,14 @@ struct first_use_choice {
   int rounds = 0;                        ///< rounds per candidate behind each median
   int block = 1;                         ///< calls averaged into each round's sample
   int calls = 0;                         ///< allreduces it took, the untimed round included
+  /// The model's pick measured within first_use_margin of the fastest and
+  /// was kept (it is then medians.front(), ahead of a faster median).
+  bool kept_model_pick = false;
 };
+
+/// How much faster (as a fraction) another candidate must measure than the
+/// cost model's pick to replace it.
+inline constexpr double first_use_margin = 0.05;
 
 class first_use_tuner {
  public:
