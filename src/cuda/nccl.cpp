@@ -23,7 +23,7 @@
 #include <vector>
 
 #include "ringflow/coll/collectives.hpp"
-#include "ringflow/coll/fingerprint.hpp"
+#include "ringflow/coll/extension.hpp"
 #include "ringflow/coll/topology.hpp"
 #include "ringflow/core/log.hpp"
 #include "ringflow/cuda/check.hpp"
@@ -522,7 +522,7 @@ bool begin_allreduce(const nccl_state& st, const char* what, const void* in, con
   }
   require_device(st, what, "input", in, in_count);
   require_device(st, what, "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::allreduce, type, op, in_count);
+  ext::begin_queued_collective(st.base, coll_kind::allreduce, type, op, in_count);
   return in_count != 0;
 }
 }  // namespace
@@ -562,7 +562,7 @@ void nccl_communicator::reduce_scatter_bytes(const void* in, void* out, std::siz
   }
   require_device(st, "reduce_scatter", "input", in, in_count);
   require_device(st, "reduce_scatter", "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::reduce_scatter, type, op, in_count);
+  ext::begin_queued_collective(st.base, coll_kind::reduce_scatter, type, op, in_count);
   if (in_count == 0) return;
   device_guard dg(st.device);
   const ncclDataType_t nt = detail::nccl_type(type);
@@ -611,7 +611,7 @@ void nccl_communicator::allgather_bytes(const void* in, void* out, std::size_t i
   }
   require_device(st, "allgather", "input", in, in_count);
   require_device(st, "allgather", "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::allgather, type, op_kind::sum,
+  ext::begin_queued_collective(st.base, coll_kind::allgather, type, op_kind::sum,
                                        out_count);
   if (out_count == 0) return;
   device_guard dg(st.device);
@@ -657,7 +657,7 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
   }
   if (r == root) require_device(st, "broadcast", "input", in, in_count);
   require_device(st, "broadcast", "output", out, out_count);
-  ::ringflow::detail::begin_collective(st.base, coll_kind::broadcast, type, op_kind::sum, out_count,
+  ext::begin_queued_collective(st.base, coll_kind::broadcast, type, op_kind::sum, out_count,
                                        root);
   if (out_count == 0) return;
   device_guard dg(st.device);
@@ -683,7 +683,7 @@ void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::siz
   guarded(st, [&] {
     visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
       device_ring_memory m(*t, ring_memory_mode::direct, seg, stream);
-      ::ringflow::detail::ring_allreduce_on(m, *t, static_cast<const T*>(in), static_cast<T*>(out),
+      ext::ring_allreduce(m, *t, static_cast<const T*>(in), static_cast<T*>(out),
                                             in_count, Op{}, seg);
     });
   });
@@ -715,8 +715,8 @@ void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out, s
   // is combined as op(mine, received), exactly as reduce_inplace does; the
   // last step's chunk is r, finished in place. Allgather step s forwards
   // chunk r-s and receives chunk r-s-1 straight into `out`.
-  const int left = ::ringflow::detail::ring_mod(r - 1, p);
-  const int right = ::ringflow::detail::ring_mod(r + 1, p);
+  const int left = ext::ring_mod(r - 1, p);
+  const int right = ext::ring_mod(r + 1, p);
   const std::size_t staging_bytes = partition(count, p, 0).count * esz;  // the largest piece
   guarded(st, [&] {
     void* staging = nullptr;
@@ -735,8 +735,8 @@ void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out, s
       g.end();
     };
     for (int s = 0; s < p - 1; ++s) {
-      const chunk sc = partition(count, p, ::ringflow::detail::ring_mod(r - s - 1, p));
-      const chunk rc = partition(count, p, ::ringflow::detail::ring_mod(r - s - 2, p));
+      const chunk sc = partition(count, p, ext::ring_mod(r - s - 1, p));
+      const chunk rc = partition(count, p, ext::ring_mod(r - s - 2, p));
       exchange(s == 0 ? at(in, sc.offset, esz) : at(static_cast<const void*>(out), sc.offset, esz),
                sc.count, staging, rc.count);
       if (rc.count == 0) continue;
@@ -745,8 +745,8 @@ void nccl_communicator::stream_ring_allreduce_bytes(const void* in, void* out, s
       if (s == p - 2) cuda::finish(type, op, dst, rc.count, p, stream);
     }
     for (int s = 0; s < p - 1; ++s) {
-      const chunk sc = partition(count, p, ::ringflow::detail::ring_mod(r - s, p));
-      const chunk rc = partition(count, p, ::ringflow::detail::ring_mod(r - s - 1, p));
+      const chunk sc = partition(count, p, ext::ring_mod(r - s, p));
+      const chunk rc = partition(count, p, ext::ring_mod(r - s - 1, p));
       exchange(at(static_cast<const void*>(out), sc.offset, esz), sc.count, at(out, rc.offset, esz),
                rc.count);
     }
@@ -946,7 +946,7 @@ struct nccl_transport::impl {
 };
 
 namespace {
-class nccl_request final : public ringflow::detail::request_state {
+class nccl_request final : public ext::request_state {
  public:
   nccl_request(std::shared_ptr<nccl_transport::impl> t, std::shared_ptr<nccl_transport::impl::op> o,
                std::chrono::milliseconds timeout)
@@ -959,7 +959,7 @@ class nccl_request final : public ringflow::detail::request_state {
 
   void wait() override {
     if (!o_->launched) t_->flush();
-    const auto deadline = ::ringflow::detail::deadline_after(timeout_);
+    const auto deadline = ext::deadline_after(timeout_);
     for (unsigned spins = 0;; ++spins) {
       if (done()) return;
       if (spins >= 64) std::this_thread::yield();

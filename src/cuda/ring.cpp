@@ -2,7 +2,7 @@
 // MPI collectives. Host code (the C++ compiler): it formats messages with fmt
 // and drives the transport; the kernels are cuda::reduce / cuda::finish.
 // The policy's logic (queues, slots, when to post what) is
-// detail::staged_ring_memory of coll/ring_staging.hpp, tested on the CPU with
+// ext::staged_ring_memory of coll/extension.hpp (ring_staging.hpp), tested on the CPU with
 // a lazy host stream; here it gets a CUDA stream (cuda_ops).
 #include "ringflow/cuda/ring.hpp"
 
@@ -14,11 +14,9 @@
 #include <optional>
 #include <utility>
 
-#include "ringflow/coll/broadcast.hpp"
-#include "ringflow/coll/fingerprint.hpp"
+#include "ringflow/coll/extension.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/partition.hpp"
-#include "ringflow/coll/ring_staging.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/reduce.hpp"
@@ -75,7 +73,7 @@ void grow_events(std::vector<event>& v, std::size_t n) {
 
 thread_local staging_cache t_cache;
 
-/// The ops of detail::staged_ring_memory on a CUDA stream: staging memory
+/// The ops of ext::staged_ring_memory on a CUDA stream: staging memory
 /// from the thread's cache, copies with cudaMemcpyAsync, reductions by
 /// cuda::reduce / cuda::finish, markers as events.
 class cuda_ops {
@@ -170,12 +168,12 @@ class cuda_ops {
 // the ops give the staging memory and the stream back.
 struct device_ring_memory::impl {
   cuda_ops ops;
-  ringflow::detail::staged_ring_memory<cuda_ops> ring;
+  ext::staged_ring_memory<cuda_ops> ring;
   impl(transport& t, ring_memory_mode mode, std::size_t seg, cudaStream_t after, int slots)
       : ops(after),
         ring(ops, t,
-             mode == ring_memory_mode::staged ? ringflow::detail::staging_mode::staged
-                                              : ringflow::detail::staging_mode::direct,
+             mode == ring_memory_mode::staged ? ext::staging_mode::staged
+                                              : ext::staging_mode::direct,
              seg, static_cast<std::size_t>(std::max(slots, 2))) {}
 };
 
@@ -291,16 +289,15 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
   require_device(comm, what, "in", in, in_count);
   require_device(comm, what, "out", out, out_count);
   require_slots(comm, what, opt);
-  ringflow::detail::begin_collective(comm, coll_kind::allreduce, type, op, in_count);
-  ringflow::detail::collective_scope flight_scope(comm);
-  ringflow::detail::note_algorithm(comm, "staged_ring");
+  const ext::collective_call call(comm, coll_kind::allreduce, type, op, in_count);
+  call.note_algorithm("staged_ring");
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
   visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
-    const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
+    const std::size_t seg = ext::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
-    ringflow::detail::ring_allreduce_on(m, comm.raw(), static_cast<const T*>(in),
+    ext::ring_allreduce(m, comm.raw(), static_cast<const T*>(in),
                                         static_cast<T*>(out), in_count, Op{}, seg_bytes);
   });
 }
@@ -319,16 +316,15 @@ void staged_reduce_scatter(const communicator& comm, const void* in, void* out,
   require_device(comm, what, "in", in, in_count);
   require_device(comm, what, "out", out, out_count);
   require_slots(comm, what, opt);
-  ringflow::detail::begin_collective(comm, coll_kind::reduce_scatter, type, op, in_count);
-  ringflow::detail::collective_scope flight_scope(comm);
-  ringflow::detail::note_algorithm(comm, "staged_ring");
+  const ext::collective_call call(comm, coll_kind::reduce_scatter, type, op, in_count);
+  call.note_algorithm("staged_ring");
   if (in_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
   visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
-    const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
+    const std::size_t seg = ext::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
-    ringflow::detail::ring_reduce_scatter_on(m, comm.raw(), static_cast<const T*>(in),
+    ext::ring_reduce_scatter(m, comm.raw(), static_cast<const T*>(in),
                                              static_cast<T*>(out), in_count, Op{}, seg_bytes);
   });
 }
@@ -346,16 +342,15 @@ void staged_allgather(const communicator& comm, const void* in, void* out, std::
   require_device(comm, what, "in", in, in_count);
   require_device(comm, what, "out", out, out_count);
   require_slots(comm, what, opt);
-  ringflow::detail::begin_collective(comm, coll_kind::allgather, type, op_kind::sum, out_count);
-  ringflow::detail::collective_scope flight_scope(comm);
-  ringflow::detail::note_algorithm(comm, "staged_ring");
+  const ext::collective_call call(comm, coll_kind::allgather, type, op_kind::sum, out_count);
+  call.note_algorithm("staged_ring");
   if (out_count == 0) return;
   const std::size_t seg_bytes = staged_segment(opt);
   visit_dtype(type, [&]<class T>(type_tag<T>) {
-    const std::size_t seg = ringflow::detail::segment_elems(seg_bytes, sizeof(T));
+    const std::size_t seg = ext::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
-    ringflow::detail::ring_allgather_on(m, comm.raw(), static_cast<const T*>(in),
+    ext::ring_allgather(m, comm.raw(), static_cast<const T*>(in),
                                         static_cast<T*>(out), out_count, seg_bytes);
   });
 }
@@ -368,9 +363,8 @@ void staged_broadcast(const communicator& comm, void* data, std::size_t count, d
                                   root, comm.size()));
   }
   require_device(comm, what, "data", data, count);
-  ringflow::detail::begin_collective(comm, coll_kind::broadcast, type, op_kind::sum, count, root);
-  ringflow::detail::collective_scope flight_scope(comm);
-  ringflow::detail::note_algorithm(comm, "staged_ring");
+  const ext::collective_call call(comm, coll_kind::broadcast, type, op_kind::sum, count, root);
+  call.note_algorithm("staged_ring");
   if (count == 0 || comm.size() == 1) return;
   // Windows of one segment through two pinned buffers: the root copies
   // window w+1 off the device while window w is broadcast; the others copy
@@ -416,7 +410,7 @@ void staged_broadcast(const communicator& comm, void* data, std::size_t count, d
     } else if (w >= 2) {
       ev.synchronize();  // window w-2's copy onto the device has read the buffer
     }
-    ringflow::detail::broadcast_bytes(t, buf(w), len(w), root,
+    ext::broadcast_bytes(t, buf(w), len(w), root,
                                       ringflow::default_segment_bytes);
     if (!is_root) {
       RINGFLOW_CHECK_CUDA(

@@ -10,6 +10,7 @@
 
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/coll/extension.hpp"
 #include "ringflow/coll/sparse.hpp"
 #include "ringflow/core/log.hpp"
 #include "layout_hash.hpp"
@@ -191,12 +192,11 @@ struct data_parallel::state {
     flag_launched = true;
     const std::int32_t mine = contribution;
     std::int32_t* out = &contributors;
-    flag_handle = collective_handle(
-        ringflow::detail::enqueue(comm, [mine, out](const communicator& c) {
+    flag_handle = ext::enqueue(comm, [mine, out](const communicator& c) {
           std::int32_t n = mine;
           allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
           *out = n;
-        }));
+        });
   }
 
   void on_ready(std::size_t i) {
@@ -236,7 +236,7 @@ struct data_parallel::state {
     const train::timeline trace = tl;
     const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     const std::string name = params[i].name;
-    sparse_handles[k] = collective_handle(ringflow::detail::enqueue(
+    sparse_handles[k] = ext::enqueue(
         comm, [g, rec, bytes, at_step, trace, count, name](const communicator& c) {
           const double t0 = now_us();
           g->coalesce();
@@ -264,7 +264,7 @@ struct data_parallel::state {
             e.bytes = static_cast<std::int64_t>(*bytes);
             trace.record(std::move(e));
           }
-        }));
+        });
   }
 
   // Launches buckets strictly in order, so every rank queues the same sequence.
@@ -287,7 +287,7 @@ struct data_parallel::state {
     const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     // Enqueued by hand (rather than allreduce_async) to timestamp the
     // allreduce where it runs: on the progress thread.
-    handles[b] = collective_handle(ringflow::detail::enqueue(
+    handles[b] = ext::enqueue(
         comm, [data, rec, at_step, trace, b, reduce, compressed, count](const communicator& c) {
           const double t0 = now_us();
           (*reduce)(bucket_view{c, data, b, at_step, count != nullptr ? *count : c.size()});
@@ -306,7 +306,7 @@ struct data_parallel::state {
             e.bytes = static_cast<std::int64_t>(data.size_bytes());
             trace.record(std::move(e));
           }
-        }));
+        });
   }
 
   void wait_quietly() noexcept {

@@ -13,6 +13,7 @@
 #include "layout_hash.hpp"
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/coll/extension.hpp"
 #include "ringflow/core/log.hpp"
 
 namespace ringflow::train {
@@ -104,12 +105,11 @@ struct sharded_data_parallel::state {
     flag_launched = true;
     const std::int32_t mine = contribution;
     std::int32_t* out = &contributors;
-    flag_handle = collective_handle(
-        ringflow::detail::enqueue(comm, [mine, out](const communicator& c) {
+    flag_handle = ext::enqueue(comm, [mine, out](const communicator& c) {
           std::int32_t n = mine;
           allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
           *out = n;
-        }));
+        });
     current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), comm.size(), rank(), true, true);
   }
 
@@ -200,8 +200,7 @@ struct sharded_data_parallel::state {
     std::atomic<std::size_t>* live = &bucket_grad_bytes;
     const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     current.bytes_sent += ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), true, false);
-    handles[b] = collective_handle(
-        ringflow::detail::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging,
+    handles[b] = ext::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging,
                                          staged_bytes, live, count](const communicator& c) mutable {
           const double t0 = now_us();
           if (count == nullptr || *count == c.size()) {
@@ -232,7 +231,7 @@ struct sharded_data_parallel::state {
             e.bytes = static_cast<std::int64_t>(in.size_bytes());
             trace.record(std::move(e));
           }
-        }));
+        });
   }
 
   void wait_quietly() noexcept {
