@@ -1,5 +1,5 @@
 // Private helpers of the host glue in src/cuda/: the byte-level overlap test
-// of two buffers (one copy for nccl.cpp and ring.cpp), and the dtype visitor
+// of two buffers (one copy for the nccl_*.cpp files and ring.cpp), and the dtype visitor
 // (ringflow/core/dtype_visit.hpp) the type-erased entry points call their
 // templates through.
 #pragma once
