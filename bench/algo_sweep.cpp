@@ -21,6 +21,7 @@
 #include "gloo_peer.hpp"
 #include "modes.hpp"
 #include "ringflow/backends/shm.hpp"
+#include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/context.hpp"
 #include "ringflow/coll/cost_model.hpp"
 #include "ringflow/coll/tuning.hpp"
@@ -64,10 +65,12 @@ double timed_rep(MPI_Comm mpi, int iters, F&& call) {
   return slowest / iters;
 }
 
-// Column labels: the two long algorithm names shortened.
+// Column labels: the algorithm table's (coll/algorithms.hpp), and Gloo's
+// one long name shortened.
 std::string label(std::string_view name) {
-  if (name == "recursive_doubling") return "rec_dbl";
-  if (name == "halving_doubling") return "halv_dbl";
+  for (const algorithm_info& info : allreduce_algorithms()) {
+    if (name == info.name) return std::string(info.label);
+  }
   if (name == "gloo_ring_chunked") return "gloo_rchnk";
   return std::string(name);
 }
@@ -158,8 +161,13 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
   // shm when the shape allows it and its segment can be set up (collective).
   const bool shm_ok = shape.shape.shm && shm::usable(comm);
   std::vector<contender> who;
-  for (algo a : {algo::ring, algo::recursive_doubling, algo::halving_doubling, algo::tree,
-                 algo::double_tree, algo::hierarchical, algo::shm}) {
+  // Every algorithm automatic may pick here (the table's, in its order,
+  // the ring first as the reference column).
+  std::vector<algo> fixed{algo::ring};
+  for (const algorithm_info& info : allreduce_algorithms()) {
+    if (info.id != algo::ring) fixed.push_back(info.id);
+  }
+  for (algo a : fixed) {
     if (!automatic_candidate(a, shape.shape)) continue;  // one level only, or no shm
     if (a == algo::shm && !shm_ok) continue;
     who.push_back({std::string(algo_name(a)), a, true, false, {}, 0, 0, 0, 0, 0});

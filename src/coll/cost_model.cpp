@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include "core/json.hpp"
+#include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/alltoall.hpp"
 #include "ringflow/coll/fold.hpp"
 #include "ringflow/coll/registry.hpp"
@@ -78,86 +79,121 @@ double oversubscription(const cluster_shape& s) {
   return static_cast<double>(s.ranks_per_node) / s.cores_per_node - 1;
 }
 
+namespace {
+// What every formula starts from: the link a flat algorithm crosses (the
+// inter-node one when there are several nodes: it crosses node boundaries
+// in every step that matters), and the oversubscription penalty: with more
+// ranks than cores on a node every step that needs all of them running
+// waits for descheduled ones (pen per such step).
+struct model_terms {
+  const link_cost& l;
+  double g, n, over, pen;
+  int p, folds;
+};
+model_terms terms_of(const cost_model& m, const cluster_shape& s, std::size_t bytes) {
+  const double over = oversubscription(s);
+  return {s.nodes > 1 ? m.inter : m.intra, m.gamma, static_cast<double>(bytes), over,
+          m.oversubscribed_step * over, s.ranks, detail::pow2_floor(s.ranks) == s.ranks ? 0 : 2};
+}
+}  // namespace
+
+namespace detail {
+
+double ring_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                 std::size_t segment_bytes) {
+  const model_terms t = terms_of(m, s, bytes);
+  return ring_time(t.l, t.g, t.p, t.n, segment_bytes ? segment_bytes : default_segment_bytes) +
+         2.0 * (t.p - 1) * t.pen;
+}
+
+double recursive_doubling_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                               std::size_t /*segment_bytes*/) {
+  const model_terms t = terms_of(m, s, bytes);
+  // Only while the whole buffer goes as one small (eager) message: past
+  // the rendezvous switch, measured whole-buffer exchanges cost far more
+  // than the linear model says (docs/collectives.md), and
+  // halving-doubling moves half the bytes per round anyway.
+  if (t.l.large_from > 0 && t.n >= t.l.large_from) return -1;
+  const int q = detail::pow2_floor(t.p);
+  return log2i(q) * (t.l.message(t.n) + t.n * t.g) + fold_time(t.l, t.g, t.p, t.n) +
+         (log2i(q) + t.folds) * t.pen;
+}
+
+double halving_doubling_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                             std::size_t /*segment_bytes*/) {
+  const model_terms t = terms_of(m, s, bytes);
+  // Round k moves n/2^k bytes each way, in both phases.
+  const int q = detail::pow2_floor(t.p);
+  double time = fold_time(t.l, t.g, t.p, t.n) + (2 * log2i(q) + t.folds) * t.pen;
+  for (int w = 2; w <= q; w *= 2) time += 2 * t.l.message(t.n / w) + t.n / w * t.g;
+  return time;
+}
+
+namespace {
+// Pipelined: (depth + segments - 1) steps; in a step an interior rank takes
+// a segment from each of its c children and reduces it, and hands the
+// result to c children on the way down. In the double tree each half has
+// half the segments and a rank is interior in one tree and a leaf (one send
+// up, one receive down) in the other.
+double tree_cost_of(int trees, const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                    std::size_t segment_bytes) {
+  const model_terms t = terms_of(m, s, bytes);
+  const std::size_t seg = segment_bytes ? segment_bytes : default_tree_segment_bytes;
+  const int depth = static_cast<int>(std::floor(std::log2(static_cast<double>(t.p))));
+  const double c = std::min(2, t.p - 1);
+  const double sb = std::min(t.n, static_cast<double>(seg));
+  const double interior = c * (2 * t.l.message(sb) + sb * t.g);
+  if (trees == 1) {
+    const double k = static_cast<double>(seg_count(t.n, seg));
+    // With one segment a step only needs a parent and its children
+    // running; once the pipeline fills, every rank.
+    double tree_pen = t.pen;
+    if (k == 1 && t.over > 0) {
+      const double active = std::min(s.ranks_per_node, 3);
+      tree_pen = m.oversubscribed_step * std::max(0.0, active / s.cores_per_node - 1);
+    }
+    return (depth + k - 1) * (interior + 2 * tree_pen);
+  }
+  const double sh = std::min(t.n / 2, static_cast<double>(seg));
+  const double k = static_cast<double>(seg_count(t.n / 2, seg));
+  const double step = c * (2 * t.l.message(sh) + sh * t.g) + 2 * t.l.message(sh);
+  return (depth + 1 + k - 1) * (step + 2 * t.pen);
+}
+}  // namespace
+
+double tree_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                 std::size_t segment_bytes) {
+  return tree_cost_of(1, m, s, bytes, segment_bytes);
+}
+
+double double_tree_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                        std::size_t segment_bytes) {
+  return tree_cost_of(2, m, s, bytes, segment_bytes);
+}
+
+double hierarchical_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes,
+                         std::size_t segment_bytes) {
+  if (s.nodes <= 1 || s.ranks_per_node <= 1) return -1;
+  const model_terms t = terms_of(m, s, bytes);
+  const int L = s.ranks_per_node;
+  const double piece = t.n / L;
+  const double intra = 2 * (L - 1) * m.intra.message(piece) + (L - 1) * piece * t.g;
+  return intra + 2 * t.pen +
+         ring_time(m.inter, t.g, s.nodes, piece,
+                   segment_bytes ? segment_bytes : default_segment_bytes) +
+         2.0 * (s.nodes - 1) * t.pen;
+}
+
+}  // namespace detail
+
 double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std::size_t bytes,
                        std::size_t segment_bytes) {
-  const int p = s.ranks;
-  const double n = static_cast<double>(bytes);
-  const double g = m.gamma;
-  if (p <= 1) return 0;
-  // Flat algorithms cross node boundaries in every step that matters, so
-  // they are charged the inter-node link when there are several nodes.
-  const link_cost& l = s.nodes > 1 ? m.inter : m.intra;
-  // More ranks than cores on a node: every step that needs all of them
-  // running waits for descheduled ones (pen per such step).
-  const double over = oversubscription(s);
-  const double pen = m.oversubscribed_step * over;
-  const int folds = detail::pow2_floor(p) == p ? 0 : 2;
-  switch (a) {
-    case algo::ring:
-      return ring_time(l, g, p, n, segment_bytes ? segment_bytes : default_segment_bytes) +
-             2.0 * (p - 1) * pen;
-    case algo::recursive_doubling: {
-      // Only while the whole buffer goes as one small (eager) message: past
-      // the rendezvous switch, measured whole-buffer exchanges cost far more
-      // than the linear model says (docs/collectives.md), and
-      // halving-doubling moves half the bytes per round anyway.
-      if (l.large_from > 0 && n >= l.large_from) return -1;
-      const int q = detail::pow2_floor(p);
-      return log2i(q) * (l.message(n) + n * g) + fold_time(l, g, p, n) + (log2i(q) + folds) * pen;
-    }
-    case algo::halving_doubling: {
-      // Round k moves n/2^k bytes each way, in both phases.
-      const int q = detail::pow2_floor(p);
-      double t = fold_time(l, g, p, n) + (2 * log2i(q) + folds) * pen;
-      for (int w = 2; w <= q; w *= 2) t += 2 * l.message(n / w) + n / w * g;
-      return t;
-    }
-    case algo::tree:
-    case algo::double_tree: {
-      // Pipelined: (depth + segments - 1) steps; in a step an interior rank
-      // takes a segment from each of its c children and reduces it, and
-      // hands the result to c children on the way down. In the double tree
-      // each half has half the segments and a rank is interior in one tree
-      // and a leaf (one send up, one receive down) in the other.
-      const std::size_t seg = segment_bytes ? segment_bytes : default_tree_segment_bytes;
-      const int depth = static_cast<int>(std::floor(std::log2(static_cast<double>(p))));
-      const double c = std::min(2, p - 1);
-      const double sb = std::min(n, static_cast<double>(seg));
-      const double interior = c * (2 * l.message(sb) + sb * g);
-      if (a == algo::tree) {
-        const double k = static_cast<double>(seg_count(n, seg));
-        // With one segment a step only needs a parent and its children
-        // running; once the pipeline fills, every rank.
-        double tree_pen = pen;
-        if (k == 1 && over > 0) {
-          const double active = std::min(s.ranks_per_node, 3);
-          tree_pen = m.oversubscribed_step * std::max(0.0, active / s.cores_per_node - 1);
-        }
-        return (depth + k - 1) * (interior + 2 * tree_pen);
-      }
-      const double sh = std::min(n / 2, static_cast<double>(seg));
-      const double k = static_cast<double>(seg_count(n / 2, seg));
-      const double step = c * (2 * l.message(sh) + sh * g) + 2 * l.message(sh);
-      return (depth + 1 + k - 1) * (step + 2 * pen);
-    }
-    case algo::hierarchical: {
-      if (s.nodes <= 1 || s.ranks_per_node <= 1) return -1;
-      const int L = s.ranks_per_node;
-      const double piece = n / L;
-      const double intra = 2 * (L - 1) * m.intra.message(piece) + (L - 1) * piece * g;
-      return intra + 2 * pen +
-             ring_time(m.inter, g, s.nodes, piece,
-                       segment_bytes ? segment_bytes : default_segment_bytes) +
-             2.0 * (s.nodes - 1) * pen;
-    }
-    case algo::shm: {
-      // Provided by a backend (backends/shm), which registers its cost.
-      const auto cost = detail::registered_cost(algo::shm);
-      return cost != nullptr ? cost(m, s, bytes) : -1;
-    }
-    default:
-      return -1;
-  }
+  if (s.ranks <= 1) return 0;
+  const algorithm_info& info = algorithm_info_of(a);
+  if (info.cost != nullptr) return info.cost(m, s, bytes, segment_bytes);
+  // Provided by a backend (algo::shm: backends/shm), which registers its cost.
+  const auto cost = detail::registered_cost(a);
+  return cost != nullptr ? cost(m, s, bytes) : -1;
 }
 
 double predict_alltoall_seconds(alltoall_algo a, const cost_model& m, const cluster_shape& s,
@@ -234,18 +270,15 @@ algo choose_reduce(const cost_model& m, const cluster_shape& s, std::size_t byte
   return ring < tree ? algo::ring : algo::tree;
 }
 
-namespace {
-// On a tie the earlier wins: halving-doubling before the ring, which it
-// equals on two ranks (same messages) at a lower fixed cost per call.
-constexpr algo candidates[] = {algo::halving_doubling, algo::ring,        algo::recursive_doubling,
-                               algo::tree,             algo::double_tree, algo::hierarchical,
-                               algo::shm};
-}  // namespace
-
+// The candidates are the table's rows algo::automatic may pick, in its
+// order: on a tie the earlier wins (halving-doubling before the ring, which
+// it equals on two ranks, same messages, at a lower fixed cost per call).
 algo fastest_algorithm(const cost_model& m, const cluster_shape& shape, std::size_t bytes) {
   algo best = algo::ring;
   double best_s = -1;
-  for (algo a : candidates) {
+  for (const algorithm_info& info : allreduce_algorithms()) {
+    if (!info.automatic) continue;
+    const algo a = info.id;
     const double t = predict_seconds(a, m, shape, bytes);
     if (t >= 0 && (best_s < 0 || t < best_s)) best = a, best_s = t;
   }
@@ -257,9 +290,10 @@ explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, st
   e.bytes = bytes;
   e.shape = shape;
   e.model_origin = m.origin;
-  for (algo a : candidates) {
-    const double t = predict_seconds(a, m, shape, bytes);
-    if (t >= 0) e.candidates.push_back({a, t});
+  for (const algorithm_info& info : allreduce_algorithms()) {
+    if (!info.automatic) continue;
+    const double t = predict_seconds(info.id, m, shape, bytes);
+    if (t >= 0) e.candidates.push_back({info.id, t});
   }
   // Stable: on a tie the earlier (simpler) algorithm wins, on every rank.
   std::stable_sort(e.candidates.begin(), e.candidates.end(),

@@ -19,7 +19,7 @@ struct entry {
   allreduce_cost_fn cost = nullptr;
 };
 
-constexpr std::size_t slots = std::size(all_algos);
+constexpr std::size_t slots = algo_count;
 
 // Readers take one atomic load of an immutable entry; writers (rare: a
 // backend at start-up, tests) replace it under a mutex and keep every entry

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "core/json.hpp"
+#include "ringflow/coll/algorithms.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
@@ -238,13 +239,8 @@ std::vector<algo_prediction> tuning_table::expected(std::size_t bytes, const clu
 }
 
 bool automatic_candidate(algo a, const cluster_shape& shape) {
-  switch (a) {
-    case algo::automatic:
-    case algo::native: return false;
-    case algo::shm: return shape.shm && shape.nodes == 1;
-    case algo::hierarchical: return shape.nodes > 1 && shape.ranks_per_node > 1;
-    default: return true;
-  }
+  const algorithm_info& info = algorithm_info_of(a);
+  return info.automatic && (info.eligible == nullptr || info.eligible(shape));
 }
 
 explanation choose_algorithm(const tuning_table* table, std::string_view table_origin,

@@ -1,11 +1,15 @@
 // Every allreduce algorithm on the thread backend (1..8 ranks), emulated
 // nodes for the hierarchical one, the cost model's choice, the registry.
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <string_view>
+#include <vector>
 
 #include "ringflow/backends/local.hpp"
+#include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/cost_model.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
@@ -20,7 +24,7 @@ using ringflow::testing::scoped_env;
 
 TEST_CASE("every allreduce algorithm matches the serial reference on 1..8 ranks",
           "[coll][local][algorithms]") {
-  for (algo a : testing::transport_algorithms) {
+  for (algo a : testing::transport_algorithms()) {
     for (int p = 1; p <= 8; ++p) {
       INFO(algo_name(a) << " on " << p << " ranks");
       require_none(run_collecting(p, [a](communicator& c, failures& f) {
@@ -52,7 +56,7 @@ TEST_CASE("large allreduce through every algorithm: identical bits on every rank
   scoped_env env("RINGFLOW_NODE_SIZE", "2");
   // 3 ranks: the fold of the power-of-two algorithms, unequal nodes; 4 ranks
   // for the power-of-two path itself (the small counts cover the rest).
-  for (algo a : testing::transport_algorithms) {
+  for (algo a : testing::transport_algorithms()) {
     INFO(algo_name(a) << " on 3 ranks");
     require_none(run_collecting(3, [a](communicator& c, failures& f) {
       testing::check_large_bitwise_algo(c, a, 1000003, f);
@@ -69,8 +73,49 @@ TEST_CASE("large allreduce through every algorithm: identical bits on every rank
   }
 }
 
+TEST_CASE("the algorithm table: one row per algorithm, names and aliases unique",
+          "[coll][options]") {
+  const auto rows = allreduce_algorithms();
+  REQUIRE(rows.size() == algo_count);
+  std::vector<std::string> names;
+  for (std::size_t v = 0; v < algo_count; ++v) {
+    const algo a = static_cast<algo>(v);
+    const algorithm_info& info = algorithm_info_of(a);
+    CHECK(info.id == a);
+    CHECK(algo_name(a) == info.name);
+    CHECK_FALSE(info.label.empty());
+    names.emplace_back(info.name);
+    for (std::string_view alias : info.aliases) {
+      if (!alias.empty()) names.emplace_back(alias);
+    }
+    // A row automatic may pick has a cost (its own, or one a backend
+    // registers: shm), and a row with a runner is one the tests run.
+    if (info.automatic && info.cost == nullptr) CHECK(a == algo::shm);
+    if (info.run == nullptr) CHECK((a == algo::shm || a == algo::native || a == algo::automatic));
+  }
+  std::sort(names.begin(), names.end());
+  CHECK(std::adjacent_find(names.begin(), names.end()) == names.end());
+  CHECK(algo_name(static_cast<algo>(algo_count)) == "unknown");
+  // The cost model's candidates are the table's automatic rows, in its order.
+  const explanation e = choose_algorithm(builtin_cost_model(), cluster_shape{4, 1, 4, 0, false}, 4096);
+  for (const auto& c : e.candidates) CHECK(algorithm_info_of(c.algorithm).automatic);
+  // The tests and the bench run every row with a runner.
+  const auto tested = testing::transport_algorithms();
+  for (const algorithm_info& info : rows) {
+    if (info.run != nullptr && info.id != algo::ring) {
+      CHECK(std::find(tested.begin(), tested.end(), info.id) != tested.end());
+    }
+  }
+}
+
 TEST_CASE("algorithm names round-trip through parse_algo", "[coll][options]") {
-  for (algo a : all_algos) CHECK(parse_algo(algo_name(a)) == a);
+  for (std::size_t v = 0; v < algo_count; ++v) {
+    const algo a = static_cast<algo>(v);
+    CHECK(parse_algo(algo_name(a)) == a);
+    for (std::string_view alias : algorithm_info_of(a).aliases) {
+      if (!alias.empty()) CHECK(parse_algo(alias) == a);
+    }
+  }
   CHECK(parse_algo("automatic") == algo::automatic);
   CHECK(parse_algo("rd") == algo::recursive_doubling);
   CHECK(parse_algo("hd") == algo::halving_doubling);

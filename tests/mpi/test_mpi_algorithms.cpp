@@ -18,7 +18,7 @@ using ringflow::testing::require_none;
 
 TEST_CASE("mpi: every allreduce algorithm matches the serial reference", "[mpi][algorithms]") {
   auto world = mpi::world();
-  for (algo a : testing::transport_algorithms) {
+  for (algo a : testing::transport_algorithms()) {
     INFO(algo_name(a));
     failures f;
     testing::check_algorithm(world, a, f);
@@ -46,7 +46,7 @@ TEST_CASE("mpi: 10^6+3 floats through every algorithm, identical bits on every r
           "[mpi][algorithms]") {
   auto world = mpi::world();
   failures f;
-  for (algo a : testing::transport_algorithms) testing::check_large_bitwise_algo(world, a, 1000003, f);
+  for (algo a : testing::transport_algorithms()) testing::check_large_bitwise_algo(world, a, 1000003, f);
   require_none(f);
 }
 

@@ -13,6 +13,7 @@
 #include <span>
 #include <type_traits>
 
+#include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/alltoall.hpp"
 #include "ringflow/coll/broadcast.hpp"
 #include "ringflow/coll/context.hpp"
@@ -41,69 +42,62 @@ inline std::size_t segment_or_default(const coll_options& o) {
 }
 
 /// Runs allreduce algorithm `a` (not automatic); `opt` is what the caller
-/// asked for (automatic lets a declining shm fall back).
+/// asked for (automatic lets a declining shm fall back). The ring, the
+/// default, is called directly; the other built-in algorithms through their
+/// row of the algorithm table (coll/algorithms.hpp: compiled once, in
+/// src/coll/instantiate_algorithms.cpp); native and registered ones (shm)
+/// through the backend.
 template <class T, class Op>
 void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, std::size_t count,
                         const Op& op, const coll_options& opt) {
   transport& t = comm.raw();
-  note_algorithm(comm, algo_name(a == algo::automatic ? algo::ring : a));
-  switch (a) {
-    case algo::automatic:
-    case algo::ring:
-      ring_allreduce(t, in, out, count, op, segment_or_default(opt));
-      return;
-    case algo::native:
-      if (!t.native_allreduce(in, out, count, dtype_of<T>, Op::kind)) {
-        throw not_supported_error(fmt::format(
-            "allreduce on rank {}: the '{}' backend has no native allreduce for {} {}; use "
-            "algo::ring",
-            comm.rank(), comm.backend(), dtype_name(dtype_of<T>), op_name(Op::kind)));
-      }
-      if constexpr (Op::kind == op_kind::avg) finish_range(out, count, op, comm.size());
-      return;
-    case algo::recursive_doubling:
-      recursive_doubling_allreduce(t, in, out, count, op);
-      return;
-    case algo::halving_doubling:
-      halving_doubling_allreduce(t, in, out, count, op);
-      return;
-    case algo::tree:
-      tree_allreduce(t, in, out, count, op, opt.segment_bytes, 1);
-      return;
-    case algo::double_tree:
-      tree_allreduce(t, in, out, count, op, opt.segment_bytes, 2);
-      return;
-    case algo::hierarchical:
-      if (count == 0) return;
-      hierarchical_allreduce(t, in, out, count, op, context_of(comm)->topo,
-                             opt.segment_bytes);
-      return;
-    case algo::shm: {
-      const allreduce_fn fn = registered_algorithm(algo::shm);
-      if (fn == nullptr) {
-        throw not_supported_error(fmt::format(
-            "allreduce on rank {}: algo::shm is not available: no shared-memory allreduce is "
-            "registered (build and link ringflow's shm backend, or use another algorithm)",
-            comm.rank()));
-      }
-      if (!fn(comm, out, in, count, dtype_of<T>, Op::kind)) {
-        if (opt.algorithm == algo::automatic) {
-          // Declined on every rank alike before touching data (e.g. the
-          // segment could not be set up): automatic picks again without shm.
-          const algo next = automatic_after_shm_declined(comm, count * sizeof(T));
-          run_allreduce_with(next, comm, in, out, count, op, opt);
-          return;
-        }
-        throw not_supported_error(fmt::format(
-            "allreduce on rank {}: algo::shm cannot serve this call ({} {} x {} on {} ranks; are "
-            "all ranks on one node?); use another algorithm",
-            comm.rank(), dtype_name(dtype_of<T>), op_name(Op::kind), count, comm.size()));
-      }
+  if (a == algo::automatic || a == algo::ring) {
+    note_algorithm(comm, algo_name(algo::ring));
+    ring_allreduce(t, in, out, count, op, segment_or_default(opt));
+    return;
+  }
+  if (static_cast<std::size_t>(a) >= algo_count) {
+    throw usage_error(fmt::format("allreduce on rank {}: unknown algorithm {}", comm.rank(),
+                                  static_cast<int>(a)));
+  }
+  note_algorithm(comm, algo_name(a));
+  const algorithm_info& info = algorithm_info_of(a);
+  if (info.run != nullptr) {
+    info.run(comm, out, in, count, dtype_of<T>, Op::kind, opt);
+    return;
+  }
+  if (a == algo::native) {
+    if (!t.native_allreduce(in, out, count, dtype_of<T>, Op::kind)) {
+      throw not_supported_error(fmt::format(
+          "allreduce on rank {}: the '{}' backend has no native allreduce for {} {}; use "
+          "algo::ring",
+          comm.rank(), comm.backend(), dtype_name(dtype_of<T>), op_name(Op::kind)));
+    }
+    if constexpr (Op::kind == op_kind::avg) finish_range(out, count, op, comm.size());
+    return;
+  }
+  const allreduce_fn fn = registered_algorithm(a);
+  if (fn == nullptr) {
+    throw not_supported_error(fmt::format(
+        "allreduce on rank {}: algo::{} is not available: {}", comm.rank(), algo_name(a),
+        a == algo::shm ? "no shared-memory allreduce is registered (build and link ringflow's "
+                         "shm backend, or use another algorithm)"
+                       : "no backend registered it"));
+  }
+  if (!fn(comm, out, in, count, dtype_of<T>, Op::kind)) {
+    if (opt.algorithm == algo::automatic && a == algo::shm) {
+      // Declined on every rank alike before touching data (e.g. the
+      // segment could not be set up): automatic picks again without shm.
+      const algo next = automatic_after_shm_declined(comm, count * sizeof(T));
+      run_allreduce_with(next, comm, in, out, count, op, opt);
       return;
     }
+    throw not_supported_error(fmt::format(
+        "allreduce on rank {}: algo::{} cannot serve this call ({} {} x {} on {} ranks; are "
+        "all ranks on one node?); use another algorithm",
+        comm.rank(), algo_name(a), dtype_name(dtype_of<T>), op_name(Op::kind), count,
+        comm.size()));
   }
-  throw usage_error(fmt::format("allreduce on rank {}: unknown algorithm {}", comm.rank(),
-                                static_cast<int>(a)));
 }
 
 /// Runs the allreduce algorithm `opt` names (after the argument checks);

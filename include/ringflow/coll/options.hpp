@@ -23,30 +23,17 @@ enum class algo {
   shm,                 ///< intra-node shared memory (registered by the shm backend)
 };
 
-/// Every algorithm, in declaration order.
-inline constexpr algo all_algos[] = {algo::automatic,          algo::ring,
-                                     algo::native,             algo::recursive_doubling,
-                                     algo::halving_doubling,   algo::tree,
-                                     algo::double_tree,        algo::hierarchical,
-                                     algo::shm};
+/// How many values `algo` has (coll/algorithms.hpp holds a row for each).
+inline constexpr std::size_t algo_count = 9;
 
-constexpr std::string_view algo_name(algo a) {
-  switch (a) {
-    case algo::automatic: return "auto";
-    case algo::ring: return "ring";
-    case algo::native: return "native";
-    case algo::recursive_doubling: return "recursive_doubling";
-    case algo::halving_doubling: return "halving_doubling";
-    case algo::tree: return "tree";
-    case algo::double_tree: return "double_tree";
-    case algo::hierarchical: return "hierarchical";
-    case algo::shm: return "shm";
-  }
-  return "unknown";
-}
+/// The algorithm's name ("auto", "ring", "recursive_doubling", ...), from the
+/// algorithm table (coll/algorithms.hpp); "unknown" outside the enum. A
+/// string literal: it stays valid for the whole program.
+std::string_view algo_name(algo a) noexcept;
 
-/// Parses an algo_name() ("auto", "ring", "recursive_doubling", ...; also
-/// "automatic", "rd", "hd", "dtree"); throws usage_error otherwise.
+/// Parses an algo_name() ("auto", "ring", "recursive_doubling", ...) or an
+/// alias from the table ("automatic", "rd", "hd", "rabenseifner", "dtree");
+/// throws usage_error listing the names otherwise.
 algo parse_algo(std::string_view text);
 
 /// Default ring segment: large enough that per-message overhead is small,
