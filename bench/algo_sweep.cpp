@@ -109,20 +109,22 @@ bool save_table(const tuning_table& table) {
       file->machine = tuning_host();
     }
     cluster_shape shape;
-    shape.ranks = table.ranks, shape.nodes = table.nodes, shape.ranks_per_node = table.ranks_per_node;
+    shape.ranks = table.ranks, shape.nodes = table.nodes,
+    shape.ranks_per_node = table.ranks_per_node;
     const tuning_table* old = file->find(shape);
     const tuning_table merged = old != nullptr ? merge_sessions(*old, table) : table;
     const bool averaged = merged.sessions > 1;
     file->put(merged);
     save_tuning_file(*file, path);
-    fmt::print("# saved the table for {} ranks ({} node{} x {}) to {} ({}; RINGFLOW_TUNING "
-               "overrides the path; {} table{} in the file)\n",
-               table.ranks, table.nodes, table.nodes == 1 ? "" : "s", table.ranks_per_node, path,
-               averaged ? fmt::format("averaged with the {} earlier session{} of these sizes",
-                                      merged.sessions - 1, merged.sessions == 2 ? "" : "s")
-               : old != nullptr ? "replacing the earlier table, measured at other sizes"
-                                : "new",
-               file->tables.size(), file->tables.size() == 1 ? "" : "s");
+    fmt::print(
+        "# saved the table for {} ranks ({} node{} x {}) to {} ({}; RINGFLOW_TUNING "
+        "overrides the path; {} table{} in the file)\n",
+        table.ranks, table.nodes, table.nodes == 1 ? "" : "s", table.ranks_per_node, path,
+        averaged         ? fmt::format("averaged with the {} earlier session{} of these sizes",
+                                       merged.sessions - 1, merged.sessions == 2 ? "" : "s")
+        : old != nullptr ? "replacing the earlier table, measured at other sizes"
+                         : "new",
+        file->tables.size(), file->tables.size() == 1 ? "" : "s");
     std::string bests;
     for (const auto& r : merged.rows) {
       bests += fmt::format(" {}:{}", human(r.bytes), label(algo_name(r.best)));
@@ -132,7 +134,8 @@ bool save_table(const tuning_table& table) {
 
     return true;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "ringflow-bench: --tune: %s\n(move the file away or set RINGFLOW_TUNING)\n",
+    std::fprintf(stderr,
+                 "ringflow-bench: --tune: %s\n(move the file away or set RINGFLOW_TUNING)\n",
                  e.what());
     return false;
   }
@@ -201,24 +204,26 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
   std::FILE* csv = nullptr;
   if (rank == 0 && !cli.csv_path.empty()) {
     csv = cli.csv_path == "-" ? stdout : std::fopen(cli.csv_path.c_str(), "w");
-    if (csv == nullptr) std::fprintf(stderr, "ringflow-bench: cannot write %s\n", cli.csv_path.c_str());
+    if (csv == nullptr)
+      std::fprintf(stderr, "ringflow-bench: cannot write %s\n", cli.csv_path.c_str());
   }
   const bool table = rank == 0 && cli.csv_path != "-";
   // Whether a table applies, asked at the first size (0 bytes is outside
   // every table); collective, so on every rank.
   const explanation first = explain(comm, sizes.empty() ? 0 : sizes.front(), cli.cfg.type);
   if (table) {
-    fmt::print("# ringflow-bench allreduce {}: {} ranks, {}, {} {}, median of {} reps x {} "
-               "iters{} ({} order), times in us\n",
-               tune ? "--tune" : "--algo all", nranks,
-               fmt::format("{} node{} x {}{}", shape.shape.nodes,
-                           shape.shape.nodes == 1 ? "" : "s", shape.shape.ranks_per_node,
-                           shape.shape.cores_per_node > 0
-                               ? fmt::format(" on {} cores", shape.shape.cores_per_node)
-                               : ""),
-               dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters,
-               tune ? " (fewer from 1 MiB: ~8 MiB per rep; rep-major over sizes)" : "",
-               tune ? "rotating" : "shuffled");
+    fmt::print(
+        "# ringflow-bench allreduce {}: {} ranks, {}, {} {}, median of {} reps x {} "
+        "iters{} ({} order), times in us\n",
+        tune ? "--tune" : "--algo all", nranks,
+        fmt::format("{} node{} x {}{}", shape.shape.nodes, shape.shape.nodes == 1 ? "" : "s",
+                    shape.shape.ranks_per_node,
+                    shape.shape.cores_per_node > 0
+                        ? fmt::format(" on {} cores", shape.shape.cores_per_node)
+                        : ""),
+        dtype_name(cli.cfg.type), op_name(cli.cfg.op), cli.reps, cli.iters,
+        tune ? " (fewer from 1 MiB: ~8 MiB per rep; rep-major over sizes)" : "",
+        tune ? "rotating" : "shuffled");
     if (tune) {
       fmt::print("# tuning file: {}\n", tuning_path());
     } else {
@@ -236,14 +241,15 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     for (const auto& c : who) head += fmt::format(" {:>10}", label(c.name));
     head += fmt::format("  {:>12}", "best");
     if (!tune) {
-      head += fmt::format(" {:>12} {:>6} {:>9} {:>16}", "auto picks", "from", "auto/best",
-                          "first use");
+      head +=
+          fmt::format(" {:>12} {:>6} {:>9} {:>16}", "auto picks", "from", "auto/best", "first use");
     }
     fmt::print("{}\n", head);
   }
   if (csv != nullptr) {
-    fmt::print(csv, "bytes,algo,ranks,nodes,median_us,p99_us,min_us,max_us,busbw_GBs,wrong,"
-                    "auto_choice,best_fixed,auto_from,first_use_calls,first_use_ms\n");
+    fmt::print(csv,
+               "bytes,algo,ranks,nodes,median_us,p99_us,min_us,max_us,busbw_GBs,wrong,"
+               "auto_choice,best_fixed,auto_from,first_use_calls,first_use_ms\n");
   }
 
   bench_config cfg = cli.cfg;
@@ -279,7 +285,8 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
     tuned_reps.assign(sizes.size(), std::vector<std::vector<double>>(who.size()));
     // Inputs do not depend on the size (element i is the same at every
     // size), so one fill of the largest serves every size's timing.
-    entry.fill(ctx, bench_buffers{send.get(), recv.get(), entry.shape(max_bytes, elem, nranks, rank)});
+    entry.fill(ctx,
+               bench_buffers{send.get(), recv.get(), entry.shape(max_bytes, elem, nranks, rank)});
     for (int k = -1; k < cli.reps; ++k) {  // k = -1: warmup
       for (std::size_t si = 0; si < sizes.size(); ++si) {
         const bench_shape s = entry.shape(sizes[si], elem, nranks, rank);
@@ -298,8 +305,8 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
       }
     }
   }
-  int first_calls = 0;     // auto's first-use trials at this size
-  double first_ms = 0;     // and their time on rank 0
+  int first_calls = 0;  // auto's first-use trials at this size
+  double first_ms = 0;  // and their time on rank 0
   for (std::size_t si = 0; si < sizes.size(); ++si) {
     const std::size_t bytes = sizes[si];
     const bench_shape s = entry.shape(bytes, elem, nranks, rank);
@@ -387,10 +394,9 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
       }
       line += fmt::format("  {:>12}", label(best->name));
       if (!tune) {
-        line += fmt::format(" {:>12} {:>6} {:>9.3f} {:>16}", label(algo_name(e.choice)),
-                            from_label(e), ratio,
-                            first_calls > 0 ? fmt::format("{} calls {:.1f} ms", first_calls, first_ms)
-                                            : "-");
+        line += fmt::format(
+            " {:>12} {:>6} {:>9.3f} {:>16}", label(algo_name(e.choice)), from_label(e), ratio,
+            first_calls > 0 ? fmt::format("{} calls {:.1f} ms", first_calls, first_ms) : "-");
       }
       fmt::print("{}\n", line);
       std::fflush(stdout);
@@ -401,18 +407,20 @@ int sweep(const communicator& comm, MPI_Comm mpi, const bench_cli& cli,
         fmt::print(csv, "{},{},{},{},{:.2f},{:.2f},{:.2f},{:.2f},{:.3f},{},{},{},{},{},{:.3f}\n",
                    s.total * elem, c.name, nranks, e.shape.nodes, c.median_us, c.p99_us, c.min_us,
                    c.max_us,
-                   c.median_us > 0 ? static_cast<double>(s.total * elem) / c.median_us / 1e3 * factor
-                                   : 0.0,
+                   c.median_us > 0
+                       ? static_cast<double>(s.total * elem) / c.median_us / 1e3 * factor
+                       : 0.0,
                    c.wrong, algo_name(e.choice), best->name, from_label(e), first_calls, first_ms);
       }
       std::fflush(csv);
     }
   }
   if (table && !tune) {
-    fmt::print("# auto/best: auto's median over the best fixed ringflow algorithm's median at that "
-               "size; from: auto's choice came from the tuning table, first-use tuning (first) or "
-               "the cost model; first use: the allreduces auto spent trying candidates at that "
-               "size before the timed reps, and their time ('!' marks wrong results)\n");
+    fmt::print(
+        "# auto/best: auto's median over the best fixed ringflow algorithm's median at that "
+        "size; from: auto's choice came from the tuning table, first-use tuning (first) or "
+        "the cost model; first use: the allreduces auto spent trying candidates at that "
+        "size before the timed reps, and their time ('!' marks wrong results)\n");
   }
   if (csv != nullptr && csv != stdout) std::fclose(csv);
   if (tune) {

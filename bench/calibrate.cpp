@@ -33,7 +33,7 @@ double fastest(const std::vector<double>& v) { return *std::min_element(v.begin(
 // message to the other), the fastest of `reps` timings of `iters` exchanges;
 // the same on all ranks.
 double exchange_seconds(const communicator& comm, MPI_Comm mpi, int a, int b, std::size_t bytes,
-                       int iters, int reps) {
+                        int iters, int reps) {
   transport& t = comm.raw();
   std::vector<char> buf(std::max<std::size_t>(bytes, 1)), rbuf(buf.size());
   std::vector<double> times;
@@ -69,8 +69,7 @@ link_cost fit_link(const communicator& comm, MPI_Comm mpi, int a, int b, int rep
   const std::size_t small = std::size_t{64} << 10, large = std::size_t{1} << 20;
   const double ts = exchange_seconds(comm, mpi, a, b, small, 256, reps);
   const double tl = exchange_seconds(comm, mpi, a, b, large, 32, reps);
-  if (comm.rank() == 0 &&
-      env::flag("RINGFLOW_CALIBRATE_VERBOSE", false, env::malformed::warn)) {
+  if (comm.rank() == 0 && env::flag("RINGFLOW_CALIBRATE_VERBOSE", false, env::malformed::warn)) {
     fmt::print("#   {} <-> {}: 8 B {:.2f} us, 64 KiB {:.2f} us, 1 MiB {:.2f} us\n", a, b,
                l.alpha * 1e6, ts * 1e6, tl * 1e6);
   }
@@ -150,10 +149,11 @@ int run_calibration(const communicator& comm, MPI_Comm mpi, const bench_cli& cli
       save_cost_model(m, path);
       fmt::print("# ringflow cost model for {}\n", m.machine);
       auto show = [](const char* what, const link_cost& l, const char* note) {
-        fmt::print("{}: alpha {:.3f} us (from {:.0f} bytes: {:.3f} us), beta {:.4f} ns/B ({:.2f} "
-                   "GB/s){}\n",
-                   what, l.alpha * 1e6, l.large_from, l.large_alpha * 1e6, l.beta * 1e9,
-                   l.beta > 0 ? 1e-9 / l.beta : 0.0, note);
+        fmt::print(
+            "{}: alpha {:.3f} us (from {:.0f} bytes: {:.3f} us), beta {:.4f} ns/B ({:.2f} "
+            "GB/s){}\n",
+            what, l.alpha * 1e6, l.large_from, l.large_alpha * 1e6, l.beta * 1e9,
+            l.beta > 0 ? 1e-9 / l.beta : 0.0, note);
       };
       show("intra", m.intra, "");
       show("inter", m.inter, topo.node_count() > 1 ? "" : " (one node: same as intra)");

@@ -1,4 +1,5 @@
-// ringflow-bench command line parsing and validation (no MPI calls: every rank parses the same argv).
+// ringflow-bench command line parsing and validation (no MPI calls: every rank parses the same
+// argv).
 #include "cli.hpp"
 
 #include <fmt/format.h>
@@ -20,8 +21,8 @@ constexpr dtype all_dtypes[] = {dtype::f32, dtype::f64, dtype::f16, dtype::bf16,
 constexpr op_kind all_ops[] = {op_kind::sum, op_kind::prod, op_kind::min, op_kind::max,
                                op_kind::avg};
 
-using ringflow::tool_flags::parse_int;
 using ringflow::tool_flags::parse_bytes;
+using ringflow::tool_flags::parse_int;
 
 dtype parse_dtype(const std::string& flag, const std::string& text) {
   for (dtype t : all_dtypes) {
@@ -150,8 +151,8 @@ const collective_entry& resolve(bench_cli& cli, int nranks) {
     if (accepts && match == nullptr) match = &e;
   }
   if (algos.empty()) {
-    throw bad_flag(fmt::format("--coll '{}' is not a collective: use {}", cli.coll,
-                               fmt::join(names, ", ")));
+    throw bad_flag(
+        fmt::format("--coll '{}' is not a collective: use {}", cli.coll, fmt::join(names, ", ")));
   }
   if (match == nullptr) {
     throw bad_flag(fmt::format("--algo '{}' is not available for {}: use {}", cli.algo, cli.coll,
@@ -166,25 +167,28 @@ const collective_entry& resolve(bench_cli& cli, int nranks) {
     cli.cfg.algorithm = algo::automatic;  // a bench-only algorithm: its entry decides
   }
   if (cli.cfg.algorithm == algo::native && mpi_datatype(cli.cfg.type) == MPI_DATATYPE_NULL) {
-    throw bad_flag(fmt::format("--algo native: MPI has no {} type; use -d float, double, int8, "
-                               "uint8, int32 or int64, or --algo ring",
-                               dtype_name(cli.cfg.type)));
+    throw bad_flag(
+        fmt::format("--algo native: MPI has no {} type; use -d float, double, int8, "
+                    "uint8, int32 or int64, or --algo ring",
+                    dtype_name(cli.cfg.type)));
   }
   if (!cli.baseline.empty()) {
     if (e.run_baseline == nullptr) {
       throw bad_flag(fmt::format("--baseline mpi: {} has no MPI baseline", e.name));
     }
     if (mpi_datatype(cli.cfg.type) == MPI_DATATYPE_NULL) {
-      throw bad_flag(fmt::format("--baseline mpi: MPI has no {} type; use -d float, double, int8, "
-                                 "uint8, int32 or int64",
-                                 dtype_name(cli.cfg.type)));
+      throw bad_flag(
+          fmt::format("--baseline mpi: MPI has no {} type; use -d float, double, int8, "
+                      "uint8, int32 or int64",
+                      dtype_name(cli.cfg.type)));
     }
     // MPI counts are int.
     const bench_shape s = e.shape(cli.max_bytes, dtype_size(cli.cfg.type), nranks, 0);
     if (s.total > static_cast<std::size_t>(std::numeric_limits<int>::max())) {
-      throw bad_flag(fmt::format("--baseline mpi: -e {} needs {} elements, more than MPI's int "
-                                 "count allows",
-                                 cli.max_bytes, s.total));
+      throw bad_flag(
+          fmt::format("--baseline mpi: -e {} needs {} elements, more than MPI's int "
+                      "count allows",
+                      cli.max_bytes, s.total));
     }
   }
   if (cli.cfg.root >= nranks) {

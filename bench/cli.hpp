@@ -32,7 +32,7 @@ struct bench_cli {
   bool tune = false;       // --tune: measure and save a tuning table (bench/algo_sweep.cpp)
   bool gloo = true;        // --no-gloo: leave Gloo's peers out of --algo all
   std::string coll = "allreduce";
-  std::string algo;  // empty: the collective's default
+  std::string algo;      // empty: the collective's default
   std::string baseline;  // "" or "mpi"
   std::string csv_path;  // "" none, "-" stdout
   std::string json_path;
@@ -52,6 +52,5 @@ std::vector<std::size_t> message_sizes(const bench_cli& cli);
 
 /// The --help text.
 std::string usage_text();
-
 
 }  // namespace ringflow::bench

@@ -1,4 +1,5 @@
-// ringflow-bench peer: Gloo's allreduces (ring, ring-chunked, halving-doubling) on a TCP loopback context.
+// ringflow-bench peer: Gloo's allreduces (ring, ring-chunked, halving-doubling) on a TCP loopback
+// context.
 #include "gloo_peer.hpp"
 
 #include <fmt/format.h>
@@ -49,8 +50,9 @@ std::string shared_temp_dir(MPI_Comm mpi, int rank) {
   }
   MPI_Bcast(path, sizeof path, MPI_CHAR, 0, mpi);
   if (path[0] == '\0') {
-    throw comm_error("ringflow-bench: rank 0 could not create a temporary directory for Gloo's "
-                     "FileStore rendezvous; set TMPDIR to a writable directory on this machine");
+    throw comm_error(
+        "ringflow-bench: rank 0 could not create a temporary directory for Gloo's "
+        "FileStore rendezvous; set TMPDIR to a writable directory on this machine");
   }
   return path;
 }
@@ -106,8 +108,10 @@ bool gloo_peer::runs(const std::string& name) const {
 void gloo_peer::prepare(const bench_buffers& b) {
   if (!state_) return;
   if (b.shape.total > static_cast<std::size_t>(std::numeric_limits<int>::max())) {
-    throw usage_error(fmt::format("ringflow-bench: Gloo counts are int; {} elements is too many "
-                                  "(lower -e)", b.shape.total));
+    throw usage_error(
+        fmt::format("ringflow-bench: Gloo counts are int; {} elements is too many "
+                    "(lower -e)",
+                    b.shape.total));
   }
   const int count = static_cast<int>(b.shape.total);
   std::vector<float*> ptrs{static_cast<float*>(b.recv)};

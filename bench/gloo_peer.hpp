@@ -1,4 +1,5 @@
-// ringflow-bench peer: Gloo's ring, ring-chunked and halving-doubling allreduce over TCP on loopback.
+// ringflow-bench peer: Gloo's ring, ring-chunked and halving-doubling allreduce over TCP on
+// loopback.
 #pragma once
 
 #include <mpi.h>

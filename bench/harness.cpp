@@ -1,4 +1,6 @@
 // ringflow-bench main: flags, buffers, warmup, the interleaved timing loop, the check, the output.
+#include "harness.hpp"
+
 #include <fmt/format.h>
 #include <mpi.h>
 #include <sched.h>
@@ -16,7 +18,6 @@
 #include <thread>
 
 #include "cli.hpp"
-#include "harness.hpp"
 #include "modes.hpp"
 #include "report.hpp"
 #include "ring_order.hpp"
@@ -287,9 +288,8 @@ int run_bench(const communicator& comm, MPI_Comm mpi, bench_cli& cli,
     write_json(json, info, rows);
     if (json != stdout) std::fclose(json);
   }
-  const bool any_wrong = std::any_of(rows.begin(), rows.end(), [](const size_result& r) {
-    return r.ringflow.wrong != 0;
-  });
+  const bool any_wrong = std::any_of(rows.begin(), rows.end(),
+                                     [](const size_result& r) { return r.ringflow.wrong != 0; });
   return any_wrong ? 1 : 0;
 }
 
@@ -328,7 +328,7 @@ int main(int argc, char** argv) {
         status = run_calibration(ring, ring_mpi, cli);
       } else {
         const collective_entry& entry = resolve(cli, ring.size());
-        status = cli.tune             ? run_tuning(ring, ring_mpi, cli, entry)
+        status = cli.tune            ? run_tuning(ring, ring_mpi, cli, entry)
                  : cli.algo == "all" ? run_algo_sweep(ring, ring_mpi, cli, entry)
                                      : run_bench(ring, ring_mpi, cli, entry);
       }

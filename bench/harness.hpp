@@ -29,10 +29,10 @@ namespace ringflow::bench {
 struct bench_config {
   dtype type = dtype::f32;
   op_kind op = op_kind::sum;
-  std::string algo_name = "ring";        // as given to --algo
-  algo algorithm = algo::ring;           // the library algorithm behind algo_name
-  std::size_t segment_bytes = 0;         // 0: the library default
-  int root = 0;                          // broadcast root
+  std::string algo_name = "ring";  // as given to --algo
+  algo algorithm = algo::ring;     // the library algorithm behind algo_name
+  std::size_t segment_bytes = 0;   // 0: the library default
+  int root = 0;                    // broadcast root
   coll_options options() const { return coll_options{algorithm, segment_bytes}; }
 };
 
@@ -85,7 +85,7 @@ bool register_collective(collective_entry entry);
 const std::vector<collective_entry>& collectives();
 
 #define RINGFLOW_BENCH_CONCAT_INNER(a, b) a##b
-#define RINGFLOW_BENCH_CONCAT(a, b) RINGFLOW_BENCH_CONCAT_INNER(a, b)
+#define RINGFLOW_BENCH_CONCAT(a, b)       RINGFLOW_BENCH_CONCAT_INNER(a, b)
 /// Registers a collective_entry at start-up: RINGFLOW_BENCH_REGISTER(make_entry());
 #define RINGFLOW_BENCH_REGISTER(entry)                                                \
   namespace {                                                                         \

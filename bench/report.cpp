@@ -62,8 +62,8 @@ void rep_times::summarize() {
 void table_printer::header() const {
   const run_info& i = info_;
   fmt::print(out_, "# ringflow-bench {}.{}.{}: {}, algo {}, {} ranks on {} host{}\n",
-             RINGFLOW_VERSION_MAJOR, RINGFLOW_VERSION_MINOR, RINGFLOW_VERSION_PATCH, i.coll,
-             i.algo, i.ranks, i.hosts, i.hosts == 1 ? "" : "s");
+             RINGFLOW_VERSION_MAJOR, RINGFLOW_VERSION_MINOR, RINGFLOW_VERSION_PATCH, i.coll, i.algo,
+             i.ranks, i.hosts, i.hosts == 1 ? "" : "s");
   fmt::print(out_, "# backend {}: {}\n", i.backend, i.mpi_library);
   fmt::print(out_, "# machine {}: {} cpus{}, {}\n", i.host, i.nproc,
              i.usable_cpus > 0 && static_cast<unsigned>(i.usable_cpus) != i.nproc
@@ -120,14 +120,14 @@ void table_printer::skipped(std::size_t bytes) const {
 }
 
 void table_printer::row(const size_result& r) const {
-  std::string line = fmt::format("{:>12} {:>12} {:>9} {:>6}", r.shape.bytes, r.shape.count,
-                                 info_.type, info_.op);
+  std::string line =
+      fmt::format("{:>12} {:>12} {:>9} {:>6}", r.shape.bytes, r.shape.count, info_.type, info_.op);
   auto side = [&](const side_result& s) {
     line += fmt::format("  {:>9.2f} {:>7.2f} {:>7.2f} {:>6}", s.time.median_us, s.algbw, s.busbw,
                         info_.check ? fmt::format("{}", s.wrong) : std::string("N/A"));
     if (info_.extended) {
-      line += fmt::format(" {:>9.2f} {:>9.2f} {:>9.2f}", s.time.min_us, s.time.max_us,
-                          s.time.p99_us);
+      line +=
+          fmt::format(" {:>9.2f} {:>9.2f} {:>9.2f}", s.time.min_us, s.time.max_us, s.time.p99_us);
     }
   };
   side(r.ringflow);
@@ -168,7 +168,8 @@ void table_printer::footer(const std::vector<size_result>& rows) const {
                *std::min_element(ratios.begin(), ratios.end()), median_of(ratios),
                *std::max_element(ratios.begin(), ratios.end()));
     if (info_.extended) {
-      fmt::print(out_, "# paired ratio over sizes >= 1 MiB: min {:.3f}, median {:.3f}, max {:.3f}\n",
+      fmt::print(out_,
+                 "# paired ratio over sizes >= 1 MiB: min {:.3f}, median {:.3f}, max {:.3f}\n",
                  *std::min_element(paired.begin(), paired.end()), median_of(paired),
                  *std::max_element(paired.begin(), paired.end()));
     }
@@ -182,8 +183,9 @@ void write_csv(std::FILE* out, const run_info& info, const std::vector<size_resu
   if (base) fmt::print(out, ",baseline_busbw_GBs,ratio");
   fmt::print(out, ",coll,type,op,count,p50_us,min_us,max_us,iters,reps,segment_bytes");
   if (base) {
-    fmt::print(out, ",baseline,baseline_time_us,baseline_algbw_GBs,baseline_min_us,"
-                    "baseline_max_us,baseline_wrong,paired_ratio");
+    fmt::print(out,
+               ",baseline,baseline_time_us,baseline_algbw_GBs,baseline_min_us,"
+               "baseline_max_us,baseline_wrong,paired_ratio");
   }
   fmt::print(out, ",p99_us");
   if (base) fmt::print(out, ",baseline_p99_us");
@@ -195,8 +197,8 @@ void write_csv(std::FILE* out, const run_info& info, const std::vector<size_resu
                info.check ? fmt::format("{}", s.wrong) : std::string());
     if (base) fmt::print(out, ",{:.6f},{:.4f}", r.baseline.busbw, r.ratio);
     fmt::print(out, ",{},{},{},{},{:.3f},{:.3f},{:.3f},{},{},{}", info.coll, info.type, info.op,
-               r.shape.count, s.time.median_us, s.time.min_us, s.time.max_us, info.iters,
-               info.reps, info.segment_bytes);
+               r.shape.count, s.time.median_us, s.time.min_us, s.time.max_us, info.iters, info.reps,
+               info.segment_bytes);
     if (base) {
       const auto& b = r.baseline;
       fmt::print(out, ",{},{:.3f},{:.6f},{:.3f},{:.3f},{},{:.4f}", info.baseline_call,

@@ -40,7 +40,7 @@ struct run_info {
   std::string coll, algo, type, op, baseline_call;
   int ranks = 0, hosts = 0, root = 0;
   std::string host, cpu_model, mpi_library, backend;
-  unsigned nproc = 0;  // CPUs of the machine
+  unsigned nproc = 0;   // CPUs of the machine
   int usable_cpus = 0;  // CPUs rank 0 may run on (sched_getaffinity: taskset, cgroups)
   int iters = 0, warmup = 0, reps = 0;
   std::size_t segment_bytes = 0;

@@ -25,7 +25,8 @@ void check_ring_order(const std::string& spec) {
     }
   }
   throw bad_flag(fmt::format(
-      "--ring-order '{}': use identity, reverse or random:SEED (SEED a non-negative integer)", spec));
+      "--ring-order '{}': use identity, reverse or random:SEED (SEED a non-negative integer)",
+      spec));
 }
 
 std::vector<int> ring_order(const std::string& spec, int nranks) {

@@ -1,4 +1,5 @@
-// ringflow-bench --ring-order: run on a communicator whose ranks are a permutation of MPI_COMM_WORLD's.
+// ringflow-bench --ring-order: run on a communicator whose ranks are a permutation of
+// MPI_COMM_WORLD's.
 #pragma once
 
 #include <mpi.h>

@@ -1,19 +1,10 @@
-// pipeline_fashion_mnist: trains an MLP on Fashion-MNIST with pipeline parallelism (x data parallelism).
+// pipeline_fashion_mnist: trains an MLP on Fashion-MNIST with pipeline parallelism (x data
+// parallelism).
 //
 //   mpirun -np 2 build/bin/pipeline_fashion_mnist --schedule 1f1b --micro-batches 4
 //   mpirun -np 4 build/bin/pipeline_fashion_mnist --stages 2     # 2 pipelines x 2 stages
 //
 // Progress goes to stderr; the last line on stdout (rank 0) is test_accuracy=<fraction>.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/core/env.hpp>
-#include <ringflow/data/batch.hpp>
-#include <ringflow/data/dataset.hpp>
-#include <ringflow/data/sampler.hpp>
-#include <ringflow/pipeline/executor.hpp>
-#include <ringflow/pipeline/stages.hpp>
-
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -29,6 +20,15 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/core/env.hpp>
+#include <ringflow/data/batch.hpp>
+#include <ringflow/data/dataset.hpp>
+#include <ringflow/data/sampler.hpp>
+#include <ringflow/pipeline/executor.hpp>
+#include <ringflow/pipeline/stages.hpp>
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
@@ -102,8 +102,8 @@ std::optional<options> parse_args(int argc, char** argv, bool print) {
     } else if (arg == "--schedule") {
       o.schedule = flags.value();
       if (o.schedule != "gpipe" && o.schedule != "1f1b" && o.schedule != "interleaved") {
-        throw bad_flag(fmt::format("--schedule expects gpipe, 1f1b or interleaved, got '{}'",
-                                   o.schedule));
+        throw bad_flag(
+            fmt::format("--schedule expects gpipe, 1f1b or interleaved, got '{}'", o.schedule));
       }
     } else if (arg == "--stages") {
       o.stages = static_cast<int>(flags.integer(1, 4096));
@@ -116,7 +116,8 @@ std::optional<options> parse_args(int argc, char** argv, bool print) {
       o.split_backward = true;
     } else if (arg == "--layers") {
       o.split.clear();
-      for (long long l : flags.integers(1, 1 << 16, 4096)) o.split.push_back(static_cast<std::size_t>(l));
+      for (long long l : flags.integers(1, 1 << 16, 4096))
+        o.split.push_back(static_cast<std::size_t>(l));
     } else if (arg == "--epochs") {
       o.epochs = static_cast<int>(flags.integer(1, 100000));
     } else if (arg == "--batch") {
@@ -127,7 +128,8 @@ std::optional<options> parse_args(int argc, char** argv, bool print) {
       o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
     } else if (arg == "--hidden") {
       o.hidden.clear();
-      for (long long h : flags.integers(1, 1 << 16, 64)) o.hidden.push_back(static_cast<ad::index>(h));
+      for (long long h : flags.integers(1, 1 << 16, 64))
+        o.hidden.push_back(static_cast<ad::index>(h));
     } else if (arg == "--data-dir") {
       o.data_dir = flags.text();
     } else if (arg == "--limit") {
@@ -185,8 +187,8 @@ int train(const options& o, ringflow::communicator world) {
   const auto sched = pl::make_schedule(o.schedule, stages_per_pipeline, o.micro_batches, o.chunks,
                                        {.split_backward = o.split_backward});
   if (o.batch < static_cast<std::size_t>(o.micro_batches)) {
-    throw bad_flag(fmt::format("--batch {} is smaller than --micro-batches {}", o.batch,
-                               o.micro_batches));
+    throw bad_flag(
+        fmt::format("--batch {} is smaller than --micro-batches {}", o.batch, o.micro_batches));
   }
 
   const auto t_load = clock_type::now();
@@ -232,8 +234,8 @@ int train(const options& o, ringflow::communicator world) {
   rd::sampler sampler(fm.train.size(), g.pipeline_index, g.pipelines, o.seed);
   const std::size_t steps_per_epoch = rd::batch_count(sampler.per_rank(), o.batch, true);
   const auto total_steps = static_cast<std::int64_t>(steps_per_epoch) * o.epochs;
-  const auto lr_at = ad::warmup_cosine(o.lr, std::min<std::int64_t>(100, total_steps / 10),
-                                       total_steps);
+  const auto lr_at =
+      ad::warmup_cosine(o.lr, std::min<std::int64_t>(100, total_steps / 10), total_steps);
   std::int64_t step = 0;
   std::optional<ad::adamw> opt;
   if (stages.parameters().numel() > 0) {
@@ -278,8 +280,8 @@ int train(const options& o, ringflow::communicator world) {
       if (reporter) {
         const double l = stages.loss();
         if (!std::isfinite(l)) {
-          throw ringflow::error(fmt::format("loss became {} at epoch {} step {}; lower --lr", l,
-                                            epoch + 1, s + 1));
+          throw ringflow::error(
+              fmt::format("loss became {} at epoch {} step {}; lower --lr", l, epoch + 1, s + 1));
         }
         loss_epoch += l;
         if ((s + 1) % report_every == 0) {

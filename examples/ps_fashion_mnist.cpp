@@ -1,4 +1,5 @@
-// ps_fashion_mnist: an MLP on Fashion-MNIST trained through the parameter server (ringflow::ps) or, for comparison, by allreduce; prints samples/s, test accuracy, staleness and traffic.
+// ps_fashion_mnist: an MLP on Fashion-MNIST trained through the parameter server (ringflow::ps) or,
+// for comparison, by allreduce; prints samples/s, test accuracy, staleness and traffic.
 //
 //   mpirun -np 3 build/bin/ps_fashion_mnist --mode async --servers 1
 //   mpirun -np 4 build/bin/ps_fashion_mnist --mode ssp --staleness 2 --slow-worker 1 --slowdown 3
@@ -8,15 +9,6 @@
 // training set. --servers S: ranks 0..S-1 are dedicated servers; --servers 0:
 // every rank serves a shard and works (co-located). The last stdout line is
 // test_accuracy=<fraction>; the line before it is one key=value summary.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/core/log.hpp>
-#include <ringflow/data/batch.hpp>
-#include <ringflow/data/dataset.hpp>
-#include <ringflow/data/sampler.hpp>
-#include <ringflow/ps/parameter_server.hpp>
-
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -30,6 +22,14 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/core/log.hpp>
+#include <ringflow/data/batch.hpp>
+#include <ringflow/data/dataset.hpp>
+#include <ringflow/data/sampler.hpp>
+#include <ringflow/ps/parameter_server.hpp>
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
@@ -61,8 +61,10 @@ void print_help() {
       "\n"
       "Usage: mpirun -np N ps_fashion_mnist [flags]   (--flag value or --flag=value)\n"
       "  --mode M            sync, async, ssp, local (local SGD) or allreduce (the data-parallel\n"
-      "                      peer: gradients averaged by allreduce over all N ranks) (default sync)\n"
-      "  --servers S         dedicated server ranks 0..S-1 (1 <= S < N), or 0: every rank serves a\n"
+      "                      peer: gradients averaged by allreduce over all N ranks) (default "
+      "sync)\n"
+      "  --servers S         dedicated server ranks 0..S-1 (1 <= S < N), or 0: every rank serves "
+      "a\n"
       "                      shard and works (co-located) (default 1; ignored by allreduce)\n"
       "  --staleness s       ssp: a worker at most s pushes ahead of the slowest (default 1)\n"
       "  --local-steps H     local: steps between parameter averages (default 4)\n"
@@ -96,8 +98,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.mode = flags.value();
       if (o.mode != "sync" && o.mode != "async" && o.mode != "ssp" && o.mode != "local" &&
           o.mode != "allreduce") {
-        throw bad_flag(fmt::format("--mode expects sync, async, ssp, local or allreduce, got '{}'",
-                                   o.mode));
+        throw bad_flag(
+            fmt::format("--mode expects sync, async, ssp, local or allreduce, got '{}'", o.mode));
       }
     } else if (arg == "--servers") {
       o.servers = static_cast<int>(flags.integer(0, 4096));
@@ -113,7 +115,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.lr = flags.number(0, 10, /*lo_open=*/true);
     } else if (arg == "--hidden") {
       o.hidden.clear();
-      for (long long h : flags.integers(1, 1 << 16, 64)) o.hidden.push_back(static_cast<ad::index>(h));
+      for (long long h : flags.integers(1, 1 << 16, 64))
+        o.hidden.push_back(static_cast<ad::index>(h));
     } else if (arg == "--seed") {
       o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
     } else if (arg == "--slow-worker") {
@@ -144,8 +147,8 @@ double accuracy(ad::module& model, const rd::dataset& ds) {
   std::size_t correct = 0;
   for (std::size_t begin = 0; begin < ds.size(); begin += 500) {
     const std::size_t n = std::min<std::size_t>(500, ds.size() - begin);
-    auto x = ad::tensor::from_data(ds.sample(begin), {static_cast<ad::index>(n),
-                                                       static_cast<ad::index>(ds.features())});
+    auto x = ad::tensor::from_data(
+        ds.sample(begin), {static_cast<ad::index>(n), static_cast<ad::index>(ds.features())});
     const auto predicted = ad::argmax_rows(model(x));
     for (std::size_t i = 0; i < n; ++i) correct += predicted[i] == ds.labels[begin + i] ? 1 : 0;
   }
@@ -180,7 +183,8 @@ int run(const options& o, const ringflow::communicator& comm) {
   }
   const int worker = allreduce_mode ? rank : ps::layout(1 << 20, np, po, rank).worker_index(rank);
   if (o.slow_worker >= np) {
-    throw ringflow::usage_error(fmt::format("--slow-worker {}: there are only {} ranks", o.slow_worker, np));
+    throw ringflow::usage_error(
+        fmt::format("--slow-worker {}: there are only {} ranks", o.slow_worker, np));
   }
 
   auto fm = rd::load_fashion_mnist(
@@ -224,7 +228,8 @@ int run(const options& o, const ringflow::communicator& comm) {
         sampler.set_epoch(++epoch);
         pos = 0;
       }
-      rd::assemble_batch(fm.train, std::span<const std::size_t>(sampler.indices()).subspan(pos, o.batch), b);
+      rd::assemble_batch(fm.train,
+                         std::span<const std::size_t>(sampler.indices()).subspan(pos, o.batch), b);
       pos += o.batch;
       const auto t_compute = clock_type::now();
       params.zero_grad();
@@ -233,12 +238,13 @@ int run(const options& o, const ringflow::communicator& comm) {
       auto loss = ad::softmax_cross_entropy(model(x), std::span<const int>(b.labels));
       loss.backward();
       if (slowed) {
-        std::this_thread::sleep_for(std::chrono::duration<double>(seconds_since(t_compute) *
-                                                                  (o.slowdown - 1.0)));
+        std::this_thread::sleep_for(
+            std::chrono::duration<double>(seconds_since(t_compute) * (o.slowdown - 1.0)));
       }
       if (allreduce_mode) {
         ringflow::allreduce(comm, grads, ringflow::avg);
-        bytes += 2 * grads.size_bytes() * static_cast<std::size_t>(np - 1) / static_cast<std::size_t>(np);
+        bytes += 2 * grads.size_bytes() * static_cast<std::size_t>(np - 1) /
+                 static_cast<std::size_t>(np);
         own->step();
       } else if (po.mode == ps::consistency::local_sgd) {
         own->step();
@@ -269,7 +275,8 @@ int run(const options& o, const ringflow::communicator& comm) {
   std::vector<double> t(ps::staleness_buckets + static_cast<std::size_t>(S) + 2, 0.0);
   if (node && node->is_server() && po.mode != ps::consistency::local_sgd) {
     const auto& st = node->stats();
-    for (std::size_t k = 0; k < ps::staleness_buckets; ++k) t[k] = static_cast<double>(st.staleness[k]);
+    for (std::size_t k = 0; k < ps::staleness_buckets; ++k)
+      t[k] = static_cast<double>(st.staleness[k]);
     t[ps::staleness_buckets + static_cast<std::size_t>(node->server_index())] =
         static_cast<double>(st.updates);
     for (std::size_t d = 0; d < st.dropped.size(); ++d) {
@@ -286,7 +293,7 @@ int run(const options& o, const ringflow::communicator& comm) {
   if (rank == 0) {
     const double acc = accuracy(model, fm.test);
     const double total_samples = t[t.size() - 2];
-    std::string where = allreduce_mode ? std::string("allreduce over all ranks")
+    std::string where = allreduce_mode   ? std::string("allreduce over all ranks")
                         : o.servers == 0 ? fmt::format("{} co-located server/worker ranks", np)
                                          : fmt::format("{} server(s), {} worker(s)", S, workers);
     fmt::print("ps_fashion_mnist: mode {}{}, {}; {} steps x {} samples per worker; {} parameters\n",
@@ -301,17 +308,22 @@ int run(const options& o, const ringflow::communicator& comm) {
     if (node && po.mode != ps::consistency::local_sgd) {
       std::string hist;
       for (std::size_t k = 0; k < ps::staleness_buckets; ++k) {
-        if (t[k] > 0) hist += fmt::format(" {}{}:{:.0f}", k, k + 1 == ps::staleness_buckets ? "+" : "", t[k]);
+        if (t[k] > 0)
+          hist += fmt::format(" {}{}:{:.0f}", k, k + 1 == ps::staleness_buckets ? "+" : "", t[k]);
       }
-      fmt::print("staleness histogram (updates between a gradient's pull and its apply):{}\n", hist);
+      fmt::print("staleness histogram (updates between a gradient's pull and its apply):{}\n",
+                 hist);
       std::string counts;
-      for (int s = 0; s < S; ++s) counts += fmt::format(" {}:{:.0f}", s, t[ps::staleness_buckets + static_cast<std::size_t>(s)]);
+      for (int s = 0; s < S; ++s)
+        counts +=
+            fmt::format(" {}:{:.0f}", s, t[ps::staleness_buckets + static_cast<std::size_t>(s)]);
       fmt::print("updates per server:{}\n", counts);
     }
-    fmt::print("mode={} servers={} workers={} samples_per_s={:.0f} bytes_per_sample={:.0f} "
-               "wall_s={:.2f}\n",
-               o.mode, allreduce_mode ? 0 : S, workers, total_samples / longest[0],
-               t[t.size() - 1] / std::max(1.0, total_samples), longest[0]);
+    fmt::print(
+        "mode={} servers={} workers={} samples_per_s={:.0f} bytes_per_sample={:.0f} "
+        "wall_s={:.2f}\n",
+        o.mode, allreduce_mode ? 0 : S, workers, total_samples / longest[0],
+        t[t.size() - 1] / std::max(1.0, total_samples), longest[0]);
     fmt::print("test_accuracy={:.4f}\n", acc);
     std::fflush(stdout);
   }

@@ -2,7 +2,8 @@
 // data-parallel on a synthetic click log; the table's gradients are sparse rows.
 //
 //   mpirun -np 2 build/bin/recommend_clicks                      # sparse reduction
-//   mpirun -np 2 build/bin/recommend_clicks --reduction dense    # the same model, dense table grads
+//   mpirun -np 2 build/bin/recommend_clicks --reduction dense    # the same model, dense table
+//   grads
 //
 // Every sample has --fields categorical ids (field f owns rows [f R/F, (f+1) R/F)
 // of the shared table, drawn from a power law so a few ids are common), and a
@@ -12,12 +13,6 @@
 // accuracy every --report steps, then the bytes this rank sent per step: the
 // sparse_allreduce of the touched rows against the dense allreduce of the table.
 // The last line on stdout is auc=<value>.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/core/log.hpp>
-#include <ringflow/train/data_parallel.hpp>
-
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -32,6 +27,11 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/core/log.hpp>
+#include <ringflow/train/data_parallel.hpp>
 
 namespace ad = ringflow::ad;
 namespace rt = ringflow::train;
@@ -147,12 +147,14 @@ struct click_log {
   // Hidden per-id effect, roughly N(0, 1) (sum of 4 uniforms, centred).
   double effect(std::int64_t row) const {
     double s = 0;
-    for (int j = 0; j < 4; ++j) s += unit(mix(o.seed * 7 + static_cast<std::uint64_t>(row) * 4 + j));
+    for (int j = 0; j < 4; ++j)
+      s += unit(mix(o.seed * 7 + static_cast<std::uint64_t>(row) * 4 + j));
     return (s - 2.0) * std::sqrt(3.0);
   }
   int click(std::uint64_t sample, const std::vector<std::int64_t>& ids) const {
     double logit = -0.5;
-    for (const auto id : ids) logit += effect(id) / std::sqrt(static_cast<double>(ids.size())) * 1.5;
+    for (const auto id : ids)
+      logit += effect(id) / std::sqrt(static_cast<double>(ids.size())) * 1.5;
     const double p = 1.0 / (1.0 + std::exp(-logit));
     return unit(mix(o.seed ^ 0x5ca1ab1eull ^ mix(sample))) < p ? 1 : 0;
   }
@@ -174,7 +176,8 @@ struct click_model {
   ad::embedding table;
   ad::mlp head;
   click_model(const options& o, int rank)
-      : table(o.rows, o.dim, o.seed, {.sparse = o.reduction == "sparse", .init_std = 0.05, .rank = rank}),
+      : table(o.rows, o.dim, o.seed,
+              {.sparse = o.reduction == "sparse", .init_std = 0.05, .rank = rank}),
         head({o.fields * o.dim, o.hidden, 2}, ad::activation::relu, o.seed + 1) {}
   ad::tensor logits(const std::vector<std::int64_t>& ids, ad::index fields) {
     return head(table.lookup(ids, fields));
@@ -217,8 +220,8 @@ double auc(const std::vector<float>& score, const std::vector<int>& label) {
 int train(const options& o, const ringflow::communicator& comm) {
   const int rank = comm.rank(), np = comm.size();
   if (o.batch % static_cast<std::size_t>(np) != 0) {
-    throw ringflow::usage_error(fmt::format(
-        "--batch {} is not a multiple of the {} ranks; use a multiple", o.batch, np));
+    throw ringflow::usage_error(
+        fmt::format("--batch {} is not a multiple of the {} ranks; use a multiple", o.batch, np));
   }
   const std::size_t local = o.batch / static_cast<std::size_t>(np);
   click_model model(o, rank);
@@ -243,8 +246,10 @@ int train(const options& o, const ringflow::communicator& comm) {
     std::size_t right = 0;
     for (std::size_t s = 0; s < o.eval; s += 1024) {
       const std::size_t n = std::min<std::size_t>(1024, o.eval - s);
-      std::vector<std::int64_t> ids(eval_ids.begin() + static_cast<std::ptrdiff_t>(s * static_cast<std::size_t>(o.fields)),
-                                    eval_ids.begin() + static_cast<std::ptrdiff_t>((s + n) * static_cast<std::size_t>(o.fields)));
+      std::vector<std::int64_t> ids(
+          eval_ids.begin() + static_cast<std::ptrdiff_t>(s * static_cast<std::size_t>(o.fields)),
+          eval_ids.begin() +
+              static_cast<std::ptrdiff_t>((s + n) * static_cast<std::size_t>(o.fields)));
       auto p = ad::softmax(model.logits(ids, o.fields));
       for (std::size_t k = 0; k < n; ++k) {
         score[s + k] = p.data()[k * 2 + 1];
@@ -256,12 +261,13 @@ int train(const options& o, const ringflow::communicator& comm) {
   };
 
   if (rank == 0) {
-    std::printf("recommend_clicks: %d ranks, table %lld x %lld (%.1f MiB), %lld fields, mlp %lld-%lld-2, "
-                "global batch %zu, %s, %s reduction\n",
-                np, static_cast<long long>(o.rows), static_cast<long long>(o.dim),
-                static_cast<double>(o.rows * o.dim) * 4.0 / (1 << 20), static_cast<long long>(o.fields),
-                static_cast<long long>(o.fields * o.dim), static_cast<long long>(o.hidden), o.batch,
-                o.optimizer.c_str(), o.reduction.c_str());
+    std::printf(
+        "recommend_clicks: %d ranks, table %lld x %lld (%.1f MiB), %lld fields, mlp %lld-%lld-2, "
+        "global batch %zu, %s, %s reduction\n",
+        np, static_cast<long long>(o.rows), static_cast<long long>(o.dim),
+        static_cast<double>(o.rows * o.dim) * 4.0 / (1 << 20), static_cast<long long>(o.fields),
+        static_cast<long long>(o.fields * o.dim), static_cast<long long>(o.hidden), o.batch,
+        o.optimizer.c_str(), o.reduction.c_str());
     std::fflush(stdout);
   }
   std::vector<std::int64_t> ids;
@@ -272,10 +278,11 @@ int train(const options& o, const ringflow::communicator& comm) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int step = 0; step < o.steps; ++step) {
     // This rank's slice of global batch `step`.
-    log.fill(static_cast<std::uint64_t>(step) * o.batch + static_cast<std::uint64_t>(rank) * local, local,
-             ids, clicks);
+    log.fill(static_cast<std::uint64_t>(step) * o.batch + static_cast<std::uint64_t>(rank) * local,
+             local, ids, clicks);
     params.zero_grad();
-    auto loss = ad::softmax_cross_entropy(model.logits(ids, o.fields), std::span<const int>(clicks));
+    auto loss =
+        ad::softmax_cross_entropy(model.logits(ids, o.fields), std::span<const int>(clicks));
     dp.backward(loss);
     if (adamw) {
       dp.step(*adamw);
@@ -305,20 +312,21 @@ int train(const options& o, const ringflow::communicator& comm) {
   // the ring allreduce of every bucket, the table included.
   const auto table_floats = static_cast<std::size_t>(o.rows * o.dim);
   std::uint64_t dense_bytes = 0;
-  for (const auto& bk : rt::plan_buckets(params, rt::default_bucket_cap_bytes,
-                                         rt::default_first_bucket_cap_bytes)) {
+  for (const auto& bk :
+       rt::plan_buckets(params, rt::default_bucket_cap_bytes, rt::default_first_bucket_cap_bytes)) {
     dense_bytes += rt::ring_bytes_sent(bk.size, sizeof(float), np, rank, true, true);
   }
   if (rank == 0) {
     const double per_step = o.steps > 0 ? static_cast<double>(bytes_total) / o.steps : 0.0;
     std::printf("trained %d steps in %.2f s (%.1f ms/step)\n", o.steps, secs,
                 o.steps > 0 ? secs * 1e3 / o.steps : 0.0);
-    std::printf("bytes sent per step by rank 0: %.0f with %s reduction; a dense allreduce of all %zu "
-                "parameters (%zu in the table) sends %llu (%.1fx %s)\n",
-                per_step, o.reduction.c_str(), params.numel(), table_floats,
-                static_cast<unsigned long long>(dense_bytes),
-                per_step > 0 ? static_cast<double>(dense_bytes) / per_step : 0.0,
-                per_step > 0 && per_step < static_cast<double>(dense_bytes) ? "fewer" : "as many");
+    std::printf(
+        "bytes sent per step by rank 0: %.0f with %s reduction; a dense allreduce of all %zu "
+        "parameters (%zu in the table) sends %llu (%.1fx %s)\n",
+        per_step, o.reduction.c_str(), params.numel(), table_floats,
+        static_cast<unsigned long long>(dense_bytes),
+        per_step > 0 ? static_cast<double>(dense_bytes) / per_step : 0.0,
+        per_step > 0 && per_step < static_cast<double>(dense_bytes) ? "fewer" : "as many");
     double acc = 0;
     const double a = evaluate(acc);
     std::printf("auc=%.4f\n", a);

@@ -9,11 +9,6 @@
 //
 // One process, one thread for the products (--threads); docs/inference.md
 // has the tables this prints and how they were measured.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/ad/gemm.hpp>
-#include <ringflow/data/dataset.hpp>
-#include <ringflow/serve/serve.hpp>
-
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -31,6 +26,10 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/ad/gemm.hpp>
+#include <ringflow/data/dataset.hpp>
+#include <ringflow/serve/serve.hpp>
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
@@ -117,7 +116,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
     } else if (arg == "--hidden") {
       o.hidden.clear();
-      for (long long h : flags.integers(1, 1 << 14, 16)) o.hidden.push_back(static_cast<ad::index>(h));
+      for (long long h : flags.integers(1, 1 << 14, 16))
+        o.hidden.push_back(static_cast<ad::index>(h));
     } else if (arg == "--data-dir") {
       o.data_dir = flags.text();
     } else if (arg == "--limit") {
@@ -195,10 +195,12 @@ void train(ad::sequential& net, const rd::dataset& ds, int epochs, const options
     for (std::size_t s = 0; s < steps_per_epoch; ++s, ++step) {
       for (std::size_t i = 0; i < o.batch; ++i) {
         const std::size_t r = order[s * o.batch + i];
-        std::copy_n(ds.sample(r), ds.features(), x.begin() + static_cast<std::ptrdiff_t>(i * ds.features()));
+        std::copy_n(ds.sample(r), ds.features(),
+                    x.begin() + static_cast<std::ptrdiff_t>(i * ds.features()));
         labels[i] = ds.labels[r];
       }
-      auto xt = ad::tensor::from_data(x.data(), {static_cast<ad::index>(o.batch), static_cast<ad::index>(ds.features())});
+      auto xt = ad::tensor::from_data(
+          x.data(), {static_cast<ad::index>(o.batch), static_cast<ad::index>(ds.features())});
       auto loss = loss_of(xt, labels);
       net.zero_grad();
       loss.backward();
@@ -210,13 +212,15 @@ void train(ad::sequential& net, const rd::dataset& ds, int epochs, const options
   net.eval();
 }
 
-void train_on_labels(ad::sequential& net, const rd::dataset& ds, int epochs, const options& o,
-                     double lr, const std::function<void()>& after = [] {}) {
-  train(net, ds, epochs, o, lr,
-        [&](const ad::tensor& x, const std::vector<int>& labels) {
-          return ad::softmax_cross_entropy(net(x), labels);
-        },
-        after);
+void train_on_labels(
+    ad::sequential& net, const rd::dataset& ds, int epochs, const options& o, double lr,
+    const std::function<void()>& after = [] {}) {
+  train(
+      net, ds, epochs, o, lr,
+      [&](const ad::tensor& x, const std::vector<int>& labels) {
+        return ad::softmax_cross_entropy(net(x), labels);
+      },
+      after);
 }
 
 std::vector<ad::index> widths(ad::index in, const std::vector<ad::index>& hidden, ad::index out) {
@@ -237,7 +241,8 @@ struct row {
 
 int run(const options& o) {
   ad::set_threads(o.threads);
-  const auto dir = o.data_dir.empty() ? rd::default_fashion_mnist_dir() : std::filesystem::path(o.data_dir);
+  const auto dir =
+      o.data_dir.empty() ? rd::default_fashion_mnist_dir() : std::filesystem::path(o.data_dir);
   auto fm = rd::load_fashion_mnist(dir, o.limit);
   rd::normalize(fm.train, rd::fashion_mnist_normalization);
   rd::normalize(fm.test, rd::fashion_mnist_normalization);
@@ -262,19 +267,22 @@ int run(const options& o) {
 
   const ad::index calib = std::min<ad::index>(o.calib, static_cast<ad::index>(fm.train.size()));
   auto int8 = std::make_shared<const sv::model>(sv::quantize(*fp32, fm.train.images.data(), calib));
-  auto int8_pct = std::make_shared<const sv::model>(sv::quantize(
-      *fp32, fm.train.images.data(), calib,
-      {.how = sv::calibration_options::method::percentile, .percentile = 99.99}));
+  auto int8_pct = std::make_shared<const sv::model>(
+      sv::quantize(*fp32, fm.train.images.data(), calib,
+                   {.how = sv::calibration_options::method::percentile, .percentile = 99.99}));
 
   // Unstructured: global magnitude pruning, then fine-tuning with the mask.
   ad::mlp pruned_net(teacher_widths, ad::activation::relu, o.seed);
   fp32->copy_to(pruned_net);
   auto pruned_params = pruned_net.parameters();
   const auto mask = sv::prune_global_magnitude(pruned_params, o.sparsity);
-  const double acc_pruned_raw = sv::accuracy(sv::model::from_sequential(pruned_net), fm.test.images.data(), fm.test.labels);
-  train_on_labels(pruned_net, fm.train, o.finetune_epochs, o, o.lr * 0.3, [&] { mask.apply(pruned_params); });
+  const double acc_pruned_raw =
+      sv::accuracy(sv::model::from_sequential(pruned_net), fm.test.images.data(), fm.test.labels);
+  train_on_labels(pruned_net, fm.train, o.finetune_epochs, o, o.lr * 0.3,
+                  [&] { mask.apply(pruned_params); });
   auto pruned = std::make_shared<const sv::model>(sv::model::from_sequential(pruned_net));
-  auto pruned_int8 = std::make_shared<const sv::model>(sv::quantize(*pruned, fm.train.images.data(), calib));
+  auto pruned_int8 =
+      std::make_shared<const sv::model>(sv::quantize(*pruned, fm.train.images.data(), calib));
 
   // Structured: drop the least important hidden neurons, fine-tune the smaller net.
   const sv::model shrunk = sv::prune_neurons(*fp32, o.keep);
@@ -292,29 +300,37 @@ int run(const options& o) {
   ad::mlp student_kd(student_widths, ad::activation::relu, o.seed + 1);
   {
     std::vector<float> tl;
-    train(student_kd, fm.train, o.epochs, o, o.lr,
-          [&](const ad::tensor& x, const std::vector<int>& labels) {
-            tl.resize(static_cast<std::size_t>(x.rows() * 10));
-            fp32->forward(x.data().data(), x.rows(), tl.data());
-            const auto t = ad::tensor::from_data(tl.data(), {x.rows(), 10});
-            return sv::distillation_loss(student_kd(x), t, labels, o.temperature, o.alpha);
-          },
-          [] {});
+    train(
+        student_kd, fm.train, o.epochs, o, o.lr,
+        [&](const ad::tensor& x, const std::vector<int>& labels) {
+          tl.resize(static_cast<std::size_t>(x.rows() * 10));
+          fp32->forward(x.data().data(), x.rows(), tl.data());
+          const auto t = ad::tensor::from_data(tl.data(), {x.rows(), 10});
+          return sv::distillation_loss(student_kd(x), t, labels, o.temperature, o.alpha);
+        },
+        [] {});
   }
   auto student_l = std::make_shared<const sv::model>(sv::model::from_sequential(student_labels));
   auto student_d = std::make_shared<const sv::model>(sv::model::from_sequential(student_kd));
-  auto student_d8 = std::make_shared<const sv::model>(sv::quantize(*student_d, fm.train.images.data(), calib));
+  auto student_d8 =
+      std::make_shared<const sv::model>(sv::quantize(*student_d, fm.train.images.data(), calib));
 
   std::vector<row> rows = {
       {"fp32", fp32, "fp32.rfmodel"},
       {"int8 (min/max calibration)", int8, "int8.rfmodel"},
       {"int8 (99.99th percentile)", int8_pct, "int8_percentile.rfmodel"},
-      {fmt::format("pruned {:.0f}% unstructured, fp32", 100 * o.sparsity), pruned, "pruned.rfmodel"},
-      {fmt::format("pruned {:.0f}% unstructured, int8", 100 * o.sparsity), pruned_int8, "pruned_int8.rfmodel"},
-      {fmt::format("structured {}", fmt::join(shrunk_widths, "-")), structured, "structured.rfmodel"},
-      {fmt::format("student {} (labels only)", fmt::join(student_widths, "-")), student_l, "student_labels.rfmodel"},
-      {fmt::format("student {} (distilled)", fmt::join(student_widths, "-")), student_d, "student_distilled.rfmodel"},
-      {fmt::format("student {} (distilled, int8)", fmt::join(student_widths, "-")), student_d8, "student_distilled_int8.rfmodel"},
+      {fmt::format("pruned {:.0f}% unstructured, fp32", 100 * o.sparsity), pruned,
+       "pruned.rfmodel"},
+      {fmt::format("pruned {:.0f}% unstructured, int8", 100 * o.sparsity), pruned_int8,
+       "pruned_int8.rfmodel"},
+      {fmt::format("structured {}", fmt::join(shrunk_widths, "-")), structured,
+       "structured.rfmodel"},
+      {fmt::format("student {} (labels only)", fmt::join(student_widths, "-")), student_l,
+       "student_labels.rfmodel"},
+      {fmt::format("student {} (distilled)", fmt::join(student_widths, "-")), student_d,
+       "student_distilled.rfmodel"},
+      {fmt::format("student {} (distilled, int8)", fmt::join(student_widths, "-")), student_d8,
+       "student_distilled_int8.rfmodel"},
   };
   for (auto& r : rows) {
     const auto file = mdir / r.file;
@@ -346,31 +362,42 @@ int run(const options& o) {
     }
   }
   const double fp32_ms = median(rows[0].ms);
-  std::printf("\n## Models (test accuracy on %zu samples, batch-%td forward on 1 thread, median of %d reps)\n\n",
-              fm.test.size(), b, o.reps);
-  std::printf("| model | test accuracy | nonzero weights | file bytes | size vs fp32 | batch-%td ms | speedup vs fp32 |\n",
-              b);
+  std::printf(
+      "\n## Models (test accuracy on %zu samples, batch-%td forward on 1 thread, median of %d "
+      "reps)\n\n",
+      fm.test.size(), b, o.reps);
+  std::printf(
+      "| model | test accuracy | nonzero weights | file bytes | size vs fp32 | batch-%td ms | "
+      "speedup vs fp32 |\n",
+      b);
   std::printf("|---|---|---|---|---|---|---|\n");
   std::printf("| fp32, ad forward (autodiff, no_grad) | %.4f | %zu | - | - | %.3f | %.2fx |\n",
               rows[0].accuracy, fp32->nonzero_weights(), median(ad_ms), fp32_ms / median(ad_ms));
   for (const auto& r : rows) {
-    std::printf("| %s | %.4f | %zu | %zu | %.2fx smaller | %.3f | %.2fx |\n", r.name.c_str(), r.accuracy,
-                r.model->nonzero_weights(), r.bytes,
+    std::printf("| %s | %.4f | %zu | %zu | %.2fx smaller | %.3f | %.2fx |\n", r.name.c_str(),
+                r.accuracy, r.model->nonzero_weights(), r.bytes,
                 static_cast<double>(rows[0].bytes) / static_cast<double>(r.bytes), median(r.ms),
                 fp32_ms / median(r.ms));
   }
-  std::printf("\nbefore fine-tuning: pruned %.0f%% %.4f, structured %.4f (1 fine-tuning epoch each: %d)\n",
-              100 * o.sparsity, acc_pruned_raw, acc_shrunk_raw, o.finetune_epochs);
-  std::printf("int8 path %s, fp32 products %s\n", sv::to_string(sv::best_int8_path()), ad::gemm_backend().c_str());
+  std::printf(
+      "\nbefore fine-tuning: pruned %.0f%% %.4f, structured %.4f (1 fine-tuning epoch each: %d)\n",
+      100 * o.sparsity, acc_pruned_raw, acc_shrunk_raw, o.finetune_epochs);
+  std::printf("int8 path %s, fp32 products %s\n", sv::to_string(sv::best_int8_path()),
+              ad::gemm_backend().c_str());
 
   // Products alone: int8 (every path) against fp32 ad::gemm, the MLP's shapes.
-  std::printf("\n## int8 against fp32 products (m x k x n, median of %d reps, GOP/s = 2mkn / time)\n\n", o.reps);
-  std::printf("| m x k x n | fp32 ad::gemm us | int8 path | int8 us | int8 GOP/s | speedup |\n|---|---|---|---|---|---|\n");
+  std::printf(
+      "\n## int8 against fp32 products (m x k x n, median of %d reps, GOP/s = 2mkn / time)\n\n",
+      o.reps);
+  std::printf(
+      "| m x k x n | fp32 ad::gemm us | int8 path | int8 us | int8 GOP/s | speedup "
+      "|\n|---|---|---|---|---|---|\n");
   const ad::index shapes[][3] = {{128, 784, 256}, {128, 256, 128}, {128, 128, 10}, {1, 784, 256}};
   std::mt19937 rng(1);
   for (const auto& s : shapes) {
     const ad::index m = s[0], k = s[1], n = s[2];
-    std::vector<float> af(static_cast<std::size_t>(m * k)), bf(static_cast<std::size_t>(k * n)), cf(static_cast<std::size_t>(m * n));
+    std::vector<float> af(static_cast<std::size_t>(m * k)), bf(static_cast<std::size_t>(k * n)),
+        cf(static_cast<std::size_t>(m * n));
     std::vector<std::uint8_t> a8(af.size());
     std::vector<std::int8_t> b8(bf.size());
     std::vector<std::int32_t> c32(cf.size());
@@ -385,7 +412,8 @@ int run(const options& o) {
       for (int rep = 0; rep < o.reps; ++rep) {
         auto t0 = clock_type::now();
         for (int i = 0; i < iters; ++i) {
-          ad::gemm<float>(false, false, m, n, k, 1.0f, af.data(), k, bf.data(), n, 0.0f, cf.data(), n);
+          ad::gemm<float>(false, false, m, n, k, 1.0f, af.data(), k, bf.data(), n, 0.0f, cf.data(),
+                          n);
         }
         tf.push_back(1e6 * seconds_since(t0) / iters);
         t0 = clock_type::now();
@@ -393,24 +421,32 @@ int run(const options& o) {
         ti.push_back(1e6 * seconds_since(t0) / iters);
       }
       const double f = median(tf), q = median(ti);
-      std::printf("| %td x %td x %td | %.2f | %s | %.2f | %.1f | %.2fx |\n", m, k, n, f, sv::to_string(path), q,
-                  2.0 * static_cast<double>(m * k * n) / (q * 1e3), f / q);
+      std::printf("| %td x %td x %td | %.2f | %s | %.2f | %.1f | %.2fx |\n", m, k, n, f,
+                  sv::to_string(path), q, 2.0 * static_cast<double>(m * k * n) / (q * 1e3), f / q);
     }
   }
 
   if (!o.skip_serve) {
-    std::printf("\n## Batched runner (%d clients x %d in flight, closed loop, max wait %d us, %d ms per row)\n\n",
-                o.clients, o.in_flight, o.max_wait_us, o.serve_ms);
-    std::printf("| model | max batch | requests/s | p50 us | p99 us | mean batch | rejected |\n|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "\n## Batched runner (%d clients x %d in flight, closed loop, max wait %d us, %d ms per "
+        "row)\n\n",
+        o.clients, o.in_flight, o.max_wait_us, o.serve_ms);
+    std::printf(
+        "| model | max batch | requests/s | p50 us | p99 us | mean batch | rejected "
+        "|\n|---|---|---|---|---|---|---|\n");
     for (const std::size_t mb : {1, 8, 32, 128}) {
       for (const auto& r : {rows[0], rows[1]}) {
-        sv::runner runner(r.model, {.max_batch = mb, .max_wait = std::chrono::microseconds(o.max_wait_us),
+        sv::runner runner(r.model, {.max_batch = mb,
+                                    .max_wait = std::chrono::microseconds(o.max_wait_us),
                                     .max_queue = 4096});
-        const auto rep = sv::run_load(runner, fm.test.images.data(), static_cast<ad::index>(fm.test.size()),
-                                      {.clients = o.clients, .in_flight = o.in_flight,
-                                       .duration = std::chrono::milliseconds(o.serve_ms)});
-        std::printf("| %s | %zu | %.0f | %.0f | %.0f | %.1f | %llu |\n", r.name.c_str(), mb, rep.throughput,
-                    rep.p50_us, rep.p99_us, rep.mean_batch, static_cast<unsigned long long>(rep.rejected));
+        const auto rep =
+            sv::run_load(runner, fm.test.images.data(), static_cast<ad::index>(fm.test.size()),
+                         {.clients = o.clients,
+                          .in_flight = o.in_flight,
+                          .duration = std::chrono::milliseconds(o.serve_ms)});
+        std::printf("| %s | %zu | %.0f | %.0f | %.0f | %.1f | %llu |\n", r.name.c_str(), mb,
+                    rep.throughput, rep.p50_us, rep.p99_us, rep.mean_batch,
+                    static_cast<unsigned long long>(rep.rejected));
         std::fflush(stdout);
       }
     }

@@ -1,4 +1,5 @@
-// train_fashion_mnist: data-parallel MLP (default) or CNN training on Fashion-MNIST over MPI ranks; prints the test accuracy.
+// train_fashion_mnist: data-parallel MLP (default) or CNN training on Fashion-MNIST over MPI ranks;
+// prints the test accuracy.
 //
 //   mpirun -np 4 build/bin/train_fashion_mnist --epochs 6 --batch 128
 //   mpirun -np 4 build/bin/train_fashion_mnist --checkpoint-dir ck --resume
@@ -7,22 +8,10 @@
 // step, so the optimization is the same whatever N is. Rank 0 reports on
 // stderr (a live bar on a terminal, plain lines otherwise); the last line on
 // its stdout is test_accuracy=<fraction>.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/compress/compressor.hpp>
-#include <ringflow/core/log.hpp>
-#include <ringflow/data/batch.hpp>
-#include <ringflow/data/dataset.hpp>
-#include <ringflow/data/sampler.hpp>
-#include <ringflow/train/checkpoint.hpp>
-#include <ringflow/train/data_parallel.hpp>
-#include <ringflow/train/sharded_data_parallel.hpp>
-
-#include <Eigen/Core>
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <Eigen/Core>
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -38,6 +27,17 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/compress/compressor.hpp>
+#include <ringflow/core/log.hpp>
+#include <ringflow/data/batch.hpp>
+#include <ringflow/data/dataset.hpp>
+#include <ringflow/data/sampler.hpp>
+#include <ringflow/train/checkpoint.hpp>
+#include <ringflow/train/data_parallel.hpp>
+#include <ringflow/train/sharded_data_parallel.hpp>
 
 namespace ad = ringflow::ad;
 namespace rd = ringflow::data;
@@ -71,7 +71,8 @@ struct options {
 
 void print_help() {
   std::printf(
-      "train_fashion_mnist: data-parallel MLP or CNN training on Fashion-MNIST; reports test accuracy.\n"
+      "train_fashion_mnist: data-parallel MLP or CNN training on Fashion-MNIST; reports test "
+      "accuracy.\n"
       "\n"
       "Usage: mpirun -np N train_fashion_mnist [flags]   (--flag value or --flag=value)\n"
       "  --epochs N             passes over the training set (default 6)\n"
@@ -94,7 +95,8 @@ void print_help() {
       "                         first half of an interrupted run, for --resume to finish\n"
       "  --bucket-kib N         gradient bucket cap in KiB (default %zu)\n"
       "  --progress MODE        auto (a bar on a terminal), bar, lines or none (default auto)\n"
-      "  --algo NAME            bucket allreduce: auto, ring or native (MPI_Allreduce) (default auto)\n"
+      "  --algo NAME            bucket allreduce: auto, ring or native (MPI_Allreduce) (default "
+      "auto)\n"
       "  --compress SPEC        gradient compression per bucket: none, fp16, bf16, int8[:block],\n"
       "                         topk:<ratio in (0,1]>, sign[:block], powersgd:<rank>, or auto\n"
       "                         (the cost model picks per bucket) (default none; see\n"
@@ -137,10 +139,12 @@ std::optional<options> parse_args(int argc, char** argv) {
       }
     } else if (arg == "--channels") {
       o.channels.clear();
-      for (long long c : flags.integers(1, 1 << 12, 8)) o.channels.push_back(static_cast<ad::index>(c));
+      for (long long c : flags.integers(1, 1 << 12, 8))
+        o.channels.push_back(static_cast<ad::index>(c));
     } else if (arg == "--hidden") {
       o.hidden.clear();
-      for (long long h : flags.integers(1, 1 << 16, 64)) o.hidden.push_back(static_cast<ad::index>(h));
+      for (long long h : flags.integers(1, 1 << 16, 64))
+        o.hidden.push_back(static_cast<ad::index>(h));
     } else if (arg == "--threads") {
       o.threads = static_cast<int>(flags.integer(1, 1024));
     } else if (arg == "--data-dir") {
@@ -180,8 +184,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.progress = flags.value();
       if (o.progress != "auto" && o.progress != "bar" && o.progress != "lines" &&
           o.progress != "none") {
-        throw bad_flag(fmt::format("--progress expects auto, bar, lines or none, got '{}'",
-                                   o.progress));
+        throw bad_flag(
+            fmt::format("--progress expects auto, bar, lines or none, got '{}'", o.progress));
       }
     } else {
       flags.unknown();
@@ -190,11 +194,13 @@ std::optional<options> parse_args(int argc, char** argv) {
   if (o.resume && o.checkpoint_dir.empty()) throw bad_flag("--resume needs --checkpoint-dir");
   if (o.zero > 0) {
     if (o.compress != "none") {
-      throw bad_flag("--compress: gradient compression is not available with --zero 1|2; use "
-                     "--zero 0");
+      throw bad_flag(
+          "--compress: gradient compression is not available with --zero 1|2; use "
+          "--zero 0");
     }
     if (o.algorithm != ringflow::algo::automatic && o.algorithm != ringflow::algo::ring) {
-      throw bad_flag("--algo: --zero 1|2 runs ring reduce-scatters and allgathers; use auto or ring");
+      throw bad_flag(
+          "--algo: --zero 1|2 runs ring reduce-scatters and allgathers; use auto or ring");
     }
   }
   if (o.checkpoint_every > 0 && o.checkpoint_dir.empty()) {
@@ -224,8 +230,8 @@ ad::sequential build_model(const options& o, ad::index features, ad::index class
   std::uint64_t seed = o.seed;
   for (ad::index c : o.channels) {
     if (side < 2) {
-      throw ringflow::usage_error(
-          fmt::format("--channels: {} blocks halve 28x28 to nothing; use at most 4", o.channels.size()));
+      throw ringflow::usage_error(fmt::format(
+          "--channels: {} blocks halve 28x28 to nothing; use at most 4", o.channels.size()));
     }
     net.add(ad::conv2d_layer(in, c, 3, /*stride=*/1, /*padding=*/1, seed++));
     net.add(ad::activation_layer(ad::activation::relu));
@@ -256,8 +262,8 @@ double accuracy(const ringflow::communicator& comm, ad::module& model, const rd:
   for (std::size_t begin = 0; begin < ds.size(); begin += slice, ++k) {
     if (static_cast<int>(k % static_cast<std::size_t>(comm.size())) != comm.rank()) continue;
     const std::size_t n = std::min(slice, ds.size() - begin);
-    auto x = ad::tensor::from_data(ds.sample(begin), {static_cast<ad::index>(n),
-                                                       static_cast<ad::index>(ds.features())});
+    auto x = ad::tensor::from_data(
+        ds.sample(begin), {static_cast<ad::index>(n), static_cast<ad::index>(ds.features())});
     const auto predicted = ad::argmax_rows(model(x));
     for (std::size_t i = 0; i < n; ++i) counts[0] += predicted[i] == ds.labels[begin + i] ? 1 : 0;
     counts[1] += static_cast<double>(n);
@@ -293,8 +299,8 @@ class progress_report {
                  "comm {:.0f}% ({:.0f}% hidden)",
                  w.epoch, w.epochs, std::string(static_cast<std::size_t>(filled), '#'),
                  std::string(static_cast<std::size_t>(width - filled), '.'),
-                 100.0 * static_cast<double>(w.step) / static_cast<double>(w.steps), w.loss,
-                 w.acc, w.samples_per_s, 100 * w.comm_share, 100 * w.hidden);
+                 100.0 * static_cast<double>(w.step) / static_cast<double>(w.steps), w.loss, w.acc,
+                 w.samples_per_s, 100 * w.comm_share, 100 * w.hidden);
       std::fflush(stderr);
     } else {
       fmt::print(stderr,
@@ -327,7 +333,8 @@ int train(const options& o, const ringflow::communicator& comm) {
       std::fprintf(stderr,
                    "train_fashion_mnist: --batch %zu (global) is not a multiple of the %d ranks; "
                    "pick a multiple, e.g. %zu\n",
-                   o.batch, np, (o.batch / static_cast<std::size_t>(np) + 1) * static_cast<std::size_t>(np));
+                   o.batch, np,
+                   (o.batch / static_cast<std::size_t>(np) + 1) * static_cast<std::size_t>(np));
     }
     return exit_usage;
   }
@@ -340,8 +347,8 @@ int train(const options& o, const ringflow::communicator& comm) {
   rd::normalize(fm.train, rd::fashion_mnist_normalization);
   rd::normalize(fm.test, rd::fashion_mnist_normalization);
   if (fm.train.size() < o.batch) {
-    throw ringflow::usage_error(fmt::format("--batch {} is larger than the {} training samples",
-                                            o.batch, fm.train.size()));
+    throw ringflow::usage_error(
+        fmt::format("--batch {} is larger than the {} training samples", o.batch, fm.train.size()));
   }
 
   ad::sequential model = build_model(o, static_cast<ad::index>(fm.train.features()),
@@ -370,22 +377,22 @@ int train(const options& o, const ringflow::communicator& comm) {
   rd::sampler sampler(fm.train.size(), rank, np, o.seed);
   const std::size_t steps_per_epoch = rd::batch_count(sampler.per_rank(), local_batch, true);
   const auto total_steps = static_cast<std::int64_t>(steps_per_epoch) * o.epochs;
-  const auto schedule = ad::warmup_cosine(o.lr, std::min<std::int64_t>(100, total_steps / 10),
-                                          total_steps);
+  const auto schedule =
+      ad::warmup_cosine(o.lr, std::min<std::int64_t>(100, total_steps / 10), total_steps);
 
   // Checkpoint: everything needed to continue exactly where a run stopped.
-  rt::training_state state{.params = model.parameters(),
-                           // Sharded: this rank's pieces, gathered into the
-                           // full layout on save (any rank count resumes).
-                           .optimizer = sdp ? rt::optimizer_state_of(opt, sdp->owned())
-                                            : rt::optimizer_state_of(opt),
-                           .sampler = &sampler,
-                           .step = 0,
-                           .world_size = np,
-                           .extra = {},
-                           // Residuals, counters, warm starts: a compressed
-                           // run resumes bit for bit (at the same rank count).
-                           .compression = dp ? dp->bucket_compression() : nullptr};
+  rt::training_state state{
+      .params = model.parameters(),
+      // Sharded: this rank's pieces, gathered into the
+      // full layout on save (any rank count resumes).
+      .optimizer = sdp ? rt::optimizer_state_of(opt, sdp->owned()) : rt::optimizer_state_of(opt),
+      .sampler = &sampler,
+      .step = 0,
+      .world_size = np,
+      .extra = {},
+      // Residuals, counters, warm starts: a compressed
+      // run resumes bit for bit (at the same rank count).
+      .compression = dp ? dp->bucket_compression() : nullptr};
   const std::filesystem::path ckpt =
       o.checkpoint_dir.empty() ? std::filesystem::path()
                                : std::filesystem::path(o.checkpoint_dir) / "checkpoint.rfck";
@@ -394,7 +401,8 @@ int train(const options& o, const ringflow::communicator& comm) {
   bool resumed = false;
   if (o.resume) {
     const auto info = rt::load_checkpoint(comm, ckpt, state);
-    const std::string saved_batch = state.extra.count("global_batch") ? state.extra["global_batch"] : "?";
+    const std::string saved_batch =
+        state.extra.count("global_batch") ? state.extra["global_batch"] : "?";
     if (saved_batch != std::to_string(o.batch)) {
       throw ringflow::usage_error(fmt::format(
           "--resume: '{}' was trained with --batch {}, this run has --batch {}; use the same "
@@ -404,10 +412,11 @@ int train(const options& o, const ringflow::communicator& comm) {
     resumed = true;
     start_epoch = static_cast<int>(sampler.epoch());
     if (sampler.position() + local_batch > sampler.per_rank()) ++start_epoch;  // epoch was done
-    report.line("train_fashion_mnist: resumed from '{}' at step {} (epoch {}, sample {} of {} "
-                "per rank; written by {} rank(s))",
-                ckpt.string(), state.step, start_epoch + 1, sampler.position(),
-                sampler.per_rank(), info.world_size);
+    report.line(
+        "train_fashion_mnist: resumed from '{}' at step {} (epoch {}, sample {} of {} "
+        "per rank; written by {} rank(s))",
+        ckpt.string(), state.step, start_epoch + 1, sampler.position(), sampler.per_rank(),
+        info.world_size);
   }
   state.extra["global_batch"] = std::to_string(o.batch);
   state.extra["seed"] = std::to_string(o.seed);
@@ -420,14 +429,14 @@ int train(const options& o, const ringflow::communicator& comm) {
     layout += "-128";
   }
   layout += fmt::format("-{}", fm.train.num_classes);
-  report.line("train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; {} "
-              "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
-              "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}; zero stage {}; "
-              "products: {}",
-              np, fm.train.size(), fm.test.size(), seconds_since(t_load), o.model, layout,
-              model.parameters().numel(), dp ? dp->buckets().size() : sdp->buckets().size(),
-              o.batch, local_batch, steps_per_epoch, o.lr, o.compress, o.zero,
-              ad::gemm_backend());
+  report.line(
+      "train_fashion_mnist: {} rank(s); {} train / {} test samples loaded in {:.2f}s; {} "
+      "{} ({} parameters, {} gradient buckets); global batch {} ({} per rank), {} "
+      "steps/epoch, AdamW lr {} warm-up + cosine; gradient compression {}; zero stage {}; "
+      "products: {}",
+      np, fm.train.size(), fm.test.size(), seconds_since(t_load), o.model, layout,
+      model.parameters().numel(), dp ? dp->buckets().size() : sdp->buckets().size(), o.batch,
+      local_batch, steps_per_epoch, o.lr, o.compress, o.zero, ad::gemm_backend());
 
   const auto save = [&] {
     if (ckpt.empty()) return;
@@ -436,9 +445,8 @@ int train(const options& o, const ringflow::communicator& comm) {
 
   const auto t_train = clock_type::now();
   double test_acc = 0.0;
-  const std::size_t report_every =
-      report.bar() ? std::max<std::size_t>(1, steps_per_epoch / 50)
-                   : std::max<std::size_t>(1, steps_per_epoch / 4);
+  const std::size_t report_every = report.bar() ? std::max<std::size_t>(1, steps_per_epoch / 50)
+                                                : std::max<std::size_t>(1, steps_per_epoch / 4);
   std::uint64_t bytes_last_step = 0;
   const auto run_epochs = [&](auto& trainer) {
     const int last = o.stop_after > 0 ? std::min(o.stop_after, o.epochs) : o.epochs;
@@ -463,8 +471,9 @@ int train(const options& o, const ringflow::communicator& comm) {
         std::vector<int> predicted;
         {
           auto span = trainer.span("forward");
-          auto x = ad::tensor::from_data(b.images.data(), {static_cast<ad::index>(b.size()),
-                                                           static_cast<ad::index>(b.images.cols())});
+          auto x = ad::tensor::from_data(
+              b.images.data(),
+              {static_cast<ad::index>(b.size()), static_cast<ad::index>(b.images.cols())});
           auto logits = model(x);
           loss = ad::softmax_cross_entropy(logits, std::span<const int>(b.labels));
           predicted = ad::argmax_rows(logits);
@@ -475,8 +484,9 @@ int train(const options& o, const ringflow::communicator& comm) {
 
         const double l = loss.item();
         if (!std::isfinite(l)) {
-          throw ringflow::error(fmt::format("rank {}: loss became {} at epoch {} step {}; lower --lr",
-                                            rank, l, epoch + 1, s + 1));
+          throw ringflow::error(
+              fmt::format("rank {}: loss became {} at epoch {} step {}; lower --lr", rank, l,
+                          epoch + 1, s + 1));
         }
         window[0] += l;
         for (std::size_t i = 0; i < b.size(); ++i) window[1] += predicted[i] == b.labels[i] ? 1 : 0;
@@ -506,11 +516,12 @@ int train(const options& o, const ringflow::communicator& comm) {
       }
       const double epoch_s = seconds_since(t_epoch);
       test_acc = accuracy(comm, model, fm.test);
-      report.line("epoch {}/{} done: test accuracy {:.4f}, {:.1f}s, {:.0f} samples/s, {:.1f}% of "
-                  "the time waiting on communication ({:.0f}% of it hidden behind backward)",
-                  epoch + 1, o.epochs, test_acc, epoch_s,
-                  static_cast<double>(epoch_samples) / epoch_s, 100 * epoch_wait / epoch_s,
-                  epoch_comm > 0 ? std::max(0.0, 100 * (1 - epoch_wait / epoch_comm)) : 0.0);
+      report.line(
+          "epoch {}/{} done: test accuracy {:.4f}, {:.1f}s, {:.0f} samples/s, {:.1f}% of "
+          "the time waiting on communication ({:.0f}% of it hidden behind backward)",
+          epoch + 1, o.epochs, test_acc, epoch_s, static_cast<double>(epoch_samples) / epoch_s,
+          100 * epoch_wait / epoch_s,
+          epoch_comm > 0 ? std::max(0.0, 100 * (1 - epoch_wait / epoch_comm)) : 0.0);
       save();
     }
   };
@@ -527,18 +538,17 @@ int train(const options& o, const ringflow::communicator& comm) {
     const rt::memory_stats m = dp ? dp->memory(opt) : sdp->memory(opt);
     const double mib = 1.0 / (1024.0 * 1024.0);
     const double ring = 2.0 * (np - 1) / np * static_cast<double>(model.parameters().numel()) * 4;
-    report.line("memory per rank (zero {}): parameters {:.2f} MiB, gradients {:.2f} MiB{}, "
-                "optimizer state {:.2f} MiB, total {:.2f} MiB; bytes sent per step {} (ring "
-                "formula 2(p-1)/p x {} parameter bytes = {:.0f})",
-                o.zero, static_cast<double>(m.parameter_bytes) * mib,
-                static_cast<double>(m.gradient_bytes) * mib,
-                sdp && o.zero >= 2
-                    ? fmt::format(" (peak {:.2f} MiB during backward)",
-                                  static_cast<double>(sdp->peak_gradient_bytes()) * mib)
-                    : std::string(),
-                static_cast<double>(m.optimizer_state_bytes) * mib,
-                static_cast<double>(m.total()) * mib, bytes_last_step,
-                model.parameters().numel() * 4, ring);
+    report.line(
+        "memory per rank (zero {}): parameters {:.2f} MiB, gradients {:.2f} MiB{}, "
+        "optimizer state {:.2f} MiB, total {:.2f} MiB; bytes sent per step {} (ring "
+        "formula 2(p-1)/p x {} parameter bytes = {:.0f})",
+        o.zero, static_cast<double>(m.parameter_bytes) * mib,
+        static_cast<double>(m.gradient_bytes) * mib,
+        sdp && o.zero >= 2 ? fmt::format(" (peak {:.2f} MiB during backward)",
+                                         static_cast<double>(sdp->peak_gradient_bytes()) * mib)
+                           : std::string(),
+        static_cast<double>(m.optimizer_state_bytes) * mib, static_cast<double>(m.total()) * mib,
+        bytes_last_step, model.parameters().numel() * 4, ring);
   }
   if (o.compress != "none") {
     const auto t = dp->compression_traffic();
@@ -549,13 +559,14 @@ int train(const options& o, const ringflow::communicator& comm) {
       }
       if (!chosen.empty()) chosen += ")";
     }
-    report.line("compression {}{}: rank 0 sent {} bytes vs {} for uncompressed fp32 allreduce "
-                "({:.2f}x fewer; payload ratio {:.2f}) over {} bucket reductions",
-                o.compress, chosen, t.bytes_sent, t.plain_bytes_sent,
-                t.bytes_sent > 0 ? static_cast<double>(t.plain_bytes_sent) /
-                                       static_cast<double>(t.bytes_sent)
-                                 : 0.0,
-                t.ratio(), t.calls);
+    report.line(
+        "compression {}{}: rank 0 sent {} bytes vs {} for uncompressed fp32 allreduce "
+        "({:.2f}x fewer; payload ratio {:.2f}) over {} bucket reductions",
+        o.compress, chosen, t.bytes_sent, t.plain_bytes_sent,
+        t.bytes_sent > 0
+            ? static_cast<double>(t.plain_bytes_sent) / static_cast<double>(t.bytes_sent)
+            : 0.0,
+        t.ratio(), t.calls);
   }
   if (rank == 0) {
     std::printf("test_accuracy=%.4f\n", test_acc);

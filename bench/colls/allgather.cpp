@@ -1,4 +1,5 @@
-// ringflow-bench entry for allgather (ring; halving_doubling: recursive doubling on power-of-two ranks); baseline MPI_Allgather.
+// ringflow-bench entry for allgather (ring; halving_doubling: recursive doubling on power-of-two
+// ranks); baseline MPI_Allgather.
 #include <mpi.h>
 
 #include <span>

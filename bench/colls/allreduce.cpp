@@ -34,8 +34,7 @@ void allreduce_run(const bench_context& ctx, const bench_buffers& b) {
   visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
       allreduce<T, Op>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.total),
-                       std::span<T>(static_cast<T*>(b.recv), b.shape.total), op,
-                       ctx.cfg.options());
+                       std::span<T>(static_cast<T*>(b.recv), b.shape.total), op, ctx.cfg.options());
     });
   });
 }

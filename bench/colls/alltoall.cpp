@@ -24,7 +24,9 @@ double alltoall_bus_factor(int nranks) { return double(nranks - 1) / nranks; }
 // position in the whole (p x p blocks) exchange, so a misplaced block shows.
 std::size_t alltoall_index(std::size_t block, int from, int to, std::size_t j, int nranks) {
   return (static_cast<std::size_t>(from) * static_cast<std::size_t>(nranks) +
-          static_cast<std::size_t>(to)) * block + j;
+          static_cast<std::size_t>(to)) *
+             block +
+         j;
 }
 
 void alltoall_fill(const bench_context& ctx, const bench_buffers& b) {
@@ -68,9 +70,9 @@ std::size_t alltoall_wrong(const bench_context& ctx, const bench_buffers& b) {
     std::size_t wrong = 0;
     for (int q = 0; q < p; ++q) {
       for (std::size_t j = 0; j < b.shape.count; ++j) {
-        wrong += !same_value(out[static_cast<std::size_t>(q) * b.shape.count + j],
-                             input_value<T>(op_kind::sum, q,
-                                            alltoall_index(b.shape.count, q, r, j, p)));
+        wrong +=
+            !same_value(out[static_cast<std::size_t>(q) * b.shape.count + j],
+                        input_value<T>(op_kind::sum, q, alltoall_index(b.shape.count, q, r, j, p)));
       }
     }
     return wrong;

@@ -33,14 +33,14 @@ void broadcast_fill(const bench_context& ctx, const bench_buffers& b) {
 
 void broadcast_run(const bench_context& ctx, const bench_buffers& b) {
   visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-    broadcast<T>(ctx.comm, std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count),
-                 ctx.cfg.root, ctx.cfg.options());
+    broadcast<T>(ctx.comm, std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), ctx.cfg.root,
+                 ctx.cfg.options());
   });
 }
 
 void broadcast_baseline(const bench_context& ctx, const bench_buffers& b) {
-  MPI_Bcast(b.recv, static_cast<int>(b.shape.recv_count), mpi_datatype(ctx.cfg.type),
-            ctx.cfg.root, ctx.mpi);
+  MPI_Bcast(b.recv, static_cast<int>(b.shape.recv_count), mpi_datatype(ctx.cfg.type), ctx.cfg.root,
+            ctx.mpi);
 }
 
 std::size_t broadcast_wrong(const bench_context& ctx, const bench_buffers& b) {

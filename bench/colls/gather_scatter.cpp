@@ -1,4 +1,5 @@
-// ringflow-bench entries for gather and scatter (linear, root -r); baselines MPI_Gather, MPI_Scatter.
+// ringflow-bench entries for gather and scatter (linear, root -r); baselines MPI_Gather,
+// MPI_Scatter.
 #include <mpi.h>
 
 #include <span>

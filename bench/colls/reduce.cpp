@@ -30,8 +30,7 @@ void reduce_fill(const bench_context& ctx, const bench_buffers& b) {
 void reduce_run(const bench_context& ctx, const bench_buffers& b) {
   visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
     visit_op(ctx.cfg.op, [&]<class Op>(Op op) {
-      reduce<T, Op>(ctx.comm,
-                    std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
+      reduce<T, Op>(ctx.comm, std::span<const T>(static_cast<const T*>(b.send), b.shape.send_count),
                     std::span<T>(static_cast<T*>(b.recv), b.shape.recv_count), op, ctx.cfg.root,
                     ctx.cfg.options());
     });

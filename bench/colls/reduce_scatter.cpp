@@ -1,4 +1,5 @@
-// ringflow-bench entry for reduce_scatter (ring; halving_doubling: recursive halving on power-of-two ranks); baseline MPI_Reduce_scatter_block.
+// ringflow-bench entry for reduce_scatter (ring; halving_doubling: recursive halving on
+// power-of-two ranks); baseline MPI_Reduce_scatter_block.
 #include <mpi.h>
 
 #include <span>
@@ -44,8 +45,7 @@ void reduce_scatter_baseline(const bench_context& ctx, const bench_buffers& b) {
                            mpi_datatype(ctx.cfg.type), mpi_op(ctx.cfg.op), ctx.mpi);
   if (ctx.cfg.op == op_kind::avg) {
     visit_dtype(ctx.cfg.type, [&]<class T>(type_tag<T>) {
-      detail::finish_range(static_cast<T*>(b.recv), b.shape.recv_count, avg_op{},
-                           ctx.comm.size());
+      detail::finish_range(static_cast<T*>(b.recv), b.shape.recv_count, avg_op{}, ctx.comm.size());
     });
   }
 }

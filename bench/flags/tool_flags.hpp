@@ -1,4 +1,5 @@
-// The command-line flag parser shared by ringflow-bench, the bench programs and the examples: checked numbers, one-line errors, exit status 2.
+// The command-line flag parser shared by ringflow-bench, the bench programs and the examples:
+// checked numbers, one-line errors, exit status 2.
 #pragma once
 
 #include <fmt/format.h>
@@ -81,8 +82,8 @@ inline std::size_t parse_count(std::string_view flag, std::string_view text, std
     v = -1;
   }
   if (v < 0 || v != std::floor(v)) {
-    throw bad_flag(fmt::format("{} expects a whole number in [{}, {}], got '{}'", flag, lo, hi,
-                               text));
+    throw bad_flag(
+        fmt::format("{} expects a whole number in [{}, {}], got '{}'", flag, lo, hi, text));
   }
   return static_cast<std::size_t>(v);
 }
@@ -92,14 +93,16 @@ inline std::size_t parse_count(std::string_view flag, std::string_view text, std
 inline std::size_t parse_bytes(std::string_view flag, std::string_view text, std::size_t lo,
                                std::size_t hi) {
   const auto fail = [&] {
-    return bad_flag(fmt::format("{} expects a byte count in [{}, {}] such as 1024, 64K, 4M or 1G, "
-                                "got '{}'",
-                                flag, lo, hi, text));
+    return bad_flag(
+        fmt::format("{} expects a byte count in [{}, {}] such as 1024, 64K, 4M or 1G, "
+                    "got '{}'",
+                    flag, lo, hi, text));
   };
   std::size_t digits = 0;
   while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) ++digits;
   if (digits == 0 || digits > 19) throw fail();
-  const unsigned long long v = std::strtoull(std::string(text.substr(0, digits)).c_str(), nullptr, 10);
+  const unsigned long long v =
+      std::strtoull(std::string(text.substr(0, digits)).c_str(), nullptr, 10);
   std::string suffix(text.substr(digits));
   std::transform(suffix.begin(), suffix.end(), suffix.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
@@ -125,8 +128,8 @@ inline std::vector<long long> parse_int_list(std::string_view flag, std::string_
     if (out.size() == max_items) {
       throw bad_flag(fmt::format("{} takes at most {} comma-separated values", flag, max_items));
     }
-    out.push_back(parse_int(flag, text.substr(start, comma == text.npos ? text.npos : comma - start),
-                            lo, hi));
+    out.push_back(parse_int(
+        flag, text.substr(start, comma == text.npos ? text.npos : comma - start), lo, hi));
     if (comma == text.npos) return out;
     start = comma + 1;
   }
@@ -189,9 +192,7 @@ class reader {
   std::vector<long long> integers(long long lo, long long hi, std::size_t max_items = 1024) {
     return parse_int_list(flag_, value(), lo, hi, max_items);
   }
-  [[noreturn]] void unknown() const {
-    throw bad_flag(fmt::format("unknown flag '{}'", flag_));
-  }
+  [[noreturn]] void unknown() const { throw bad_flag(fmt::format("unknown flag '{}'", flag_)); }
 
  private:
   int argc_;

@@ -46,8 +46,8 @@ RF_API int rf_stream_synchronize(void* stream);
 
 /* 1-bit sign with error feedback: scales ceil(n/block) floats, words
  * ceil(n/32) uint32. residual may be NULL (no error feedback). */
-RF_API int rf_sign_ef_encode(const void* grad, void* residual, size_t n, size_t block,
-                             void* scales, void* words, void* stream);
+RF_API int rf_sign_ef_encode(const void* grad, void* residual, size_t n, size_t block, void* scales,
+                             void* words, void* stream);
 /* out[i] += +-scale of element i. */
 RF_API int rf_sign_decode_add(const void* scales, const void* words, size_t n, size_t block,
                               void* out, void* stream);
@@ -57,16 +57,16 @@ RF_API int rf_sign_decode_add(const void* scales, const void* words, size_t n, s
 RF_API int rf_int8_ef_encode(const void* grad, void* residual, size_t n, size_t block,
                              uint64_t seed, uint64_t step, void* scales, void* q, void* stream);
 /* out[i] += q[i] * (scale / levels). */
-RF_API int rf_int8_decode_add(const void* q, const void* scales, size_t n, size_t block,
-                              int levels, void* out, void* stream);
+RF_API int rf_int8_decode_add(const void* q, const void* scales, size_t n, size_t block, int levels,
+                              void* out, void* stream);
 
 /* top-k by magnitude with error feedback; the sampling key is
  * stream_key(seed, step, topk_sample_stream) as in the CPU compressor. indices: k uint32
  * (increasing), values: k floats; workspace: rf_topk_workspace_bytes(n, k). */
 RF_API size_t rf_topk_workspace_bytes(size_t n, size_t k);
-RF_API int rf_topk_ef_encode(const void* grad, void* residual, size_t n, size_t k,
-                             uint64_t seed, uint64_t step, void* indices, void* values,
-                             void* workspace, size_t workspace_bytes, void* stream);
+RF_API int rf_topk_ef_encode(const void* grad, void* residual, size_t n, size_t k, uint64_t seed,
+                             uint64_t step, void* indices, void* values, void* workspace,
+                             size_t workspace_bytes, void* stream);
 /* out[indices[j]] += values[j]. */
 RF_API int rf_topk_decode_add(const void* indices, const void* values, size_t k, size_t n,
                               void* out, void* stream);

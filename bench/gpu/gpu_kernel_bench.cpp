@@ -34,12 +34,12 @@
 #include <utility>
 #include <vector>
 
+#include "count_arg.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/compress.hpp"
 #include "ringflow/cuda/device.hpp"
 #include "ringflow/cuda/runtime.hpp"
-#include "count_arg.hpp"
 
 namespace {
 

@@ -37,6 +37,7 @@
 #include <utility>
 #include <vector>
 
+#include "count_arg.hpp"
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/options.hpp"
@@ -44,7 +45,6 @@
 #include "ringflow/cuda/device.hpp"
 #include "ringflow/cuda/ring.hpp"
 #include "ringflow/cuda/runtime.hpp"
-#include "count_arg.hpp"
 
 namespace {
 

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include <ringflow/ad/autodiff.hpp>
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
 
 namespace ad = ringflow::ad;
 
@@ -37,11 +37,16 @@ int main(int argc, char** argv) {
   try {
     ringflow::tool_flags::reader flags(argc, argv);
     while (flags.next()) {
-      if (flags.is("--model")) model_name = flags.text();
-      else if (flags.is("--threads")) threads = static_cast<int>(flags.integer(1, 256));
-      else if (flags.is("--batch")) batch = static_cast<ad::index>(flags.integer(1, 65536));
-      else if (flags.is("--steps")) steps = static_cast<int>(flags.integer(1, 1000000));
-      else if (flags.is("--warmup")) warmup = static_cast<int>(flags.integer(0, 1000000));
+      if (flags.is("--model"))
+        model_name = flags.text();
+      else if (flags.is("--threads"))
+        threads = static_cast<int>(flags.integer(1, 256));
+      else if (flags.is("--batch"))
+        batch = static_cast<ad::index>(flags.integer(1, 65536));
+      else if (flags.is("--steps"))
+        steps = static_cast<int>(flags.integer(1, 1000000));
+      else if (flags.is("--warmup"))
+        warmup = static_cast<int>(flags.integer(0, 1000000));
       else if (flags.is("--help", "-h")) {
         std::printf("%s", usage_text);
         return 0;
@@ -100,8 +105,9 @@ int main(int argc, char** argv) {
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < steps; ++i) step(i);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::printf("model=%s threads=%d batch=%td samples_per_s=%.0f step_ms=%.4f loss=%.4f backend=%s\n",
-              model_name.c_str(), threads, batch, static_cast<double>(steps * batch) / s,
-              1e3 * s / steps, static_cast<double>(last_loss), ad::gemm_backend().c_str());
+  std::printf(
+      "model=%s threads=%d batch=%td samples_per_s=%.0f step_ms=%.4f loss=%.4f backend=%s\n",
+      model_name.c_str(), threads, batch, static_cast<double>(steps * batch) / s, 1e3 * s / steps,
+      static_cast<double>(last_loss), ad::gemm_backend().c_str());
   return 0;
 }

@@ -1,4 +1,5 @@
-// bench_buckets: bucketed gradient averaging against one allreduce per tensor, and a bucket-cap sweep on an MLP step.
+// bench_buckets: bucketed gradient averaging against one allreduce per tensor, and a bucket-cap
+// sweep on an MLP step.
 //
 //   mpirun -np 4 build/bin/bench_buckets                  # both parts
 //   mpirun -np 4 build/bin/bench_buckets --part small --reps 21
@@ -9,14 +10,7 @@
 // Part "sweep": a full step (forward, backward with overlapped buckets,
 // finish) of the MLP 784-256-128-10 at batch 128/N for several caps,
 // interleaved; median step time per cap.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/train/data_parallel.hpp>
-
 #include <fmt/format.h>
-
-#include "tool_flags.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -26,6 +20,12 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/train/data_parallel.hpp>
 
 namespace ad = ringflow::ad;
 namespace rt = ringflow::train;
@@ -76,8 +76,9 @@ std::optional<args> parse(int argc, char** argv) {
     } else if (flags.is("--iters")) {
       a.iters = static_cast<int>(flags.integer(1, 1000000));
     } else if (flags.is("--help", "-h")) {
-      std::printf("bench_buckets [--part all|small|sweep] [--reps N in [1, 100000]] "
-                  "[--iters N in [1, 1000000]]\n");
+      std::printf(
+          "bench_buckets [--part all|small|sweep] [--reps N in [1, 100000]] "
+          "[--iters N in [1, 1000000]]\n");
       return std::nullopt;
     } else {
       flags.unknown();
@@ -94,8 +95,8 @@ void small_tensors(const ringflow::communicator& comm, const args& a) {
     per_tensor_store.add(fmt::format("t{}", i), {floats});
     bucketed_store.add(fmt::format("t{}", i), {floats});
   }
-  rt::data_parallel per_tensor(comm, per_tensor_store, {.bucket_cap_bytes = 0,
-                                                        .first_bucket_cap_bytes = 0});
+  rt::data_parallel per_tensor(comm, per_tensor_store,
+                               {.bucket_cap_bytes = 0, .first_bucket_cap_bytes = 0});
   rt::data_parallel bucketed(comm, bucketed_store);
   std::vector<double> t_per, t_buck, ratio;
   for (int r = 0; r < a.reps; ++r) {
@@ -113,8 +114,8 @@ void small_tensors(const ringflow::communicator& comm, const args& a) {
     ratio.push_back(tp / tb);
   }
   if (comm.rank() == 0) {
-    fmt::print("small tensors: {} x {} KiB, {} ranks, {} reps x {} iters (interleaved)\n",
-               tensors, floats * 4 / 1024, comm.size(), a.reps, a.iters);
+    fmt::print("small tensors: {} x {} KiB, {} ranks, {} reps x {} iters (interleaved)\n", tensors,
+               floats * 4 / 1024, comm.size(), a.reps, a.iters);
     fmt::print("| method | allreduces | median time/step (ms) |\n|---|---|---|\n");
     fmt::print("| one allreduce per tensor | {} | {:.3f} |\n", per_tensor.buckets().size(),
                1e3 * median(t_per));
@@ -128,7 +129,8 @@ void small_tensors(const ringflow::communicator& comm, const args& a) {
 void cap_sweep(const ringflow::communicator& comm, const args& a) {
   const std::vector<std::size_t> caps = {0, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 25 << 20};
   const std::size_t global = 128;
-  const std::size_t local = std::max<std::size_t>(1, global / static_cast<std::size_t>(comm.size()));
+  const std::size_t local =
+      std::max<std::size_t>(1, global / static_cast<std::size_t>(comm.size()));
   struct setup {
     std::unique_ptr<ad::mlp> model;
     std::unique_ptr<rt::data_parallel> dp;
@@ -140,12 +142,14 @@ void cap_sweep(const ringflow::communicator& comm, const args& a) {
                                         ad::activation::relu, 42);
     s.dp = std::make_unique<rt::data_parallel>(
         comm, s.model->parameters(),
-        rt::data_parallel_options{.bucket_cap_bytes = cap,
-                                  .first_bucket_cap_bytes = std::min(cap, rt::default_first_bucket_cap_bytes)});
+        rt::data_parallel_options{
+            .bucket_cap_bytes = cap,
+            .first_bucket_cap_bytes = std::min(cap, rt::default_first_bucket_cap_bytes)});
     setups.push_back(std::move(s));
   }
   std::vector<float> x(local * 784);
-  for (std::size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>((i * 37 + comm.rank()) % 101) / 50.0f - 1.0f;
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = static_cast<float>((i * 37 + comm.rank()) % 101) / 50.0f - 1.0f;
   std::vector<int> y(local);
   for (std::size_t i = 0; i < local; ++i) y[i] = static_cast<int>(i % 10);
   const auto step = [&](setup& s) {
@@ -164,16 +168,19 @@ void cap_sweep(const ringflow::communicator& comm, const args& a) {
   }
   // Exposed communication without any: the same step on one rank's compute only.
   if (comm.rank() == 0) {
-    fmt::print("bucket-cap sweep: mlp 784-256-128-10, batch {} per rank, {} ranks, {} reps x {} "
-               "iters (interleaved)\n",
-               local, comm.size(), a.reps, a.iters);
-    fmt::print("| cap | buckets | median step (ms) | vs 25 MiB (one bucket) |\n|---|---|---|---|\n");
+    fmt::print(
+        "bucket-cap sweep: mlp 784-256-128-10, batch {} per rank, {} ranks, {} reps x {} "
+        "iters (interleaved)\n",
+        local, comm.size(), a.reps, a.iters);
+    fmt::print(
+        "| cap | buckets | median step (ms) | vs 25 MiB (one bucket) |\n|---|---|---|---|\n");
     const double ref = median(times.back());
     for (std::size_t k = 0; k < caps.size(); ++k) {
       const double m = median(times[k]);
-      fmt::print("| {} | {} | {:.3f} | {:.2f} |\n",
-                 caps[k] == 0 ? std::string("0 (per tensor)") : fmt::format("{} KiB", caps[k] / 1024),
-                 setups[k].dp->buckets().size(), 1e3 * m, m / ref);
+      fmt::print(
+          "| {} | {} | {:.3f} | {:.2f} |\n",
+          caps[k] == 0 ? std::string("0 (per tensor)") : fmt::format("{} KiB", caps[k] / 1024),
+          setups[k].dp->buckets().size(), 1e3 * m, m / ref);
     }
     fmt::print("\n");
   }

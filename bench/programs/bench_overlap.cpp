@@ -1,4 +1,5 @@
-// bench_overlap: how much bucket communication hides behind backward, read back from the per-rank timeline files.
+// bench_overlap: how much bucket communication hides behind backward, read back from the per-rank
+// timeline files.
 //
 //   mpirun -np 4 build/bin/bench_overlap                       # MLP 784-1024-1024-1024-10
 //   mpirun -np 4 build/bin/bench_overlap --steps 30 --out /tmp/ov
@@ -8,21 +9,20 @@
 // bucket (nothing can overlap), each with a timeline; then rank 0 parses the
 // ranks' trace files and prints the share of allreduce time that fell inside
 // backward, plus the time the training thread still waited.
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/train/data_parallel.hpp>
-#include <ringflow/train/timeline.hpp>
-
 #include <fmt/format.h>
-
-#include "tool_flags.hpp"
 
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
+
+#include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/train/data_parallel.hpp>
+#include <ringflow/train/timeline.hpp>
 
 namespace ad = ringflow::ad;
 namespace rt = ringflow::train;
@@ -46,8 +46,9 @@ void print_row(const std::string& label, const rt::overlap_summary& s, int ranks
 }
 
 void header() {
-  fmt::print("| run | steps | backward ms/step | allreduce ms/step | waited ms/step | "
-             "comm hidden behind backward |\n|---|---|---|---|---|---|\n");
+  fmt::print(
+      "| run | steps | backward ms/step | allreduce ms/step | waited ms/step | "
+      "comm hidden behind backward |\n|---|---|---|---|---|---|\n");
 }
 
 }  // namespace
@@ -60,13 +61,18 @@ int main(int argc, char** argv) {
   try {
     ringflow::tool_flags::reader flags(argc, argv);
     while (flags.next()) {
-      if (flags.is("--steps")) steps = static_cast<int>(flags.integer(1, 100000));
-      else if (flags.is("--out")) out = flags.text();
-      else if (flags.is("--analyze")) analyze_path = flags.text();
-      else if (flags.is("--ranks")) analyze_ranks = static_cast<int>(flags.integer(1, 1 << 16));
+      if (flags.is("--steps"))
+        steps = static_cast<int>(flags.integer(1, 100000));
+      else if (flags.is("--out"))
+        out = flags.text();
+      else if (flags.is("--analyze"))
+        analyze_path = flags.text();
+      else if (flags.is("--ranks"))
+        analyze_ranks = static_cast<int>(flags.integer(1, 1 << 16));
       else if (flags.is("--help", "-h")) {
-        std::printf("bench_overlap [--steps N in [1, 100000]] [--out DIR] | --analyze TRACE.json "
-                    "--ranks N in [1, 65536]\n");
+        std::printf(
+            "bench_overlap [--steps N in [1, 100000]] [--out DIR] | --analyze TRACE.json "
+            "--ranks N in [1, 65536]\n");
         return 0;
       } else {
         flags.unknown();
@@ -94,7 +100,8 @@ int main(int argc, char** argv) {
   const std::size_t local = std::max(1, 128 / comm.size());
   std::vector<float> x(local * 784);
   for (std::size_t i = 0; i < x.size(); ++i) {
-    x[i] = static_cast<float>((i * 37 + static_cast<std::size_t>(comm.rank())) % 101) / 50.0f - 1.0f;
+    x[i] =
+        static_cast<float>((i * 37 + static_cast<std::size_t>(comm.rank())) % 101) / 50.0f - 1.0f;
   }
   std::vector<int> y(local);
   for (std::size_t i = 0; i < local; ++i) y[i] = static_cast<int>(i % 10);
@@ -104,19 +111,21 @@ int main(int argc, char** argv) {
     std::size_t cap;
   };
   const std::vector<config> configs = {
-      {fmt::format("buckets of {} KiB", rt::default_bucket_cap_bytes / 1024), rt::default_bucket_cap_bytes},
+      {fmt::format("buckets of {} KiB", rt::default_bucket_cap_bytes / 1024),
+       rt::default_bucket_cap_bytes},
       {"one bucket", std::size_t{1} << 30}};
   for (const auto& c : configs) {
-    const fs::path trace = fs::path(out) / (c.cap == rt::default_bucket_cap_bytes ? "buckets.json" : "one.json");
+    const fs::path trace =
+        fs::path(out) / (c.cap == rt::default_bucket_cap_bytes ? "buckets.json" : "one.json");
     {
       ad::mlp model({784, 1024, 1024, 1024, 10}, ad::activation::relu, 42);
-      rt::data_parallel dp(comm, model.parameters(),
-                           {.bucket_cap_bytes = c.cap,
-                            // "one bucket" is one: no small first bucket either.
-                            .first_bucket_cap_bytes = c.cap == rt::default_bucket_cap_bytes
-                                                          ? rt::default_first_bucket_cap_bytes
-                                                          : c.cap,
-                            .timeline_path = trace});
+      rt::data_parallel dp(
+          comm, model.parameters(),
+          {.bucket_cap_bytes = c.cap,
+           // "one bucket" is one: no small first bucket either.
+           .first_bucket_cap_bytes =
+               c.cap == rt::default_bucket_cap_bytes ? rt::default_first_bucket_cap_bytes : c.cap,
+           .timeline_path = trace});
       ad::sgd opt(model.parameters(), {.lr = 1e-3});
       for (int s = 0; s < steps; ++s) {
         opt.zero_grad();
@@ -133,10 +142,11 @@ int main(int argc, char** argv) {
     ringflow::barrier(comm);
     if (comm.rank() == 0) {
       if (&c == &configs.front()) {
-        fmt::print("overlap: mlp 784-1024-1024-1024-10 ({:.1f} MB of gradients), batch {} per "
-                   "rank, {} ranks, {} steps; traces in {}\n",
-                   (784.0 * 1024 + 1024 * 1024 * 2 + 1024 * 10 + 3 * 1024 + 10) * 4 / 1e6,
-                   local, comm.size(), steps, out);
+        fmt::print(
+            "overlap: mlp 784-1024-1024-1024-10 ({:.1f} MB of gradients), batch {} per "
+            "rank, {} ranks, {} steps; traces in {}\n",
+            (784.0 * 1024 + 1024 * 1024 * 2 + 1024 * 10 + 3 * 1024 + 10) * 4 / 1e6, local,
+            comm.size(), steps, out);
         header();
       }
       print_row(c.label, analyze(trace, comm.size()), comm.size());

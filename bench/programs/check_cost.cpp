@@ -16,8 +16,8 @@
 #include <string_view>
 #include <vector>
 
-#include <ringflow/ringflow.hpp>
 #include "tool_flags.hpp"
+#include <ringflow/ringflow.hpp>
 
 namespace rf = ringflow;
 
@@ -26,8 +26,10 @@ int main(int argc, char** argv) {
   try {
     rf::tool_flags::reader flags(argc, argv);
     while (flags.next()) {
-      if (flags.is("--iters")) iters = flags.integer(1, 1'000'000'000);
-      else if (flags.is("--reps")) reps = flags.integer(1, 1000);
+      if (flags.is("--iters"))
+        iters = flags.integer(1, 1'000'000'000);
+      else if (flags.is("--reps"))
+        reps = flags.integer(1, 1000);
       else if (flags.is("--help", "-h")) {
         fmt::print("check_cost [--iters N] [--reps R]: ns per begin_collective, check on vs off\n");
         return 0;
@@ -50,15 +52,18 @@ int main(int argc, char** argv) {
           rf::detail::begin_collective(comm, rf::coll_kind::allreduce, rf::dtype::f32,
                                        rf::op_kind::sum, 256);
         }
-        runs.push_back(std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count() /
-                       static_cast<double>(iters));
+        runs.push_back(
+            std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0)
+                .count() /
+            static_cast<double>(iters));
       }
       std::sort(runs.begin(), runs.end());
       ns[m] = runs[runs.size() / 2];
     }
   });
-  fmt::print("begin_collective: check off {:.1f} ns, stamp (default) {:.1f} ns: the check adds "
-             "{:.1f} ns per collective (median of {} x {})\n",
-             ns[0], ns[1], ns[1] - ns[0], reps, iters);
+  fmt::print(
+      "begin_collective: check off {:.1f} ns, stamp (default) {:.1f} ns: the check adds "
+      "{:.1f} ns per collective (median of {} x {})\n",
+      ns[0], ns[1], ns[1] - ns[0], reps, iters);
   return 0;
 }

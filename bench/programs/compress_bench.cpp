@@ -9,24 +9,15 @@
 //   compress_bench --powersgd-layout [--reps R]   (flat vs per-layer on the MLP's big bucket)
 #include <fmt/format.h>
 
-#include <ringflow/ad/autodiff.hpp>
-#include <ringflow/backends/local.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/compress/bucket_compression.hpp>
-#include <ringflow/data/batch.hpp>
-#include <ringflow/data/dataset.hpp>
-#include <ringflow/data/sampler.hpp>
-
-#include <array>
-#include <map>
-#include <mutex>
-
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
-#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,6 +28,13 @@
 #include "ringflow/compress/half_codec.hpp"
 #include "ringflow/compress/kernels.hpp"
 #include "tool_flags.hpp"
+#include <ringflow/ad/autodiff.hpp>
+#include <ringflow/backends/local.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/compress/bucket_compression.hpp>
+#include <ringflow/data/batch.hpp>
+#include <ringflow/data/dataset.hpp>
+#include <ringflow/data/sampler.hpp>
 
 using namespace ringflow::compress;
 
@@ -59,7 +57,8 @@ std::vector<std::string> split(std::string_view s) {
 
 constexpr const char* usage_text =
     "usage: compress_bench [--elements N] [--ranks P] [--reps R] [--only spec,...] [--alpha-us A]\n"
-    "       compress_bench --train [--ranks P] [--epochs E] [--only spec,...] [--limit N] [--seed S]\n"
+    "       compress_bench --train [--ranks P] [--epochs E] [--only spec,...] [--limit N] [--seed "
+    "S]\n"
     "       compress_bench --fp16-paths [--elements N] [--reps R]\n"
     "       compress_bench --powersgd-layout [--reps R]\n"
     "Ranges: --elements [1, 2^27], --ranks [1, 128], --reps [1, 10000], --epochs [1, 1000],\n"
@@ -92,8 +91,8 @@ double accuracy(const ringflow::communicator& comm, ad::mlp& model, const rd::da
   for (std::size_t begin = 0; begin < ds.size(); begin += slice, ++k) {
     if (static_cast<int>(k % static_cast<std::size_t>(comm.size())) != comm.rank()) continue;
     const std::size_t n = std::min(slice, ds.size() - begin);
-    auto x = ad::tensor::from_data(ds.sample(begin), {static_cast<ad::index>(n),
-                                                       static_cast<ad::index>(ds.features())});
+    auto x = ad::tensor::from_data(
+        ds.sample(begin), {static_cast<ad::index>(n), static_cast<ad::index>(ds.features())});
     const auto predicted = ad::argmax_rows(model(x));
     for (std::size_t i = 0; i < n; ++i) counts[0] += predicted[i] == ds.labels[begin + i] ? 1 : 0;
     counts[1] += static_cast<double>(n);
@@ -115,7 +114,8 @@ struct train_result {
 // same MLP (784-256-128-10), schedule and batch as examples/train_fashion_mnist.
 train_result train_with(const std::string& spec, const rd::train_test& fm, int ranks, int epochs,
                         std::uint64_t seed) {
-  const std::size_t global_batch = 128, local_batch = global_batch / static_cast<std::size_t>(ranks);
+  const std::size_t global_batch = 128,
+                    local_batch = global_batch / static_cast<std::size_t>(ranks);
   train_result out;
   std::mutex m;
   ringflow::local::run(ranks, [&](ringflow::communicator& comm) {
@@ -133,7 +133,8 @@ train_result train_with(const std::string& spec, const rd::train_test& fm, int r
     const auto t0 = clock_type::now();
     for (int e = 0; e < epochs; ++e) {
       sampler.set_epoch(static_cast<std::uint64_t>(e));
-      rd::prefetcher batches(fm.train, sampler.remaining(), local_batch, {.depth = 0, .drop_last = true});
+      rd::prefetcher batches(fm.train, sampler.remaining(), local_batch,
+                             {.depth = 0, .drop_last = true});
       rd::batch b;
       while (batches.next(b)) {
         opt.set_lr(schedule(step++));
@@ -163,7 +164,8 @@ train_result train_with(const std::string& spec, const rd::train_test& fm, int r
       out.t = bc.total();
       std::map<std::string, int> picks;
       for (std::size_t id = 0; !bc.spec_of(id).empty(); ++id) ++picks[bc.spec_of(id)];
-      for (const auto& [k, v] : picks) out.picks += fmt::format("{}{}x{}", out.picks.empty() ? "" : " ", v, k);
+      for (const auto& [k, v] : picks)
+        out.picks += fmt::format("{}{}x{}", out.picks.empty() ? "" : " ", v, k);
     }
   });
   return out;
@@ -198,10 +200,12 @@ int fp16_paths(const std::vector<float>& x, int reps) {
     }
   }
   const double bytes = 4.0 * static_cast<double>(n);
-  fmt::print("compress_bench --fp16-paths: {} fp32 elements, {} interleaved reps, medians; GB/s of "
-             "fp32 input per thread CPU second (wall: per wall second)\n\n| path | encode GB/s | "
-             "decode-add GB/s | encode+decode GB/s | encode+decode GB/s (wall) |\n|---|---:|---:|---:|---:|\n",
-             n, reps);
+  fmt::print(
+      "compress_bench --fp16-paths: {} fp32 elements, {} interleaved reps, medians; GB/s of "
+      "fp32 input per thread CPU second (wall: per wall second)\n\n| path | encode GB/s | "
+      "decode-add GB/s | encode+decode GB/s | encode+decode GB/s (wall) "
+      "|\n|---|---:|---:|---:|---:|\n",
+      n, reps);
   for (const fp16_path p : all) {
     if (te[p].empty()) continue;
     const double e = median(te[p]), d = median(td[p]), w = median(tw[p]);
@@ -255,9 +259,10 @@ int powersgd_layout(int reps) {
         }
       }
     });
-    fmt::print("powersgd:{} reduce of a {}-element bucket on 1 rank: flat {:.3f} ms ({} payload "
-               "bytes), per layer {:.3f} ms ({} payload bytes); median of {} interleaved reps\n",
-               r, n, 1e3 * median(t[0]), payload[0], 1e3 * median(t[1]), payload[1], reps);
+    fmt::print(
+        "powersgd:{} reduce of a {}-element bucket on 1 rank: flat {:.3f} ms ({} payload "
+        "bytes), per layer {:.3f} ms ({} payload bytes); median of {} interleaved reps\n",
+        r, n, 1e3 * median(t[0]), payload[0], 1e3 * median(t[1]), payload[1], reps);
   }
   return 0;
 }
@@ -268,12 +273,14 @@ int train_table(const std::vector<std::string>& specs, int ranks, int epochs, st
   auto fm = rd::load_fashion_mnist(rd::default_fashion_mnist_dir(), limit);
   rd::normalize(fm.train, rd::fashion_mnist_normalization);
   rd::normalize(fm.test, rd::fashion_mnist_normalization);
-  fmt::print("compress_bench --train: MLP 784-256-128-10 on Fashion-MNIST ({} train / {} test), {} "
-             "thread ranks, global batch 128, {} epochs, AdamW 1e-3 warm-up + cosine, seed {}, "
-             "64 Ki-element buckets\n\n",
-             fm.train.size(), fm.test.size(), ranks, epochs, seed);
-  fmt::print("| compressor | test accuracy | vs none (points) | ratio | bytes sent / rank / step | "
-             "step ms | reduce ms / step |\n|---|---:|---:|---:|---:|---:|---:|\n");
+  fmt::print(
+      "compress_bench --train: MLP 784-256-128-10 on Fashion-MNIST ({} train / {} test), {} "
+      "thread ranks, global batch 128, {} epochs, AdamW 1e-3 warm-up + cosine, seed {}, "
+      "64 Ki-element buckets\n\n",
+      fm.train.size(), fm.test.size(), ranks, epochs, seed);
+  fmt::print(
+      "| compressor | test accuracy | vs none (points) | ratio | bytes sent / rank / step | "
+      "step ms | reduce ms / step |\n|---|---:|---:|---:|---:|---:|---:|\n");
   double base = -1;
   for (const std::string& spec : specs) {
     const train_result r = train_with(spec, fm, ranks, epochs, seed);
@@ -281,7 +288,8 @@ int train_table(const std::vector<std::string>& specs, int ranks, int epochs, st
     fmt::print("| {}{} | {:.4f} | {} | {:.2f} | {:.0f} | {:.2f} | {:.2f} |\n", spec,
                spec == "auto" ? " (" + r.picks + ")" : "", r.accuracy,
                base >= 0 ? fmt::format("{:+.2f}", 100 * (r.accuracy - base)) : "-", r.t.ratio(),
-               static_cast<double>(r.t.bytes_sent) / static_cast<double>(std::max<std::int64_t>(1, r.steps)),
+               static_cast<double>(r.t.bytes_sent) /
+                   static_cast<double>(std::max<std::int64_t>(1, r.steps)),
                r.step_ms, r.reduce_ms);
     std::fflush(stdout);
   }
@@ -296,22 +304,33 @@ int main(int argc, char** argv) try {
   bool train = false, paths = false, layout = false;
   std::size_t limit = 0;
   std::uint64_t seed = 42;
-  std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "topk:0.001",
-                                 "sign", "powersgd:1", "powersgd:4"};
+  std::vector<std::string> specs{"none",       "fp16", "bf16",       "int8",      "topk:0.01",
+                                 "topk:0.001", "sign", "powersgd:1", "powersgd:4"};
   try {
     ringflow::tool_flags::reader flags(argc, argv);
     while (flags.next()) {
-      if (flags.is("--train")) flags.no_value(), train = true;
-      else if (flags.is("--fp16-paths")) flags.no_value(), paths = true;
-      else if (flags.is("--powersgd-layout")) flags.no_value(), layout = true;
-      else if (flags.is("--elements")) n = flags.count(1, std::size_t{1} << 27);
-      else if (flags.is("--ranks")) ranks = static_cast<int>(flags.integer(1, 128));
-      else if (flags.is("--alpha-us")) alpha_us = static_cast<double>(flags.integer(0, 1000000));
-      else if (flags.is("--reps")) reps = static_cast<int>(flags.integer(1, 10000));
-      else if (flags.is("--only")) specs = split(flags.text());
-      else if (flags.is("--epochs")) epochs = static_cast<int>(flags.integer(1, 1000));
-      else if (flags.is("--limit")) limit = flags.count(1, 10'000'000);
-      else if (flags.is("--seed")) seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
+      if (flags.is("--train"))
+        flags.no_value(), train = true;
+      else if (flags.is("--fp16-paths"))
+        flags.no_value(), paths = true;
+      else if (flags.is("--powersgd-layout"))
+        flags.no_value(), layout = true;
+      else if (flags.is("--elements"))
+        n = flags.count(1, std::size_t{1} << 27);
+      else if (flags.is("--ranks"))
+        ranks = static_cast<int>(flags.integer(1, 128));
+      else if (flags.is("--alpha-us"))
+        alpha_us = static_cast<double>(flags.integer(0, 1000000));
+      else if (flags.is("--reps"))
+        reps = static_cast<int>(flags.integer(1, 10000));
+      else if (flags.is("--only"))
+        specs = split(flags.text());
+      else if (flags.is("--epochs"))
+        epochs = static_cast<int>(flags.integer(1, 1000));
+      else if (flags.is("--limit"))
+        limit = flags.count(1, 10'000'000);
+      else if (flags.is("--seed"))
+        seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
       else if (flags.is("--help", "-h")) {
         std::printf("%s", usage_text);
         return 0;
@@ -335,17 +354,20 @@ int main(int argc, char** argv) try {
   for (std::size_t i = 0; i < n; ++i) x[i] = (kernels::uniform01(key, i) * 2 - 1) * 1e-2f;
   if (paths) return fp16_paths(x, reps);
 
-  fmt::print("compress_bench: {} fp32 elements ({:.1f} MiB), bytes sent for {} ranks, median of {} "
-             "runs; GB/s of fp32 input per thread CPU second (last column: per wall second); "
-             "memcpy of the same 4n bytes timed in every rep beside the codec, x = codec GB/s / "
-             "memcpy GB/s (median of per-rep ratios); codec paths: {}; \"wins below\": the link bandwidth "
-             "under which the cost model (decide.hpp, break_even_gbps, {} us latency, {} ranks) "
-             "predicts this codec beats plain fp32\n\n",
-             n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps, to_string(best_codec_path()),
-             alpha_us, ranks);
-  fmt::print("| compressor | payload bytes | ratio | bytes sent / rank | memcpy GB/s | encode GB/s | "
-             "encode x memcpy | decode-add GB/s | decode-add x memcpy | encode+decode GB/s | "
-             "encode+decode GB/s (wall) | wins below link GB/s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  fmt::print(
+      "compress_bench: {} fp32 elements ({:.1f} MiB), bytes sent for {} ranks, median of {} "
+      "runs; GB/s of fp32 input per thread CPU second (last column: per wall second); "
+      "memcpy of the same 4n bytes timed in every rep beside the codec, x = codec GB/s / "
+      "memcpy GB/s (median of per-rep ratios); codec paths: {}; \"wins below\": the link bandwidth "
+      "under which the cost model (decide.hpp, break_even_gbps, {} us latency, {} ranks) "
+      "predicts this codec beats plain fp32\n\n",
+      n, 4.0 * static_cast<double>(n) / (1 << 20), ranks, reps, to_string(best_codec_path()),
+      alpha_us, ranks);
+  fmt::print(
+      "| compressor | payload bytes | ratio | bytes sent / rank | memcpy GB/s | encode GB/s | "
+      "encode x memcpy | decode-add GB/s | decode-add x memcpy | encode+decode GB/s | "
+      "encode+decode GB/s (wall) | wins below link GB/s "
+      "|\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   std::vector<float> copy(n);
   for (const std::string& spec : specs) {
     auto c = make_compressor(spec, 1);
@@ -388,10 +410,12 @@ int main(int argc, char** argv) try {
                              : be == 0.0         ? "never"
                              : std::isinf(be)    ? "always"
                                                  : fmt::format("{:.2f} ({:.1f} Gb/s)", be, 8 * be);
-    fmt::print("| {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.2f}x | {:.2f} | {:.2f}x | {:.2f} | {:.2f} | {} |\n",
-               c->name(), c->payload_bytes(n), bytes / static_cast<double>(c->payload_bytes(n)), sent,
-               bytes / mc / 1e9, bytes / e / 1e9, median(re), bytes / d / 1e9, median(rd),
-               bytes / (e + d) / 1e9, bytes / w / 1e9, wins);
+    fmt::print(
+        "| {} | {} | {:.2f} | {} | {:.2f} | {:.2f} | {:.2f}x | {:.2f} | {:.2f}x | {:.2f} | {:.2f} "
+        "| {} |\n",
+        c->name(), c->payload_bytes(n), bytes / static_cast<double>(c->payload_bytes(n)), sent,
+        bytes / mc / 1e9, bytes / e / 1e9, median(re), bytes / d / 1e9, median(rd),
+        bytes / (e + d) / 1e9, bytes / w / 1e9, wins);
     std::fflush(stdout);
   }
   return 0;

@@ -6,8 +6,6 @@
 //
 // Prints the median over R repetitions of the ns per collective; divide by a
 // collective's time (ringflow-bench) for the relative cost.
-#include <ringflow/comm/flight.hpp>
-
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -16,6 +14,7 @@
 #include <string_view>
 #include <vector>
 
+#include <ringflow/comm/flight.hpp>
 
 int main(int argc, char** argv) {
   long long iters = 5'000'000;
@@ -40,8 +39,9 @@ int main(int argc, char** argv) {
   for (long long r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     for (long long i = 0; i < iters; ++i) {
-      auto* rec = ring.begin(static_cast<std::uint64_t>(r * iters + i), ringflow::coll_kind::allreduce,
-                             ringflow::dtype::f32, ringflow::op_kind::sum, 256, -1);
+      auto* rec =
+          ring.begin(static_cast<std::uint64_t>(r * iters + i), ringflow::coll_kind::allreduce,
+                     ringflow::dtype::f32, ringflow::op_kind::sum, 256, -1);
       rec->algorithm.store("ring", std::memory_order_relaxed);
       rec->note_wait(1, 16385);
       ringflow::detail::flight_ring::end(rec, true);
@@ -51,8 +51,9 @@ int main(int argc, char** argv) {
                  static_cast<double>(iters));
   }
   std::sort(ns.begin(), ns.end());
-  fmt::print("flight recorder: {:.1f} ns per collective (begin + one blocked wait + end; median "
-             "of {} x {} ; min {:.1f}, max {:.1f})\n",
-             ns[ns.size() / 2], reps, iters, ns.front(), ns.back());
+  fmt::print(
+      "flight recorder: {:.1f} ns per collective (begin + one blocked wait + end; median "
+      "of {} x {} ; min {:.1f}, max {:.1f})\n",
+      ns[ns.size() / 2], reps, iters, ns.front(), ns.back());
   return 0;
 }

@@ -1,4 +1,5 @@
-// pipeline_bench: measured bubble and activation memory of GPipe, 1F1B and interleaved 1F1B on threads.
+// pipeline_bench: measured bubble and activation memory of GPipe, 1F1B and interleaved 1F1B on
+// threads.
 //
 //   build/bin/pipeline_bench [--ranks 4] [--micro-batches 1,2,4,8,16] [--forward-us 2000]
 //                            [--backward-us 4000] [--chunks 2] [--reps 3] [--activation-kib 1024]
@@ -9,14 +10,7 @@
 // cores. Each rank is a thread of the local backend; activations are real
 // heap buffers of --activation-kib held from forward to backward. Prints one
 // Markdown table (medians over --reps runs, the schedules interleaved per rep).
-#include <ringflow/backends/local.hpp>
-#include <ringflow/pipeline/executor.hpp>
-#include <ringflow/pipeline/schedule.hpp>
-#include <ringflow/pipeline/verify.hpp>
-
 #include <fmt/format.h>
-
-#include "tool_flags.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -27,6 +21,12 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "tool_flags.hpp"
+#include <ringflow/backends/local.hpp>
+#include <ringflow/pipeline/executor.hpp>
+#include <ringflow/pipeline/schedule.hpp>
+#include <ringflow/pipeline/verify.hpp>
 
 namespace pl = ringflow::pipeline;
 
@@ -86,8 +86,8 @@ class sleep_runner : public pl::stage_runner {
 };
 
 struct measurement {
-  double bubble = 0;       // 1 - sum(compute) / (ranks * slowest rank's wall time)
-  double seconds = 0;      // wall time of the step
+  double bubble = 0;                    // 1 - sum(compute) / (ranks * slowest rank's wall time)
+  double seconds = 0;                   // wall time of the step
   std::vector<std::size_t> peak_bytes;  // per rank
 };
 
@@ -131,11 +131,10 @@ int write_pictures(const options& o) {
     const auto costs = pl::stage_costs::uniform(k.s.stages(), k.scale, 2 * k.scale);
     const auto report = pl::verify(k.s, costs);
     const std::string title =
-        k.s.stages() > p
-            ? fmt::format("interleaved 1F1B: {} ranks x {} chunks, {} micro-batches", p,
-                          o.chunks, m)
-            : fmt::format("{}: {} ranks, {} micro-batches", k.s.name == "gpipe" ? "GPipe" : "1F1B",
-                          p, m);
+        k.s.stages() > p ? fmt::format("interleaved 1F1B: {} ranks x {} chunks, {} micro-batches",
+                                       p, o.chunks, m)
+                         : fmt::format("{}: {} ranks, {} micro-batches",
+                                       k.s.name == "gpipe" ? "GPipe" : "1F1B", p, m);
     const std::string predicted = title + " (predicted: forward 1, backward 2 per stage)";
     const std::string path = fmt::format("{}/pipeline_{}.svg", o.svg_dir, k.file);
     std::FILE* f = std::fopen(path.c_str(), "w");
@@ -166,8 +165,9 @@ int write_pictures(const options& o) {
   }
   const std::string svg = pl::to_svg(
       s, measured,
-      fmt::format("1F1B: {} ranks, {} micro-batches (measured on threads: sleeps of {:.0f} / {:.0f} us)",
-                  p, m, o.forward_us, o.backward_us));
+      fmt::format(
+          "1F1B: {} ranks, {} micro-batches (measured on threads: sleeps of {:.0f} / {:.0f} us)", p,
+          m, o.forward_us, o.backward_us));
   std::fwrite(svg.data(), 1, svg.size(), f);
   std::fclose(f);
   fmt::print("{}\n{}\n", path, pl::ascii_grid(s, measured));
@@ -193,25 +193,34 @@ int main(int argc, char** argv) try {
     namespace tf = ringflow::tool_flags;
     tf::reader flags(argc, argv);
     while (flags.next()) {
-      if (flags.is("--ranks")) o.ranks = static_cast<int>(flags.integer(1, 64));
+      if (flags.is("--ranks"))
+        o.ranks = static_cast<int>(flags.integer(1, 64));
       else if (flags.is("--micro-batches")) {
         o.micro_batches.clear();
-        for (long long m : flags.integers(1, 1024, 64)) o.micro_batches.push_back(static_cast<int>(m));
-      }
-      else if (flags.is("--forward-us")) o.forward_us = flags.number(0, 1e6, /*lo_open=*/true);
-      else if (flags.is("--backward-us")) o.backward_us = flags.number(0, 1e6, /*lo_open=*/true);
-      else if (flags.is("--chunks")) o.chunks = static_cast<int>(flags.integer(1, 64));
-      else if (flags.is("--reps")) o.reps = static_cast<int>(flags.integer(1, 1000));
-      else if (flags.is("--svg")) o.svg_dir = flags.text();
-      else if (flags.is("--activation-kib")) o.activation_kib = flags.count(0, 65536);
+        for (long long m : flags.integers(1, 1024, 64))
+          o.micro_batches.push_back(static_cast<int>(m));
+      } else if (flags.is("--forward-us"))
+        o.forward_us = flags.number(0, 1e6, /*lo_open=*/true);
+      else if (flags.is("--backward-us"))
+        o.backward_us = flags.number(0, 1e6, /*lo_open=*/true);
+      else if (flags.is("--chunks"))
+        o.chunks = static_cast<int>(flags.integer(1, 64));
+      else if (flags.is("--reps"))
+        o.reps = static_cast<int>(flags.integer(1, 1000));
+      else if (flags.is("--svg"))
+        o.svg_dir = flags.text();
+      else if (flags.is("--activation-kib"))
+        o.activation_kib = flags.count(0, 65536);
       else if (flags.is("--help", "-h")) {
         std::printf(
             "pipeline_bench [--ranks P] [--micro-batches A,B,..] [--forward-us F] "
             "[--backward-us B] [--chunks V] [--reps R] [--activation-kib K] [--svg DIR]\n"
             "  --svg DIR   write DIR/pipeline_{gpipe,1f1b,interleaved}.svg for --ranks and the\n"
             "              last --micro-batches count, print their ASCII grids, and exit\n"
-            "Ranges: --ranks [1, 64], --micro-batches up to 64 values in [1, 1024], --forward-us and\n"
-            "--backward-us (0, 1e6], --chunks [1, 64], --reps [1, 1000], --activation-kib [0, 65536].\n"
+            "Ranges: --ranks [1, 64], --micro-batches up to 64 values in [1, 1024], --forward-us "
+            "and\n"
+            "--backward-us (0, 1e6], --chunks [1, 64], --reps [1, 1000], --activation-kib [0, "
+            "65536].\n"
             "A bad value exits with status 2.\n");
         return 0;
       } else {
@@ -259,10 +268,11 @@ int main(int argc, char** argv) try {
       pg = mg.peak_bytes;
       pf = mf.peak_bytes;
     }
-    fmt::print("| {} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:.2f} | {:.0f} / {:.0f} / {:.0f} | {} | {} |\n",
-               m, pl::textbook_bubble(p, m), median(bg), median(bf), predicted_v, median(bv),
-               median(bv) / median(bf), median(tg), median(tf), median(tv), peaks_mib(pg),
-               peaks_mib(pf));
+    fmt::print(
+        "| {} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:.3f} | {:.2f} | {:.0f} / {:.0f} / {:.0f} | "
+        "{} | {} |\n",
+        m, pl::textbook_bubble(p, m), median(bg), median(bf), predicted_v, median(bv),
+        median(bv) / median(bf), median(tg), median(tf), median(tv), peaks_mib(pg), peaks_mib(pf));
     std::fflush(stdout);
   }
   return 0;

@@ -63,8 +63,8 @@ int main(int argc, char** argv) try {
   bool use_cost_model = false;
   std::size_t calib = std::size_t{1} << 20;
   std::vector<std::size_t> buckets;
-  std::vector<std::string> specs{"none", "fp16", "bf16", "int8", "topk:0.01", "sign",
-                                 "powersgd:4", "auto"};
+  std::vector<std::string> specs{"none",      "fp16", "bf16",       "int8",
+                                 "topk:0.01", "sign", "powersgd:4", "auto"};
   std::vector<std::string> auto_from{"bf16", "int8"};
   try {
     ringflow::tool_flags::reader args(argc, argv);
@@ -105,14 +105,16 @@ int main(int argc, char** argv) try {
     }
     if (buckets.empty()) {
       const auto total = static_cast<std::size_t>(params);
-      const auto per = std::max<std::size_t>(1, static_cast<std::size_t>(bucket_mb * (1 << 20) / 4));
+      const auto per =
+          std::max<std::size_t>(1, static_cast<std::size_t>(bucket_mb * (1 << 20) / 4));
       if (total / per >= max_buckets) {
         throw ringflow::tool_flags::bad_flag(fmt::format(
             "--params {} in buckets of --bucket-mb {} makes {} buckets, more than {}; use larger "
             "buckets",
             total, bucket_mb, (total + per - 1) / per, max_buckets));
       }
-      for (std::size_t done = 0; done < total; done += per) buckets.push_back(std::min(per, total - done));
+      for (std::size_t done = 0; done < total; done += per)
+        buckets.push_back(std::min(per, total - done));
     }
   } catch (const ringflow::tool_flags::bad_flag& e) {
     return ringflow::tool_flags::report("ringflow-sim", e);
@@ -139,11 +141,13 @@ int main(int argc, char** argv) try {
   auto_policy pol(link, ranks, auto_from);
   for (const auto& s : auto_from) pol.set_speed(s, speed[s]);
 
-  fmt::print("ringflow-sim: {} parameters in {} buckets, {} ranks, {:.4g} Gb/s, alpha {:.3g} us, compute "
-             "{} ms; codecs measured on this CPU with {} elements\n\n",
-             total, buckets.size(), ranks, gbps, alpha_us, compute_ms, calib);
-  fmt::print("| compressor | enc GB/s | dec GB/s | sent MB/rank | wire ms | codec ms | step ms | "
-             "vs none |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  fmt::print(
+      "ringflow-sim: {} parameters in {} buckets, {} ranks, {:.4g} Gb/s, alpha {:.3g} us, compute "
+      "{} ms; codecs measured on this CPU with {} elements\n\n",
+      total, buckets.size(), ranks, gbps, alpha_us, compute_ms, calib);
+  fmt::print(
+      "| compressor | enc GB/s | dec GB/s | sent MB/rank | wire ms | codec ms | step ms | "
+      "vs none |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
   double none_ms = 0;
   for (const auto& s : specs) {
     double wire = 0, codec = 0, sent = 0;
@@ -155,7 +159,8 @@ int main(int argc, char** argv) try {
       const auto pr = predict(*c, n, ranks, link, speed.count(use) ? speed[use] : codec_speed{});
       wire += pr.wire_s;
       codec += pr.codec_s;
-      for (const auto& w : c->wire_plan(n, ranks)) sent += static_cast<double>(ring_bytes_sent(w, ranks, 0));
+      for (const auto& w : c->wire_plan(n, ranks))
+        sent += static_cast<double>(ring_bytes_sent(w, ranks, 0));
     }
     const double step_ms = compute_ms + 1e3 * (wire + codec);
     if (s == "none") none_ms = step_ms;

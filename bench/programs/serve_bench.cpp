@@ -3,10 +3,6 @@
 // to interleave with PyTorch's quantize_dynamic on the same weights.
 //
 //   build/bin/serve_bench --model-dir serve-models --models fp32,int8 --batch 128 --iters 200
-#include <ringflow/ad/gemm.hpp>
-#include <ringflow/data/dataset.hpp>
-#include <ringflow/serve/serve.hpp>
-
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -17,6 +13,9 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/ad/gemm.hpp>
+#include <ringflow/data/dataset.hpp>
+#include <ringflow/serve/serve.hpp>
 
 namespace rd = ringflow::data;
 namespace sv = ringflow::serve;
@@ -28,9 +27,13 @@ int main(int argc, char** argv) {
     ringflow::tool_flags::reader flags(argc, argv);
     while (flags.next()) {
       if (flags.is("--help", "-h")) {
-        std::printf("serve_bench [--model-dir DIR] [--models a,b] [--batch N] [--iters N] [--threads N] [--data-dir DIR]\n"
-                    "  times N forwards of one batch of test images for each DIR/<name>.rfmodel (median of 5\n"
-                    "  rounds) and prints model=<name> batch=<b> ms=<per batch> accuracy=<test accuracy>\n");
+        std::printf(
+            "serve_bench [--model-dir DIR] [--models a,b] [--batch N] [--iters N] [--threads N] "
+            "[--data-dir DIR]\n"
+            "  times N forwards of one batch of test images for each DIR/<name>.rfmodel (median of "
+            "5\n"
+            "  rounds) and prints model=<name> batch=<b> ms=<per batch> accuracy=<test "
+            "accuracy>\n");
         return 0;
       } else if (flags.flag() == "--model-dir") {
         dir = flags.text();
@@ -53,7 +56,8 @@ int main(int argc, char** argv) {
   }
   try {
     ringflow::ad::set_threads(static_cast<int>(threads));
-    auto fm = rd::load_fashion_mnist(data_dir.empty() ? rd::default_fashion_mnist_dir() : std::filesystem::path(data_dir));
+    auto fm = rd::load_fashion_mnist(data_dir.empty() ? rd::default_fashion_mnist_dir()
+                                                      : std::filesystem::path(data_dir));
     rd::normalize(fm.test, rd::fashion_mnist_normalization);
     batch = std::min<long long>(batch, static_cast<long long>(fm.test.size()));
     std::vector<std::string> names;
@@ -71,13 +75,15 @@ int main(int argc, char** argv) {
       for (int round = 0; round < 5; ++round) {
         const auto t0 = std::chrono::steady_clock::now();
         for (long long i = 0; i < iters; ++i) m.forward(fm.test.images.data(), batch, y.data());
-        ms.push_back(1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
+        ms.push_back(1e3 *
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
                      static_cast<double>(iters));
       }
       std::sort(ms.begin(), ms.end());
-      std::printf("model=%s batch=%lld ms=%.4f accuracy=%.4f bytes=%llu path=%s\n", name.c_str(), batch, ms[2],
-                  sv::accuracy(m, fm.test.images.data(), fm.test.labels),
-                  static_cast<unsigned long long>(std::filesystem::file_size(std::filesystem::path(dir) / (name + ".rfmodel"))),
+      std::printf("model=%s batch=%lld ms=%.4f accuracy=%.4f bytes=%llu path=%s\n", name.c_str(),
+                  batch, ms[2], sv::accuracy(m, fm.test.images.data(), fm.test.labels),
+                  static_cast<unsigned long long>(
+                      std::filesystem::file_size(std::filesystem::path(dir) / (name + ".rfmodel"))),
                   m.quantized() ? sv::to_string(m.path()) : "fp32");
     }
   } catch (const std::exception& e) {

@@ -9,11 +9,6 @@
 // (dense / sparse) and the bytes each sends from rank 0. Every rank touches
 // its own random density * rows distinct rows (seeded per rank), so at p
 // ranks the reduced result holds up to p * density * rows rows.
-#include <ringflow/backends/mpi.hpp>
-#include <ringflow/coll/collectives.hpp>
-#include <ringflow/coll/sparse.hpp>
-#include <ringflow/train/data_parallel.hpp>
-
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -26,6 +21,10 @@
 #include <vector>
 
 #include "tool_flags.hpp"
+#include <ringflow/backends/mpi.hpp>
+#include <ringflow/coll/collectives.hpp>
+#include <ringflow/coll/sparse.hpp>
+#include <ringflow/train/data_parallel.hpp>
 
 namespace {
 double median(std::vector<double> v) {
@@ -82,7 +81,8 @@ int main(int argc, char** argv) {
                             : ringflow::tool_flags::bad_flag_status;
   }
   const int rank = comm.rank(), np = comm.size();
-  const auto touched = std::max<std::int64_t>(1, static_cast<std::int64_t>(density * static_cast<double>(rows)));
+  const auto touched =
+      std::max<std::int64_t>(1, static_cast<std::int64_t>(density * static_cast<double>(rows)));
   // This rank's distinct rows: a seeded shuffle's first `touched`.
   std::vector<std::int64_t> ids(static_cast<std::size_t>(rows));
   std::iota(ids.begin(), ids.end(), std::int64_t{0});
@@ -103,7 +103,8 @@ int main(int argc, char** argv) {
       // outside the timed part: backward does that either way).
       std::fill(dense.begin(), dense.end(), 0.0f);
       for (std::size_t k = 0; k < ids.size(); ++k) {
-        std::copy_n(values.data() + k * dim, dim, dense.data() + static_cast<std::size_t>(ids[k]) * dim);
+        std::copy_n(values.data() + k * dim, dim,
+                    dense.data() + static_cast<std::size_t>(ids[k]) * dim);
       }
       td = timed(comm, [&] { ringflow::allreduce(comm, std::span<float>(dense), ringflow::sum); });
     };
@@ -112,7 +113,8 @@ int main(int argc, char** argv) {
         auto out = ringflow::sparse_allreduce<float>(comm, std::span<const std::int64_t>(ids),
                                                      std::span<const float>(values), dim);
         union_rows = out.indices.size();
-        sparse_bytes = ringflow::sparse_allreduce_bytes_sent(out.rank_rows, dim, sizeof(float), rank);
+        sparse_bytes =
+            ringflow::sparse_allreduce_bytes_sent(out.rank_rows, dim, sizeof(float), rank);
       });
     };
     if (r % 2 == 0) {
@@ -129,16 +131,21 @@ int main(int argc, char** argv) {
   }
   if (rank == 0) {
     const double md = median(t_dense), ms = median(t_sparse);
-    const auto dense_bytes = ringflow::train::ring_bytes_sent(dense.size(), sizeof(float), np, 0, true, true);
-    fmt::print("sparse_bench: {} ranks, table {} x {} ({:.1f} MiB), {} rows per rank ({:.2f}%), {} rows "
-               "after the reduction, {} interleaved repetitions\n",
-               np, rows, dim, static_cast<double>(dense.size()) * 4 / (1 << 20), touched,
-               100.0 * static_cast<double>(touched) / static_cast<double>(rows), union_rows, reps);
+    const auto dense_bytes =
+        ringflow::train::ring_bytes_sent(dense.size(), sizeof(float), np, 0, true, true);
+    fmt::print(
+        "sparse_bench: {} ranks, table {} x {} ({:.1f} MiB), {} rows per rank ({:.2f}%), {} rows "
+        "after the reduction, {} interleaved repetitions\n",
+        np, rows, dim, static_cast<double>(dense.size()) * 4 / (1 << 20), touched,
+        100.0 * static_cast<double>(touched) / static_cast<double>(rows), union_rows, reps);
     fmt::print("| reduction | median ms | bytes sent by rank 0 |\n|---|---|---|\n");
-    fmt::print("| dense allreduce (sum, automatic algorithm) | {:.3f} | {} |\n", md * 1e3, dense_bytes);
+    fmt::print("| dense allreduce (sum, automatic algorithm) | {:.3f} | {} |\n", md * 1e3,
+               dense_bytes);
     fmt::print("| sparse_allreduce | {:.3f} | {} |\n", ms * 1e3, sparse_bytes);
     fmt::print("ratio dense/sparse: time {:.1f}x, bytes {:.1f}x\n", ms > 0 ? md / ms : 0.0,
-               sparse_bytes > 0 ? static_cast<double>(dense_bytes) / static_cast<double>(sparse_bytes) : 0.0);
+               sparse_bytes > 0
+                   ? static_cast<double>(dense_bytes) / static_cast<double>(sparse_bytes)
+                   : 0.0);
   }
   return 0;
 }

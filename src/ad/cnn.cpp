@@ -146,9 +146,9 @@ basic_tensor<S> conv2d(const basic_tensor<S>& x, const basic_tensor<S>& weight,
   }
   const shape& ws = weight.shape();
   if (ws.rank() != 4) {
-    throw usage_error(fmt::format(
-        "ad::conv2d: weight of shape {} is not [OC,C,KH,KW] (rank 4); input {}", ws.str(),
-        x.shape().str()));
+    throw usage_error(
+        fmt::format("ad::conv2d: weight of shape {} is not [OC,C,KH,KW] (rank 4); input {}",
+                    ws.str(), x.shape().str()));
   }
   const geometry g =
       window_geometry("conv2d", x.shape(), ws[2], ws[3], stride, padding, "weight " + ws.str());
@@ -342,9 +342,9 @@ basic_tensor<S> layer_norm(const basic_tensor<S>& x, const basic_tensor<S>& gamm
       S* yr = out.data() + r * f;
       for (index j = 0; j < f; ++j) {
         const S xhat = (xr[j] - mu) * rstd;
-        yr[j] = affine ? xhat * in[1][static_cast<std::size_t>(j)] +
-                             in[2][static_cast<std::size_t>(j)]
-                       : xhat;
+        yr[j] = affine
+                    ? xhat * in[1][static_cast<std::size_t>(j)] + in[2][static_cast<std::size_t>(j)]
+                    : xhat;
       }
     }
   };
@@ -357,7 +357,8 @@ basic_tensor<S> layer_norm(const basic_tensor<S>& x, const basic_tensor<S>& gamm
       const S* xr = xv + r * f;
       const S* gr = gy + r * f;
       if (a.input == 1) {  // dgamma += dy * xhat
-        for (index j = 0; j < f; ++j) a.grad_input[static_cast<std::size_t>(j)] += gr[j] * (xr[j] - mu) * rstd;
+        for (index j = 0; j < f; ++j)
+          a.grad_input[static_cast<std::size_t>(j)] += gr[j] * (xr[j] - mu) * rstd;
       } else if (a.input == 2) {  // dbeta += dy
         for (index j = 0; j < f; ++j) a.grad_input[static_cast<std::size_t>(j)] += gr[j];
       } else {  // dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy gamma
@@ -414,7 +415,8 @@ void basic_conv2d_layer<S>::collect_parameters(named_parameters<S>& out,
 }
 
 template <class S>
-basic_reshape_layer<S>::basic_reshape_layer(std::vector<index> sample) : sample_(std::move(sample)) {
+basic_reshape_layer<S>::basic_reshape_layer(std::vector<index> sample)
+    : sample_(std::move(sample)) {
   if (sample_.empty() || sample_.size() > shape::max_rank - 1) {
     throw usage_error(fmt::format(
         "ad::reshape_layer: {} sample dimensions given; 1 to {} (plus the batch dimension)",
@@ -460,15 +462,15 @@ void basic_layer_norm_layer<S>::collect_parameters(named_parameters<S>& out,
   if (beta_.defined()) out.emplace_back(prefix + "beta", beta_);
 }
 
-#define RINGFLOW_AD_CNN(S)                                                                   \
-  template basic_tensor<S> conv2d(const basic_tensor<S>&, const basic_tensor<S>&,            \
-                                  const basic_tensor<S>&, index, index);                     \
-  template basic_tensor<S> max_pool2d(const basic_tensor<S>&, index, index, index);          \
-  template basic_tensor<S> avg_pool2d(const basic_tensor<S>&, index, index, index);          \
-  template basic_tensor<S> layer_norm(const basic_tensor<S>&, const basic_tensor<S>&,        \
-                                      const basic_tensor<S>&, double);                       \
-  template class basic_conv2d_layer<S>;                                                      \
-  template class basic_reshape_layer<S>;                                                     \
+#define RINGFLOW_AD_CNN(S)                                                            \
+  template basic_tensor<S> conv2d(const basic_tensor<S>&, const basic_tensor<S>&,     \
+                                  const basic_tensor<S>&, index, index);              \
+  template basic_tensor<S> max_pool2d(const basic_tensor<S>&, index, index, index);   \
+  template basic_tensor<S> avg_pool2d(const basic_tensor<S>&, index, index, index);   \
+  template basic_tensor<S> layer_norm(const basic_tensor<S>&, const basic_tensor<S>&, \
+                                      const basic_tensor<S>&, double);                \
+  template class basic_conv2d_layer<S>;                                               \
+  template class basic_reshape_layer<S>;                                              \
   template class basic_layer_norm_layer<S>;
 RINGFLOW_AD_CNN(float)
 RINGFLOW_AD_CNN(double)

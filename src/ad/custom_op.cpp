@@ -25,8 +25,7 @@ basic_tensor<S> make_custom(const char* op, std::string name,
           fmt::format("ad::{}: input {} is an empty (default-constructed) tensor", shown, i));
     }
     nodes.push_back(inputs[i].node());
-    values.emplace_back(inputs[i].node()->value.get(),
-                        static_cast<std::size_t>(inputs[i].numel()));
+    values.emplace_back(inputs[i].node()->value.get(), static_cast<std::size_t>(inputs[i].numel()));
   }
   auto out = std::make_shared<node<S>>();
   out->op = op;
@@ -39,9 +38,8 @@ basic_tensor<S> make_custom(const char* op, std::string name,
   }
   forward(values, std::span<S>(out->value.get(), static_cast<std::size_t>(output_shape.numel())));
 
-  const bool record = grad_enabled() && std::any_of(nodes.begin(), nodes.end(), [](const auto& n) {
-                        return n->requires_grad;
-                      });
+  const bool record = grad_enabled() && std::any_of(nodes.begin(), nodes.end(),
+                                                    [](const auto& n) { return n->requires_grad; });
   if (record) {
     if (!backward) throw usage_error(fmt::format("ad::{}: no backward function given", shown));
     out->inputs = std::move(nodes);
@@ -56,8 +54,8 @@ basic_tensor<S> make_custom(const char* op, std::string name,
       args.output = std::span<const S>(self.value.get(), n);
       args.grad_output = std::span<const S>(self.grad_map().data(), n);
       auto& target = *self.inputs[i];
-      args.grad_input = std::span<S>(target.grad_map().data(),
-                                     static_cast<std::size_t>(target.dims.numel()));
+      args.grad_input =
+          std::span<S>(target.grad_map().data(), static_cast<std::size_t>(target.dims.numel()));
       fn(args);
     };
   }
@@ -75,13 +73,12 @@ basic_tensor<S> custom_op(std::string name, const std::vector<basic_tensor<S>>& 
                                 std::move(backward));
 }
 
-#define RINGFLOW_AD_CUSTOM(S)                                                                  \
+#define RINGFLOW_AD_CUSTOM(S)                                                                 \
   template basic_tensor<S> custom_op(std::string, const std::vector<basic_tensor<S>>&, shape, \
-                                     const custom_forward_fn<S>&, custom_backward_fn<S>);      \
-  template basic_tensor<S> detail::make_custom(const char*, std::string,                       \
-                                               const std::vector<basic_tensor<S>>&, shape,     \
-                                               const custom_forward_fn<S>&, custom_backward_fn<S>, \
-                                               bool);
+                                     const custom_forward_fn<S>&, custom_backward_fn<S>);     \
+  template basic_tensor<S> detail::make_custom(                                               \
+      const char*, std::string, const std::vector<basic_tensor<S>>&, shape,                   \
+      const custom_forward_fn<S>&, custom_backward_fn<S>, bool);
 RINGFLOW_AD_CUSTOM(float)
 RINGFLOW_AD_CUSTOM(double)
 #undef RINGFLOW_AD_CUSTOM

@@ -25,18 +25,17 @@ basic_tensor<S> embedding_lookup(const basic_tensor<S>& table, std::span<const s
   if (!table.defined()) throw usage_error("ad::embedding: the table is an empty tensor");
   const auto& tn = table.node();
   if (rank < 0 && tn->sparse) rank = tn->sparse->rank;
-  const std::string who =
-      fmt::format("ad::embedding '{}' {}", table.name(), rank_text(rank));
+  const std::string who = fmt::format("ad::embedding '{}' {}", table.name(), rank_text(rank));
   if (tn->dims.rank() != 2) {
-    throw usage_error(fmt::format("{}: the table has shape {}; it must be [rows, dim]", who,
-                                  tn->dims.str()));
+    throw usage_error(
+        fmt::format("{}: the table has shape {}; it must be [rows, dim]", who, tn->dims.str()));
   }
   const index rows = tn->dims.rows(), dim = tn->dims.cols();
   const auto n = static_cast<index>(ids.size());
   if (fields <= 0 || n % fields != 0) {
-    throw usage_error(fmt::format(
-        "{}: {} ids do not split into rows of {} fields; pass a multiple of fields", who, n,
-        fields));
+    throw usage_error(
+        fmt::format("{}: {} ids do not split into rows of {} fields; pass a multiple of fields",
+                    who, n, fields));
   }
   for (index k = 0; k < n; ++k) {
     const std::int64_t id = ids[static_cast<std::size_t>(k)];
@@ -120,8 +119,8 @@ basic_tensor<S> basic_embedding<S>::forward(const basic_tensor<S>& x) {
   for (const S v : x.data()) {
     // Exact integers only: a fractional "id" is a bug upstream, not a row.
     if (!(std::floor(v) == v)) {
-      throw usage_error(fmt::format(
-          "ad::embedding {}: input value {} is not an integer id", rank_text(opts_.rank), v));
+      throw usage_error(fmt::format("ad::embedding {}: input value {} is not an integer id",
+                                    rank_text(opts_.rank), v));
     }
     ids.push_back(static_cast<std::int64_t>(v));
   }

@@ -20,8 +20,8 @@ namespace {
 
 // The CBLAS entry points we use, declared by us (no cblas.h needed at build).
 enum : int { cblas_row_major = 101, cblas_no_trans = 111, cblas_trans = 112 };
-using sgemm_fn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
-                          int, float, float*, int);
+using sgemm_fn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                          float, float*, int);
 using dgemm_fn = void (*)(int, int, int, int, int, int, double, const double*, int, const double*,
                           int, double, double*, int);
 using set_threads_fn = void (*)(int);
@@ -115,10 +115,14 @@ void eigen_gemm(bool ta, bool tb, index m, index n, index k, S alpha, const S* a
   };
   const cmap A(a, ta ? k : m, ta ? m : k, stride(lda));
   const cmap B(b, tb ? n : k, tb ? k : n, stride(ldb));
-  if (ta && tb) run(A.transpose(), B.transpose());
-  else if (ta) run(A.transpose(), B);
-  else if (tb) run(A, B.transpose());
-  else run(A, B);
+  if (ta && tb)
+    run(A.transpose(), B.transpose());
+  else if (ta)
+    run(A.transpose(), B);
+  else if (tb)
+    run(A, B.transpose());
+  else
+    run(A, B);
 }
 
 bool fits_int(index v) { return v >= 0 && v <= 0x7fffffff; }
@@ -133,15 +137,17 @@ void gemm(bool trans_a, bool trans_b, index m, index n, index k, S alpha, const 
     Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0,
                Eigen::OuterStride<>>
         C(c, m, n, Eigen::OuterStride<>(ldc));
-    if (beta == S(0)) C.setZero();
-    else C *= beta;
+    if (beta == S(0))
+      C.setZero();
+    else
+      C *= beta;
     return;
   }
   const blas& l = lib();
-  const bool big = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) >=
-                   small_product;
-  if (l.usable() && big && blas_enabled.load(std::memory_order_relaxed) && fits_int(m) && fits_int(n) && fits_int(k) && fits_int(lda) &&
-      fits_int(ldb) && fits_int(ldc)) {
+  const bool big =
+      static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) >= small_product;
+  if (l.usable() && big && blas_enabled.load(std::memory_order_relaxed) && fits_int(m) &&
+      fits_int(n) && fits_int(k) && fits_int(lda) && fits_int(ldb) && fits_int(ldc)) {
     const int ta = trans_a ? cblas_trans : cblas_no_trans;
     const int tb = trans_b ? cblas_trans : cblas_no_trans;
     if constexpr (std::is_same_v<S, float>) {
@@ -158,8 +164,8 @@ void gemm(bool trans_a, bool trans_b, index m, index n, index k, S alpha, const 
   eigen_gemm<S>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-template void gemm<float>(bool, bool, index, index, index, float, const float*, index,
-                          const float*, index, float, float*, index);
+template void gemm<float>(bool, bool, index, index, index, float, const float*, index, const float*,
+                          index, float, float*, index);
 template void gemm<double>(bool, bool, index, index, index, double, const double*, index,
                            const double*, index, double, double*, index);
 

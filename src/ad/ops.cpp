@@ -1,6 +1,5 @@
 // Forward values and backward closures of every ad op, for float and double.
 #include "ringflow/ad/ops.hpp"
-#include "ringflow/ad/gemm.hpp"
 
 #include <fmt/format.h>
 
@@ -8,6 +7,7 @@
 #include <cmath>
 #include <numbers>
 
+#include "ringflow/ad/gemm.hpp"
 #include "ringflow/ad/init.hpp"
 
 namespace ringflow::ad {
@@ -160,8 +160,7 @@ template <class S>
 basic_tensor<S> matmul(const basic_tensor<S>& a, const basic_tensor<S>& b) {
   const auto& na = need(a, "matmul");
   const auto& nb = need(b, "matmul");
-  if (nb.dims.rank() != 2 || na.dims.rank() == 0 || na.dims.rank() > 2 ||
-      na.cols() != nb.rows()) {
+  if (nb.dims.rank() != 2 || na.dims.rank() == 0 || na.dims.rank() > 2 || na.cols() != nb.rows()) {
     throw usage_error(fmt::format(
         "ad::matmul: shapes {} and {} are not compatible: need [B,K] (or [K]) times [K,N]; "
         "the inner dimensions must agree",
@@ -171,8 +170,8 @@ basic_tensor<S> matmul(const basic_tensor<S>& a, const basic_tensor<S>& b) {
   auto out = make_node<S>("matmul", s);
   // [m,k] x [k,n]: the products go through ad::gemm (a BLAS when present).
   const index m = na.rows(), k = na.cols(), n = nb.cols();
-  gemm<S>(false, false, m, n, k, S(1), na.value.get(), k, nb.value.get(), n, S(0),
-          out->value.get(), n);
+  gemm<S>(false, false, m, n, k, S(1), na.value.get(), k, nb.value.get(), n, S(0), out->value.get(),
+          n);
   return finish<S>(std::move(out), {a.node(), b.node()},
                    [m, n, k](detail::node<S>& self, std::size_t i) {
                      auto g = self.grad_map();

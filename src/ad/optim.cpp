@@ -38,7 +38,8 @@ std::vector<sparse_part<S>> sparse_parts(const parameter_store<S>& params) {
   for (const auto& p : params) {
     if (auto* g = p.tensor.sparse_grad()) out.push_back({p.offset, p.size, g});
   }
-  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.offset < b.offset; });
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.offset < b.offset; });
   return out;
 }
 

@@ -208,8 +208,7 @@ void parameter_store<S>::check_bound() const {
   for (const auto& p : state_->params) {
     const auto& n = *p.tensor.node();
     // Released gradients are the parameters' own allocations (or none).
-    const bool grad_ok =
-        state_->grads_released || n.grad.get() == state_->grads->data() + p.offset;
+    const bool grad_ok = state_->grads_released || n.grad.get() == state_->grads->data() + p.offset;
     if (n.value.get() != state_->values->data() + p.offset || !grad_ok) {
       throw usage_error(fmt::format(
           "ad::parameter_store: parameter '{}' was re-packed into another store (its module "

@@ -32,7 +32,7 @@ struct completion {
   // may give up (and free its buffer) until `done`, or the copier would read
   // or write freed memory.
   bool copying = false;
-  std::string error;  // non-empty: the message failed (size or stamp mismatch)
+  std::string error;      // non-empty: the message failed (size or stamp mismatch)
   bool mismatch = false;  // the error is the two ranks' collectives differing
 };
 
@@ -158,7 +158,8 @@ bool stamps_differ(const stamp_slot& sent, const stamp_slot& expected, completio
     why = detail::stamp_mismatch_text(dest, expected.fp, source, sent.fp);
   } else {
     why = fmt::format(
-        "the message from rank {} to rank {} (tag {}) is stamped on one side only: do all ranks use "
+        "the message from rank {} to rank {} (tag {}) is stamped on one side only: do all ranks "
+        "use "
         "the same check_mode?",
         source, dest, tag);
   }
@@ -268,8 +269,8 @@ class local_request final : public detail::request_state {
         peer_));
   }
   [[noreturn]] void throw_abandoned() const {
-    group_->throw_failure(fmt::format("rank {}: {} rank {} (tag {}) abandoned because {}",
-                                      rank_, is_send_ ? "send to" : "receive from", peer_, tag_,
+    group_->throw_failure(fmt::format("rank {}: {} rank {} (tag {}) abandoned because {}", rank_,
+                                      is_send_ ? "send to" : "receive from", peer_, tag_,
                                       group_->failure_text()));
   }
 
@@ -354,11 +355,10 @@ class local_transport final : public transport {
   std::shared_ptr<transport> split(int color, int key) override;
 
  private:
-  request make_request(int box, std::shared_ptr<completion> s, int peer, int tag,
-                       std::size_t bytes, bool is_send) {
+  request make_request(int box, std::shared_ptr<completion> s, int peer, int tag, std::size_t bytes,
+                       bool is_send) {
     return request(std::make_unique<local_request>(group_, box, std::move(s), rank_, peer, tag,
-                                                   bytes, is_send, timeout(),
-                                                   flight_current()));
+                                                   bytes, is_send, timeout(), flight_current()));
   }
 
   void check_peer(int peer, const char* what) const {
@@ -367,8 +367,8 @@ class local_transport final : public transport {
                                     rank_, peer, group_->size));
     }
     if (group_->failed.load()) {
-      group_->throw_failure(fmt::format("rank {}: cannot {} rank {}: {}", rank_, what, peer,
-                                        group_->failure_text()));
+      group_->throw_failure(
+          fmt::format("rank {}: cannot {} rank {}: {}", rank_, what, peer, group_->failure_text()));
     }
   }
 

@@ -5,7 +5,6 @@
 
 #include <fmt/format.h>
 #include <mpi.h>
-
 #include <sched.h>
 
 #include <algorithm>
@@ -14,23 +13,23 @@
 #include <climits>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
-#include <deque>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "mpi_check.hpp"
+#include "mpi_job.hpp"
 #include "ringflow/backends/mpi_interop.hpp"
 #include "ringflow/backends/shm.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
 #include "ringflow/core/log.hpp"
-#include "mpi_check.hpp"
-#include "mpi_job.hpp"
 #include "waiting.hpp"
 
 namespace ringflow::mpi {
@@ -48,7 +47,7 @@ std::string on_rank(int rank, int peer) {
 
 namespace waiting {
 namespace {
-std::atomic<int> caller_yields{-1};    // -1: not decided yet
+std::atomic<int> caller_yields{-1};  // -1: not decided yet
 std::atomic<int> progress_yields{-1};
 occupancy decided;
 std::once_flag decided_once;
@@ -95,9 +94,10 @@ occupancy probe(MPI_Comm comm) {
     }
     caller_yields.store(caller);
     progress_yields.store(progress);
-    log::debug("mpi: {} ranks on this node, {} cores: callers {}, progress threads {} while "
-               "waiting",
-               o.local_ranks, o.cores, caller ? "yield" : "spin", progress ? "yield" : "spin");
+    log::debug(
+        "mpi: {} ranks on this node, {} cores: callers {}, progress threads {} while "
+        "waiting",
+        o.local_ranks, o.cores, caller ? "yield" : "spin", progress ? "yield" : "spin");
   });
   return decided;
 }
@@ -374,7 +374,7 @@ class mpi_request final : public detail::request_state {
   // header + payload for small ones, and where a received payload goes.
   bool stamped_ = false;
   fingerprint mine_;
-  std::weak_ptr<mpi_transport> owner_;  // set by watch_stalls
+  std::weak_ptr<mpi_transport> owner_;       // set by watch_stalls
   detail::flight_record* flight_ = nullptr;  // set by watch_flight
   fingerprint current_;
   detail::stamp_header head_;
@@ -383,8 +383,7 @@ class mpi_request final : public detail::request_state {
   std::size_t user_bytes_ = 0;
 };
 
-class mpi_transport final : public transport,
-                            public std::enable_shared_from_this<mpi_transport> {
+class mpi_transport final : public transport, public std::enable_shared_from_this<mpi_transport> {
  public:
   // Takes ownership of `comm` (a communicator ringflow created by dup/split).
   explicit mpi_transport(MPI_Comm comm) : comm_(comm) {
@@ -473,8 +472,8 @@ class mpi_transport final : public transport,
         int flag = 0;
         const int rc = MPI_Test(&req, &flag, MPI_STATUS_IGNORE);
         if (rc != MPI_SUCCESS) {
-          const std::string msg = fmt::format("MPI_Iallreduce failed on rank {}: {}", rank_,
-                                              mpi_error_text(rc));
+          const std::string msg =
+              fmt::format("MPI_Iallreduce failed on rank {}: {}", rank_, mpi_error_text(rc));
           job::fail(job::notice::failed, msg);
           throw mpi_error(msg, rc, detail::mpi_error_class(rc));
         }
@@ -619,8 +618,7 @@ void abort_on_terminate() {
       std::rethrow_exception(e);
     } catch (const std::exception& ex) {
       what = ex.what();
-    } catch (...) {
-    }
+    } catch (...) {}
   } else {
     what = "std::terminate called";
   }
@@ -681,8 +679,9 @@ void abort(int code, std::string_view why) noexcept {
 
 communicator from_comm(MPI_Comm comm) {
   if (!initialized()) {
-    throw usage_error("ringflow::mpi: MPI is not initialized; create a ringflow::mpi::environment "
-                      "(or call MPI_Init) first");
+    throw usage_error(
+        "ringflow::mpi: MPI is not initialized; create a ringflow::mpi::environment "
+        "(or call MPI_Init) first");
   }
   MPI_Comm dup = MPI_COMM_NULL;
   const int rc = MPI_Comm_dup(comm, &dup);

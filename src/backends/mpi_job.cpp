@@ -208,9 +208,10 @@ void watchdog_loop() {
     if (s.broken.load() && abort_policy.load()) {
       const auto since = std::chrono::nanoseconds(now_ns() - s.broken_at.load());
       if (since >= abort_grace) {
-        end_job(fmt::format("{} s after the failure the program is still running, so ringflow "
-                            "ends the job: {}",
-                            abort_grace.count(), describe_failure()));
+        end_job(
+            fmt::format("{} s after the failure the program is still running, so ringflow "
+                        "ends the job: {}",
+                        abort_grace.count(), describe_failure()));
       }
     }
     lock.lock();
@@ -229,14 +230,15 @@ void start() {
   MPI_Query_thread(&provided);
   s.multiple = provided >= MPI_THREAD_MULTIPLE;
   if (MPI_Comm_dup(MPI_COMM_WORLD, &s.ctrl) != MPI_SUCCESS) {
-    log::warn("mpi: could not create the control channel; failures on one rank will reach the "
-              "others only through their timeouts");
+    log::warn(
+        "mpi: could not create the control channel; failures on one rank will reach the "
+        "others only through their timeouts");
     return;
   }
   MPI_Comm_set_errhandler(s.ctrl, MPI_ERRORS_RETURN);
   s.left_at = std::make_unique<std::atomic<std::int64_t>[]>(static_cast<std::size_t>(s.size));
-  if (MPI_Irecv(&s.inbox, sizeof s.inbox, MPI_BYTE, MPI_ANY_SOURCE, notice_tag, s.ctrl,
-                &s.recv) != MPI_SUCCESS) {
+  if (MPI_Irecv(&s.inbox, sizeof s.inbox, MPI_BYTE, MPI_ANY_SOURCE, notice_tag, s.ctrl, &s.recv) !=
+      MPI_SUCCESS) {
     s.recv = MPI_REQUEST_NULL;
   }
   s.wd_stop = false;
@@ -248,9 +250,10 @@ void finish() noexcept {
   state& s = S();
   if (!s.active.load()) return;
   if (s.broken.load() && abort_policy.load()) {
-    end_job(fmt::format("the job failed, so MPI_Finalize would wait forever for the ranks that "
-                        "are stuck: {}",
-                        describe_failure()));
+    end_job(
+        fmt::format("the job failed, so MPI_Finalize would wait forever for the ranks that "
+                    "are stuck: {}",
+                    describe_failure()));
   }
   // Finish in agreement: tell every rank this one is done, then wait until
   // every other rank has said the same (or the job breaks) before
@@ -355,7 +358,8 @@ std::vector<int> world_ranks(MPI_Comm comm) {
   std::vector<int> mine(static_cast<std::size_t>(n)), world(static_cast<std::size_t>(n), -1);
   for (int i = 0; i < n; ++i) mine[static_cast<std::size_t>(i)] = i;
   MPI_Group g = MPI_GROUP_NULL, w = MPI_GROUP_NULL;
-  if (MPI_Comm_group(comm, &g) == MPI_SUCCESS && MPI_Comm_group(MPI_COMM_WORLD, &w) == MPI_SUCCESS) {
+  if (MPI_Comm_group(comm, &g) == MPI_SUCCESS &&
+      MPI_Comm_group(MPI_COMM_WORLD, &w) == MPI_SUCCESS) {
     MPI_Group_translate_ranks(g, n, mine.data(), w, world.data());
   }
   if (g != MPI_GROUP_NULL) MPI_Group_free(&g);

@@ -48,16 +48,15 @@
 #include <thread>
 #include <vector>
 
+#include "mpi_check.hpp"
+#include "mpi_job.hpp"
 #include "ringflow/backends/mpi_interop.hpp"
+#include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/registry.hpp"
 #include "ringflow/core/dtype_visit.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
-#include "mpi_check.hpp"
-#include "mpi_job.hpp"
 #include "waiting.hpp"
-
-#include "ringflow/coll/cost_model.hpp"
-#include "ringflow/coll/registry.hpp"
 
 namespace ringflow {
 namespace {
@@ -149,12 +148,12 @@ struct node_state {
   std::byte* base = nullptr;
   std::size_t bytes = 0;
   std::size_t data_offset = 0;
-  std::uint64_t next_block = 0;  // global index of this rank's next block
-  bool oversubscribed = false;  // rank 0's verdict, so all ranks wait alike
+  std::uint64_t next_block = 0;                // global index of this rank's next block
+  bool oversubscribed = false;                 // rank 0's verdict, so all ranks wait alike
   std::chrono::microseconds spin{0};           // a caller polls this long before sleeping
   std::chrono::microseconds progress_spin{0};  // a progress thread (waiting.hpp)
-  int broken_by = -1;  // rank that failed; the segment's counters are lost
-  std::vector<int> world_ranks;  // of each rank, for the job's failure notices
+  int broken_by = -1;                          // rank that failed; the segment's counters are lost
+  std::vector<int> world_ranks;                // of each rank, for the job's failure notices
 
   node_state() = default;
   node_state(const node_state&) = delete;
@@ -165,19 +164,24 @@ struct node_state {
 
   header& head() const { return *reinterpret_cast<header*>(base); }
   counter_line& arrived(int r) const {
-    return *reinterpret_cast<counter_line*>(base + line_bytes * (1 + 3 * static_cast<std::size_t>(r)));
+    return *reinterpret_cast<counter_line*>(base +
+                                            line_bytes * (1 + 3 * static_cast<std::size_t>(r)));
   }
   counter_line& reduced(int r) const {
-    return *reinterpret_cast<counter_line*>(base + line_bytes * (2 + 3 * static_cast<std::size_t>(r)));
+    return *reinterpret_cast<counter_line*>(base +
+                                            line_bytes * (2 + 3 * static_cast<std::size_t>(r)));
   }
   descriptor& desc(int r) const {
-    return *reinterpret_cast<descriptor*>(base + line_bytes * (3 + 3 * static_cast<std::size_t>(r)));
+    return *reinterpret_cast<descriptor*>(base +
+                                          line_bytes * (3 + 3 * static_cast<std::size_t>(r)));
   }
   std::byte* staging(int r, int slot) const {
-    return base + data_offset + (static_cast<std::size_t>(r) * slots + static_cast<std::size_t>(slot)) * block_bytes;
+    return base + data_offset +
+           (static_cast<std::size_t>(r) * slots + static_cast<std::size_t>(slot)) * block_bytes;
   }
   std::byte* result(int slot) const {
-    return base + data_offset + (static_cast<std::size_t>(size) * slots + static_cast<std::size_t>(slot)) * block_bytes;
+    return base + data_offset +
+           (static_cast<std::size_t>(size) * slots + static_cast<std::size_t>(slot)) * block_bytes;
   }
 };
 
@@ -221,7 +225,7 @@ void set_up(node_state& st, MPI_Comm mc) {
     char name[64];
     std::uint64_t block;
     std::int32_t err;
-    std::int32_t yield;           // callers: more ranks than cores
+    std::int32_t yield;  // callers: more ranks than cores
     std::int64_t spin_us;
     std::int64_t progress_spin_us;  // progress threads (waiting.hpp)
   } msg{};
@@ -260,9 +264,10 @@ void set_up(node_state& st, MPI_Comm mc) {
     // Allocate now: a /dev/shm too small for the segment is an error here,
     // not a SIGBUS in the middle of a later allreduce.
     if (const int e = posix_fallocate(fd, 0, static_cast<off_t>(st.bytes)); e != 0) {
-      failure = fmt::format("allocating {} bytes in /dev/shm: {} (set RINGFLOW_SHM_BLOCK "
-                            "smaller than {} to need less)",
-                            st.bytes, errno_text(e), st.block_bytes);
+      failure = fmt::format(
+          "allocating {} bytes in /dev/shm: {} (set RINGFLOW_SHM_BLOCK "
+          "smaller than {} to need less)",
+          st.bytes, errno_text(e), st.block_bytes);
     }
   } else {
     fd = shm_open(msg.name, O_RDWR, 0600);
@@ -485,8 +490,8 @@ void finish_all(T* dst, std::size_t n, const Op& op, int p) {
 }
 
 template <class T, class Op>
-void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
-         std::size_t count, const Op& op, detail::flight_record* flight, transport* peers) {
+void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out, std::size_t count,
+         const Op& op, detail::flight_record* flight, transport* peers) {
   const int p = st.size, me = st.rank;
   const std::size_t per_block = block_elems<T>(st, count);
   const std::size_t blocks = (count + per_block - 1) / per_block;
@@ -540,7 +545,8 @@ void run(node_state& st, std::chrono::milliseconds timeout, const T* in, T* out,
             "shm allreduce on rank {}: rank {} called it with count={}, type={}, op={}, this rank "
             "with count={}, type={}, op={}; every rank must pass the same count, type and op",
             me, q, d.count, dtype_name(static_cast<dtype>(d.type)),
-            op_name(static_cast<op_kind>(d.op)), count, dtype_name(dtype_of<T>), op_name(Op::kind)));
+            op_name(static_cast<op_kind>(d.op)), count, dtype_name(dtype_of<T>),
+            op_name(Op::kind)));
       }
     }
 
@@ -585,8 +591,8 @@ void run_op(node_state& st, std::chrono::milliseconds timeout, const void* in, v
     case op_kind::max: return run(st, timeout, i, o, count, max_op{}, flight, peers);
     case op_kind::avg: return run(st, timeout, i, o, count, avg_op{}, flight, peers);
   }
-  throw usage_error(fmt::format("shm allreduce on rank {}: unknown reduce op {}", st.rank,
-                                static_cast<int>(op)));
+  throw usage_error(
+      fmt::format("shm allreduce on rank {}: unknown reduce op {}", st.rank, static_cast<int>(op)));
 }
 
 // One rank: a copy, and avg divides by 1 like every other algorithm does.
@@ -596,7 +602,6 @@ void single_rank(const void* in, void* out, std::size_t count, op_kind op) {
   if (in != out) std::memcpy(out, in, count * sizeof(T));
   if (op == op_kind::avg) finish_all(o, count, avg_op{}, 1);
 }
-
 
 }  // namespace
 

@@ -36,7 +36,7 @@ bool yield_progress() noexcept;
 /// shares the rank's cores); by the caller rule otherwise.
 inline bool should_yield() noexcept {
   return detail::on_progress_thread() || detail::progress_threads() > 0 ? yield_progress()
-                                                                         : yield_caller();
+                                                                        : yield_caller();
 }
 
 }  // namespace ringflow::mpi::waiting

@@ -24,8 +24,8 @@ void run_ring(const communicator&, void* out, const void* in, std::size_t count,
               const coll_options&);
 void run_recursive_doubling(const communicator&, void* out, const void* in, std::size_t count,
                             dtype, op_kind, const coll_options&);
-void run_halving_doubling(const communicator&, void* out, const void* in, std::size_t count,
-                          dtype, op_kind, const coll_options&);
+void run_halving_doubling(const communicator&, void* out, const void* in, std::size_t count, dtype,
+                          op_kind, const coll_options&);
 void run_tree(const communicator&, void* out, const void* in, std::size_t count, dtype, op_kind,
               const coll_options&);
 void run_double_tree(const communicator&, void* out, const void* in, std::size_t count, dtype,

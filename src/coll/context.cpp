@@ -23,11 +23,11 @@ namespace {
 
 // What rank 0 found when it looked for a tuning table.
 enum tuning_status : std::int32_t {
-  tuning_off = 0,         // RINGFLOW_TUNING=off
-  tuning_no_file = 1,     // no file at the path
-  tuning_unusable = 2,    // corrupt or from another machine (rank 0 warned)
-  tuning_no_ranks = 3,    // no table for this rank count
-  tuning_follows = 4,     // tables for this rank count: a broadcast follows
+  tuning_off = 0,       // RINGFLOW_TUNING=off
+  tuning_no_file = 1,   // no file at the path
+  tuning_unusable = 2,  // corrupt or from another machine (rank 0 warned)
+  tuning_no_ranks = 3,  // no table for this rank count
+  tuning_follows = 4,   // tables for this rank count: a broadcast follows
 };
 
 // What every rank contributes to the exchange; only rank 0's model, node
@@ -61,7 +61,8 @@ tuning_status load_tuning(int ranks, std::string& path, std::optional<tuning_fil
   try {
     file = read_tuning_file(path);
   } catch (const error& e) {
-    warn_once(fmt::format("{}; choosing allreduce algorithms with the cost model instead", e.what()));
+    warn_once(
+        fmt::format("{}; choosing allreduce algorithms with the cost model instead", e.what()));
     file.reset();
     return tuning_unusable;
   }
@@ -116,9 +117,9 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
   if (r == 0) {
     const cost_model m = local_cost_model();
     std::strncpy(mine.origin, m.origin.c_str(), sizeof mine.origin - 1);
-    const double v[10] = {m.intra.alpha,       m.intra.beta,       m.intra.large_alpha,
-                          m.intra.large_from,  m.inter.alpha,      m.inter.beta,
-                          m.inter.large_alpha, m.inter.large_from, m.gamma,
+    const double v[10] = {m.intra.alpha,        m.intra.beta,       m.intra.large_alpha,
+                          m.intra.large_from,   m.inter.alpha,      m.inter.beta,
+                          m.inter.large_alpha,  m.inter.large_from, m.gamma,
                           m.oversubscribed_step};
     std::memcpy(mine.model, v, sizeof v);
     std::string path;
@@ -176,7 +177,8 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
     one_host = one_host && std::strncmp(w.host, root.host, sizeof w.host) == 0;
     registered = registered && w.shm_registered != 0;
   }
-  ctx->shape.shm = registered && one_host && t.processes_can_share_memory() && ctx->shape.nodes == 1;
+  ctx->shape.shm =
+      registered && one_host && t.processes_can_share_memory() && ctx->shape.nodes == 1;
   if (ctx->shape.shm && ctx->first_use) {
     // First-use tuning will try shm on some later call. Its set-up is a
     // handful of blocking MPI collectives; run here, where every rank is in
@@ -194,7 +196,9 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
   switch (root.tuning) {
     case tuning_off: ctx->table_note = "RINGFLOW_TUNING=off"; break;
     case tuning_no_file: ctx->table_note = fmt::format("no tuning file at {}", path); break;
-    case tuning_unusable: ctx->table_note = fmt::format("{} is unusable (see the warning)", path); break;
+    case tuning_unusable:
+      ctx->table_note = fmt::format("{} is unusable (see the warning)", path);
+      break;
     default:
       ctx->table_note = fmt::format("{} has no table for {}", path, describe_shape(ctx->shape));
   }
@@ -296,7 +300,8 @@ explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/)
     std::string names;
     for (algo a : cand) names += fmt::format("{}{}", names.empty() ? "" : ", ", algo_name(a));
     e.first_use_note = fmt::format(
-        "first-use tuning: the {} allreduces of over {} up to {} try {} ({} rounds of 1 untimed and "
+        "first-use tuning: the {} allreduces of over {} up to {} try {} ({} rounds of 1 untimed "
+        "and "
         "{} timed calls each), then run the fastest",
         left < 0 ? fmt::format("first {}", static_cast<int>(cand.size()) *
                                                    (detail::first_use_block(bytes) + 1) *

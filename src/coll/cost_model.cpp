@@ -51,7 +51,8 @@ double log2i(int q) { return std::log2(static_cast<double>(q)); }
 
 std::size_t seg_count(double bytes, std::size_t seg) {
   if (bytes <= 0) return 1;
-  return std::max<std::size_t>(1, static_cast<std::size_t>(std::ceil(bytes / static_cast<double>(seg))));
+  return std::max<std::size_t>(
+      1, static_cast<std::size_t>(std::ceil(bytes / static_cast<double>(seg))));
 }
 
 // Ring over p ranks on links `l`: 2(p-1) steps of n/p bytes, each cut into
@@ -92,8 +93,13 @@ struct model_terms {
 };
 model_terms terms_of(const cost_model& m, const cluster_shape& s, std::size_t bytes) {
   const double over = oversubscription(s);
-  return {s.nodes > 1 ? m.inter : m.intra, m.gamma, static_cast<double>(bytes), over,
-          m.oversubscribed_step * over, s.ranks, detail::pow2_floor(s.ranks) == s.ranks ? 0 : 2};
+  return {s.nodes > 1 ? m.inter : m.intra,
+          m.gamma,
+          static_cast<double>(bytes),
+          over,
+          m.oversubscribed_step * over,
+          s.ranks,
+          detail::pow2_floor(s.ranks) == s.ranks ? 0 : 2};
 }
 }  // namespace
 
@@ -225,8 +231,7 @@ double predict_alltoall_seconds(alltoall_algo a, const cost_model& m, const clus
       }
       return t;
     }
-    case alltoall_algo::automatic:
-      break;
+    case alltoall_algo::automatic: break;
   }
   return -1;
 }
@@ -259,8 +264,7 @@ double predict_reduce_seconds(algo a, const cost_model& m, const cluster_shape& 
       return (p - 1) * (k * l.message(n / p / k) + pen) + (p - 1.0) / p * n * m.gamma / k +
              (p - 1) * l.message(n / p) + pen;
     }
-    default:
-      return -1;
+    default: return -1;
   }
 }
 
@@ -296,10 +300,9 @@ explanation choose_algorithm(const cost_model& m, const cluster_shape& shape, st
     if (t >= 0) e.candidates.push_back({info.id, t});
   }
   // Stable: on a tie the earlier (simpler) algorithm wins, on every rank.
-  std::stable_sort(e.candidates.begin(), e.candidates.end(),
-                   [](const algo_prediction& x, const algo_prediction& y) {
-                     return x.seconds < y.seconds;
-                   });
+  std::stable_sort(
+      e.candidates.begin(), e.candidates.end(),
+      [](const algo_prediction& x, const algo_prediction& y) { return x.seconds < y.seconds; });
   e.choice = e.candidates.front().algorithm;
   e.predicted_s = e.candidates.front().seconds;
   const auto& second = e.candidates.size() > 1 ? e.candidates[1] : e.candidates[0];
@@ -358,8 +361,8 @@ std::string cost_model::to_json() const {
       "  \"gamma_s_per_byte\": {:.6e},\n"
       "  \"oversubscribed_step_s\": {:.6e}\n"
       "}}\n",
-      detail::json::quote(machine), intra.alpha, intra.beta, intra.large_alpha, intra.large_from, inter.alpha,
-      inter.beta, inter.large_alpha, inter.large_from, gamma, oversubscribed_step);
+      detail::json::quote(machine), intra.alpha, intra.beta, intra.large_alpha, intra.large_from,
+      inter.alpha, inter.beta, inter.large_alpha, inter.large_from, gamma, oversubscribed_step);
 }
 
 namespace {
@@ -367,7 +370,8 @@ namespace {
 constexpr std::size_t max_cost_model_bytes = std::size_t{1} << 20;
 
 [[noreturn]] void cost_model_fail(std::string_view origin, std::string_view what) {
-  throw usage_error(fmt::format("cost model {}: {}; rerun ringflow-bench --calibrate", origin, what));
+  throw usage_error(
+      fmt::format("cost model {}: {}; rerun ringflow-bench --calibrate", origin, what));
 }
 
 // doc[key] as a number in [0, max]; nullopt when absent and `optional`.
@@ -412,10 +416,14 @@ cost_model cost_model::from_json(std::string_view text, std::string_view origin)
   m.inter.alpha = *json_number(doc, "inter_alpha_s", origin, max_seconds);
   m.inter.beta = *json_number(doc, "inter_beta_s_per_byte", origin, max_s_per_byte);
   // Optional (absent: one alpha for every message size).
-  m.intra.large_alpha = json_number(doc, "intra_large_alpha_s", origin, max_seconds, true).value_or(0);
-  m.intra.large_from = json_number(doc, "intra_large_from_bytes", origin, max_bytes, true).value_or(0);
-  m.inter.large_alpha = json_number(doc, "inter_large_alpha_s", origin, max_seconds, true).value_or(0);
-  m.inter.large_from = json_number(doc, "inter_large_from_bytes", origin, max_bytes, true).value_or(0);
+  m.intra.large_alpha =
+      json_number(doc, "intra_large_alpha_s", origin, max_seconds, true).value_or(0);
+  m.intra.large_from =
+      json_number(doc, "intra_large_from_bytes", origin, max_bytes, true).value_or(0);
+  m.inter.large_alpha =
+      json_number(doc, "inter_large_alpha_s", origin, max_seconds, true).value_or(0);
+  m.inter.large_from =
+      json_number(doc, "inter_large_from_bytes", origin, max_bytes, true).value_or(0);
   m.gamma = *json_number(doc, "gamma_s_per_byte", origin, max_s_per_byte);
   // Optional (absent: files from before it; the built-in value).
   m.oversubscribed_step = json_number(doc, "oversubscribed_step_s", origin, max_seconds, true)
@@ -439,9 +447,10 @@ cost_model local_cost_model() {
   if (!f) return builtin_cost_model();
   std::error_code ec;
   if (const auto n = std::filesystem::file_size(path, ec); !ec && n > max_cost_model_bytes) {
-    log::warn("cost model {}: {} bytes is more than the {} a cost model file may hold; using the "
-              "built-in cost model",
-              path, n, max_cost_model_bytes);
+    log::warn(
+        "cost model {}: {} bytes is more than the {} a cost model file may hold; using the "
+        "built-in cost model",
+        path, n, max_cost_model_bytes);
     return builtin_cost_model();
   }
   std::stringstream ss;

@@ -33,8 +33,8 @@ void verify_fingerprint(const communicator& comm, const fingerprint& mine) {
   reqs.reserve(2 * static_cast<std::size_t>(p));
   for (int q = 0; q < p; ++q) {
     if (q == me) continue;
-    reqs.push_back(t.irecv(&all[static_cast<std::size_t>(q)], sizeof(fingerprint), q,
-                           fingerprint_tag));
+    reqs.push_back(
+        t.irecv(&all[static_cast<std::size_t>(q)], sizeof(fingerprint), q, fingerprint_tag));
   }
   for (int q = 0; q < p; ++q) {
     if (q == me) continue;
@@ -63,8 +63,9 @@ void verify_fingerprint(const communicator& comm, const fingerprint& mine) {
     if (i) msg += "; ";
     msg += fmt::format("{} called {}", rank_list(groups[i].second), groups[i].first.describe());
   }
-  msg += ". Every rank must call the same collective with the same type, op, count and root, "
-         "in the same order.";
+  msg +=
+      ". Every rank must call the same collective with the same type, op, count and root, "
+      "in the same order.";
   throw usage_error(msg);
 }
 

@@ -80,7 +80,8 @@ double median_of(std::vector<double> v) {
 first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, const cost_model& m,
                                             const cluster_shape& shape) {
   const int cls = first_use_class(bytes);
-  if (const std::uint8_t v = settled_[static_cast<std::size_t>(cls)].load(std::memory_order_acquire)) {
+  if (const std::uint8_t v =
+          settled_[static_cast<std::size_t>(cls)].load(std::memory_order_acquire)) {
     return {static_cast<algo>(v - 1), false, cls, 0};
   }
   std::lock_guard lock(mutex_);
@@ -113,8 +114,10 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
   }
   // Every rank arrives here at the same call: agree on the medians.
   std::vector<double> med(static_cast<std::size_t>(n));
-  for (int i = 0; i < n; ++i) med[static_cast<std::size_t>(i)] = median_of(s->seconds[static_cast<std::size_t>(i)]);
-  if (t.size() > 1) ring_allreduce(t, med.data(), med.data(), med.size(), max, default_segment_bytes);
+  for (int i = 0; i < n; ++i)
+    med[static_cast<std::size_t>(i)] = median_of(s->seconds[static_cast<std::size_t>(i)]);
+  if (t.size() > 1)
+    ring_allreduce(t, med.data(), med.data(), med.size(), max, default_segment_bytes);
   first_use_choice c;
   c.rounds = s->rounds;
   c.block = s->block;
@@ -126,8 +129,9 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
   }
   if (c.medians.empty()) c.medians.push_back({algo::ring, std::numeric_limits<double>::infinity()});
   // Stable: on a tie the model's earlier (preferred) candidate wins.
-  std::stable_sort(c.medians.begin(), c.medians.end(),
-                   [](const algo_prediction& x, const algo_prediction& y) { return x.seconds < y.seconds; });
+  std::stable_sort(
+      c.medians.begin(), c.medians.end(),
+      [](const algo_prediction& x, const algo_prediction& y) { return x.seconds < y.seconds; });
   c.choice = c.medians.front().algorithm;
   // The model's pick stays unless another candidate measured clearly faster:
   // three samples of a 64 MiB call on shared cores can put a slower
@@ -152,13 +156,13 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
                          m.seconds * 1e6);
     }
     log::info("first-use tuning, allreduces of over {} B up to {} B on {} ranks: {} ({} calls)",
-              cls == 0 ? 0 : std::size_t{1} << (cls - 1), std::size_t{1} << cls, t.size(),
-              all, c.calls);
+              cls == 0 ? 0 : std::size_t{1} << (cls - 1), std::size_t{1} << cls, t.size(), all,
+              c.calls);
   }
   s->done = std::move(c);
   s->seconds.clear();
-  settled_[static_cast<std::size_t>(cls)].store(static_cast<std::uint8_t>(static_cast<int>(s->done->choice) + 1),
-                                                std::memory_order_release);
+  settled_[static_cast<std::size_t>(cls)].store(
+      static_cast<std::uint8_t>(static_cast<int>(s->done->choice) + 1), std::memory_order_release);
   return {s->done->choice, false, cls, 0};
 }
 

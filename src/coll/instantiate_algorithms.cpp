@@ -2,15 +2,15 @@
 // reduce op (a separate file from the ring's so the two build in parallel).
 #include "ringflow/coll/collectives.hpp"
 
-#define RINGFLOW_ALGOS_INSTANTIATE(T, OP)                                                       \
-  template void ringflow::detail::recursive_doubling_allreduce<T, ringflow::OP>(                \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                    \
-  template void ringflow::detail::halving_doubling_allreduce<T, ringflow::OP>(                  \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                    \
-  template void ringflow::detail::tree_allreduce<T, ringflow::OP>(                              \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t, int);  \
-  template void ringflow::detail::hierarchical_allreduce<T, ringflow::OP>(                      \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&,                     \
+#define RINGFLOW_ALGOS_INSTANTIATE(T, OP)                                                      \
+  template void ringflow::detail::recursive_doubling_allreduce<T, ringflow::OP>(               \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                   \
+  template void ringflow::detail::halving_doubling_allreduce<T, ringflow::OP>(                 \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                   \
+  template void ringflow::detail::tree_allreduce<T, ringflow::OP>(                             \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t, int); \
+  template void ringflow::detail::hierarchical_allreduce<T, ringflow::OP>(                     \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&,                    \
       const ringflow::topology&, std::size_t);
 #define RINGFLOW_ALGOS_INSTANTIATE_ALL_OPS(T) \
   RINGFLOW_ALGOS_INSTANTIATE(T, sum_op)       \
@@ -50,8 +50,8 @@ void run_ring(const communicator& comm, void* out, const void* in, std::size_t c
   });
 }
 
-void run_recursive_doubling(const communicator& comm, void* out, const void* in,
-                            std::size_t count, dtype type, op_kind op, const coll_options&) {
+void run_recursive_doubling(const communicator& comm, void* out, const void* in, std::size_t count,
+                            dtype type, op_kind op, const coll_options&) {
   typed(type, op, in, out, [&](const auto* i, auto* o, const auto& f) {
     recursive_doubling_allreduce(comm.raw(), i, o, count, f);
   });

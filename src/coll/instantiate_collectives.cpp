@@ -2,29 +2,29 @@
 // once for every element type (and reduce op, where they reduce).
 #include "ringflow/coll/collectives.hpp"
 
-#define RINGFLOW_MOVE_INSTANTIATE(T)                                                          \
-  template void ringflow::detail::pairwise_alltoallv<T>(                                      \
-      ringflow::transport&, const T*, const std::size_t*, const std::size_t*, T*,             \
-      const std::size_t*, const std::size_t*);                                                \
-  template void ringflow::detail::pairwise_alltoall<T>(ringflow::transport&, const T*, T*,    \
-                                                       std::size_t);                          \
-  template void ringflow::detail::bruck_alltoall<T>(ringflow::transport&, const T*, T*,       \
-                                                    std::size_t);                             \
-  template void ringflow::detail::linear_gatherv<T>(ringflow::transport&, const T*,           \
-                                                    std::size_t, T*, const std::size_t*,      \
-                                                    const std::size_t*, int);                 \
-  template void ringflow::detail::linear_scatterv<T>(ringflow::transport&, const T*,          \
-                                                     const std::size_t*, const std::size_t*,  \
-                                                     T*, std::size_t, int);                   \
-  template void ringflow::detail::ring_allgatherv<T>(ringflow::transport&, const T*, T*,      \
+#define RINGFLOW_MOVE_INSTANTIATE(T)                                                             \
+  template void ringflow::detail::pairwise_alltoallv<T>(                                         \
+      ringflow::transport&, const T*, const std::size_t*, const std::size_t*, T*,                \
+      const std::size_t*, const std::size_t*);                                                   \
+  template void ringflow::detail::pairwise_alltoall<T>(ringflow::transport&, const T*, T*,       \
+                                                       std::size_t);                             \
+  template void ringflow::detail::bruck_alltoall<T>(ringflow::transport&, const T*, T*,          \
+                                                    std::size_t);                                \
+  template void ringflow::detail::linear_gatherv<T>(ringflow::transport&, const T*, std::size_t, \
+                                                    T*, const std::size_t*, const std::size_t*,  \
+                                                    int);                                        \
+  template void ringflow::detail::linear_scatterv<T>(ringflow::transport&, const T*,             \
+                                                     const std::size_t*, const std::size_t*, T*, \
+                                                     std::size_t, int);                          \
+  template void ringflow::detail::ring_allgatherv<T>(ringflow::transport&, const T*, T*,         \
                                                      const std::size_t*, const std::size_t*);
-#define RINGFLOW_REDUCE_INSTANTIATE(T, OP)                                                    \
-  template void ringflow::detail::tree_reduce<T, ringflow::OP>(                               \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, int);             \
-  template void ringflow::detail::ring_reduce<T, ringflow::OP>(                               \
+#define RINGFLOW_REDUCE_INSTANTIATE(T, OP)                                                     \
+  template void ringflow::detail::tree_reduce<T, ringflow::OP>(                                \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, int);              \
+  template void ringflow::detail::ring_reduce<T, ringflow::OP>(                                \
       ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, int, std::size_t); \
-  template void ringflow::detail::ring_reduce_scatter_v<T, ringflow::OP>(                     \
-      ringflow::transport&, const T*, T*, const std::size_t*, const std::size_t*,             \
+  template void ringflow::detail::ring_reduce_scatter_v<T, ringflow::OP>(                      \
+      ringflow::transport&, const T*, T*, const std::size_t*, const std::size_t*,              \
       const ringflow::OP&);
 #define RINGFLOW_COLL_INSTANTIATE(T)      \
   RINGFLOW_MOVE_INSTANTIATE(T)            \

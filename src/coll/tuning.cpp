@@ -43,9 +43,10 @@ struct checker {
   std::string_view origin;
 
   [[noreturn]] void fail(const std::string& at, std::string_view what) const {
-    throw usage_error(fmt::format("tuning table {}: {}{} (not a valid tuning file; rerun "
-                                  "ringflow-bench --tune, or set RINGFLOW_TUNING=off)",
-                                  origin, at.empty() ? "" : at + ": ", what));
+    throw usage_error(
+        fmt::format("tuning table {}: {}{} (not a valid tuning file; rerun "
+                    "ringflow-bench --tune, or set RINGFLOW_TUNING=off)",
+                    origin, at.empty() ? "" : at + ": ", what));
   }
   const value& field(const value& obj, const std::string& at, std::string_view key,
                      value::value_t kind, std::string_view kind_name) const {
@@ -63,14 +64,17 @@ struct checker {
   }
   double positive(const value& obj, const std::string& at, std::string_view key) const {
     const double v = number(obj, at, key);
-    if (!(v > 0)) fail(json::member(at, key), fmt::format("\"{}\" must be positive, not {}", key, v));
+    if (!(v > 0))
+      fail(json::member(at, key), fmt::format("\"{}\" must be positive, not {}", key, v));
     return v;
   }
-  int count(const value& obj, const std::string& at, std::string_view key, bool zero_ok = false) const {
+  int count(const value& obj, const std::string& at, std::string_view key,
+            bool zero_ok = false) const {
     const double v = number(obj, at, key);
     if (v != std::floor(v) || v < (zero_ok ? 0 : 1) || v > 1e9) {
-      fail(json::member(at, key), fmt::format("\"{}\" must be a whole number of at least {}, not {}",
-                                              key, zero_ok ? 0 : 1, v));
+      fail(json::member(at, key),
+           fmt::format("\"{}\" must be a whole number of at least {}, not {}", key, zero_ok ? 0 : 1,
+                       v));
     }
     return static_cast<int>(v);
   }
@@ -116,10 +120,12 @@ tuning_table parse_table(const checker& c, const value& t, const std::string& at
     if (!r.is_object()) c.fail(row_at, "every entry of \"sizes\" must be an object");
     tuning_row row;
     const double b = c.positive(r, row_at, "bytes");
-    if (b != std::floor(b) || b > 1e15) c.fail(row_at, fmt::format("\"bytes\" {} is not a size", b));
+    if (b != std::floor(b) || b > 1e15)
+      c.fail(row_at, fmt::format("\"bytes\" {} is not a size", b));
     row.bytes = static_cast<std::size_t>(b);
     if (!out.rows.empty() && row.bytes <= out.rows.back().bytes) {
-      c.fail(row_at, fmt::format("sizes must ascend: {} after {}", row.bytes, out.rows.back().bytes));
+      c.fail(row_at,
+             fmt::format("sizes must ascend: {} after {}", row.bytes, out.rows.back().bytes));
     }
     const std::string med_at = json::member(row_at, "median_us");
     const value& med = c.field(r, row_at, "median_us", value::value_t::object, "an object");
@@ -209,8 +215,8 @@ std::pair<const tuning_row*, const tuning_row*> for_each_expected(const tuning_t
     for (const auto& n : b->median) {
       if (n.algorithm == m.algorithm) {
         f(m.algorithm, interpolate_seconds(static_cast<double>(a->bytes), m.seconds,
-                                                   static_cast<double>(b->bytes), n.seconds,
-                                                   static_cast<double>(bytes)));
+                                           static_cast<double>(b->bytes), n.seconds,
+                                           static_cast<double>(bytes)));
       }
     }
   }
@@ -226,14 +232,16 @@ bool tuning_table::covers(std::size_t bytes) const {
 std::vector<algo_prediction> tuning_table::expected(std::size_t bytes, const cluster_shape& shape,
                                                     std::string* rows_used) const {
   std::vector<algo_prediction> out;
-  const auto [a, b] =
-      for_each_expected(*this, bytes, shape, [&](algo x, double s) { out.push_back({x, s}); });
+  const auto [a, b] = for_each_expected(*this, bytes, shape, [&](algo x, double s) {
+    out.push_back({x, s});
+  });
   // Stable: on a tie the algorithm measured first (the simpler one) wins.
   std::stable_sort(out.begin(), out.end(), [](const algo_prediction& x, const algo_prediction& y) {
     return x.seconds < y.seconds;
   });
   if (rows_used != nullptr && a != nullptr) {
-    *rows_used = b == nullptr ? fmt::format("{}", a->bytes) : fmt::format("{}..{}", a->bytes, b->bytes);
+    *rows_used =
+        b == nullptr ? fmt::format("{}", a->bytes) : fmt::format("{}..{}", a->bytes, b->bytes);
   }
   return out;
 }
@@ -266,10 +274,10 @@ explanation choose_algorithm(const tuning_table* table, std::string_view table_o
       return e;
     }
     explanation e = choose_algorithm(m, shape, bytes);
-    e.table_note = fmt::format("{} B is outside the sizes tuned in {} ({}..{} B, used up to a "
-                               "factor 4 beyond)",
-                               bytes, table_origin, table->rows.front().bytes,
-                               table->rows.back().bytes);
+    e.table_note = fmt::format(
+        "{} B is outside the sizes tuned in {} ({}..{} B, used up to a "
+        "factor 4 beyond)",
+        bytes, table_origin, table->rows.front().bytes, table->rows.back().bytes);
     return e;
   }
   explanation e = choose_algorithm(m, shape, bytes);
@@ -331,7 +339,8 @@ void tuning_file::put(tuning_table t) {
   }
   tables.push_back(std::move(t));
   std::stable_sort(tables.begin(), tables.end(), [](const tuning_table& a, const tuning_table& b) {
-    return std::tie(a.ranks, a.nodes, a.ranks_per_node) < std::tie(b.ranks, b.nodes, b.ranks_per_node);
+    return std::tie(a.ranks, a.nodes, a.ranks_per_node) <
+           std::tie(b.ranks, b.nodes, b.ranks_per_node);
   });
 }
 
@@ -350,8 +359,8 @@ std::string tuning_file::to_json() const {
         json::quote(t.op), std::max(1, t.reps), std::max(1, t.sessions), json::quote(t.tuned_at));
     for (std::size_t j = 0; j < t.rows.size(); ++j) {
       const tuning_row& r = t.rows[j];
-      s += fmt::format("{}\n        {{\"bytes\": {}, \"best\": \"{}\", \"median_us\": {{", j ? "," : "",
-                       r.bytes, algo_name(r.best));
+      s += fmt::format("{}\n        {{\"bytes\": {}, \"best\": \"{}\", \"median_us\": {{",
+                       j ? "," : "", r.bytes, algo_name(r.best));
       for (std::size_t k = 0; k < r.median.size(); ++k) {
         s += fmt::format("{}\"{}\": {:.3f}", k ? ", " : "", algo_name(r.median[k].algorithm),
                          r.median[k].seconds * 1e6);
@@ -370,15 +379,18 @@ tuning_file tuning_file::from_json(std::string_view text, std::string_view origi
     c.fail("", fmt::format("{} bytes is more than the {} a tuning file may hold", text.size(),
                            max_tuning_file_bytes));
   }
-  const value doc = json::parse(text, max_tuning_depth, [&](const std::string& why) { c.fail("", why); });
+  const value doc =
+      json::parse(text, max_tuning_depth, [&](const std::string& why) { c.fail("", why); });
   if (!doc.is_object()) c.fail("", "the document must be a JSON object");
   const auto format = doc.find("format");
-  if (format == doc.end() || !format->is_string() || format->get<std::string>() != "ringflow-tuning") {
+  if (format == doc.end() || !format->is_string() ||
+      format->get<std::string>() != "ringflow-tuning") {
     c.fail("", "not a ringflow tuning table (no \"format\": \"ringflow-tuning\")");
   }
   const double version = c.number(doc, "", "version");
   if (version != 1) {
-    c.fail("version", fmt::format("version {} is not supported (this ringflow reads version 1)", version));
+    c.fail("version",
+           fmt::format("version {} is not supported (this ringflow reads version 1)", version));
   }
   tuning_file f;
   f.origin = std::string(origin);
@@ -421,7 +433,8 @@ std::string tuning_path() {
   // nodes keeps one file per host.
   std::string host = tuning_host();
   for (char& ch : host) {
-    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '.' && ch != '_') ch = '_';
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '.' && ch != '_')
+      ch = '_';
   }
   return (env::cache_dir() / ("tuning-" + host + ".json")).string();
 }
@@ -432,14 +445,16 @@ std::optional<tuning_file> read_tuning_file(const std::string& path) {
   if (!std::filesystem::exists(path, ec)) return std::nullopt;
   // Refuse an oversized file before reading it into memory.
   if (const auto n = std::filesystem::file_size(path, ec); !ec && n > max_tuning_file_bytes) {
-    throw usage_error(fmt::format("tuning table {}: {} bytes is more than the {} a tuning file "
-                                  "may hold (rerun ringflow-bench --tune, or set "
-                                  "RINGFLOW_TUNING=off)",
-                                  path, n, max_tuning_file_bytes));
+    throw usage_error(
+        fmt::format("tuning table {}: {} bytes is more than the {} a tuning file "
+                    "may hold (rerun ringflow-bench --tune, or set "
+                    "RINGFLOW_TUNING=off)",
+                    path, n, max_tuning_file_bytes));
   }
   std::ifstream in(path);
   if (!in) {
-    throw usage_error(fmt::format("tuning table {}: cannot be read: {}", path, std::strerror(errno)));
+    throw usage_error(
+        fmt::format("tuning table {}: cannot be read: {}", path, std::strerror(errno)));
   }
   std::stringstream ss;
   ss << in.rdbuf();

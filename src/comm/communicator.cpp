@@ -5,10 +5,10 @@
 
 #include <array>
 #include <atomic>
-#include <mutex>
-#include <vector>
 #include <cstdlib>
+#include <mutex>
 #include <string_view>
+#include <vector>
 
 namespace ringflow {
 
@@ -37,9 +37,10 @@ struct communicator::state {
 int communicator::next_slot_id() {
   const int id = slot_ids.fetch_add(1, std::memory_order_relaxed);
   if (id >= max_slots) {
-    throw usage_error(fmt::format("communicator::slot: more than {} types keep per-communicator "
-                                  "state (raise max_slots in src/comm/communicator.cpp)",
-                                  max_slots));
+    throw usage_error(
+        fmt::format("communicator::slot: more than {} types keep per-communicator "
+                    "state (raise max_slots in src/comm/communicator.cpp)",
+                    max_slots));
   }
   return id;
 }
@@ -74,8 +75,9 @@ communicator communicator::split(int color, int key) const {
   const std::uint64_t index = transport_->next_split_index();
   auto t = transport_->split(color, key);
   if (!t) return communicator();
-  t->set_flight_id(detail::flight_mix(detail::flight_mix(transport_->flight_id(), index),
-                                      static_cast<std::uint64_t>(static_cast<std::int64_t>(color))));
+  t->set_flight_id(
+      detail::flight_mix(detail::flight_mix(transport_->flight_id(), index),
+                         static_cast<std::uint64_t>(static_cast<std::int64_t>(color))));
   communicator c(std::move(t));
   c.set_check_mode(check_mode());
   return c;

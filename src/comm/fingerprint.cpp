@@ -58,9 +58,9 @@ std::string fingerprint::describe() const {
                      static_cast<std::uint32_t>(root), sequence);
     return s;
   }
-  const char* what = kind == coll_kind::alltoall                                  ? "count per peer"
+  const char* what = kind == coll_kind::alltoall                               ? "count per peer"
                      : kind == coll_kind::gather || kind == coll_kind::scatter ? "count per rank"
-                                                                                 : "count";
+                                                                               : "count";
   s += fmt::format("{}={}) as collective #{}", what, count, sequence);
   return s;
 }

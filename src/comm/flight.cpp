@@ -4,10 +4,9 @@
 #include "ringflow/comm/flight.hpp"
 
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <signal.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -70,7 +69,7 @@ struct registry {
   std::vector<std::shared_ptr<flight_ring>> live;
   std::deque<std::shared_ptr<flight_ring>> retired;
   std::map<std::pair<std::uint64_t, int>, int> instances;  // rings made per (comm id, rank)
-  std::mutex dump_mutex;                   // one dump at a time
+  std::mutex dump_mutex;                                   // one dump at a time
 };
 
 registry& R() {
@@ -96,9 +95,7 @@ clock_pair origin{0, 0};
 std::once_flag origin_once;
 
 void take_origin() {
-  std::call_once(origin_once, [] {
-    origin = {flight_ticks(), wall_ns()};
-  });
+  std::call_once(origin_once, [] { origin = {flight_ticks(), wall_ns()}; });
 }
 
 struct tick_converter {
@@ -118,7 +115,8 @@ struct tick_converter {
   }
   std::int64_t wall(std::int64_t ticks) const {
     if (ticks == 0) return 0;
-    return now.wall - static_cast<std::int64_t>(static_cast<double>(now.ticks - ticks) * ns_per_tick);
+    return now.wall -
+           static_cast<std::int64_t>(static_cast<double>(now.ticks - ticks) * ns_per_tick);
   }
 };
 
@@ -149,8 +147,8 @@ extern "C" void on_flight_signal(int signo) {
 void dump_now(std::string_view reason, std::string_view label) noexcept {
   try {
     const std::string path = flight::dump(reason);
-    log::warn("flight recorder: wrote {} ({}); read all ranks' dumps with ringflow-doctor {}",
-              path, label, flight::directory());
+    log::warn("flight recorder: wrote {} ({}); read all ranks' dumps with ringflow-doctor {}", path,
+              label, flight::directory());
   } catch (const std::exception& e) {
     log::warn("flight recorder: no dump after {}: {}", label, e.what());
   }
@@ -239,9 +237,9 @@ std::string render(std::string_view reason) {
   out += '\n';
   for (const auto& ring : rings) {
     const std::string id = fmt::format("{:016x}", ring->comm_id());
-    out += fmt::format(
-        R"({{"type":"comm","comm":"{}","instance":{},"rank":{},"size":{},"backend":)", id,
-        ring->instance, ring->rank(), ring->size());
+    out +=
+        fmt::format(R"({{"type":"comm","comm":"{}","instance":{},"rank":{},"size":{},"backend":)",
+                    id, ring->instance, ring->rank(), ring->size());
     append_escaped(out, ring->backend());
     out += fmt::format(R"(,"started":{},"retired":{}}})", ring->started(),
                        ring->retired.load() ? "true" : "false");
@@ -253,9 +251,8 @@ std::string render(std::string_view reason) {
           R"("state":"{}","start_ns":{},"end_ns":{},"wait_peer":{},"wait_tag":{},)"
           R"("wait_since_ns":{}}})",
           id, ring->instance, ring->rank(), ring->size(), e.sequence, coll_name(e.kind),
-          dtype_name(e.type), op_name(e.op), e.count, e.root, e.algorithm,
-          flight::state_name(e.st), e.start_ns, e.end_ns, e.wait_peer, e.wait_tag,
-          e.wait_since_ns);
+          dtype_name(e.type), op_name(e.op), e.count, e.root, e.algorithm, flight::state_name(e.st),
+          e.start_ns, e.end_ns, e.wait_peer, e.wait_tag, e.wait_since_ns);
       out += '\n';
     }
   }
@@ -325,8 +322,8 @@ std::vector<flight::entry> flight_ring::snapshot() const {
 std::shared_ptr<flight_ring> make_flight_ring(const transport& t, std::uint64_t comm_id) {
   if (!flight::enabled()) return nullptr;
   take_origin();
-  auto ring = std::make_shared<flight_ring>(flight::ring_size(), comm_id, t.rank(), t.size(),
-                                            t.name());
+  auto ring =
+      std::make_shared<flight_ring>(flight::ring_size(), comm_id, t.rank(), t.size(), t.name());
   {
     std::lock_guard lock(R().mutex);
     ring->instance = R().instances[{comm_id, t.rank()}]++;
@@ -346,8 +343,7 @@ void retire_flight_ring(const std::shared_ptr<flight_ring>& ring) noexcept {
     ring->retired.store(true);
     R().retired.push_back(ring);
     while (R().retired.size() > retired_kept) R().retired.pop_front();
-  } catch (...) {
-  }
+  } catch (...) {}
 }
 
 void flight_set_process_rank(int rank) noexcept {

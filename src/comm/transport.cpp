@@ -1,7 +1,7 @@
 // request plumbing shared by every backend, and the default timeout.
-#include <atomic>
 #include "ringflow/comm/transport.hpp"
 
+#include <atomic>
 #include <cstdlib>
 #include <exception>
 

@@ -44,8 +44,9 @@ bucket_compression::slot& bucket_compression::slot_for(const communicator& comm,
     std::int32_t pick = -1;  // -1: none, else an index into auto_candidates
     if (comm.rank() == 0) {
       if (!policy_) {
-        policy_ = std::make_unique<auto_policy>(opts_.link ? *opts_.link : link_model::for_this_machine(),
-                                                comm.size(), opts_.auto_candidates);
+        policy_ =
+            std::make_unique<auto_policy>(opts_.link ? *opts_.link : link_model::for_this_machine(),
+                                          comm.size(), opts_.auto_candidates);
         policy_->calibrate(std::min<std::size_t>(n, std::size_t{1} << 20));
       }
       const std::string c = policy_->choose(n);
@@ -82,39 +83,42 @@ std::unique_ptr<compressor> bucket_compression::restored(const bucket_state& b) 
   bool allowed = false;
   if (spec_ == "auto") {
     allowed = b.spec == "none";
-    for (const auto& c : opts_.auto_candidates) allowed = allowed || make_compressor(c)->name() == b.spec;
+    for (const auto& c : opts_.auto_candidates)
+      allowed = allowed || make_compressor(c)->name() == b.spec;
   } else {
     allowed = make_compressor(spec_)->name() == b.spec;
   }
   if (!allowed) {
-    throw usage_error(fmt::format("{} was compressed with '{}', which compression '{}' does not use",
-                                  where, b.spec, spec_));
+    throw usage_error(fmt::format(
+        "{} was compressed with '{}', which compression '{}' does not use", where, b.spec, spec_));
   }
   std::unique_ptr<compressor> c = make_compressor(b.spec, seed_of(opts_.seed, b.bucket));
   const bool ef = opts_.error_feedback.value_or(c->wants_error_feedback());
   if (ef != b.error_feedback) {
-    throw usage_error(fmt::format("{} was compressed {} error feedback, this trainer runs '{}' {} it",
-                                  where, b.error_feedback ? "with" : "without", b.spec,
-                                  ef ? "with" : "without"));
+    throw usage_error(
+        fmt::format("{} was compressed {} error feedback, this trainer runs '{}' {} it", where,
+                    b.error_feedback ? "with" : "without", b.spec, ef ? "with" : "without"));
   }
   const std::optional<bucket_layout>* layout =
       b.bucket < slots_.size() ? &slots_[b.bucket].layout : nullptr;
   // Without layouts any index is possible, but not a corrupt one's size.
   constexpr std::size_t max_buckets = std::size_t{1} << 20;
   if (layout == nullptr && b.bucket >= max_buckets) {
-    throw usage_error(fmt::format("{} is not a plausible bucket index (at most {} buckets)", where,
-                                  max_buckets));
+    throw usage_error(
+        fmt::format("{} is not a plausible bucket index (at most {} buckets)", where, max_buckets));
   }
   if (layout == nullptr && !slots_.empty()) {
-    throw usage_error(fmt::format("{} does not exist here: this trainer has {} buckets (another "
-                                  "bucket cap?)",
-                                  where, slots_.size()));
+    throw usage_error(
+        fmt::format("{} does not exist here: this trainer has {} buckets (another "
+                    "bucket cap?)",
+                    where, slots_.size()));
   }
   if (layout != nullptr && layout->has_value()) {
     if (ef && b.residual.size() != (*layout)->size) {
-      throw usage_error(fmt::format("{}'s residual has {} elements, the bucket {} (another model "
-                                    "or bucket cap?)",
-                                    where, b.residual.size(), (*layout)->size));
+      throw usage_error(
+          fmt::format("{}'s residual has {} elements, the bucket {} (another model "
+                      "or bucket cap?)",
+                      where, b.residual.size(), (*layout)->size));
     }
     c->set_layout(**layout);
   }

@@ -36,8 +36,8 @@ void check_not_empty(const compressor& c, std::size_t n, const char* what) {
 
 void check_mine(std::span<float> mine, std::size_t n, const compressor& c) {
   if (!mine.empty() && mine.size() != n) {
-    throw usage_error(fmt::format("{} reduce: `mine` has {} elements, data {}", c.name(),
-                                  mine.size(), n));
+    throw usage_error(
+        fmt::format("{} reduce: `mine` has {} elements, data {}", c.name(), mine.size(), n));
   }
 }
 
@@ -105,21 +105,21 @@ void bucket_layout::validate() const {
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     const tensor_shape& t = tensors[i];
     if (t.rows == 0 || t.cols == 0) {
-      throw usage_error(fmt::format("bucket layout: tensor {} is empty ({} x {} at offset {}); leave "
-                                    "empty tensors out of the layout",
-                                    i, t.rows, t.cols, t.offset));
+      throw usage_error(
+          fmt::format("bucket layout: tensor {} is empty ({} x {} at offset {}); leave "
+                      "empty tensors out of the layout",
+                      i, t.rows, t.cols, t.offset));
     }
-    if (t.cols > std::numeric_limits<std::size_t>::max() / t.rows ||
-        t.offset > size || t.size() > size - t.offset) {
+    if (t.cols > std::numeric_limits<std::size_t>::max() / t.rows || t.offset > size ||
+        t.size() > size - t.offset) {
       throw usage_error(fmt::format(
           "bucket layout: tensor {} ({} x {} at offset {}) reaches outside the bucket of {} "
           "elements; offsets are relative to the bucket's first element",
           i, t.rows, t.cols, t.offset, size));
     }
   }
-  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return tensors[a].offset < tensors[b].offset;
-  });
+  std::sort(order.begin(), order.end(),
+            [&](std::size_t a, std::size_t b) { return tensors[a].offset < tensors[b].offset; });
   for (std::size_t k = 1; k < order.size(); ++k) {
     const tensor_shape& a = tensors[order[k - 1]];
     const tensor_shape& b = tensors[order[k]];
@@ -176,7 +176,8 @@ void compressor::account(std::size_t n, const communicator& comm, traffic& stats
   for (const wire_round& w : wire_plan(n, comm.size())) {
     t.bytes_sent += ring_bytes_sent(w, comm.size(), comm.rank());
   }
-  t.plain_bytes_sent = ring_bytes_sent(wire_round{combine::sum, 4 * n, 4}, comm.size(), comm.rank());
+  t.plain_bytes_sent =
+      ring_bytes_sent(wire_round{combine::sum, 4 * n, 4}, comm.size(), comm.rank());
   stats += t;
   cumulative_ += t;
 }
@@ -199,8 +200,8 @@ void none_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   cpu::add(as<float>(payload), out.data(), out.size());
 }
 
-void none_compressor::reduce(const communicator& comm, std::span<float> data,
-                             std::span<float> mine, std::uint64_t, traffic& stats) {
+void none_compressor::reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+                             std::uint64_t, traffic& stats) {
   check_not_empty(*this, data.size(), "reduce");
   check_mine(mine, data.size(), *this);
   if (!mine.empty()) std::copy(data.begin(), data.end(), mine.begin());
@@ -243,8 +244,8 @@ void half_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   }
 }
 
-void half_compressor::reduce(const communicator& comm, std::span<float> data,
-                             std::span<float> mine, std::uint64_t, traffic& stats) {
+void half_compressor::reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+                             std::uint64_t, traffic& stats) {
   const std::size_t n = data.size();
   check_not_empty(*this, n, "reduce");
   check_mine(mine, n, *this);
@@ -318,8 +319,8 @@ void int8_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   }
 }
 
-void int8_compressor::reduce(const communicator& comm, std::span<float> data,
-                             std::span<float> mine, std::uint64_t, traffic& stats) {
+void int8_compressor::reduce(const communicator& comm, std::span<float> data, std::span<float> mine,
+                             std::uint64_t, traffic& stats) {
   const std::size_t n = data.size();
   check_not_empty(*this, n, "reduce");
   check_mine(mine, n, *this);
@@ -405,7 +406,9 @@ void topk_compressor::encode(std::span<const float> in, std::span<std::byte> out
   auto exact = [&] {
     idx_.resize(n);
     for (std::size_t i = 0; i < n; ++i) idx_[i] = static_cast<std::uint32_t>(i);
-    if (kk < n) std::nth_element(idx_.begin(), idx_.begin() + static_cast<std::ptrdiff_t>(kk), idx_.end(), before);
+    if (kk < n)
+      std::nth_element(idx_.begin(), idx_.begin() + static_cast<std::ptrdiff_t>(kk), idx_.end(),
+                       before);
     idx_.resize(kk);
   };
   const std::uint64_t step = step_++;
@@ -432,7 +435,8 @@ void topk_compressor::encode(std::span<const float> in, std::span<std::byte> out
       if (kernels::magnitude_key(in[i]) >= threshold) idx_.push_back(static_cast<std::uint32_t>(i));
     }
     if (idx_.size() >= kk) {
-      std::nth_element(idx_.begin(), idx_.begin() + static_cast<std::ptrdiff_t>(kk), idx_.end(), before);
+      std::nth_element(idx_.begin(), idx_.begin() + static_cast<std::ptrdiff_t>(kk), idx_.end(),
+                       before);
       idx_.resize(kk);
     } else {
       exact();  // unlucky sample: too few candidates
@@ -455,8 +459,8 @@ void topk_compressor::decode_add(std::span<const std::byte> payload, std::span<f
   const float* val = as<float>(payload, 4 * kk);
   for (std::size_t j = 0; j < kk; ++j) {
     if (idx[j] >= n) {
-      throw error(fmt::format("topk decode: index {} out of range for {} elements (corrupt payload)",
-                              idx[j], n));
+      throw error(fmt::format(
+          "topk decode: index {} out of range for {} elements (corrupt payload)", idx[j], n));
     }
     out[idx[j]] += val[j];
   }
@@ -551,7 +555,8 @@ T parse_number(std::string_view text, std::string_view spec, const char* what) {
     long long x = 0;
     auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), x);
     if (ec != std::errc() || p != text.data() + text.size()) {
-      throw usage_error(fmt::format("compressor '{}': {} '{}' is not an integer", spec, what, text));
+      throw usage_error(
+          fmt::format("compressor '{}': {} '{}' is not an integer", spec, what, text));
     }
     if (x < 0) {
       throw usage_error(fmt::format("compressor '{}': {} must be >= 0, got {}", spec, what, x));
@@ -572,30 +577,37 @@ std::unique_ptr<compressor> make_compressor(std::string_view spec, std::uint64_t
     }
   };
   if (kind == "none") return no_arg(), std::make_unique<none_compressor>();
-  if (kind == "fp16") return no_arg(), std::make_unique<half_compressor>(half_compressor::format::fp16);
-  if (kind == "bf16") return no_arg(), std::make_unique<half_compressor>(half_compressor::format::bf16);
+  if (kind == "fp16")
+    return no_arg(), std::make_unique<half_compressor>(half_compressor::format::fp16);
+  if (kind == "bf16")
+    return no_arg(), std::make_unique<half_compressor>(half_compressor::format::bf16);
   if (kind == "int8") {
     return std::make_unique<int8_compressor>(
         arg.empty() ? 256 : parse_number<std::size_t>(arg, spec, "block"), seed);
   }
   if (kind == "sign") {
-    return std::make_unique<sign_compressor>(arg.empty() ? 256
-                                                         : parse_number<std::size_t>(arg, spec, "block"));
+    return std::make_unique<sign_compressor>(
+        arg.empty() ? 256 : parse_number<std::size_t>(arg, spec, "block"));
   }
   if (kind == "topk") {
-    if (arg.empty()) throw usage_error(fmt::format("compressor '{}': topk needs a ratio, e.g. topk:0.01", spec));
+    if (arg.empty())
+      throw usage_error(fmt::format("compressor '{}': topk needs a ratio, e.g. topk:0.01", spec));
     return std::make_unique<topk_compressor>(parse_number<double>(arg, spec, "ratio"), seed);
   }
   if (kind == "powersgd") {
-    if (arg.empty()) throw usage_error(fmt::format("compressor '{}': powersgd needs a rank, e.g. powersgd:4", spec));
+    if (arg.empty())
+      throw usage_error(
+          fmt::format("compressor '{}': powersgd needs a rank, e.g. powersgd:4", spec));
     const auto r = parse_number<std::size_t>(arg, spec, "rank");
-    if (r > 1u << 20) throw usage_error(fmt::format("compressor '{}': powersgd rank {} is absurdly large", spec, r));
+    if (r > 1u << 20)
+      throw usage_error(
+          fmt::format("compressor '{}': powersgd rank {} is absurdly large", spec, r));
     return std::make_unique<powersgd_compressor>(static_cast<int>(r), seed);
   }
-  throw usage_error(fmt::format(
-      "unknown compressor '{}': expected none, fp16, bf16, int8[:block], topk:<ratio>, "
-      "sign[:block] or powersgd:<rank>",
-      spec));
+  throw usage_error(
+      fmt::format("unknown compressor '{}': expected none, fp16, bf16, int8[:block], topk:<ratio>, "
+                  "sign[:block] or powersgd:<rank>",
+                  spec));
 }
 
 }  // namespace ringflow::compress

@@ -68,7 +68,8 @@ void dequantize_baseline(const std::int8_t* __restrict q, float* __restrict out,
   }
 }
 
-void encode_bf16_baseline(const float* __restrict in, std::uint16_t* __restrict out, std::size_t n) {
+void encode_bf16_baseline(const float* __restrict in, std::uint16_t* __restrict out,
+                          std::size_t n) {
   const kernels::encode_bf16 enc;
   for (std::size_t i = 0; i < n; ++i) out[i] = enc(in[i]);
 }
@@ -83,7 +84,8 @@ void decode_bf16_baseline(const std::uint16_t* __restrict in, float* __restrict 
   }
 }
 
-void pack_signs_baseline(const float* __restrict x, std::uint32_t* __restrict words, std::size_t n) {
+void pack_signs_baseline(const float* __restrict x, std::uint32_t* __restrict words,
+                         std::size_t n) {
   for (std::size_t w = 0; 32 * w < n; ++w) {
     const std::size_t lo = 32 * w;
     words[w] = kernels::pack_signs(x + lo, static_cast<unsigned>(n - lo < 32 ? n - lo : 32));
@@ -161,10 +163,9 @@ RINGFLOW_AVX2 std::size_t quantize_avx2(const float* x, std::int8_t* q, std::siz
   // more gamma first. Even elements of a group of 8 live in `ev`, odd ones in
   // `od`, so that ev | od << 32 gives the 8 draws as 32-bit lanes in order.
   const std::uint64_t s0 = quant.key + (first + 1) * golden_gamma;
-  __m256i ev = _mm256_set_epi64x(static_cast<long long>(s0 + 6 * golden_gamma),
-                                 static_cast<long long>(s0 + 4 * golden_gamma),
-                                 static_cast<long long>(s0 + 2 * golden_gamma),
-                                 static_cast<long long>(s0));
+  __m256i ev = _mm256_set_epi64x(
+      static_cast<long long>(s0 + 6 * golden_gamma), static_cast<long long>(s0 + 4 * golden_gamma),
+      static_cast<long long>(s0 + 2 * golden_gamma), static_cast<long long>(s0));
   __m256i od = _mm256_add_epi64(ev, _mm256_set1_epi64x(static_cast<long long>(golden_gamma)));
   const __m256i step8 = _mm256_set1_epi64x(static_cast<long long>(8 * golden_gamma));
   const __m256 inv = _mm256_set1_ps(quant.inv_step);
@@ -178,8 +179,8 @@ RINGFLOW_AVX2 std::size_t quantize_avx2(const float* x, std::int8_t* q, std::siz
     for (int k = 0; k < 4; ++k) {
       // Bits 40..63 of each state: the high dwords (odd elements in place,
       // even ones swapped down), then a 32-bit shift by 8.
-      const __m256i hi = _mm256_blend_epi32(_mm256_shuffle_epi32(mixed_avx2(ev), 0xb1),
-                                            mixed_avx2(od), 0xaa);
+      const __m256i hi =
+          _mm256_blend_epi32(_mm256_shuffle_epi32(mixed_avx2(ev), 0xb1), mixed_avx2(od), 0xaa);
       const __m256i r = _mm256_srli_epi32(hi, 8);
       ev = _mm256_add_epi64(ev, step8);
       od = _mm256_add_epi64(od, step8);
@@ -208,7 +209,8 @@ RINGFLOW_AVX2 std::size_t dequantize_avx2(const std::int8_t* q, float* out, std:
   for (; i + 16 <= n; i += 16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
     const __m256 a0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s);
-    const __m256 a1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s);
+    const __m256 a1 =
+        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s);
     if (add) {
       _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), a0));
       _mm256_storeu_ps(out + i + 8, _mm256_add_ps(_mm256_loadu_ps(out + i + 8), a1));
@@ -303,7 +305,8 @@ RINGFLOW_AVX2 std::size_t pack_signs_avx2(const float* x, std::uint32_t* words, 
 // Lanes of +scale / -scale: the word's bit moved to bit 31 (by `sh`) becomes the sign.
 RINGFLOW_AVX2 inline __m256 signed_scale_avx2(__m256i word, __m256i sh, __m256i s) {
   const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  return _mm256_castsi256_ps(_mm256_xor_si256(s, _mm256_and_si256(_mm256_sllv_epi32(word, sh), top)));
+  return _mm256_castsi256_ps(
+      _mm256_xor_si256(s, _mm256_and_si256(_mm256_sllv_epi32(word, sh), top)));
 }
 
 RINGFLOW_AVX2 std::size_t unpack_signs_add_avx2(const std::uint32_t* words, float* out,
@@ -317,10 +320,14 @@ RINGFLOW_AVX2 std::size_t unpack_signs_add_avx2(const std::uint32_t* words, floa
   std::size_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m256i w = _mm256_set1_epi32(static_cast<int>(words[i / 32]));
-    _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), signed_scale_avx2(w, sh0, s)));
-    _mm256_storeu_ps(out + i + 8, _mm256_add_ps(_mm256_loadu_ps(out + i + 8), signed_scale_avx2(w, sh1, s)));
-    _mm256_storeu_ps(out + i + 16, _mm256_add_ps(_mm256_loadu_ps(out + i + 16), signed_scale_avx2(w, sh2, s)));
-    _mm256_storeu_ps(out + i + 24, _mm256_add_ps(_mm256_loadu_ps(out + i + 24), signed_scale_avx2(w, sh3, s)));
+    _mm256_storeu_ps(out + i,
+                     _mm256_add_ps(_mm256_loadu_ps(out + i), signed_scale_avx2(w, sh0, s)));
+    _mm256_storeu_ps(out + i + 8,
+                     _mm256_add_ps(_mm256_loadu_ps(out + i + 8), signed_scale_avx2(w, sh1, s)));
+    _mm256_storeu_ps(out + i + 16,
+                     _mm256_add_ps(_mm256_loadu_ps(out + i + 16), signed_scale_avx2(w, sh2, s)));
+    _mm256_storeu_ps(out + i + 24,
+                     _mm256_add_ps(_mm256_loadu_ps(out + i + 24), signed_scale_avx2(w, sh3, s)));
   }
   _mm256_zeroupper();
   return i;
@@ -354,12 +361,14 @@ RINGFLOW_AVX512 inline __m256i draw24_avx512(__m512i x) {
 }
 
 RINGFLOW_AVX512 std::size_t quantize_avx512(const float* x, std::int8_t* q, std::size_t n,
-                                            std::uint64_t first, const kernels::quantize_int8& quant) {
+                                            std::uint64_t first,
+                                            const kernels::quantize_int8& quant) {
   const std::uint64_t s0 = quant.key + (first + 1) * golden_gamma;
   const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
   const __m512i g = _mm512_set1_epi64(static_cast<long long>(golden_gamma));
   // Elements i..i+7 in `lo`, i+8..i+15 in `hi` (lane k: s0 + k * gamma).
-  __m512i lo = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(s0)), _mm512_mullo_epi64(lanes, g));
+  __m512i lo =
+      _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(s0)), _mm512_mullo_epi64(lanes, g));
   __m512i hi = _mm512_add_epi64(lo, _mm512_set1_epi64(static_cast<long long>(8 * golden_gamma)));
   const __m512i step16 = _mm512_set1_epi64(static_cast<long long>(16 * golden_gamma));
   const __m512 inv = _mm512_set1_ps(quant.inv_step);
@@ -369,7 +378,8 @@ RINGFLOW_AVX512 std::size_t quantize_avx512(const float* x, std::int8_t* q, std:
   const __m512i one = _mm512_set1_epi32(1);
   std::size_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(draw24_avx512(lo)), draw24_avx512(hi), 1);
+    const __m512i r =
+        _mm512_inserti64x4(_mm512_castsi256_si512(draw24_avx512(lo)), draw24_avx512(hi), 1);
     lo = _mm512_add_epi64(lo, step16);
     hi = _mm512_add_epi64(hi, step16);
     const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(r), scale24);
@@ -378,7 +388,8 @@ RINGFLOW_AVX512 std::size_t quantize_avx512(const float* x, std::int8_t* q, std:
     v = _mm512_min_ps(_mm512_max_ps(v, nlim), lim);
     const __m512 f = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_sub_ps(v, f), _CMP_LT_OQ);
-    const __m512i qi = _mm512_mask_add_epi32(_mm512_cvttps_epi32(f), up, _mm512_cvttps_epi32(f), one);
+    const __m512i qi =
+        _mm512_mask_add_epi32(_mm512_cvttps_epi32(f), up, _mm512_cvttps_epi32(f), one);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(qi));
   }
   _mm256_zeroupper();
@@ -457,10 +468,10 @@ codec_path capped_path() noexcept {
 // The path to run: `path` if this CPU has it, else not_supported_error.
 codec_path check(codec_path path) {
   if (path > hardware_path()) {
-    throw not_supported_error(fmt::format(
-        "CPU codec path {} needs instructions this CPU lacks (it runs up to {}); use "
-        "best_codec_path() or codec_path::baseline",
-        to_string(path), to_string(hardware_path())));
+    throw not_supported_error(
+        fmt::format("CPU codec path {} needs instructions this CPU lacks (it runs up to {}); use "
+                    "best_codec_path() or codec_path::baseline",
+                    to_string(path), to_string(hardware_path())));
   }
   return path;
 }
@@ -563,7 +574,8 @@ float abs_sum_block(const float* x, std::size_t n, codec_path path) {
   // then the partial group into the first lanes.
   std::size_t base = done;
   for (; base + kernels::sum_lanes <= n; base += kernels::sum_lanes) {
-    for (unsigned l = 0; l < kernels::sum_lanes; ++l) lane[l] = lane[l] + kernels::abs_value(x[base + l]);
+    for (unsigned l = 0; l < kernels::sum_lanes; ++l)
+      lane[l] = lane[l] + kernels::abs_value(x[base + l]);
   }
   for (unsigned l = 0; base + l < n; ++l) lane[l] = lane[l] + kernels::abs_value(x[base + l]);
   return kernels::fold_lanes(lane);

@@ -116,8 +116,9 @@ const char* to_string(fp16_path path) noexcept {
 
 void encode_fp16(std::span<const float> in, std::span<std::uint16_t> out, fp16_path path) {
   if (in.size() != out.size()) {
-    throw usage_error(fmt::format("encode_fp16: {} inputs but room for {} outputs; the sizes must match",
-                                  in.size(), out.size()));
+    throw usage_error(
+        fmt::format("encode_fp16: {} inputs but room for {} outputs; the sizes must match",
+                    in.size(), out.size()));
   }
   if (path == fp16_path::f16c) {
     require_f16c();
@@ -129,10 +130,12 @@ void encode_fp16(std::span<const float> in, std::span<std::uint16_t> out, fp16_p
   encode_portable(in.data(), out.data(), in.size());
 }
 
-void decode_fp16(std::span<const std::uint16_t> in, std::span<float> out, bool add, fp16_path path) {
+void decode_fp16(std::span<const std::uint16_t> in, std::span<float> out, bool add,
+                 fp16_path path) {
   if (in.size() != out.size()) {
-    throw usage_error(fmt::format("decode_fp16: {} inputs but room for {} outputs; the sizes must match",
-                                  in.size(), out.size()));
+    throw usage_error(
+        fmt::format("decode_fp16: {} inputs but room for {} outputs; the sizes must match",
+                    in.size(), out.size()));
   }
   if (path == fp16_path::f16c) {
     require_f16c();

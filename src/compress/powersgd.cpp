@@ -74,8 +74,8 @@ void write_product(const P& p, const Q& q, float* out, std::size_t size, bool ad
 
 powersgd_compressor::powersgd_compressor(int rank, std::uint64_t seed) : rank_(rank), seed_(seed) {
   if (rank < 1) {
-    throw usage_error(fmt::format(
-        "powersgd compressor: rank must be >= 1, got {} (e.g. powersgd:4)", rank));
+    throw usage_error(
+        fmt::format("powersgd compressor: rank must be >= 1, got {} (e.g. powersgd:4)", rank));
   }
 }
 
@@ -138,9 +138,10 @@ std::vector<wire_round> powersgd_compressor::wire_plan(std::size_t n, int) const
 
 void powersgd_compressor::load_state(const compressor_state& s) {
   if (s.counter != 0) {
-    throw usage_error(fmt::format("{}: load_state got a call counter of {}, but PowerSGD keeps "
-                                  "only warm starts (saved by int8 or top-k?)",
-                                  name(), s.counter));
+    throw usage_error(
+        fmt::format("{}: load_state got a call counter of {}, but PowerSGD keeps "
+                    "only warm starts (saved by int8 or top-k?)",
+                    name(), s.counter));
   }
   if (layout_) {
     // A Q of another size would be silently drawn afresh by warm_q: refuse it.
@@ -167,7 +168,8 @@ std::vector<float>& powersgd_compressor::warm_q(std::uint64_t bucket_id, const p
     const std::uint64_t key = kernels::stream_key(seed_, bucket_id, 0x9a5d);
     std::size_t at = 0;
     for (const matrix& m : pl.matrices) {
-      for (std::size_t i = 0; i < m.cols * m.rank; ++i) q[at + i] = kernels::uniform01(key, i) - 0.5f;
+      for (std::size_t i = 0; i < m.cols * m.rank; ++i)
+        q[at + i] = kernels::uniform01(key, i) - 0.5f;
       at += m.cols * m.rank;
     }
   }
@@ -177,11 +179,13 @@ std::vector<float>& powersgd_compressor::warm_q(std::uint64_t bucket_id, const p
 void powersgd_compressor::encode(std::span<const float> in, std::span<std::byte> out,
                                  std::uint64_t bucket_id) {
   const std::size_t n = in.size();
-  if (n == 0) throw usage_error(name() + " encode: the tensor is empty; compression needs at least one element");
+  if (n == 0)
+    throw usage_error(name() +
+                      " encode: the tensor is empty; compression needs at least one element");
   const plan pl = plan_of(n);
   if (out.size() != payload_bytes(n)) {
-    throw usage_error(fmt::format("{} encode: payload has {} bytes, but {} elements need {}", name(),
-                                  out.size(), n, payload_bytes(n)));
+    throw usage_error(fmt::format("{} encode: payload has {} bytes, but {} elements need {}",
+                                  name(), out.size(), n, payload_bytes(n)));
   }
   // The one-rank form of reduce(): P = M Q, orthogonalize, Q = M^T P.
   // Payload: [P's | raw | Q's], the layout of reduce()'s two allreduces.
@@ -207,12 +211,13 @@ void powersgd_compressor::encode(std::span<const float> in, std::span<std::byte>
   if (pl.q_floats > 0) std::memcpy(warm.data(), q_out, pl.q_floats * sizeof(float));
 }
 
-void powersgd_compressor::decode_add(std::span<const std::byte> payload, std::span<float> out) const {
+void powersgd_compressor::decode_add(std::span<const std::byte> payload,
+                                     std::span<float> out) const {
   const std::size_t n = out.size();
   const plan pl = plan_of(n);
   if (payload.size() != payload_bytes(n)) {
-    throw usage_error(fmt::format("{} decode: payload has {} bytes, but {} elements need {}", name(),
-                                  payload.size(), n, payload_bytes(n)));
+    throw usage_error(fmt::format("{} decode: payload has {} bytes, but {} elements need {}",
+                                  name(), payload.size(), n, payload_bytes(n)));
   }
   // The payload bytes need not be float-aligned: copy the factors out.
   std::vector<float> v(payload.size() / sizeof(float));
@@ -237,9 +242,12 @@ void powersgd_compressor::decode_add(std::span<const std::byte> payload, std::sp
 void powersgd_compressor::reduce(const communicator& comm, std::span<float> data,
                                  std::span<float> mine, std::uint64_t bucket_id, traffic& stats) {
   const std::size_t n = data.size();
-  if (n == 0) throw usage_error(name() + " reduce: the tensor is empty; compression needs at least one element");
+  if (n == 0)
+    throw usage_error(name() +
+                      " reduce: the tensor is empty; compression needs at least one element");
   if (!mine.empty() && mine.size() != n) {
-    throw usage_error(fmt::format("{} reduce: `mine` has {} elements, data {}", name(), mine.size(), n));
+    throw usage_error(
+        fmt::format("{} reduce: `mine` has {} elements, data {}", name(), mine.size(), n));
   }
   const plan pl = plan_of(n);
   std::vector<float>& warm = warm_q(bucket_id, pl);

@@ -58,8 +58,9 @@ std::string quote(std::string_view s) {
 
 std::string trace_event(std::string_view name, std::string_view category, int pid, int tid,
                         double ts_us, double dur_us, std::string_view args) {
-  return fmt::format(R"({{"name":{},"cat":{},"ph":"X","pid":{},"tid":{},"ts":{:.3f},"dur":{:.3f},"args":{{{}}}}})",
-                     quote(name), quote(category), pid, tid, ts_us, dur_us, args);
+  return fmt::format(
+      R"({{"name":{},"cat":{},"ph":"X","pid":{},"tid":{},"ts":{:.3f},"dur":{:.3f},"args":{{{}}}}})",
+      quote(name), quote(category), pid, tid, ts_us, dur_us, args);
 }
 
 std::string_view kind_name(const value& v) {

@@ -4,10 +4,9 @@
 // why a library rather than the three hand-written parsers this replaced.
 #pragma once
 
-#include <nlohmann/json.hpp>
-
 #include <cstddef>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
 

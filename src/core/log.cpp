@@ -44,17 +44,20 @@ constexpr std::string_view level_name(level l) {
 
 }  // namespace
 
-level current_level() { return static_cast<level>(level_storage().load(std::memory_order_relaxed)); }
+level current_level() {
+  return static_cast<level>(level_storage().load(std::memory_order_relaxed));
+}
 
 void set_level(level l) { level_storage().store(static_cast<int>(l), std::memory_order_relaxed); }
 
 level parse_level(std::string_view text) {
-  static constexpr level all[] = {level::off, level::error, level::warn,
+  static constexpr level all[] = {level::off,  level::error, level::warn,
                                   level::info, level::debug, level::trace};
   for (level l : all) {
     if (text == level_name(l)) return l;
   }
-  if (text.size() == 1 && text[0] >= '0' && text[0] <= '5') return static_cast<level>(text[0] - '0');
+  if (text.size() == 1 && text[0] >= '0' && text[0] <= '5')
+    return static_cast<level>(text[0] - '0');
   throw usage_error(fmt::format(
       "RINGFLOW_LOG_LEVEL='{}' is not a log level: use off, error, warn, info, debug or trace",
       text));

@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(cta_threads)
 // out = out + decode(in) (Accumulate) or decode(in) / divide_by.
 template <class Dec, bool Accumulate, bool Vec>
 __global__ void __launch_bounds__(cta_threads)
-    half_decode_kernel(const std::uint16_t* __restrict__ in, std::size_t n,
-                       float* __restrict__ out, int divide_by) {
+    half_decode_kernel(const std::uint16_t* __restrict__ in, std::size_t n, float* __restrict__ out,
+                       int divide_by) {
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   const std::size_t tid = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   auto one = [&](std::uint16_t h, float o) {
@@ -166,8 +166,8 @@ void half_decode_add(half_format f, const std::uint16_t* in, std::size_t n, floa
   }
 }
 
-void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* out,
-                 int divide_by, cudaStream_t s) {
+void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* out, int divide_by,
+                 cudaStream_t s) {
   if (n == 0) return;
   if (f == half_format::fp16) {
     launch_decode<kn::decode_half, false>(in, n, out, divide_by, s);

@@ -242,7 +242,8 @@ __global__ void __launch_bounds__(cta_threads)
     float o[8] = {};
     if constexpr (Accumulate) {
       const float4 a = o4[0], c = o4[1];
-      o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = c.x, o[5] = c.y, o[6] = c.z, o[7] = c.w;
+      o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = c.x, o[5] = c.y, o[6] = c.z,
+      o[7] = c.w;
     }
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -313,17 +314,17 @@ void int8_ef_encode(const float* grad, float* residual, std::size_t n, std::size
   RINGFLOW_CHECK_LAUNCH("int8_encode_kernel");
 }
 
-void int8_block_absmax(const float* grad, const float* residual, std::size_t n,
-                       std::size_t block, float* scales, cudaStream_t s) {
+void int8_block_absmax(const float* grad, const float* residual, std::size_t n, std::size_t block,
+                       float* scales, cudaStream_t s) {
   check_block(block, "cuda::int8_block_absmax");
   if (n == 0) return;
   const std::size_t nb = block_count(n, block);
   if (residual) {
-    int8_absmax_kernel<true><<<ctas_for_warps(nb), cta_threads, 0, s>>>(grad, residual, n, block,
-                                                                         nb, scales);
+    int8_absmax_kernel<true>
+        <<<ctas_for_warps(nb), cta_threads, 0, s>>>(grad, residual, n, block, nb, scales);
   } else {
-    int8_absmax_kernel<false><<<ctas_for_warps(nb), cta_threads, 0, s>>>(grad, residual, n,
-                                                                          block, nb, scales);
+    int8_absmax_kernel<false>
+        <<<ctas_for_warps(nb), cta_threads, 0, s>>>(grad, residual, n, block, nb, scales);
   }
   RINGFLOW_CHECK_LAUNCH("int8_absmax_kernel");
 }

@@ -256,8 +256,7 @@ __global__ void __launch_bounds__(cta_threads)
 
 void check_matrix(const char* what, std::size_t size, std::size_t rows, std::size_t cols,
                   std::size_t rank) {
-  require(rows > 0 && cols > 0 && size <= rows * cols && rank >= 1 && rank <= rows &&
-              rank <= cols,
+  require(rows > 0 && cols > 0 && size <= rows * cols && rank >= 1 && rank <= rows && rank <= cols,
           what, "need rows, cols >= 1, size <= rows * cols and 1 <= rank <= min(rows, cols)");
 }
 
@@ -301,8 +300,8 @@ void powersgd_decode_ef(float* m, float* residual, std::size_t size, std::size_t
                         const float* q_sum, int divide_by, cudaStream_t s) {
   check_matrix("powersgd_decode_ef", size, rows, cols, rank);
   if (size == 0) return;
-  decode_kernel<<<ctas_for_items(size), cta_threads, 0, s>>>(m, residual, size, rows, cols, rank,
-                                                             p, q_mine, q_sum, divide_by);
+  decode_kernel<<<ctas_for_items(size), cta_threads, 0, s>>>(m, residual, size, rows, cols, rank, p,
+                                                             q_mine, q_sum, divide_by);
   RINGFLOW_CHECK_LAUNCH("powersgd_decode_ef");
 }
 

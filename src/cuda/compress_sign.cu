@@ -149,9 +149,9 @@ __global__ void __launch_bounds__(cta_threads)
 template <int PL, bool Accumulate>
 __global__ void __launch_bounds__(cta_threads)
     sign_decode_reg_kernel(const unsigned char* __restrict__ scales,
-                           const unsigned char* __restrict__ words, std::size_t stride,
-                           int count, std::size_t n, unsigned block, std::size_t nb,
-                           float* __restrict__ out, int divide_by) {
+                           const unsigned char* __restrict__ words, std::size_t stride, int count,
+                           std::size_t n, unsigned block, std::size_t nb, float* __restrict__ out,
+                           int divide_by) {
   const std::size_t b = static_cast<std::size_t>(blockIdx.x) * warps_per_cta + threadIdx.x / 32;
   if (b >= nb) return;
   const unsigned lane = threadIdx.x & 31u;
@@ -191,8 +191,8 @@ void launch_decode(const unsigned char* scales, const unsigned char* words, std:
   dispatch_lanes(block, [&](auto pl) {
     constexpr int PL = decltype(pl)::value;
     if constexpr (PL == 0) {
-      sign_decode_kernel<Accumulate><<<grid, cta_threads, 0, s>>>(scales, words, stride, count, n,
-                                                                  block, nb, out, divide_by);
+      sign_decode_kernel<Accumulate>
+          <<<grid, cta_threads, 0, s>>>(scales, words, stride, count, n, block, nb, out, divide_by);
     } else {
       sign_decode_reg_kernel<PL, Accumulate><<<grid, cta_threads, 0, s>>>(
           scales, words, stride, count, n, static_cast<unsigned>(block), nb, out, divide_by);
@@ -218,20 +218,20 @@ void sign_ef_encode(const float* grad, float* residual, std::size_t n, std::size
     constexpr int PL = decltype(pl)::value;
     if constexpr (PL == 0) {
       if (residual) {
-        sign_encode_stream_kernel<true><<<grid, cta_threads, 0, s>>>(grad, residual, n, block, nb,
-                                                                     scales, words);
+        sign_encode_stream_kernel<true>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, block, nb, scales, words);
       } else {
-        sign_encode_stream_kernel<false><<<grid, cta_threads, 0, s>>>(grad, residual, n, block,
-                                                                      nb, scales, words);
+        sign_encode_stream_kernel<false>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, block, nb, scales, words);
       }
     } else {
       const auto blk = static_cast<unsigned>(block);
       if (residual) {
-        sign_encode_kernel<PL, true><<<grid, cta_threads, 0, s>>>(grad, residual, n, blk, nb,
-                                                                  scales, words);
+        sign_encode_kernel<PL, true>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, blk, nb, scales, words);
       } else {
-        sign_encode_kernel<PL, false><<<grid, cta_threads, 0, s>>>(grad, residual, n, blk, nb,
-                                                                   scales, words);
+        sign_encode_kernel<PL, false>
+            <<<grid, cta_threads, 0, s>>>(grad, residual, n, blk, nb, scales, words);
       }
     }
   });
@@ -254,8 +254,8 @@ void sign_decode_sum(const void* payloads, std::size_t payload_stride, int count
           "payloads and their stride must be 4-byte aligned");
   if (n == 0) return;
   const auto* base = static_cast<const unsigned char*>(payloads);
-  launch_decode<false>(base, base + 4 * block_count(n, block), payload_stride, count, n, block,
-                       out, divide_by, s);
+  launch_decode<false>(base, base + 4 * block_count(n, block), payload_stride, count, n, block, out,
+                       divide_by, s);
 }
 
 }  // namespace ringflow::cuda

@@ -44,13 +44,13 @@ constexpr int radix_rounds = 3;
 __constant__ unsigned c_radix_shift[radix_rounds] = {21, 10, 0};
 __constant__ unsigned c_radix_bits[radix_rounds] = {11, 11, 10};
 constexpr unsigned max_bins = 2048;
-constexpr unsigned sample_count = 8192;        // the CPU's m
-constexpr std::size_t tile_words = 1024;       // bitmap words per output tile
+constexpr unsigned sample_count = 8192;   // the CPU's m
+constexpr std::size_t tile_words = 1024;  // bitmap words per output tile
 constexpr int words_per_thread = static_cast<int>(tile_words) / cta_threads;
-constexpr int pass1_quads = 4;                 // float4 groups per thread per pass-1 step
+constexpr int pass1_quads = 4;  // float4 groups per thread per pass-1 step
 constexpr std::size_t pass1_tile = static_cast<std::size_t>(cta_threads) * 4 * pass1_quads;
-constexpr unsigned select_ctas = 1024;         // grid of the histogram and mark kernels
-constexpr int scan_threads = 512;              // the one CTA of the tile scan
+constexpr unsigned select_ctas = 1024;  // grid of the histogram and mark kernels
+constexpr int scan_threads = 512;       // the one CTA of the tile scan
 
 struct topk_state {
   std::uint32_t threshold;   // sampled threshold key
@@ -122,7 +122,7 @@ __device__ pick_result pick_bin(const std::uint32_t* hist, unsigned nbins, std::
   using scan_t = cub::BlockScan<std::uint32_t, cta_threads>;
   __shared__ typename scan_t::TempStorage scan_tmp;
   __shared__ pick_result result;
-  const unsigned per = nbins / cta_threads;  // 8 or 4
+  const unsigned per = nbins / cta_threads;            // 8 or 4
   const unsigned top = nbins - 1 - threadIdx.x * per;  // this thread: bins top, top-1, ...
   std::uint32_t sum = 0;
   for (unsigned i = 0; i < per; ++i) sum += hist[top - i];
@@ -224,8 +224,7 @@ __global__ void __launch_bounds__(cta_threads)
         if constexpr (HasR) {
           const float4 rv = *reinterpret_cast<const float4*>(r + e);
           const kn::ef_compensate comp;
-          cv = make_float4(comp(gv.x, rv.x), comp(gv.y, rv.y), comp(gv.z, rv.z),
-                           comp(gv.w, rv.w));
+          cv = make_float4(comp(gv.x, rv.x), comp(gv.y, rv.y), comp(gv.z, rv.z), comp(gv.w, rv.w));
           *reinterpret_cast<float4*>(r + e) = cv;
         }
         c[4 * q] = cv.x;
@@ -354,8 +353,8 @@ __global__ void __launch_bounds__(cta_threads)
   }
   const std::size_t count = st->cand_count;
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
-  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       j < count; j += stride) {
+  for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < count;
+       j += stride) {
     const std::uint32_t key = kn::magnitude_key(src.cand_val[j]);
     if (key < kth) continue;
     const std::uint32_t i = src.cand_idx[j];
@@ -371,7 +370,8 @@ __global__ void __launch_bounds__(cta_threads)
   using reduce_t = cub::BlockReduce<std::uint64_t, cta_threads>;
   __shared__ typename reduce_t::TempStorage tmp;
   std::uint64_t local = 0;
-  const std::size_t w0 = blockIdx.x * tile_words + static_cast<std::size_t>(threadIdx.x) * words_per_thread;
+  const std::size_t w0 =
+      blockIdx.x * tile_words + static_cast<std::size_t>(threadIdx.x) * words_per_thread;
 #pragma unroll
   for (int i = 0; i < words_per_thread; ++i) {
     if (w0 + i < nwords) {
@@ -413,7 +413,8 @@ __global__ void __launch_bounds__(cta_threads)
   using scan_t = cub::BlockScan<std::uint64_t, cta_threads>;
   __shared__ typename scan_t::TempStorage tmp;
   const std::uint32_t need = st->remaining;
-  const std::size_t w0 = blockIdx.x * tile_words + static_cast<std::size_t>(threadIdx.x) * words_per_thread;
+  const std::size_t w0 =
+      blockIdx.x * tile_words + static_cast<std::size_t>(threadIdx.x) * words_per_thread;
   std::uint32_t s_words[words_per_thread], t_words[words_per_thread];
   std::uint64_t local = 0;
 #pragma unroll
@@ -456,9 +457,8 @@ __global__ void __launch_bounds__(cta_threads)
 }
 
 __global__ void __launch_bounds__(cta_threads)
-    topk_decode_kernel(const std::uint32_t* __restrict__ indices,
-                       const float* __restrict__ values, std::size_t k, std::size_t n,
-                       float* __restrict__ out) {
+    topk_decode_kernel(const std::uint32_t* __restrict__ indices, const float* __restrict__ values,
+                       std::size_t k, std::size_t n, float* __restrict__ out) {
   const std::size_t stride = static_cast<std::size_t>(gridDim.x) * blockDim.x;
   for (std::size_t j = static_cast<std::size_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < k;
        j += stride) {
@@ -478,8 +478,7 @@ void topk_ef_encode(const float* grad, float* residual, std::size_t n, std::size
   if (n == 0) return;
   require(k >= 1 && k <= n, what,
           "k must be in [1, n], got k = " + std::to_string(k) + " for n = " + std::to_string(n));
-  require(n <= 0xffffffffu, what,
-          std::to_string(n) + " elements exceed the uint32 index range");
+  require(n <= 0xffffffffu, what, std::to_string(n) + " elements exceed the uint32 index range");
   const layout l = layout_of(n, k);
   require(workspace_bytes >= l.total, what,
           "workspace has " + std::to_string(workspace_bytes) + " bytes, topk_workspace_bytes(" +
@@ -510,8 +509,8 @@ void topk_ef_encode(const float* grad, float* residual, std::size_t n, std::size
   }
   if (has_r || !exact) {
     const bool vec = aligned(grad, 16) && (!has_r || aligned(residual, 16));
-    const unsigned grid = static_cast<unsigned>(
-        std::clamp<std::size_t>((n + pass1_tile - 1) / pass1_tile, 1, 4096));
+    const unsigned grid =
+        static_cast<unsigned>(std::clamp<std::size_t>((n + pass1_tile - 1) / pass1_tile, 1, 4096));
     const auto cap = static_cast<std::uint32_t>(l.cap);
     auto launch = [&](auto hr, auto sampled) {
       constexpr bool HR = decltype(hr)::value, SA = decltype(sampled)::value;
@@ -530,8 +529,13 @@ void topk_ef_encode(const float* grad, float* residual, std::size_t n, std::size
     if (!has_r) launch(no{}, yes{});
     RINGFLOW_CHECK_LAUNCH("topk_pass1_kernel");
   }
-  const source src{cand_idx, cand_val, has_r ? residual : grad, n,
-                   static_cast<std::uint32_t>(l.cap), static_cast<std::uint32_t>(k), exact};
+  const source src{cand_idx,
+                   cand_val,
+                   has_r ? residual : grad,
+                   n,
+                   static_cast<std::uint32_t>(l.cap),
+                   static_cast<std::uint32_t>(k),
+                   exact};
   const unsigned sgrid = std::min<unsigned>(select_ctas, ctas_for_items(n, 4));
   for (int round = 0; round < radix_rounds; ++round) {
     topk_hist_kernel<<<sgrid, cta_threads, 0, s>>>(src, st, round);

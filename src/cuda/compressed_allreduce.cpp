@@ -139,8 +139,7 @@ void powersgd_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std
       m.warm_floats = 0;
     }
     if (pl.q_floats > 0) {
-      RINGFLOW_CHECK_CUDA(
-          cudaMallocAsync(reinterpret_cast<void**>(&m.warm), 4 * pl.q_floats, s));
+      RINGFLOW_CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&m.warm), 4 * pl.q_floats, s));
       const std::uint64_t key = compress::kernels::stream_key(m.seed, m.bucket_id, 0x9a5d);
       std::size_t at = 0;
       for (const auto& mt : pl.matrices) {
@@ -173,8 +172,8 @@ void powersgd_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std
   }
   float* raw = first + pl.p_floats;
   for (const auto& g : pl.raw) {
-    RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(raw, grads + g.offset, 4 * g.size,
-                                        cudaMemcpyDeviceToDevice, s));
+    RINGFLOW_CHECK_CUDA(
+        cudaMemcpyAsync(raw, grads + g.offset, 4 * g.size, cudaMemcpyDeviceToDevice, s));
     raw += g.size;
   }
   RF_NCCL(ncclAllReduce(first, first, first_floats, ncclFloat32, ncclSum, comm, s));
@@ -182,8 +181,7 @@ void powersgd_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std
   pa = qa = 0;
   for (const auto& mt : pl.matrices) {
     powersgd_orthonormalize(first + pa, mt.rows, mt.rank, qr_scratch, s);
-    powersgd_mtp(grads + mt.offset, mt.size, mt.rows, mt.cols, mt.rank, first + pa, q_mine + qa,
-                 s);
+    powersgd_mtp(grads + mt.offset, mt.size, mt.rows, mt.cols, mt.rank, first + pa, q_mine + qa, s);
     pa += mt.rows * mt.rank;
     qa += mt.cols * mt.rank;
   }
@@ -201,8 +199,8 @@ void powersgd_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, std
   }
   raw = first + pl.p_floats;
   for (const auto& g : pl.raw) {
-    powersgd_raw_ef(grads + g.offset, residual ? residual + g.offset : nullptr, g.size, raw,
-                    nranks, s);
+    powersgd_raw_ef(grads + g.offset, residual ? residual + g.offset : nullptr, g.size, raw, nranks,
+                    s);
     raw += g.size;
   }
 }
@@ -307,9 +305,7 @@ void compressed_allreduce(ncclComm_t comm, int rank, int nranks, float* grads, s
       if (nranks > 1) finish(dtype::f32, op_kind::avg, grads, n, nranks, s);
       return;
     }
-    case kind::powersgd:
-      powersgd_allreduce(comm, rank, nranks, grads, n, m, residual, s);
-      return;
+    case kind::powersgd: powersgd_allreduce(comm, rank, nranks, grads, n, m, residual, s); return;
   }
 }
 

@@ -161,8 +161,7 @@ void nccl_communicator::allgather_bytes(const void* in, void* out, std::size_t i
   }
   require_device(st, "allgather", "input", in, in_count);
   require_device(st, "allgather", "output", out, out_count);
-  ext::begin_queued_collective(st.base, coll_kind::allgather, type, op_kind::sum,
-                                       out_count);
+  ext::begin_queued_collective(st.base, coll_kind::allgather, type, op_kind::sum, out_count);
   if (out_count == 0) return;
   device_guard dg(st.device);
   const ncclDataType_t nt = detail::nccl_type(type);
@@ -207,8 +206,7 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
   }
   if (r == root) require_device(st, "broadcast", "input", in, in_count);
   require_device(st, "broadcast", "output", out, out_count);
-  ext::begin_queued_collective(st.base, coll_kind::broadcast, type, op_kind::sum, out_count,
-                                       root);
+  ext::begin_queued_collective(st.base, coll_kind::broadcast, type, op_kind::sum, out_count, root);
   if (out_count == 0) return;
   device_guard dg(st.device);
   guarded(st, [&] {
@@ -218,7 +216,6 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
 }
 
 // --- Our ring over ncclSend/ncclRecv -------------------------------------------
-
 
 void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::size_t in_count,
                                              std::size_t out_count, dtype type, op_kind op,
@@ -233,8 +230,8 @@ void nccl_communicator::ring_allreduce_bytes(const void* in, void* out, std::siz
   guarded(st, [&] {
     visit_dtype_op(type, op, [&]<class T, class Op>(type_tag<T>, Op) {
       device_ring_memory m(*t, ring_memory_mode::direct, seg, stream);
-      ext::ring_allreduce(m, *t, static_cast<const T*>(in), static_cast<T*>(out),
-                                            in_count, Op{}, seg);
+      ext::ring_allreduce(m, *t, static_cast<const T*>(in), static_cast<T*>(out), in_count, Op{},
+                          seg);
     });
   });
 }

@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "dispatch.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/extension.hpp"
 #include "ringflow/coll/topology.hpp"
@@ -30,7 +31,6 @@
 #include "ringflow/cuda/reduce.hpp"
 #include "ringflow/cuda/ring.hpp"
 #include "ringflow/cuda/runtime.hpp"
-#include "dispatch.hpp"
 
 namespace ringflow::cuda::detail {
 
@@ -82,7 +82,6 @@ struct nccl_state {
   }
 };
 
-
 /// ncclGroupStart/End for a scope; a group left open by an exception is
 /// closed (and its failure logged) so the thread's NCCL state stays usable.
 class nccl_group {
@@ -115,7 +114,7 @@ inline const char* kind_text(memory_kind k) {
 /// Throws usage_error unless `p` (count elements) is device or managed memory
 /// on the communicator's GPU. Empty buffers are not checked.
 inline void require_device(const nccl_state& st, const char* what, const char* which, const void* p,
-                    std::size_t count) {
+                           std::size_t count) {
   if (count == 0) return;
   if (p == nullptr) {
     throw usage_error(fmt::format("nccl {} on rank {}: the {} is a null pointer with {} elements",

@@ -14,6 +14,7 @@
 #include <optional>
 #include <utility>
 
+#include "dispatch.hpp"
 #include "ringflow/coll/extension.hpp"
 #include "ringflow/coll/options.hpp"
 #include "ringflow/coll/partition.hpp"
@@ -21,7 +22,6 @@
 #include "ringflow/cuda/check.hpp"
 #include "ringflow/cuda/reduce.hpp"
 #include "ringflow/cuda/runtime.hpp"
-#include "dispatch.hpp"
 
 namespace ringflow::cuda {
 
@@ -38,8 +38,8 @@ struct staging_cache {
   pinned_buffer<std::byte> recv_slots;   // staged receives: slots x segment
   device_buffer<std::byte> dev_slots;    // received segments on the device
   device_buffer<std::byte> partial;      // reduce_scatter's partial sums
-  std::vector<event> send_events;   // staged_broadcast's two windows
-  std::vector<event> extra_events;  // markers of the staged ring (cuda_ops)
+  std::vector<event> send_events;        // staged_broadcast's two windows
+  std::vector<event> extra_events;       // markers of the staged ring (cuda_ops)
   std::optional<event> start;
 
   void bind_device() {
@@ -170,11 +170,10 @@ struct device_ring_memory::impl {
   cuda_ops ops;
   ext::staged_ring_memory<cuda_ops> ring;
   impl(transport& t, ring_memory_mode mode, std::size_t seg, cudaStream_t after, int slots)
-      : ops(after),
-        ring(ops, t,
-             mode == ring_memory_mode::staged ? ext::staging_mode::staged
-                                              : ext::staging_mode::direct,
-             seg, static_cast<std::size_t>(std::max(slots, 2))) {}
+      : ops(after), ring(ops, t,
+                         mode == ring_memory_mode::staged ? ext::staging_mode::staged
+                                                          : ext::staging_mode::direct,
+                         seg, static_cast<std::size_t>(std::max(slots, 2))) {}
 };
 
 device_ring_memory::device_ring_memory(transport& t, ring_memory_mode mode,
@@ -270,7 +269,6 @@ std::size_t staged_segment(const staged_options& opt) {
   return opt.segment_bytes != 0 ? opt.segment_bytes : default_staged_segment_bytes;
 }
 
-
 }  // namespace
 
 void staged_allreduce(const communicator& comm, const void* in, void* out, std::size_t in_count,
@@ -282,9 +280,9 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
   }
   const std::size_t bytes = in_count * dtype_size(type);
   if (in != out && detail::overlaps(in, bytes, out, bytes)) {
-    throw usage_error(fmt::format(
-        "{} on rank {}: input and output overlap without being the same buffer", what,
-        comm.rank()));
+    throw usage_error(
+        fmt::format("{} on rank {}: input and output overlap without being the same buffer", what,
+                    comm.rank()));
   }
   require_device(comm, what, "in", in, in_count);
   require_device(comm, what, "out", out, out_count);
@@ -297,8 +295,8 @@ void staged_allreduce(const communicator& comm, const void* in, void* out, std::
     const std::size_t seg = ext::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
-    ext::ring_allreduce(m, comm.raw(), static_cast<const T*>(in),
-                                        static_cast<T*>(out), in_count, Op{}, seg_bytes);
+    ext::ring_allreduce(m, comm.raw(), static_cast<const T*>(in), static_cast<T*>(out), in_count,
+                        Op{}, seg_bytes);
   });
 }
 
@@ -324,8 +322,8 @@ void staged_reduce_scatter(const communicator& comm, const void* in, void* out,
     const std::size_t seg = ext::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
-    ext::ring_reduce_scatter(m, comm.raw(), static_cast<const T*>(in),
-                                             static_cast<T*>(out), in_count, Op{}, seg_bytes);
+    ext::ring_reduce_scatter(m, comm.raw(), static_cast<const T*>(in), static_cast<T*>(out),
+                             in_count, Op{}, seg_bytes);
   });
 }
 
@@ -350,13 +348,13 @@ void staged_allgather(const communicator& comm, const void* in, void* out, std::
     const std::size_t seg = ext::segment_elems(seg_bytes, sizeof(T));
     device_ring_memory m(comm.raw(), ring_memory_mode::staged, seg * sizeof(T), opt.stream,
                          opt.slots);
-    ext::ring_allgather(m, comm.raw(), static_cast<const T*>(in),
-                                        static_cast<T*>(out), out_count, seg_bytes);
+    ext::ring_allgather(m, comm.raw(), static_cast<const T*>(in), static_cast<T*>(out), out_count,
+                        seg_bytes);
   });
 }
 
-void staged_broadcast(const communicator& comm, void* data, std::size_t count, dtype type,
-                      int root, const staged_options& opt) {
+void staged_broadcast(const communicator& comm, void* data, std::size_t count, dtype type, int root,
+                      const staged_options& opt) {
   const char* what = "staged_broadcast";
   if (root < 0 || root >= comm.size()) {
     throw usage_error(fmt::format("{} on rank {}: root {} is outside [0, {})", what, comm.rank(),
@@ -410,8 +408,7 @@ void staged_broadcast(const communicator& comm, void* data, std::size_t count, d
     } else if (w >= 2) {
       ev.synchronize();  // window w-2's copy onto the device has read the buffer
     }
-    ext::broadcast_bytes(t, buf(w), len(w), root,
-                                      ringflow::default_segment_bytes);
+    ext::broadcast_bytes(t, buf(w), len(w), root, ringflow::default_segment_bytes);
     if (!is_root) {
       RINGFLOW_CHECK_CUDA(
           cudaMemcpyAsync(dev + w * window, buf(w), len(w), cudaMemcpyHostToDevice, s));

@@ -1,5 +1,7 @@
 // CUDA error reporting and the RAII owners of ringflow/cuda/runtime.hpp (host code:
 // compiled by the C++ compiler, so it may log through fmt).
+#include "ringflow/cuda/runtime.hpp"
+
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -8,7 +10,6 @@
 
 #include "ringflow/core/log.hpp"
 #include "ringflow/cuda/check.hpp"
-#include "ringflow/cuda/runtime.hpp"
 
 namespace ringflow::cuda {
 
@@ -52,19 +53,17 @@ std::string describe_failure(const char* api_error, const char* api_text, const 
 void throw_cuda_error(cudaError_t code, const char* call, const char* file, int line) {
   // Clear a non-sticky error so the next unrelated call does not report it.
   cudaGetLastError();
-  throw cuda_error(describe_failure(cudaGetErrorName(code), cudaGetErrorString(code), call, file,
-                                    line),
-                   code);
+  throw cuda_error(
+      describe_failure(cudaGetErrorName(code), cudaGetErrorString(code), call, file, line), code);
 }
 
 void log_cuda_error(cudaError_t code, const char* call, const char* file, int line) noexcept {
   try {
     cudaGetLastError();
-    ringflow::log::write(ringflow::log::level::error,
-                         describe_failure(cudaGetErrorName(code), cudaGetErrorString(code), call,
-                                          file, line));
-  } catch (...) {
-  }
+    ringflow::log::write(
+        ringflow::log::level::error,
+        describe_failure(cudaGetErrorName(code), cudaGetErrorString(code), call, file, line));
+  } catch (...) {}
 }
 
 void* device_alloc(std::size_t bytes) {

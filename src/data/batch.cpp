@@ -1,12 +1,12 @@
 // Batch assembly and the background prefetcher.
 #include "ringflow/data/batch.hpp"
 
-#include "ringflow/core/error.hpp"
-
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <cstring>
+
+#include "ringflow/core/error.hpp"
 
 namespace ringflow::data {
 
@@ -45,9 +45,7 @@ std::size_t batch_count(std::size_t count, std::size_t batch_size, bool drop_las
 
 prefetcher::prefetcher(const dataset& ds, std::span<const std::size_t> indices,
                        std::size_t batch_size, prefetch_options options)
-    : dataset_(ds),
-      indices_(indices.begin(), indices.end()),
-      batch_size_(batch_size),
+    : dataset_(ds), indices_(indices.begin(), indices.end()), batch_size_(batch_size),
       depth_(options.depth),
       num_batches_(batch_count(indices.size(), batch_size, options.drop_last)) {
   if (depth_ > 0 && num_batches_ > 0) worker_ = std::thread([this] { run_worker(); });

@@ -1,15 +1,15 @@
 // Loading IDX image/label pairs into float datasets; Fashion-MNIST paths and normalization.
 #include "ringflow/data/dataset.hpp"
 
-#include "ringflow/core/env.hpp"
-#include "ringflow/data/idx.hpp"
-
 #include <fmt/format.h>
 
 #include <array>
 #include <cmath>
 #include <cstdlib>
 #include <string>
+
+#include "ringflow/core/env.hpp"
+#include "ringflow/data/idx.hpp"
 
 namespace ringflow::data {
 
@@ -51,8 +51,8 @@ void normalize(dataset& ds, const normalization& n) {
 dataset load_idx_dataset(const std::filesystem::path& images, const std::filesystem::path& labels,
                          int num_classes, std::size_t limit) {
   if (num_classes < 1 || num_classes > 256) {
-    throw usage_error(fmt::format("load_idx_dataset: num_classes must be in [1, 256], got {}",
-                                  num_classes));
+    throw usage_error(
+        fmt::format("load_idx_dataset: num_classes must be in [1, 256], got {}", num_classes));
   }
   idx_array img = read_idx(images, idx_images_magic, limit);
   idx_array lab = read_idx(labels, idx_labels_magic, limit);

@@ -26,9 +26,10 @@ class byte_source {
   explicit byte_source(const std::filesystem::path& path) : path_(path) {
     std::error_code ec;
     if (!std::filesystem::exists(path, ec)) {
-      throw data_error(fmt::format("IDX file {} does not exist; check the path (or the data "
-                                   "folder, --data-dir) and that the dataset is installed",
-                                   quoted(path)));
+      throw data_error(
+          fmt::format("IDX file {} does not exist; check the path (or the data "
+                      "folder, --data-dir) and that the dataset is installed",
+                      quoted(path)));
     }
     if (std::filesystem::is_directory(path, ec)) {
       throw data_error(fmt::format("IDX file {} is a directory; pass the path of the file itself",
@@ -49,8 +50,8 @@ class byte_source {
       std::memset(&zs_, 0, sizeof zs_);
       // 15 + 16: a gzip wrapper is required (no raw zlib streams).
       if (inflateInit2(&zs_, 15 + 16) != Z_OK) {
-        throw data_error(fmt::format("zlib could not start inflating {}: out of memory?",
-                                     quoted(path)));
+        throw data_error(
+            fmt::format("zlib could not start inflating {}: out of memory?", quoted(path)));
       }
       zs_live_ = true;
     }
@@ -71,7 +72,8 @@ class byte_source {
     std::size_t done = 0;
     if (!gzip_) {
       // Serve the peeked bytes first.
-      while (done < n && in_pos_ < in_len_) out[done++] = static_cast<unsigned char>(in_[in_pos_++]);
+      while (done < n && in_pos_ < in_len_)
+        out[done++] = static_cast<unsigned char>(in_[in_pos_++]);
       return done + read_raw(out + done, n - done);
     }
     while (done < n && !finished_) {
@@ -175,10 +177,11 @@ std::string describe_magic(std::uint32_t magic) {
 
 std::string truncation_message(const std::filesystem::path& path, const byte_source& src,
                                std::string_view what, std::size_t expected, std::size_t got) {
-  return fmt::format("{} is truncated: {} needs {} bytes{} but got only {}{}; "
-                     "the download was cut short: fetch or reinstall the file",
-                     quoted(path), what, expected, src.gzip() ? " (after gunzip)" : "", got,
-                     src.ended_early() ? " (the gzip stream itself ends early)" : "");
+  return fmt::format(
+      "{} is truncated: {} needs {} bytes{} but got only {}{}; "
+      "the download was cut short: fetch or reinstall the file",
+      quoted(path), what, expected, src.gzip() ? " (after gunzip)" : "", got,
+      src.ended_early() ? " (the gzip stream itself ends early)" : "");
 }
 
 // Deflate cannot compress better than about 1032:1; a gzip file cannot
@@ -244,9 +247,10 @@ idx_array read_idx(const std::filesystem::path& path, std::uint32_t expected_mag
   }
   const std::size_t ndims = magic & 0xff;
   if ((magic >> 8 & 0xff) != 0x08 || ndims == 0) {
-    throw data_error(fmt::format("{}: only unsigned-byte IDX arrays with at least one dimension "
-                                 "are supported (magic 0x{:08x})",
-                                 quoted(path), magic));
+    throw data_error(
+        fmt::format("{}: only unsigned-byte IDX arrays with at least one dimension "
+                    "are supported (magic 0x{:08x})",
+                    quoted(path), magic));
   }
   std::vector<unsigned char> dim_bytes(4 * ndims);
   got = src.read(dim_bytes.data(), dim_bytes.size());
@@ -264,9 +268,10 @@ idx_array read_idx(const std::filesystem::path& path, std::uint32_t expected_mag
   std::size_t item = 1;
   for (std::size_t i = 1; i < ndims; ++i) {
     if (out.dims[i] == 0) {
-      throw data_error(fmt::format("{}: IDX header field {} is 0; every dimension after the item "
-                                   "count must be at least 1 (the file is corrupt)",
-                                   quoted(path), dim_field(magic, i)));
+      throw data_error(
+          fmt::format("{}: IDX header field {} is 0; every dimension after the item "
+                      "count must be at least 1 (the file is corrupt)",
+                      quoted(path), dim_field(magic, i)));
     }
     if (out.dims[i] > idx_max_item_bytes / item) {
       throw data_error(fmt::format(
@@ -278,9 +283,9 @@ idx_array read_idx(const std::filesystem::path& path, std::uint32_t expected_mag
   }
   const std::size_t count = out.dims[0];
   const std::size_t keep = limit > 0 ? std::min(limit, count) : count;
-  const std::string what = fmt::format(
-      "reading {} items of {} bytes (the header announces {} items: {})", keep, item, count,
-      describe_dims(magic, out.dims));
+  const std::string what =
+      fmt::format("reading {} items of {} bytes (the header announces {} items: {})", keep, item,
+                  count, describe_dims(magic, out.dims));
   // count < 2^32 and item <= 2^24, so the product cannot overflow.
   const std::size_t payload = keep * item;
   if (payload > idx_max_payload_bytes) {

@@ -1,13 +1,13 @@
 // The per-epoch permutation and the rank-sharding sampler.
 #include "ringflow/data/sampler.hpp"
 
-#include "ringflow/core/error.hpp"
-
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <numeric>
 #include <random>
+
+#include "ringflow/core/error.hpp"
 
 namespace ringflow::data {
 namespace {
@@ -38,12 +38,9 @@ std::vector<std::size_t> epoch_permutation(std::size_t n, std::uint64_t seed, st
 
 sampler::sampler(std::size_t dataset_size, int rank, int world_size, std::uint64_t seed,
                  bool shuffle)
-    : dataset_size_(dataset_size),
-      rank_(rank),
-      world_size_(world_size > 0 ? static_cast<std::size_t>(world_size) : 0),
-      seed_(seed),
-      shuffle_(shuffle),
-      per_rank_(0) {
+    : dataset_size_(dataset_size), rank_(rank),
+      world_size_(world_size > 0 ? static_cast<std::size_t>(world_size) : 0), seed_(seed),
+      shuffle_(shuffle), per_rank_(0) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     throw usage_error(fmt::format(
         "sampler: rank {} is not in [0, world_size={}); pass the communicator's rank and size",
@@ -69,7 +66,9 @@ std::span<const std::size_t> sampler::remaining() const {
   return std::span<const std::size_t>(indices_).subspan(position_);
 }
 
-void sampler::advance(std::size_t n) { position_ = std::min(position_ + std::min(n, per_rank_), per_rank_); }
+void sampler::advance(std::size_t n) {
+  position_ = std::min(position_ + std::min(n, per_rank_), per_rank_);
+}
 
 void sampler::load_state(const sampler_state& state) {
   if (state.position > per_rank_) {

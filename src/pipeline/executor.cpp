@@ -2,20 +2,19 @@
 // and the Chrome trace writer.
 #include "ringflow/pipeline/executor.hpp"
 
-#include "core/json.hpp"
-
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <fstream>
 #include <limits>
-#include <cmath>
 #include <map>
 #include <tuple>
 
+#include "core/json.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
@@ -66,10 +65,11 @@ executor::executor(communicator comm, schedule s, executor_options opts)
         "rank programs; use a pipeline communicator of that size (see make_grid)",
         comm_.rank(), comm_.size(), schedule_.name, schedule_.ranks()));
   }
-  if (opts_.tag_base < 0 || opts_.tag_span < 2 || opts_.tag_base + opts_.tag_span - 1 > max_user_tag) {
-    throw usage_error(fmt::format(
-        "pipeline::executor on rank {}: tags [{}, {}) leave the user range [0, {}]", comm_.rank(),
-        opts_.tag_base, opts_.tag_base + opts_.tag_span, max_user_tag));
+  if (opts_.tag_base < 0 || opts_.tag_span < 2 ||
+      opts_.tag_base + opts_.tag_span - 1 > max_user_tag) {
+    throw usage_error(
+        fmt::format("pipeline::executor on rank {}: tags [{}, {}) leave the user range [0, {}]",
+                    comm_.rank(), opts_.tag_base, opts_.tag_base + opts_.tag_span, max_user_tag));
   }
   report_ = verify(schedule_);
   trace_ = opts_.trace || timeline_env();
@@ -87,7 +87,7 @@ run_stats executor::run(stage_runner& runner) {
   run_stats stats;
   int live = 0;
 
-  std::map<std::size_t, pending_recv> recvs;  // by step
+  std::map<std::size_t, pending_recv> recvs;                           // by step
   std::map<std::tuple<int, int, int>, std::vector<float>> local_mail;  // (dir, stage, mb)
   std::map<std::pair<int, int>, std::vector<float>> inputs, grads;     // received, by (stage, mb)
   std::deque<pending_send> sends;
@@ -180,9 +180,7 @@ run_stats executor::run(stage_runner& runner) {
     const double t0 = now_us();
     switch (ins.op) {
       case op_kind::recv_activation:
-      case op_kind::recv_grad:
-        receive(i, ins);
-        break;
+      case op_kind::recv_grad: receive(i, ins); break;
       case op_kind::send_activation:
         send(ins, runner.output(ins.stage, ins.micro_batch),
              runner.output_elements(ins.stage, ins.micro_batch));
@@ -208,19 +206,15 @@ run_stats executor::run(stage_runner& runner) {
         runner.backward_weight(ins.stage, ins.micro_batch);
         --live;
         break;
-      case op_kind::reduce_grads:
-        runner.reduce_grads();
-        break;
-      case op_kind::optimizer_step:
-        runner.optimizer_step();
-        break;
+      case op_kind::reduce_grads: runner.reduce_grads(); break;
+      case op_kind::optimizer_step: runner.optimizer_step(); break;
     }
     const double t1 = now_us();
     if (is_compute(ins.op)) stats.compute_seconds += (t1 - t0) * 1e-6;
     if (trace_ && (is_compute(ins.op) || ins.op == op_kind::reduce_grads ||
                    ins.op == op_kind::optimizer_step)) {
-      events_.push_back({to_string(ins), category_of(ins.op), t0, t1 - t0, ins.stage,
-                         ins.micro_batch, ins.op});
+      events_.push_back(
+          {to_string(ins), category_of(ins.op), t0, t1 - t0, ins.stage, ins.micro_batch, ins.op});
     }
     // Free the buffers of sends that have completed, oldest first.
     while (!sends.empty() && sends.front().req.test()) sends.pop_front();
@@ -253,9 +247,8 @@ std::string finish_json(std::string body, int ranks, int pid_offset) {
   for (int r = 0; r < ranks; ++r) {
     out += first ? "\n" : ",\n";
     first = false;
-    out += fmt::format(
-        R"({{"name":"process_name","ph":"M","pid":{},"args":{{"name":"rank {}"}}}})",
-        r + pid_offset, r + pid_offset);
+    out += fmt::format(R"({{"name":"process_name","ph":"M","pid":{},"args":{{"name":"rank {}"}}}})",
+                       r + pid_offset, r + pid_offset);
   }
   if (!body.empty()) out += ",";
   out += body;
@@ -282,9 +275,10 @@ std::string chrome_trace_json(const std::vector<std::vector<trace_event>>& per_r
 verify_report measured_report(const schedule& s,
                               const std::vector<std::vector<trace_event>>& per_rank) {
   if (static_cast<int>(per_rank.size()) != s.ranks()) {
-    throw usage_error(fmt::format("pipeline::measured_report: {} ranks of events for schedule "
-                                  "'{}' of {} ranks",
-                                  per_rank.size(), s.name, s.ranks()));
+    throw usage_error(
+        fmt::format("pipeline::measured_report: {} ranks of events for schedule "
+                    "'{}' of {} ranks",
+                    per_rank.size(), s.name, s.ranks()));
   }
   double t0 = std::numeric_limits<double>::infinity();
   for (const auto& events : per_rank) {

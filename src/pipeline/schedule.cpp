@@ -38,8 +38,8 @@ constexpr std::array<op_names, 10> all_ops{{
 void check_counts(const char* what, int ranks, int micro_batches, int chunks = 1) {
   if (ranks < 1 || micro_batches < 1 || chunks < 1) {
     throw usage_error(fmt::format(
-        "pipeline::{}: ranks ({}), micro-batches ({}) and chunks ({}) must all be at least 1",
-        what, ranks, micro_batches, chunks));
+        "pipeline::{}: ranks ({}), micro-batches ({}) and chunks ({}) must all be at least 1", what,
+        ranks, micro_batches, chunks));
   }
 }
 
@@ -115,8 +115,7 @@ schedule build_interleaved(int ranks, int chunks, int micro_batches, const gener
     auto& prog = s.programs[static_cast<std::size_t>(r)];
     // Megatron's warm-up: enough forwards that the first backward's
     // gradient can have come back from the last stage.
-    const int textbook =
-        chunks == 1 ? ranks - r - 1 : (ranks - r - 1) * 2 + (chunks - 1) * ranks;
+    const int textbook = chunks == 1 ? ranks - r - 1 : (ranks - r - 1) * 2 + (chunks - 1) * ranks;
     const int warmup = std::min(total, textbook + extra_warmup);
     int f = 0;
     int b = 0;
@@ -171,8 +170,8 @@ std::string to_string(const instruction& ins) {
 
 int schedule::rank_of(int stage) const {
   if (stage < 0 || stage >= stages()) {
-    throw usage_error(fmt::format("pipeline::schedule '{}': stage {} is outside [0, {})", name,
-                                  stage, stages()));
+    throw usage_error(
+        fmt::format("pipeline::schedule '{}': stage {} is outside [0, {})", name, stage, stages()));
   }
   return stage_rank[static_cast<std::size_t>(stage)];
 }
@@ -318,7 +317,8 @@ schedule parse_schedule(std::string_view text) {
     if (words.empty()) continue;
     std::size_t first = 0;
     if (words[0] == "schedule") {
-      if (words.size() < 4 || words[2] != "micro_batches" || !parse_int(words[3], s.micro_batches)) {
+      if (words.size() < 4 || words[2] != "micro_batches" ||
+          !parse_int(words[3], s.micro_batches)) {
         throw fail("expected 'schedule <name> micro_batches <m> [forward_only]'");
       }
       if (s.micro_batches < 1 || s.micro_batches > max_text_micro_batches) {
@@ -334,8 +334,8 @@ schedule parse_schedule(std::string_view text) {
       for (std::size_t i = 1; i < words.size(); ++i) {
         int r = 0;
         if (!parse_int(words[i], r) || r < 0 || r >= max_text_ranks) {
-          throw fail(fmt::format("placement: '{}' is not a rank in [0, {})", words[i],
-                                 max_text_ranks));
+          throw fail(
+              fmt::format("placement: '{}' is not a rank in [0, {})", words[i], max_text_ranks));
         }
         if (s.stage_rank.size() >= static_cast<std::size_t>(max_text_stages)) {
           throw fail(fmt::format("placement: more than {} stages", max_text_stages));

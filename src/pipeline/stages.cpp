@@ -21,8 +21,8 @@ std::vector<std::size_t> balance_layers(std::span<const double> layer_costs, int
   const std::size_t n = layer_costs.size();
   if (stages < 1 || n < static_cast<std::size_t>(stages)) {
     throw usage_error(fmt::format(
-        "pipeline::balance_layers: {} layers cannot make {} stages of at least one layer each",
-        n, stages));
+        "pipeline::balance_layers: {} layers cannot make {} stages of at least one layer each", n,
+        stages));
   }
   const auto k = static_cast<std::size_t>(stages);
   std::vector<double> prefix(n + 1, 0.0);
@@ -126,8 +126,8 @@ sequential_stages::sequential_stages(ad::sequential& model, const schedule& s, i
         "schedule '{}'",
         rank, layers_per_stage.size(), stages_, s.name));
   }
-  const std::size_t total = std::accumulate(layers_per_stage.begin(), layers_per_stage.end(),
-                                            std::size_t{0});
+  const std::size_t total =
+      std::accumulate(layers_per_stage.begin(), layers_per_stage.end(), std::size_t{0});
   const bool empty_stage =
       std::find(layers_per_stage.begin(), layers_per_stage.end(), 0) != layers_per_stage.end();
   if (total != model.size() || empty_stage) {
@@ -195,12 +195,14 @@ void sequential_stages::begin_run(const schedule& s) {
   if (has_first && inputs_ == nullptr) {
     throw usage_error(fmt::format(
         "pipeline::sequential_stages on rank {}: this rank runs stage 0 but set_batch gave no "
-        "inputs", rank_));
+        "inputs",
+        rank_));
   }
   if (has_last && !forward_only_ && labels_.size() != static_cast<std::size_t>(rows_)) {
     throw usage_error(fmt::format(
         "pipeline::sequential_stages on rank {}: this rank runs the last stage and needs {} "
-        "labels, got {}", rank_, rows_, labels_.size()));
+        "labels, got {}",
+        rank_, rows_, labels_.size()));
   }
   slots_.clear();
   loss_sum_ = 0;
@@ -243,7 +245,8 @@ sequential_stages::slot& sequential_stages::at(int stage, int mb, const char* wh
   if (it == slots_.end()) {
     throw usage_error(fmt::format(
         "pipeline::sequential_stages on rank {}: {} of stage {} micro-batch {} before its "
-        "forward", rank_, what, stage, mb));
+        "forward",
+        rank_, what, stage, mb));
   }
   return it->second;
 }
@@ -280,8 +283,8 @@ void sequential_stages::forward(int stage, int mb, std::span<const float> input)
     outputs_.middleRows(first_row_of(mb), rows) = y.value();
     return;
   }
-  const auto labels = labels_.subspan(static_cast<std::size_t>(first_row_of(mb)),
-                                      static_cast<std::size_t>(rows));
+  const auto labels =
+      labels_.subspan(static_cast<std::size_t>(first_row_of(mb)), static_cast<std::size_t>(rows));
   // Weighted by the micro-batch's share so the sum is the batch mean.
   s.loss = ad::scale(loss_(y, labels), static_cast<float>(rows) / static_cast<float>(rows_));
   loss_sum_ += s.loss.item();

@@ -67,7 +67,8 @@ class checker {
         const instruction& ins = prog[i];
         const where w{r, i};
         if (ins.op == op_kind::reduce_grads || ins.op == op_kind::optimizer_step) {
-          if (s_.forward_only) fail(fmt::format("{} at {} in a forward-only schedule", to_string(ins), at(w)));
+          if (s_.forward_only)
+            fail(fmt::format("{} at {} in a forward-only schedule", to_string(ins), at(w)));
           rank_wide_.emplace_back(ins, w);
           continue;
         }
@@ -76,8 +77,8 @@ class checker {
                            ins.stage, S));
         }
         if (ins.micro_batch < 0 || ins.micro_batch >= s_.micro_batches) {
-          fail(fmt::format("{} at {} names micro-batch {}, outside [0, {})", to_string(ins),
-                           at(w), ins.micro_batch, s_.micro_batches));
+          fail(fmt::format("{} at {} names micro-batch {}, outside [0, {})", to_string(ins), at(w),
+                           ins.micro_batch, s_.micro_batches));
         }
         if (s_.rank_of(ins.stage) != r) {
           fail(fmt::format("{} at {}: stage {} lives on rank {}, not on rank {}", to_string(ins),
@@ -85,10 +86,11 @@ class checker {
         }
         if ((ins.op == op_kind::send_activation || ins.op == op_kind::recv_grad) &&
             ins.stage == S - 1) {
-          fail(fmt::format("{} at {}: stage {} is the last stage; it has no next stage", to_string(ins),
-                           at(w), ins.stage));
+          fail(fmt::format("{} at {}: stage {} is the last stage; it has no next stage",
+                           to_string(ins), at(w), ins.stage));
         }
-        if ((ins.op == op_kind::recv_activation || ins.op == op_kind::send_grad) && ins.stage == 0) {
+        if ((ins.op == op_kind::recv_activation || ins.op == op_kind::send_grad) &&
+            ins.stage == 0) {
           fail(fmt::format("{} at {}: stage 0 is the first stage; it has no previous stage",
                            to_string(ins), at(w)));
         }
@@ -153,10 +155,11 @@ class checker {
         const bool whole = find(B.op, st, mb).has_value();
         const bool split = find(BI.op, st, mb).has_value() || find(BW.op, st, mb).has_value();
         if (whole && split) {
-          fail(fmt::format("stage {} micro-batch {} has both B and BI/BW; use one or the other",
-                           st, mb));
+          fail(fmt::format("stage {} micro-batch {} has both B and BI/BW; use one or the other", st,
+                           mb));
         }
-        if (!whole && !split) need(B, fmt::format("stage {} never runs backward on micro-batch {}", st, mb));
+        if (!whole && !split)
+          need(B, fmt::format("stage {} never runs backward on micro-batch {}", st, mb));
         const instruction& first_bwd = whole ? B : BI;
         if (split) {
           need(BI, fmt::format("BW{}.{} needs its input-gradient pass first", st, mb));
@@ -165,7 +168,8 @@ class checker {
         }
         need_before(F, first_bwd, "differentiates the forward pass");
         if (st + 1 < S) {
-          need(RG, fmt::format("{} needs the output gradient from stage {}", to_string(first_bwd), st + 1));
+          need(RG, fmt::format("{} needs the output gradient from stage {}", to_string(first_bwd),
+                               st + 1));
           need_before(RG, first_bwd, "uses the output gradient");
           need({op_kind::send_grad, st + 1, mb},
                fmt::format("rank {} waits for it in RG{}.{}", s_.rank_of(st), st, mb));
@@ -226,7 +230,8 @@ instruction matching_send(const instruction& recv) {
   return {op_kind::send_grad, recv.stage + 1, recv.micro_batch};
 }
 
-std::string deadlock_report(const schedule& s, const checker& c, const std::vector<std::size_t>& pc) {
+std::string deadlock_report(const schedule& s, const checker& c,
+                            const std::vector<std::size_t>& pc) {
   // Blocked receives and the sends they wait for.
   std::map<std::pair<int, std::size_t>, char> mark;
   std::string why;
@@ -246,10 +251,11 @@ std::string deadlock_report(const schedule& s, const checker& c, const std::vect
     if (w) {
       mark.emplace(std::pair{w->rank, w->step}, '<');
       hi = std::max(hi, w->step);
-      why += fmt::format("  rank {} step {}: {} waits for {} at rank {} step {}, which rank {} "
-                         "has not reached (it is stuck at step {})\n",
-                         r, p, to_string(ins), to_string(snd), w->rank, w->step, w->rank,
-                         pc[static_cast<std::size_t>(w->rank)]);
+      why += fmt::format(
+          "  rank {} step {}: {} waits for {} at rank {} step {}, which rank {} "
+          "has not reached (it is stuck at step {})\n",
+          r, p, to_string(ins), to_string(snd), w->rank, w->step, w->rank,
+          pc[static_cast<std::size_t>(w->rank)]);
     }
   }
   lo = lo >= 2 ? lo - 2 : 0;
@@ -342,7 +348,8 @@ verify_report verify(const schedule& s, const stage_costs& costs) {
         const double end = start + cost_of(ins, costs);
         clock[r] = end;
         if (ins.op == op_kind::send_activation) {
-          arrived[{op_kind::recv_activation, ins.stage + 1, ins.micro_batch}] = end + costs.transfer;
+          arrived[{op_kind::recv_activation, ins.stage + 1, ins.micro_batch}] =
+              end + costs.transfer;
         } else if (ins.op == op_kind::send_grad) {
           arrived[{op_kind::recv_grad, ins.stage - 1, ins.micro_batch}] = end + costs.transfer;
         }
@@ -411,9 +418,9 @@ std::string ascii_grid(const schedule& s, const verify_report& r) {
       cells[static_cast<std::size_t>(op.rank)][t] = cell_label(s, op.ins);
     }
   }
-  std::string out = fmt::format(
-      "{}: {} ranks, {} stages, {} micro-batches; bubble {:.3f}, peak activations", s.name,
-      s.ranks(), s.stages(), s.micro_batches, r.bubble_fraction);
+  std::string out =
+      fmt::format("{}: {} ranks, {} stages, {} micro-batches; bubble {:.3f}, peak activations",
+                  s.name, s.ranks(), s.stages(), s.micro_batches, r.bubble_fraction);
   for (int p : r.peak_activations) out += fmt::format(" {}", p);
   out += fmt::format(" (one column = {:g} time units)\n", unit);
   for (int rank = 0; rank < s.ranks(); ++rank) {
@@ -444,10 +451,10 @@ std::string to_svg(const schedule& s, const verify_report& r, const std::string&
       "viewBox=\"0 0 {:.0f} {:.0f}\" font-family=\"Helvetica,Arial,sans-serif\">\n"
       "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
       width, height, width, height);
-  const std::string heading =
-      title.empty() ? fmt::format("{}: {} ranks, {} stages, {} micro-batches", s.name, s.ranks(),
-                                  s.stages(), s.micro_batches)
-                    : title;
+  const std::string heading = title.empty()
+                                  ? fmt::format("{}: {} ranks, {} stages, {} micro-batches", s.name,
+                                                s.ranks(), s.stages(), s.micro_batches)
+                                  : title;
   out += fmt::format(
       "<text x=\"{:.0f}\" y=\"20\" font-size=\"15\" font-weight=\"bold\">{}</text>\n"
       "<text x=\"{:.0f}\" y=\"36\" font-size=\"12\" fill=\"#555\">bubble {:.1f}%; "

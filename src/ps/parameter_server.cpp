@@ -61,7 +61,8 @@ consistency parse_consistency(std::string_view name) {
   if (name == "async") return consistency::async;
   if (name == "ssp") return consistency::ssp;
   if (name == "local" || name == "local_sgd") return consistency::local_sgd;
-  throw usage_error(fmt::format("ps: unknown consistency '{}'; use sync, async, ssp or local", name));
+  throw usage_error(
+      fmt::format("ps: unknown consistency '{}'; use sync, async, ssp or local", name));
 }
 
 // ---------------------------------------------------------------- layout
@@ -139,12 +140,11 @@ void pending::wait() {
       for (auto& r : requests_) {
         try {
           r.wait();
-        } catch (const std::exception&) {
-        }
+        } catch (const std::exception&) {}
       }
       requests_.clear();
-      throw server_error(fmt::format("rank {}: ps {}: parameter server rank {} is gone: {}",
-                                     rank_, what_, server, e.what()),
+      throw server_error(fmt::format("rank {}: ps {}: parameter server rank {} is gone: {}", rank_,
+                                     what_, server, e.what()),
                          server);
     }
     if (done) {
@@ -228,8 +228,7 @@ node::~node() {
   for (auto& [buffer, r] : abandoned_) {
     try {
       r.wait();
-    } catch (const std::exception&) {
-    }
+    } catch (const std::exception&) {}
   }
 }
 
@@ -248,8 +247,9 @@ void node::check_worker(const char* what, std::size_t n) const {
         comm_.rank(), what));
   }
   if (n != layout_.numel()) {
-    throw usage_error(fmt::format("rank {}: ps::node::{}: buffer has {} floats, the servers hold {}",
-                                  comm_.rank(), what, n, layout_.numel()));
+    throw usage_error(
+        fmt::format("rank {}: ps::node::{}: buffer has {} floats, the servers hold {}",
+                    comm_.rank(), what, n, layout_.numel()));
   }
 }
 
@@ -326,12 +326,13 @@ bool node::average(std::span<float> params, std::int64_t step) {
 void node::finish() {
   if (finished_) return;
   if (worker_index_ < 0) {
-    throw usage_error(fmt::format("rank {}: ps::node::finish: this rank is not a worker",
-                                  comm_.rank()));
+    throw usage_error(
+        fmt::format("rank {}: ps::node::finish: this rank is not a worker", comm_.rank()));
   }
   finished_ = true;
   if (opts_.mode != consistency::local_sgd) {
-    std::vector<std::int64_t> headers(header_words * static_cast<std::size_t>(layout_.servers()), 0);
+    std::vector<std::int64_t> headers(header_words * static_cast<std::size_t>(layout_.servers()),
+                                      0);
     pending p;
     p.rank_ = comm_.rank();
     p.what_ = "finish";
@@ -369,9 +370,10 @@ const server_stats& node::serve() {
 
 void node::gather_parameters(std::span<float> out) {
   if (out.size() != layout_.numel()) {
-    throw usage_error(fmt::format("rank {}: ps::node::gather_parameters: buffer has {} floats, "
-                                  "expected {}",
-                                  comm_.rank(), out.size(), layout_.numel()));
+    throw usage_error(
+        fmt::format("rank {}: ps::node::gather_parameters: buffer has {} floats, "
+                    "expected {}",
+                    comm_.rank(), out.size(), layout_.numel()));
   }
   if (opts_.mode == consistency::local_sgd) {
     std::vector<float> mine(out.size(), 0.0f);
@@ -427,7 +429,8 @@ void node::serve_loop() {
 
   struct peer {
     int rank = -1;
-    std::vector<std::int64_t> header = std::vector<std::int64_t>(header_words, 0);  // heap: may outlive the loop
+    std::vector<std::int64_t> header =
+        std::vector<std::int64_t>(header_words, 0);  // heap: may outlive the loop
     request header_req;
     bool active = true;
     std::int64_t clock = 0;  // pushes received
@@ -461,13 +464,12 @@ void node::serve_loop() {
     }
     try {
       p.reply_req.wait();
-    } catch (const std::exception&) {
-    }
+    } catch (const std::exception&) {}
     stats_.dropped.push_back(p.rank);
     stats_.drop_reasons.push_back(why);
     stats_.record.push_back({event_kind::drop, w});
-    log::warn("ps: server rank {} dropped worker rank {}: {}; {} worker(s) continue",
-              comm_.rank(), p.rank, why, active);
+    log::warn("ps: server rank {} dropped worker rank {}: {}; {} worker(s) continue", comm_.rank(),
+              p.rank, why, active);
   };
   const auto apply = [&](std::span<const float> g) {
     std::copy(g.begin(), g.end(), grads.begin());
@@ -506,9 +508,8 @@ void node::serve_loop() {
   const std::vector<replay_event>* script = nullptr;
   if (replay != nullptr && mode != consistency::sync) {
     if (replay->servers.size() != static_cast<std::size_t>(layout_.servers())) {
-      throw usage_error(fmt::format(
-          "rank {}: ps: the replay record has {} server(s), this job {}", comm_.rank(),
-          replay->servers.size(), layout_.servers()));
+      throw usage_error(fmt::format("rank {}: ps: the replay record has {} server(s), this job {}",
+                                    comm_.rank(), replay->servers.size(), layout_.servers()));
     }
     script = &replay->servers[static_cast<std::size_t>(server_index_)];
   }
@@ -677,8 +678,7 @@ void node::serve_loop() {
     }
   }
   // What is left from workers that finished: sync steps they completed.
-  while (advance()) {
-  }
+  while (advance()) {}
   for (auto& p : peers) {
     try {
       p.reply_req.wait();

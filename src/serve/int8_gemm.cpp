@@ -245,7 +245,8 @@ RINGFLOW_AVX2 std::size_t quantize_avx2(const float* x, std::size_t n, float inv
       v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
       w[k] = _mm256_cvttps_epi32(_mm256_add_ps(v, half));
     }
-    const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(w[0], w[1]), _mm256_packus_epi32(w[2], w[3]));
+    const __m256i b =
+        _mm256_packus_epi16(_mm256_packus_epi32(w[0], w[1]), _mm256_packus_epi32(w[2], w[3]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
   }
   _mm256_zeroupper();
@@ -295,8 +296,12 @@ int8_path capped_path() noexcept {
 }
 
 // The padding of a path: k to a multiple of `kg`, n to one of `lanes`.
-index group_of(int8_path p) { return p == int8_path::avx512_vnni ? 4 : p == int8_path::avx2 ? 2 : 1; }
-index lanes_of(int8_path p) { return p == int8_path::avx512_vnni ? 16 : p == int8_path::avx2 ? 8 : 1; }
+index group_of(int8_path p) {
+  return p == int8_path::avx512_vnni ? 4 : p == int8_path::avx2 ? 2 : 1;
+}
+index lanes_of(int8_path p) {
+  return p == int8_path::avx512_vnni ? 16 : p == int8_path::avx2 ? 8 : 1;
+}
 
 }  // namespace
 
@@ -410,9 +415,10 @@ void gemm_u8s8s32(index m, const std::uint8_t* a, index lda, std::int32_t a_zero
 void quantize_u8(const float* x, std::size_t n, float inv_scale, float zero_point, std::uint8_t* q,
                  int8_path path) {
   if (path > hardware_path()) {
-    throw not_supported_error(fmt::format("serve::quantize_u8: int8 path {} needs instructions this "
-                                          "CPU lacks (it runs up to {})",
-                                          to_string(path), to_string(hardware_path())));
+    throw not_supported_error(
+        fmt::format("serve::quantize_u8: int8 path {} needs instructions this "
+                    "CPU lacks (it runs up to {})",
+                    to_string(path), to_string(hardware_path())));
   }
   std::size_t done = 0;
 #ifdef RINGFLOW_X86_INT8
@@ -425,8 +431,8 @@ void quantize_u8(const float* x, std::size_t n, float inv_scale, float zero_poin
 void gemm_s8s8s32(index m, const std::int8_t* a, index lda, const packed_int8_matrix& b,
                   std::int32_t* c, index ldc) {
   if (m < 0 || lda < b.rows()) {
-    throw usage_error(fmt::format("serve::gemm_s8s8s32: m = {} and lda = {} for k = {}", m, lda,
-                                  b.rows()));
+    throw usage_error(
+        fmt::format("serve::gemm_s8s8s32: m = {} and lda = {} for k = {}", m, lda, b.rows()));
   }
   thread_local std::vector<std::uint8_t> shifted;
   const index k = b.rows();

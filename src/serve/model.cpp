@@ -26,7 +26,8 @@ void apply_activation(ad::activation f, float* y, std::size_t n) {
     case ad::activation::gelu:
       for (std::size_t i = 0; i < n; ++i) {
         const double v = y[i];
-        y[i] = static_cast<float>(0.5 * v * (1.0 + std::tanh(sqrt_2_over_pi * (v + 0.044715 * v * v * v))));
+        y[i] = static_cast<float>(0.5 * v *
+                                  (1.0 + std::tanh(sqrt_2_over_pi * (v + 0.044715 * v * v * v))));
       }
       break;
     case ad::activation::tanh:
@@ -72,7 +73,8 @@ void int8_layer(const dense_layer& l, const packed_int8_matrix& w, const float* 
   // Dequantize: y = acc * (input scale * weight scale[j]) + b[j].
   s.out_scale.resize(static_cast<std::size_t>(l.out));
   for (index j = 0; j < l.out; ++j) {
-    s.out_scale[static_cast<std::size_t>(j)] = l.input.scale * l.weight_scale[static_cast<std::size_t>(j)];
+    s.out_scale[static_cast<std::size_t>(j)] =
+        l.input.scale * l.weight_scale[static_cast<std::size_t>(j)];
   }
   const float* os = s.out_scale.data();
   const float* b = l.bias.data();
@@ -106,12 +108,14 @@ model::model(std::vector<dense_layer> layers, int8_path path)
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     const dense_layer& l = layers_[i];
     const auto size = static_cast<std::size_t>(l.in) * static_cast<std::size_t>(l.out);
-    if (l.in < 1 || l.out < 1) bad_layer(i, fmt::format("{} x {} is not a layer size", l.in, l.out));
+    if (l.in < 1 || l.out < 1)
+      bad_layer(i, fmt::format("{} x {} is not a layer size", l.in, l.out));
     if (i > 0 && l.in != layers_[i - 1].out) {
       bad_layer(i, fmt::format("takes {} inputs but layer {} gives {} outputs", l.in, i - 1,
                                layers_[i - 1].out));
     }
-    if (static_cast<int>(l.act) < 0 || static_cast<int>(l.act) > static_cast<int>(ad::activation::sigmoid)) {
+    if (static_cast<int>(l.act) < 0 ||
+        static_cast<int>(l.act) > static_cast<int>(ad::activation::sigmoid)) {
       bad_layer(i, "unknown activation");
     }
     if (l.bias.size() != static_cast<std::size_t>(l.out)) {
@@ -123,13 +127,16 @@ model::model(std::vector<dense_layer> layers, int8_path path)
         bad_layer(i, fmt::format("has {} int8 weights for {} x {}", l.qweight.size(), l.in, l.out));
       }
       if (l.in > max_int8_depth) {
-        bad_layer(i, fmt::format("has {} inputs; int8 layers take at most {}", l.in, max_int8_depth));
+        bad_layer(i,
+                  fmt::format("has {} inputs; int8 layers take at most {}", l.in, max_int8_depth));
       }
       if (l.weight_scale.size() != static_cast<std::size_t>(l.out)) {
-        bad_layer(i, fmt::format("has {} weight scales for {} outputs", l.weight_scale.size(), l.out));
+        bad_layer(i,
+                  fmt::format("has {} weight scales for {} outputs", l.weight_scale.size(), l.out));
       }
       for (const float s : l.weight_scale) {
-        if (!finite_positive(s)) bad_layer(i, fmt::format("weight scale {} is not a positive number", s));
+        if (!finite_positive(s))
+          bad_layer(i, fmt::format("weight scale {} is not a positive number", s));
       }
       if (!finite_positive(l.input.scale) || l.input.zero_point < 0 || l.input.zero_point > 255) {
         bad_layer(i, fmt::format("input quantization (scale {}, zero point {}) needs a positive "
@@ -183,33 +190,38 @@ model model::from_sequential(ad::sequential& net) {
           i));
     }
   }
-  if (layers.empty()) throw usage_error("serve::model::from_sequential: the model has no linear layer");
+  if (layers.empty())
+    throw usage_error("serve::model::from_sequential: the model has no linear layer");
   return model(std::move(layers));
 }
 
 void model::copy_to(ad::sequential& net) const {
-  if (quantized()) throw usage_error("serve::model::copy_to: the model is quantized; copy an fp32 model");
+  if (quantized())
+    throw usage_error("serve::model::copy_to: the model is quantized; copy an fp32 model");
   std::size_t next = 0;
   for (std::size_t i = 0; i < net.size(); ++i) {
     auto* lin = dynamic_cast<ad::linear*>(&net[i]);
     if (lin == nullptr) continue;
     if (next == layers_.size()) {
-      throw usage_error("serve::model::copy_to: the ad model has more linear layers than this model");
+      throw usage_error(
+          "serve::model::copy_to: the ad model has more linear layers than this model");
     }
     const dense_layer& l = layers_[next];
     if (lin->weight().rows() != l.in || lin->weight().cols() != l.out) {
-      throw usage_error(fmt::format("serve::model::copy_to: linear layer {} is {} x {}, this "
-                                    "model's layer {} is {} x {}",
-                                    i, lin->weight().rows(), lin->weight().cols(), next, l.in, l.out));
+      throw usage_error(
+          fmt::format("serve::model::copy_to: linear layer {} is {} x {}, this "
+                      "model's layer {} is {} x {}",
+                      i, lin->weight().rows(), lin->weight().cols(), next, l.in, l.out));
     }
     std::copy(l.weight.begin(), l.weight.end(), lin->weight().data().begin());
     if (lin->bias().defined()) std::copy(l.bias.begin(), l.bias.end(), lin->bias().data().begin());
     ++next;
   }
   if (next != layers_.size()) {
-    throw usage_error(fmt::format("serve::model::copy_to: the ad model has {} linear layers, this "
-                                  "model {}",
-                                  next, layers_.size()));
+    throw usage_error(
+        fmt::format("serve::model::copy_to: the ad model has {} linear layers, this "
+                    "model {}",
+                    next, layers_.size()));
   }
 }
 
@@ -222,7 +234,8 @@ std::vector<index> model::widths() const {
 }
 
 bool model::quantized() const noexcept {
-  return std::any_of(layers_.begin(), layers_.end(), [](const dense_layer& l) { return l.quantized(); });
+  return std::any_of(layers_.begin(), layers_.end(),
+                     [](const dense_layer& l) { return l.quantized(); });
 }
 
 std::size_t model::weight_count() const noexcept {
@@ -262,8 +275,8 @@ void model::forward(const float* x, index batch, float* y) const {
 
 std::vector<float> model::forward(std::span<const float> x, index batch) const {
   if (batch < 0 || x.size() != static_cast<std::size_t>(batch * inputs())) {
-    throw usage_error(fmt::format("serve::model::forward: {} inputs for a batch of {} x {}", x.size(),
-                                  batch, inputs()));
+    throw usage_error(fmt::format("serve::model::forward: {} inputs for a batch of {} x {}",
+                                  x.size(), batch, inputs()));
   }
   std::vector<float> y(static_cast<std::size_t>(batch * outputs()));
   forward(x.data(), batch, y.data());
@@ -276,7 +289,8 @@ activation_quant range_to_quant(float lo, float hi) {
   lo = std::min(lo, 0.0f);
   hi = std::max(hi, 0.0f);
   activation_quant q;
-  if (!(hi - lo > 0.0f) || !std::isfinite(hi - lo)) return q;  // all zero (or garbage): identity-ish
+  if (!(hi - lo > 0.0f) || !std::isfinite(hi - lo))
+    return q;  // all zero (or garbage): identity-ish
   q.scale = (hi - lo) / 255.0f;
   const double zp = std::nearbyint(-static_cast<double>(lo) / q.scale);
   q.zero_point = static_cast<std::int32_t>(std::clamp(zp, 0.0, 255.0));
@@ -305,10 +319,12 @@ activation_quant calibrate(std::vector<float> v, const calibration_options& o) {
 model quantize(const model& fp32, const float* calib, index samples,
                const calibration_options& options, int8_path path) {
   if (fp32.empty() || fp32.quantized()) {
-    throw usage_error("serve::quantize: needs a non-empty fp32 model (this one is empty or already quantized)");
+    throw usage_error(
+        "serve::quantize: needs a non-empty fp32 model (this one is empty or already quantized)");
   }
   if (samples < 1 || calib == nullptr) {
-    throw usage_error(fmt::format("serve::quantize: {} calibration samples; give at least one", samples));
+    throw usage_error(
+        fmt::format("serve::quantize: {} calibration samples; give at least one", samples));
   }
   std::vector<float> cur(calib, calib + samples * fp32.inputs());
   std::vector<float> next;
@@ -327,7 +343,8 @@ model quantize(const model& fp32, const float* calib, index samples,
       for (index r = 0; r < l.in; ++r) {
         const float w = l.weight[static_cast<std::size_t>(r * l.out + j)];
         if (!std::isfinite(w)) {
-          throw usage_error(fmt::format("serve::quantize: weight ({}, {}) of a layer is {}", r, j, w));
+          throw usage_error(
+              fmt::format("serve::quantize: weight ({}, {}) of a layer is {}", r, j, w));
         }
         amax = std::max(amax, std::fabs(w));
       }

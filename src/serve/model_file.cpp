@@ -62,7 +62,8 @@ class writer {
 // Every read is checked against the bytes left; a refusal names the field.
 class reader {
  public:
-  reader(std::string_view name, const char* data, std::size_t n) : name_(name), data_(data), n_(n) {}
+  reader(std::string_view name, const char* data, std::size_t n)
+      : name_(name), data_(data), n_(n) {}
   template <class T>
   T get(const char* field) {
     need(sizeof(T), 1, field);
@@ -131,7 +132,8 @@ bool smaller_sparse(const std::vector<T>& v) {
 template <class T>
 std::vector<T> get_weight_data(reader& r, std::uint64_t count, bool sparse) {
   if (!sparse) return r.get_array<T>(count, "weights");
-  const std::vector<std::uint8_t> bitmap = r.get_array<std::uint8_t>((count + 7) / 8, "weight bitmap");
+  const std::vector<std::uint8_t> bitmap =
+      r.get_array<std::uint8_t>((count + 7) / 8, "weight bitmap");
   std::uint64_t set = 0;
   for (const std::uint8_t b : bitmap) set += static_cast<std::uint64_t>(std::popcount(b));
   if (count % 8 != 0 && (bitmap.back() >> (count % 8)) != 0) {
@@ -253,7 +255,8 @@ model decode_model(std::string_view b, std::string_view name, int8_path path) {
     const auto type = r.get<std::uint8_t>("weight type");
     const auto sparse = r.get<std::uint8_t>("sparse");
     const auto zero = r.get<std::uint8_t>("reserved");
-    if (act > static_cast<std::uint8_t>(ad::activation::sigmoid) || type > 1 || sparse > 1 || zero != 0) {
+    if (act > static_cast<std::uint8_t>(ad::activation::sigmoid) || type > 1 || sparse > 1 ||
+        zero != 0) {
       r.malformed(fmt::format("layer {} has activation {}, weight type {}, sparse {}, reserved {}",
                               i, act, type, sparse, zero));
     }
@@ -289,15 +292,17 @@ void save_model(const std::filesystem::path& file, const model& m) {
   try {
     ringflow::detail::write_file_atomically(file, bytes);
   } catch (const ringflow::detail::file_write_error& e) {
-    throw model_file_error(fmt::format("model file '{}': {}{}", file.string(), e.what(),
-                                       e.replaced() ? "" : "; the previous file (if any) is untouched"));
+    throw model_file_error(
+        fmt::format("model file '{}': {}{}", file.string(), e.what(),
+                    e.replaced() ? "" : "; the previous file (if any) is untouched"));
   }
 }
 
 model load_model(const std::filesystem::path& file, int8_path path) {
   std::ifstream f(file, std::ios::binary);
   if (!f) {
-    fail(file.string(), std::filesystem::exists(file) ? "cannot be opened for reading" : "does not exist");
+    fail(file.string(),
+         std::filesystem::exists(file) ? "cannot be opened for reading" : "does not exist");
   }
   const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   if (f.bad()) fail(file.string(), "could not be read");

@@ -35,9 +35,10 @@ runner::runner(std::shared_ptr<const model> m, runner_options options) : options
 runner::runner(batch_function f, index inputs, index outputs, runner_options options)
     : fn_(std::move(f)), inputs_(inputs), outputs_(outputs), options_(options) {
   if (!fn_ || inputs < 1 || outputs < 1) {
-    throw usage_error(fmt::format("serve::runner: needs a function and at least one input and "
-                                  "output (got {} and {})",
-                                  inputs, outputs));
+    throw usage_error(
+        fmt::format("serve::runner: needs a function and at least one input and "
+                    "output (got {} and {})",
+                    inputs, outputs));
   }
   check_options(options_);
   stats_.batch_sizes.assign(options_.max_batch + 1, 0);
@@ -146,9 +147,10 @@ void runner::work() {
 
 load_report run_load(runner& r, const float* inputs, index samples, const load_options& o) {
   if (samples < 1 || o.clients < 1 || o.in_flight < 1) {
-    throw usage_error(fmt::format("serve::run_load: {} samples, {} clients, {} in flight: each must "
-                                  "be at least 1",
-                                  samples, o.clients, o.in_flight));
+    throw usage_error(
+        fmt::format("serve::run_load: {} samples, {} clients, {} in flight: each must "
+                    "be at least 1",
+                    samples, o.clients, o.in_flight));
   }
   using clock = std::chrono::steady_clock;
   const runner_stats before = r.stats();
@@ -186,7 +188,8 @@ load_report run_load(runner& r, const float* inputs, index samples, const load_o
           }
           pending.front().first.get();
           latencies[cu].push_back(
-              std::chrono::duration<double, std::micro>(clock::now() - pending.front().second).count());
+              std::chrono::duration<double, std::micro>(clock::now() - pending.front().second)
+                  .count());
           pending.pop_front();
         }
       } catch (...) {

@@ -1,4 +1,5 @@
-// Checkpoint encoding, atomic writing (temp + fsync + rename + fsync dir), validated loading, collective save/load.
+// Checkpoint encoding, atomic writing (temp + fsync + rename + fsync dir), validated loading,
+// collective save/load.
 #include "ringflow/train/checkpoint.hpp"
 
 #include <fcntl.h>
@@ -425,13 +426,13 @@ void check_matches(const std::filesystem::path& file, const parsed_checkpoint& c
   if (s.compression != nullptr) {
     const std::string& spec = s.compression->spec();
     if (!c.has_compression) {
-      fail(file, fmt::format(
-                     "holds no compression state but the trainer compresses with '{}' and asked "
-                     "for it ({}); leave training_state::compression null to start the "
-                     "compression afresh (the run then does not resume bit for bit)",
-                     spec,
-                     c.version < 2 ? fmt::format("format version {} has none", c.version)
-                                   : std::string("written without training_state::compression")));
+      fail(file,
+           fmt::format("holds no compression state but the trainer compresses with '{}' and asked "
+                       "for it ({}); leave training_state::compression null to start the "
+                       "compression afresh (the run then does not resume bit for bit)",
+                       spec,
+                       c.version < 2 ? fmt::format("format version {} has none", c.version)
+                                     : std::string("written without training_state::compression")));
     }
     if (c.compression_spec != spec) {
       fail(file, fmt::format("holds the state of compression '{}' but the trainer compresses with "
@@ -439,12 +440,12 @@ void check_matches(const std::filesystem::path& file, const parsed_checkpoint& c
                              c.compression_spec, spec));
     }
     if (c.compression.size() != static_cast<std::size_t>(ranks)) {
-      fail(file, fmt::format(
-                     "holds compression state of {} rank(s) (error-feedback residuals are per "
-                     "rank) but is loaded on {}; resume on {} rank(s), or leave "
-                     "training_state::compression null to start the compression afresh (not bit "
-                     "for bit)",
-                     c.compression.size(), ranks, c.compression.size()));
+      fail(file,
+           fmt::format("holds compression state of {} rank(s) (error-feedback residuals are per "
+                       "rank) but is loaded on {}; resume on {} rank(s), or leave "
+                       "training_state::compression null to start the compression afresh (not bit "
+                       "for bit)",
+                       c.compression.size(), ranks, c.compression.size()));
     }
     try {
       s.compression->check_state(c.compression[static_cast<std::size_t>(rank)]);
@@ -497,8 +498,7 @@ checkpoint_info apply(const parsed_checkpoint& c, training_state& s, int rank) {
 std::vector<unsigned char> read_bytes(const std::filesystem::path& file) {
   std::ifstream f(file, std::ios::binary);
   if (!f) {
-    fail(file, std::filesystem::exists(file) ? "cannot be opened for reading"
-                                             : "does not exist");
+    fail(file, std::filesystem::exists(file) ? "cannot be opened for reading" : "does not exist");
   }
   std::vector<unsigned char> b((std::istreambuf_iterator<char>(f)),
                                std::istreambuf_iterator<char>());
@@ -560,17 +560,19 @@ std::string layout_problem(const training_state& s) {
   for (std::size_t k = 0; k < s.optimizer.pieces.size(); ++k) {
     const chunk& piece = s.optimizer.pieces[k];
     if (piece.offset > numel || piece.count > numel - piece.offset) {
-      return fmt::format("optimizer piece {} [{}, {}) reaches past the {} parameter elements "
-                         "(pieces of another model?)",
-                         k, piece.offset, piece.offset + piece.count, numel);
+      return fmt::format(
+          "optimizer piece {} [{}, {}) reaches past the {} parameter elements "
+          "(pieces of another model?)",
+          k, piece.offset, piece.offset + piece.count, numel);
     }
     total += piece.count;
   }
   for (const auto& [name, buf] : s.optimizer.buffers) {
     if (!buf.empty() && buf.size() != total) {
-      return fmt::format("the optimizer's '{}' buffer has {} elements but its pieces {} (are "
-                         "they this trainer's owned()?)",
-                         name, buf.size(), total);
+      return fmt::format(
+          "the optimizer's '{}' buffer has {} elements but its pieces {} (are "
+          "they this trainer's owned()?)",
+          name, buf.size(), total);
     }
   }
   return {};
@@ -709,15 +711,16 @@ std::string gather_sharded(const communicator& comm, const std::filesystem::path
   for (const chunk& piece : s.optimizer.pieces) mine += piece.count;
   // A buffer some rank keeps (SGD without momentum keeps none).
   std::vector<std::int64_t> kept(nbuf);
-  for (std::size_t i = 0; i < nbuf; ++i) kept[i] = static_cast<std::int64_t>(s.optimizer.buffers[i].second.size());
+  for (std::size_t i = 0; i < nbuf; ++i)
+    kept[i] = static_cast<std::int64_t>(s.optimizer.buffers[i].second.size());
   allreduce(comm, std::span<std::int64_t>(kept), max);
   std::string problem;
   for (std::size_t i = 0; i < nbuf; ++i) {
     if (kept[i] != 0 && s.optimizer.buffers[i].second.size() != mine) {
-      problem = fmt::format("the optimizer's '{}' buffer has {} elements on this rank but its "
-                            "pieces {} (and other ranks keep the buffer)",
-                            s.optimizer.buffers[i].first, s.optimizer.buffers[i].second.size(),
-                            mine);
+      problem = fmt::format(
+          "the optimizer's '{}' buffer has {} elements on this rank but its "
+          "pieces {} (and other ranks keep the buffer)",
+          s.optimizer.buffers[i].first, s.optimizer.buffers[i].second.size(), mine);
     }
   }
   agree_or_throw(comm, about(file, problem));

@@ -8,12 +8,12 @@
 #include <chrono>
 #include <utility>
 
+#include "layout_hash.hpp"
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/extension.hpp"
 #include "ringflow/coll/sparse.hpp"
 #include "ringflow/core/log.hpp"
-#include "layout_hash.hpp"
 
 namespace ringflow::train {
 
@@ -95,8 +95,9 @@ compress::bucket_layout layout_of(const bucket& bk, const ad::parameter_store<fl
     if (p.size == 0) continue;
     const auto rows = static_cast<std::size_t>(p.tensor.rows());
     const auto cols = static_cast<std::size_t>(p.tensor.cols());
-    l.tensors.push_back(rows * cols == p.size ? compress::tensor_shape{p.offset - bk.offset, rows, cols}
-                                              : compress::tensor_shape{p.offset - bk.offset, 1, p.size});
+    l.tensors.push_back(rows * cols == p.size
+                            ? compress::tensor_shape{p.offset - bk.offset, rows, cols}
+                            : compress::tensor_shape{p.offset - bk.offset, 1, p.size});
   }
   return l;
 }
@@ -137,7 +138,7 @@ struct data_parallel::state {
   data_parallel_options opts;
   train::timeline tl;
   std::vector<bucket> buckets;
-  std::vector<std::size_t> bucket_of;    // parameter -> bucket (dense parameters)
+  std::vector<std::size_t> bucket_of;  // parameter -> bucket (dense parameters)
   // Parameters with sparse row gradients (ad::embedding): no bucket; each is
   // reduced by one sparse_allreduce after the buckets, in parameter order.
   std::vector<bool> is_sparse;
@@ -193,10 +194,10 @@ struct data_parallel::state {
     const std::int32_t mine = contribution;
     std::int32_t* out = &contributors;
     flag_handle = ext::enqueue(comm, [mine, out](const communicator& c) {
-          std::int32_t n = mine;
-          allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
-          *out = n;
-        });
+      std::int32_t n = mine;
+      allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
+      *out = n;
+    });
   }
 
   void on_ready(std::size_t i) {
@@ -236,8 +237,8 @@ struct data_parallel::state {
     const train::timeline trace = tl;
     const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     const std::string name = params[i].name;
-    sparse_handles[k] = ext::enqueue(
-        comm, [g, rec, bytes, at_step, trace, count, name](const communicator& c) {
+    sparse_handles[k] =
+        ext::enqueue(comm, [g, rec, bytes, at_step, trace, count, name](const communicator& c) {
           const double t0 = now_us();
           g->coalesce();
           auto r = sparse_allreduce<float>(c, std::span<const std::int64_t>(g->indices),
@@ -381,15 +382,16 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
                                       : train::timeline(s.comm.rank(), s.opts.timeline_path);
   s.is_sparse.assign(s.params.size(), false);
   for (std::size_t i = 0; i < s.params.size(); ++i) {
-    if (auto* g = s.params[i].tensor.sparse_grad(); g != nullptr && s.params[i].tensor.requires_grad()) {
+    if (auto* g = s.params[i].tensor.sparse_grad();
+        g != nullptr && s.params[i].tensor.requires_grad()) {
       s.is_sparse[i] = true;
       s.sparse_params.push_back(i);
       g->rank = s.comm.rank();  // for the embedding's error messages
     }
   }
-  s.buckets = without_sparse(
-      plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes),
-      s.is_sparse, s.params);
+  s.buckets =
+      without_sparse(plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes),
+                     s.is_sparse, s.params);
   s.bucket_of.assign(s.params.size(), 0);
   s.expected.assign(s.params.size(), false);
   s.expected_in.assign(s.buckets.size(), 0);
@@ -433,8 +435,7 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
     broadcast_async(s.comm, s.params.all_values(), s.opts.root).wait();
   }
   state* raw = state_.get();
-  s.params.set_grad_ready_hook(
-      [raw](std::size_t i, const ad::tensor&) { raw->on_ready(i); });
+  s.params.set_grad_ready_hook([raw](std::size_t i, const ad::tensor&) { raw->on_ready(i); });
 }
 
 data_parallel::~data_parallel() {
@@ -478,8 +479,9 @@ void data_parallel::backward(const ad::tensor& loss) {
 no_sync_scope data_parallel::no_sync() {
   auto& s = *state_;
   if (s.no_sync) {
-    throw usage_error(fmt::format(
-        "train::data_parallel on rank {}: no_sync() while a no_sync scope is alive", s.comm.rank()));
+    throw usage_error(
+        fmt::format("train::data_parallel on rank {}: no_sync() while a no_sync scope is alive",
+                    s.comm.rank()));
   }
   return no_sync_scope(&s.no_sync);
 }
@@ -553,8 +555,8 @@ void data_parallel::finish() {
   }
   for (const std::uint64_t b : s.sparse_bytes) s.current.bytes_sent += b;
   if (s.opts.uneven_inputs) {
-    s.current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(),
-                                            s.comm.rank(), true, true);
+    s.current.bytes_sent +=
+        ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(), s.comm.rank(), true, true);
   }
   s.last = s.current;
   s.last_fired = s.fired;
@@ -577,10 +579,10 @@ bool data_parallel::shadow_step() {
         "finish the accumulated step first",
         s.comm.rank()));
   }
-  const bool started = s.flag_launched || s.next > 0 ||
-                       std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
-                       std::find(s.accumulated.begin(), s.accumulated.end(), true) !=
-                           s.accumulated.end();
+  const bool started =
+      s.flag_launched || s.next > 0 ||
+      std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
+      std::find(s.accumulated.begin(), s.accumulated.end(), true) != s.accumulated.end();
   if (started) {
     throw usage_error(fmt::format(
         "train::data_parallel on rank {}: join() in the middle of step {} (a backward ran since "
@@ -606,9 +608,7 @@ bool data_parallel::shadow_step() {
 const std::vector<bucket>& data_parallel::buckets() const { return state_->buckets; }
 std::int64_t data_parallel::steps() const { return state_->step; }
 const step_stats& data_parallel::last_step() const { return state_->last; }
-const std::vector<std::uint32_t>& data_parallel::ready_counts() const {
-  return state_->last_fired;
-}
+const std::vector<std::uint32_t>& data_parallel::ready_counts() const { return state_->last_fired; }
 const std::string& data_parallel::compression() const { return state_->opts.compress; }
 compress::traffic data_parallel::compression_traffic() const {
   return state_->compression ? state_->compression->total() : compress::traffic{};

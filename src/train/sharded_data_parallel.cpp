@@ -106,10 +106,10 @@ struct sharded_data_parallel::state {
     const std::int32_t mine = contribution;
     std::int32_t* out = &contributors;
     flag_handle = ext::enqueue(comm, [mine, out](const communicator& c) {
-          std::int32_t n = mine;
-          allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
-          *out = n;
-        });
+      std::int32_t n = mine;
+      allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
+      *out = n;
+    });
     current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), comm.size(), rank(), true, true);
   }
 
@@ -200,38 +200,38 @@ struct sharded_data_parallel::state {
     std::atomic<std::size_t>* live = &bucket_grad_bytes;
     const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
     current.bytes_sent += ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), true, false);
-    handles[b] = ext::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging,
-                                         staged_bytes, live, count](const communicator& c) mutable {
-          const double t0 = now_us();
-          if (count == nullptr || *count == c.size()) {
-            reduce_scatter<float>(c, in, out, avg, coll);
-          } else {
-            // Joined ranks sent zeros: the sum over the contributors only.
-            reduce_scatter<float>(c, in, out, sum, coll);
-            if (*count > 0) {
-              const auto n = static_cast<float>(*count);
-              for (float& g : out) g /= n;
-            }
-          }
-          if (staging) {
-            staging.reset();
-            *live -= staged_bytes;
-          }
-          const double t1 = now_us();
-          rec->start_us = t0;
-          rec->end_us = t1;
-          if (trace.enabled()) {
-            trace_event e;
-            e.name = fmt::format("reduce_scatter bucket {}", b);
-            e.lane = lane::comm;
-            e.start_us = t0;
-            e.duration_us = t1 - t0;
-            e.step = at_step;
-            e.bucket = static_cast<std::int64_t>(b);
-            e.bytes = static_cast<std::int64_t>(in.size_bytes());
-            trace.record(std::move(e));
-          }
-        });
+    handles[b] = ext::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging, staged_bytes,
+                                     live, count](const communicator& c) mutable {
+      const double t0 = now_us();
+      if (count == nullptr || *count == c.size()) {
+        reduce_scatter<float>(c, in, out, avg, coll);
+      } else {
+        // Joined ranks sent zeros: the sum over the contributors only.
+        reduce_scatter<float>(c, in, out, sum, coll);
+        if (*count > 0) {
+          const auto n = static_cast<float>(*count);
+          for (float& g : out) g /= n;
+        }
+      }
+      if (staging) {
+        staging.reset();
+        *live -= staged_bytes;
+      }
+      const double t1 = now_us();
+      rec->start_us = t0;
+      rec->end_us = t1;
+      if (trace.enabled()) {
+        trace_event e;
+        e.name = fmt::format("reduce_scatter bucket {}", b);
+        e.lane = lane::comm;
+        e.start_us = t0;
+        e.duration_us = t1 - t0;
+        e.step = at_step;
+        e.bucket = static_cast<std::int64_t>(b);
+        e.bytes = static_cast<std::int64_t>(in.size_bytes());
+        trace.record(std::move(e));
+      }
+    });
   }
 
   void wait_quietly() noexcept {
@@ -476,10 +476,10 @@ bool sharded_data_parallel::shadow_finish() {
         "and finish the accumulated step first",
         s.rank()));
   }
-  const bool started = s.flag_launched || s.next > 0 ||
-                       std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
-                       std::find(s.accumulated.begin(), s.accumulated.end(), true) !=
-                           s.accumulated.end();
+  const bool started =
+      s.flag_launched || s.next > 0 ||
+      std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
+      std::find(s.accumulated.begin(), s.accumulated.end(), true) != s.accumulated.end();
   if (started) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: join() in the middle of step {} (a backward ran "

@@ -53,10 +53,10 @@ void write_metadata(std::string& out, int rank) {
       "\n",
       rank);
   for (const lane l : {lane::compute, lane::comm}) {
-    out += fmt::format(
-        R"({{"name":"thread_name","ph":"M","pid":{},"tid":{},"args":{{"name":"{}"}}}},)"
-        "\n",
-        rank, static_cast<int>(l), lane_name(l));
+    out +=
+        fmt::format(R"({{"name":"thread_name","ph":"M","pid":{},"tid":{},"args":{{"name":"{}"}}}},)"
+                    "\n",
+                    rank, static_cast<int>(l), lane_name(l));
   }
 }
 
@@ -123,7 +123,9 @@ timeline timeline::from_env(int rank) {
   return timeline(rank, *p);
 }
 
-std::filesystem::path timeline::file() const { return state_ ? state_->file : std::filesystem::path(); }
+std::filesystem::path timeline::file() const {
+  return state_ ? state_->file : std::filesystem::path();
+}
 
 void timeline::record(trace_event e) const {
   if (!state_) return;
@@ -145,11 +147,9 @@ void timeline::record(std::string_view name, train::lane l, double start_us, dou
   record(std::move(e));
 }
 
-timeline::scoped_span::scoped_span(const timeline* owner, std::string_view name,
-                                   std::int64_t step)
+timeline::scoped_span::scoped_span(const timeline* owner, std::string_view name, std::int64_t step)
     : owner_(owner && owner->enabled() ? owner : nullptr),
-      name_(owner_ ? std::string(name) : std::string()),
-      step_(step),
+      name_(owner_ ? std::string(name) : std::string()), step_(step),
       start_us_(owner_ ? now_us() : 0.0) {}
 
 timeline::scoped_span::~scoped_span() {
@@ -221,15 +221,16 @@ std::vector<trace_event> read_trace(const std::filesystem::path& file) {
     e.lane = number_or(ev, "tid", 0) == 1 ? lane::comm : lane::compute;
     e.rank = static_cast<int>(integer_or(ev, "pid", 0, 0, 1 << 30, file, "pid"));
     if (!ev.contains("ts") || !ev.contains("dur")) {
-      throw error(fmt::format("trace '{}': complete event '{}' lacks ts or dur", file.string(),
-                              e.name));
+      throw error(
+          fmt::format("trace '{}': complete event '{}' lacks ts or dur", file.string(), e.name));
     }
     e.start_us = number_or(ev, "ts", 0);
     e.duration_us = number_or(ev, "dur", 0);
     if (!std::isfinite(e.start_us) || !std::isfinite(e.duration_us)) {
-      throw error(fmt::format("trace '{}': complete event '{}' has ts {} and dur {}; both must be "
-                              "finite",
-                              file.string(), e.name, e.start_us, e.duration_us));
+      throw error(
+          fmt::format("trace '{}': complete event '{}' has ts {} and dur {}; both must be "
+                      "finite",
+                      file.string(), e.name, e.start_us, e.duration_us));
     }
     if (const auto args = ev.find("args"); args != ev.end() && args->is_object()) {
       // 2^53: the whole numbers a double holds exactly.

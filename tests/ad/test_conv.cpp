@@ -8,7 +8,6 @@
 
 #include "ringflow/ad/autodiff.hpp"
 #include "support/catch.hpp"
-
 #include "support/gradcheck.hpp"
 
 TEST_CASE("gradcheck: conv2d", "[ad][gradcheck][cnn]") {
@@ -105,10 +104,10 @@ TEST_CASE("gradcheck: layer_norm", "[ad][gradcheck][cnn]") {
   check_gradients("layer_norm [3,5]",
                   {random_tensor({3, 5}, 60), random_tensor({5}, 61), random_tensor({5}, 62)},
                   [](const inputs_t& v) { return ad::layer_norm(v[0], v[1], v[2]); });
-  check_gradients("layer_norm image [2,2,3,2]",
-                  {random_tensor({2, 2, 3, 2}, 63), random_tensor({12}, 64),
-                   random_tensor({12}, 65)},
-                  [](const inputs_t& v) { return ad::layer_norm(v[0], v[1], v[2]); });
+  check_gradients(
+      "layer_norm image [2,2,3,2]",
+      {random_tensor({2, 2, 3, 2}, 63), random_tensor({12}, 64), random_tensor({12}, 65)},
+      [](const inputs_t& v) { return ad::layer_norm(v[0], v[1], v[2]); });
   check_gradients("layer_norm no affine", {random_tensor({4, 6}, 66)},
                   [](const inputs_t& v) { return ad::layer_norm(v[0], dtensor(), dtensor()); });
 }
@@ -165,8 +164,7 @@ TEST_CASE("cnn ops: bad shapes throw usage_error naming the op and shapes", "[ad
   has(m, "3 channels");
   has(m, "[4,2,3,3]");
   has(message([&] { ad::conv2d(img, w, dtensor::zeros({5})); }), "bias of shape [5]");
-  has(message([&] { ad::conv2d(img, dtensor::zeros({4, 3, 11, 11}), dtensor()); }),
-      "larger than");
+  has(message([&] { ad::conv2d(img, dtensor::zeros({4, 3, 11, 11}), dtensor()); }), "larger than");
   has(message([&] { ad::conv2d(img, w, dtensor(), 0); }), "stride 0");
   has(message([&] { ad::max_pool2d(img, 2, 2, 2); }), "ad::max_pool2d");
   m = message([&] { ad::avg_pool2d(dtensor::zeros({8, 8}), 2); });

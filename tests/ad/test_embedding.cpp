@@ -28,7 +28,8 @@ const std::vector<std::int64_t> kIds = {4, 1, 4, 0, 9, 1, 1, 7};  // repeats on 
 
 }  // namespace
 
-TEST_CASE("embedding: forward gathers the rows of the ids, fields side by side", "[ad][embedding]") {
+TEST_CASE("embedding: forward gathers the rows of the ids, fields side by side",
+          "[ad][embedding]") {
   ad::embedding emb(10, 3, /*seed=*/5);
   const auto w = emb.weight().data();
   auto y = emb.lookup(kIds, /*fields=*/2);
@@ -102,9 +103,8 @@ TEST_CASE("embedding: gradcheck of the sparse gradient against central differenc
     CHECK(std::abs(numeric - analytic[j]) <= 1e-6 * (1.0 + std::abs(numeric)));
   }
   // The dense table's gradient goes through the generic check too.
-  check_gradients("embedding dense", {random_tensor({6, 2}, 4)}, [&](const inputs_t& in) {
-    return ad::embedding_lookup(in[0], ids, 2);
-  });
+  check_gradients("embedding dense", {random_tensor({6, 2}, 4)},
+                  [&](const inputs_t& in) { return ad::embedding_lookup(in[0], ids, 2); });
 }
 
 TEST_CASE("embedding: sparse SGD matches dense SGD exactly; sparse updates are lazy",

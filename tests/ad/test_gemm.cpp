@@ -35,8 +35,10 @@ void check_case(bool ta, bool tb, ad::index m, ad::index n, ad::index k, S alpha
     for (ad::index j = 0; j < n; ++j) {
       double acc = 0;
       for (ad::index p = 0; p < k; ++p) {
-        const S av = ta ? a[static_cast<std::size_t>(p * lda + i)] : a[static_cast<std::size_t>(i * lda + p)];
-        const S bv = tb ? b[static_cast<std::size_t>(j * ldb + p)] : b[static_cast<std::size_t>(p * ldb + j)];
+        const S av = ta ? a[static_cast<std::size_t>(p * lda + i)]
+                        : a[static_cast<std::size_t>(i * lda + p)];
+        const S bv = tb ? b[static_cast<std::size_t>(j * ldb + p)]
+                        : b[static_cast<std::size_t>(p * ldb + j)];
         acc += static_cast<double>(av) * static_cast<double>(bv);
       }
       auto& w = want[static_cast<std::size_t>(i * ldc + j)];

@@ -6,7 +6,6 @@
 
 #include "ringflow/ad/autodiff.hpp"
 #include "support/catch.hpp"
-
 #include "support/gradcheck.hpp"
 
 TEST_CASE("gradcheck: matmul", "[ad][gradcheck]") {

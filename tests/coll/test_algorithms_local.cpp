@@ -21,7 +21,6 @@ using ringflow::testing::require_none;
 using ringflow::testing::run_collecting;
 using ringflow::testing::scoped_env;
 
-
 TEST_CASE("every allreduce algorithm matches the serial reference on 1..8 ranks",
           "[coll][local][algorithms]") {
   for (algo a : testing::transport_algorithms()) {
@@ -97,7 +96,8 @@ TEST_CASE("the algorithm table: one row per algorithm, names and aliases unique"
   CHECK(std::adjacent_find(names.begin(), names.end()) == names.end());
   CHECK(algo_name(static_cast<algo>(algo_count)) == "unknown");
   // The cost model's candidates are the table's automatic rows, in its order.
-  const explanation e = choose_algorithm(builtin_cost_model(), cluster_shape{4, 1, 4, 0, false}, 4096);
+  const explanation e =
+      choose_algorithm(builtin_cost_model(), cluster_shape{4, 1, 4, 0, false}, 4096);
   for (const auto& c : e.candidates) CHECK(algorithm_info_of(c.algorithm).automatic);
   // The tests and the bench run every row with a runner.
   const auto tested = testing::transport_algorithms();
@@ -206,7 +206,8 @@ TEST_CASE("the cost model picks by size and topology on synthetic parameters",
   CHECK(choose_algorithm(eager, flat8, 8192).choice != algo::recursive_doubling);
   CHECK(e.candidates[0].seconds <= e.candidates[1].seconds);
   CHECK(e.runner_up == e.candidates[1].algorithm);
-  for (std::size_t b : {std::size_t{0}, std::size_t{8}, std::size_t{1} << 14, std::size_t{1} << 22}) {
+  for (std::size_t b :
+       {std::size_t{0}, std::size_t{8}, std::size_t{1} << 14, std::size_t{1} << 22}) {
     CHECK(fastest_algorithm(m, flat8, b) == choose_algorithm(m, flat8, b).choice);
   }
   // Messages from large_from bytes on pay the rendezvous alpha.
@@ -243,7 +244,7 @@ TEST_CASE("cost model files round-trip and bad ones are reported", "[coll][cost_
   CHECK_THROWS_AS(cost_model::from_json(R"({"format": "ringflow-cost-model", "intra_alpha_s": 1e-6,
       "intra_beta_s_per_byte": 1e-10, "inter_alpha_s": 1e-6, "inter_beta_s_per_byte": 1e-10,
       "gamma_s_per_byte": x})",
-                                         "bad"),
+                                        "bad"),
                   usage_error);
 
   const std::string path = "ringflow_test_cost_model.json";

@@ -106,7 +106,8 @@ TEST_CASE("the async forms match the blocking calls", "[coll][local][v][async]")
       const auto up = static_cast<std::size_t>(n);
       std::vector<float> in(up * 5), a2a(in.size()), a2av(in.size()), gathered(up * 5);
       std::vector<float> red(in.size()), piece(7), all(up * 7);
-      for (std::size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(r * 100 + static_cast<int>(i));
+      for (std::size_t i = 0; i < in.size(); ++i)
+        in[i] = static_cast<float>(r * 100 + static_cast<int>(i));
       std::vector<std::size_t> counts(up, 5), sevens(up, 7);
       std::vector<float> rs_in(up * 7, 1.0f), mine(7, static_cast<float>(r));
       auto h1 = alltoall_async<float>(c, std::span<const float>(in), std::span<float>(a2a));
@@ -115,8 +116,8 @@ TEST_CASE("the async forms match the blocking calls", "[coll][local][v][async]")
                                        counts, detail::packed_displs(counts));
       auto h3 = gather_async<float>(c, std::span<const float>(in.data(), 5),
                                     std::span<float>(gathered), 0);
-      auto h4 = reduce_async<float>(c, std::span<const float>(in), std::span<float>(red), sum,
-                                    n - 1);
+      auto h4 =
+          reduce_async<float>(c, std::span<const float>(in), std::span<float>(red), sum, n - 1);
       auto h5 = reduce_scatter_v_async<float>(c, std::span<const float>(rs_in),
                                               std::span<float>(piece), sevens, sum);
       auto h6 = allgatherv_async<float>(c, std::span<const float>(mine), std::span<float>(all),
@@ -172,9 +173,8 @@ TEST_CASE("bad arguments are usage errors before any message", "[coll][local][v]
     };
     expect("alltoall of 7 on 3 ranks",
            [&] { alltoall<float>(c, std::span<const float>(a), std::span<float>(b)); });
-    expect("alltoall in place", [&] {
-      alltoall<float>(c, std::span<const float>(six), std::span<float>(six));
-    });
+    expect("alltoall in place",
+           [&] { alltoall<float>(c, std::span<const float>(six), std::span<float>(six)); });
     expect("alltoallv with 2 counts", [&] {
       alltoallv<float>(c, std::span<const float>(six), two, std::span<float>(six), two);
     });
@@ -190,9 +190,8 @@ TEST_CASE("bad arguments are usage errors before any message", "[coll][local][v]
     expect("reduce with a short output on the root", [&] {
       reduce<float>(c, std::span<const float>(a), std::span<float>(six), sum, c.rank());
     });
-    expect("allgatherv whose input is not counts[rank]", [&] {
-      allgatherv<float>(c, std::span<const float>(a), std::span<float>(big), three);
-    });
+    expect("allgatherv whose input is not counts[rank]",
+           [&] { allgatherv<float>(c, std::span<const float>(a), std::span<float>(big), three); });
     expect("reduce_scatter_v whose input is not the sum of the counts", [&] {
       reduce_scatter_v<float>(c, std::span<const float>(a), std::span<float>(b.data(), 2), three,
                               sum);
@@ -201,8 +200,7 @@ TEST_CASE("bad arguments are usage errors before any message", "[coll][local][v]
       reduce<float>(c, std::span<const float>(a), std::span<float>(b), sum, 0,
                     coll_options{algo::halving_doubling, 0});
       f.push_back("reduce with halving_doubling: no not_supported_error");
-    } catch (const not_supported_error&) {
-    }
+    } catch (const not_supported_error&) {}
     // Nothing was sent: the group still works.
     int v = 1;
     allreduce(c, std::span<int>(&v, 1), sum);
@@ -347,15 +345,15 @@ TEST_CASE("mismatched calls across ranks are errors naming the rank, not hangs",
         c.set_checked(true);
         std::vector<float> in(4), out(12);
         try {
-          gather<float>(c, std::span<const float>(in), std::span<float>(out), c.rank() == 2 ? 1 : 0);
+          gather<float>(c, std::span<const float>(in), std::span<float>(out),
+                        c.rank() == 2 ? 1 : 0);
         } catch (const usage_error& e) {
           std::lock_guard lock(mu);
           m.push_back(e.what());
           throw;
         }
       });
-    } catch (const usage_error&) {
-    }
+    } catch (const usage_error&) {}
     show(m);
     REQUIRE(m.size() == 3);
     for (const auto& s : m) {

@@ -47,8 +47,7 @@ TEST_CASE("async reduce_scatter, allgather and broadcast", "[coll][async]") {
     auto h3 = broadcast_async(c, std::span(root_data), 2);
     h1.wait();
     h2.wait();
-    while (!h3.test()) {
-    }
+    while (!h3.test()) {}
     for (int v : piece) wrong += v != 6;
     for (int q = 0; q < 3; ++q) {
       const chunk ch = partition(10, 3, q);
@@ -75,8 +74,7 @@ TEST_CASE("an async collective that fails reports it at wait()", "[coll][async]"
         throw;
       }
     });
-  } catch (const usage_error&) {
-  }
+  } catch (const usage_error&) {}
   REQUIRE(errors.size() == 2);
   CHECK(errors[0].find("count=9") != std::string::npos);
 }

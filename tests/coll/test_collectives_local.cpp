@@ -12,7 +12,6 @@ using ringflow::testing::failures;
 using ringflow::testing::require_none;
 using ringflow::testing::run_collecting;
 
-
 TEST_CASE("partition is balanced and covers the buffer", "[coll][partition]") {
   for (std::size_t count : {0, 1, 5, 8, 1000003}) {
     for (int p = 1; p <= 8; ++p) {
@@ -32,23 +31,20 @@ TEST_CASE("ring collectives match the serial reference for every dtype and op",
           "[coll][local][sweep]") {
   for (int p = 1; p <= 8; ++p) {
     INFO("ranks = " << p);
-    require_none(run_collecting(p, [](communicator& c, failures& f) {
-      testing::check_every_dtype(c, f);
-    }));
+    require_none(
+        run_collecting(p, [](communicator& c, failures& f) { testing::check_every_dtype(c, f); }));
   }
 }
 
 TEST_CASE("broadcast from every root, tree and chain", "[coll][local]") {
   for (int p : {1, 2, 3, 5, 8}) {
     INFO("ranks = " << p);
-    require_none(run_collecting(p, [](communicator& c, failures& f) {
-      testing::check_broadcasts(c, f);
-    }));
+    require_none(
+        run_collecting(p, [](communicator& c, failures& f) { testing::check_broadcasts(c, f); }));
   }
 }
 
-TEST_CASE("large allreduce: 10^6+3 floats, identical bits on every rank and run",
-          "[coll][local]") {
+TEST_CASE("large allreduce: 10^6+3 floats, identical bits on every rank and run", "[coll][local]") {
   for (int p : {2, 3, 4}) {
     INFO("ranks = " << p);
     require_none(run_collecting(p, [](communicator& c, failures& f) {
@@ -82,17 +78,15 @@ TEST_CASE("collectives reject bad arguments with usage_error", "[coll][errors]")
   auto comms = local::make_group(2);
   const communicator& c = comms[0];
   std::vector<float> a(10), b(9);
-  REQUIRE_THROWS_AS(allreduce(c, std::span<const float>(a), std::span<float>(b), sum),
-                    usage_error);
+  REQUIRE_THROWS_AS(allreduce(c, std::span<const float>(a), std::span<float>(b), sum), usage_error);
   std::vector<float> piece(3);
   REQUIRE_THROWS_AS(reduce_scatter(c, std::span<const float>(a), std::span<float>(piece), sum),
                     usage_error);
-  REQUIRE_THROWS_AS(allgather(c, std::span<const float>(piece), std::span<float>(a)),
-                    usage_error);
+  REQUIRE_THROWS_AS(allgather(c, std::span<const float>(piece), std::span<float>(a)), usage_error);
   REQUIRE_THROWS_AS(broadcast(c, std::span<float>(a), 2), usage_error);
-  REQUIRE_THROWS_AS(allreduce(c, std::span<const float>(a.data(), 5),
-                              std::span<float>(a.data() + 2, 5), sum),
-                    usage_error);
+  REQUIRE_THROWS_AS(
+      allreduce(c, std::span<const float>(a.data(), 5), std::span<float>(a.data() + 2, 5), sum),
+      usage_error);
 }
 
 TEST_CASE("native algorithm is not supported on the local backend", "[coll][errors]") {

@@ -78,7 +78,8 @@ static_assert(!ext::ring_memory<int, float>);
 
 std::vector<float> input_of(int rank, std::size_t n) {
   std::vector<float> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = 0.1f * static_cast<float>(rank + 1) + 1e-3f * static_cast<float>(i % 97);
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] = 0.1f * static_cast<float>(rank + 1) + 1e-3f * static_cast<float>(i % 97);
   return v;
 }
 
@@ -100,11 +101,10 @@ TEST_CASE("ext::ring_allreduce with a policy of one's own gives the ring's bits"
       }
       // The flight record names the collective and its algorithm, done.
       const auto rec = flight::recent(c.raw());
-      if (flight::enabled() &&
-          (rec.empty() || rec.back().algorithm != "counting_ring" ||
-           rec.back().st != flight::state::done || rec.back().count != n)) {
-        fl.push_back(fmt::format("rank {}: flight record not as run ({} records)", c.rank(),
-                                 rec.size()));
+      if (flight::enabled() && (rec.empty() || rec.back().algorithm != "counting_ring" ||
+                                rec.back().st != flight::state::done || rec.back().count != n)) {
+        fl.push_back(
+            fmt::format("rank {}: flight record not as run ({} records)", c.rank(), rec.size()));
       }
       allreduce<float>(c, std::span<const float>(in), std::span<float>(builtin), sum,
                        coll_options{algo::ring, seg_bytes});
@@ -119,8 +119,7 @@ TEST_CASE("ext::ring_allreduce with a policy of one's own gives the ring's bits"
   }
 }
 
-TEST_CASE("ext::collective_call numbers, checks and records a collective",
-          "[coll][extension]") {
+TEST_CASE("ext::collective_call numbers, checks and records a collective", "[coll][extension]") {
   SECTION("sequence numbers are shared with the built-in collectives") {
     require_none(run_collecting(2, [](communicator& c, failures& fl) {
       std::vector<float> v(8, 1.0f);

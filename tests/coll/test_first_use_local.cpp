@@ -49,7 +49,7 @@ TEST_CASE("first-use size classes, rounds and candidates", "[coll][first_use]") 
     const auto c = detail::first_use_candidates(m, four, b);
     REQUIRE_FALSE(c.empty());
     CHECK(c.front() == choose_algorithm(m, four, b).choice);  // the model's order
-    for (algo a : c) CHECK(automatic_candidate(a, four));      // never shm without shm
+    for (algo a : c) CHECK(automatic_candidate(a, four));     // never shm without shm
   }
   // shm is always tried where it can run, even where the model doubts it
   // (registered by the MPI backend's first communicator; none here).
@@ -167,8 +167,7 @@ TEST_CASE("first-use tuning keeps the model's pick within the margin, not beyond
   }));
 }
 
-TEST_CASE("automatic allreduces are right during and after first-use tuning",
-          "[coll][first_use]") {
+TEST_CASE("automatic allreduces are right during and after first-use tuning", "[coll][first_use]") {
   scoped_env tuning("RINGFLOW_TUNING", "off");
   scoped_env autotune("RINGFLOW_AUTOTUNE", nullptr);
   for (int p : {2, 4}) {
@@ -182,7 +181,8 @@ TEST_CASE("automatic allreduces are right during and after first-use tuning",
         ++calls;
         const std::int64_t ranks = c.size();
         for (std::size_t k = 0; k < n; ++k) {
-          const std::int64_t want = ranks * (ranks - 1) / 2 + ranks * (i + static_cast<std::int64_t>(k));
+          const std::int64_t want =
+              ranks * (ranks - 1) / 2 + ranks * (i + static_cast<std::int64_t>(k));
           if (v[k] != want) {
             fl.push_back(fmt::format("rank {} call {}: element {} is {}, expected {}", c.rank(), i,
                                      k, v[k], want));
@@ -206,9 +206,11 @@ TEST_CASE("automatic allreduces are right during and after first-use tuning",
         if (a != b) fl.push_back(fmt::format("rank {}: settled auto gave other bits", c.rank()));
       }
       // Every rank settled on the same algorithm.
-      std::int32_t mine[2] = {static_cast<std::int32_t>(e.choice), -static_cast<std::int32_t>(e.choice)};
+      std::int32_t mine[2] = {static_cast<std::int32_t>(e.choice),
+                              -static_cast<std::int32_t>(e.choice)};
       allreduce(c, std::span<std::int32_t>(mine), max, coll_options{algo::ring});
-      if (mine[0] != -mine[1]) fl.push_back(fmt::format("rank {}: ranks chose differently", c.rank()));
+      if (mine[0] != -mine[1])
+        fl.push_back(fmt::format("rank {}: ranks chose differently", c.rank()));
       // A size not seen yet: the model's choice, and a note saying what comes.
       const explanation big = explain(c, 1 << 20);
       if (big.from_first_use || !contains(big.first_use_note, "first-use tuning")) {

@@ -58,7 +58,8 @@ TEST_CASE("a tuning file whose strings need escaping round-trips", "[coll][json]
   CHECK(back.tables[0].rows[0].best == algo::tree);
 }
 
-TEST_CASE("malformed and deeply nested JSON is refused with where and why", "[coll][json][errors]") {
+TEST_CASE("malformed and deeply nested JSON is refused with where and why",
+          "[coll][json][errors]") {
   auto refused = [](const std::string& text, const std::string& why) {
     try {
       (void)tuning_file::from_json(text, "/cache/t.json");
@@ -72,15 +73,18 @@ TEST_CASE("malformed and deeply nested JSON is refused with where and why", "[co
     FAIL("accepted: " << text.substr(0, 100));
   };
   refused(std::string(100000, '['), "nested more than");
-  refused("{\"format\": \"ringflow-tuning\",\n \"version\": 1,\n \"machine\": \"x\" /* c */}", "line 3");
+  refused("{\"format\": \"ringflow-tuning\",\n \"version\": 1,\n \"machine\": \"x\" /* c */}",
+          "line 3");
   refused("{\"format\": \"ringflow-tuning\"} trailing", "line 1");
   refused("{\"format\": \"ringflow-tuning\", \"version\": 1e999}", "number overflow");
-  refused("{\"format\": \"ringflow-tuning\", \"version\": 1, \"machine\": \"m\", \"tables\": "
-          "[{\"ranks\": 2, \"nodes\": 1, \"ranks_per_node\": 2, \"sizes\": [{\"bytes\": 1, "
-          "\"best\": 3, \"median_us\": {\"ring\": 1}}]}]}",
-          "tables[0].sizes[0].best");
+  refused(
+      "{\"format\": \"ringflow-tuning\", \"version\": 1, \"machine\": \"m\", \"tables\": "
+      "[{\"ranks\": 2, \"nodes\": 1, \"ranks_per_node\": 2, \"sizes\": [{\"bytes\": 1, "
+      "\"best\": 3, \"median_us\": {\"ring\": 1}}]}]}",
+      "tables[0].sizes[0].best");
   try {
-    (void)cost_model::from_json("{\"format\": \"ringflow-cost-model\", \"intra_alpha_s\": \"1\"}", "c.json");
+    (void)cost_model::from_json("{\"format\": \"ringflow-cost-model\", \"intra_alpha_s\": \"1\"}",
+                                "c.json");
     FAIL("accepted a string for a number");
   } catch (const usage_error& e) {
     CHECK(contains(e.what(), "\"intra_alpha_s\" must be a number"));

@@ -26,7 +26,7 @@ TEST_CASE("staged ring policy: a segment larger than its blocks is a usage error
   auto comms = local::make_group(1);
   testing::lazy_host_ops ops(1);
   detail::staged_ring_memory<testing::lazy_host_ops> m(ops, comms[0].raw(),
-                                                      detail::staging_mode::staged, 8, 2);
+                                                       detail::staging_mode::staged, 8, 2);
   std::vector<float> v(4, 1.0f);
   std::vector<request> sends;
   CHECK_THROWS_AS(m.send(comms[0].raw(), static_cast<const float*>(v.data()), 4, 0, 1, sends),
@@ -44,7 +44,7 @@ TEST_CASE("staged ring policy: a neighbour that never comes is a timeout, not a 
   try {
     testing::lazy_host_ops ops(3);
     detail::staged_ring_memory<testing::lazy_host_ops> m(ops, t, detail::staging_mode::staged,
-                                                        64 * sizeof(float), 2);
+                                                         64 * sizeof(float), 2);
     detail::ring_allreduce_on(m, t, static_cast<const float*>(v.data()), v.data(), v.size(),
                               sum_op{}, 64 * sizeof(float));
     FAIL("the allreduce finished without its neighbour");

@@ -77,7 +77,8 @@ TEST_CASE("recursive halving gives every rank the same bits run after run",
         const std::size_t n = 100003;
         std::vector<float> in(n), all(n);
         for (std::size_t i = 0; i < n; ++i) {
-          in[i] = 1.0f / static_cast<float>(1 + (i * 7 + static_cast<std::size_t>(c.rank()) * 13) % 1000);
+          in[i] = 1.0f /
+                  static_cast<float>(1 + (i * 7 + static_cast<std::size_t>(c.rank()) * 13) % 1000);
         }
         const chunk own = partition(n, c.size(), c.rank());
         reduce_scatter(c, std::span<const float>(in),

@@ -9,8 +9,8 @@
 
 #include "ringflow/backends/local.hpp"
 #include "ringflow/backends/shm.hpp"
-#include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/tuning.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
@@ -46,10 +46,8 @@ tuning_table table_for(int ranks) {
   t.reps = 9;
   t.tuned_at = "2026-11-26T07:00:00Z";
   t.rows.push_back(row(4096, {{algo::ring, 40}, {algo::halving_doubling, 30}, {algo::tree, 20}}));
-  t.rows.push_back(row(65536, {{algo::ring, 100},
-                               {algo::halving_doubling, 60},
-                               {algo::tree, 90},
-                               {algo::shm, 50}}));
+  t.rows.push_back(row(
+      65536, {{algo::ring, 100}, {algo::halving_doubling, 60}, {algo::tree, 90}, {algo::shm, 50}}));
   t.rows.push_back(
       row(1 << 20, {{algo::ring, 500}, {algo::halving_doubling, 700}, {algo::tree, 900}}));
   return t;
@@ -125,17 +123,21 @@ TEST_CASE("tuning sessions of the same sizes average, others replace", "[coll][t
   CHECK(m.tuned_at == "later");
   CHECK(m.rows[2].median[0].seconds == Catch::Approx(std::sqrt(500e-6 * 250e-6)));
   CHECK(m.rows[0].median[2].seconds == Catch::Approx(40e-6));  // sqrt(20 * 80)
-  CHECK(m.rows[0].best == algo::halving_doubling);                 // 30 < 40
+  CHECK(m.rows[0].best == algo::halving_doubling);             // 30 < 40
   // A third session counts the first two twice.
   const tuning_table m3 = merge_sessions(m, first);
   CHECK(m3.sessions == 3);
   CHECK(m3.rows[0].median[2].seconds == Catch::Approx(std::cbrt(40e-6 * 40e-6 * 20e-6)));
-  CHECK(tuning_file::from_json([&] {
-          tuning_file f;
-          f.machine = "box";
-          f.put(m3);
-          return f.to_json();
-        }(), "mem").tables[0].sessions == 3);
+  CHECK(tuning_file::from_json(
+            [&] {
+              tuning_file f;
+              f.machine = "box";
+              f.put(m3);
+              return f.to_json();
+            }(),
+            "mem")
+            .tables[0]
+            .sessions == 3);
   // Other sizes or another shape: the fresh table as it is.
   tuning_table other_sizes = table_for(4);
   other_sizes.rows.pop_back();

@@ -104,8 +104,7 @@ TEST_CASE("a failed collective is recorded as failed", "[comm][flight]") {
         throw;
       }
     });
-  } catch (const error&) {
-  }
+  } catch (const error&) {}
   for (const auto& rec : seen) {
     REQUIRE(rec.size() == 1);
     CHECK(rec[0].st == flight::state::failed);

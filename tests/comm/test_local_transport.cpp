@@ -134,7 +134,7 @@ TEST_CASE("split forms independent groups ordered by key", "[comm][local]") {
   REQUIRE(seen.size() == 6);
   for (auto [world, color, sub_rank, total] : seen) {
     CHECK(total == (color == 0 ? 0 + 2 + 4 : 1 + 3 + 5));  // -1 if split(-1) gave a group
-    CHECK(sub_rank == 2 - world / 2);  // keys reversed the order
+    CHECK(sub_rank == 2 - world / 2);                      // keys reversed the order
   }
 }
 
@@ -143,8 +143,7 @@ TEST_CASE("split forms independent groups ordered by key", "[comm][local]") {
 // another threw first (the local group passes the usage_error on, as the MPI
 // job's mismatch notice does). This used to fail about 1 run in 30 (and 1 in
 // 3 under TSan), when the abandoned rank got comm_error.
-TEST_CASE("checked mode: a count mismatch throws usage_error on every rank",
-          "[comm][checked]") {
+TEST_CASE("checked mode: a count mismatch throws usage_error on every rank", "[comm][checked]") {
   std::mutex m;
   std::vector<std::string> messages;
   try {
@@ -160,12 +159,12 @@ TEST_CASE("checked mode: a count mismatch throws usage_error on every rank",
       }
     });
     FAIL("expected usage_error");
-  } catch (const usage_error&) {
-  }
+  } catch (const usage_error&) {}
   REQUIRE(messages.size() == 3);
   for (const auto& msg : messages) {
     INFO(msg);
-    CHECK(msg.find("ranks 0,2 called allreduce(type=float, op=sum, count=100)") != std::string::npos);
+    CHECK(msg.find("ranks 0,2 called allreduce(type=float, op=sum, count=100)") !=
+          std::string::npos);
     CHECK(msg.find("rank 1 called allreduce(type=float, op=sum, count=99)") != std::string::npos);
   }
 }
@@ -190,8 +189,7 @@ TEST_CASE("checked mode: a dtype or collective mismatch is named", "[comm][check
         throw;
       }
     });
-  } catch (const usage_error&) {
-  }
+  } catch (const usage_error&) {}
   REQUIRE(messages.size() == 2);
   CHECK(messages[0].find("rank 1 called broadcast(type=double, root=0, count=10)") !=
         std::string::npos);
@@ -227,8 +225,7 @@ std::vector<std::string> stamp_errors(int n, Fn fn) {
         throw;
       }
     });
-  } catch (const error&) {
-  }
+  } catch (const error&) {}
   REQUIRE(not_stamp == 0);  // stamp is the default (tests/support/main.cpp)
   return messages;
 }

@@ -19,8 +19,8 @@ using ringflow::testing::run_collecting;
 
 // Rank threads must not call Catch2's assertions (they are not thread-safe):
 // they record what went wrong and the test thread asserts.
-#define SLOT_EXPECT(cond)                                                            \
-  do {                                                                               \
+#define SLOT_EXPECT(cond)                                                        \
+  do {                                                                           \
     if (!(cond)) out.push_back("rank " + std::to_string(c.rank()) + ": " #cond); \
   } while (0)
 
@@ -71,13 +71,13 @@ TEST_CASE("a slot is made once per communicator and shared by its copies", "[com
   }));
 }
 
-TEST_CASE("a make() that throws leaves the slot empty and the next call tries again", "[comm][slot]") {
+TEST_CASE("a make() that throws leaves the slot empty and the next call tries again",
+          "[comm][slot]") {
   require_none(run_collecting(2, [](communicator& c, failures& out) {
     bool threw = false;
     try {
-      c.slot<counter_state>([]() -> std::shared_ptr<counter_state> {
-        throw std::runtime_error("set-up failed");
-      });
+      c.slot<counter_state>(
+          []() -> std::shared_ptr<counter_state> { throw std::runtime_error("set-up failed"); });
     } catch (const std::runtime_error&) {
       threw = true;
     }

@@ -70,7 +70,8 @@ TEST_CASE("every rank gets the same bits from every compressor", "[compress][loc
     for (const char* spec : {"none", "fp16", "bf16", "int8", "topk:0.05", "sign", "powersgd:2"}) {
       INFO(spec << " on " << p << " ranks");
       const auto res = run_once(p, 1003, spec, true);
-      for (int r = 1; r < p; ++r) REQUIRE(same_bits(res[static_cast<std::size_t>(r)].out, res[0].out));
+      for (int r = 1; r < p; ++r)
+        REQUIRE(same_bits(res[static_cast<std::size_t>(r)].out, res[0].out));
     }
   }
 }
@@ -103,7 +104,8 @@ TEST_CASE("int8 equals the shared-scale integer-sum reference bit for bit", "[co
     std::vector<float> scale((n + block - 1) / block, 0.0f);
     for (int r = 0; r < p; ++r) {
       const auto x = rank_input(r, n);
-      for (std::size_t i = 0; i < n; ++i) scale[i / block] = std::max(scale[i / block], std::abs(x[i]));
+      for (std::size_t i = 0; i < n; ++i)
+        scale[i / block] = std::max(scale[i / block], std::abs(x[i]));
     }
     std::vector<int> qsum(n, 0);
     for (int r = 0; r < p; ++r) {
@@ -207,7 +209,8 @@ TEST_CASE("error feedback: transmitted plus the final residual equals the inputs
         }
       });
       double worst = 0;
-      for (std::size_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(sent[i] + resid[i] - inputs[i]));
+      for (std::size_t i = 0; i < n; ++i)
+        worst = std::max(worst, std::abs(sent[i] + resid[i] - inputs[i]));
       // Float rounding of the per-step sums and residual updates only.
       REQUIRE(worst < 2e-3 * p);
     }
@@ -238,7 +241,8 @@ TEST_CASE("traffic is counted per call and cumulatively", "[compress][bytes]") {
   });
 }
 
-TEST_CASE("compressed_allreduce rejects empty buckets and resized residuals", "[compress][errors]") {
+TEST_CASE("compressed_allreduce rejects empty buckets and resized residuals",
+          "[compress][errors]") {
   std::string empty_msg, resized_msg;
   local::run(1, [&](communicator& c) {
     auto comp = make_compressor("sign");
@@ -307,7 +311,8 @@ TEST_CASE("bucket_compression keeps a compressor per bucket and agrees on auto c
   REQUIRE_THROWS_AS(bucket_compression("topk:2"), usage_error);
 }
 
-TEST_CASE("auto's uncompressed buckets are exactly the plain allreduce(avg)", "[compress][bucket]") {
+TEST_CASE("auto's uncompressed buckets are exactly the plain allreduce(avg)",
+          "[compress][bucket]") {
   local::run(3, [&](communicator& c) {
     bucket_compression_options o;
     o.link = link_model::from_gbps(1e6, 0);  // absurdly fast link: nothing pays

@@ -23,7 +23,8 @@ std::vector<float> random_vector(std::size_t n, std::uint64_t seed, float scale 
   return v;
 }
 
-std::vector<float> round_trip(compressor& c, const std::vector<float>& x, std::uint64_t bucket = 0) {
+std::vector<float> round_trip(compressor& c, const std::vector<float>& x,
+                              std::uint64_t bucket = 0) {
   std::vector<std::byte> payload(c.payload_bytes(x.size()));
   c.encode(x, payload, bucket);
   std::vector<float> out(x.size(), 123.0f);
@@ -32,7 +33,9 @@ std::vector<float> round_trip(compressor& c, const std::vector<float>& x, std::u
 }
 
 // Relative closeness (Catch2 v2 and v3 spell Approx differently).
-bool near(double a, double b, double rel) { return std::abs(a - b) <= rel * std::max(std::abs(a), std::abs(b)); }
+bool near(double a, double b, double rel) {
+  return std::abs(a - b) <= rel * std::max(std::abs(a), std::abs(b));
+}
 
 // Runs f and requires a usage_error whose message contains `word`.
 template <class F>
@@ -122,7 +125,8 @@ TEST_CASE("ring byte counts are exact and sum to the ring's total", "[compress][
   for (int p = 1; p <= 5; ++p) {
     for (std::size_t count : {1, 7, 1000}) {
       std::size_t total = 0;
-      for (int r = 0; r < p; ++r) total += ring_bytes_sent(wire_round{combine::sum, 4 * count, 4}, p, r);
+      for (int r = 0; r < p; ++r)
+        total += ring_bytes_sent(wire_round{combine::sum, 4 * count, 4}, p, r);
       REQUIRE(total == 2 * static_cast<std::size_t>(p - 1) * 4 * count);
       REQUIRE(ring_bytes_sent(wire_round{combine::gather, 80, 1}, p, 0) ==
               static_cast<std::size_t>(p - 1) * 80);
@@ -148,7 +152,8 @@ TEST_CASE("round trips stay within each compressor's error bound", "[compress][r
   SECTION("bf16: relative 2^-8") {
     auto c = make_compressor("bf16");
     const auto y = round_trip(*c, x);
-    for (std::size_t i = 0; i < n; ++i) REQUIRE(std::abs(y[i] - x[i]) <= std::ldexp(std::abs(x[i]), -8));
+    for (std::size_t i = 0; i < n; ++i)
+      REQUIRE(std::abs(y[i] - x[i]) <= std::ldexp(std::abs(x[i]), -8));
   }
   SECTION("int8: below one step (block max / 127) and unbiased") {
     for (std::size_t block : {256, 64, 7}) {
@@ -168,7 +173,8 @@ TEST_CASE("round trips stay within each compressor's error bound", "[compress][r
     }
   }
   SECTION("top-k keeps exactly the k largest magnitudes") {
-    for (std::size_t limit : {std::size_t{1} << 16, std::size_t{100}}) {  // exact, then sampled path
+    for (std::size_t limit :
+         {std::size_t{1} << 16, std::size_t{100}}) {  // exact, then sampled path
       topk_compressor c(0.02, 3, limit);
       const auto y = round_trip(c, x);
       std::vector<float> mags(n);
@@ -356,7 +362,8 @@ TEST_CASE("break_even_gbps is where the model's two predictions cross", "[compre
       INFO(spec << " at " << ranks << " ranks: wins below " << gbps << " GB/s");
       REQUIRE(gbps > 0);
       REQUIRE(std::isfinite(gbps));
-      for (const auto& [factor, want] : {std::pair{0.97, spec}, std::pair{1.03, std::string("none")}}) {
+      for (const auto& [factor, want] :
+           {std::pair{0.97, spec}, std::pair{1.03, std::string("none")}}) {
         auto_policy pol(link_model::from_gbps(8 * gbps * factor, 20), ranks, {spec});
         pol.set_speed(spec, spec == "bf16" ? codec_speed{6, 9} : codec_speed{3, 12});
         REQUIRE(pol.choose(n) == want);

@@ -30,11 +30,18 @@ std::vector<float> awkward(std::size_t n, std::uint64_t seed, float spread = 1.0
     const float u = kernels::uniform01(key, i);
     x[i] = (2 * u - 1) * spread;
   }
-  const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::quiet_NaN(),
+  const float specials[] = {0.0f,
+                            -0.0f,
+                            std::numeric_limits<float>::quiet_NaN(),
                             -std::numeric_limits<float>::infinity(),
-                            std::numeric_limits<float>::infinity(), from_bits(0x00000001u),
-                            from_bits(0x807fffffu), from_bits(0x7fa00001u) /* signalling NaN */,
-                            from_bits(0xffc12345u), 65504.0f, 1e-40f, -3.0e38f};
+                            std::numeric_limits<float>::infinity(),
+                            from_bits(0x00000001u),
+                            from_bits(0x807fffffu),
+                            from_bits(0x7fa00001u) /* signalling NaN */,
+                            from_bits(0xffc12345u),
+                            65504.0f,
+                            1e-40f,
+                            -3.0e38f};
   for (std::size_t k = 0; k < std::size(specials); ++k) {
     const std::size_t i = (k * 977 + 13) % n;
     if (n > 64) x[i] = specials[k];
@@ -53,7 +60,8 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), 4 * a.size()) == 0;
 }
 
-const std::size_t sizes[] = {1, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 255, 256, 257, 1000, 4099};
+const std::size_t sizes[] = {1,  7,  8,  15,  16,  17,  31,   32,  33,
+                             63, 64, 65, 255, 256, 257, 1000, 4099};
 
 }  // namespace
 
@@ -81,7 +89,8 @@ TEST_CASE("int8 block max and quantization equal the functors on every path",
         const std::uint64_t first = 0x123456789abull + n;
         const float scale = cpu::block_absmax(in, n, codec_path::baseline);
         std::uint32_t ref_max = 0;
-        for (std::size_t i = 0; i < n; ++i) ref_max = std::max(ref_max, kernels::magnitude_key(in[i]));
+        for (std::size_t i = 0; i < n; ++i)
+          ref_max = std::max(ref_max, kernels::magnitude_key(in[i]));
         REQUIRE(detail::float_bits(cpu::block_absmax(in, n, path)) == ref_max);
         REQUIRE(detail::float_bits(scale) == ref_max);
         // Finite scales: the block's own max (NaN/Inf give inv_step 0), and
@@ -108,7 +117,8 @@ TEST_CASE("int8 quantization hits exact levels and rounding ties like the functo
   const float inv = 1.0f;  // v = x
   std::vector<float> x;
   for (int k = -70; k <= 70; ++k) {
-    for (const float d : {0.0f, 0.5f, 0.25f, -0.25f, 1e-7f, -1e-7f}) x.push_back(static_cast<float>(k) + d);
+    for (const float d : {0.0f, 0.5f, 0.25f, -0.25f, 1e-7f, -1e-7f})
+      x.push_back(static_cast<float>(k) + d);
   }
   for (const codec_path path : supported_codec_paths()) {
     const kernels::quantize_int8 quant{inv, levels, kernels::stream_key(1, 2, 3)};
@@ -125,14 +135,16 @@ TEST_CASE("int8 dequantization (store and add) equals the functor on every path"
   for (const codec_path path : supported_codec_paths()) {
     for (const std::size_t n : sizes) {
       std::vector<std::int8_t> q(n + 1);
-      for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<std::int8_t>((i * 37 + n) % 255 - 127);
+      for (std::size_t i = 0; i < q.size(); ++i)
+        q[i] = static_cast<std::int8_t>((i * 37 + n) % 255 - 127);
       const auto base = finite_only(awkward(n, n + 5));
       for (const float step : {0.0123f, 1.0f, 3.0e36f, std::numeric_limits<float>::quiet_NaN()}) {
         for (const bool add : {false, true}) {
           std::vector<float> got = base, want = base;
           cpu::dequantize_int8(q.data() + 1, got.data(), n, step, add, path);
           const kernels::dequantize_int8 deq{step};
-          for (std::size_t i = 0; i < n; ++i) want[i] = add ? want[i] + deq(q[i + 1]) : deq(q[i + 1]);
+          for (std::size_t i = 0; i < n; ++i)
+            want[i] = add ? want[i] + deq(q[i + 1]) : deq(q[i + 1]);
           INFO(to_string(path) << " n=" << n << " add=" << add);
           REQUIRE(same_bits(got, want));
         }
@@ -141,7 +153,8 @@ TEST_CASE("int8 dequantization (store and add) equals the functor on every path"
   }
 }
 
-TEST_CASE("bf16 encode and decode equal the functors on every path", "[compress][cpu_codec][bf16]") {
+TEST_CASE("bf16 encode and decode equal the functors on every path",
+          "[compress][cpu_codec][bf16]") {
   // Every rounding boundary of the low 16 bits for a few exponents, plus NaNs.
   std::vector<float> edge;
   for (const std::uint32_t hi : {0x3f80u, 0xbf80u, 0x7f7fu, 0xff7fu, 0x0000u, 0x8000u, 0x7f80u,
@@ -190,13 +203,15 @@ TEST_CASE("sign scale, packing and decode-add equal the functors on every path",
       std::vector<std::uint32_t> got(nw), want(nw);
       cpu::pack_signs(x.data(), got.data(), n, path);
       for (std::size_t w = 0; w < nw; ++w) {
-        want[w] = kernels::pack_signs(x.data() + 32 * w, static_cast<unsigned>(std::min<std::size_t>(32, n - 32 * w)));
+        want[w] = kernels::pack_signs(x.data() + 32 * w,
+                                      static_cast<unsigned>(std::min<std::size_t>(32, n - 32 * w)));
       }
       REQUIRE(got == want);
       for (const float scale : {0.25f, -0.0f, 1e-30f}) {
         std::vector<float> out = fx, ref = fx;
         cpu::unpack_signs_add(got.data(), out.data(), n, scale, path);
-        for (std::size_t i = 0; i < n; ++i) ref[i] += kernels::unpack_sign(got[i / 32], i % 32, scale);
+        for (std::size_t i = 0; i < n; ++i)
+          ref[i] += kernels::unpack_sign(got[i / 32], i % 32, scale);
         REQUIRE(same_bits(out, ref));
       }
       std::vector<float> out = fx, ref = fx;
@@ -207,7 +222,8 @@ TEST_CASE("sign scale, packing and decode-add equal the functors on every path",
   }
 }
 
-TEST_CASE("compressors on the dispatched path equal the functor reference", "[compress][cpu_codec]") {
+TEST_CASE("compressors on the dispatched path equal the functor reference",
+          "[compress][cpu_codec]") {
   const std::size_t n = 3000 + 17;  // several blocks and a ragged tail
   const auto x = finite_only(awkward(n, 99, 0.1f));
   SECTION("int8") {
@@ -221,7 +237,8 @@ TEST_CASE("compressors on the dispatched path equal the functor reference", "[co
     auto* q = reinterpret_cast<std::int8_t*>(want.data() + 4 * nb);
     for (std::size_t b = 0; b < nb; ++b) {
       std::uint32_t m = 0;
-      for (std::size_t i = 256 * b; i < std::min(n, 256 * b + 256); ++i) m = std::max(m, kernels::magnitude_key(x[i]));
+      for (std::size_t i = 256 * b; i < std::min(n, 256 * b + 256); ++i)
+        m = std::max(m, kernels::magnitude_key(x[i]));
       scales[b] = from_bits(m);
       const kernels::quantize_int8 quant{kernels::int8_inv_step(scales[b], 127), 127, key};
       for (std::size_t i = 256 * b; i < std::min(n, 256 * b + 256); ++i) q[i] = quant(x[i], i);
@@ -229,7 +246,8 @@ TEST_CASE("compressors on the dispatched path equal the functor reference", "[co
     REQUIRE(p == want);
     std::vector<float> out(n, 1.0f), ref(n, 1.0f);
     c.decode_add(p, out);
-    for (std::size_t i = 0; i < n; ++i) ref[i] += kernels::dequantize_int8{kernels::int8_step(scales[i / 256], 127)}(q[i]);
+    for (std::size_t i = 0; i < n; ++i)
+      ref[i] += kernels::dequantize_int8{kernels::int8_step(scales[i / 256], 127)}(q[i]);
     REQUIRE(same_bits(out, ref));
   }
   SECTION("sign") {
@@ -242,14 +260,18 @@ TEST_CASE("compressors on the dispatched path equal the functor reference", "[co
     for (std::size_t b = 0; b < nb; ++b) {
       const std::size_t cnt = std::min<std::size_t>(64, n - 64 * b);
       REQUIRE(detail::float_bits(scales[b]) ==
-              detail::float_bits(kernels::abs_sum_block(x.data() + 64 * b, cnt) / static_cast<float>(cnt)));
+              detail::float_bits(kernels::abs_sum_block(x.data() + 64 * b, cnt) /
+                                 static_cast<float>(cnt)));
     }
     for (std::size_t w = 0; w < (n + 31) / 32; ++w) {
-      REQUIRE(words[w] == kernels::pack_signs(x.data() + 32 * w, static_cast<unsigned>(std::min<std::size_t>(32, n - 32 * w))));
+      REQUIRE(words[w] ==
+              kernels::pack_signs(x.data() + 32 * w,
+                                  static_cast<unsigned>(std::min<std::size_t>(32, n - 32 * w))));
     }
     std::vector<float> out(n, 0.5f), ref(n, 0.5f);
     c.decode_add(p, out);
-    for (std::size_t i = 0; i < n; ++i) ref[i] += kernels::unpack_sign(words[i / 32], i % 32, scales[i / 64]);
+    for (std::size_t i = 0; i < n; ++i)
+      ref[i] += kernels::unpack_sign(words[i / 32], i % 32, scales[i / 64]);
     REQUIRE(same_bits(out, ref));
   }
   SECTION("bf16") {

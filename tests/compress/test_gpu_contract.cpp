@@ -44,8 +44,8 @@ TEST_CASE("uniform01_state stepped by additions is uniform01", "[compress][kerne
   for (std::uint64_t i = 1000; i < 200000; ++i, st += kn::golden_gamma) {
     const float a = kn::uniform01(key, i), b = kn::uniform01_state(st);
     // Bits 40..63 of splitmix64's full mix, the definition.
-    const float c = static_cast<float>(kn::mix64(key + i * kn::golden_gamma) >> 40) *
-                    (1.0f / 16777216.0f);
+    const float c =
+        static_cast<float>(kn::mix64(key + i * kn::golden_gamma) >> 40) * (1.0f / 16777216.0f);
     if (!same_bits(a, b) || !same_bits(a, c)) {
       FAIL("draw " << i << ": uniform01 " << a << ", uniform01_state " << b << ", mix64 " << c);
     }
@@ -53,9 +53,9 @@ TEST_CASE("uniform01_state stepped by additions is uniform01", "[compress][kerne
 }
 
 TEST_CASE("quantize_drawn (the GPU's form) gives the CPU quantizer's q", "[compress][kernels]") {
-  const float specials[] = {0.0f,    -0.0f,  1.0f,       -1.0f,      0.5f,    -0.5f,
-                            3.0f,    -3.0f,  126.99999f, -126.99999f, 1e-30f, -1e-30f,
-                            INFINITY, -INFINITY, NAN,     2.9999998f, -2.9999998f};
+  const float specials[] = {0.0f,     -0.0f,     1.0f,       -1.0f,       0.5f,       -0.5f,
+                            3.0f,     -3.0f,     126.99999f, -126.99999f, 1e-30f,     -1e-30f,
+                            INFINITY, -INFINITY, NAN,        2.9999998f,  -2.9999998f};
   std::uint64_t n_checked = 0;
   for (int levels : {127, 63, 31, 7, 1}) {
     for (float scale : {1.0f, 3.0f, 0.37f, 1e-20f, 0.0f}) {

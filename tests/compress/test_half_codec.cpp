@@ -34,7 +34,8 @@ long first_encode_mismatch(const std::vector<float>& x, fp16_path path) {
   std::vector<float> in(x.size() + 1);
   std::copy(x.begin(), x.end(), in.begin() + 1);
   std::vector<std::uint16_t> out(x.size() + 1);
-  encode_fp16(std::span<const float>(in).subspan(1), std::span<std::uint16_t>(out).subspan(1), path);
+  encode_fp16(std::span<const float>(in).subspan(1), std::span<std::uint16_t>(out).subspan(1),
+              path);
   for (std::size_t i = 0; i < x.size(); ++i) {
     if (out[i + 1] != detail::float_to_half_bits(x[i])) return static_cast<long>(i);
   }
@@ -66,8 +67,8 @@ TEST_CASE("fp16 batch decode is bit-identical to half_bits_to_float for all 6553
                   std::span<float>(o).subspan(1), false, path);
       for (std::size_t i = 0; i < n; ++i) {
         // Crosses the largest finite half into Inf and NaN: compare bits.
-        REQUIRE(detail::float_bits(o[i + 1]) ==
-                detail::float_bits(detail::half_bits_to_float(static_cast<std::uint16_t>(0x7bf0 + i))));
+        REQUIRE(detail::float_bits(o[i + 1]) == detail::float_bits(detail::half_bits_to_float(
+                                                    static_cast<std::uint16_t>(0x7bf0 + i))));
       }
       REQUIRE(o[0] == 2.0f);
     }
@@ -88,17 +89,18 @@ TEST_CASE("fp16 batch encode is bit-identical to float_to_half_bits at every rou
   // nearest even decides), each with a few float ulps either side, both signs.
   for (std::uint32_t h = 0; h < 0x7c00; ++h) {
     const double v = detail::half_bits_to_float(static_cast<std::uint16_t>(h));
-    const double next = h + 1 < 0x7c00 ? detail::half_bits_to_float(static_cast<std::uint16_t>(h + 1))
-                                       : 65536.0;  // the first value that would be 2^16
+    const double next = h + 1 < 0x7c00
+                            ? detail::half_bits_to_float(static_cast<std::uint16_t>(h + 1))
+                            : 65536.0;  // the first value that would be 2^16
     for (const float s : {1.0f, -1.0f}) {
       around(s * static_cast<float>(v));
       around(s * static_cast<float>((v + next) / 2));  // exact in float
     }
   }
-  for (const float v : {0.0f, -0.0f, 65504.0f, 65519.996f, 65520.0f, 65536.0f,
-                        std::numeric_limits<float>::max(), std::numeric_limits<float>::min(),
-                        std::numeric_limits<float>::denorm_min(), std::ldexp(1.0f, -25),
-                        std::ldexp(1.0f, -24), std::ldexp(1.0f, -14), 1e-30f}) {
+  for (const float v :
+       {0.0f, -0.0f, 65504.0f, 65519.996f, 65520.0f, 65536.0f, std::numeric_limits<float>::max(),
+        std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(),
+        std::ldexp(1.0f, -25), std::ldexp(1.0f, -24), std::ldexp(1.0f, -14), 1e-30f}) {
     around(v);
     around(-v);
   }
@@ -112,7 +114,9 @@ TEST_CASE("fp16 batch encode is bit-identical to float_to_half_bits at every rou
   for (const fp16_path path : paths()) {
     INFO(to_string(path) << ", " << x.size() << " inputs");
     const long bad = first_encode_mismatch(x, path);
-    if (bad >= 0) INFO("first mismatch: float bits 0x" << std::hex << detail::float_bits(x[static_cast<std::size_t>(bad)]));
+    if (bad >= 0)
+      INFO("first mismatch: float bits 0x" << std::hex
+                                           << detail::float_bits(x[static_cast<std::size_t>(bad)]));
     REQUIRE(bad == -1);
   }
 }
@@ -154,7 +158,8 @@ TEST_CASE("fp16 batch encode equals float_to_half_bits for all 2^32 floats",
   std::vector<std::uint16_t> out(x.size());
   std::uint64_t bad = 0;
   for (std::uint64_t base = 0; base < (std::uint64_t{1} << 32); base += x.size()) {
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] = from_bits(static_cast<std::uint32_t>(base + i));
+    for (std::size_t i = 0; i < x.size(); ++i)
+      x[i] = from_bits(static_cast<std::uint32_t>(base + i));
     encode_fp16(x, out, fp16_path::f16c);
     for (std::size_t i = 0; i < x.size(); ++i) bad += out[i] != detail::float_to_half_bits(x[i]);
   }

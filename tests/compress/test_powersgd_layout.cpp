@@ -41,7 +41,8 @@ std::vector<float> low_rank_bucket(std::uint64_t seed, float scale = 1.0f) {
   auto x = random_vector(bucket_n, seed);
   const auto u = random_vector(110, 1), v = random_vector(90, 2);
   for (std::size_t i = 0; i < 40; ++i)
-    for (std::size_t j = 0; j < 30; ++j) x[i * 30 + j] = scale * (u[i] * v[j] + u[40 + i] * v[40 + j]);
+    for (std::size_t j = 0; j < 30; ++j)
+      x[i * 30 + j] = scale * (u[i] * v[j] + u[40 + i] * v[40 + j]);
   for (std::size_t i = 0; i < 30; ++i)
     for (std::size_t j = 0; j < 20; ++j) x[1230 + i * 20 + j] = scale * u[80 + i] * v[70 + j];
   return x;
@@ -130,8 +131,8 @@ TEST_CASE("PowerSGD with a layout is exact on low-rank layers and leaves the res
     const auto y = round_trip(c, x, 4);
     REQUIRE(rel_error(y, x, 0, 1200) < 1e-5);
     REQUIRE(rel_error(y, x, 1230, 1830) < 1e-5);
-    REQUIRE(same_range(y, x, 1200, 1230));        // b1 sent as it is
-    REQUIRE(same_range(y, x, 1830, bucket_n));    // b2, gap, small matrix
+    REQUIRE(same_range(y, x, 1200, 1230));      // b1 sent as it is
+    REQUIRE(same_range(y, x, 1830, bucket_n));  // b2, gap, small matrix
   }
   // The old whole-bucket view mixes the layers: far from exact on the same data.
   powersgd_compressor flat(2, 9);
@@ -139,7 +140,8 @@ TEST_CASE("PowerSGD with a layout is exact on low-rank layers and leaves the res
   REQUIRE(rel_error(z, x, 0, bucket_n) > 0.1);
 }
 
-TEST_CASE("PowerSGD per layer equals compressing each layer alone", "[compress][powersgd][layout]") {
+TEST_CASE("PowerSGD per layer equals compressing each layer alone",
+          "[compress][powersgd][layout]") {
   const auto x = random_vector(bucket_n, 17);
   powersgd_compressor all(3, 21);
   all.set_layout(mlp_layout());
@@ -148,7 +150,8 @@ TEST_CASE("PowerSGD per layer equals compressing each layer alone", "[compress][
   w2.set_layout({600, {{0, 30, 20}}});
   for (int step = 0; step < 3; ++step) {  // the warm start too
     const auto y = round_trip(all, x, 6);
-    const std::vector<float> x1(x.begin(), x.begin() + 1200), x2(x.begin() + 1230, x.begin() + 1830);
+    const std::vector<float> x1(x.begin(), x.begin() + 1200),
+        x2(x.begin() + 1230, x.begin() + 1830);
     const auto y1 = round_trip(w1, x1, 6), y2 = round_trip(w2, x2, 6);
     REQUIRE(std::memcmp(y.data(), y1.data(), 1200 * sizeof(float)) == 0);
     REQUIRE(std::memcmp(y.data() + 1230, y2.data(), 600 * sizeof(float)) == 0);
@@ -173,14 +176,16 @@ TEST_CASE("PowerSGD per layer equals compressing each layer alone", "[compress][
       if (step == 1) {
         ga1.insert(ga1.end(), ga.begin() + 1200, ga.begin() + 1230);
         ga1.insert(ga1.end(), ga2.begin(), ga2.end());
-        together[static_cast<std::size_t>(c.rank())] = std::vector<float>(ga.begin(), ga.begin() + 1830);
+        together[static_cast<std::size_t>(c.rank())] =
+            std::vector<float>(ga.begin(), ga.begin() + 1830);
         alone[static_cast<std::size_t>(c.rank())] = ga1;
       }
     }
   });
   for (int r = 0; r < p; ++r) {
     REQUIRE(together[static_cast<std::size_t>(r)] == together[0]);  // every rank the same bits
-    REQUIRE(rel_error(together[static_cast<std::size_t>(r)], alone[static_cast<std::size_t>(r)], 0, 1830) < 1e-5);
+    REQUIRE(rel_error(together[static_cast<std::size_t>(r)], alone[static_cast<std::size_t>(r)], 0,
+                      1830) < 1e-5);
   }
 }
 
@@ -227,11 +232,13 @@ TEST_CASE("PowerSGD with a layout keeps error feedback exact", "[compress][power
       error_feedback fb;
       std::vector<double> my_sent(bucket_n, 0.0), my_in(bucket_n, 0.0);
       for (int s = 0; s < steps; ++s) {
-        auto g = random_vector(bucket_n, 1000 * static_cast<std::uint64_t>(s) + static_cast<std::uint64_t>(c.rank()));
+        auto g = random_vector(
+            bucket_n, 1000 * static_cast<std::uint64_t>(s) + static_cast<std::uint64_t>(c.rank()));
         for (std::size_t i = 0; i < bucket_n; ++i) my_in[i] += g[i];
         compressed_allreduce(c, std::span(g), comp, 11, &fb);
         if (c.rank() == 0) {
-          for (std::size_t i = 0; i < bucket_n; ++i) my_sent[i] += static_cast<double>(g[i]) * c.size();
+          for (std::size_t i = 0; i < bucket_n; ++i)
+            my_sent[i] += static_cast<double>(g[i]) * c.size();
         }
       }
       auto r = fb.residual(11, bucket_n);
@@ -245,19 +252,24 @@ TEST_CASE("PowerSGD with a layout keeps error feedback exact", "[compress][power
     });
     REQUIRE_FALSE(bias_held_back);  // nothing of the uncompressed elements is held back
     double worst = 0;
-    for (std::size_t i = 0; i < bucket_n; ++i) worst = std::max(worst, std::abs(sent[i] + resid[i] - inputs[i]));
+    for (std::size_t i = 0; i < bucket_n; ++i)
+      worst = std::max(worst, std::abs(sent[i] + resid[i] - inputs[i]));
     REQUIRE(worst < 1e-4 * p);
   }
 }
 
-TEST_CASE("bad bucket layouts are rejected with a clear usage_error", "[compress][powersgd][layout][errors]") {
+TEST_CASE("bad bucket layouts are rejected with a clear usage_error",
+          "[compress][powersgd][layout][errors]") {
   powersgd_compressor c(2);
   require_usage_error([&] { c.set_layout({100, {{0, 5, 10}, {40, 5, 10}}}); }, "overlap");
   require_usage_error([&] { c.set_layout({100, {{60, 5, 10}}}); }, "outside the bucket");
   require_usage_error([&] { c.set_layout({100, {{200, 1, 1}}}); }, "outside the bucket");
   require_usage_error([&] { c.set_layout({100, {{0, 0, 10}}}); }, "empty");
-  require_usage_error([&] { c.set_layout({100, {{0, std::size_t{1} << 40, std::size_t{1} << 40}}}); },
-                      "outside the bucket");
+  require_usage_error(
+      [&] {
+        c.set_layout({100, {{0, std::size_t{1} << 40, std::size_t{1} << 40}}});
+      },
+      "outside the bucket");
   REQUIRE_FALSE(c.layout());  // a rejected layout leaves the old one
   // Touching tensors are fine; a bucket of another size is not.
   c.set_layout({100, {{0, 5, 10}, {50, 5, 10}}});

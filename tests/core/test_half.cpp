@@ -23,16 +23,16 @@ TEST_CASE("half converts edge values", "[core][half]") {
   CHECK(half(-0.0f).bits == 0x8000);
   CHECK(half(1.0f).bits == 0x3c00);
   CHECK(half(-2.0f).bits == 0xc000);
-  CHECK(half(65504.0f).bits == 0x7bff);                     // largest finite
-  CHECK(half(65519.0f).bits == 0x7bff);                     // rounds down
-  CHECK(half(65520.0f).bits == 0x7c00);                     // tie rounds to even = Inf
+  CHECK(half(65504.0f).bits == 0x7bff);  // largest finite
+  CHECK(half(65519.0f).bits == 0x7bff);  // rounds down
+  CHECK(half(65520.0f).bits == 0x7c00);  // tie rounds to even = Inf
   CHECK(half(std::numeric_limits<float>::infinity()).bits == 0x7c00);
   CHECK(half(-std::numeric_limits<float>::infinity()).bits == 0xfc00);
-  CHECK(half(std::ldexp(1.0f, -14)).bits == 0x0400);        // smallest normal
-  CHECK(half(std::ldexp(1.0f, -24)).bits == 0x0001);        // smallest subnormal
-  CHECK(half(std::ldexp(1.0f, -25)).bits == 0x0000);        // tie to even -> 0
-  CHECK(half(std::ldexp(3.0f, -26)).bits == 0x0001);        // 0.75 ulp -> 1 ulp
-  CHECK(half(std::ldexp(3.0f, -25)).bits == 0x0002);        // 1.5 ulp tie -> even (2)
+  CHECK(half(std::ldexp(1.0f, -14)).bits == 0x0400);         // smallest normal
+  CHECK(half(std::ldexp(1.0f, -24)).bits == 0x0001);         // smallest subnormal
+  CHECK(half(std::ldexp(1.0f, -25)).bits == 0x0000);         // tie to even -> 0
+  CHECK(half(std::ldexp(3.0f, -26)).bits == 0x0001);         // 0.75 ulp -> 1 ulp
+  CHECK(half(std::ldexp(3.0f, -25)).bits == 0x0002);         // 1.5 ulp tie -> even (2)
   CHECK(half(1.0f + std::ldexp(1.0f, -11)).bits == 0x3c00);  // tie -> even (1.0)
   CHECK(half(1.0f + std::ldexp(3.0f, -11)).bits == 0x3c02);  // tie -> even (1+2^-9)
   const half nan(std::numeric_limits<float>::quiet_NaN());
@@ -101,7 +101,8 @@ TEST_CASE("half conversion matches correct rounding on random floats", "[core][h
       const int m = static_cast<int>(mag) + d;
       if (m < 0 || m > 0x7bff) continue;
       const half n = half::from_bits(static_cast<std::uint16_t>((h.bits & 0x8000) | m));
-      const double nerr = std::fabs(static_cast<double>(static_cast<float>(n)) - static_cast<double>(f));
+      const double nerr =
+          std::fabs(static_cast<double>(static_cast<float>(n)) - static_cast<double>(f));
       REQUIRE(err <= nerr);
       if (err == nerr) REQUIRE((mag & 1) == 0);
     }

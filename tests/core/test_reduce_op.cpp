@@ -30,10 +30,10 @@ TEST_CASE("min and max propagate NaN", "[core][op]") {
 }
 
 TEST_CASE("avg divides once at the end", "[core][op]") {
-  CHECK(finish(avg, 7, 2) == 3);       // integer: truncates toward zero
+  CHECK(finish(avg, 7, 2) == 3);  // integer: truncates toward zero
   CHECK(finish(avg, -7, 2) == -3);
   CHECK(finish(avg, 7.0f, 2) == 3.5f);
-  CHECK(finish(sum, 7, 2) == 7);       // other ops: identity
+  CHECK(finish(sum, 7, 2) == 7);  // other ops: identity
   CHECK(static_cast<float>(finish(avg, half(1.0f), 3)) == static_cast<float>(half(1.0f / 3.0f)));
 }
 

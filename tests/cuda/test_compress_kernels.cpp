@@ -42,7 +42,7 @@ namespace {
 
 // Sizes around the interesting boundaries: below, at and above 32 and the
 // default block of 256, odd sizes, and the top-k exact/sampled switch (65536).
-const std::vector<std::size_t> sizes = {1,    31,   32,    33,    255,   256,    257,
+const std::vector<std::size_t> sizes = {1,    31,   32,    33,    255,    256,    257,
                                         1000, 4103, 65536, 65537, 100003, 1048581};
 
 enum class fill { spread, ties };
@@ -76,8 +76,8 @@ template <class T>
 rc::device_buffer<T> upload(const std::vector<T>& v) {
   rc::device_buffer<T> d(v.size() ? v.size() : 1);
   if (!v.empty()) {
-    RINGFLOW_CHECK_CUDA(cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T),
-                                   cudaMemcpyHostToDevice));
+    RINGFLOW_CHECK_CUDA(
+        cudaMemcpy(d.data(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   }
   settle();
   return d;
@@ -160,7 +160,7 @@ void require_ef_invariant(const std::vector<float>& c, const std::vector<float>&
     const double tol = std::ldexp(std::fabs(static_cast<double>(r[i])), -24);
     if (std::fabs(err) > tol) {
       FAIL("EF invariant, element " << i << ": c " << c[i] << ", transmitted " << t[i]
-                                     << ", residual " << r[i]);
+                                    << ", residual " << r[i]);
     }
   }
 }
@@ -217,7 +217,8 @@ TEST_CASE("sign: one-pass encode with error feedback equals the CPU bit for bit"
         rc::device_buffer<std::byte> payload(pb);
         poison(payload.data(), pb);
         auto* scales = reinterpret_cast<float*>(payload.data());
-        auto* words = reinterpret_cast<std::uint32_t*>(payload.data() + 4 * rc::block_count(n, block));
+        auto* words =
+            reinterpret_cast<std::uint32_t*>(payload.data() + 4 * rc::block_count(n, block));
         rc::sign_ef_encode(dg.data(), ef ? dr.data() : nullptr, n, block, scales, words, s);
         s.synchronize();
         require_same_bits(download_bytes(payload.data(), pb), want.payload, "payload");
@@ -305,7 +306,8 @@ TEST_CASE("sign: p ranks on one GPU equal the CPU compressed allreduce", "[cuda]
 
 // ---------------------------------------------------------------------------
 
-TEST_CASE("int8: one-pass local-scale encode equals the CPU bit for bit", "[cuda][compress][int8]") {
+TEST_CASE("int8: one-pass local-scale encode equals the CPU bit for bit",
+          "[cuda][compress][int8]") {
   rc::stream s;
   std::uint64_t seed = 400;
   for (std::size_t block : {256u, 100u, 1u, 33u, 1024u, 4096u}) {
@@ -654,8 +656,8 @@ TEST_CASE("compressed_allreduce through NCCL at one rank equals the CPU referenc
   REQUIRE(ncclCommInitAll(&comm, 1, &dev) == ncclSuccess);
   rc::stream s;
   std::uint64_t seed = 1400;
-  for (const char* spec : {"none", "fp16", "bf16", "int8", "int8:100", "sign", "sign:64",
-                           "topk:0.01", "topk:0.3"}) {
+  for (const char* spec :
+       {"none", "fp16", "bf16", "int8", "int8:100", "sign", "sign:64", "topk:0.01", "topk:0.3"}) {
     for (std::size_t n : {std::size_t{1}, std::size_t{1000}, std::size_t{100003}}) {
       INFO(spec << ", n = " << n);
       rc::device_compressor dc(spec, 21);

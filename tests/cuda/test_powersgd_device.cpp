@@ -50,9 +50,8 @@ std::vector<float> input(std::size_t n, std::uint64_t seed) {
   const std::uint64_t key = kn::stream_key(seed, 0x5eed, 0);
   for (std::size_t i = 0; i < n; ++i) {
     const float u = kn::uniform01(key, i);
-    v[i] = (kn::mix64(key ^ i) & 63) == 0
-               ? 0.0f
-               : (u * 2.0f - 1.0f) * (1.0f + static_cast<float>(i % 13));
+    v[i] = (kn::mix64(key ^ i) & 63) == 0 ? 0.0f
+                                          : (u * 2.0f - 1.0f) * (1.0f + static_cast<float>(i % 13));
   }
   return v;
 }
@@ -172,7 +171,7 @@ void compare_three_calls(ncclComm_t comm, const std::string& spec, std::size_t n
       if (std::fabs(err) > std::ldexp(std::fabs(static_cast<double>(got_r[i])), -24) +
                                std::ldexp(std::fabs(static_cast<double>(got[i])), -24)) {
         FAIL("EF invariant, element " << i << ": c " << c[i] << ", transmitted " << got[i]
-                                       << ", residual " << got_r[i]);
+                                      << ", residual " << got_r[i]);
       }
     }
     r_prev = got_r;
@@ -225,7 +224,8 @@ TEST_CASE("powersgd on the device follows the CPU compressor over three calls (o
   }
 }
 
-TEST_CASE("powersgd on the device rejects bad layouts and buckets", "[cuda][compress][nccl][powersgd]") {
+TEST_CASE("powersgd on the device rejects bad layouts and buckets",
+          "[cuda][compress][nccl][powersgd]") {
   ncclc nc;
   rc::stream s;
   rc::device_compressor dc("powersgd:4");

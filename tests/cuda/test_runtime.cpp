@@ -6,9 +6,9 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ringflow/core/reduce_op.hpp"
@@ -44,11 +44,11 @@ TEST_CASE("device and pinned buffers round-trip through a stream", "[cuda]") {
   for (std::size_t i = 0; i < n; ++i) host[i] = static_cast<float>(i) * 0.5f - 7.0f;
   rc::device_buffer<float> dev(n);
   rc::stream s;
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(dev.data(), host.data(), dev.bytes(),
-                                      cudaMemcpyHostToDevice, s));
+  RINGFLOW_CHECK_CUDA(
+      cudaMemcpyAsync(dev.data(), host.data(), dev.bytes(), cudaMemcpyHostToDevice, s));
   std::vector<float> back(n, -1.0f);
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(back.data(), dev.data(), dev.bytes(),
-                                      cudaMemcpyDeviceToHost, s));
+  RINGFLOW_CHECK_CUDA(
+      cudaMemcpyAsync(back.data(), dev.data(), dev.bytes(), cudaMemcpyDeviceToHost, s));
   s.synchronize();
   for (std::size_t i = 0; i < n; ++i) REQUIRE(back[i] == host[i]);
   CHECK(rc::pointer_kind(dev.data()) == rc::memory_kind::device);
@@ -69,8 +69,7 @@ TEST_CASE("events order streams and time work", "[cuda]") {
   done.record(a);
   done.wait_on(b);  // b's copy must see a's memset
   std::vector<int> back(x.size());
-  RINGFLOW_CHECK_CUDA(
-      cudaMemcpyAsync(back.data(), x.data(), x.bytes(), cudaMemcpyDeviceToHost, b));
+  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(back.data(), x.data(), x.bytes(), cudaMemcpyDeviceToHost, b));
   b.synchronize();
   CHECK(done.query());
   CHECK(back.front() == 0x11111111);
@@ -91,10 +90,13 @@ void check_reduce(ringflow::op_kind kind, std::size_t n, std::uint32_t seed) {
   }
   rc::device_buffer<T> da(n), db(n);
   rc::stream s;
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(da.data(), a.data(), n * sizeof(T), cudaMemcpyHostToDevice, s));
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(db.data(), b.data(), n * sizeof(T), cudaMemcpyHostToDevice, s));
+  RINGFLOW_CHECK_CUDA(
+      cudaMemcpyAsync(da.data(), a.data(), n * sizeof(T), cudaMemcpyHostToDevice, s));
+  RINGFLOW_CHECK_CUDA(
+      cudaMemcpyAsync(db.data(), b.data(), n * sizeof(T), cudaMemcpyHostToDevice, s));
   rc::reduce(ringflow::dtype_of<T>, kind, da.data(), da.data(), db.data(), n, s);  // in place
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(got.data(), da.data(), n * sizeof(T), cudaMemcpyDeviceToHost, s));
+  RINGFLOW_CHECK_CUDA(
+      cudaMemcpyAsync(got.data(), da.data(), n * sizeof(T), cudaMemcpyDeviceToHost, s));
   s.synchronize();
   for (std::size_t i = 0; i < n; ++i) {
     INFO("i=" << i);

@@ -94,14 +94,13 @@ void check_allreduce(const communicator& c, std::size_t count, std::size_t seg, 
 }
 
 template <class T, class Op>
-void check_reduce_scatter(const communicator& c, std::size_t count, std::size_t seg,
-                          bool in_place, failures& f) {
+void check_reduce_scatter(const communicator& c, std::size_t count, std::size_t seg, bool in_place,
+                          failures& f) {
   const Op op{};
   const chunk own = partition(count, c.size(), c.rank());
   const std::vector<T> in = inputs<T>(c.rank(), count, Op::kind);
   std::vector<T> want(own.count);
-  reduce_scatter(c, std::span<const T>(in), std::span<T>(want), op,
-                 coll_options{algo::ring, seg});
+  reduce_scatter(c, std::span<const T>(in), std::span<T>(want), op, coll_options{algo::ring, seg});
 
   rc::device_buffer<T> d_in(count), d_out(own.count);
   to_device(d_in, in);
@@ -189,8 +188,8 @@ class device_pointer_transport final : public transport {
     st->host.resize(bytes);
     if (bytes) {
       // The ring posts a send once the work that wrote its bytes is done.
-      RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(st->host.data(), data, bytes, cudaMemcpyDeviceToHost,
-                                          copies_->get()));
+      RINGFLOW_CHECK_CUDA(
+          cudaMemcpyAsync(st->host.data(), data, bytes, cudaMemcpyDeviceToHost, copies_->get()));
       copies_->synchronize();
     }
     st->inner = inner_.isend(st->host.data(), bytes, peer, tag);
@@ -277,8 +276,8 @@ void check_direct_gather(const communicator& c, std::size_t count, std::size_t s
   const std::size_t seg_bytes = detail::segment_elems(seg, sizeof(T)) * sizeof(T);
   {
     rc::device_ring_memory m(t, rc::ring_memory_mode::direct, seg_bytes);
-    detail::ring_reduce_scatter_on(m, t, static_cast<const T*>(d_in.data()), d_piece.data(),
-                                   count, sum, seg);
+    detail::ring_reduce_scatter_on(m, t, static_cast<const T*>(d_in.data()), d_piece.data(), count,
+                                   sum, seg);
   }
   {
     rc::device_ring_memory m(t, rc::ring_memory_mode::direct, seg_bytes);
@@ -323,8 +322,7 @@ TEST_CASE("staged: int32 and int64 match the CPU ring bit for bit", "[cuda][stag
   require_none(f);
 }
 
-TEST_CASE("staged: two slots and a slow stream still give the CPU ring's bits",
-          "[cuda][staged]") {
+TEST_CASE("staged: two slots and a slow stream still give the CPU ring's bits", "[cuda][staged]") {
   auto world = mpi::world();
   failures f;
   const std::size_t count = 200003;
@@ -337,8 +335,8 @@ TEST_CASE("staged: two slots and a slow stream still give the CPU ring's bits",
   // The input is written on the caller's stream, and the collective must
   // wait for it (staged_options::stream) rather than read stale memory.
   RINGFLOW_CHECK_CUDA(cudaMemsetAsync(d.data(), 0, d.bytes(), user));
-  RINGFLOW_CHECK_CUDA(cudaMemcpyAsync(d.data(), in.data(), count * sizeof(float),
-                                      cudaMemcpyHostToDevice, user));
+  RINGFLOW_CHECK_CUDA(
+      cudaMemcpyAsync(d.data(), in.data(), count * sizeof(float), cudaMemcpyHostToDevice, user));
   rc::staged_options opt;
   opt.segment_bytes = 4096;
   opt.slots = 2;
@@ -411,7 +409,8 @@ TEST_CASE("staged: host pointers are refused with the rank in the message", "[cu
 TEST_CASE("staged: mismatched counts across ranks are a usage error on every rank",
           "[cuda][staged]") {
   auto world = mpi::world();
-  if (world.size() < 2 || world.check_mode() != check_mode::full) return;  // the test main sets full
+  if (world.size() < 2 || world.check_mode() != check_mode::full)
+    return;  // the test main sets full
   const std::size_t count = world.rank() == 0 ? 100 : 101;
   rc::device_buffer<float> d(count);
   try {

@@ -1,12 +1,11 @@
 // Tests of batch assembly and the prefetcher: contents, equality with sequential, errors, shutdown.
-#include "support/catch.hpp"
+#include <numeric>
+#include <vector>
 
 #include "ringflow/core/error.hpp"
 #include "ringflow/data/batch.hpp"
 #include "ringflow/data/sampler.hpp"
-
-#include <numeric>
-#include <vector>
+#include "support/catch.hpp"
 
 using namespace ringflow::data;
 
@@ -97,7 +96,8 @@ TEST_CASE("prefetched batches equal sequential ones", "[data][batch][prefetch]")
   }
 }
 
-TEST_CASE("a prefetcher reusing one batch object keeps giving correct data", "[data][batch][prefetch]") {
+TEST_CASE("a prefetcher reusing one batch object keeps giving correct data",
+          "[data][batch][prefetch]") {
   const auto ds = make_dataset(100, 4);
   std::vector<std::size_t> idx(100);
   std::iota(idx.begin(), idx.end(), std::size_t{0});

@@ -1,9 +1,5 @@
-// Tests of the IDX reader and dataset loaders: generated good and bad files, and the real Fashion-MNIST.
-#include "support/catch.hpp"
-
-#include "ringflow/data/dataset.hpp"
-#include "ringflow/data/idx.hpp"
-
+// Tests of the IDX reader and dataset loaders: generated good and bad files, and the real
+// Fashion-MNIST.
 #include <unistd.h>
 
 #include <atomic>
@@ -13,6 +9,10 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#include "ringflow/data/dataset.hpp"
+#include "ringflow/data/idx.hpp"
+#include "support/catch.hpp"
 
 namespace fs = std::filesystem;
 using namespace ringflow::data;
@@ -44,7 +44,8 @@ idx_array make_images(std::uint32_t n, std::uint32_t rows = 3, std::uint32_t col
   idx_array a;
   a.dims = {n, rows, cols};
   a.values.resize(std::size_t{n} * rows * cols);
-  for (std::size_t i = 0; i < a.values.size(); ++i) a.values[i] = static_cast<std::uint8_t>(i * 37 + 5);
+  for (std::size_t i = 0; i < a.values.size(); ++i)
+    a.values[i] = static_cast<std::uint8_t>(i * 37 + 5);
   return a;
 }
 
@@ -251,14 +252,14 @@ TEST_CASE("images and labels that disagree are refused", "[data][idx][errors]") 
   temp_dir dir;
   write_idx(dir / "img.gz", make_images(5), true);
   write_idx(dir / "lab.gz", make_labels(4), true);
-  const auto msg =
-      data_error_message([&] { load_idx_dataset(dir / "img.gz", dir / "lab.gz"); });
+  const auto msg = data_error_message([&] { load_idx_dataset(dir / "img.gz", dir / "lab.gz"); });
   INFO(msg);
   CHECK(contains(msg, "5 images"));
   CHECK(contains(msg, "4 labels"));
   // Also with a limit that would hide it.
-  CHECK(contains(data_error_message([&] { load_idx_dataset(dir / "img.gz", dir / "lab.gz", 10, 2); }),
-                 "5 images"));
+  CHECK(
+      contains(data_error_message([&] { load_idx_dataset(dir / "img.gz", dir / "lab.gz", 10, 2); }),
+               "5 images"));
 
   auto bad = make_labels(5);
   bad.values[3] = 12;
@@ -287,8 +288,10 @@ TEST_CASE("normalization is computed and applied", "[data][dataset]") {
 
 TEST_CASE("the real Fashion-MNIST loads", "[data][fashion_mnist]") {
   const auto dir = default_fashion_mnist_dir();
-  INFO("Fashion-MNIST is a declared dependency (Debian package dataset-fashion-mnist); "
-       "expected in " << dir.string());
+  INFO(
+      "Fashion-MNIST is a declared dependency (Debian package dataset-fashion-mnist); "
+      "expected in "
+      << dir.string());
   train_test fm;
   REQUIRE_NOTHROW(fm = load_fashion_mnist(dir));
   REQUIRE(fm.train.size() == 60000);
@@ -312,6 +315,6 @@ TEST_CASE("the real Fashion-MNIST loads", "[data][fashion_mnist]") {
   CHECK(small.train.size() == 100);
   CHECK(small.test.size() == 100);
   CHECK(small.train.images == fm.train.images.topRows(100));
-  CHECK(small.train.labels == std::vector<std::int32_t>(fm.train.labels.begin(),
-                                                        fm.train.labels.begin() + 100));
+  CHECK(small.train.labels ==
+        std::vector<std::int32_t>(fm.train.labels.begin(), fm.train.labels.begin() + 100));
 }

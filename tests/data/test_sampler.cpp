@@ -1,13 +1,12 @@
 // Tests of the rank-sharding sampler: coverage per epoch, tail policy, determinism, state.
-#include "support/catch.hpp"
-
-#include "ringflow/core/error.hpp"
-#include "ringflow/data/sampler.hpp"
-
 #include <algorithm>
 #include <numeric>
 #include <random>
 #include <vector>
+
+#include "ringflow/core/error.hpp"
+#include "ringflow/data/sampler.hpp"
+#include "support/catch.hpp"
 
 using namespace ringflow::data;
 

@@ -36,8 +36,9 @@ void write(const fs::path& p, const std::string& text) {
 
 std::string header(int rank, long long time_ns = 2'000'000'000) {
   return "{\"type\":\"header\",\"format\":\"ringflow-flight\",\"version\":1,\"process_rank\":" +
-         std::to_string(rank) + ",\"pid\":100,\"host\":\"h\",\"reason\":\"test\",\"time_ns\":" +
-         std::to_string(time_ns) + ",\"ring_size\":256,\"communicators\":1}\n";
+         std::to_string(rank) +
+         ",\"pid\":100,\"host\":\"h\",\"reason\":\"test\",\"time_ns\":" + std::to_string(time_ns) +
+         ",\"ring_size\":256,\"communicators\":1}\n";
 }
 
 std::string comm_line(int rank, int size, int started) {
@@ -54,9 +55,9 @@ std::string rec(int rank, int size, int seq, const std::string& state,
          "\",\"op\":\"sum\",\"count\":" + std::to_string(count) +
          ",\"root\":-1,\"algorithm\":\"ring\",\"state\":\"" + state +
          "\",\"start_ns\":1000000000,\"end_ns\":" + (state == "running" ? "0" : "1000001000") +
-         ",\"wait_peer\":" + std::to_string(wait_peer) + ",\"wait_tag\":" +
-         (wait_peer >= 0 ? "16385" : "-1") + ",\"wait_since_ns\":" +
-         (wait_peer >= 0 ? "1000000500" : "0") + "}\n";
+         ",\"wait_peer\":" + std::to_string(wait_peer) +
+         ",\"wait_tag\":" + (wait_peer >= 0 ? "16385" : "-1") +
+         ",\"wait_since_ns\":" + (wait_peer >= 0 ? "1000000500" : "0") + "}\n";
 }
 
 std::vector<doc::dump> load_all(const fs::path& dir) {
@@ -166,8 +167,7 @@ TEST_CASE("doctor: a real dump of a run where one rank skips a collective", "[do
         ringflow::allreduce(c, std::span(g), ringflow::sum, ringflow::algo::ring);
       }
     });
-  } catch (const ringflow::error&) {
-  }
+  } catch (const ringflow::error&) {}
   // The group's communicators are gone; their rings are kept for dumps.
   ringflow::flight::dump_to((dir / "ringflow-flight.pid.jsonl").string(), "test");
   const auto dumps = load_all(dir);

@@ -1,11 +1,11 @@
-// Fuzzing the file loaders with mutated copies of valid files: each case must load or throw ringflow::error, in bounded memory.
+// Fuzzing the file loaders with mutated copies of valid files: each case must load or throw
+// ringflow::error, in bounded memory.
 //
-// Seeds are written by the library itself (IDX files, checkpoints with and without compression state, a
-// schedule, a tuning table, a cost model, a trace); every loader then reads a
-// few hundred mutations of them (bit flips, byte overwrites, truncations,
-// huge counts written into header fields, appended garbage), drawn from a
-// fixed seed so a failure reproduces. Peak memory (ru_maxrss) may not grow
-// by more than a bound a ~300 GB allocation attempt (or a few GB touched)
+// Seeds are written by the library itself (IDX files, checkpoints with and without compression
+// state, a schedule, a tuning table, a cost model, a trace); every loader then reads a few hundred
+// mutations of them (bit flips, byte overwrites, truncations, huge counts written into header
+// fields, appended garbage), drawn from a fixed seed so a failure reproduces. Peak memory
+// (ru_maxrss) may not grow by more than a bound a ~300 GB allocation attempt (or a few GB touched)
 // would blow through.
 #include <sys/resource.h>
 #include <unistd.h>
@@ -106,9 +106,16 @@ void put_le64(bytes& b, std::size_t at, std::uint64_t v) {
 
 // Values a corrupt size field typically holds.
 std::uint64_t huge_value(std::mt19937_64& rng) {
-  static constexpr std::uint64_t picks[] = {
-      0xffffffffull, 0x7fffffffull, 0x80000000ull, 0x10000000ull, 0x00ffffffull,
-      0xffffffffffffffffull, 0x7fffffffffffffffull, 0x0000000100000000ull, 0, 1};
+  static constexpr std::uint64_t picks[] = {0xffffffffull,
+                                            0x7fffffffull,
+                                            0x80000000ull,
+                                            0x10000000ull,
+                                            0x00ffffffull,
+                                            0xffffffffffffffffull,
+                                            0x7fffffffffffffffull,
+                                            0x0000000100000000ull,
+                                            0,
+                                            1};
   if (rng() % 4 == 0) return rng();
   return picks[rng() % std::size(picks)];
 }
@@ -122,7 +129,8 @@ bytes mutate_binary(bytes b, std::mt19937_64& rng, const std::vector<std::size_t
   switch (kind) {
     case 0: {  // bit flips
       const int n = 1 + static_cast<int>(rng() % 8);
-      for (int i = 0; i < n; ++i) b[rng() % b.size()] ^= static_cast<unsigned char>(1u << (rng() % 8));
+      for (int i = 0; i < n; ++i)
+        b[rng() % b.size()] ^= static_cast<unsigned char>(1u << (rng() % 8));
       break;
     }
     case 1: {  // byte overwrites
@@ -141,8 +149,10 @@ bytes mutate_binary(bytes b, std::mt19937_64& rng, const std::vector<std::size_t
       const int n = 1 + static_cast<int>(rng() % 2);
       for (int i = 0; i < n && !fields.empty(); ++i) {
         const std::size_t at = fields[rng() % fields.size()];
-        if (be32) put_be32(b, at, static_cast<std::uint32_t>(huge_value(rng)));
-        else put_le64(b, at, huge_value(rng));
+        if (be32)
+          put_be32(b, at, static_cast<std::uint32_t>(huge_value(rng)));
+        else
+          put_le64(b, at, huge_value(rng));
       }
       break;
     }
@@ -158,13 +168,24 @@ bytes mutate_binary(bytes b, std::mt19937_64& rng, const std::vector<std::size_t
 // Text mutation: the binary ones plus numbers replaced by absurd ones.
 bytes mutate_text(const bytes& text, std::mt19937_64& rng) {
   if (rng() % 2 == 0) return mutate_binary(text, rng, {}, false);
-  static constexpr const char* absurd[] = {
-      "1e308", "-1", "0", "nan", "inf", "99999999999999999999999", "4294967296", "2147483648",
-      "-2147483649", "1e-320", "18446744073709551616", "1.5", "9007199254740993", "00"};
+  static constexpr const char* absurd[] = {"1e308",
+                                           "-1",
+                                           "0",
+                                           "nan",
+                                           "inf",
+                                           "99999999999999999999999",
+                                           "4294967296",
+                                           "2147483648",
+                                           "-2147483649",
+                                           "1e-320",
+                                           "18446744073709551616",
+                                           "1.5",
+                                           "9007199254740993",
+                                           "00"};
   std::vector<std::size_t> starts;
   for (std::size_t i = 0; i < text.size(); ++i) {
     const bool digit = text[i] >= '0' && text[i] <= '9';
-    if (digit && (i == 0 || !(text[i - 1] >= '0' && text[i - 1] <= '9') )) starts.push_back(i);
+    if (digit && (i == 0 || !(text[i - 1] >= '0' && text[i - 1] <= '9'))) starts.push_back(i);
   }
   bytes out = text;
   const int n = 1 + static_cast<int>(rng() % 3);
@@ -176,7 +197,8 @@ bytes mutate_text(const bytes& text, std::mt19937_64& rng) {
       ++end;
     }
     const std::string r = absurd[rng() % std::size(absurd)];
-    out.erase(out.begin() + static_cast<std::ptrdiff_t>(at), out.begin() + static_cast<std::ptrdiff_t>(end));
+    out.erase(out.begin() + static_cast<std::ptrdiff_t>(at),
+              out.begin() + static_cast<std::ptrdiff_t>(end));
     out.insert(out.begin() + static_cast<std::ptrdiff_t>(at), r.begin(), r.end());
     // Later starts moved; recompute lazily by stopping after a change in length.
     if (r.size() != end - at) break;
@@ -241,8 +263,8 @@ bytes resealed(bytes b) {
   if (b.size() < 32) return b;
   const std::uint64_t payload = b.size() - 32;
   put_le64(b, 16, payload);
-  const auto crc = static_cast<std::uint32_t>(crc32(crc32(0L, Z_NULL, 0), b.data() + 32,
-                                                    static_cast<uInt>(payload)));
+  const auto crc = static_cast<std::uint32_t>(
+      crc32(crc32(0L, Z_NULL, 0), b.data() + 32, static_cast<uInt>(payload)));
   std::memcpy(b.data() + 24, &crc, 4);
   std::memset(b.data() + 12, 0, 4);
   const auto hcrc = static_cast<std::uint32_t>(crc32(crc32(0L, Z_NULL, 0), b.data(), 32));
@@ -264,7 +286,8 @@ TEST_CASE("mutated input files load or are refused with ringflow::error, in boun
     data::idx_array images;
     images.dims = {12, 5, 4};
     images.values.resize(12 * 5 * 4);
-    for (std::size_t i = 0; i < images.values.size(); ++i) images.values[i] = static_cast<std::uint8_t>(i * 29 + 3);
+    for (std::size_t i = 0; i < images.values.size(); ++i)
+      images.values[i] = static_cast<std::uint8_t>(i * 29 + 3);
     data::idx_array labels;
     labels.dims = {12};
     for (std::uint8_t i = 0; i < 12; ++i) labels.values.push_back(i % 10);
@@ -309,9 +332,8 @@ TEST_CASE("mutated input files load or are refused with ringflow::error, in boun
       const std::size_t limit = rng() % 4 == 0 ? 1 + rng() % 20 : 0;
       const int classes = rng() % 4 == 0 ? 1 + static_cast<int>(rng() % 10) : 10;
       // A refusal names one of the two files: both share the "p" prefix.
-      run_case(pair, {(dir / "p").string()}, [&] {
-        (void)data::load_idx_dataset(ip, lp, classes, limit);
-      });
+      run_case(pair, {(dir / "p").string()},
+               [&] { (void)data::load_idx_dataset(ip, lp, classes, limit); });
     }
     results.push_back(pair);
   }
@@ -352,9 +374,8 @@ TEST_CASE("mutated input files load or are refused with ringflow::error, in boun
       if (rng() % 3 != 0) b = resealed(std::move(b));  // most cases reach the payload parser
       const fs::path p = dir / "m.rfck";
       write_file(p, b);
-      run_case(ck, {p.string()}, [&] {
-        (void)train::load_checkpoint(p, use_adam ? adam_state : sgd_state);
-      });
+      run_case(ck, {p.string()},
+               [&] { (void)train::load_checkpoint(p, use_adam ? adam_state : sgd_state); });
     }
     results.push_back(ck);
 
@@ -398,7 +419,8 @@ TEST_CASE("mutated input files load or are refused with ringflow::error, in boun
     for (int i = 0; i < cases_per_loader; ++i) {
       const bytes b = mutate_text(seed, rng);
       const std::string text(b.begin(), b.end());
-      run_case(sc, {"pipeline::parse_schedule: line ", "pipeline::verify: schedule '"}, [&] { (void)pipeline::verify(pipeline::parse_schedule(text)); });
+      run_case(sc, {"pipeline::parse_schedule: line ", "pipeline::verify: schedule '"},
+               [&] { (void)pipeline::verify(pipeline::parse_schedule(text)); });
     }
     results.push_back(sc);
   }
@@ -443,9 +465,8 @@ TEST_CASE("mutated input files load or are refused with ringflow::error, in boun
     for (int i = 0; i < cases_per_loader; ++i) {
       const bytes b = mutate_text(cm_seed, rng);
       const std::string origin = (dir / "m-cost.json").string();
-      run_case(cm, {origin}, [&] {
-        (void)cost_model::from_json(std::string(b.begin(), b.end()), origin);
-      });
+      run_case(cm, {origin},
+               [&] { (void)cost_model::from_json(std::string(b.begin(), b.end()), origin); });
     }
     results.push_back(cm);
   }

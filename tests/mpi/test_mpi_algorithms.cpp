@@ -1,8 +1,8 @@
 // Every allreduce algorithm over MPI (mpirun -np 1..5): the sampled
 // correctness matrix, emulated nodes for the hierarchical one, and the
 // automatic choice agreeing across ranks whose cost-model files differ.
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "ringflow/backends/mpi.hpp"
@@ -14,7 +14,6 @@
 using namespace ringflow;
 using ringflow::testing::failures;
 using ringflow::testing::require_none;
-
 
 TEST_CASE("mpi: every allreduce algorithm matches the serial reference", "[mpi][algorithms]") {
   auto world = mpi::world();
@@ -46,7 +45,8 @@ TEST_CASE("mpi: 10^6+3 floats through every algorithm, identical bits on every r
           "[mpi][algorithms]") {
   auto world = mpi::world();
   failures f;
-  for (algo a : testing::transport_algorithms()) testing::check_large_bitwise_algo(world, a, 1000003, f);
+  for (algo a : testing::transport_algorithms())
+    testing::check_large_bitwise_algo(world, a, 1000003, f);
   require_none(f);
 }
 

@@ -57,8 +57,8 @@ template <class T>
 void same_as_mpi(const std::vector<T>& ours, const std::vector<T>& theirs, const char* what,
                  int rank, failures& f) {
   if (ours.size() != theirs.size()) {
-    f.push_back(fmt::format("rank {}: {}: {} elements, MPI {}", rank, what, ours.size(),
-                            theirs.size()));
+    f.push_back(
+        fmt::format("rank {}: {}: {} elements, MPI {}", rank, what, ours.size(), theirs.size()));
     return;
   }
   for (std::size_t i = 0; i < ours.size(); ++i) {
@@ -83,8 +83,10 @@ TEST_CASE("mpi: the new collectives agree with the matching MPI calls", "[mpi][v
     for (alltoall_algo a : {alltoall_algo::pairwise, alltoall_algo::bruck}) {
       const std::size_t count = scale + 1;
       std::vector<float> in(up * count), ours(in.size()), theirs(in.size());
-      for (std::size_t i = 0; i < in.size(); ++i) in[i] = static_cast<float>(r * 7919 + static_cast<int>(i));
-      alltoall<float>(world, std::span<const float>(in), std::span<float>(ours), alltoall_options{a});
+      for (std::size_t i = 0; i < in.size(); ++i)
+        in[i] = static_cast<float>(r * 7919 + static_cast<int>(i));
+      alltoall<float>(world, std::span<const float>(in), std::span<float>(ours),
+                      alltoall_options{a});
       MPI_Alltoall(in.data(), static_cast<int>(count), MPI_FLOAT, theirs.data(),
                    static_cast<int>(count), MPI_FLOAT, mc);
       same_as_mpi(ours, theirs, "alltoall vs MPI_Alltoall", r, f);
@@ -117,23 +119,24 @@ TEST_CASE("mpi: the new collectives agree with the matching MPI calls", "[mpi][v
     std::vector<double> mine(counts[r]);
     for (std::size_t j = 0; j < mine.size(); ++j) mine[j] = r + 0.25 * static_cast<double>(j);
     std::vector<double> gours(r == root ? total : 0), gtheirs(gours.size());
-    gatherv<double>(world, std::span<const double>(mine), std::span<double>(gours), counts,
-                    displs, root);
+    gatherv<double>(world, std::span<const double>(mine), std::span<double>(gours), counts, displs,
+                    root);
     MPI_Gatherv(mine.data(), static_cast<int>(mine.size()), MPI_DOUBLE, gtheirs.data(),
                 icounts.data(), idispls.data(), MPI_DOUBLE, root, mc);
     same_as_mpi(gours, gtheirs, "gatherv vs MPI_Gatherv", r, f);
     std::vector<double> sin(r == root ? total : 0);
     for (std::size_t i = 0; i < sin.size(); ++i) sin[i] = 0.5 * static_cast<double>(i);
     std::vector<double> sours(counts[r]), stheirs(counts[r]);
-    scatterv<double>(world, std::span<const double>(sin), counts, displs,
-                     std::span<double>(sours), root);
+    scatterv<double>(world, std::span<const double>(sin), counts, displs, std::span<double>(sours),
+                     root);
     MPI_Scatterv(sin.data(), icounts.data(), idispls.data(), MPI_DOUBLE, stheirs.data(),
                  static_cast<int>(stheirs.size()), MPI_DOUBLE, root, mc);
     same_as_mpi(sours, stheirs, "scatterv vs MPI_Scatterv", r, f);
 
     // reduce (integers: exact in any order) with both algorithms.
     std::vector<std::int64_t> rin(scale * 3 + 1), rtheirs(rin.size());
-    for (std::size_t i = 0; i < rin.size(); ++i) rin[i] = (r + 1) * static_cast<std::int64_t>(i % 13) - 5;
+    for (std::size_t i = 0; i < rin.size(); ++i)
+      rin[i] = (r + 1) * static_cast<std::int64_t>(i % 13) - 5;
     for (algo a : {algo::tree, algo::ring}) {
       std::vector<std::int64_t> rours(r == root ? rin.size() : 0);
       reduce<std::int64_t>(world, std::span<const std::int64_t>(rin),
@@ -149,14 +152,16 @@ TEST_CASE("mpi: the new collectives agree with the matching MPI calls", "[mpi][v
     const std::size_t atotal = std::accumulate(agreed.begin(), agreed.end(), std::size_t{0});
     const auto iagreed = as_int(agreed), iaoff = as_int(aoff);
     std::vector<float> piece(agreed[r]);
-    for (std::size_t j = 0; j < piece.size(); ++j) piece[j] = static_cast<float>(r * 1000 + static_cast<int>(j));
+    for (std::size_t j = 0; j < piece.size(); ++j)
+      piece[j] = static_cast<float>(r * 1000 + static_cast<int>(j));
     std::vector<float> aours(atotal), atheirs(atotal);
     allgatherv<float>(world, std::span<const float>(piece), std::span<float>(aours), agreed);
     MPI_Allgatherv(piece.data(), static_cast<int>(piece.size()), MPI_FLOAT, atheirs.data(),
                    iagreed.data(), iaoff.data(), MPI_FLOAT, mc);
     same_as_mpi(aours, atheirs, "allgatherv vs MPI_Allgatherv", r, f);
     std::vector<std::int32_t> rsin(atotal);
-    for (std::size_t i = 0; i < atotal; ++i) rsin[i] = static_cast<std::int32_t>((i * 7 + static_cast<std::size_t>(r)) % 11);
+    for (std::size_t i = 0; i < atotal; ++i)
+      rsin[i] = static_cast<std::int32_t>((i * 7 + static_cast<std::size_t>(r)) % 11);
     std::vector<std::int32_t> rsours(agreed[r]), rstheirs(agreed[r]);
     reduce_scatter_v<std::int32_t>(world, std::span<const std::int32_t>(rsin),
                                    std::span<std::int32_t>(rsours), agreed, max);
@@ -188,12 +193,10 @@ TEST_CASE("mpi: full check names the rank whose alltoall, gather or allgatherv d
     std::vector<float> in(up * count), out(up * count);
     alltoall<float>(world, std::span<const float>(in), std::span<float>(out));
   });
-  expect_mismatch("gather root", "rank 1 called gather(type=float, root=1, count per rank=4)",
-                  [&] {
-                    std::vector<float> in(4), out(up * 4);
-                    gather<float>(world, std::span<const float>(in), std::span<float>(out),
-                                  r == 1 ? 1 : 0);
-                  });
+  expect_mismatch("gather root", "rank 1 called gather(type=float, root=1, count per rank=4)", [&] {
+    std::vector<float> in(4), out(up * 4);
+    gather<float>(world, std::span<const float>(in), std::span<float>(out), r == 1 ? 1 : 0);
+  });
   expect_mismatch("allgatherv counts", "counts hash=", [&] {
     std::vector<std::size_t> counts(up, 2);
     if (r == 1) counts[0] = 1, counts[1] = 3;

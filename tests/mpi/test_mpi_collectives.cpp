@@ -11,7 +11,6 @@ using namespace ringflow;
 using ringflow::testing::failures;
 using ringflow::testing::require_none;
 
-
 TEST_CASE("mpi: ring collectives match the serial reference for every dtype and op", "[mpi]") {
   auto world = mpi::world();
   failures f;
@@ -39,7 +38,8 @@ TEST_CASE("mpi: native allreduce agrees with ring for exact inputs", "[mpi]") {
   failures f;
   for (std::size_t count : {std::size_t{0}, std::size_t{1}, std::size_t{4099}}) {
     testing::check_allreduce<float>(world, count, sum, false, coll_options{algo::native, 0}, f);
-    testing::check_allreduce<std::int32_t>(world, count, max, true, coll_options{algo::native, 0}, f);
+    testing::check_allreduce<std::int32_t>(world, count, max, true, coll_options{algo::native, 0},
+                                           f);
     testing::check_allreduce<double>(world, count, avg, true, coll_options{algo::native, 0}, f);
   }
   require_none(f);

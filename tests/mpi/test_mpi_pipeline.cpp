@@ -44,16 +44,17 @@ void check_against_reference(const pl::sequential_stages& stages, const data& d,
                              std::vector<std::string>& failures, const std::string& what) {
   ad::mlp ref(widths, ad::activation::relu, seed);
   auto params = ref.parameters();
-  auto loss = ad::softmax_cross_entropy(ref(ad::tensor::from_data(d.x.data(), {rows, features})),
-                                        std::span<const int>(d.y).first(static_cast<std::size_t>(rows)));
+  auto loss =
+      ad::softmax_cross_entropy(ref(ad::tensor::from_data(d.x.data(), {rows, features})),
+                                std::span<const int>(d.y).first(static_cast<std::size_t>(rows)));
   loss.backward();
   for (const auto& p : stages.parameters()) {
     const auto want = params.at(p.name).tensor.grad_data();
     const auto got = p.tensor.grad_data();
     for (std::size_t i = 0; i < got.size(); ++i) {
       if (std::abs(got[i] - want[i]) > 1e-5f) {
-        failures.push_back(fmt::format("{}: {}[{}] = {} but single-process gives {}", what,
-                                       p.name, i, got[i], want[i]));
+        failures.push_back(fmt::format("{}: {}[{}] = {} but single-process gives {}", what, p.name,
+                                       i, got[i], want[i]));
         break;
       }
     }
@@ -68,7 +69,8 @@ TEST_CASE("mpi: every schedule over all ranks gives single-process gradients", "
   const data d = make_data(10);
   std::vector<std::string> failures;
   for (int m : {1, 3, 4}) {
-    std::vector<pl::schedule> plans = {pl::gpipe(p, m), pl::one_f_one_b(p, m, {.split_backward = true})};
+    std::vector<pl::schedule> plans = {pl::gpipe(p, m),
+                                       pl::one_f_one_b(p, m, {.split_backward = true})};
     if (2 * p <= 9) plans.push_back(pl::interleaved_1f1b(p, 2, m));
     for (const auto& s : plans) {
       ad::mlp model(widths, ad::activation::relu, seed);

@@ -21,7 +21,9 @@ std::vector<float> start(std::size_t n) {
 
 void grad(std::span<const float> p, int w, int t, std::span<float> g) {
   for (std::size_t i = 0; i < p.size(); ++i) {
-    g[i] = 0.2f * p[i] + 0.05f * std::sin(0.1f * static_cast<float>(i + 7 * static_cast<std::size_t>(w)) + static_cast<float>(t));
+    g[i] = 0.2f * p[i] +
+           0.05f * std::sin(0.1f * static_cast<float>(i + 7 * static_cast<std::size_t>(w)) +
+                            static_cast<float>(t));
   }
 }
 

@@ -23,8 +23,7 @@ void scatter_gather(const communicator& c, const Op& op, failures& f) {
 }
 }  // namespace
 
-TEST_CASE("mpi: recursive halving reduce_scatter and doubling allgather",
-          "[mpi][scatter_gather]") {
+TEST_CASE("mpi: recursive halving reduce_scatter and doubling allgather", "[mpi][scatter_gather]") {
   auto world = mpi::world();
   failures f;
   scatter_gather<float>(world, sum, f);

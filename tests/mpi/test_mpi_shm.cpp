@@ -35,7 +35,8 @@ void check_shm(const communicator& c, std::size_t count, const Op& op, bool in_p
                failures& out) {
   const int p = c.size(), r = c.rank();
   std::vector<T> in(count), res(count, static_cast<T>(-7));
-  for (std::size_t i = 0; i < count; ++i) in[i] = static_cast<T>(testing::input_value(r, i, Op::kind));
+  for (std::size_t i = 0; i < count; ++i)
+    in[i] = static_cast<T>(testing::input_value(r, i, Op::kind));
   const std::vector<T> saved = in;
   if (in_place) {
     shm::allreduce(c, std::span<T>(in), op);
@@ -50,11 +51,11 @@ void check_shm(const communicator& c, std::size_t count, const Op& op, bool in_p
   for (std::size_t i = 0; i < count; ++i) {
     const T want = testing::reference_value<T>(p, i, op);
     if (!testing::same_bits(res[i], want)) {
-      out.push_back(fmt::format("rank {} of {}: shm allreduce<{}, {}>(count={}, {}) element {} = "
-                                "{}, want {}",
-                                r, p, dtype_name(dtype_of<T>), op_name(Op::kind), count,
-                                in_place ? "in-place" : "out-of-place", i, testing::show(res[i]),
-                                testing::show(want)));
+      out.push_back(fmt::format(
+          "rank {} of {}: shm allreduce<{}, {}>(count={}, {}) element {} = "
+          "{}, want {}",
+          r, p, dtype_name(dtype_of<T>), op_name(Op::kind), count,
+          in_place ? "in-place" : "out-of-place", i, testing::show(res[i]), testing::show(want)));
       return;
     }
   }
@@ -107,8 +108,7 @@ std::uint64_t bits_hash(const void* data, std::size_t bytes) {
   return h;
 }
 
-TEST_CASE("shm: 10^6+3 elements, bit-identical to the ring, on every rank and run",
-          "[mpi][shm]") {
+TEST_CASE("shm: 10^6+3 elements, bit-identical to the ring, on every rank and run", "[mpi][shm]") {
   auto world = with_block("1M");  // 4 MB of floats: 4 blocks
   const std::size_t n = 1000003;
   failures f;
@@ -148,8 +148,7 @@ TEST_CASE("shm: 10^6+3 elements, bit-identical to the ring, on every rank and ru
   CHECK(std::abs(a[7] - want) < 1e-3 * world.size());
 }
 
-TEST_CASE("shm: consecutive calls of changing sizes and types reuse the segment",
-          "[mpi][shm]") {
+TEST_CASE("shm: consecutive calls of changing sizes and types reuse the segment", "[mpi][shm]") {
   communicator c = with_block("64K");
   failures f;
   for (int round = 0; round < 2; ++round) {
@@ -272,7 +271,8 @@ TEST_CASE("shm: ringflow::allreduce with algo::shm runs the shm path", "[mpi][sh
 }
 
 TEST_CASE("shm: async and blocking shm calls at once use separate segments", "[mpi][shm]") {
-  testing::scoped_env env("RINGFLOW_SHM_BLOCK", "64K");  // for the progress thread's duplicate as well
+  testing::scoped_env env("RINGFLOW_SHM_BLOCK",
+                          "64K");  // for the progress thread's duplicate as well
   auto world = mpi::world();
   std::vector<float> a(300001), b;
   for (std::size_t i = 0; i < a.size(); ++i) {

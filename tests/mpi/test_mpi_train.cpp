@@ -1,4 +1,5 @@
-// data_parallel, sharded_data_parallel (ZeRO 1/2) and collective checkpoints over MPI (mpirun -np 1..5): averaging, identical parameters, unused parameters, resume, join.
+// data_parallel, sharded_data_parallel (ZeRO 1/2) and collective checkpoints over MPI (mpirun
+// -np 1..5): averaging, identical parameters, unused parameters, resume, join.
 #include <unistd.h>
 
 #include <algorithm>
@@ -61,8 +62,8 @@ TEST_CASE("mpi: data_parallel averages gradients and keeps parameters bitwise id
           "[mpi][train]") {
   auto world = mpi::world();
   ad::mlp model({8, 16, 3}, ad::activation::relu, 10 + static_cast<unsigned>(world.rank()));
-  train::data_parallel dp(world, model.parameters(), {.bucket_cap_bytes = 256,
-                                                      .first_bucket_cap_bytes = 64});
+  train::data_parallel dp(world, model.parameters(),
+                          {.bucket_cap_bytes = 256, .first_bucket_cap_bytes = 64});
   ad::adamw opt(model.parameters(), {.lr = 1e-2});
   auto v = model.parameters().all_values();
   REQUIRE(same_on_all_ranks(world, {v.begin(), v.end()}));  // broadcast from rank 0
@@ -128,7 +129,8 @@ TEST_CASE("mpi: collective checkpoint save and load resume the same losses", "[m
   // Rank 0 picks a fresh folder; the others learn its name.
   std::string dir;
   if (world.rank() == 0) {
-    dir = (fs::temp_directory_path() / ("ringflow_mpi_ckpt_" + std::to_string(::getpid()))).string();
+    dir =
+        (fs::temp_directory_path() / ("ringflow_mpi_ckpt_" + std::to_string(::getpid()))).string();
     fs::create_directories(dir);
   }
   std::int64_t len = static_cast<std::int64_t>(dir.size());
@@ -178,23 +180,23 @@ TEST_CASE("mpi: sharded stages 1 and 2 match data_parallel over the ring bit for
         const std::vector<int> y = {0, 1, 2, (world.rank() + step) % 3};
         opt.set_lr(1e-2 / (1 + step));
         opt.zero_grad();
-        trainer.backward(ad::softmax_cross_entropy(
-            model(ad::tensor::from_data(x.data(), {4, 8})), std::span<const int>(y)));
+        trainer.backward(ad::softmax_cross_entropy(model(ad::tensor::from_data(x.data(), {4, 8})),
+                                                   std::span<const int>(y)));
         trainer.step(opt);
         auto v = model.parameters().all_values();
         after.emplace_back(v.begin(), v.end());
       }
     };
     if (stage == 0) {
-      train::data_parallel dp(world, model.parameters(),
-                              {.bucket_cap_bytes = 256, .first_bucket_cap_bytes = 64,
-                               .coll = {algo::ring, 0}});
+      train::data_parallel dp(
+          world, model.parameters(),
+          {.bucket_cap_bytes = 256, .first_bucket_cap_bytes = 64, .coll = {algo::ring, 0}});
       ad::adamw opt(model.parameters(), {.lr = 1e-2});
       steps(dp, opt);
     } else {
-      train::sharded_data_parallel sdp(world, model.parameters(),
-                                       {.stage = stage, .bucket_cap_bytes = 256,
-                                        .first_bucket_cap_bytes = 64});
+      train::sharded_data_parallel sdp(
+          world, model.parameters(),
+          {.stage = stage, .bucket_cap_bytes = 256, .first_bucket_cap_bytes = 64});
       ad::adamw opt(sdp.shard(), {.lr = 1e-2});
       steps(sdp, opt);
     }
@@ -410,10 +412,9 @@ TEST_CASE("mpi: a sharded checkpoint resumes at the same and at fewer ranks bit 
       }
       {
         ad::mlp model({8, 19, 3}, ad::activation::relu, 6);
-        train::data_parallel dp(sub, model.parameters(),
-                                {.bucket_cap_bytes = 256,
-                                 .first_bucket_cap_bytes = 64,
-                                 .coll = {algo::ring, 0}});
+        train::data_parallel dp(
+            sub, model.parameters(),
+            {.bucket_cap_bytes = 256, .first_bucket_cap_bytes = 64, .coll = {algo::ring, 0}});
         ad::adamw opt(model.parameters(), {.lr = 1e-2});
         train::training_state st{.params = model.parameters(),
                                  .optimizer = train::optimizer_state_of(opt)};

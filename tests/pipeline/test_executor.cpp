@@ -128,9 +128,12 @@ std::vector<std::size_t> uneven_counts(int stages) {
 }  // namespace
 
 TEST_CASE("balance_layers minimizes the costliest stage", "[pipeline][executor]") {
-  CHECK(pl::balance_layers(std::vector<double>{4, 1, 2, 1, 4}, 3) == std::vector<std::size_t>{1, 3, 1});
-  CHECK(pl::balance_layers(std::vector<double>{1, 1, 1, 1}, 4) == std::vector<std::size_t>{1, 1, 1, 1});
-  CHECK(pl::balance_layers(std::vector<double>{1, 1, 1, 1, 1, 1}, 2) == std::vector<std::size_t>{3, 3});
+  CHECK(pl::balance_layers(std::vector<double>{4, 1, 2, 1, 4}, 3) ==
+        std::vector<std::size_t>{1, 3, 1});
+  CHECK(pl::balance_layers(std::vector<double>{1, 1, 1, 1}, 4) ==
+        std::vector<std::size_t>{1, 1, 1, 1});
+  CHECK(pl::balance_layers(std::vector<double>{1, 1, 1, 1, 1, 1}, 2) ==
+        std::vector<std::size_t>{3, 3});
   CHECK_THROWS_AS(pl::balance_layers(std::vector<double>{1, 1}, 3), usage_error);
   ad::mlp model(widths, ad::activation::relu, seed);
   const auto costs = pl::measure_layer_costs(model, features, 16, 1);
@@ -293,27 +296,31 @@ TEST_CASE("executor traces, peak activations and errors", "[pipeline][executor]"
   auto broken = pl::gpipe(2, 2);
   broken.programs[1].erase(broken.programs[1].begin());
   std::vector<std::string> errors(2);
-  CHECK_THROWS_AS(local::run(2, [&](communicator& c) {
-    try {
-      pl::executor ex(c, broken);
-    } catch (const usage_error& e) {
-      std::lock_guard lock(m);
-      errors[static_cast<std::size_t>(c.rank())] = e.what();
-      throw;
-    }
-  }), usage_error);
+  CHECK_THROWS_AS(local::run(2,
+                             [&](communicator& c) {
+                               try {
+                                 pl::executor ex(c, broken);
+                               } catch (const usage_error& e) {
+                                 std::lock_guard lock(m);
+                                 errors[static_cast<std::size_t>(c.rank())] = e.what();
+                                 throw;
+                               }
+                             }),
+                  usage_error);
   CHECK((errors[0].find("RA1.0 is missing") != std::string::npos ||
          errors[1].find("RA1.0 is missing") != std::string::npos));
   CHECK_THROWS_AS(local::run(3, [&](communicator& c) { pl::executor ex(c, pl::gpipe(2, 2)); }),
                   usage_error);
   // Fewer rows than micro-batches.
-  CHECK_THROWS_AS(local::run(1, [&](communicator& c) {
-    ad::mlp model(widths, ad::activation::relu, seed);
-    const auto s = pl::gpipe(1, 4);
-    pl::sequential_stages stages(model, s, 0, {9}, features);
-    stages.set_batch(b.x.data(), 3, std::span<const int>(b.y).first(3));
-    pl::executor(c, s).run(stages);
-  }), usage_error);
+  CHECK_THROWS_AS(local::run(1,
+                             [&](communicator& c) {
+                               ad::mlp model(widths, ad::activation::relu, seed);
+                               const auto s = pl::gpipe(1, 4);
+                               pl::sequential_stages stages(model, s, 0, {9}, features);
+                               stages.set_batch(b.x.data(), 3, std::span<const int>(b.y).first(3));
+                               pl::executor(c, s).run(stages);
+                             }),
+                  usage_error);
   ad::mlp model(widths, ad::activation::relu, seed);
   CHECK_THROWS_AS(pl::sequential_stages(model, pl::gpipe(2, 1), 0, {4, 4}, features), usage_error);
 }

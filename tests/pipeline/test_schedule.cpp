@@ -217,7 +217,8 @@ TEST_CASE("ASCII grid and SVG pictures", "[pipeline]") {
   CHECK(svg.rfind("<svg", 0) == 0);
   CHECK(contains(svg, "</svg>"));
   std::size_t rects = 0;
-  for (std::size_t at = svg.find("<rect"); at != std::string::npos; at = svg.find("<rect", at + 1)) ++rects;
+  for (std::size_t at = svg.find("<rect"); at != std::string::npos; at = svg.find("<rect", at + 1))
+    ++rects;
   CHECK(rects == r.timeline.size() + 1 + 2 + 4);  // ops, background, lanes, legend
   CHECK(contains(to_svg(g, verify(g)), "forward"));
 }

@@ -33,7 +33,8 @@ std::vector<std::int32_t> reference(index m, index n, index k, const std::vector
 // kind 0: random, 1: extremes only (-128/127 weights, 0/255 activations), 2: all -128 x 255.
 void fill(std::vector<std::uint8_t>& a, std::vector<std::int8_t>& b, int kind, std::mt19937& rng) {
   std::uniform_int_distribution<int> u8(0, 255), s8(-128, 127), coin(0, 1);
-  for (auto& v : a) v = static_cast<std::uint8_t>(kind == 0 ? u8(rng) : kind == 1 ? (coin(rng) ? 255 : 0) : 255);
+  for (auto& v : a)
+    v = static_cast<std::uint8_t>(kind == 0 ? u8(rng) : kind == 1 ? (coin(rng) ? 255 : 0) : 255);
   for (auto& v : b) {
     v = static_cast<std::int8_t>(kind == 0 ? s8(rng) : kind == 1 ? (coin(rng) ? 127 : -128) : -128);
   }
@@ -65,7 +66,8 @@ TEST_CASE("int8 products equal the int32 reference on every path", "[serve][int8
             std::vector<std::uint8_t> a(static_cast<std::size_t>(m * k));
             std::vector<std::int8_t> b(static_cast<std::size_t>(k * n));
             fill(a, b, kind, rng);
-            const std::int32_t zp = kind == 0 ? static_cast<std::int32_t>(rng() % 256) : (kind == 1 ? 0 : 255);
+            const std::int32_t zp =
+                kind == 0 ? static_cast<std::int32_t>(rng() % 256) : (kind == 1 ? 0 : 255);
             const packed_int8_matrix w(b.data(), k, n, n, path);
             REQUIRE(w.path() == path);
             std::vector<std::int32_t> c(static_cast<std::size_t>(m * n), -7);
@@ -85,9 +87,11 @@ TEST_CASE("int8 products honour strides and leave the rest of C alone", "[serve]
   std::vector<std::uint8_t> ad(static_cast<std::size_t>(m * k));
   std::vector<std::int8_t> bd(static_cast<std::size_t>(k * n));
   for (index i = 0; i < m; ++i)
-    for (index l = 0; l < k; ++l) ad[static_cast<std::size_t>(i * k + l)] = a[static_cast<std::size_t>(i * lda + l)];
+    for (index l = 0; l < k; ++l)
+      ad[static_cast<std::size_t>(i * k + l)] = a[static_cast<std::size_t>(i * lda + l)];
   for (index l = 0; l < k; ++l)
-    for (index j = 0; j < n; ++j) bd[static_cast<std::size_t>(l * n + j)] = b[static_cast<std::size_t>(l * ldb + j)];
+    for (index j = 0; j < n; ++j)
+      bd[static_cast<std::size_t>(l * n + j)] = b[static_cast<std::size_t>(l * ldb + j)];
   const auto ref = reference(m, n, k, ad, 3, bd);
   for (const int8_path path : supported_int8_paths()) {
     INFO("path " << to_string(path));
@@ -124,7 +128,8 @@ TEST_CASE("signed int8 activations give the signed products", "[serve][int8]") {
     for (index i = 0; i < m; ++i)
       for (index j = 0; j < n; ++j) {
         std::int32_t s = 0;
-        for (index l = 0; l < k; ++l) s += a[static_cast<std::size_t>(i * k + l)] * b[static_cast<std::size_t>(l * n + j)];
+        for (index l = 0; l < k; ++l)
+          s += a[static_cast<std::size_t>(i * k + l)] * b[static_cast<std::size_t>(l * n + j)];
         REQUIRE(c[static_cast<std::size_t>(i * n + j)] == s);
       }
   }
@@ -151,20 +156,28 @@ TEST_CASE("bad int8 product arguments are refused", "[serve][int8]") {
   const packed_int8_matrix w(b.data(), 4, 3, 3, int8_path::baseline);
   std::vector<std::uint8_t> a(8, 1);
   std::vector<std::int32_t> c(6);
-  CHECK_THROWS_AS(gemm_u8s8s32(2, a.data(), 3, 0, w, c.data(), 3), usage_error);   // lda < k
-  CHECK_THROWS_AS(gemm_u8s8s32(2, a.data(), 4, 256, w, c.data(), 3), usage_error); // zero point
+  CHECK_THROWS_AS(gemm_u8s8s32(2, a.data(), 3, 0, w, c.data(), 3), usage_error);    // lda < k
+  CHECK_THROWS_AS(gemm_u8s8s32(2, a.data(), 4, 256, w, c.data(), 3), usage_error);  // zero point
   CHECK_THROWS_AS(gemm_u8s8s32(1, a.data(), 4, 0, packed_int8_matrix{}, c.data(), 3), usage_error);
 }
 
 TEST_CASE("input quantization gives the same bytes on every path", "[serve][int8]") {
   std::mt19937 rng(5);
   std::uniform_real_distribution<float> u(-3.0f, 300.0f);
-  for (const std::size_t n : {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{31},
-                              std::size_t{32}, std::size_t{33}, std::size_t{100}, std::size_t{1000}}) {
+  for (const std::size_t n :
+       {std::size_t{1}, std::size_t{15}, std::size_t{16}, std::size_t{31}, std::size_t{32},
+        std::size_t{33}, std::size_t{100}, std::size_t{1000}}) {
     std::vector<float> x(n);
     for (auto& v : x) v = u(rng);
-    const float specials[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
-                              -std::numeric_limits<float>::infinity(), -0.0f, 0.5f, 1.5f, 254.5f, 255.49f, 1e30f};
+    const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                              std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(),
+                              -0.0f,
+                              0.5f,
+                              1.5f,
+                              254.5f,
+                              255.49f,
+                              1e30f};
     for (std::size_t k = 0; k < std::size(specials) && k < n; ++k) x[(k * 7) % n] = specials[k];
     std::vector<std::uint8_t> want(n);
     // The reference, element by element.

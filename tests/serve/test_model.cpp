@@ -21,7 +21,8 @@ namespace sv = ringflow::serve;
 
 namespace {
 
-std::vector<float> ad_forward(ad::sequential& net, const std::vector<float>& x, ad::index rows, ad::index cols) {
+std::vector<float> ad_forward(ad::sequential& net, const std::vector<float>& x, ad::index rows,
+                              ad::index cols) {
   ad::no_grad guard;
   auto y = net(ad::tensor::from_data(x.data(), {rows, cols}));
   return {y.data().begin(), y.data().end()};
@@ -62,9 +63,12 @@ TEST_CASE("a serve model computes what the ad model computes", "[serve][model]")
 }
 
 TEST_CASE("a model that does not hold together is refused", "[serve][model]") {
-  sv::dense_layer a{.in = 4, .out = 3, .weight = std::vector<float>(12, 0.5f), .bias = std::vector<float>(3)};
-  sv::dense_layer b{.in = 2, .out = 1, .weight = std::vector<float>(2, 0.5f), .bias = std::vector<float>(1)};
-  CHECK_THROWS_AS((sv::model(std::vector<sv::dense_layer>{a, b})), usage_error);  // 3 outputs into 2 inputs
+  sv::dense_layer a{
+      .in = 4, .out = 3, .weight = std::vector<float>(12, 0.5f), .bias = std::vector<float>(3)};
+  sv::dense_layer b{
+      .in = 2, .out = 1, .weight = std::vector<float>(2, 0.5f), .bias = std::vector<float>(1)};
+  CHECK_THROWS_AS((sv::model(std::vector<sv::dense_layer>{a, b})),
+                  usage_error);  // 3 outputs into 2 inputs
   a.bias.resize(2);
   CHECK_THROWS_AS((sv::model(std::vector<sv::dense_layer>{a})), usage_error);
   ad::sequential s;
@@ -85,7 +89,8 @@ TEST_CASE("quantized weights and inputs are within half a step", "[serve][quanti
     for (ad::index j = 0; j < l.out; ++j) {
       const float s = l.weight_scale[static_cast<std::size_t>(j)];
       float amax = 0;
-      for (ad::index r = 0; r < l.in; ++r) amax = std::max(amax, std::fabs(f.weight[static_cast<std::size_t>(r * l.out + j)]));
+      for (ad::index r = 0; r < l.in; ++r)
+        amax = std::max(amax, std::fabs(f.weight[static_cast<std::size_t>(r * l.out + j)]));
       CHECK(s == Catch::Approx(amax / 127.0f));
       for (ad::index r = 0; r < l.in; ++r) {
         const auto k = static_cast<std::size_t>(r * l.out + j);
@@ -119,13 +124,15 @@ TEST_CASE("percentile calibration clips outliers", "[serve][quantize]") {
   auto calib = testing::noise(256 * 16, 9);
   calib[5] = 100.0f;  // one outlier
   const auto mm = sv::quantize(fp32, calib.data(), 256);
-  const auto pc = sv::quantize(fp32, calib.data(), 256,
-                               {.how = sv::calibration_options::method::percentile, .percentile = 99.9});
+  const auto pc =
+      sv::quantize(fp32, calib.data(), 256,
+                   {.how = sv::calibration_options::method::percentile, .percentile = 99.9});
   CHECK(mm.layers()[0].input.scale > 100.0f / 255.0f);
   CHECK(pc.layers()[0].input.scale < 2.5f / 255.0f);
 }
 
-TEST_CASE("the int8 model classifies as well as fp32, the same on every path", "[serve][quantize]") {
+TEST_CASE("the int8 model classifies as well as fp32, the same on every path",
+          "[serve][quantize]") {
   auto& t = task();
   const auto fp32 = sv::model::from_sequential(t.net);
   const double acc32 = sv::accuracy(fp32, t.test.x.data(), t.test.labels);
@@ -172,7 +179,8 @@ TEST_CASE("global magnitude pruning removes the smallest weights everywhere", "[
       }
     }
   }
-  CHECK(static_cast<double>(zero) / static_cast<double>(weights) == Catch::Approx(0.8).margin(1e-3));
+  CHECK(static_cast<double>(zero) / static_cast<double>(weights) ==
+        Catch::Approx(0.8).margin(1e-3));
   CHECK(largest_pruned <= smallest_kept);
   // Fine-tuning moves the weights; apply() puts the pruned ones back to zero.
   for (auto& v : params.all_values()) v += 0.25f;
@@ -187,24 +195,32 @@ TEST_CASE("pruned fine-tuning keeps accuracy on the synthetic task", "[serve][pr
   sv::model::from_sequential(t.net).copy_to(net);
   auto params = net.parameters();
   const auto mask = sv::prune_global_magnitude(params, 0.8);
-  testing::train_on(net, t.train, 300, [&] { mask.apply(params); }, 64, 3e-3);
+  testing::train_on(
+      net, t.train, 300, [&] { mask.apply(params); }, 64, 3e-3);
   const auto pruned = sv::model::from_sequential(net);
-  CHECK(static_cast<double>(pruned.nonzero_weights()) / static_cast<double>(pruned.weight_count()) ==
+  CHECK(static_cast<double>(pruned.nonzero_weights()) /
+            static_cast<double>(pruned.weight_count()) ==
         Catch::Approx(0.2).margin(1e-3));
-  const double dense = sv::accuracy(sv::model::from_sequential(t.net), t.test.x.data(), t.test.labels);
+  const double dense =
+      sv::accuracy(sv::model::from_sequential(t.net), t.test.x.data(), t.test.labels);
   CHECK(sv::accuracy(pruned, t.test.x.data(), t.test.labels) > dense - 0.02);
 }
 
-TEST_CASE("structured pruning drops the least important neurons and shrinks the layers", "[serve][prune]") {
+TEST_CASE("structured pruning drops the least important neurons and shrinks the layers",
+          "[serve][prune]") {
   // Neurons 0, 2, 4, ... of the hidden layer have no outgoing weights: they
   // cannot matter, so pruning half of them changes nothing.
   const auto w1 = testing::noise(6 * 8, 1);
   auto w2 = testing::noise(8 * 3, 2);
   for (int j = 0; j < 8; j += 2)
     for (int c = 0; c < 3; ++c) w2[static_cast<std::size_t>(j * 3 + c)] = 0.0f;
-  const sv::model m({sv::dense_layer{.in = 6, .out = 8, .act = ad::activation::relu, .weight = w1,
-                                     .bias = testing::noise(8, 3)},
-                     sv::dense_layer{.in = 8, .out = 3, .weight = w2, .bias = testing::noise(3, 4)}});
+  const sv::model m(
+      {sv::dense_layer{.in = 6,
+                       .out = 8,
+                       .act = ad::activation::relu,
+                       .weight = w1,
+                       .bias = testing::noise(8, 3)},
+       sv::dense_layer{.in = 8, .out = 3, .weight = w2, .bias = testing::noise(3, 4)}});
   const auto p = sv::prune_neurons(m, 0.5);
   const std::vector<ad::index> want_widths{6, 4, 3};
   REQUIRE(p.widths() == want_widths);
@@ -215,7 +231,8 @@ TEST_CASE("structured pruning drops the least important neurons and shrinks the 
   CHECK_THROWS_AS(sv::prune_neurons(m, 0.0), usage_error);
 }
 
-TEST_CASE("the distillation loss is the softened cross entropy plus the label loss", "[serve][distill]") {
+TEST_CASE("the distillation loss is the softened cross entropy plus the label loss",
+          "[serve][distill]") {
   const auto s = testing::noise(3 * 5, 1), t = testing::noise(3 * 5, 2);
   const std::vector<int> labels{0, 4, 2};
   auto student = ad::tensor::from_vector(s, {3, 5}, /*requires_grad=*/true);
@@ -240,7 +257,9 @@ TEST_CASE("the distillation loss is the softened cross entropy plus the label lo
       const double logq = s[static_cast<std::size_t>(b * 5 + c)] / T - ms - std::log(zs);
       soft -= p * logq / 3.0;
     }
-    hard -= (s[static_cast<std::size_t>(b * 5 + labels[static_cast<std::size_t>(b)])] - std::log(z1)) / 3.0;
+    hard -=
+        (s[static_cast<std::size_t>(b * 5 + labels[static_cast<std::size_t>(b)])] - std::log(z1)) /
+        3.0;
   }
   const auto loss = sv::distillation_loss(student, teacher, labels, T, 0.7);
   CHECK(loss.item() == Catch::Approx(0.7 * T * T * soft + 0.3 * hard).epsilon(1e-5));

@@ -2,12 +2,13 @@
 // loader refuses every truncation, every flipped byte, other versions, and
 // well-sealed payloads whose fields make no sense (a fuzz loop), always with
 // model_file_error and never by allocating what the file does not hold.
+#include <unistd.h>
+
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
-#include <unistd.h>
 
 #include "ringflow/ad/autodiff.hpp"
 #include "ringflow/serve/model_file.hpp"
@@ -41,7 +42,8 @@ sv::model small_pruned() {
 // Bitwise equality (memcmp must not see the null data() of an empty vector).
 template <class T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 void same_layers(const sv::model& a, const sv::model& b) {
@@ -62,7 +64,8 @@ void same_layers(const sv::model& a, const sv::model& b) {
 }
 
 std::filesystem::path scratch_dir() {
-  auto d = std::filesystem::temp_directory_path() / ("ringflow-serve-test-" + std::to_string(::getpid()));
+  auto d = std::filesystem::temp_directory_path() /
+           ("ringflow-serve-test-" + std::to_string(::getpid()));
   std::filesystem::create_directories(d);
   return d;
 }
@@ -89,7 +92,8 @@ TEST_CASE("model files round-trip bit for bit", "[serve][model_file]") {
   same_layers(odd, sv::decode_model(sv::encode_model(odd)));
 }
 
-TEST_CASE("int8 files are about 4x smaller, pruned ones store only the nonzeros", "[serve][model_file]") {
+TEST_CASE("int8 files are about 4x smaller, pruned ones store only the nonzeros",
+          "[serve][model_file]") {
   ad::mlp net({784, 256, 128, 10}, ad::activation::relu, 1);
   const auto fp32 = sv::model::from_sequential(net);
   const auto calib = testing::noise(16 * 784, 1);
@@ -98,7 +102,8 @@ TEST_CASE("int8 files are about 4x smaller, pruned ones store only the nonzeros"
   const double i8 = static_cast<double>(sv::encode_model(q).size());
   CHECK(f / i8 > 3.9);
   sv::prune_global_magnitude(net.parameters(), 0.8);
-  const double pruned = static_cast<double>(sv::encode_model(sv::model::from_sequential(net)).size());
+  const double pruned =
+      static_cast<double>(sv::encode_model(sv::model::from_sequential(net)).size());
   CHECK(f / pruned > 3.5);  // 20% of the floats plus a bit per weight
 }
 
@@ -112,7 +117,8 @@ TEST_CASE("save_model writes atomically and load_model reads it back", "[serve][
   for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++entries;
   CHECK(entries == 1);  // no temporary left behind
   CHECK_THROWS_AS(sv::load_model(dir / "missing.rfmodel"), sv::model_file_error);
-  CHECK_THROWS_AS(sv::save_model(dir / "no" / "such" / "dir" / "m.rfmodel", small_fp32()), sv::model_file_error);
+  CHECK_THROWS_AS(sv::save_model(dir / "no" / "such" / "dir" / "m.rfmodel", small_fp32()),
+                  sv::model_file_error);
   std::filesystem::remove_all(dir);
 }
 
@@ -152,7 +158,8 @@ TEST_CASE("model files of another version are refused by name", "[serve][model_f
   CHECK_NOTHROW(sv::decode_model(sv::detail::seal_model_payload(payload)));
 }
 
-TEST_CASE("fuzz: well-sealed nonsense is refused, never crashes or over-allocates", "[serve][model_file][fuzz]") {
+TEST_CASE("fuzz: well-sealed nonsense is refused, never crashes or over-allocates",
+          "[serve][model_file][fuzz]") {
   std::mt19937_64 rng(2026);
   const std::string payloads[] = {payload_of(sv::encode_model(small_fp32())),
                                   payload_of(sv::encode_model(small_int8())),
@@ -164,9 +171,9 @@ TEST_CASE("fuzz: well-sealed nonsense is refused, never crashes or over-allocate
     for (int e = 0; e < edits; ++e) {
       const std::size_t at = rng() % p.size();
       switch (rng() % 4) {
-        case 0: p[at] = static_cast<char>(rng()); break;                  // a random byte
-        case 1: p[at] = static_cast<char>(0xff); break;                   // huge lengths
-        case 2: p.resize(at); break;                                      // cut short
+        case 0: p[at] = static_cast<char>(rng()); break;                        // a random byte
+        case 1: p[at] = static_cast<char>(0xff); break;                         // huge lengths
+        case 2: p.resize(at); break;                                            // cut short
         default: p.insert(at, 1 + rng() % 9, static_cast<char>(rng())); break;  // bytes inserted
       }
       if (p.empty()) break;

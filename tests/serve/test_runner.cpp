@@ -91,7 +91,8 @@ TEST_CASE("each client gets its own result and batches stay within max_batch", "
   CHECK(s.batches >= s.requests / 8);
 }
 
-TEST_CASE("a batch runs when it is full, or when the oldest request's deadline passes", "[serve][runner]") {
+TEST_CASE("a batch runs when it is full, or when the oldest request's deadline passes",
+          "[serve][runner]") {
   SECTION("full") {
     // A deadline far away: the batch runs as soon as the 8th request arrives.
     sv::runner r([](const float* x, ad::index b, float* y) { sum_and_double(x, b, y, 3); }, 3, 2,
@@ -113,7 +114,8 @@ TEST_CASE("a batch runs when it is full, or when the oldest request's deadline p
   }
 }
 
-TEST_CASE("a full queue refuses with overloaded_error and memory stays bounded", "[serve][runner]") {
+TEST_CASE("a full queue refuses with overloaded_error and memory stays bounded",
+          "[serve][runner]") {
   gate g;
   sv::runner r(g.fn(), 3, 2, {.max_batch = 1, .max_wait = 0us, .max_queue = 4});
   std::vector<std::future<std::vector<float>>> fs;
@@ -133,7 +135,8 @@ TEST_CASE("a full queue refuses with overloaded_error and memory stays bounded",
   CHECK_THROWS_AS((r.submit(std::vector<float>{1, 2})), usage_error);  // wrong size
 }
 
-TEST_CASE("a model that throws fails its batch's futures, and the runner goes on", "[serve][runner]") {
+TEST_CASE("a model that throws fails its batch's futures, and the runner goes on",
+          "[serve][runner]") {
   sv::runner r(
       [](const float* x, ad::index b, float* y) {
         for (ad::index i = 0; i < b; ++i) {
@@ -150,7 +153,8 @@ TEST_CASE("a model that throws fails its batch's futures, and the runner goes on
 
 TEST_CASE("stopping with requests in flight answers them all and returns", "[serve][runner]") {
   gate g;
-  auto r = std::make_unique<sv::runner>(g.fn(), 3, 2, sv::runner_options{.max_batch = 2, .max_wait = 0us});
+  auto r = std::make_unique<sv::runner>(g.fn(), 3, 2,
+                                        sv::runner_options{.max_batch = 2, .max_wait = 0us});
   std::vector<std::future<std::vector<float>>> fs;
   for (int i = 0; i < 7; ++i) fs.push_back(r->submit(std::vector<float>{float(i), 0, 0}));
   wait_until([&] { return g.entered.load() == 1; });
@@ -175,10 +179,12 @@ TEST_CASE("stopping with requests in flight answers them all and returns", "[ser
   // The destructor alone, with requests still queued, also answers them.
   std::vector<std::future<std::vector<float>>> more;
   {
-    sv::runner r2([](const float* x, ad::index b, float* y) {
-      std::this_thread::sleep_for(2ms);
-      sum_and_double(x, b, y, 3);
-    }, 3, 2, {.max_batch = 4, .max_wait = 1ms});
+    sv::runner r2(
+        [](const float* x, ad::index b, float* y) {
+          std::this_thread::sleep_for(2ms);
+          sum_and_double(x, b, y, 3);
+        },
+        3, 2, {.max_batch = 4, .max_wait = 1ms});
     for (int i = 0; i < 20; ++i) more.push_back(r2.submit(std::vector<float>{float(i), 0, 0}));
   }
   for (int i = 0; i < 20; ++i) CHECK(more[static_cast<std::size_t>(i)].get()[1] == 2.0f * float(i));

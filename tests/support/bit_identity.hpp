@@ -23,13 +23,21 @@ namespace ringflow::testing {
 template <class T>
 struct float_layout;
 template <>
-struct float_layout<float> { static constexpr int width = 32, mantissa = 23; };
+struct float_layout<float> {
+  static constexpr int width = 32, mantissa = 23;
+};
 template <>
-struct float_layout<double> { static constexpr int width = 64, mantissa = 52; };
+struct float_layout<double> {
+  static constexpr int width = 64, mantissa = 52;
+};
 template <>
-struct float_layout<half> { static constexpr int width = 16, mantissa = 10; };
+struct float_layout<half> {
+  static constexpr int width = 16, mantissa = 10;
+};
 template <>
-struct float_layout<bfloat16> { static constexpr int width = 16, mantissa = 7; };
+struct float_layout<bfloat16> {
+  static constexpr int width = 16, mantissa = 7;
+};
 
 template <class T>
 T from_bits(std::uint64_t b) {
@@ -77,17 +85,23 @@ T awkward_value(int rank, std::size_t i) {
   const std::uint64_t payload = (h >> 11) & (quiet - 1);
   const bool clean = i % 4 == 0;
   switch (h % 20) {
-    case 0: case 1: case 2: case 3:
+    case 0:
+    case 1:
+    case 2:
+    case 3:
       if (!clean) return from_bits<T>(sign | exp_all | quiet | payload);  // quiet NaN
       break;
     case 4:
       if (!clean) return from_bits<T>(sign | exp_all | (payload | 1));  // signalling NaN
       break;
-    case 5: case 6:
+    case 5:
+    case 6:
       if (!clean) return from_bits<T>(sign | exp_all);  // +-Inf
       break;
-    case 7: case 8: return from_bits<T>(sign);  // +-0
-    case 9: case 10: return from_bits<T>(sign | ((h >> 13) & mant_mask) | 1);  // denormal
+    case 7:
+    case 8: return from_bits<T>(sign);  // +-0
+    case 9:
+    case 10: return from_bits<T>(sign | ((h >> 13) & mant_mask) | 1);  // denormal
     default: break;
   }
   const float v = 1.0f + static_cast<float>((h >> 20) % 64) / 37.0f;
@@ -132,8 +146,8 @@ void check_values(const communicator& c, const std::vector<T>& res, std::size_t 
     double lo = INFINITY, hi = -INFINITY, sum = 0;
     for (int r = 0; r < p; ++r) {
       const T v = awkward_value<T>(r, i);
-      const double d = sizeof(T) == 8 ? static_cast<double>(v)
-                                      : static_cast<double>(static_cast<float>(v));
+      const double d =
+          sizeof(T) == 8 ? static_cast<double>(v) : static_cast<double>(static_cast<float>(v));
       if (std::isnan(d)) {
         any_nan = true;
         continue;
@@ -155,8 +169,8 @@ void check_values(const communicator& c, const std::vector<T>& res, std::size_t 
       if (!(std::abs(got - want) <= tol)) wrong = fmt::format("want about {}", want);
     }
     if (!wrong.empty()) {
-      out.push_back(fmt::format("rank {} of {}: {}: element {} = {} ({}): {}", c.rank(), p, what,
-                                i, got, hex_bits(res[k]), wrong));
+      out.push_back(fmt::format("rank {} of {}: {}: element {} = {} ({}): {}", c.rank(), p, what, i,
+                                got, hex_bits(res[k]), wrong));
       return;
     }
   }
@@ -171,9 +185,9 @@ template <class T, class Op>
 void check_bit_identity(const communicator& c, algo a, std::size_t count, const Op& op,
                         failures& out) {
   const int r = c.rank();
-  const std::string what = fmt::format("allreduce<{}, {}>(algo::{}, count={})",
-                                       dtype_name(dtype_of<T>), op_name(Op::kind), algo_name(a),
-                                       count);
+  const std::string what =
+      fmt::format("allreduce<{}, {}>(algo::{}, count={})", dtype_name(dtype_of<T>),
+                  op_name(Op::kind), algo_name(a), count);
   const std::size_t shift = static_cast<std::size_t>(r % 4);
   std::vector<T> in(count + shift), res(count + shift);
   for (std::size_t i = 0; i < count; ++i) in[shift + i] = awkward_value<T>(r, i);
@@ -224,9 +238,9 @@ template <class T, class Op>
 void check_scatter_gather_identity(const communicator& c, algo a, std::size_t count, const Op& op,
                                    failures& out) {
   const int p = c.size(), r = c.rank();
-  const std::string what = fmt::format("reduce_scatter + allgather<{}, {}>(algo::{}, count={})",
-                                       dtype_name(dtype_of<T>), op_name(Op::kind), algo_name(a),
-                                       count);
+  const std::string what =
+      fmt::format("reduce_scatter + allgather<{}, {}>(algo::{}, count={})", dtype_name(dtype_of<T>),
+                  op_name(Op::kind), algo_name(a), count);
   std::vector<T> in(count);
   for (std::size_t i = 0; i < count; ++i) in[i] = awkward_value<T>(r, i);
   const chunk own = partition(count, p, r);
@@ -253,8 +267,7 @@ void check_bit_identity_all_ops(const communicator& c, algo a, std::size_t count
 }
 
 template <class T>
-void check_scatter_gather_all_ops(const communicator& c, algo a, std::size_t count,
-                                  failures& out) {
+void check_scatter_gather_all_ops(const communicator& c, algo a, std::size_t count, failures& out) {
   check_scatter_gather_identity<T>(c, a, count, sum, out);
   check_scatter_gather_identity<T>(c, a, count, prod, out);
   check_scatter_gather_identity<T>(c, a, count, min, out);

@@ -21,8 +21,9 @@ using failures = std::vector<std::string>;
 /// Small integer inputs: exact in every dtype, so any reduction order gives
 /// the same exact answer and a serial reference can be compared bit for bit.
 inline int input_value(int rank, std::size_t i, op_kind op) {
-  if (op == op_kind::prod) return 1 + static_cast<int>((static_cast<std::size_t>(rank) * 3 + i) % 5 == 0);  // 1 or 2
-  return 1 + static_cast<int>((static_cast<std::size_t>(rank) * 7 + i * 3) % 5);  // 1..5
+  if (op == op_kind::prod)
+    return 1 + static_cast<int>((static_cast<std::size_t>(rank) * 3 + i) % 5 == 0);  // 1 or 2
+  return 1 + static_cast<int>((static_cast<std::size_t>(rank) * 7 + i * 3) % 5);     // 1..5
 }
 
 template <class T, class Op>
@@ -101,9 +102,9 @@ void check_reduce_scatter(const communicator& c, std::size_t count, const Op& op
   for (std::size_t i = 0; i < own.count; ++i) {
     const T want = reference_value<T>(p, own.offset + i, op);
     if (!same_bits(got[i], want)) {
-      out.push_back(fmt::format("rank {} of {}: reduce_scatter<{}, {}>(count={}) element {} = {}, want {}",
-                                r, p, dtype_name(dtype_of<T>), op_name(Op::kind), count, i,
-                                show(got[i]), show(want)));
+      out.push_back(fmt::format(
+          "rank {} of {}: reduce_scatter<{}, {}>(count={}) element {} = {}, want {}", r, p,
+          dtype_name(dtype_of<T>), op_name(Op::kind), count, i, show(got[i]), show(want)));
       return;
     }
   }
@@ -138,7 +139,9 @@ template <class T>
 void check_broadcast(const communicator& c, std::size_t count, int root, coll_options opt,
                      failures& out) {
   const int r = c.rank();
-  auto value = [&](std::size_t i) { return static_cast<T>(static_cast<int>((i + static_cast<std::size_t>(root)) % 89)); };
+  auto value = [&](std::size_t i) {
+    return static_cast<T>(static_cast<int>((i + static_cast<std::size_t>(root)) % 89));
+  };
   std::vector<T> buf(count, static_cast<T>(-1));
   if (r == root) {
     for (std::size_t i = 0; i < count; ++i) buf[i] = value(i);
@@ -146,9 +149,9 @@ void check_broadcast(const communicator& c, std::size_t count, int root, coll_op
   broadcast(c, std::span<T>(buf), root, opt);
   for (std::size_t i = 0; i < count; ++i) {
     if (!same_bits(buf[i], value(i))) {
-      out.push_back(fmt::format("rank {}: broadcast<{}>(count={}, root={}) element {} = {}, want {}",
-                                r, dtype_name(dtype_of<T>), count, root, i, show(buf[i]),
-                                show(value(i))));
+      out.push_back(
+          fmt::format("rank {}: broadcast<{}>(count={}, root={}) element {} = {}, want {}", r,
+                      dtype_name(dtype_of<T>), count, root, i, show(buf[i]), show(value(i))));
       return;
     }
   }
@@ -203,8 +206,8 @@ inline void check_every_dtype(const communicator& c, failures& out) {
 
 inline void check_broadcasts(const communicator& c, failures& out) {
   for (int root = 0; root < c.size(); ++root) {
-    for (std::size_t count : {std::size_t{0}, std::size_t{1}, std::size_t{1000},
-                              std::size_t{100000}}) {
+    for (std::size_t count :
+         {std::size_t{0}, std::size_t{1}, std::size_t{1000}, std::size_t{100000}}) {
       check_broadcast<float>(c, count, root, coll_options{}, out);
       check_broadcast<std::int8_t>(c, count, root, coll_options{algo::ring, 4096}, out);
     }
@@ -248,7 +251,8 @@ inline void check_large_bitwise(const communicator& c, std::size_t count, failur
           std::sin(static_cast<float>(i) * 0.37f + static_cast<float>(r) * 1.3f) * 1e3f);
     }
     if (std::abs(a[i] - want) > 1e-3 * c.size()) {
-      out.push_back(fmt::format("rank {}: element {} = {}, want about {}", c.rank(), i, a[i], want));
+      out.push_back(
+          fmt::format("rank {}: element {} = {}, want about {}", c.rank(), i, a[i], want));
       return;
     }
   }
@@ -329,14 +333,14 @@ inline void check_large_bitwise_algo(const communicator& c, algo a, std::size_t 
   allreduce(c, std::span<const float>(a1), std::span<float>(res), sum, coll_options{a, 0});
   allreduce(c, std::span<float>(a2), sum, coll_options{a, 0});
   if (std::memcmp(res.data(), a2.data(), count * sizeof(float)) != 0) {
-    out.push_back(fmt::format("rank {}: {}: two identical allreduces gave different bits",
-                              c.rank(), algo_name(a)));
+    out.push_back(fmt::format("rank {}: {}: two identical allreduces gave different bits", c.rank(),
+                              algo_name(a)));
   }
   std::vector<float> ref = res;
   broadcast(c, std::span<float>(ref), 0);
   if (std::memcmp(res.data(), ref.data(), count * sizeof(float)) != 0) {
-    out.push_back(fmt::format("rank {}: {}: result bits differ from rank 0's", c.rank(),
-                              algo_name(a)));
+    out.push_back(
+        fmt::format("rank {}: {}: result bits differ from rank 0's", c.rank(), algo_name(a)));
   }
   for (std::size_t i = 0; i < count; i += 9973) {
     double want = 0;

@@ -52,20 +52,21 @@ bool check_block(const T* got, int from, int to, std::size_t n, const std::strin
 }
 
 template <class T>
-void check_alltoall(const communicator& c, std::size_t count, alltoall_options opt,
-                    failures& out) {
+void check_alltoall(const communicator& c, std::size_t count, alltoall_options opt, failures& out) {
   const int p = c.size(), r = c.rank();
   const auto up = static_cast<std::size_t>(p);
   std::vector<T> in(up * count), res(up * count, static_cast<T>(-1));
   for (int q = 0; q < p; ++q) {
-    for (std::size_t j = 0; j < count; ++j) in[static_cast<std::size_t>(q) * count + j] = block_value<T>(r, q, j);
+    for (std::size_t j = 0; j < count; ++j)
+      in[static_cast<std::size_t>(q) * count + j] = block_value<T>(r, q, j);
   }
   alltoall<T>(c, std::span<const T>(in), std::span<T>(res), opt);
   const std::string what =
-      fmt::format("rank {} of {}: alltoall<{}>(count={}, {})", r, p, dtype_name(dtype_of<T>),
-                  count, alltoall_algo_name(opt.algorithm));
+      fmt::format("rank {} of {}: alltoall<{}>(count={}, {})", r, p, dtype_name(dtype_of<T>), count,
+                  alltoall_algo_name(opt.algorithm));
   for (int q = 0; q < p; ++q) {
-    if (!check_block(res.data() + static_cast<std::size_t>(q) * count, q, r, count, what, out)) return;
+    if (!check_block(res.data() + static_cast<std::size_t>(q) * count, q, r, count, what, out))
+      return;
   }
 }
 
@@ -119,7 +120,8 @@ void check_gather(const communicator& c, std::size_t count, int root, failures& 
                                        dtype_name(dtype_of<T>), count, root);
   if (r == root) {
     for (int q = 0; q < p; ++q) {
-      if (!check_block(res.data() + static_cast<std::size_t>(q) * count, q, root, count, what, out)) return;
+      if (!check_block(res.data() + static_cast<std::size_t>(q) * count, q, root, count, what, out))
+        return;
     }
   }
 }
@@ -138,16 +140,16 @@ void check_gatherv(const communicator& c, int seed, std::size_t scale, int root,
   std::vector<T> res(r == root ? total : 0, static_cast<T>(-1));
   if (r == root && in_place) {
     std::copy(in.begin(), in.end(), res.begin() + static_cast<std::ptrdiff_t>(displs[r]));
-    gatherv<T>(c, std::span<const T>(res.data() + displs[r], counts[r]), std::span<T>(res),
-               counts, displs, root);
+    gatherv<T>(c, std::span<const T>(res.data() + displs[r], counts[r]), std::span<T>(res), counts,
+               displs, root);
   } else if (r == root) {
     gatherv<T>(c, std::span<const T>(in), std::span<T>(res), counts, root);
   } else {
     gatherv<T>(c, std::span<const T>(in), std::span<T>(), {}, {}, root);
   }
-  const std::string what = fmt::format("rank {} of {}: gatherv<{}>(seed={}, root={}{})", r, p,
-                                       dtype_name(dtype_of<T>), seed, root,
-                                       in_place ? ", in place" : "");
+  const std::string what =
+      fmt::format("rank {} of {}: gatherv<{}>(seed={}, root={}{})", r, p, dtype_name(dtype_of<T>),
+                  seed, root, in_place ? ", in place" : "");
   if (r == root) {
     for (int q = 0; q < p; ++q) {
       if (!check_block(res.data() + displs[q], q, root, counts[q], what, out)) return;
@@ -162,7 +164,8 @@ void check_scatter(const communicator& c, std::size_t count, int root, failures&
   std::vector<T> in(r == root ? up * count : 0);
   if (r == root) {
     for (int q = 0; q < p; ++q) {
-      for (std::size_t j = 0; j < count; ++j) in[static_cast<std::size_t>(q) * count + j] = block_value<T>(root, q, j);
+      for (std::size_t j = 0; j < count; ++j)
+        in[static_cast<std::size_t>(q) * count + j] = block_value<T>(root, q, j);
     }
   }
   std::vector<T> res(count, static_cast<T>(-1));
@@ -217,10 +220,9 @@ void check_reduce(const communicator& c, std::size_t count, const Op& op, int ro
   } else {
     reduce<T, Op>(c, std::span<const T>(in), std::span<T>(res), op, root, opt);
   }
-  const std::string what =
-      fmt::format("rank {} of {}: reduce<{}, {}>(count={}, root={}, {}{})", r, p,
-                  dtype_name(dtype_of<T>), op_name(Op::kind), count, root,
-                  algo_name(opt.algorithm), in_place ? ", in place" : "");
+  const std::string what = fmt::format("rank {} of {}: reduce<{}, {}>(count={}, root={}, {}{})", r,
+                                       p, dtype_name(dtype_of<T>), op_name(Op::kind), count, root,
+                                       algo_name(opt.algorithm), in_place ? ", in place" : "");
   if (r != root) {
     for (std::size_t i = 0; i < count; ++i) {
       if (!same_bits(in[i], saved[i])) {
@@ -265,9 +267,9 @@ void check_allgatherv(const communicator& c, int seed, std::size_t scale, bool i
   } else {
     allgatherv<T>(c, std::span<const T>(mine), std::span<T>(res), counts, displs);
   }
-  const std::string what = fmt::format("rank {} of {}: allgatherv<{}>(seed={}, scale={}{})", r, p,
-                                       dtype_name(dtype_of<T>), seed, scale,
-                                       in_place ? ", in place" : "");
+  const std::string what =
+      fmt::format("rank {} of {}: allgatherv<{}>(seed={}, scale={}{})", r, p,
+                  dtype_name(dtype_of<T>), seed, scale, in_place ? ", in place" : "");
   for (int q = 0; q < p; ++q) {
     if (!check_block(res.data() + displs[q], q, 0, counts[q], what, out)) return;
     if (!same_bits(res[displs[q] + counts[q]], static_cast<T>(-1))) {
@@ -289,8 +291,8 @@ void check_reduce_scatter_v(const communicator& c, int seed, std::size_t scale, 
   std::vector<T> res(counts[r], static_cast<T>(-7));
   const T* got = res.data();
   if (in_place) {
-    reduce_scatter_v<T>(c, std::span<const T>(in),
-                        std::span<T>(in.data() + offsets[r], counts[r]), counts, op);
+    reduce_scatter_v<T>(c, std::span<const T>(in), std::span<T>(in.data() + offsets[r], counts[r]),
+                        counts, op);
     got = in.data() + offsets[r];
   } else {
     reduce_scatter_v<T>(c, std::span<const T>(in), std::span<T>(res), counts, op);
@@ -310,8 +312,14 @@ void check_reduce_scatter_v(const communicator& c, int seed, std::size_t scale, 
 /// The counts the uniform collectives are checked at for p ranks: 0, 1,
 /// p-1, p+1, primes and a large one.
 inline std::vector<std::size_t> v_counts(int p) {
-  return {0, 1, static_cast<std::size_t>(p > 1 ? p - 1 : 2), static_cast<std::size_t>(p + 1), 7,
-          13, 1009, 65537};
+  return {0,
+          1,
+          static_cast<std::size_t>(p > 1 ? p - 1 : 2),
+          static_cast<std::size_t>(p + 1),
+          7,
+          13,
+          1009,
+          65537};
 }
 
 /// Every new collective for one dtype (reductions with sum and max, plus
@@ -322,7 +330,8 @@ void check_v_suite(const communicator& c, failures& out) {
   for (std::size_t count : v_counts(p)) {
     for (alltoall_algo a :
          {alltoall_algo::pairwise, alltoall_algo::bruck, alltoall_algo::automatic}) {
-      if (count < 65537 || a != alltoall_algo::bruck || p <= 4) check_alltoall<T>(c, count, alltoall_options{a}, out);
+      if (count < 65537 || a != alltoall_algo::bruck || p <= 4)
+        check_alltoall<T>(c, count, alltoall_options{a}, out);
     }
     const int root = static_cast<int>(count % static_cast<std::size_t>(p));
     check_gather<T>(c, count, root, out);
@@ -351,12 +360,12 @@ void check_v_suite(const communicator& c, failures& out) {
 /// the root's result satisfies the order-free facts, every rank gets the
 /// same bytes from the root, and a second call gives the same bytes.
 template <class T, class Op>
-void check_reduce_identity(const communicator& c, algo a, std::size_t count, const Op& op,
-                           int root, failures& out) {
+void check_reduce_identity(const communicator& c, algo a, std::size_t count, const Op& op, int root,
+                           failures& out) {
   const int r = c.rank();
-  const std::string what = fmt::format("reduce<{}, {}>(algo::{}, count={}, root={})",
-                                       dtype_name(dtype_of<T>), op_name(Op::kind), algo_name(a),
-                                       count, root);
+  const std::string what =
+      fmt::format("reduce<{}, {}>(algo::{}, count={}, root={})", dtype_name(dtype_of<T>),
+                  op_name(Op::kind), algo_name(a), count, root);
   std::vector<T> in(count), res(count), again(count);
   for (std::size_t i = 0; i < count; ++i) in[i] = awkward_value<T>(r, i);
   reduce<T, Op>(c, std::span<const T>(in), std::span<T>(res), op, root, coll_options{a, 0});
@@ -458,12 +467,14 @@ void check_sparse_allreduce(const communicator& c, int seed, std::size_t width, 
   const std::string what = fmt::format("rank {} of {}: sparse_allreduce<{}>(seed={}, width={})", r,
                                        p, dtype_name(dtype_of<T>), seed, width);
   if (got.indices != want_idx || got.values.size() != want.size() || got.width != width) {
-    out.push_back(fmt::format("{}: {} indices, want {}", what, got.indices.size(), want_idx.size()));
+    out.push_back(
+        fmt::format("{}: {} indices, want {}", what, got.indices.size(), want_idx.size()));
     return;
   }
   for (std::size_t i = 0; i < want.size(); ++i) {
     if (!same_bits(got.values[i], static_cast<T>(static_cast<float>(want[i])))) {
-      out.push_back(fmt::format("{}: value {} = {}, want {}", what, i, show(got.values[i]), want[i]));
+      out.push_back(
+          fmt::format("{}: value {} = {}, want {}", what, i, show(got.values[i]), want[i]));
       return;
     }
   }

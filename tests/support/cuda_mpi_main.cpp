@@ -17,7 +17,8 @@
 #include "ringflow/cuda/device.hpp"
 
 int main(int argc, char** argv) {
-  setenv("RINGFLOW_CHECK", "full", /*overwrite=*/0);  // the mismatch tests expect every rank to name every call
+  setenv("RINGFLOW_CHECK", "full",
+         /*overwrite=*/0);  // the mismatch tests expect every rank to name every call
   ringflow::mpi::environment env(argc, argv);
   auto world = ringflow::mpi::world();
   // Every rank decides the same way (a rank without a GPU would otherwise

@@ -25,10 +25,10 @@ enum class id_overlap {
 };
 
 struct embedding_run {
-  std::vector<float> values;       ///< every parameter after the run
-  std::vector<float> losses;       ///< this rank's loss per step
-  std::uint64_t bytes_sent = 0;    ///< last step's bytes_sent
-  std::size_t buckets = 0;         ///< dense buckets
+  std::vector<float> values;     ///< every parameter after the run
+  std::vector<float> losses;     ///< this rank's loss per step
+  std::uint64_t bytes_sent = 0;  ///< last step's bytes_sent
+  std::size_t buckets = 0;       ///< dense buckets
 };
 
 inline constexpr std::int64_t embedding_rows = 96;  // 3 blocks of 32 (pairs of ranks, np <= 6)

@@ -271,9 +271,9 @@ void compare_bits(const std::vector<T>& got, const std::vector<T>& want, const s
 /// the policy runs over a device_pointer_like_transport of c's transport
 /// that lands its receives that way (the CPU ring still runs on c's).
 template <class T, class Op>
-void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg,
-                       std::size_t slots, detail::staging_mode mode, bool in_place,
-                       failures& f, std::optional<landing> over = std::nullopt) {
+void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg, std::size_t slots,
+                       detail::staging_mode mode, bool in_place, failures& f,
+                       std::optional<landing> over = std::nullopt) {
   const Op op{};
   transport& cpu = c.raw();
   std::optional<device_pointer_like_transport> dev;
@@ -281,17 +281,19 @@ void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg
   transport& t = dev ? static_cast<transport&>(*dev) : cpu;
   const int p = c.size(), r = c.rank();
   const std::size_t seg_bytes = detail::segment_elems(seg, sizeof(T)) * sizeof(T);
-  const std::string what = fmt::format(
-      "rank {}/{} {} {} count {} seg {} slots {} {} {}{}", r, p, dtype_name(dtype_of<T>),
-      op_name(Op::kind), count, seg, slots,
-      mode == detail::staging_mode::staged ? "staged" : "direct",
-      in_place ? "in place" : "out of place",
-      !over ? "" : *over == landing::late ? " (late landing)" : " (landing at completion)");
+  const std::string what =
+      fmt::format("rank {}/{} {} {} count {} seg {} slots {} {} {}{}", r, p,
+                  dtype_name(dtype_of<T>), op_name(Op::kind), count, seg, slots,
+                  mode == detail::staging_mode::staged ? "staged" : "direct",
+                  in_place ? "in place" : "out of place",
+                  !over                    ? ""
+                  : *over == landing::late ? " (late landing)"
+                                           : " (landing at completion)");
   auto landed = [&] {
     if (dev) dev->flush();
   };
-  const std::uint32_t seed = static_cast<std::uint32_t>(count * 31 + seg + slots * 7 +
-                                                        static_cast<std::size_t>(r));
+  const std::uint32_t seed =
+      static_cast<std::uint32_t>(count * 31 + seg + slots * 7 + static_cast<std::size_t>(r));
   std::vector<T> in(count);
   for (std::size_t i = 0; i < count; ++i) in[i] = staging_input<T>(r, i, Op::kind);
 
@@ -326,8 +328,9 @@ void check_staged_ring(const communicator& c, std::size_t count, std::size_t seg
     T* out = in_place ? src.data() + own.offset : got.data();
     detail::ring_reduce_scatter_on(m, t, static_cast<const T*>(src.data()), out, count, op, seg);
     landed();
-    if (in_place) got.assign(src.begin() + static_cast<std::ptrdiff_t>(own.offset),
-                             src.begin() + static_cast<std::ptrdiff_t>(own.offset + own.count));
+    if (in_place)
+      got.assign(src.begin() + static_cast<std::ptrdiff_t>(own.offset),
+                 src.begin() + static_cast<std::ptrdiff_t>(own.offset + own.count));
     compare_bits(got, want, what + " reduce_scatter", f);
   }
   // allgather of each rank's piece of `in`

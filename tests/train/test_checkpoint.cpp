@@ -1,7 +1,8 @@
-// Checkpoints: round trip, corruption, truncation, mismatch, atomic replacement, exact resume on 2 thread-ranks.
+// Checkpoints: round trip, corruption, truncation, mismatch, atomic replacement, exact resume on 2
+// thread-ranks.
 #include <sys/resource.h>
-#include <zlib.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <csignal>
 #include <cstring>
@@ -70,8 +71,7 @@ struct trainer_setup {
   data::sampler sampler;
   train::training_state state;
   trainer_setup(int rank, int world, std::uint64_t model_seed, std::size_t n)
-      : model({16, 12, 4}, ad::activation::relu, model_seed),
-        opt(model.parameters(), {.lr = 5e-2}),
+      : model({16, 12, 4}, ad::activation::relu, model_seed), opt(model.parameters(), {.lr = 5e-2}),
         sampler(n, rank, world, 7) {
     state.params = model.parameters();
     state.optimizer = train::optimizer_state_of(opt);
@@ -134,10 +134,12 @@ TEST_CASE("checkpoint round trip restores parameters, optimizer, sampler, step, 
 
   // SGD with momentum and no sampler.
   ad::mlp m1({5, 3}, ad::activation::none, 1), m2({5, 3}, ad::activation::none, 2);
-  ad::sgd s1(m1.parameters(), {.lr = 0.1, .momentum = 0.9}), s2(m2.parameters(), {.lr = 0.1, .momentum = 0.9});
+  ad::sgd s1(m1.parameters(), {.lr = 0.1, .momentum = 0.9}),
+      s2(m2.parameters(), {.lr = 0.1, .momentum = 0.9});
   s1.velocity()[3] = 1.5f;
   s1.set_steps(4);
-  train::save_checkpoint(dir / "sgd.bin", {.params = m1.parameters(), .optimizer = train::optimizer_state_of(s1)});
+  train::save_checkpoint(dir / "sgd.bin",
+                         {.params = m1.parameters(), .optimizer = train::optimizer_state_of(s1)});
   train::training_state st{.params = m2.parameters(), .optimizer = train::optimizer_state_of(s2)};
   train::load_checkpoint(dir / "sgd.bin", st);
   REQUIRE(s2.velocity()[3] == 1.5f);
@@ -153,7 +155,8 @@ TEST_CASE("corrupt, truncated, mismatched and future checkpoints are refused unt
   ad::mlp model({6, 5, 3}, ad::activation::relu, 1);
   ad::adamw opt(model.parameters());
   opt.first_moment()[0] = 0.25f;
-  train::save_checkpoint(file, {.params = model.parameters(), .optimizer = train::optimizer_state_of(opt)});
+  train::save_checkpoint(
+      file, {.params = model.parameters(), .optimizer = train::optimizer_state_of(opt)});
   const auto good = read_all(file);
 
   ad::mlp other({6, 5, 3}, ad::activation::relu, 2);
@@ -192,7 +195,8 @@ TEST_CASE("corrupt, truncated, mismatched and future checkpoints are refused unt
   }
   SECTION("truncated") {
     for (std::size_t keep : {std::size_t{0}, std::size_t{10}, std::size_t{32}, good.size() - 4}) {
-      write_all(file, std::vector<unsigned char>(good.begin(), good.begin() + static_cast<std::ptrdiff_t>(keep)));
+      write_all(file, std::vector<unsigned char>(good.begin(),
+                                                 good.begin() + static_cast<std::ptrdiff_t>(keep)));
       expect_refused("truncated");
     }
   }
@@ -217,7 +221,8 @@ TEST_CASE("corrupt, truncated, mismatched and future checkpoints are refused unt
   SECTION("a model of another shape") {
     ad::mlp wide({6, 7, 3}, ad::activation::relu, 1);
     ad::adamw wide_opt(wide.parameters());
-    train::save_checkpoint(file, {.params = wide.parameters(), .optimizer = train::optimizer_state_of(wide_opt)});
+    train::save_checkpoint(
+        file, {.params = wide.parameters(), .optimizer = train::optimizer_state_of(wide_opt)});
     expect_refused("'0.weight' [6,7] in the checkpoint but '0.weight' [6,5] in the model");
   }
   SECTION("a model with other parameters") {
@@ -227,7 +232,8 @@ TEST_CASE("corrupt, truncated, mismatched and future checkpoints are refused unt
   }
   SECTION("another optimizer") {
     ad::sgd sgd(model.parameters(), {.momentum = 0.9});
-    train::save_checkpoint(file, {.params = model.parameters(), .optimizer = train::optimizer_state_of(sgd)});
+    train::save_checkpoint(
+        file, {.params = model.parameters(), .optimizer = train::optimizer_state_of(sgd)});
     expect_refused("kind 'sgd' but the optimizer is 'adamw'");
   }
   fs::remove_all(dir);

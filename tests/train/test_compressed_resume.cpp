@@ -140,10 +140,9 @@ TEST_CASE("compressed runs resume bit for bit with residuals, counters and warm 
     std::optional<bool> ef;
     bool stateful;  // restoring nothing must then change the run
   };
-  const std::vector<config> configs = {{"powersgd:2", {}, true}, {"int8", {}, true},
-                                       {"int8", true, true},     {"sign", {}, true},
-                                       {"topk:0.2", {}, true},   {"bf16", {}, false},
-                                       {"auto", {}, false}};
+  const std::vector<config> configs = {
+      {"powersgd:2", {}, true}, {"int8", {}, true},  {"int8", true, true}, {"sign", {}, true},
+      {"topk:0.2", {}, true},   {"bf16", {}, false}, {"auto", {}, false}};
   for (const int p : {2, 3}) {
     for (const auto& cfg : configs) {
       INFO("ranks " << p << " compress " << cfg.spec << " error feedback "

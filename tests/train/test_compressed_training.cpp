@@ -1,4 +1,5 @@
-// data_parallel with gradient compression: identical parameters on every rank, fewer bytes, fp16 close to fp32.
+// data_parallel with gradient compression: identical parameters on every rank, fewer bytes, fp16
+// close to fp32.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -39,8 +40,8 @@ ad::tensor local_loss(ad::mlp& model, int rank, int step, std::vector<float>& x_
   x_data = uniform_noise(local_batch * features, seed);
   std::vector<int> y(local_batch);
   for (std::size_t i = 0; i < local_batch; ++i) y[i] = static_cast<int>((i * 5 + seed) % 4);
-  auto x = ad::tensor::from_data(x_data.data(), {static_cast<ad::index>(local_batch),
-                                                 static_cast<ad::index>(features)});
+  auto x = ad::tensor::from_data(
+      x_data.data(), {static_cast<ad::index>(local_batch), static_cast<ad::index>(features)});
   return ad::softmax_cross_entropy(model(x), std::span<const int>(y));
 }
 
@@ -82,7 +83,8 @@ TEST_CASE("compressed data_parallel keeps the ranks bitwise identical and sends 
         INFO("step " << s);
         const auto& ref = out[0].params_after_step[static_cast<std::size_t>(s)];
         for (int r = 1; r < p; ++r) {
-          const auto& got = out[static_cast<std::size_t>(r)].params_after_step[static_cast<std::size_t>(s)];
+          const auto& got =
+              out[static_cast<std::size_t>(r)].params_after_step[static_cast<std::size_t>(s)];
           REQUIRE(got.size() == ref.size());
           REQUIRE(std::memcmp(got.data(), ref.data(), ref.size() * sizeof(float)) == 0);
         }

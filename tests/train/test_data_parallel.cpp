@@ -1,4 +1,5 @@
-// data_parallel on the thread backend: bucket plans, averaged gradients, hooks, unused parameters, failures, timeline.
+// data_parallel on the thread backend: bucket plans, averaged gradients, hooks, unused parameters,
+// failures, timeline.
 #include <unistd.h>
 
 #include <cmath>
@@ -65,8 +66,8 @@ std::string temp_dir(const std::string& tag) {
 TEST_CASE("plan_buckets: reverse order, contiguous slices, caps respected", "[train][buckets]") {
   ad::parameter_store<float> store;
   const std::vector<std::pair<std::string, ad::shape>> params = {
-      {"a", ad::shape{100}}, {"b", ad::shape{10, 30}}, {"c", ad::shape{5}},
-      {"d", ad::shape{64, 64}}, {"e", ad::shape{7}}, {"f", ad::shape{33, 3}}};
+      {"a", ad::shape{100}},    {"b", ad::shape{10, 30}}, {"c", ad::shape{5}},
+      {"d", ad::shape{64, 64}}, {"e", ad::shape{7}},      {"f", ad::shape{33, 3}}};
   for (const auto& [name, s] : params) store.add(name, s);
 
   for (std::size_t cap : {std::size_t{0}, std::size_t{64}, std::size_t{400}, std::size_t{1200},
@@ -124,8 +125,8 @@ TEST_CASE("averaged gradient equals the single-process gradient of the whole bat
                                 {.bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap / 2});
         const std::size_t local = global / static_cast<std::size_t>(c.size());
         model.zero_grad();
-        dp.backward(loss_on(model, batch, local * static_cast<std::size_t>(c.rank()), local,
-                            features));
+        dp.backward(
+            loss_on(model, batch, local * static_cast<std::size_t>(c.rank()), local, features));
         dp.finish();
         auto g = model.parameters().all_grads();
         return std::vector<float>(g.begin(), g.end());
@@ -145,8 +146,7 @@ TEST_CASE("averaged gradient equals the single-process gradient of the whole bat
   }
 }
 
-TEST_CASE("hooks fire once per parameter per step; params stay bitwise identical",
-          "[train][dp]") {
+TEST_CASE("hooks fire once per parameter per step; params stay bitwise identical", "[train][dp]") {
   struct result {
     std::vector<std::vector<std::uint32_t>> counts;
     std::vector<std::vector<float>> params_after_step;
@@ -158,13 +158,13 @@ TEST_CASE("hooks fire once per parameter per step; params stay bitwise identical
   const auto res = per_rank<result>(p, [&](communicator& c) {
     result out;
     ad::mlp model({10, 32, 32, 4}, ad::activation::relu, 7 + static_cast<unsigned>(c.rank()));
-    train::data_parallel dp(c, model.parameters(), {.bucket_cap_bytes = 2048,
-                                                    .first_bucket_cap_bytes = 256});
+    train::data_parallel dp(c, model.parameters(),
+                            {.bucket_cap_bytes = 2048, .first_bucket_cap_bytes = 256});
     ad::adamw opt(model.parameters(), {.lr = 1e-2});
     out.buckets = dp.buckets().size();
     for (int step = 0; step < 5; ++step) {
-      const auto b = make_batch(8, features, 1000 * static_cast<unsigned>(step) +
-                                                 static_cast<unsigned>(c.rank()));
+      const auto b = make_batch(
+          8, features, 1000 * static_cast<unsigned>(step) + static_cast<unsigned>(c.rank()));
       opt.zero_grad();
       ad::tensor loss;
       {
@@ -227,7 +227,8 @@ TEST_CASE("parameters unused on some ranks (or all) do not hang and average as z
       };
       const auto res = per_rank<result>(p, [&](communicator& c) {
         three_params m;
-        train::data_parallel dp(c, m.store, {.bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap});
+        train::data_parallel dp(c, m.store,
+                                {.bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap});
         result out;
         // Two steps: the second checks that the unused slot is zeroed again
         // (not left holding last step's average).
@@ -269,7 +270,8 @@ TEST_CASE("parameters unused on some ranks (or all) do not hang and average as z
       for (int r = 0; r < p; ++r) {
         const auto& mine = res[static_cast<std::size_t>(r)];
         REQUIRE(mine.counts == std::vector<std::uint32_t>{1u, r % 2 == 0 ? 1u : 0u, 0u});
-        for (std::size_t i = 0; i < 18; ++i) REQUIRE(std::abs(mine.grads[i] - mine.want[i]) < 1e-5f);
+        for (std::size_t i = 0; i < 18; ++i)
+          REQUIRE(std::abs(mine.grads[i] - mine.want[i]) < 1e-5f);
         REQUIRE(std::memcmp(mine.grads.data(), res[0].grads.data(), 18 * sizeof(float)) == 0);
       }
     }
@@ -377,9 +379,9 @@ TEST_CASE("timeline: per-rank Chrome trace files that parse, with every span",
   std::vector<std::size_t> nbuckets(p);
   local::run(p, [&](communicator& c) {
     ad::mlp model({10, 32, 32, 4}, ad::activation::relu, 7);
-    train::data_parallel dp(c, model.parameters(),
-                            {.bucket_cap_bytes = 2048, .first_bucket_cap_bytes = 256,
-                             .timeline_path = path});
+    train::data_parallel dp(
+        c, model.parameters(),
+        {.bucket_cap_bytes = 2048, .first_bucket_cap_bytes = 256, .timeline_path = path});
     nbuckets[static_cast<std::size_t>(c.rank())] = dp.buckets().size();
     ad::adamw opt(model.parameters());
     const auto b = make_batch(8, 10, 3);
@@ -449,9 +451,7 @@ TEST_CASE("timeline: rank_file, empty traces, invalid JSON is refused", "[train]
   for (const std::string bad : {"{\"traceEvents\":[", "{\"traceEvents\":[{\"ph\":\"X\",}]}",
                                 "[1, 2]", "{\"traceEvents\":[]} x", "{\"a\":01}"}) {
     INFO(bad);
-    {
-      std::ofstream(dir / "bad.json") << bad;
-    }
+    { std::ofstream(dir / "bad.json") << bad; }
     REQUIRE_THROWS_AS(train::read_trace(dir / "bad.json"), error);
   }
   train::timeline off;
@@ -461,9 +461,10 @@ TEST_CASE("timeline: rank_file, empty traces, invalid JSON is refused", "[train]
   fs::remove_all(dir);
 }
 
-TEST_CASE("comm_hook: called once per bucket per step in bucket order; the default hook by hand "
-          "gives the same bits",
-          "[train][dp][hook]") {
+TEST_CASE(
+    "comm_hook: called once per bucket per step in bucket order; the default hook by hand "
+    "gives the same bits",
+    "[train][dp][hook]") {
   struct result {
     std::vector<std::vector<float>> params;
     std::vector<std::pair<std::int64_t, std::size_t>> calls;  // (step, bucket)
@@ -490,8 +491,8 @@ TEST_CASE("comm_hook: called once per bucket per step in bucket order; the defau
       ad::sgd opt(model.parameters(), {.lr = 0.1f});
       out.buckets = dp.buckets().size();
       for (int step = 0; step < 3; ++step) {
-        const auto b = make_batch(8, features, 100u * static_cast<unsigned>(step) +
-                                                   static_cast<unsigned>(c.rank()));
+        const auto b = make_batch(
+            8, features, 100u * static_cast<unsigned>(step) + static_cast<unsigned>(c.rank()));
         opt.zero_grad();
         dp.backward(loss_on(model, b, 0, 8, features));
         dp.step(opt);
@@ -520,15 +521,16 @@ TEST_CASE("comm_hook: called once per bucket per step in bucket order; the defau
   }
 }
 
-TEST_CASE("comm_hook: a hook that changes the reduction is what the trainer uses; a hook with "
-          "compression is refused",
-          "[train][dp][hook]") {
+TEST_CASE(
+    "comm_hook: a hook that changes the reduction is what the trainer uses; a hook with "
+    "compression is refused",
+    "[train][dp][hook]") {
   const auto maxed = per_rank<std::vector<float>>(2, [](communicator& c) {
     ad::parameter_store<float> store;
     ad::tensor w = store.add("w", {4});
     train::data_parallel dp(c, store, {.comm_hook = [](const train::bucket_view& v) {
-                                          allreduce(v.comm, v.grads, ringflow::max);
-                                        }});
+                              allreduce(v.comm, v.grads, ringflow::max);
+                            }});
     // loss = sum(w * k): the gradient is k, different on each rank.
     const float k = c.rank() == 0 ? 1.0f : 5.0f;
     dp.backward(ad::sum(w * k));
@@ -542,8 +544,8 @@ TEST_CASE("comm_hook: a hook that changes the reduction is what the trainer uses
     ad::parameter_store<float> store;
     store.add("w", {4});
     try {
-      train::data_parallel dp(c, store, {.compress = "fp16",
-                                         .comm_hook = [](const train::bucket_view&) {}});
+      train::data_parallel dp(c, store,
+                              {.compress = "fp16", .comm_hook = [](const train::bucket_view&) {}});
     } catch (const usage_error&) {
       return 1;
     }

@@ -195,7 +195,8 @@ TEST_CASE("join: one rank 10% short ends without a timeout, averaging over the c
     }
     // While every rank contributes, uneven_inputs changes nothing: bitwise the
     // run without it.
-    const auto even = per_rank(p, [](communicator& c) { return train_run(c, 0, false, short_batches); });
+    const auto even =
+        per_rank(p, [](communicator& c) { return train_run(c, 0, false, short_batches); });
     for (int t = 0; t < short_batches; ++t) {
       REQUIRE(same_bits(even[0].after[static_cast<std::size_t>(t)],
                         plain[0].after[static_cast<std::size_t>(t)]));
@@ -203,7 +204,8 @@ TEST_CASE("join: one rank 10% short ends without a timeout, averaging over the c
     // Sharded stages join alike, bitwise equal to data_parallel over the ring.
     for (int stage : {1, 2}) {
       INFO("stage " << stage);
-      const auto sharded = per_rank(p, [stage](communicator& c) { return train_run(c, stage, true); });
+      const auto sharded =
+          per_rank(p, [stage](communicator& c) { return train_run(c, stage, true); });
       for (int r = 0; r < p; ++r) {
         const auto& m = sharded[static_cast<std::size_t>(r)];
         REQUIRE(m.steps == full_batches);
@@ -319,7 +321,8 @@ TEST_CASE("join: usage errors name the problem and the rank", "[train][join][err
     for (std::size_t i = 0; i < e.size(); ++i) {
       INFO(e[i]);
       REQUIRE(e[i].find(want[i]) != std::string::npos);
-      if (want[i] != "(no error)") REQUIRE(e[i].find("rank " + std::to_string(r)) != std::string::npos);
+      if (want[i] != "(no error)")
+        REQUIRE(e[i].find("rank " + std::to_string(r)) != std::string::npos);
     }
   }
 }

@@ -131,8 +131,9 @@ TEST_CASE("ps layout: balanced shards and clear errors for bad input", "[ps]") {
   CHECK(l.worker_rank(0) == 2);
   CHECK(l.worker_index(1) == -1);
   o.servers = 5;
-  CHECK_THROWS_WITH(ps::layout(10, 5, o, 3),
-                    Catch::Contains("rank 3") && Catch::Contains("5 dedicated server(s) do not fit 5"));
+  CHECK_THROWS_WITH(
+      ps::layout(10, 5, o, 3),
+      Catch::Contains("rank 3") && Catch::Contains("5 dedicated server(s) do not fit 5"));
   o.servers = 2;
   CHECK_THROWS_WITH(ps::layout(1, 5, o), Catch::Contains("cannot be split over 2 servers"));
   o.where = ps::placement::colocated;
@@ -176,15 +177,15 @@ TEST_CASE("ps sync equals allreduce-average SGD (dedicated and colocated)", "[ps
     ps::placement where;
     int servers;
   };
-  for (const setup s : {setup{4, ps::placement::dedicated, 1}, setup{5, ps::placement::dedicated, 2},
-                        setup{3, ps::placement::colocated, 0}}) {
+  for (const setup s :
+       {setup{4, ps::placement::dedicated, 1}, setup{5, ps::placement::dedicated, 2},
+        setup{3, ps::placement::colocated, 0}}) {
     INFO("ranks " << s.ranks << " servers " << s.servers << " colocated "
                   << (s.where == ps::placement::colocated));
     ps::options o{.mode = ps::consistency::sync, .where = s.where, .servers = s.servers};
     o.optimizer.sgd = sgd;
-    const auto r = run_job(s.ranks, numel, o, [&](ps::node& n, std::vector<float>& p) {
-      work(n, p, steps);
-    });
+    const auto r =
+        run_job(s.ranks, numel, o, [&](ps::node& n, std::vector<float>& p) { work(n, p, steps); });
     require_none(r.errors);
     const int W = ps::layout(numel, s.ranks, o).workers();
     const auto ref = allreduce_reference(W, numel, steps, sgd);
@@ -274,19 +275,22 @@ TEST_CASE("ps: a worker that dies or leaves early is dropped, the rest finish", 
   for (auto mode : {ps::consistency::sync, ps::consistency::async}) {
     INFO("mode " << ps::to_string(mode));
     ps::options o{.mode = mode, .servers = 1};
-    const auto r = run_job(4, 32, o, [&](ps::node& n, std::vector<float>& p) {
-      const int w = n.worker_index();
-      std::vector<float> g(p.size());
-      n.pull(p).wait();
-      for (int t = 0; t < 10; ++t) {
-        if (w == 0 && t == 3) return;  // dies: no goodbye
-        if (w == 1 && t == 5) break;   // leaves early: says goodbye
-        gradient(p, w, t, g);
-        n.push(g).wait();
-        n.pull(p).wait();
-      }
-      n.finish();
-    }, /*gather=*/false);
+    const auto r = run_job(
+        4, 32, o,
+        [&](ps::node& n, std::vector<float>& p) {
+          const int w = n.worker_index();
+          std::vector<float> g(p.size());
+          n.pull(p).wait();
+          for (int t = 0; t < 10; ++t) {
+            if (w == 0 && t == 3) return;  // dies: no goodbye
+            if (w == 1 && t == 5) break;   // leaves early: says goodbye
+            gradient(p, w, t, g);
+            n.push(g).wait();
+            n.pull(p).wait();
+          }
+          n.finish();
+        },
+        /*gather=*/false);
     require_none(r.errors);
     REQUIRE(r.stats.size() == 1);
     const auto& st = r.stats[0];

@@ -127,10 +127,11 @@ TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for b
       train::save_checkpoint(c, file, st);
       // The file holds every rank's pieces at their places.
       const full_state f = read_full(file);
-      out.state_matches_file = same_bits(pieces_of(f.m, sdp.owned()), copy_of(opt.first_moment())) &&
-                               same_bits(pieces_of(f.v, sdp.owned()), copy_of(opt.second_moment())) &&
-                               same_bits(f.params, copy_of(model.parameters().all_values())) &&
-                               f.steps == before_save && f.step == before_save;
+      out.state_matches_file =
+          same_bits(pieces_of(f.m, sdp.owned()), copy_of(opt.first_moment())) &&
+          same_bits(pieces_of(f.v, sdp.owned()), copy_of(opt.second_moment())) &&
+          same_bits(f.params, copy_of(model.parameters().all_values())) && f.steps == before_save &&
+          f.step == before_save;
       train_steps(sdp, model, opt, c, before_save, before_save + after_save, &out.after);
       st.step = before_save + after_save;
       train::save_checkpoint(c, dir / "writers_end.rfck", st);
@@ -157,13 +158,12 @@ TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for b
                                    .optimizer = train::optimizer_state_of(opt, sdp.owned())};
           const auto info = train::load_checkpoint(c, file, st);
           // Same parameters; the optimizer state cut into this rank count's pieces.
-          resharded_ok[r] = info.world_size == 4 && st.step == before_save &&
-                            opt.steps() == before_save &&
-                            same_bits(copy_of(model.parameters().all_values()), saved.params) &&
-                            same_bits(copy_of(opt.first_moment()), pieces_of(saved.m, sdp.owned())) &&
-                            same_bits(copy_of(opt.second_moment()), pieces_of(saved.v, sdp.owned()));
-          train_steps(sdp, model, opt, c, before_save, before_save + after_save,
-                      &sharded[r].after);
+          resharded_ok[r] =
+              info.world_size == 4 && st.step == before_save && opt.steps() == before_save &&
+              same_bits(copy_of(model.parameters().all_values()), saved.params) &&
+              same_bits(copy_of(opt.first_moment()), pieces_of(saved.m, sdp.owned())) &&
+              same_bits(copy_of(opt.second_moment()), pieces_of(saved.v, sdp.owned()));
+          train_steps(sdp, model, opt, c, before_save, before_save + after_save, &sharded[r].after);
           st.step = before_save + after_save;
           train::save_checkpoint(c, again_sharded, st);
         }
@@ -259,8 +259,9 @@ TEST_CASE("sharded checkpoints: a plain checkpoint resumes sharded, and bad uses
     ad::mlp wide({10, 25, 17, 4}, ad::activation::tanh, 3);
     train::sharded_data_parallel wide_sdp(c, wide.parameters(), {.stage = 1});
     ad::adamw wide_opt(wide_sdp.shard());
-    train::training_state wide_st{.params = wide.parameters(),
-                                  .optimizer = train::optimizer_state_of(wide_opt, wide_sdp.owned())};
+    train::training_state wide_st{
+        .params = wide.parameters(),
+        .optimizer = train::optimizer_state_of(wide_opt, wide_sdp.owned())};
     expect([&] { train::load_checkpoint(c, file, wide_st); });
     if (wide_opt.steps() != 0) e += "[refused but changed]|";
   });

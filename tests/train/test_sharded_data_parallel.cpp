@@ -657,8 +657,9 @@ TEST_CASE("sharded: finish(), clip_grad_norm(), step() updates with the clipped 
           sdp.clip_grad_norm(kind == 1 ? 1e9 : 1e-3);
         }
         sdp.step(opt);
-        (kind == 0 ? out.plain : kind == 1 ? out.unclipped : out.clipped) =
-            copy_of(model.parameters().all_values());
+        (kind == 0   ? out.plain
+         : kind == 1 ? out.unclipped
+                     : out.clipped) = copy_of(model.parameters().all_values());
       }
       return out;
     });

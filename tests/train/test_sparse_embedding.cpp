@@ -50,9 +50,8 @@ TEST_CASE("sparse embedding: data_parallel with sparse reduction equals dense re
           if (overlap == id_overlap::pairs || n <= 2) CHECK(sparse[ur].losses == dense[ur].losses);
         }
         // Training moved the parameters at all.
-        const auto init = per_rank(1, [&](communicator& c) {
-          return train_embedding_model(c, true, 0, overlap);
-        });
+        const auto init = per_rank(
+            1, [&](communicator& c) { return train_embedding_model(c, true, 0, overlap); });
         CHECK(!bitwise_equal(sparse[0].values, init[0].values));
         if (overlap == id_overlap::pairs || n <= 2) {
           // Each row's gradient is a sum of at most two ranks' rows (plus zeros):
@@ -135,8 +134,7 @@ TEST_CASE("sparse embedding: bad ids name the rank; the sharded trainer refuses 
   }
 }
 
-TEST_CASE("sparse_allreduce_bytes_sent: the ring allgather and allgathervs",
-          "[train][embedding]") {
+TEST_CASE("sparse_allreduce_bytes_sent: the ring allgather and allgathervs", "[train][embedding]") {
   const std::vector<std::size_t> rows = {3, 0, 5};
   // rank 0 sends all blocks but rank 1's: 8 rows of (8 + 4 * 4) bytes, plus 2 x 2 shapes.
   CHECK(sparse_allreduce_bytes_sent(rows, 4, 4, 0) == 2 * 16 + 8 * 24);

@@ -48,8 +48,9 @@ struct field_reader {
   std::int64_t integer(const char* name, std::int64_t lo, std::int64_t hi) const {
     const json& v = get(name);
     if (!v.is_number_integer()) bad(path, line, fmt::format("field '{}' is not an integer", name));
-    if (v.is_number_unsigned() && v.get<std::uint64_t>() >
-                                      static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+    if (v.is_number_unsigned() &&
+        v.get<std::uint64_t>() >
+            static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
       bad(path, line, fmt::format("field '{}' is out of range", name));
     }
     const std::int64_t x = v.get<std::int64_t>();
@@ -71,16 +72,18 @@ constexpr std::int64_t i64max = std::numeric_limits<std::int64_t>::max();
 
 const std::set<std::string> known_states = {"empty", "running", "done", "failed"};
 const std::set<std::string> known_kinds = {
-    "allreduce", "reduce_scatter", "allgather", "broadcast", "barrier",    "alltoall",
-    "alltoallv", "gather",         "gatherv",   "scatter",   "scatterv",   "reduce",
-    "allgatherv", "reduce_scatter_v"};
+    "allreduce", "reduce_scatter", "allgather",  "broadcast",       "barrier",
+    "alltoall",  "alltoallv",      "gather",     "gatherv",         "scatter",
+    "scatterv",  "reduce",         "allgatherv", "reduce_scatter_v"};
 
 std::string rank_list(const std::vector<int>& ranks) {
   if (ranks.size() == 1) return fmt::format("rank {}", ranks[0]);
   return fmt::format("ranks {}", fmt::join(ranks, ","));
 }
 
-std::string seconds(std::int64_t ns) { return fmt::format("{:.1f} s", static_cast<double>(ns) / 1e9); }
+std::string seconds(std::int64_t ns) {
+  return fmt::format("{:.1f} s", static_cast<double>(ns) / 1e9);
+}
 
 // What must agree across ranks for one sequence number.
 std::string call_of(const record& r) { return describe(r); }
@@ -109,8 +112,9 @@ dump load_dump(const std::string& path, std::size_t index) {
   const auto bytes = fs::file_size(path, ec);
   if (ec) throw load_error(fmt::format("{}: cannot read its size: {}", path, ec.message()));
   if (bytes > max_file_bytes) {
-    throw load_error(fmt::format("{}: {} bytes is larger than any flight-recorder dump ({} at most)",
-                                 path, bytes, max_file_bytes));
+    throw load_error(
+        fmt::format("{}: {} bytes is larger than any flight-recorder dump ({} at most)", path,
+                    bytes, max_file_bytes));
   }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw load_error(fmt::format("{}: cannot open", path));
@@ -270,8 +274,8 @@ report diagnose(const std::vector<dump>& dumps) {
       if (any) cr.front = std::max(cr.front, rs.highest);
       cr.ranks.push_back(std::move(rs));
     }
-    const bool used = std::any_of(cr.ranks.begin(), cr.ranks.end(),
-                                  [](const rank_state& rs) { return rs.any; });
+    const bool used =
+        std::any_of(cr.ranks.begin(), cr.ranks.end(), [](const rank_state& rs) { return rs.any; });
     if (!used) continue;  // a communicator that ran no collective: nothing to say
     for (int r = 0; r < cr.size; ++r) {
       if (!ranks.count(r)) cr.missing.push_back(r);
@@ -341,8 +345,8 @@ report diagnose(const std::vector<dump>& dumps) {
       }
       if (chain.size() > cr.wait_chain.size()) cr.wait_chain = chain;
     }
-    cr.problem = !cr.late.empty() || !cr.missing.empty() || !cr.behind.empty() || !cr.failed.empty() ||
-                 !cr.disagreements.empty();
+    cr.problem = !cr.late.empty() || !cr.missing.empty() || !cr.behind.empty() ||
+                 !cr.failed.empty() || !cr.disagreements.empty();
     rep.problem = rep.problem || cr.problem;
     rep.comms.push_back(std::move(cr));
   }
@@ -390,9 +394,10 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
       out += line + "\n";
     }
     if (!c.missing.empty()) {
-      out += fmt::format("  no dump from {} (dead before it could write one, or its file was not "
-                         "given)\n",
-                         rank_list(c.missing));
+      out += fmt::format(
+          "  no dump from {} (dead before it could write one, or its file was not "
+          "given)\n",
+          rank_list(c.missing));
     }
     if (!c.behind.empty()) {
       // What the ranks at the front are in, for the behind ranks to catch up to.
@@ -414,9 +419,10 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
                                        [&](const rank_state& s) { return s.rank == b; });
         const bool stuck_in_own = rs.in_flight && rs.in_flight->state == "running";
         if (!rs.any) {
-          out += fmt::format("  BEHIND: rank {} has run no collective on this communicator while "
-                             "{} {} in #{}\n",
-                             b, rank_list(ahead), ahead.size() == 1 ? "is" : "are", c.front);
+          out += fmt::format(
+              "  BEHIND: rank {} has run no collective on this communicator while "
+              "{} {} in #{}\n",
+              b, rank_list(ahead), ahead.size() == 1 ? "is" : "are", c.front);
           continue;
         }
         out += fmt::format(
@@ -436,11 +442,12 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
         if (!rs.any) none = true;
         lowest = std::min(lowest, rs.highest);
       }
-      out += fmt::format("  -> look at what {} does {}: it is stuck outside ringflow (computing, "
-                         "stopped, dead) or took another path\n",
-                         rank_list(c.behind),
-                         none ? std::string("before its first collective")
-                              : fmt::format("after collective #{}", lowest));
+      out += fmt::format(
+          "  -> look at what {} does {}: it is stuck outside ringflow (computing, "
+          "stopped, dead) or took another path\n",
+          rank_list(c.behind),
+          none ? std::string("before its first collective")
+               : fmt::format("after collective #{}", lowest));
     }
     if (c.wait_chain.size() >= 2) {
       std::string chain;
@@ -448,17 +455,18 @@ std::string render(const report& rep, const std::vector<dump>& dumps) {
         chain += fmt::format("{}rank {}", i ? " -> " : "", c.wait_chain[i]);
       }
       const int end = c.wait_chain.back();
-      const bool cycle = std::find(c.wait_chain.begin(), c.wait_chain.end() - 1, end) !=
-                         c.wait_chain.end() - 1;
-      out += fmt::format("  WAITS at #{}: {}{}\n", c.front, chain,
-                         cycle ? " (a cycle)"
-                               : fmt::format(" (rank {} waits on no one in #{}: look there first)",
-                                             end, c.front));
+      const bool cycle =
+          std::find(c.wait_chain.begin(), c.wait_chain.end() - 1, end) != c.wait_chain.end() - 1;
+      out += fmt::format(
+          "  WAITS at #{}: {}{}\n", c.front, chain,
+          cycle ? " (a cycle)"
+                : fmt::format(" (rank {} waits on no one in #{}: look there first)", end, c.front));
     }
     for (const auto& [rank, lag] : c.late) {
-      out += fmt::format("  LATE: rank {} started #{} {} after the first rank did (it was stopped, "
-                         "busy or slow before it)\n",
-                         rank, c.front, seconds(lag));
+      out += fmt::format(
+          "  LATE: rank {} started #{} {} after the first rank did (it was stopped, "
+          "busy or slow before it)\n",
+          rank, c.front, seconds(lag));
     }
     for (const auto& d : c.disagreements) {
       std::string line = fmt::format("  DISAGREE at #{}: ", d.seq);

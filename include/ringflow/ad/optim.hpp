@@ -106,7 +106,8 @@ class basic_adamw {
 };
 
 /// The L2 norm of all gradients (sparse table gradients coalesced and
-/// included); if it exceeds max_norm, scales every gradient by max_norm / norm. Returns the norm before clipping.
+/// included); if it exceeds max_norm, scales every gradient by max_norm / norm. Returns the norm
+/// before clipping.
 template <class S>
 double clip_grad_norm(const parameter_store<S>& params, double max_norm);
 

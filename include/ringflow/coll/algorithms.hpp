@@ -38,13 +38,13 @@ using allreduce_cost = double (*)(const cost_model& m, const cluster_shape& shap
 
 struct algorithm_info {
   algo id;
-  std::string_view name;                     ///< algo_name(): in explain(), tables, flight records
-  std::string_view label;                    ///< ringflow-bench's column header
-  std::array<std::string_view, 2> aliases;   ///< more names parse_algo accepts ("" unused)
-  bool automatic;                            ///< algo::automatic may pick it ...
-  bool (*eligible)(const cluster_shape&);    ///< ... where this says so (null: any shape)
-  allreduce_cost cost;    ///< null: the cost a backend registered (detail::register_algorithm)
-  allreduce_runner run;   ///< null: run by the communicator's backend (native, registered)
+  std::string_view name;                    ///< algo_name(): in explain(), tables, flight records
+  std::string_view label;                   ///< ringflow-bench's column header
+  std::array<std::string_view, 2> aliases;  ///< more names parse_algo accepts ("" unused)
+  bool automatic;                           ///< algo::automatic may pick it ...
+  bool (*eligible)(const cluster_shape&);   ///< ... where this says so (null: any shape)
+  allreduce_cost cost;   ///< null: the cost a backend registered (detail::register_algorithm)
+  allreduce_runner run;  ///< null: run by the communicator's backend (native, registered)
 };
 
 /// Every algorithm, in the order the cost model prefers on a tie (the

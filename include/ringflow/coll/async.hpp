@@ -136,8 +136,8 @@ collective_handle scatter_async(const communicator& comm,
 
 template <element T, reduce_op Op = sum_op>
 collective_handle reduce_async(const communicator& comm,
-                               std::span<const std::type_identity_t<T>> in, std::span<T> out,
-                               Op op, int root, coll_options opt = {}) {
+                               std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op,
+                               int root, coll_options opt = {}) {
   return collective_handle(detail::enqueue(comm, [in, out, op, root, opt](const communicator& c) {
     reduce<T, Op>(c, in, out, op, root, opt);
   }));
@@ -149,9 +149,9 @@ collective_handle allgatherv_async(const communicator& comm,
                                    std::span<const std::size_t> counts,
                                    std::span<const std::size_t> displs) {
   using list = std::vector<std::size_t>;
-  return collective_handle(detail::enqueue(
-      comm, [in, out, n = list(counts.begin(), counts.end()),
-             d = list(displs.begin(), displs.end())](const communicator& c) {
+  return collective_handle(
+      detail::enqueue(comm, [in, out, n = list(counts.begin(), counts.end()),
+                             d = list(displs.begin(), displs.end())](const communicator& c) {
         allgatherv<T>(c, in, out, n, d);
       }));
 }

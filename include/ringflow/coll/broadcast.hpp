@@ -32,7 +32,8 @@ inline void tree_broadcast(transport& t, void* data, std::size_t bytes, int root
   std::vector<request> sends;
   mask >>= 1;
   while (mask > 0) {
-    if (rel + mask < p) sends.push_back(t.isend(data, bytes, ring_mod(rel + mask + root, p), bcast_tag));
+    if (rel + mask < p)
+      sends.push_back(t.isend(data, bytes, ring_mod(rel + mask + root, p), bcast_tag));
     mask >>= 1;
   }
   wait_all(sends);
@@ -72,7 +73,8 @@ inline void broadcast_bytes(transport& t, void* data, std::size_t bytes, int roo
   if (bytes <= bcast_tree_max_bytes) {
     tree_broadcast(t, data, bytes, root);
   } else {
-    chain_broadcast(t, static_cast<char*>(data), bytes, root, std::max<std::size_t>(1, segment_bytes));
+    chain_broadcast(t, static_cast<char*>(data), bytes, root,
+                    std::max<std::size_t>(1, segment_bytes));
   }
 }
 

@@ -9,9 +9,9 @@
 #include <chrono>
 #include <cstdint>
 #include <numeric>
-#include <vector>
 #include <span>
 #include <type_traits>
+#include <vector>
 
 #include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/alltoall.hpp"
@@ -95,8 +95,7 @@ void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, s
     throw not_supported_error(fmt::format(
         "allreduce on rank {}: algo::{} cannot serve this call ({} {} x {} on {} ranks; are "
         "all ranks on one node?); use another algorithm",
-        comm.rank(), algo_name(a), dtype_name(dtype_of<T>), op_name(Op::kind), count,
-        comm.size()));
+        comm.rank(), algo_name(a), dtype_name(dtype_of<T>), op_name(Op::kind), count, comm.size()));
   }
 }
 
@@ -120,7 +119,8 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
   }
   const auto t0 = std::chrono::steady_clock::now();
   run_allreduce_with(pick.algorithm, comm, in, out, count, op, opt);
-  automatic_trial_done(pick, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  automatic_trial_done(
+      pick, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
 }
 
 /// What reduce_scatter and allgather run for `opt`: the ring (automatic and
@@ -132,13 +132,12 @@ void run_allreduce(const communicator& comm, const T* in, T* out, std::size_t co
 inline bool use_recursive(const communicator& comm, const coll_options& opt, const char* what,
                           bool gather) {
   const algo a = opt.algorithm;
-  const bool recursive =
-      a == algo::halving_doubling || (gather && a == algo::recursive_doubling);
+  const bool recursive = a == algo::halving_doubling || (gather && a == algo::recursive_doubling);
   if (a != algo::automatic && a != algo::ring && !recursive) {
-    throw not_supported_error(fmt::format(
-        "{} on rank {}: algo::{} is only available for allreduce; use algo::ring, "
-        "algo::halving_doubling{} or algo::automatic",
-        what, comm.rank(), algo_name(a), gather ? ", algo::recursive_doubling" : ""));
+    throw not_supported_error(
+        fmt::format("{} on rank {}: algo::{} is only available for allreduce; use algo::ring, "
+                    "algo::halving_doubling{} or algo::automatic",
+                    what, comm.rank(), algo_name(a), gather ? ", algo::recursive_doubling" : ""));
   }
   return recursive && recursive_halving_fits(comm.size());
 }
@@ -164,9 +163,9 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
                                   comm.rank(), in.size(), out.size()));
   }
   if (in.data() != out.data() && detail::overlaps(in.data(), in.size(), out.data(), out.size())) {
-    throw usage_error(fmt::format(
-        "allreduce on rank {}: input and output overlap without being the same buffer",
-        comm.rank()));
+    throw usage_error(
+        fmt::format("allreduce on rank {}: input and output overlap without being the same buffer",
+                    comm.rank()));
   }
   detail::begin_collective(comm, coll_kind::allreduce, dtype_of<T>, Op::kind, in.size());
   detail::collective_scope scope(comm);
@@ -180,8 +179,7 @@ void allreduce(const communicator& comm, std::span<const std::type_identity_t<T>
 /// ringflow::allreduce(comm, std::span(grads), ringflow::max, ringflow::algo::ring);
 /// @endcode
 template <element T, reduce_op Op = sum_op>
-void allreduce(const communicator& comm, std::span<T> data, Op op = {},
-               coll_options opt = {}) {
+void allreduce(const communicator& comm, std::span<T> data, Op op = {}, coll_options opt = {}) {
   allreduce<T, Op>(comm, std::span<const T>(data), data, op, opt);
 }
 
@@ -254,9 +252,8 @@ void broadcast(const communicator& comm, std::span<T> data, int root, coll_optio
   detail::begin_collective(comm, coll_kind::broadcast, dtype_of<T>, op_kind::sum, data.size(),
                            root);
   detail::collective_scope scope(comm);
-  detail::note_algorithm(comm, data.size_bytes() <= detail::bcast_tree_max_bytes
-                                   ? "binomial_tree"
-                                   : "chain");
+  detail::note_algorithm(
+      comm, data.size_bytes() <= detail::bcast_tree_max_bytes ? "binomial_tree" : "chain");
   detail::broadcast_bytes(comm.raw(), data.data(), data.size_bytes(), root,
                           detail::segment_or_default(opt));
 }
@@ -268,7 +265,6 @@ inline void barrier(const communicator& comm) {
   detail::note_algorithm(comm, "dissemination");
   detail::dissemination_barrier(comm.raw());
 }
-
 
 // ---- alltoall, gather, scatter, reduce and the uneven ("v") collectives ----
 
@@ -361,7 +357,8 @@ void alltoall(const communicator& comm, std::span<const std::type_identity_t<T>>
     if (p == 1) {
       a = alltoall_algo::pairwise;
     } else {
-      const detail::comm_context* ctx = detail::context_of(comm);  // rank 0's model: one choice everywhere
+      const detail::comm_context* ctx =
+          detail::context_of(comm);  // rank 0's model: one choice everywhere
       a = choose_alltoall(ctx->model, ctx->shape, in.size_bytes());
     }
   }
@@ -387,9 +384,9 @@ void alltoallv(const communicator& comm, std::span<const std::type_identity_t<T>
   detail::check_blocks(comm, "alltoallv", "receive", recv_counts, recv_displs, out.size());
   const auto r = static_cast<std::size_t>(comm.rank());
   if (send_counts[r] != recv_counts[r]) {
-    throw usage_error(fmt::format(
-        "alltoallv on rank {}: sends {} elements to itself but expects {} from itself", r,
-        send_counts[r], recv_counts[r]));
+    throw usage_error(
+        fmt::format("alltoallv on rank {}: sends {} elements to itself but expects {} from itself",
+                    r, send_counts[r], recv_counts[r]));
   }
   detail::check_disjoint(comm, "alltoallv", in.data(), in.size(), out.data(), out.size());
   detail::begin_collective(comm, coll_kind::alltoallv, dtype_of<T>, op_kind::sum, 0);
@@ -421,9 +418,9 @@ void gatherv(const communicator& comm, std::span<const std::type_identity_t<T>> 
     detail::check_blocks(comm, "gatherv", "receive", counts, displs, out.size());
     const auto q = static_cast<std::size_t>(root);
     if (counts[q] != in.size()) {
-      throw usage_error(fmt::format(
-          "gatherv on rank {} (the root): input has {} elements but counts[{}] is {}", root,
-          in.size(), root, counts[q]));
+      throw usage_error(
+          fmt::format("gatherv on rank {} (the root): input has {} elements but counts[{}] is {}",
+                      root, in.size(), root, counts[q]));
     }
     if (in.data() != out.data() + displs[q]) {
       detail::check_disjoint(comm, "gatherv", in.data(), in.size(), out.data(), out.size());
@@ -432,8 +429,8 @@ void gatherv(const communicator& comm, std::span<const std::type_identity_t<T>> 
   detail::begin_collective(comm, coll_kind::gatherv, dtype_of<T>, op_kind::sum, 0, root);
   detail::collective_scope scope(comm);
   detail::note_algorithm(comm, "linear");
-  detail::linear_gatherv(comm.raw(), in.data(), in.size(), out.data(), counts.data(),
-                         displs.data(), root);
+  detail::linear_gatherv(comm.raw(), in.data(), in.size(), out.data(), counts.data(), displs.data(),
+                         root);
 }
 
 /// Gatherv with packed blocks (displacements are the prefix sums of the counts).
@@ -447,16 +444,16 @@ void gatherv(const communicator& comm, std::span<const std::type_identity_t<T>> 
 /// Gather: every rank's `in` (the same size everywhere) lands on `root` as
 /// block q of `out` (p * in.size() elements; read on the root only).
 template <element T>
-void gather(const communicator& comm, std::span<const std::type_identity_t<T>> in,
-            std::span<T> out, int root) {
+void gather(const communicator& comm, std::span<const std::type_identity_t<T>> in, std::span<T> out,
+            int root) {
   detail::check_root(comm, "gather", root);
   const auto p = static_cast<std::size_t>(comm.size());
   const std::size_t count = in.size();
   if (comm.rank() == root) {
     if (out.size() != p * count) {
-      throw usage_error(fmt::format(
-          "gather on rank {} (the root): output has {} elements, need {} ranks x {}", root,
-          out.size(), p, count));
+      throw usage_error(
+          fmt::format("gather on rank {} (the root): output has {} elements, need {} ranks x {}",
+                      root, out.size(), p, count));
     }
     if (in.data() != out.data() + static_cast<std::size_t>(root) * count) {
       detail::check_disjoint(comm, "gather", in.data(), in.size(), out.data(), out.size());
@@ -486,9 +483,9 @@ void scatterv(const communicator& comm, std::span<const std::type_identity_t<T>>
     detail::check_blocks(comm, "scatterv", "send", counts, displs, in.size());
     const auto q = static_cast<std::size_t>(root);
     if (counts[q] != out.size()) {
-      throw usage_error(fmt::format(
-          "scatterv on rank {} (the root): output has {} elements but counts[{}] is {}", root,
-          out.size(), root, counts[q]));
+      throw usage_error(
+          fmt::format("scatterv on rank {} (the root): output has {} elements but counts[{}] is {}",
+                      root, out.size(), root, counts[q]));
     }
     if (out.data() != in.data() + displs[q]) {
       detail::check_disjoint(comm, "scatterv", in.data(), in.size(), out.data(), out.size());
@@ -519,9 +516,9 @@ void scatter(const communicator& comm, std::span<const std::type_identity_t<T>> 
   const std::size_t count = out.size();
   if (comm.rank() == root) {
     if (in.size() != p * count) {
-      throw usage_error(fmt::format(
-          "scatter on rank {} (the root): input has {} elements, need {} ranks x {}", root,
-          in.size(), p, count));
+      throw usage_error(
+          fmt::format("scatter on rank {} (the root): input has {} elements, need {} ranks x {}",
+                      root, in.size(), p, count));
     }
     if (out.data() != in.data() + static_cast<std::size_t>(root) * count) {
       detail::check_disjoint(comm, "scatter", in.data(), in.size(), out.data(), out.size());
@@ -544,8 +541,8 @@ void scatter(const communicator& comm, std::span<const std::type_identity_t<T>> 
 /// may be empty). opt.algorithm: automatic (the cost model picks), tree
 /// (binomial tree) or ring (ring reduce-scatter, then the root gathers).
 template <element T, reduce_op Op = sum_op>
-void reduce(const communicator& comm, std::span<const std::type_identity_t<T>> in,
-            std::span<T> out, Op op, int root, coll_options opt = {}) {
+void reduce(const communicator& comm, std::span<const std::type_identity_t<T>> in, std::span<T> out,
+            Op op, int root, coll_options opt = {}) {
   detail::check_root(comm, "reduce", root);
   algo a = opt.algorithm;
   if (a != algo::automatic && a != algo::tree && a != algo::ring) {
@@ -556,9 +553,9 @@ void reduce(const communicator& comm, std::span<const std::type_identity_t<T>> i
   }
   if (comm.rank() == root) {
     if (out.size() != in.size()) {
-      throw usage_error(fmt::format(
-          "reduce on rank {} (the root): input has {} elements, output {}", root, in.size(),
-          out.size()));
+      throw usage_error(
+          fmt::format("reduce on rank {} (the root): input has {} elements, output {}", root,
+                      in.size(), out.size()));
     }
     if (in.data() != out.data()) {
       detail::check_disjoint(comm, "reduce", in.data(), in.size(), out.data(), out.size());
@@ -570,7 +567,8 @@ void reduce(const communicator& comm, std::span<const std::type_identity_t<T>> i
     if (comm.size() == 1) {
       a = algo::tree;
     } else {
-      const detail::comm_context* ctx = detail::context_of(comm);  // rank 0's model: one choice everywhere
+      const detail::comm_context* ctx =
+          detail::context_of(comm);  // rank 0's model: one choice everywhere
       a = choose_reduce(ctx->model, ctx->shape, in.size_bytes());
     }
   }
@@ -601,8 +599,9 @@ void allgatherv(const communicator& comm, std::span<const std::type_identity_t<T
   detail::check_blocks(comm, "allgatherv", "receive", counts, displs, out.size());
   const auto r = static_cast<std::size_t>(comm.rank());
   if (counts[r] != in.size()) {
-    throw usage_error(fmt::format("allgatherv on rank {}: input has {} elements but counts[{}] is {}",
-                                  r, in.size(), r, counts[r]));
+    throw usage_error(
+        fmt::format("allgatherv on rank {}: input has {} elements but counts[{}] is {}", r,
+                    in.size(), r, counts[r]));
   }
   if (in.data() != out.data() + displs[r]) {
     detail::check_disjoint(comm, "allgatherv", in.data(), in.size(), out.data(), out.size());
@@ -634,9 +633,10 @@ void reduce_scatter_v(const communicator& comm, std::span<const std::type_identi
   const auto p = static_cast<std::size_t>(comm.size());
   const auto r = static_cast<std::size_t>(comm.rank());
   if (counts.size() != p) {
-    throw usage_error(fmt::format("reduce_scatter_v on rank {}: counts has {} entries, need one "
-                                  "per rank ({})",
-                                  r, counts.size(), p));
+    throw usage_error(
+        fmt::format("reduce_scatter_v on rank {}: counts has {} entries, need one "
+                    "per rank ({})",
+                    r, counts.size(), p));
   }
   const auto offsets = detail::packed_displs(counts);
   const std::size_t total = std::accumulate(counts.begin(), counts.end(), std::size_t{0});
@@ -647,8 +647,7 @@ void reduce_scatter_v(const communicator& comm, std::span<const std::type_identi
         r, in.size(), out.size(), total, r, counts[r]));
   }
   if (out.data() != in.data() + offsets[r]) {
-    detail::check_disjoint(comm, "reduce_scatter_v", in.data(), in.size(), out.data(),
-                           out.size());
+    detail::check_disjoint(comm, "reduce_scatter_v", in.data(), in.size(), out.data(), out.size());
   }
   detail::begin_collective(comm, coll_kind::reduce_scatter_v, dtype_of<T>, Op::kind, total,
                            detail::counts_hash(counts));
@@ -661,20 +660,20 @@ void reduce_scatter_v(const communicator& comm, std::span<const std::type_identi
 }  // namespace ringflow
 
 // The common instantiations are compiled once in src/coll/instantiate.cpp.
-#define RINGFLOW_RING_EXTERN(T, OP)                                                             \
-  extern template void ringflow::detail::ring_allreduce<T, ringflow::OP>(                       \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t);       \
-  extern template void ringflow::detail::ring_reduce_scatter<T, ringflow::OP>(                  \
+#define RINGFLOW_RING_EXTERN(T, OP)                                                       \
+  extern template void ringflow::detail::ring_allreduce<T, ringflow::OP>(                 \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t); \
+  extern template void ringflow::detail::ring_reduce_scatter<T, ringflow::OP>(            \
       ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t);
-#define RINGFLOW_ALGOS_EXTERN(T, OP)                                                            \
-  extern template void ringflow::detail::recursive_doubling_allreduce<T, ringflow::OP>(         \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                    \
-  extern template void ringflow::detail::halving_doubling_allreduce<T, ringflow::OP>(           \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                    \
-  extern template void ringflow::detail::tree_allreduce<T, ringflow::OP>(                       \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t, int);  \
-  extern template void ringflow::detail::hierarchical_allreduce<T, ringflow::OP>(               \
-      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&,                     \
+#define RINGFLOW_ALGOS_EXTERN(T, OP)                                                           \
+  extern template void ringflow::detail::recursive_doubling_allreduce<T, ringflow::OP>(        \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                   \
+  extern template void ringflow::detail::halving_doubling_allreduce<T, ringflow::OP>(          \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&);                   \
+  extern template void ringflow::detail::tree_allreduce<T, ringflow::OP>(                      \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&, std::size_t, int); \
+  extern template void ringflow::detail::hierarchical_allreduce<T, ringflow::OP>(              \
+      ringflow::transport&, const T*, T*, std::size_t, const ringflow::OP&,                    \
       const ringflow::topology&, std::size_t);
 #define RINGFLOW_RING_EXTERN_ALL_OPS(T) \
   RINGFLOW_RING_EXTERN(T, sum_op)       \
@@ -701,21 +700,21 @@ RINGFLOW_RING_EXTERN_ALL_OPS(ringflow::bfloat16)
 
 // alltoall, gather, scatter, reduce and the "v" collectives: compiled once in
 // src/coll/instantiate_collectives.cpp.
-#define RINGFLOW_MOVE_EXTERN(T)                                                                \
-  extern template void ringflow::detail::pairwise_alltoallv<T>(                                \
-      ringflow::transport&, const T*, const std::size_t*, const std::size_t*, T*,              \
-      const std::size_t*, const std::size_t*);                                                 \
-  extern template void ringflow::detail::pairwise_alltoall<T>(ringflow::transport&, const T*,   \
-                                                              T*, std::size_t);                 \
-  extern template void ringflow::detail::bruck_alltoall<T>(ringflow::transport&, const T*, T*, \
-                                                           std::size_t);                       \
-  extern template void ringflow::detail::linear_gatherv<T>(ringflow::transport&, const T*,     \
-                                                           std::size_t, T*, const std::size_t*, \
-                                                           const std::size_t*, int);           \
-  extern template void ringflow::detail::linear_scatterv<T>(                                   \
-      ringflow::transport&, const T*, const std::size_t*, const std::size_t*, T*, std::size_t, \
-      int);                                                                                    \
-  extern template void ringflow::detail::ring_allgatherv<T>(                                   \
+#define RINGFLOW_MOVE_EXTERN(T)                                                                   \
+  extern template void ringflow::detail::pairwise_alltoallv<T>(                                   \
+      ringflow::transport&, const T*, const std::size_t*, const std::size_t*, T*,                 \
+      const std::size_t*, const std::size_t*);                                                    \
+  extern template void ringflow::detail::pairwise_alltoall<T>(ringflow::transport&, const T*, T*, \
+                                                              std::size_t);                       \
+  extern template void ringflow::detail::bruck_alltoall<T>(ringflow::transport&, const T*, T*,    \
+                                                           std::size_t);                          \
+  extern template void ringflow::detail::linear_gatherv<T>(ringflow::transport&, const T*,        \
+                                                           std::size_t, T*, const std::size_t*,   \
+                                                           const std::size_t*, int);              \
+  extern template void ringflow::detail::linear_scatterv<T>(                                      \
+      ringflow::transport&, const T*, const std::size_t*, const std::size_t*, T*, std::size_t,    \
+      int);                                                                                       \
+  extern template void ringflow::detail::ring_allgatherv<T>(                                      \
       ringflow::transport&, const T*, T*, const std::size_t*, const std::size_t*);
 #define RINGFLOW_REDUCE_EXTERN(T, OP)                                                          \
   extern template void ringflow::detail::tree_reduce<T, ringflow::OP>(                         \
@@ -725,12 +724,12 @@ RINGFLOW_RING_EXTERN_ALL_OPS(ringflow::bfloat16)
   extern template void ringflow::detail::ring_reduce_scatter_v<T, ringflow::OP>(               \
       ringflow::transport&, const T*, T*, const std::size_t*, const std::size_t*,              \
       const ringflow::OP&);
-#define RINGFLOW_COLL_EXTERN(T)        \
-  RINGFLOW_MOVE_EXTERN(T)              \
-  RINGFLOW_REDUCE_EXTERN(T, sum_op)    \
-  RINGFLOW_REDUCE_EXTERN(T, prod_op)   \
-  RINGFLOW_REDUCE_EXTERN(T, min_op)    \
-  RINGFLOW_REDUCE_EXTERN(T, max_op)    \
+#define RINGFLOW_COLL_EXTERN(T)      \
+  RINGFLOW_MOVE_EXTERN(T)            \
+  RINGFLOW_REDUCE_EXTERN(T, sum_op)  \
+  RINGFLOW_REDUCE_EXTERN(T, prod_op) \
+  RINGFLOW_REDUCE_EXTERN(T, min_op)  \
+  RINGFLOW_REDUCE_EXTERN(T, max_op)  \
   RINGFLOW_REDUCE_EXTERN(T, avg_op)
 RINGFLOW_COLL_EXTERN(float)
 RINGFLOW_COLL_EXTERN(double)

@@ -3,8 +3,8 @@
 // rank 0's tuning table for this rank count and layout.
 #pragma once
 
-#include <cstddef>
 #include <atomic>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>

@@ -33,9 +33,9 @@ struct link_cost {
 
 /// Machine parameters of the model.
 struct cost_model {
-  link_cost intra;    ///< between ranks of one node
-  link_cost inter;    ///< between nodes
-  double gamma = 0;   ///< seconds per byte reduced (float sum, one core)
+  link_cost intra;   ///< between ranks of one node
+  link_cost inter;   ///< between nodes
+  double gamma = 0;  ///< seconds per byte reduced (float sum, one core)
   /// Extra seconds per step in which every rank of a node must run, for each
   /// rank beyond one per core (the wait for a descheduled peer): charged
   /// only when a node has more ranks than cores (cluster_shape::cores_per_node).
@@ -80,8 +80,8 @@ double oversubscription(const cluster_shape& shape);
 /// (ring, recursive_doubling, halving_doubling, tree, double_tree,
 /// hierarchical, shm); a negative value when the model does not cover `a`
 /// there (shm without shape.shm, hierarchical on one node).
-double predict_seconds(algo a, const cost_model& m, const cluster_shape& shape,
-                       std::size_t bytes, std::size_t segment_bytes = 0);
+double predict_seconds(algo a, const cost_model& m, const cluster_shape& shape, std::size_t bytes,
+                       std::size_t segment_bytes = 0);
 
 /// One candidate's prediction.
 struct algo_prediction {

@@ -63,17 +63,14 @@ class collective_call {
  public:
   collective_call(const communicator& comm, coll_kind kind, dtype type, op_kind op,
                   std::size_t count, int root = -1)
-      : comm_(comm),
-        sequence_(detail::begin_collective(comm, kind, type, op, count, root)),
+      : comm_(comm), sequence_(detail::begin_collective(comm, kind, type, op, count, root)),
         scope_(comm) {}
   collective_call(const collective_call&) = delete;
   collective_call& operator=(const collective_call&) = delete;
 
   /// Names the algorithm in the flight record (and so in hang reports and
   /// ringflow-doctor). `name` must outlive the process: a string literal.
-  void note_algorithm(std::string_view name) const noexcept {
-    detail::note_algorithm(comm_, name);
-  }
+  void note_algorithm(std::string_view name) const noexcept { detail::note_algorithm(comm_, name); }
   /// This collective's number on the communicator (0, 1, ...).
   std::uint64_t sequence() const noexcept { return sequence_; }
 
@@ -129,7 +126,7 @@ using staging_mode = detail::staging_mode;
 /// the policy's buffers; the same schedule, and bits, as the CPU ring.
 /// Call it inside a collective_call.
 template <class T, class Op, class M>
-  requires ring_memory<M, T>
+requires ring_memory<M, T>
 void ring_allreduce(M& m, transport& t, const T* in, T* out, std::size_t count, const Op& op,
                     std::size_t segment_bytes) {
   detail::ring_allreduce_on(m, t, in, out, count, op, segment_bytes);
@@ -137,15 +134,15 @@ void ring_allreduce(M& m, transport& t, const T* in, T* out, std::size_t count, 
 
 /// Ring reduce-scatter: rank r gets chunk r (partition(count, p, r)) in `out`.
 template <class T, class Op, class M>
-  requires ring_memory<M, T>
-void ring_reduce_scatter(M& m, transport& t, const T* in, T* out, std::size_t count,
-                         const Op& op, std::size_t segment_bytes) {
+requires ring_memory<M, T>
+void ring_reduce_scatter(M& m, transport& t, const T* in, T* out, std::size_t count, const Op& op,
+                         std::size_t segment_bytes) {
   detail::ring_reduce_scatter_on(m, t, in, out, count, op, segment_bytes);
 }
 
 /// Ring allgather: rank r contributes chunk r of `count`; all get `out`.
 template <class T, class M>
-  requires ring_memory<M, T>
+requires ring_memory<M, T>
 void ring_allgather(M& m, transport& t, const T* in, T* out, std::size_t count,
                     std::size_t segment_bytes) {
   detail::ring_allgather_on(m, t, in, out, count, segment_bytes);

@@ -74,7 +74,7 @@ class first_use_tuner {
     algo algorithm = algo::ring;
     bool timed = false;
     int cls = 0;
-    int slot = 0;  ///< the candidate's index in its class
+    int slot = 0;                ///< the candidate's index in its class
     bool last_of_block = false;  ///< the block's last call: its sample is complete
   };
 
@@ -103,7 +103,7 @@ class first_use_tuner {
     std::vector<std::vector<double>> seconds;  // per candidate, timed rounds
     int rounds = 0;
     int block = 1;
-    int calls = 0;  // picks handed out
+    int calls = 0;             // picks handed out
     double block_seconds = 0;  // the current block's calls so far
     std::optional<first_use_choice> done;
   };

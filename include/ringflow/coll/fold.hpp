@@ -83,7 +83,7 @@ inline bool is_nan_bits(T v) {
 /// selects whose written order the compiler keeps; integers are exact.
 template <class T, class Op>
 inline constexpr bool nan_order_sensitive =
-    dtype_traits<T>::is_floating && Op::kind != op_kind::min && Op::kind != op_kind::max;
+    dtype_traits<T>::is_floating&& Op::kind != op_kind::min&& Op::kind != op_kind::max;
 
 /// dst[i] = op(lo[i], hi[i]) with bits that do not depend on how the
 /// compiled loop orders the operands: a NaN result of sum, prod or avg is

@@ -34,8 +34,8 @@ inline constexpr int allgatherv_tag = collective_tag_base + 54;
 /// Rank q's `count` elements of `in` land at out + displs[q] on `root`
 /// (counts and displs are read on the root only; counts[root] == count).
 template <class T>
-void linear_gatherv(transport& t, const T* in, std::size_t count, T* out,
-                    const std::size_t* counts, const std::size_t* displs, int root) {
+void linear_gatherv(transport& t, const T* in, std::size_t count, T* out, const std::size_t* counts,
+                    const std::size_t* displs, int root) {
   const int p = t.size(), r = t.rank();
   if (r != root) {
     t.isend(in, count * sizeof(T), root, gather_tag).wait();

@@ -79,7 +79,8 @@ void hierarchical_allreduce(transport& t, const T* in, T* out, std::size_t count
   const int p = t.size(), r = t.rank();
   if (count == 0) return;
   if (p == 1) return single_rank_result(in, out, count, op);
-  const auto& node = topo.nodes[static_cast<std::size_t>(topo.node_of[static_cast<std::size_t>(r)])];
+  const auto& node =
+      topo.nodes[static_cast<std::size_t>(topo.node_of[static_cast<std::size_t>(r)])];
   const int L = topo.max_node_size();
   const int here = static_cast<int>(node.size());
   int local = 0;

@@ -100,7 +100,8 @@ void halving_reduce_scatter(transport& t, const T* in, T* out, std::size_t count
   // (only the current window is meaningful); incoming: the partner's half.
   T* acc = scratch<T>(count, 1);
   T* incoming = scratch<T>(count / 2 + 1, 0);
-  halving_rounds(t, in, acc, incoming, count, p, r, [](int i) { return i; }, op, rh_scatter_tag);
+  halving_rounds(
+      t, in, acc, incoming, count, p, r, [](int i) { return i; }, op, rh_scatter_tag);
   finish_range(acc + own.offset, own.count, op, p);
   if (own.count > 0) std::memcpy(static_cast<void*>(out), acc + own.offset, own.count * sizeof(T));
 }
@@ -115,7 +116,8 @@ void doubling_allgather(transport& t, const T* in, T* out, std::size_t count) {
     std::memcpy(static_cast<void*>(out + own.offset), in, own.count * sizeof(T));
   }
   if (p == 1 || count == 0) return;
-  doubling_rounds(t, out, count, p, r, [](int i) { return i; }, rd_gather_tag);
+  doubling_rounds(
+      t, out, count, p, r, [](int i) { return i; }, rd_gather_tag);
 }
 
 }  // namespace ringflow::detail

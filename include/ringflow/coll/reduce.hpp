@@ -106,7 +106,8 @@ void ring_reduce_scatter_v(transport& t, const T* in, T* out, const std::size_t*
   const int left = ring_mod(r - 1, p), right = ring_mod(r + 1, p);
   for (int s = 0; s < p - 1; ++s) {
     const int sent = ring_mod(r - s - 1, p), got = ring_mod(r - s - 2, p);
-    const T* src = s == 0 ? in + offsets[sent] : partials + static_cast<std::size_t>((s - 1) % 2) * widest;
+    const T* src =
+        s == 0 ? in + offsets[sent] : partials + static_cast<std::size_t>((s - 1) % 2) * widest;
     request rq = t.irecv(stage, counts[got] * sizeof(T), left, reduce_scatter_v_tag);
     request sq = t.isend(src, counts[sent] * sizeof(T), right, reduce_scatter_v_tag);
     rq.wait();

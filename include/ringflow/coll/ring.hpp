@@ -28,8 +28,8 @@
 #include <cstddef>
 #include <cstring>
 #include <memory>
-#include <type_traits>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "ringflow/coll/partition.hpp"
@@ -51,8 +51,7 @@ inline void reduce_into(T* __restrict dst, const T* __restrict a, const T* __res
 
 // In-place variant: dst may alias a (same index), so no restrict on those.
 template <class T, class Op>
-inline void reduce_inplace(T* dst, const T* a, const T* __restrict b, std::size_t n,
-                           const Op& op) {
+inline void reduce_inplace(T* dst, const T* a, const T* __restrict b, std::size_t n, const Op& op) {
   for (std::size_t i = 0; i < n; ++i) dst[i] = op(a[i], b[i]);
 }
 
@@ -230,7 +229,8 @@ void ring_allgather_phase(M& m, transport& t, T* out, std::size_t count, std::si
   for (std::size_t i = 0; i < units.size(); ++i) {
     const unit& u = units[i];
     m.land(i % depth, u.dst, u.n);
-    if (u.forward) m.forward(t, i % depth, static_cast<const T*>(u.dst), u.n, right, ring_ag_tag, sends);
+    if (u.forward)
+      m.forward(t, i % depth, static_cast<const T*>(u.dst), u.n, right, ring_ag_tag, sends);
     if (i + depth < units.size()) post(i + depth);
   }
 }
@@ -354,8 +354,7 @@ void ring_allgather_on(M& m, transport& t, const T* in, T* out, std::size_t coun
   if (in != out + own.offset && own.count > 0) m.copy(out + own.offset, in, own.count);
   std::vector<request> sends;
   if (p > 1) {
-    ring_allgather_phase(m, t, out, count, segment_elems(segment_bytes, sizeof(T)), sends,
-                         false);
+    ring_allgather_phase(m, t, out, count, segment_elems(segment_bytes, sizeof(T)), sends, false);
   }
   m.complete(sends);
 }

@@ -153,8 +153,8 @@ class staged_ring_memory {
     land_bytes(k, dst, n * sizeof(T));
   }
   template <class T>
-  void forward(transport& /*t*/, std::size_t /*k*/, const T* dst, std::size_t n, int peer,
-               int tag, std::vector<request>& sends) {
+  void forward(transport& /*t*/, std::size_t /*k*/, const T* dst, std::size_t n, int peer, int tag,
+               std::vector<request>& sends) {
     forward_bytes(dst, n * sizeof(T), peer, tag, &sends);
   }
   template <class T>
@@ -206,7 +206,8 @@ class staged_ring_memory {
                              std::size_t n) {
     const std::size_t bytes = n * dtype_size(type);
     wait_recv(recvs_[k], bytes);
-    if (mode_ == staging_mode::staged) ops_.to_device(ops_.device_slot(k), ops_.recv_slot(k), bytes);
+    if (mode_ == staging_mode::staged)
+      ops_.to_device(ops_.device_slot(k), ops_.recv_slot(k), bytes);
     // Same operand order as the CPU's reduce_inplace(dst, mine, received):
     // min/max keep their first operand on ties and NaN payloads.
     ops_.reduce(type, op, dst, mine, ops_.device_slot(k), n);

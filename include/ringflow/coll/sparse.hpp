@@ -94,7 +94,8 @@ sparse_rows<T> sparse_allreduce(const communicator& comm, std::span<const std::i
         "must pass the same width",
         comm.rank(), widths));
   }
-  const std::size_t total = std::accumulate(index_counts.begin(), index_counts.end(), std::size_t{0});
+  const std::size_t total =
+      std::accumulate(index_counts.begin(), index_counts.end(), std::size_t{0});
   std::vector<std::int64_t> all_indices(total);
   std::vector<T> all_values(total * width);
   allgatherv<std::int64_t>(comm, indices, std::span<std::int64_t>(all_indices), index_counts);
@@ -104,9 +105,8 @@ sparse_rows<T> sparse_allreduce(const communicator& comm, std::span<const std::i
   // gathered buffer is already (rank, position), so a stable sort by index.
   std::vector<std::size_t> order(total);
   std::iota(order.begin(), order.end(), std::size_t{0});
-  std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
-    return all_indices[a] < all_indices[b];
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::size_t a, std::size_t b) { return all_indices[a] < all_indices[b]; });
   sparse_rows<T> out;
   out.width = width;
   out.rank_rows = index_counts;

@@ -60,8 +60,8 @@ class tree_pass {
     for (int c = 0; c < links_.nchildren; ++c) {
       stage_[c] = staging + static_cast<std::size_t>(c) * staging_stride;
       for (std::size_t s = 0; s < nseg_; ++s) {
-        child_recvs_[c].push_back(t_.irecv(stage_[c] + offset(s), size(s) * sizeof(T),
-                                           links_.children[c], up_tag_));
+        child_recvs_[c].push_back(
+            t_.irecv(stage_[c] + offset(s), size(s) * sizeof(T), links_.children[c], up_tag_));
       }
     }
   }
@@ -80,8 +80,8 @@ class tree_pass {
       combine_to(out_ + o, in_ + o, static_cast<const T*>(stage_[0] + o), n, op_);
       if (links_.nchildren == 2) {
         child_recvs_[1][s].wait();
-        combine_to(out_ + o, static_cast<const T*>(out_ + o),
-                   static_cast<const T*>(stage_[1] + o), n, op_);
+        combine_to(out_ + o, static_cast<const T*>(out_ + o), static_cast<const T*>(stage_[1] + o),
+                   n, op_);
       }
       if (links_.parent < 0) {
         finish_range(out_ + o, n, op_, t_.size());
@@ -167,8 +167,8 @@ void tree_allreduce(transport& t, const T* in, T* out, std::size_t count, const 
   } else {
     const std::size_t half = count / 2;
     passes.emplace_back(t, in, out, staging, count, 0, half, seg, heap_tree(p, r, false), 0, op);
-    passes.emplace_back(t, in, out, staging, count, half, count - half, seg,
-                        heap_tree(p, r, true), 1, op);
+    passes.emplace_back(t, in, out, staging, count, half, count - half, seg, heap_tree(p, r, true),
+                        1, op);
   }
   // Segment-major, tree-minor on every rank: a global order in which a rank
   // only ever waits for the same (segment, tree) step of a neighbour.

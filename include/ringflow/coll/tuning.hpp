@@ -19,8 +19,8 @@ namespace ringflow {
 /// One measured size: every algorithm's median time there.
 struct tuning_row {
   std::size_t bytes = 0;
-  algo best = algo::ring;                   ///< the lowest median (as measured)
-  std::vector<algo_prediction> median;      ///< seconds, in the order measured
+  algo best = algo::ring;               ///< the lowest median (as measured)
+  std::vector<algo_prediction> median;  ///< seconds, in the order measured
 };
 
 /// The measurements for one rank count and node layout.
@@ -28,11 +28,12 @@ struct tuning_table {
   int ranks = 0;
   int nodes = 0;
   int ranks_per_node = 0;
-  int cores_per_node = 0;   ///< cores the node's ranks could use when tuned (informative)
-  std::string dtype = "float", op = "sum";  ///< what was timed (informative: the choice ignores them)
-  std::string tuned_at;     ///< UTC time of the run, ISO 8601
-  int reps = 0;             ///< repetitions behind each median
-  int sessions = 1;         ///< --tune runs averaged into the medians (see merge_sessions)
+  int cores_per_node = 0;  ///< cores the node's ranks could use when tuned (informative)
+  std::string dtype = "float",
+              op = "sum";        ///< what was timed (informative: the choice ignores them)
+  std::string tuned_at;          ///< UTC time of the run, ISO 8601
+  int reps = 0;                  ///< repetitions behind each median
+  int sessions = 1;              ///< --tune runs averaged into the medians (see merge_sessions)
   std::vector<tuning_row> rows;  ///< ascending bytes
 
   /// True when this table was measured for exactly `shape`'s ranks, nodes
@@ -64,9 +65,9 @@ tuning_table merge_sessions(const tuning_table& old, const tuning_table& fresh);
 
 /// A tuning file: the tables of one machine, one per (ranks, layout).
 struct tuning_file {
-  std::string machine;               ///< host name of rank 0 when tuned
+  std::string machine;  ///< host name of rank 0 when tuned
   std::vector<tuning_table> tables;
-  std::string origin;                ///< the path it was read from
+  std::string origin;  ///< the path it was read from
 
   /// The table for `shape`, or nullptr.
   const tuning_table* find(const cluster_shape& shape) const;

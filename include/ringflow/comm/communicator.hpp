@@ -120,5 +120,4 @@ class communicator {
   std::shared_ptr<state> state_;
 };
 
-
 }  // namespace ringflow

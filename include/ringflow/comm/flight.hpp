@@ -100,7 +100,7 @@ struct flight_record {
   std::atomic<std::int32_t> root{-1}, wait_peer{-1}, wait_tag{-1};
   std::atomic<std::uint64_t> sequence{0}, count{0};
   std::atomic<std::int64_t> start{0}, end{0}, wait_since{0};  // flight_ticks(); 0: not yet
-  std::atomic<const char*> algorithm{nullptr};  // a string literal, or null
+  std::atomic<const char*> algorithm{nullptr};                // a string literal, or null
 
   /// Notes the peer and tag a wait blocks on (the first blocking wait of
   /// each peer/tag pair: a changed pair restarts wait_since).

@@ -9,7 +9,6 @@
 #include <span>
 #include <string>
 #include <string_view>
-
 #include <utility>
 #include <vector>
 
@@ -234,7 +233,8 @@ struct stamp_header {
 static_assert(sizeof(stamp_header) == 32);
 
 /// The usage_error text for two ranks whose stamps differ.
-std::string stamp_mismatch_text(int me, const fingerprint& mine, int peer, const fingerprint& theirs);
+std::string stamp_mismatch_text(int me, const fingerprint& mine, int peer,
+                                const fingerprint& theirs);
 }  // namespace detail
 
 }  // namespace ringflow

@@ -40,10 +40,10 @@ struct bucket_compression_options {
 /// bucket_compression::state()).
 struct bucket_state {
   std::size_t bucket = 0;
-  std::string spec;              ///< the bucket's compressor (its name(), never "auto")
+  std::string spec;  ///< the bucket's compressor (its name(), never "auto")
   bool error_feedback = false;
-  std::vector<float> residual;   ///< error feedback's residual of this rank (empty without)
-  compressor_state codec;        ///< counters, warm starts
+  std::vector<float> residual;  ///< error feedback's residual of this rank (empty without)
+  compressor_state codec;       ///< counters, warm starts
   friend bool operator==(const bucket_state&, const bucket_state&) = default;
 };
 

@@ -47,10 +47,10 @@ std::size_t ring_bytes_sent(const wire_round& round, int ranks, int rank);
 /// Traffic of one compressed allreduce (or the running total of many).
 struct traffic {
   std::size_t calls = 0;
-  std::size_t elements = 0;       ///< gradient elements reduced
-  std::size_t raw_bytes = 0;      ///< 4 * elements: the fp32 bucket
-  std::size_t payload_bytes = 0;  ///< one rank's encoded payload (all rounds)
-  std::size_t bytes_sent = 0;     ///< what this rank put on the wire
+  std::size_t elements = 0;          ///< gradient elements reduced
+  std::size_t raw_bytes = 0;         ///< 4 * elements: the fp32 bucket
+  std::size_t payload_bytes = 0;     ///< one rank's encoded payload (all rounds)
+  std::size_t bytes_sent = 0;        ///< what this rank put on the wire
   std::size_t plain_bytes_sent = 0;  ///< what an fp32 ring allreduce would have sent
 
   traffic& operator+=(const traffic& o);
@@ -346,11 +346,11 @@ class powersgd_compressor final : public compressor {
   };
   /// What reduce() does with a bucket of n elements.
   struct plan {
-    std::vector<matrix> matrices;     ///< by offset
-    std::vector<span_range> raw;      ///< by offset, disjoint from the matrices
-    std::size_t p_floats = 0;         ///< sum of rows * rank
-    std::size_t q_floats = 0;         ///< sum of cols * rank
-    std::size_t raw_floats = 0;       ///< sum of raw sizes
+    std::vector<matrix> matrices;  ///< by offset
+    std::vector<span_range> raw;   ///< by offset, disjoint from the matrices
+    std::size_t p_floats = 0;      ///< sum of rows * rank
+    std::size_t q_floats = 0;      ///< sum of cols * rank
+    std::size_t raw_floats = 0;    ///< sum of raw sizes
   };
   /// The plan for n elements: from the layout if one is set (a usage_error
   /// if n differs from its size), else one matrix of shape_of(n).

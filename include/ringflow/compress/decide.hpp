@@ -17,7 +17,7 @@ namespace ringflow::compress {
 /// A link in the alpha-beta model: one message of b bytes takes
 /// alpha_s + b * beta_s_per_byte.
 struct link_model {
-  double alpha_s = 20e-6;             ///< per-message latency
+  double alpha_s = 20e-6;               ///< per-message latency
   double beta_s_per_byte = 8.0 / 10e9;  ///< 10 Gb/s
 
   /// A link of `gbps` gigabits per second and `alpha_us` microseconds latency.
@@ -50,9 +50,9 @@ codec_speed measure_codec(compressor& c, std::size_t n, int reps = 5);
 
 /// Predicted time of one bucket, plain fp32 allreduce vs compressed.
 struct prediction {
-  double plain_s = 0;       ///< fp32 ring allreduce
-  double wire_s = 0;        ///< the compressor's collectives
-  double codec_s = 0;       ///< encode + the decodes (p of them for allgather)
+  double plain_s = 0;  ///< fp32 ring allreduce
+  double wire_s = 0;   ///< the compressor's collectives
+  double codec_s = 0;  ///< encode + the decodes (p of them for allgather)
   double compressed_s() const { return wire_s + codec_s; }
   double speedup() const { return compressed_s() > 0 ? plain_s / compressed_s() : 0; }
 };
@@ -89,8 +89,8 @@ double break_even_gbps(const compressor& c, std::size_t n, int ranks, double alp
 /// @endcode
 class auto_policy {
  public:
-  auto_policy(link_model link, int ranks,
-              std::vector<std::string> candidates = {"bf16", "int8"}, double margin = 0.1);
+  auto_policy(link_model link, int ranks, std::vector<std::string> candidates = {"bf16", "int8"},
+              double margin = 0.1);
   /// Measures every candidate's codec speed on n elements (a second or less).
   void calibrate(std::size_t n = std::size_t{1} << 20);
   /// Sets a candidate's codec speed (instead of measuring it).

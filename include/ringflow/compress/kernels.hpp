@@ -180,8 +180,8 @@ RINGFLOW_HOST_DEVICE inline float floor_small(float v) {
 }
 
 struct quantize_int8 {
-  float inv_step;  ///< levels / scale, or 0 for a zero block
-  int levels;      ///< L: q is clamped to [-L, L]
+  float inv_step;     ///< levels / scale, or 0 for a zero block
+  int levels;         ///< L: q is clamped to [-L, L]
   std::uint64_t key;  ///< random stream of this call (see stream_key)
 
   /// q for element x and its draw u = uniform01(key, index), as a float (an

@@ -17,12 +17,12 @@ enum class dtype : std::uint8_t { f32, f64, i8, u8, i32, i64, f16, bf16 };
 template <class T>
 struct dtype_traits;  // undefined for unsupported types: a compile error names T
 
-#define RINGFLOW_DTYPE_TRAIT(T, TAG, NAME, FLOAT)                        \
-  template <>                                                            \
-  struct dtype_traits<T> {                                               \
-    static constexpr dtype tag = dtype::TAG;                             \
-    static constexpr std::string_view name = NAME;                       \
-    static constexpr bool is_floating = FLOAT;                           \
+#define RINGFLOW_DTYPE_TRAIT(T, TAG, NAME, FLOAT)  \
+  template <>                                      \
+  struct dtype_traits<T> {                         \
+    static constexpr dtype tag = dtype::TAG;       \
+    static constexpr std::string_view name = NAME; \
+    static constexpr bool is_floating = FLOAT;     \
   }
 
 RINGFLOW_DTYPE_TRAIT(float, f32, "float", true);
@@ -37,7 +37,9 @@ RINGFLOW_DTYPE_TRAIT(bfloat16, bf16, "bfloat16", true);
 
 /// A type ringflow can reduce: one of the eight above.
 template <class T>
-concept element = requires { dtype_traits<std::remove_cv_t<T>>::tag; };
+concept element = requires {
+  dtype_traits<std::remove_cv_t<T>>::tag;
+};
 
 template <element T>
 inline constexpr dtype dtype_of = dtype_traits<std::remove_cv_t<T>>::tag;

@@ -42,7 +42,8 @@ RINGFLOW_HOST_DEVICE inline std::uint16_t float_to_half_bits(float f) {
     // Subnormal: value = m * 2^-24; shift the full mantissa into place.
     const std::uint32_t exp = abs >> 23;
     const std::uint32_t mant = (abs & 0x007fffffu) | 0x00800000u;
-    const std::uint32_t shift = 126u - exp;  // value / 2^-24 = mant * 2^(exp - 126); shift in [14, 24]
+    const std::uint32_t shift =
+        126u - exp;  // value / 2^-24 = mant * 2^(exp - 126); shift in [14, 24]
     std::uint32_t h = mant >> shift;
     const std::uint32_t rem = mant & ((1u << shift) - 1u);
     const std::uint32_t halfway = 1u << (shift - 1u);

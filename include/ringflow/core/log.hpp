@@ -27,14 +27,24 @@ void emit(level l, fmt::format_string<Args...> f, Args&&... args) {
 }
 
 template <class... Args>
-void error(fmt::format_string<Args...> f, Args&&... args) { emit(level::error, f, std::forward<Args>(args)...); }
+void error(fmt::format_string<Args...> f, Args&&... args) {
+  emit(level::error, f, std::forward<Args>(args)...);
+}
 template <class... Args>
-void warn(fmt::format_string<Args...> f, Args&&... args) { emit(level::warn, f, std::forward<Args>(args)...); }
+void warn(fmt::format_string<Args...> f, Args&&... args) {
+  emit(level::warn, f, std::forward<Args>(args)...);
+}
 template <class... Args>
-void info(fmt::format_string<Args...> f, Args&&... args) { emit(level::info, f, std::forward<Args>(args)...); }
+void info(fmt::format_string<Args...> f, Args&&... args) {
+  emit(level::info, f, std::forward<Args>(args)...);
+}
 template <class... Args>
-void debug(fmt::format_string<Args...> f, Args&&... args) { emit(level::debug, f, std::forward<Args>(args)...); }
+void debug(fmt::format_string<Args...> f, Args&&... args) {
+  emit(level::debug, f, std::forward<Args>(args)...);
+}
 template <class... Args>
-void trace(fmt::format_string<Args...> f, Args&&... args) { emit(level::trace, f, std::forward<Args>(args)...); }
+void trace(fmt::format_string<Args...> f, Args&&... args) {
+  emit(level::trace, f, std::forward<Args>(args)...);
+}
 
 }  // namespace ringflow::log

@@ -35,11 +35,17 @@ constexpr std::string_view op_name(op_kind k) {
 namespace detail {
 // The type arithmetic happens in: float for the 16-bit floats, T otherwise.
 template <class T>
-struct compute_type { using type = T; };
+struct compute_type {
+  using type = T;
+};
 template <>
-struct compute_type<half> { using type = float; };
+struct compute_type<half> {
+  using type = float;
+};
 template <>
-struct compute_type<bfloat16> { using type = float; };
+struct compute_type<bfloat16> {
+  using type = float;
+};
 template <class T>
 using compute_t = typename compute_type<T>::type;
 }  // namespace detail
@@ -100,7 +106,9 @@ struct avg_op : sum_op {
 
 /// A reduce op: a functor with a `kind`.
 template <class Op>
-concept reduce_op = requires { Op::kind; };
+concept reduce_op = requires {
+  Op::kind;
+};
 
 inline constexpr sum_op sum{};
 inline constexpr prod_op prod{};

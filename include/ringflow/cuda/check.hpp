@@ -45,29 +45,28 @@ void log_cuda_error(cudaError_t code, const char* call, const char* file, int li
 }  // namespace ringflow::cuda
 
 /// Throws ringflow::cuda::cuda_error if `call` does not return cudaSuccess.
-#define RINGFLOW_CHECK_CUDA(call)                                                  \
-  do {                                                                             \
-    const cudaError_t rf_cuda_status_ = (call);                                    \
-    if (rf_cuda_status_ != cudaSuccess)                                            \
-      ::ringflow::cuda::detail::throw_cuda_error(rf_cuda_status_, #call, __FILE__, \
-                                                 __LINE__);                        \
+#define RINGFLOW_CHECK_CUDA(call)                                                             \
+  do {                                                                                        \
+    const cudaError_t rf_cuda_status_ = (call);                                               \
+    if (rf_cuda_status_ != cudaSuccess)                                                       \
+      ::ringflow::cuda::detail::throw_cuda_error(rf_cuda_status_, #call, __FILE__, __LINE__); \
   } while (0)
 
 /// After a kernel launch: throws if the launch itself failed (bad grid,
 /// missing kernel image). `what` is a string literal naming the kernel.
 /// Faults inside the kernel surface at the next synchronizing call.
-#define RINGFLOW_CHECK_LAUNCH(what)                                                  \
-  do {                                                                               \
-    const cudaError_t rf_cuda_status_ = cudaGetLastError();                          \
-    if (rf_cuda_status_ != cudaSuccess)                                              \
-      ::ringflow::cuda::detail::throw_cuda_error(rf_cuda_status_, "launch of " what, \
-                                                 __FILE__, __LINE__);                \
+#define RINGFLOW_CHECK_LAUNCH(what)                                                            \
+  do {                                                                                         \
+    const cudaError_t rf_cuda_status_ = cudaGetLastError();                                    \
+    if (rf_cuda_status_ != cudaSuccess)                                                        \
+      ::ringflow::cuda::detail::throw_cuda_error(rf_cuda_status_, "launch of " what, __FILE__, \
+                                                 __LINE__);                                    \
   } while (0)
 
 /// In destructors and other noexcept paths: logs a failure, never throws.
-#define RINGFLOW_LOG_CUDA(call)                                                           \
-  do {                                                                                    \
-    const cudaError_t rf_cuda_status_ = (call);                                           \
-    if (rf_cuda_status_ != cudaSuccess)                                                   \
+#define RINGFLOW_LOG_CUDA(call)                                                             \
+  do {                                                                                      \
+    const cudaError_t rf_cuda_status_ = (call);                                             \
+    if (rf_cuda_status_ != cudaSuccess)                                                     \
       ::ringflow::cuda::detail::log_cuda_error(rf_cuda_status_, #call, __FILE__, __LINE__); \
   } while (0)

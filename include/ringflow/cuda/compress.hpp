@@ -123,8 +123,8 @@ void int8_ef_encode(const float* grad, float* residual, std::size_t n, std::size
 /// (NaN if the block holds one). Reads g and r; writes the scales
 /// (8 bytes per element). The caller then max-allreduces the scales
 /// (ncclMax on ncclFloat32).
-void int8_block_absmax(const float* grad, const float* residual, std::size_t n,
-                       std::size_t block, float* scales, cudaStream_t s);
+void int8_block_absmax(const float* grad, const float* residual, std::size_t n, std::size_t block,
+                       float* scales, cudaStream_t s);
 
 /// (b2) Shared-scale path, step 2: quantizes c = g + r with the given
 /// (max-allreduced) scales to [-levels, levels] (levels = 127 / nranks, so
@@ -198,8 +198,8 @@ void half_decode_add(half_format f, const std::uint16_t* in, std::size_t n, floa
 /// last step of the fp16/bf16 allreduce, a plain decode like
 /// half_compressor::reduce's (a -0 payload gives -0, where compressor::decode,
 /// zero fill then decode_add, gives +0). 6 bytes per element.
-void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* out,
-                 int divide_by, cudaStream_t s);
+void half_decode(half_format f, const std::uint16_t* in, std::size_t n, float* out, int divide_by,
+                 cudaStream_t s);
 
 // ---------------------------------------------------------------------------
 // No compression, with error feedback (none_compressor)

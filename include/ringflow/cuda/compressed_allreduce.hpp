@@ -19,7 +19,7 @@
 namespace ringflow::compress {
 class compressor;
 struct bucket_layout;
-}
+}  // namespace ringflow::compress
 
 namespace ringflow::cuda {
 

@@ -201,8 +201,8 @@ void staged_reduce_scatter(const communicator& comm, const void* in, void* out,
                            const staged_options& opt);
 void staged_allgather(const communicator& comm, const void* in, void* out, std::size_t in_count,
                       std::size_t out_count, dtype type, const staged_options& opt);
-void staged_broadcast(const communicator& comm, void* data, std::size_t count, dtype type,
-                      int root, const staged_options& opt);
+void staged_broadcast(const communicator& comm, void* data, std::size_t count, dtype type, int root,
+                      const staged_options& opt);
 }  // namespace detail
 
 /// Allreduce of DEVICE buffers over an ordinary (host-memory) communicator,
@@ -234,9 +234,8 @@ void staged_allreduce(const communicator& comm, std::span<T> data, Op op = {},
 /// (ringflow::partition) of the reduction in `out`, like
 /// ringflow::reduce_scatter. `out` may alias that piece of `in`.
 template <element T, reduce_op Op = sum_op>
-void staged_reduce_scatter(const communicator& comm,
-                           std::span<const std::type_identity_t<T>> in, std::span<T> out,
-                           Op /*op*/ = {}, const staged_options& opt = {}) {
+void staged_reduce_scatter(const communicator& comm, std::span<const std::type_identity_t<T>> in,
+                           std::span<T> out, Op /*op*/ = {}, const staged_options& opt = {}) {
   detail::staged_reduce_scatter(comm, in.data(), out.data(), in.size(), out.size(), dtype_of<T>,
                                 Op::kind, opt);
 }

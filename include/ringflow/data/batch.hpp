@@ -1,8 +1,6 @@
 // Batch assembly and a background prefetcher that builds the next batches while a step runs.
 #pragma once
 
-#include "ringflow/data/dataset.hpp"
-
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -12,6 +10,8 @@
 #include <span>
 #include <thread>
 #include <vector>
+
+#include "ringflow/data/dataset.hpp"
 
 namespace ringflow::data {
 
@@ -87,7 +87,7 @@ class prefetcher {
   std::condition_variable ready_;  // consumer waits: a batch, an error or the end
   std::condition_variable space_;  // worker waits: room in the queue or stop
   std::deque<batch> queue_;
-  std::vector<batch> spare_;       // storage returned by the consumer
+  std::vector<batch> spare_;  // storage returned by the consumer
   std::exception_ptr error_;
   bool stop_ = false;
   std::thread worker_;

@@ -1,15 +1,14 @@
 // In-memory image classification datasets (Fashion-MNIST) as row-major float matrices.
 #pragma once
 
-#include "ringflow/data/error.hpp"
-
 #include <Eigen/Core>
-
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <span>
 #include <vector>
+
+#include "ringflow/data/error.hpp"
 
 namespace ringflow::data {
 

@@ -1,13 +1,13 @@
 // Reader for IDX files (the MNIST / Fashion-MNIST container), gzipped or raw.
 #pragma once
 
-#include "ringflow/data/error.hpp"
-
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <span>
 #include <vector>
+
+#include "ringflow/data/error.hpp"
 
 namespace ringflow::data {
 

@@ -27,7 +27,8 @@ enum class op_kind : std::uint8_t {
 
 /// "forward", "backward_input", ...
 std::string_view op_name(op_kind op);
-/// The token used by the text format: "F", "B", "BI", "BW", "SA", "RA", "SG", "RG", "REDUCE", "STEP".
+/// The token used by the text format: "F", "B", "BI", "BW", "SA", "RA", "SG", "RG", "REDUCE",
+/// "STEP".
 std::string_view op_mnemonic(op_kind op);
 /// True for forward, backward, backward_input and backward_weight.
 bool is_compute(op_kind op);

@@ -59,7 +59,8 @@ grid make_grid(const communicator& world, int ranks_per_pipeline);
 
 /// The loss of one micro-batch: the MEAN over its rows (the runner weighs
 /// micro-batches by their share of the batch). Default: softmax cross-entropy.
-using loss_function = std::function<ad::tensor(const ad::tensor& output, std::span<const int> labels)>;
+using loss_function =
+    std::function<ad::tensor(const ad::tensor& output, std::span<const int> labels)>;
 
 /// Runs the stages of an ad::sequential that live on one rank. Every rank
 /// builds the whole model (same seed) and keeps only its stages' layers; the

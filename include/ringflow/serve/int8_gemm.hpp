@@ -71,8 +71,8 @@ class packed_int8_matrix {
   index k_ = 0;
   index n_ = 0;
   int8_path path_ = int8_path::baseline;
-  std::vector<std::int8_t> bytes_;    // baseline: B transposed [n][k]; VNNI: 16 x 4 blocks
-  std::vector<std::int16_t> words_;   // AVX2: 8 x 2 blocks of int16
+  std::vector<std::int8_t> bytes_;   // baseline: B transposed [n][k]; VNNI: 16 x 4 blocks
+  std::vector<std::int16_t> words_;  // AVX2: 8 x 2 blocks of int16
   std::vector<std::int32_t> colsum_;
 };
 

@@ -57,7 +57,8 @@ model load_model(const std::filesystem::path& file, int8_path path = best_int8_p
 namespace detail {
 /// A header for `payload` with the given version and both checksums: the
 /// file's bytes. For tests that build well-sealed but malformed files.
-std::string seal_model_payload(std::string_view payload, std::uint32_t version = model_format_version);
+std::string seal_model_payload(std::string_view payload,
+                               std::uint32_t version = model_format_version);
 }  // namespace detail
 
 }  // namespace ringflow::serve

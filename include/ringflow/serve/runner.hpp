@@ -55,7 +55,9 @@ struct runner_stats {
   std::size_t largest_batch = 0;
   /// batch_sizes[b]: how many batches of b requests ran (size max_batch + 1).
   std::vector<std::uint64_t> batch_sizes;
-  double mean_batch() const { return batches == 0 ? 0.0 : static_cast<double>(requests_run) / static_cast<double>(batches); }
+  double mean_batch() const {
+    return batches == 0 ? 0.0 : static_cast<double>(requests_run) / static_cast<double>(batches);
+  }
   std::uint64_t requests_run = 0;  ///< answered (or failed) so far
 };
 
@@ -120,8 +122,8 @@ class runner {
 
 /// How run_load drives a runner.
 struct load_options {
-  int clients = 8;                   ///< client threads
-  int in_flight = 16;                ///< requests each client keeps outstanding
+  int clients = 8;     ///< client threads
+  int in_flight = 16;  ///< requests each client keeps outstanding
   std::chrono::milliseconds duration{1000};
 };
 
@@ -139,6 +141,7 @@ struct load_report {
 /// A closed-loop load generator: `clients` threads each keep `in_flight`
 /// requests outstanding, drawn in turn from `samples` rows of `inputs`
 /// [samples, r.inputs()], for `duration`, then wait for the rest.
-load_report run_load(runner& r, const float* inputs, index samples, const load_options& options = {});
+load_report run_load(runner& r, const float* inputs, index samples,
+                     const load_options& options = {});
 
 }  // namespace ringflow::serve

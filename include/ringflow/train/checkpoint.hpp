@@ -66,10 +66,10 @@ optimizer_state optimizer_state_of(ad::sgd& opt, std::vector<chunk> pieces);
 /// load_state, `step` and `extra` by assignment).
 struct training_state {
   ad::parameter_store<float> params = {};
-  optimizer_state optimizer = {};     ///< kind "none": no optimizer state saved
-  data::sampler* sampler = nullptr;   ///< null: no sampler state saved
-  std::int64_t step = 0;              ///< training steps taken
-  int world_size = 1;                 ///< ranks that wrote it (recorded; see docs/training.md)
+  optimizer_state optimizer = {};    ///< kind "none": no optimizer state saved
+  data::sampler* sampler = nullptr;  ///< null: no sampler state saved
+  std::int64_t step = 0;             ///< training steps taken
+  int world_size = 1;                ///< ranks that wrote it (recorded; see docs/training.md)
   std::map<std::string, std::string> extra = {};  ///< free-form settings (e.g. "global_batch")
   /// The gradient compression of a data_parallel (dp.bucket_compression()):
   /// its per-rank state (error-feedback residuals, int8/top-k counters,
@@ -83,10 +83,10 @@ struct training_state {
 /// What load_checkpoint found in the file besides what it restored.
 struct checkpoint_info {
   std::uint32_t format_version = 0;
-  int world_size = 0;              ///< ranks that wrote it
-  data::sampler_state sampler;     ///< as saved (before any conversion)
+  int world_size = 0;           ///< ranks that wrote it
+  data::sampler_state sampler;  ///< as saved (before any conversion)
   bool has_sampler = false;
-  int compression_ranks = 0;       ///< ranks whose compression state it holds (0: none)
+  int compression_ranks = 0;  ///< ranks whose compression state it holds (0: none)
 };
 
 /// Writes `s` to `file` atomically: into a temporary file in the same folder,

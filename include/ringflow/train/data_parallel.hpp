@@ -1,12 +1,13 @@
-// Data-parallel training: gradients averaged across ranks in buckets whose allreduce overlaps backward.
+// Data-parallel training: gradients averaged across ranks in buckets whose allreduce overlaps
+// backward.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
-#include <span>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -37,9 +38,9 @@ inline constexpr std::size_t default_first_bucket_cap_bytes = 64 * 1024;
 /// A contiguous slice [offset, offset + size) of the store's gradient buffer,
 /// averaged by one allreduce.
 struct bucket {
-  std::size_t offset = 0;            ///< first element in all_grads()
-  std::size_t size = 0;              ///< element count
-  std::vector<std::size_t> params;   ///< parameter indices, in reverse store order
+  std::size_t offset = 0;           ///< first element in all_grads()
+  std::size_t size = 0;             ///< element count
+  std::vector<std::size_t> params;  ///< parameter indices, in reverse store order
   std::size_t bytes() const { return size * sizeof(float); }
 };
 
@@ -62,8 +63,8 @@ struct bucket_view {
   /// The bucket's gradients, summed over this rank's backward passes; the
   /// hook leaves the average over the contributing ranks here, in place.
   std::span<float> grads;
-  std::size_t index;          ///< the bucket (0: the last parameters)
-  std::int64_t step;          ///< the step being reduced
+  std::size_t index;  ///< the bucket (0: the last parameters)
+  std::int64_t step;  ///< the step being reduced
   /// Ranks that contributed real gradients this step: comm.size(), or fewer
   /// with uneven_inputs after some ranks joined (theirs are zeros).
   int contributors;
@@ -233,9 +234,8 @@ class data_parallel {
   /// micro-batches scale each loss by 1/k. finish() or step() inside the
   /// scope is a usage_error.
   /// @code
-  ///   for (int i = 0; i < k - 1; ++i) { auto ns = dp.no_sync(); dp.backward(loss(i) * (1.0f / k)); }
-  ///   dp.backward(loss(k - 1) * (1.0f / k));   // buckets launched as usual
-  ///   dp.step(opt);
+  ///   for (int i = 0; i < k - 1; ++i) { auto ns = dp.no_sync(); dp.backward(loss(i) * (1.0f / k));
+  ///   } dp.backward(loss(k - 1) * (1.0f / k));   // buckets launched as usual dp.step(opt);
   /// @endcode
   [[nodiscard]] no_sync_scope no_sync();
 

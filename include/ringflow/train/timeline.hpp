@@ -1,4 +1,5 @@
-// Per-rank Chrome trace (chrome://tracing, Perfetto) of a training run: spans on a compute lane and a communication lane.
+// Per-rank Chrome trace (chrome://tracing, Perfetto) of a training run: spans on a compute lane and
+// a communication lane.
 #pragma once
 
 #include <cstdint>
