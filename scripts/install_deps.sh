@@ -13,6 +13,7 @@ packages=(
   catch2                               # tests
   nlohmann-json3-dev                   # the library's JSON files (private, header-only; src/core/json.hpp)
   ccache                               # compiler cache: run_tests.sh builds three trees (release, asan, tsan)
+  clang-format                         # the format check (scripts/check_format.sh, in run_tests.sh)
   libgloo-dev                          # benchmark peer
   dataset-fashion-mnist                # training example data
   libopenblas0-pthread                 # fast CPU products, loaded at run time (docs/design.md)

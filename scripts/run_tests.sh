@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: install dependencies, build ringflow, run every CTest test (unit, mpi, cuda),
-# then the sanitizer stages (ASan+UBSan, TSan; see docs/testing.md).
+# The test command: install dependencies, check the format (scripts/check_format.sh), build
+# ringflow, run every CTest test (unit, mpi, cuda), then the sanitizer stages (ASan+UBSan, TSan;
+# see docs/testing.md).
 #
 #   scripts/run_tests.sh [extra ctest arguments, e.g. -L unit or -R install]
 # Environment: BUILD_DIR (default build), JOBS (build jobs, default 2),
@@ -42,13 +43,16 @@ if command -v ccache >/dev/null 2>&1; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
 fi
 
+step "format (scripts/check_format.sh)"
+status=0
+scripts/check_format.sh || status=1
+
 step "configure and build ($BUILD_DIR, $BUILD_TYPE, -j$JOBS)"
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" -DRINGFLOW_BUILD_TESTS=ON \
   "${launcher[@]}" "${extra_cmake_args[@]}"
 cmake --build "$BUILD_DIR" -j "$JOBS"
 
 step "tests"
-status=0
 ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" || status=$?
 echo "run_tests: build and tests took $((SECONDS - started)) s"
 
