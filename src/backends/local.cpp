@@ -198,14 +198,7 @@ class local_request final : public detail::request_state {
       return true;
     }
     if (state_->copying) return false;
-    if (group_->failed.load()) {
-      withdraw(box);
-      throw_abandoned();
-    }
-    if (group_->finished[static_cast<std::size_t>(peer_)].load()) {
-      withdraw(box);
-      throw_peer_finished();
-    }
+    give_up_if_hopeless(box);
     return false;
   }
 
@@ -219,14 +212,7 @@ class local_request final : public detail::request_state {
         box.changed.wait(lock);
         continue;
       }
-      if (group_->failed.load()) {
-        withdraw(box);
-        throw_abandoned();
-      }
-      if (group_->finished[static_cast<std::size_t>(peer_)].load()) {
-        withdraw(box);
-        throw_peer_finished();
-      }
+      give_up_if_hopeless(box);
       if (box.changed.wait_until(lock, deadline) == std::cv_status::timeout && !state_->done &&
           !state_->copying) {
         withdraw(box);
@@ -245,6 +231,19 @@ class local_request final : public detail::request_state {
   }
 
  private:
+  // The message is unmatched (not done, not being copied) and can never
+  // complete: the group failed, or the peer returned from its function.
+  // Throws after withdrawing it; the caller holds box.mutex.
+  void give_up_if_hopeless(mailbox& box) const {
+    if (group_->failed.load()) {
+      withdraw(box);
+      throw_abandoned();
+    }
+    if (group_->finished[static_cast<std::size_t>(peer_)].load()) {
+      withdraw(box);
+      throw_peer_finished();
+    }
+  }
   // Giving up on a message that no one has matched yet: take it out of the
   // mailbox (the caller holds box.mutex), so a peer that arrives later cannot
   // match it and copy into or out of a buffer our caller is about to free.
