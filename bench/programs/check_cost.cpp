@@ -8,7 +8,7 @@
 // Prints the median ns per begin_collective for each mode and the difference;
 // divide the difference by a collective's time (ringflow-bench) for the
 // relative cost. The stamped messages' own cost (MPI ring, tree...) is in
-// bench/env_cost.sh RINGFLOW_CHECK=0 (docs/benchmarks.md).
+// bench/env_cost.sh RINGFLOW_CHECK=0 (docs/results/2026-12-02-stamp-check-cost.md).
 #include <fmt/format.h>
 
 #include <algorithm>
