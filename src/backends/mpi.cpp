@@ -5,7 +5,6 @@
 
 #include <fmt/format.h>
 #include <mpi.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/cpus.hpp"
 #include "mpi_check.hpp"
 #include "mpi_job.hpp"
 #include "ringflow/backends/mpi_interop.hpp"
@@ -58,25 +58,18 @@ occupancy probe(MPI_Comm comm) {
     // Cores = the union of the CPUs the node's ranks may run on: bind-to-core
     // gives each rank one CPU but the ranks still have one each, while
     // taskset or a container limits the union below the machine's count.
-    cpu_set_t mine;
-    CPU_ZERO(&mine);
-    if (sched_getaffinity(0, sizeof mine, &mine) != 0) {
-      for (unsigned c = 0; c < std::thread::hardware_concurrency() && c < CPU_SETSIZE; ++c) {
-        CPU_SET(c, &mine);
-      }
-    }
+    const detail::cpu_mask mine = detail::process_cpus();
     occupancy o;
-    o.cores = CPU_COUNT(&mine);
+    o.cores = mine.count();
     MPI_Comm node = MPI_COMM_NULL;
     if (MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
       MPI_Comm_size(node, &o.local_ranks);
-      std::vector<cpu_set_t> all(static_cast<std::size_t>(o.local_ranks));
+      std::vector<detail::cpu_mask> all(static_cast<std::size_t>(o.local_ranks));
       if (MPI_Allgather(&mine, sizeof mine, MPI_BYTE, all.data(), sizeof mine, MPI_BYTE, node) ==
           MPI_SUCCESS) {
-        cpu_set_t either;
-        CPU_ZERO(&either);
-        for (auto& s : all) CPU_OR(&either, &either, &s);
-        o.cores = CPU_COUNT(&either);
+        detail::cpu_mask either;
+        for (const auto& s : all) either.merge(s);
+        o.cores = either.count();
       }
       MPI_Comm_free(&node);
     }

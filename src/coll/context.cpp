@@ -3,7 +3,6 @@
 #include "ringflow/coll/context.hpp"
 
 #include <fmt/format.h>
-#include <sched.h>
 #include <unistd.h>
 
 #include <bit>
@@ -11,6 +10,7 @@
 #include <mutex>
 #include <set>
 
+#include "core/cpus.hpp"
 #include "ringflow/coll/broadcast.hpp"
 #include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/ring.hpp"
@@ -40,8 +40,8 @@ struct wire_record {
   std::int32_t node_size;  // RINGFLOW_NODE_SIZE; 0 unset, -1 malformed
   std::int32_t tuning;     // a tuning_status (rank 0's counts)
   std::int32_t shm_registered;
-  std::int32_t autotune;   // RINGFLOW_AUTOTUNE: 1 on, 0 off, -1 malformed
-  std::uint64_t cpus[16];  // the CPUs this rank may run on (sched_getaffinity)
+  std::int32_t autotune;  // RINGFLOW_AUTOTUNE: 1 on, 0 off, -1 malformed
+  detail::cpu_mask cpus;  // the CPUs this rank may run on (core/cpus.hpp)
   double model[10];
 };
 
@@ -106,13 +106,7 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
     autotune_problem = e.what();
   }
   mine.shm_registered = registered_algorithm(algo::shm) != nullptr ? 1 : 0;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof set, &set) == 0) {
-    for (int c = 0; c < CPU_SETSIZE && c < 1024; ++c) {
-      if (CPU_ISSET(c, &set)) mine.cpus[c / 64] |= std::uint64_t{1} << (c % 64);
-    }
-  }
+  mine.cpus = detail::process_cpus();
   std::optional<tuning_file> tuning;
   if (r == 0) {
     const cost_model m = local_cost_model();
@@ -162,13 +156,9 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
   // bound to one core each and unbound ranks both count right).
   for (const auto& node : ctx->topo.nodes) {
     if (static_cast<int>(node.size()) != ctx->shape.ranks_per_node) continue;
-    std::uint64_t u[16] = {};
-    for (int q : node) {
-      for (int w = 0; w < 16; ++w) u[w] |= all[static_cast<std::size_t>(q)].cpus[w];
-    }
-    int cores = 0;
-    for (auto w : u) cores += std::popcount(w);
-    ctx->shape.cores_per_node = std::max(ctx->shape.cores_per_node, cores);
+    detail::cpu_mask u;
+    for (int q : node) u.merge(all[static_cast<std::size_t>(q)].cpus);
+    ctx->shape.cores_per_node = std::max(ctx->shape.cores_per_node, u.count());
   }
   // shm: every rank has it registered, processes that can share memory
   // (the transport says so), and one host.
