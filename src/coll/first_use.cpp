@@ -139,15 +139,14 @@ first_use_tuner::pick first_use_tuner::next(transport& t, std::size_t bytes, con
   // halving_doubling at -np 4, 1.28x slower than shm). Keeping a pick that
   // really is up to first_use_margin slower costs at most that much.
   const algo model_pick = s->candidates.front();
-  for (std::size_t i = 1; i < c.medians.size(); ++i) {
-    if (c.medians[i].algorithm != model_pick) continue;
-    if (c.medians[i].seconds <= c.medians.front().seconds * (1 + first_use_margin)) {
-      std::rotate(c.medians.begin(), c.medians.begin() + static_cast<std::ptrdiff_t>(i),
-                  c.medians.begin() + static_cast<std::ptrdiff_t>(i) + 1);
-      c.choice = model_pick;
-      c.kept_model_pick = true;
-    }
-    break;
+  const auto kept =
+      std::find_if(c.medians.begin() + 1, c.medians.end(),
+                   [&](const algo_prediction& p) { return p.algorithm == model_pick; });
+  if (kept != c.medians.end() &&
+      kept->seconds <= c.medians.front().seconds * (1 + first_use_margin)) {
+    std::rotate(c.medians.begin(), kept, kept + 1);  // the pick first, the rest in order
+    c.choice = model_pick;
+    c.kept_model_pick = true;
   }
   if (t.rank() == 0 && log::current_level() >= log::level::info) {
     std::string all;

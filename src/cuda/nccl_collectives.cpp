@@ -9,10 +9,6 @@
 
 namespace ringflow::cuda {
 
-using detail::nccl_group;
-using detail::nccl_state;
-using detail::require_device;
-
 // --- Collectives ----------------------------------------------------------------
 
 namespace {

@@ -7,10 +7,6 @@
 
 namespace ringflow::cuda {
 
-using detail::nccl_group;
-using detail::nccl_state;
-using detail::require_device;
-
 // --- Bootstrap ----------------------------------------------------------------
 
 namespace {

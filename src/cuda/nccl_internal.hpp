@@ -142,4 +142,11 @@ inline void require_device(const nccl_state& st, const char* what, const char* w
 
 }  // namespace ringflow::cuda::detail
 
+namespace ringflow::cuda {
+// The names every nccl_*.cpp uses unqualified.
+using detail::nccl_group;
+using detail::nccl_state;
+using detail::require_device;
+}  // namespace ringflow::cuda
+
 #endif  // RINGFLOW_HAS_NCCL

@@ -6,10 +6,6 @@
 
 namespace ringflow::cuda {
 
-using detail::nccl_group;
-using detail::nccl_state;
-using detail::require_device;
-
 // --- nccl_transport -------------------------------------------------------------
 
 namespace {
