@@ -13,9 +13,11 @@
 # GPU tests report "skipped" on machines without a GPU.
 #
 # Sanitizer stages (Debug -O1, CUDA off, trees build-asan and build-tsan):
-#   asan  RINGFLOW_SANITIZE=address,undefined, every target; ctest -L 'unit|mpi'
-#         (the unit tests, the tools' bad-flag runs, the install consumer, and
-#         test_mpi under mpirun -np 1..5)
+#   asan  RINGFLOW_SANITIZE=address,undefined, the library, the tests and the tools
+#         (not the examples, the benchmark programs or the install target: their
+#         bad-flag and packaging tests run in the first stage); ctest -L 'unit|mpi'
+#         (the unit tests, the fuzz and doctor tests, and test_mpi under
+#         mpirun -np 1..5)
 #   tsan  RINGFLOW_SANITIZE=thread, the threaded tests only (test_comm, test_coll,
 #         test_train, test_pipeline, test_serve); ctest -L unit there
 # A report fails its test (halt_on_error, -fno-sanitize-recover; the options are
@@ -57,21 +59,22 @@ ctest --test-dir "$BUILD_DIR" --output-on-failure --no-tests=error "$@" || statu
 echo "run_tests: build and tests took $((SECONDS - started)) s"
 
 # sanitizer_stage NAME SANITIZE CTEST_LABEL [TARGETS...]: configure build-NAME
-# with RINGFLOW_SANITIZE=SANITIZE, then either build everything and run the
-# tests labelled CTEST_LABEL, or build only the test binaries TARGETS and run
-# the tests of that name (the tests of the others are registered but unbuilt).
+# with RINGFLOW_SANITIZE=SANITIZE and without the examples, the benchmark
+# programs and the install target (the first stage runs their tests), then
+# either build the rest and run the tests labelled CTEST_LABEL, or build only
+# the test binaries TARGETS and run the tests of that name (the tests of the
+# others are registered but unbuilt).
 sanitizer_stage() {
   local name=$1 sanitize=$2 label=$3
   shift 3
   local dir=build-$name t0=$SECONDS rc=0
   # -LE fault: the fault-injection tests (fault_injection, flight_doctor) stop,
   # kill and abort ranks on purpose; they run in the first stage only.
-  local -a targets=() extra=() select=(-L "$label" -LE fault)
+  local -a targets=() select=(-L "$label" -LE fault)
+  local -a extra=(-DRINGFLOW_BUILD_EXAMPLES=OFF -DRINGFLOW_BUILD_BENCH=OFF -DRINGFLOW_INSTALL=OFF)
   for t in "$@"; do targets+=(--target "$t"); done
   if (($# > 0)); then
     select=(-L "$label" -LE fault -R "^($(IFS='|'; echo "$*"))\$")
-    # Only the named test binaries: no examples, tools or install tests.
-    extra=(-DRINGFLOW_BUILD_EXAMPLES=OFF -DRINGFLOW_BUILD_BENCH=OFF -DRINGFLOW_INSTALL=OFF)
   fi
   step "sanitizer stage $name ($sanitize, $dir, ctest -L '$label')"
   cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-g -O1" \
