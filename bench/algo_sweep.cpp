@@ -24,6 +24,7 @@
 #include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/context.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "ringflow/coll/tuning.hpp"
 
 namespace ringflow::bench {

@@ -5,6 +5,7 @@
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "ringflow/coll/sparse.hpp"
 #include "ringflow/comm/communicator.hpp"
 #include "ringflow/comm/flight.hpp"

@@ -655,7 +655,7 @@ double shm_cost(const cost_model& m, const cluster_shape& s, std::size_t bytes) 
 
 bool shm_register() noexcept {
   static const bool done = [] {
-    register_algorithm(algo::shm, &shm::try_allreduce, &shm_cost);
+    ext::register_algorithm(algo::shm, &shm::try_allreduce, &shm_cost);
     return true;
   }();
   return done;

@@ -56,7 +56,7 @@ constexpr algorithm_info table[] = {
      &several_nodes_of_several,
      &detail::hierarchical_cost,
      &detail::run_hierarchical},
-    // Registered by the shm backend with its cost (detail::register_algorithm).
+    // Registered by the shm backend with its cost (ext::register_algorithm).
     {algo::shm, "shm", "shm", {"", ""}, true, &one_node_with_shm, nullptr, nullptr},
     // The backend's own allreduce (MPI_Allreduce): never picked, only asked for.
     {algo::native, "native", "native", {"", ""}, false, nullptr, nullptr, nullptr},

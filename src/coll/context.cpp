@@ -1,5 +1,6 @@
 // Per-communicator context (node layout, rank 0's cost model and tuning
-// table), the automatic algorithm choice and ringflow::explain.
+// table) and the automatic algorithm choice (ringflow::explain, which reports
+// it, is in explain.cpp).
 #include "ringflow/coll/context.hpp"
 
 #include <fmt/format.h>
@@ -104,7 +105,7 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
     mine.autotune = -1;
     autotune_problem = e.what();
   }
-  mine.shm_registered = registered_algorithm(algo::shm) != nullptr ? 1 : 0;
+  mine.shm_registered = ext::registered_algorithm(algo::shm) != nullptr ? 1 : 0;
   mine.cpus = detail::process_cpus();
   std::optional<tuning_file> tuning;
   if (r == 0) {
@@ -174,7 +175,8 @@ std::shared_ptr<comm_context> build_context(const communicator& comm) {
     // this exchange, a rank that failed or left before that later call cannot
     // leave the others waiting in them unbounded. (A count of 0 sets up and
     // reduces nothing; a segment that cannot be set up declines.)
-    if (!registered_algorithm(algo::shm)(comm, nullptr, nullptr, 0, dtype::f32, op_kind::sum)) {
+    if (!ext::registered_algorithm(algo::shm)(comm, nullptr, nullptr, 0, dtype::f32,
+                                              op_kind::sum)) {
       ctx->shm_declined.store(true, std::memory_order_relaxed);
     }
   }
@@ -220,27 +222,18 @@ const comm_context* context_of(const communicator& comm) {
   return &comm.slot<comm_context>([&] { return build_context(comm); });
 }
 
-namespace {
-// Whether first-use tuning decides `bytes` on ctx (no table covers it).
-bool first_use_applies(const comm_context& ctx, std::size_t bytes) {
-  if (!ctx.first_use) return false;
-  const tuning_table* t = ctx.table.get();
-  return t == nullptr || !t->matches(ctx.shape) || !t->covers(bytes);
+bool comm_context::first_use_decides(std::size_t bytes) const {
+  if (!first_use) return false;
+  const tuning_table* t = table.get();
+  return t == nullptr || !t->matches(shape) || !t->covers(bytes);
 }
-
-std::string human_bytes(std::size_t b) {
-  if (b >= (1u << 20) && b % (1u << 20) == 0) return fmt::format("{} MiB", b >> 20);
-  if (b >= 1024 && b % 1024 == 0) return fmt::format("{} KiB", b >> 10);
-  return fmt::format("{} B", b);
-}
-}  // namespace
 
 automatic_pick automatic_allreduce_pick(const communicator& comm, std::size_t bytes) {
   automatic_pick p;
   p.context = context_of(comm);
   const comm_context& ctx = *p.context;
   const cluster_shape shape = ctx.choice_shape();
-  if (!first_use_applies(ctx, bytes)) {
+  if (!ctx.first_use_decides(bytes)) {
     p.algorithm = fastest_algorithm(ctx.table.get(), ctx.model, shape, bytes);
     return p;
   }
@@ -257,7 +250,7 @@ void automatic_trial_done(const automatic_pick& p, double seconds) {
 int automatic_calls_left(const communicator& comm, std::size_t bytes) {
   const comm_context* ctx = comm.find_slot<comm_context>();
   if (ctx == nullptr) return -1;
-  if (comm.size() == 1 || bytes == 0 || !first_use_applies(*ctx, bytes)) return 0;
+  if (comm.size() == 1 || bytes == 0 || !ctx->first_use_decides(bytes)) return 0;
   return ctx->tuner.calls_left(bytes);
 }
 
@@ -268,55 +261,5 @@ algo automatic_after_shm_declined(const communicator& comm, std::size_t bytes) {
 }
 
 }  // namespace detail
-
-explanation explain(const communicator& comm, std::size_t bytes, dtype /*type*/) {
-  if (comm.size() == 1) {
-    cost_model m = local_cost_model();
-    return choose_algorithm(m, cluster_shape{}, bytes);
-  }
-  const detail::comm_context* ctx = detail::context_of(comm);
-  const cluster_shape shape = ctx->choice_shape();
-  explanation e = choose_algorithm(ctx->table.get(), ctx->table_origin, ctx->model, shape, bytes,
-                                   ctx->table_note);
-  if (bytes == 0 || !detail::first_use_applies(*ctx, bytes)) return e;
-  const auto done = ctx->tuner.settled(bytes);
-  const int cls = detail::first_use_class(bytes);
-  const std::size_t lo = cls == 0 ? 0 : std::size_t{1} << (cls - 1);  // exclusive
-  const std::size_t hi = std::size_t{1} << cls;
-  if (!done) {
-    const int left = ctx->tuner.calls_left(bytes);
-    const auto cand = detail::first_use_candidates(ctx->model, shape, bytes);
-    std::string names;
-    for (algo a : cand) names += fmt::format("{}{}", names.empty() ? "" : ", ", algo_name(a));
-    e.first_use_note = fmt::format(
-        "first-use tuning: the {} allreduces of over {} up to {} try {} ({} rounds of 1 untimed "
-        "and "
-        "{} timed calls each), then run the fastest",
-        left < 0 ? fmt::format("first {}", static_cast<int>(cand.size()) *
-                                                   (detail::first_use_block(bytes) + 1) *
-                                                   detail::first_use_rounds(bytes) +
-                                               1)
-                 : fmt::format("next {}", left),
-        detail::human_bytes(lo), detail::human_bytes(hi), names, detail::first_use_rounds(bytes),
-        detail::first_use_block(bytes));
-    return e;
-  }
-  explanation m;
-  m.bytes = bytes;
-  m.shape = shape;
-  m.model_origin = ctx->model.origin;
-  m.table_note = ctx->table_note;
-  m.from_first_use = true;
-  m.first_use_rounds = done->rounds;
-  m.first_use_block = done->block;
-  m.first_use_kept_model = done->kept_model_pick;
-  m.candidates = done->medians;
-  m.choice = done->choice;
-  m.predicted_s = m.candidates.front().seconds;
-  const auto& second = m.candidates.size() > 1 ? m.candidates[1] : m.candidates[0];
-  m.runner_up = second.algorithm;
-  m.runner_up_s = second.seconds;
-  return m;
-}
 
 }  // namespace ringflow

@@ -198,7 +198,7 @@ double predict_seconds(algo a, const cost_model& m, const cluster_shape& s, std:
   const algorithm_info& info = algorithm_info_of(a);
   if (info.cost != nullptr) return info.cost(m, s, bytes, segment_bytes);
   // Provided by a backend (algo::shm: backends/shm), which registers its cost.
-  const auto cost = detail::registered_cost(a);
+  const auto cost = ext::registered_cost(a);
   return cost != nullptr ? cost(m, s, bytes) : -1;
 }
 

@@ -11,7 +11,7 @@
 
 #include "ringflow/core/error.hpp"
 
-namespace ringflow::detail {
+namespace ringflow::ext {
 namespace {
 
 struct entry {
@@ -67,4 +67,4 @@ allreduce_cost_fn registered_cost(algo a) noexcept {
   return e != nullptr ? e->cost : nullptr;
 }
 
-}  // namespace ringflow::detail
+}  // namespace ringflow::ext

@@ -11,6 +11,7 @@
 #include "ringflow/backends/local.hpp"
 #include "ringflow/coll/algorithms.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
 #include "support/collect.hpp"
@@ -148,9 +149,9 @@ bool fake_shm(const communicator& c, void* out, const void* in, std::size_t coun
 
 TEST_CASE("algo::shm runs the registered function, and says so when there is none",
           "[coll][registry]") {
-  const auto saved = detail::registered_algorithm(algo::shm);
-  const auto saved_cost = detail::registered_cost(algo::shm);
-  detail::register_algorithm(algo::shm, nullptr);
+  const auto saved = ext::registered_algorithm(algo::shm);
+  const auto saved_cost = ext::registered_cost(algo::shm);
+  ext::register_algorithm(algo::shm, nullptr);
   try {
     local::run(2, [](communicator& c) {
       std::vector<float> v(8, 1.0f);
@@ -161,7 +162,7 @@ TEST_CASE("algo::shm runs the registered function, and says so when there is non
     CHECK(std::string(e.what()).find("no shared-memory allreduce is registered") !=
           std::string::npos);
   }
-  detail::register_algorithm(algo::shm, &fake_shm);
+  ext::register_algorithm(algo::shm, &fake_shm);
   fake_shm_calls = 0;
   require_none(run_collecting(3, [](communicator& c, failures& f) {
     testing::check_allreduce<float>(c, 1000, sum, false, coll_options{algo::shm, 0}, f);
@@ -174,8 +175,8 @@ TEST_CASE("algo::shm runs the registered function, and says so when there is non
                                allreduce(c, std::span<int>(v), max, algo::shm);
                              }),
                   not_supported_error);
-  detail::register_algorithm(algo::shm, saved, saved_cost);
-  CHECK_THROWS_AS(detail::register_algorithm(algo::automatic, &fake_shm), usage_error);
+  ext::register_algorithm(algo::shm, saved, saved_cost);
+  CHECK_THROWS_AS(ext::register_algorithm(algo::automatic, &fake_shm), usage_error);
 }
 
 TEST_CASE("the cost model picks by size and topology on synthetic parameters",

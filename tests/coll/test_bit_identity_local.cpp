@@ -4,6 +4,7 @@
 #include <string>
 
 #include "ringflow/backends/local.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "support/bit_identity.hpp"
 #include "support/catch.hpp"
 #include "support/collect.hpp"

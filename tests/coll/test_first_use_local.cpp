@@ -15,6 +15,7 @@
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/context.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "ringflow/coll/first_use.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"

@@ -10,6 +10,7 @@
 #include "ringflow/backends/local.hpp"
 #include "ringflow/backends/shm.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/tuning.hpp"
 #include "support/catch.hpp"
@@ -332,7 +333,7 @@ TEST_CASE("the model covers shm and oversubscribed nodes", "[coll][cost_model][t
   // The MPI backend registers shm (and its cost) with its first
   // communicator; this test makes none, so it registers it itself.
   REQUIRE(detail::shm_register());
-  REQUIRE(detail::registered_cost(algo::shm) != nullptr);
+  REQUIRE(ext::registered_cost(algo::shm) != nullptr);
   const cost_model m = builtin_cost_model();
   cluster_shape one{4, 1, 4};
   CHECK(predict_seconds(algo::shm, m, one, 4096) < 0);  // not available

@@ -7,6 +7,7 @@
 
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/coll/cost_model.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "support/catch.hpp"
 #include "support/coll_checks.hpp"
 #include "support/collect.hpp"

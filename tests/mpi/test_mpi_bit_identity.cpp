@@ -6,6 +6,7 @@
 
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/backends/shm.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "support/bit_identity.hpp"
 #include "support/catch.hpp"
 #include "support/collect.hpp"

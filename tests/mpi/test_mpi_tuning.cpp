@@ -7,6 +7,7 @@
 
 #include "ringflow/backends/mpi.hpp"
 #include "ringflow/backends/shm.hpp"
+#include "ringflow/coll/explain.hpp"
 #include "ringflow/coll/registry.hpp"
 #include "ringflow/coll/tuning.hpp"
 #include "support/catch.hpp"
@@ -90,9 +91,9 @@ TEST_CASE("mpi: a shm allreduce that declines hands automatic's call to its next
   const cluster_shape shape = world_shape();
   const std::string path = fmt::format("ringflow_test_tuning_decline{}.json", world.rank());
   save_tuning_file(table_with_winner(shape, algo::shm), path);
-  const auto saved = detail::registered_algorithm(algo::shm);
-  const auto saved_cost = detail::registered_cost(algo::shm);
-  detail::register_algorithm(algo::shm, &declining_shm, saved_cost);
+  const auto saved = ext::registered_algorithm(algo::shm);
+  const auto saved_cost = ext::registered_cost(algo::shm);
+  ext::register_algorithm(algo::shm, &declining_shm, saved_cost);
   failures f;
   {
     scoped_env env("RINGFLOW_TUNING", path.c_str());
@@ -103,7 +104,7 @@ TEST_CASE("mpi: a shm allreduce that declines hands automatic's call to its next
       f.push_back(fmt::format("rank {}: still offers shm after it declined", world.rank()));
     }
   }
-  detail::register_algorithm(algo::shm, saved, saved_cost);
+  ext::register_algorithm(algo::shm, saved, saved_cost);
   std::remove(path.c_str());
   require_none(f);
 }

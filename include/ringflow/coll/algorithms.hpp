@@ -43,7 +43,7 @@ struct algorithm_info {
   std::array<std::string_view, 2> aliases;  ///< more names parse_algo accepts ("" unused)
   bool automatic;                           ///< algo::automatic may pick it ...
   bool (*eligible)(const cluster_shape&);   ///< ... where this says so (null: any shape)
-  allreduce_cost cost;   ///< null: the cost a backend registered (detail::register_algorithm)
+  allreduce_cost cost;   ///< null: the cost a backend registered (ext::register_algorithm)
   allreduce_runner run;  ///< null: run by the communicator's backend (native, registered)
 };
 

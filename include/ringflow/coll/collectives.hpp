@@ -76,7 +76,7 @@ void run_allreduce_with(algo a, const communicator& comm, const T* in, T* out, s
     if constexpr (Op::kind == op_kind::avg) finish_range(out, count, op, comm.size());
     return;
   }
-  const allreduce_fn fn = registered_algorithm(a);
+  const ext::allreduce_fn fn = ext::registered_algorithm(a);
   if (fn == nullptr) {
     throw not_supported_error(fmt::format(
         "allreduce on rank {}: algo::{} is not available: {}", comm.rank(), algo_name(a),

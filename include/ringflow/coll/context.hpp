@@ -35,6 +35,10 @@ struct comm_context {
   bool first_use = true;
   mutable first_use_tuner tuner;
 
+  /// Whether first-use tuning decides allreduces of `bytes` here (it is on
+  /// and no table covers the size).
+  bool first_use_decides(std::size_t bytes) const;
+
   /// The shape automatic chooses for (without shm once it declined).
   cluster_shape choice_shape() const {
     cluster_shape s = shape;

@@ -149,15 +149,4 @@ double predict_reduce_seconds(algo a, const cost_model& m, const cluster_shape& 
 /// The faster of tree and ring under `m` (tree on a tie).
 algo choose_reduce(const cost_model& m, const cluster_shape& shape, std::size_t bytes);
 
-/// What algo::automatic does for an allreduce of `bytes` on `comm`: the model
-/// of rank 0 (sent to the others once per communicator) and the node layout.
-/// Collective: every rank calls it, in the same order relative to the other
-/// collectives (the first call on a communicator may exchange the model);
-/// `type` is accepted for the future, the model treats all dtypes alike.
-///
-/// @code
-/// fmt::print("{}\n", ringflow::explain(comm, 4 << 20, ringflow::dtype::f32).to_string());
-/// @endcode
-explanation explain(const communicator& comm, std::size_t bytes, dtype type = dtype::f32);
-
 }  // namespace ringflow

@@ -1,6 +1,7 @@
 // Algorithms that a backend provides (today: algo::shm, from backends/shm)
 // register here, with their cost function, so coll/ names no backend: not by
-// call, not by include, not by string.
+// call, not by include, not by string. Part of the extension API
+// (docs/extending.md), like coll/extension.hpp.
 #pragma once
 
 #include <cstddef>
@@ -15,7 +16,7 @@ struct cost_model;
 struct cluster_shape;
 }  // namespace ringflow
 
-namespace ringflow::detail {
+namespace ringflow::ext {
 
 /// A type-erased allreduce: `count` elements of `type` from `in` into `out`
 /// (`in == out` for in place), reduced with `op` and, for avg, already divided
@@ -36,7 +37,7 @@ using allreduce_cost_fn = double (*)(const cost_model& m, const cluster_shape& s
 ///
 /// @code
 /// // in the MPI backend, when it makes its first communicator:
-/// ringflow::detail::register_algorithm(ringflow::algo::shm, &shm::try_allreduce, &shm_cost);
+/// ringflow::ext::register_algorithm(ringflow::algo::shm, &shm::try_allreduce, &shm_cost);
 /// @endcode
 void register_algorithm(algo a, allreduce_fn fn, allreduce_cost_fn cost = nullptr);
 
@@ -46,4 +47,4 @@ allreduce_fn registered_algorithm(algo a) noexcept;
 /// The cost function registered for `a`, or nullptr.
 allreduce_cost_fn registered_cost(algo a) noexcept;
 
-}  // namespace ringflow::detail
+}  // namespace ringflow::ext
