@@ -4,11 +4,9 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <array>
-#include <chrono>
 #include <utility>
 
-#include "layout_hash.hpp"
+#include "bucket_step.hpp"
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/extension.hpp"
@@ -64,27 +62,6 @@ std::uint64_t ring_bytes_sent(std::size_t count, std::size_t elem_bytes, int ran
   return elems * elem_bytes;
 }
 
-namespace detail {
-// FNV-1a over the parameter names and sizes: equal on every rank that built
-// the same model.
-std::uint64_t layout_hash(const ad::parameter_store<float>& params) {
-  std::uint64_t h = 0xcbf29ce484222325ull;
-  const auto mix = [&](const void* data, std::size_t n) {
-    const auto* b = static_cast<const unsigned char*>(data);
-    for (std::size_t i = 0; i < n; ++i) {
-      h ^= b[i];
-      h *= 0x100000001b3ull;
-    }
-  };
-  for (const auto& p : params) {
-    mix(p.name.data(), p.name.size() + 1);
-    const std::uint64_t size = p.size;
-    mix(&size, sizeof size);
-  }
-  return h;
-}
-}  // namespace detail
-
 namespace {
 // The parameter tensors of a bucket (offsets relative to it), so that
 // PowerSGD compresses each 2-D parameter as its own matrix.
@@ -101,11 +78,6 @@ compress::bucket_layout layout_of(const bucket& bk, const ad::parameter_store<fl
   }
   return l;
 }
-
-struct bucket_record {
-  double start_us = 0;
-  double end_us = 0;
-};
 
 // The plan without the sparse parameters (ad::embedding tables, reduced by
 // sparse_allreduce instead): a bucket holding one is cut around it, so every
@@ -138,90 +110,36 @@ struct data_parallel::state {
   data_parallel_options opts;
   train::timeline tl;
   std::vector<bucket> buckets;
-  std::vector<std::size_t> bucket_of;  // parameter -> bucket (dense parameters)
   // Parameters with sparse row gradients (ad::embedding): no bucket; each is
   // reduced by one sparse_allreduce after the buckets, in parameter order.
   std::vector<bool> is_sparse;
   std::vector<std::size_t> sparse_params;
   std::vector<collective_handle> sparse_handles;
-  std::vector<bucket_record> sparse_records;
+  std::vector<detail::span_record> sparse_records;
   std::vector<std::uint64_t> sparse_bytes;  // per sparse parameter, written where it runs
   std::unique_ptr<compress::bucket_compression> compression;  // null: plain allreduce
   comm_hook_fn hook;  // how a bucket is reduced: the user's, the compression, or allreduce_hook
-  std::vector<bool> expected;            // requires_grad when built
-  std::vector<std::size_t> expected_in;  // per bucket: expected parameters
-  // Per step.
-  std::vector<std::uint32_t> fired;
-  std::vector<bool> accumulated;  // got a gradient in a no_sync backward this step
-  bool no_sync = false;
-  std::size_t accumulated_backwards = 0;
-  compress::traffic traffic_before;  // compressed bytes at the start of the step
-  std::vector<std::size_t> pending;
+  detail::step_tracker t{"train::data_parallel"};  // who fired, what may launch, join's count
+  compress::traffic traffic_before;                // compressed bytes at the start of the step
   std::vector<collective_handle> handles;
-  std::vector<bucket_record> records;
-  std::size_t next = 0;  // first bucket not launched
-  std::int64_t step = 0;
+  std::vector<detail::span_record> records;
   step_stats current;
   step_stats last;
   std::vector<std::uint32_t> last_fired;
-  // Uneven inputs: this rank's share of the step's "still training" count
-  // (0 once joined) and the count's sum, written by the flag allreduce on the
-  // progress thread before any bucket of the step runs there.
-  std::int32_t contribution = 1;
-  std::int32_t contributors = 0;
-  bool flag_launched = false;
-  collective_handle flag_handle;
 
   void reset_step() {
-    std::fill(fired.begin(), fired.end(), 0u);
-    accumulated.assign(fired.size(), false);
-    accumulated_backwards = 0;
+    t.reset();
     if (compression) traffic_before = compression->total();
-    pending = expected_in;
-    std::fill(records.begin(), records.end(), bucket_record{});
-    std::fill(sparse_records.begin(), sparse_records.end(), bucket_record{});
+    std::fill(records.begin(), records.end(), detail::span_record{});
+    std::fill(sparse_records.begin(), sparse_records.end(), detail::span_record{});
     std::fill(sparse_bytes.begin(), sparse_bytes.end(), std::uint64_t{0});
-    next = 0;
-    flag_launched = false;
     current = {};
   }
 
-  // Queues the step's count of contributing ranks ahead of its first bucket:
-  // the progress thread runs in queue order, so every bucket of the step
-  // reads the finished count (the same on every rank).
-  void launch_flag() {
-    flag_launched = true;
-    const std::int32_t mine = contribution;
-    std::int32_t* out = &contributors;
-    flag_handle = ext::enqueue(comm, [mine, out](const communicator& c) {
-      std::int32_t n = mine;
-      allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
-      *out = n;
-    });
-  }
-
   void on_ready(std::size_t i) {
-    if (i >= fired.size()) return;
-    if (!expected[i]) {
-      throw usage_error(fmt::format(
-          "train::data_parallel on rank {}: parameter '{}' did not require a gradient when the "
-          "data_parallel was built; rebuild it after changing requires_grad",
-          comm.rank(), params[i].name));
-    }
-    if (no_sync) {  // accumulation: the gradient keeps adding up in the buffer
-      accumulated[i] = true;
-      return;
-    }
-    if (++fired[i] > 1) {
-      throw usage_error(fmt::format(
-          "train::data_parallel on rank {}: parameter '{}' reported its gradient twice in step "
-          "{}; call finish() (or step()) once after each backward, or run the earlier "
-          "backwards inside no_sync() to accumulate",
-          comm.rank(), params[i].name, step));
-    }
+    if (i >= t.fired.size() || !t.count_ready(i, params)) return;
     if (is_sparse[i]) return;  // reduced in finish(), after the buckets
-    const std::size_t b = bucket_of[i];
-    if (--pending[b] == 0) launch_ready();
+    if (t.bucket_done(i)) launch_ready();
   }
 
   // Queues the sparse_allreduce of sparse parameter `k` (its index in
@@ -231,15 +149,12 @@ struct data_parallel::state {
   void launch_sparse(std::size_t k) {
     const std::size_t i = sparse_params[k];
     ad::sparse_rows_grad<float>* g = params[i].tensor.sparse_grad();
-    bucket_record* rec = &sparse_records[k];
     std::uint64_t* bytes = &sparse_bytes[k];
-    const std::int64_t at_step = step;
-    const train::timeline trace = tl;
-    const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
+    const std::int32_t* count = opts.uneven_inputs ? &t.contributors : nullptr;
     const std::string name = params[i].name;
-    sparse_handles[k] =
-        ext::enqueue(comm, [g, rec, bytes, at_step, trace, count, name](const communicator& c) {
-          const double t0 = now_us();
+    sparse_handles[k] = detail::enqueue_timed(
+        comm, &sparse_records[k], tl, t.step,
+        [g, bytes, count](const communicator& c) {
           g->coalesce();
           auto r = sparse_allreduce<float>(c, std::span<const std::int64_t>(g->indices),
                                            std::span<const float>(g->values), g->width);
@@ -252,87 +167,47 @@ struct data_parallel::state {
           g->indices = std::move(r.indices);
           g->values = std::move(r.values);
           g->coalesced = true;
-          const double t1 = now_us();
-          rec->start_us = t0;
-          rec->end_us = t1;
-          if (trace.enabled()) {
-            trace_event e;
-            e.name = fmt::format("sparse allreduce {}", name);
-            e.lane = lane::comm;
-            e.start_us = t0;
-            e.duration_us = t1 - t0;
-            e.step = at_step;
-            e.bytes = static_cast<std::int64_t>(*bytes);
-            trace.record(std::move(e));
-          }
+        },
+        [bytes, name](trace_event& e) {
+          e.name = fmt::format("sparse allreduce {}", name);
+          e.bytes = static_cast<std::int64_t>(*bytes);
         });
   }
 
   // Launches buckets strictly in order, so every rank queues the same sequence.
   void launch_ready() {
-    while (next < buckets.size() && pending[next] == 0) {
-      launch(next++);
+    while (t.next < buckets.size() && t.pending[t.next] == 0) {
+      launch(t.next++);
       ++current.buckets_launched_in_backward;
     }
   }
 
   void launch(std::size_t b) {
-    if (opts.uneven_inputs && !flag_launched) launch_flag();
+    if (opts.uneven_inputs && !t.flag_launched) t.launch_flag(comm);
     const bucket& bk = buckets[b];
     const std::span<float> data = params.all_grads().subspan(bk.offset, bk.size);
-    bucket_record* rec = &records[b];
-    const std::int64_t at_step = step;
-    const train::timeline trace = tl;
+    const std::int64_t at_step = t.step;
     const comm_hook_fn* reduce = &hook;  // lives in the state, which outlives the handles
     const bool compressed = compression != nullptr;
-    const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
+    const std::int32_t* count = opts.uneven_inputs ? &t.contributors : nullptr;
     // Enqueued by hand (rather than allreduce_async) to timestamp the
     // allreduce where it runs: on the progress thread.
-    handles[b] = ext::enqueue(
-        comm, [data, rec, at_step, trace, b, reduce, compressed, count](const communicator& c) {
-          const double t0 = now_us();
+    handles[b] = detail::enqueue_timed(
+        comm, &records[b], tl, at_step,
+        [data, at_step, b, reduce, count](const communicator& c) {
           (*reduce)(bucket_view{c, data, b, at_step, count != nullptr ? *count : c.size()});
-          const double t1 = now_us();
-          rec->start_us = t0;
-          rec->end_us = t1;
-          if (trace.enabled()) {
-            trace_event e;
-            e.name = compressed ? fmt::format("compressed allreduce bucket {}", b)
-                                : fmt::format("allreduce bucket {}", b);
-            e.lane = lane::comm;
-            e.start_us = t0;
-            e.duration_us = t1 - t0;
-            e.step = at_step;
-            e.bucket = static_cast<std::int64_t>(b);
-            e.bytes = static_cast<std::int64_t>(data.size_bytes());
-            trace.record(std::move(e));
-          }
+        },
+        [data, b, compressed](trace_event& e) {
+          e.name = compressed ? fmt::format("compressed allreduce bucket {}", b)
+                              : fmt::format("allreduce bucket {}", b);
+          e.bucket = static_cast<std::int64_t>(b);
+          e.bytes = static_cast<std::int64_t>(data.size_bytes());
         });
   }
 
   void wait_quietly() noexcept {
-    try {
-      flag_handle.wait();
-    } catch (const std::exception& e) {
-      log::error("train::data_parallel on rank {}: the contributing-ranks count failed: {}",
-                 comm.rank(), e.what());
-    }
-    for (auto& h : handles) {
-      try {
-        h.wait();
-      } catch (const std::exception& e) {
-        log::error("train::data_parallel on rank {}: a bucket allreduce failed: {}", comm.rank(),
-                   e.what());
-      }
-    }
-    for (auto& h : sparse_handles) {
-      try {
-        h.wait();
-      } catch (const std::exception& e) {
-        log::error("train::data_parallel on rank {}: a sparse allreduce failed: {}", comm.rank(),
-                   e.what());
-      }
-    }
+    t.wait_quietly(
+        {std::span<collective_handle>(handles), std::span<collective_handle>(sparse_handles)});
   }
 };
 
@@ -392,45 +267,27 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   s.buckets =
       without_sparse(plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes),
                      s.is_sparse, s.params);
-  s.bucket_of.assign(s.params.size(), 0);
-  s.expected.assign(s.params.size(), false);
-  s.expected_in.assign(s.buckets.size(), 0);
-  for (std::size_t b = 0; b < s.buckets.size(); ++b) {
-    for (const std::size_t i : s.buckets[b].params) {
-      s.bucket_of[i] = b;
-      s.expected[i] = s.params[i].tensor.requires_grad();
-      if (s.expected[i]) ++s.expected_in[b];
-    }
-  }
+  s.t.rank = s.comm.rank();
+  s.t.plan(s.buckets, s.params);
   if (s.compression) {
     for (std::size_t b = 0; b < s.buckets.size(); ++b) {
       s.compression->set_layout(b, layout_of(s.buckets[b], s.params));
     }
   }
-  for (const std::size_t i : s.sparse_params) s.expected[i] = true;
+  for (const std::size_t i : s.sparse_params) s.t.expected[i] = true;
   s.sparse_handles.resize(s.sparse_params.size());
   s.sparse_records.resize(s.sparse_params.size());
   s.sparse_bytes.resize(s.sparse_params.size());
-  s.fired.assign(s.params.size(), 0);
-  s.last_fired = s.fired;
+  s.last_fired = s.t.fired;
   s.handles.resize(s.buckets.size());
   s.records.resize(s.buckets.size());
   s.reset_step();
 
-  // Same model everywhere? max over {h, ~h} gives the max and (negated) min hash.
-  // Which parameters are sparse must agree too (their reduction differs).
+  // Same model everywhere? Which parameters are sparse must agree too (their
+  // reduction differs).
   std::uint64_t h = detail::layout_hash(s.params);
   for (const std::size_t i : s.sparse_params) h = (h ^ (i + 1)) * 0x100000001b3ull;
-  std::array<std::int64_t, 2> hm{static_cast<std::int64_t>(h), ~static_cast<std::int64_t>(h)};
-  // The first async call creates the progress thread at the same point on
-  // every rank (it splits the communicator).
-  allreduce_async(s.comm, std::span<std::int64_t>(hm), max).wait();
-  if (static_cast<std::uint64_t>(hm[0]) != h || static_cast<std::uint64_t>(~hm[1]) != h) {
-    throw usage_error(fmt::format(
-        "train::data_parallel on rank {}: the ranks built different models (this rank: {} "
-        "parameters, {} elements, layout hash {:016x}); build the same model on every rank",
-        s.comm.rank(), s.params.size(), s.params.numel(), h));
-  }
+  detail::check_same_model(s.comm, s.params, h, "train::data_parallel");
   if (s.opts.broadcast_parameters) {
     broadcast_async(s.comm, s.params.all_values(), s.opts.root).wait();
   }
@@ -463,27 +320,27 @@ data_parallel& data_parallel::operator=(data_parallel&& other) noexcept {
 }
 
 train::timeline::scoped_span data_parallel::span(std::string_view name) const {
-  return state_->tl.scope(name, state_->step);
+  return state_->tl.scope(name, state_->t.step);
 }
 
 void data_parallel::backward(const ad::tensor& loss) {
   auto& s = *state_;
-  if (s.no_sync) ++s.accumulated_backwards;
+  if (s.t.no_sync) ++s.t.accumulated_backwards;
   const double t0 = now_us();
   ad::backward(loss);
   const double t1 = now_us();
-  s.tl.record("backward", lane::compute, t0, t1, s.step);
+  s.tl.record("backward", lane::compute, t0, t1, s.t.step);
   s.current.backward_s += (t1 - t0) * 1e-6;
 }
 
 no_sync_scope data_parallel::no_sync() {
   auto& s = *state_;
-  if (s.no_sync) {
+  if (s.t.no_sync) {
     throw usage_error(
         fmt::format("train::data_parallel on rank {}: no_sync() while a no_sync scope is alive",
                     s.comm.rank()));
   }
-  return no_sync_scope(&s.no_sync);
+  return no_sync_scope(&s.t.no_sync);
 }
 
 memory_stats data_parallel::memory(std::size_t optimizer_state_bytes) const {
@@ -494,57 +351,35 @@ memory_stats data_parallel::memory(std::size_t optimizer_state_bytes) const {
 
 void data_parallel::finish() {
   auto& s = *state_;
-  if (s.no_sync) {
+  if (s.t.no_sync) {
     throw usage_error(fmt::format(
         "train::data_parallel on rank {}: finish() (or step()) inside a no_sync() scope; end "
         "the scope and run the last backward of the accumulation outside it",
         s.comm.rank()));
   }
-  if (s.opts.uneven_inputs && !s.flag_launched) s.launch_flag();
+  if (s.opts.uneven_inputs && !s.t.flag_launched) s.t.launch_flag(s.comm);
   // Buckets whose hooks did not all fire: a parameter that got no gradient
   // contributes zero (from this rank). Launched in bucket order, like the rest.
-  for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
-    auto grads = s.params.all_grads();
-    for (const std::size_t i : s.buckets[b].params) {
-      if (s.expected[i] && s.fired[i] == 0 && !s.accumulated[i]) {
-        const auto& p = s.params[i];
-        std::fill_n(grads.begin() + static_cast<std::ptrdiff_t>(p.offset), p.size, 0.0f);
-      }
-    }
+  for (std::size_t b = s.t.next; b < s.buckets.size(); ++b) {
+    s.t.zero_missing(s.buckets[b], s.params, s.params.all_grads());
     s.launch(b);
   }
-  s.next = s.buckets.size();
+  s.t.next = s.buckets.size();
   for (std::size_t k = 0; k < s.sparse_params.size(); ++k) {
     const std::size_t i = s.sparse_params[k];
     // No gradient this step: this rank contributes no rows.
-    if (s.fired[i] == 0 && !s.accumulated[i]) s.params[i].tensor.sparse_grad()->clear();
+    if (s.t.fired[i] == 0 && !s.t.accumulated[i]) s.params[i].tensor.sparse_grad()->clear();
     s.launch_sparse(k);
   }
   const double w0 = now_us();
-  std::exception_ptr failure;
-  try {
-    if (s.opts.uneven_inputs) s.flag_handle.wait();
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  try {
-    wait_all(std::span<collective_handle>(s.handles));
-  } catch (...) {
-    if (!failure) failure = std::current_exception();
-  }
-  try {
-    wait_all(std::span<collective_handle>(s.sparse_handles));
-  } catch (...) {
-    if (!failure) failure = std::current_exception();
-  }
+  const std::exception_ptr failure = s.t.wait_step(
+      {std::span<collective_handle>(s.handles), std::span<collective_handle>(s.sparse_handles)});
   const double w1 = now_us();
-  s.tl.record("wait", lane::compute, w0, w1, s.step);
+  s.tl.record("wait", lane::compute, w0, w1, s.t.step);
   s.current.wait_s = (w1 - w0) * 1e-6;
-  s.current.contributing_ranks = s.opts.uneven_inputs ? s.contributors : s.comm.size();
-  s.current.comm_s = 0;
-  for (const auto& r : s.records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
-  for (const auto& r : s.sparse_records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
-  s.current.accumulated_backwards = s.accumulated_backwards;
+  s.current.contributing_ranks = s.t.contributing(s.comm, s.opts.uneven_inputs);
+  s.current.comm_s = detail::busy_seconds(s.records) + detail::busy_seconds(s.sparse_records);
+  s.current.accumulated_backwards = s.t.accumulated_backwards;
   if (s.compression) {
     s.current.bytes_sent = s.compression->total().bytes_sent - s.traffic_before.bytes_sent;
   } else {
@@ -559,44 +394,15 @@ void data_parallel::finish() {
         ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(), s.comm.rank(), true, true);
   }
   s.last = s.current;
-  s.last_fired = s.fired;
-  ++s.step;
+  s.last_fired = s.t.fired;
+  ++s.t.step;
   s.reset_step();
   if (failure) std::rethrow_exception(failure);
 }
 
 bool data_parallel::shadow_step() {
   auto& s = *state_;
-  if (!s.opts.uneven_inputs) {
-    throw usage_error(fmt::format(
-        "train::data_parallel on rank {}: join() needs data_parallel_options::uneven_inputs = "
-        "true on every rank (the ranks still training must send their count each step)",
-        s.comm.rank()));
-  }
-  if (s.no_sync) {
-    throw usage_error(fmt::format(
-        "train::data_parallel on rank {}: join() inside a no_sync() scope; end the scope and "
-        "finish the accumulated step first",
-        s.comm.rank()));
-  }
-  const bool started =
-      s.flag_launched || s.next > 0 ||
-      std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
-      std::find(s.accumulated.begin(), s.accumulated.end(), true) != s.accumulated.end();
-  if (started) {
-    throw usage_error(fmt::format(
-        "train::data_parallel on rank {}: join() in the middle of step {} (a backward ran since "
-        "the last finish()); call finish() or step() first",
-        s.comm.rank(), s.step));
-  }
-  s.contribution = 0;
-  s.launch_flag();
-  s.flag_handle.wait();
-  if (s.contributors == 0) {  // every rank has joined: the uneven epoch is over
-    s.contribution = 1;
-    s.flag_launched = false;
-    return false;
-  }
+  if (!s.t.join_round(s.comm, s.opts.uneven_inputs, "data_parallel_options")) return false;
   // A zero contribution, frozen parameters' slots included.
   auto grads = s.params.all_grads();
   std::fill(grads.begin(), grads.end(), 0.0f);
@@ -606,7 +412,7 @@ bool data_parallel::shadow_step() {
 }
 
 const std::vector<bucket>& data_parallel::buckets() const { return state_->buckets; }
-std::int64_t data_parallel::steps() const { return state_->step; }
+std::int64_t data_parallel::steps() const { return state_->t.step; }
 const step_stats& data_parallel::last_step() const { return state_->last; }
 const std::vector<std::uint32_t>& data_parallel::ready_counts() const { return state_->last_fired; }
 const std::string& data_parallel::compression() const { return state_->opts.compress; }

@@ -5,12 +5,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <utility>
 
-#include "layout_hash.hpp"
+#include "bucket_step.hpp"
 #include "ringflow/coll/async.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/coll/extension.hpp"
@@ -18,22 +17,12 @@
 
 namespace ringflow::train {
 
-namespace {
-struct span_record {
-  double start_us = 0;
-  double end_us = 0;
-};
-}  // namespace
-
 struct sharded_data_parallel::state {
   communicator comm;
   ad::parameter_store<float> params;
   sharded_data_parallel_options opts;
   train::timeline tl;
   std::vector<bucket> buckets;
-  std::vector<std::size_t> bucket_of;
-  std::vector<bool> expected;
-  std::vector<std::size_t> expected_in;
   std::vector<chunk> owned;               // per bucket, in the model's flat buffers
   std::vector<std::size_t> shard_offset;  // per bucket, in shard's buffers
   std::size_t shard_numel = 0;
@@ -49,26 +38,12 @@ struct sharded_data_parallel::state {
   std::atomic<std::size_t> bucket_grad_bytes{0};  // freed on the progress thread
   std::size_t peak_grad_bytes = 0;
   // Per step.
-  std::vector<std::uint32_t> fired;
-  std::vector<bool> accumulated;
-  bool no_sync = false;
-  std::size_t accumulated_backwards = 0;
-  std::vector<std::size_t> pending;
+  detail::step_tracker t{"train::sharded_data_parallel"};  // as in data_parallel
   std::vector<collective_handle> handles;
-  std::vector<span_record> records;
-  std::size_t next = 0;
-  std::int64_t step = 0;
-  std::uint64_t clip_bytes = 0;
+  std::vector<detail::span_record> records;
   step_stats current;
   step_stats last;
   std::vector<std::uint32_t> last_fired;
-  // Uneven inputs (see data_parallel.cpp): this rank's share of the count of
-  // ranks still training, and the count, written on the progress thread
-  // before the step's first reduce-scatter runs there.
-  std::int32_t contribution = 1;
-  std::int32_t contributors = 0;
-  bool flag_launched = false;
-  collective_handle flag_handle;
   // finish() ran and shard()'s averaged gradients await step() (which then
   // must not reduce again: the model's gradients are consumed).
   bool reduced = false;
@@ -90,51 +65,21 @@ struct sharded_data_parallel::state {
   void note_peak() { peak_grad_bytes = std::max(peak_grad_bytes, gradient_bytes_now()); }
 
   void reset_step() {
-    std::fill(fired.begin(), fired.end(), 0u);
-    accumulated.assign(fired.size(), false);
-    accumulated_backwards = 0;
-    pending = expected_in;
-    std::fill(records.begin(), records.end(), span_record{});
-    next = 0;
-    clip_bytes = 0;
-    flag_launched = false;
+    t.reset();
+    std::fill(records.begin(), records.end(), detail::span_record{});
     current = {};
   }
 
   void launch_flag() {
-    flag_launched = true;
-    const std::int32_t mine = contribution;
-    std::int32_t* out = &contributors;
-    flag_handle = ext::enqueue(comm, [mine, out](const communicator& c) {
-      std::int32_t n = mine;
-      allreduce(c, std::span<std::int32_t>(&n, 1), sum, coll_options{algo::ring, 0});
-      *out = n;
-    });
+    t.launch_flag(comm);
     current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), comm.size(), rank(), true, true);
   }
 
   void on_ready(std::size_t i) {
-    if (i >= fired.size()) return;
-    if (!expected[i]) {
-      throw usage_error(fmt::format(
-          "train::sharded_data_parallel on rank {}: parameter '{}' did not require a gradient "
-          "when the trainer was built; rebuild it after changing requires_grad",
-          rank(), params[i].name));
-    }
-    if (no_sync) {
-      accumulated[i] = true;
-      return;
-    }
-    if (++fired[i] > 1) {
-      throw usage_error(fmt::format(
-          "train::sharded_data_parallel on rank {}: parameter '{}' reported its gradient twice "
-          "in step {}; call finish() (or step()) once after each backward, or run the earlier "
-          "backwards inside no_sync() to accumulate",
-          rank(), params[i].name, step));
-    }
-    if (--pending[bucket_of[i]] == 0) {
-      while (next < buckets.size() && pending[next] == 0) {
-        launch(next++);
+    if (i >= t.fired.size() || !t.count_ready(i, params)) return;
+    if (t.bucket_done(i)) {
+      while (t.next < buckets.size() && t.pending[t.next] == 0) {
+        launch(t.next++);
         ++current.buckets_launched_in_backward;
       }
     }
@@ -157,7 +102,7 @@ struct sharded_data_parallel::state {
 
   // Where the backward puts parameter i's gradient at stage 2.
   std::shared_ptr<float> grad_of(std::size_t i) {
-    const std::size_t b = bucket_of[i];
+    const std::size_t b = t.bucket_of[i];
     std::shared_ptr<float> buf = bucket_buffer(b);
     return std::shared_ptr<float>(buf, buf.get() + (params[i].offset - buckets[b].offset));
   }
@@ -167,20 +112,15 @@ struct sharded_data_parallel::state {
   std::shared_ptr<float> take_bucket(std::size_t b) {
     const bucket& bk = buckets[b];
     std::shared_ptr<float> buf = bucket_buffer(b);
-    for (const std::size_t i : bk.params) {
-      const auto& p = params[i];
-      // As in data_parallel: a parameter with no gradient this step contributes zero.
-      if (expected[i] && fired[i] == 0 && !accumulated[i]) {
-        std::fill_n(buf.get() + (p.offset - bk.offset), p.size, 0.0f);
-      }
-      p.tensor.node()->grad.reset();
-    }
+    // As in data_parallel: a parameter with no gradient this step contributes zero.
+    t.zero_missing(bk, params, std::span<float>(buf.get(), bk.size), bk.offset);
+    for (const std::size_t i : bk.params) params[i].tensor.node()->grad.reset();
     bucket_grads[b].reset();
     return buf;
   }
 
   void launch(std::size_t b) {
-    if (opts.uneven_inputs && !flag_launched) launch_flag();
+    if (opts.uneven_inputs && !t.flag_launched) launch_flag();
     const bucket& bk = buckets[b];
     std::span<const float> in;
     std::shared_ptr<float> staging;
@@ -193,63 +133,36 @@ struct sharded_data_parallel::state {
       in = params.all_grads().subspan(bk.offset, bk.size);
     }
     const std::span<float> out = shard_grads(b);
-    span_record* rec = &records[b];
-    const std::int64_t at_step = step;
     const coll_options coll = opts.coll;
-    const train::timeline trace = tl;
     std::atomic<std::size_t>* live = &bucket_grad_bytes;
-    const std::int32_t* count = opts.uneven_inputs ? &contributors : nullptr;
+    const std::int32_t* count = opts.uneven_inputs ? &t.contributors : nullptr;
     current.bytes_sent += ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), true, false);
-    handles[b] = ext::enqueue(comm, [in, out, rec, at_step, coll, trace, b, staging, staged_bytes,
-                                     live, count](const communicator& c) mutable {
-      const double t0 = now_us();
-      if (count == nullptr || *count == c.size()) {
-        reduce_scatter<float>(c, in, out, avg, coll);
-      } else {
-        // Joined ranks sent zeros: the sum over the contributors only.
-        reduce_scatter<float>(c, in, out, sum, coll);
-        if (*count > 0) {
-          const auto n = static_cast<float>(*count);
-          for (float& g : out) g /= n;
-        }
-      }
-      if (staging) {
-        staging.reset();
-        *live -= staged_bytes;
-      }
-      const double t1 = now_us();
-      rec->start_us = t0;
-      rec->end_us = t1;
-      if (trace.enabled()) {
-        trace_event e;
-        e.name = fmt::format("reduce_scatter bucket {}", b);
-        e.lane = lane::comm;
-        e.start_us = t0;
-        e.duration_us = t1 - t0;
-        e.step = at_step;
-        e.bucket = static_cast<std::int64_t>(b);
-        e.bytes = static_cast<std::int64_t>(in.size_bytes());
-        trace.record(std::move(e));
-      }
-    });
+    handles[b] = detail::enqueue_timed(
+        comm, &records[b], tl, t.step,
+        [in, out, coll, staging, staged_bytes, live, count](const communicator& c) mutable {
+          if (count == nullptr || *count == c.size()) {
+            reduce_scatter<float>(c, in, out, avg, coll);
+          } else {
+            // Joined ranks sent zeros: the sum over the contributors only.
+            reduce_scatter<float>(c, in, out, sum, coll);
+            if (*count > 0) {
+              const auto n = static_cast<float>(*count);
+              for (float& g : out) g /= n;
+            }
+          }
+          if (staging) {
+            staging.reset();
+            *live -= staged_bytes;
+          }
+        },
+        [in, b](trace_event& e) {
+          e.name = fmt::format("reduce_scatter bucket {}", b);
+          e.bucket = static_cast<std::int64_t>(b);
+          e.bytes = static_cast<std::int64_t>(in.size_bytes());
+        });
   }
 
-  void wait_quietly() noexcept {
-    try {
-      flag_handle.wait();
-    } catch (const std::exception& e) {
-      log::error("train::sharded_data_parallel on rank {}: the contributing-ranks count failed: {}",
-                 comm.rank(), e.what());
-    }
-    for (auto& h : handles) {
-      try {
-        h.wait();
-      } catch (const std::exception& e) {
-        log::error("train::sharded_data_parallel on rank {}: a bucket collective failed: {}",
-                   comm.rank(), e.what());
-      }
-    }
-  }
+  void wait_quietly() noexcept { t.wait_quietly({std::span<collective_handle>(handles)}); }
 };
 
 sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_store<float> params,
@@ -318,17 +231,11 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
   s.tl = s.opts.timeline_path.empty() ? train::timeline::from_env(rank)
                                       : train::timeline(rank, s.opts.timeline_path);
   s.buckets = plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes);
-  s.bucket_of.assign(s.params.size(), 0);
-  s.expected.assign(s.params.size(), false);
-  s.expected_in.assign(s.buckets.size(), 0);
+  s.t.rank = rank;
+  s.t.plan(s.buckets, s.params);
   const int p = s.comm.size();
   for (std::size_t b = 0; b < s.buckets.size(); ++b) {
     const bucket& bk = s.buckets[b];
-    for (const std::size_t i : bk.params) {
-      s.bucket_of[i] = b;
-      s.expected[i] = s.params[i].tensor.requires_grad();
-      if (s.expected[i]) ++s.expected_in[b];
-    }
     const chunk piece = partition(bk.size, p, rank);
     s.owned.push_back({bk.offset + piece.offset, piece.count});
     s.shard_offset.push_back(s.shard_numel);
@@ -338,21 +245,13 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
     s.shard.add("shard", ad::shape{static_cast<ad::index>(s.shard_numel)});
   }
   s.bucket_grads.resize(s.buckets.size());
-  s.fired.assign(s.params.size(), 0);
-  s.last_fired = s.fired;
+  s.last_fired = s.t.fired;
   s.handles.resize(s.buckets.size());
   s.records.resize(s.buckets.size());
   s.reset_step();
 
-  const std::uint64_t h = detail::layout_hash(s.params);
-  std::array<std::int64_t, 2> hm{static_cast<std::int64_t>(h), ~static_cast<std::int64_t>(h)};
-  allreduce_async(s.comm, std::span<std::int64_t>(hm), max).wait();
-  if (static_cast<std::uint64_t>(hm[0]) != h || static_cast<std::uint64_t>(~hm[1]) != h) {
-    throw usage_error(fmt::format(
-        "train::sharded_data_parallel on rank {}: the ranks built different models (this rank: "
-        "{} parameters, {} elements, layout hash {:016x}); build the same model on every rank",
-        rank, s.params.size(), s.params.numel(), h));
-  }
+  detail::check_same_model(s.comm, s.params, detail::layout_hash(s.params),
+                           "train::sharded_data_parallel");
   if (s.opts.broadcast_parameters) {
     broadcast_async(s.comm, s.params.all_values(), s.opts.root).wait();
   }
@@ -382,78 +281,60 @@ ad::parameter_store<float> sharded_data_parallel::shard() const { return state_-
 const std::vector<chunk>& sharded_data_parallel::owned() const { return state_->owned; }
 
 train::timeline::scoped_span sharded_data_parallel::span(std::string_view name) const {
-  return state_->tl.scope(name, state_->step);
+  return state_->tl.scope(name, state_->t.step);
 }
 
 void sharded_data_parallel::backward(const ad::tensor& loss) {
   auto& s = *state_;
   s.reduced = false;  // a new step's gradients
-  if (s.no_sync) ++s.accumulated_backwards;
+  if (s.t.no_sync) ++s.t.accumulated_backwards;
   const double t0 = now_us();
   ad::backward(loss);
   const double t1 = now_us();
-  s.tl.record("backward", lane::compute, t0, t1, s.step);
+  s.tl.record("backward", lane::compute, t0, t1, s.t.step);
   s.current.backward_s += (t1 - t0) * 1e-6;
 }
 
 no_sync_scope sharded_data_parallel::no_sync() {
   auto& s = *state_;
-  if (s.no_sync) {
+  if (s.t.no_sync) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: no_sync() while a no_sync scope is alive",
         s.rank()));
   }
-  return no_sync_scope(&s.no_sync);
+  return no_sync_scope(&s.t.no_sync);
 }
 
 void sharded_data_parallel::finish() {
   auto& s = *state_;
-  if (s.no_sync) {
+  if (s.t.no_sync) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: finish() (or step()) inside a no_sync() "
         "scope; end the scope and run the last backward of the accumulation outside it",
         s.rank()));
   }
-  if (s.opts.uneven_inputs && !s.flag_launched) s.launch_flag();
-  for (std::size_t b = s.next; b < s.buckets.size(); ++b) {
-    if (s.opts.stage < 2) {
-      // As in data_parallel: a parameter with no gradient this step contributes zero.
-      auto grads = s.params.all_grads();
-      for (const std::size_t i : s.buckets[b].params) {
-        if (s.expected[i] && s.fired[i] == 0 && !s.accumulated[i]) {
-          const auto& p = s.params[i];
-          std::fill_n(grads.begin() + static_cast<std::ptrdiff_t>(p.offset), p.size, 0.0f);
-        }
-      }
-    }
+  if (s.opts.uneven_inputs && !s.t.flag_launched) s.launch_flag();
+  for (std::size_t b = s.t.next; b < s.buckets.size(); ++b) {
+    // As in data_parallel: a parameter with no gradient this step contributes
+    // zero (at stage 2, take_bucket zeroes it in the bucket's own buffer).
+    if (s.opts.stage < 2) s.t.zero_missing(s.buckets[b], s.params, s.params.all_grads());
     s.launch(b);
   }
-  s.next = s.buckets.size();
+  s.t.next = s.buckets.size();
   const double w0 = now_us();
-  std::exception_ptr failure;
-  try {
-    if (s.opts.uneven_inputs) s.flag_handle.wait();
-  } catch (...) {
-    failure = std::current_exception();
-  }
-  try {
-    wait_all(std::span<collective_handle>(s.handles));
-  } catch (...) {
-    if (!failure) failure = std::current_exception();
-  }
+  const std::exception_ptr failure = s.t.wait_step({std::span<collective_handle>(s.handles)});
   const double w1 = now_us();
-  s.tl.record("wait", lane::compute, w0, w1, s.step);
-  s.current.contributing_ranks = s.opts.uneven_inputs ? s.contributors : s.comm.size();
+  s.tl.record("wait", lane::compute, w0, w1, s.t.step);
+  s.current.contributing_ranks = s.t.contributing(s.comm, s.opts.uneven_inputs);
   // The model's gradients are consumed: the next step accumulates from zero
   // (at stage 2 they were freed bucket by bucket already).
   if (s.opts.stage < 2) s.params.zero_grad();
   s.current.wait_s = (w1 - w0) * 1e-6;
-  s.current.comm_s = 0;
-  for (const auto& r : s.records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
-  s.current.accumulated_backwards = s.accumulated_backwards;
+  s.current.comm_s = detail::busy_seconds(s.records);
+  s.current.accumulated_backwards = s.t.accumulated_backwards;
   s.last = s.current;
-  s.last_fired = s.fired;
-  ++s.step;
+  s.last_fired = s.t.fired;
+  ++s.t.step;
   s.reset_step();
   s.reduced = failure == nullptr;
   if (failure) std::rethrow_exception(failure);
@@ -463,38 +344,13 @@ bool sharded_data_parallel::reduced() const { return state_->reduced; }
 
 bool sharded_data_parallel::shadow_finish() {
   auto& s = *state_;
-  if (!s.opts.uneven_inputs) {
-    throw usage_error(fmt::format(
-        "train::sharded_data_parallel on rank {}: join() needs "
-        "sharded_data_parallel_options::uneven_inputs = true on every rank (the ranks still "
-        "training must send their count each step)",
-        s.rank()));
-  }
-  if (s.no_sync) {
-    throw usage_error(fmt::format(
-        "train::sharded_data_parallel on rank {}: join() inside a no_sync() scope; end the scope "
-        "and finish the accumulated step first",
-        s.rank()));
-  }
-  const bool started =
-      s.flag_launched || s.next > 0 ||
-      std::any_of(s.fired.begin(), s.fired.end(), [](auto n) { return n > 0; }) ||
-      std::find(s.accumulated.begin(), s.accumulated.end(), true) != s.accumulated.end();
-  if (started) {
-    throw usage_error(fmt::format(
-        "train::sharded_data_parallel on rank {}: join() in the middle of step {} (a backward ran "
-        "since the last finish()); call finish() or step() first",
-        s.rank(), s.step));
-  }
-  s.contribution = 0;
-  s.launch_flag();
-  s.flag_handle.wait();
-  if (s.contributors == 0) {
-    s.contribution = 1;
-    s.flag_launched = false;
+  if (!s.t.join_round(s.comm, s.opts.uneven_inputs, "sharded_data_parallel_options")) {
     s.current = {};
     return false;
   }
+  // The count just sent is this step's traffic, as launch_flag() counts it.
+  s.current.bytes_sent +=
+      ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(), s.rank(), true, true);
   // A zero contribution: stage 1 zeroes the flat buffer; stage 2's bucket
   // buffers are made as zeros when finish() launches them.
   if (s.opts.stage < 2) s.params.zero_grad();
@@ -541,7 +397,7 @@ void sharded_data_parallel::gather_parameters() {
   }
   wait_all(std::span<collective_handle>(gathers));
   const double t1 = now_us();
-  s.tl.record("allgather", lane::compute, t0, t1, s.step - 1);
+  s.tl.record("allgather", lane::compute, t0, t1, s.t.step - 1);
   // Counted in the step just finished (last_step()).
   s.last.bytes_sent += bytes;
   s.last.comm_s += (t1 - t0) * 1e-6;
@@ -569,7 +425,7 @@ double sharded_data_parallel::clip_grad_norm(double max_norm) {
 
 int sharded_data_parallel::stage() const { return state_->opts.stage; }
 const std::vector<bucket>& sharded_data_parallel::buckets() const { return state_->buckets; }
-std::int64_t sharded_data_parallel::steps() const { return state_->step; }
+std::int64_t sharded_data_parallel::steps() const { return state_->t.step; }
 const step_stats& sharded_data_parallel::last_step() const { return state_->last; }
 const std::vector<std::uint32_t>& sharded_data_parallel::ready_counts() const {
   return state_->last_fired;
