@@ -4,6 +4,7 @@
 # see docs/testing.md).
 #
 #   scripts/run_tests.sh [extra ctest arguments, e.g. -L unit or -R install]
+# The first stage builds with RINGFLOW_WARNINGS_AS_ERRORS=ON.
 # Environment: BUILD_DIR (default build), JOBS (build jobs, default 2),
 # CTEST_PARALLEL_LEVEL (tests at once; default 1), CMAKE_ARGS (extra configure
 # flags), BUILD_TYPE (default Release), RINGFLOW_SKIP_DEPS=1 (no apt-get),
@@ -50,8 +51,10 @@ status=0
 scripts/check_format.sh || status=1
 
 step "configure and build ($BUILD_DIR, $BUILD_TYPE, -j$JOBS)"
+# Warnings are errors here (docs/testing.md): every target, ringflow_cuda's
+# .cu files included, must build clean.
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" -DRINGFLOW_BUILD_TESTS=ON \
-  "${launcher[@]}" "${extra_cmake_args[@]}"
+  -DRINGFLOW_WARNINGS_AS_ERRORS=ON "${launcher[@]}" "${extra_cmake_args[@]}"
 cmake --build "$BUILD_DIR" -j "$JOBS"
 
 step "tests"
