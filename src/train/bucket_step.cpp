@@ -99,16 +99,16 @@ bool step_tracker::join_round(const communicator& comm, bool uneven_inputs,
         who, rank, options_name));
   }
   if (no_sync) {
-    throw usage_error(fmt::format(
-        "{} on rank {}: join() inside a no_sync() scope; end the scope and finish the "
-        "accumulated step first",
-        who, rank));
+    throw usage_error(
+        fmt::format("{} on rank {}: join() inside a no_sync() scope; end the scope and finish the "
+                    "accumulated step first",
+                    who, rank));
   }
   if (started()) {
-    throw usage_error(fmt::format(
-        "{} on rank {}: join() in the middle of step {} (a backward ran since the last "
-        "finish()); call finish() or step() first",
-        who, rank, step));
+    throw usage_error(
+        fmt::format("{} on rank {}: join() in the middle of step {} (a backward ran since the last "
+                    "finish()); call finish() or step() first",
+                    who, rank, step));
   }
   contribution = 0;
   launch_flag(comm);
@@ -180,10 +180,10 @@ void check_same_model(const communicator& comm, const ad::parameter_store<float>
   std::array<std::int64_t, 2> hm{static_cast<std::int64_t>(h), ~static_cast<std::int64_t>(h)};
   allreduce_async(comm, std::span<std::int64_t>(hm), max).wait();
   if (static_cast<std::uint64_t>(hm[0]) != h || static_cast<std::uint64_t>(~hm[1]) != h) {
-    throw usage_error(fmt::format(
-        "{} on rank {}: the ranks built different models (this rank: {} parameters, {} "
-        "elements, layout hash {:016x}); build the same model on every rank",
-        who, comm.rank(), params.size(), params.numel(), h));
+    throw usage_error(
+        fmt::format("{} on rank {}: the ranks built different models (this rank: {} parameters, {} "
+                    "elements, layout hash {:016x}); build the same model on every rank",
+                    who, comm.rank(), params.size(), params.numel(), h));
   }
 }
 
