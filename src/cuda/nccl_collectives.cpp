@@ -12,44 +12,16 @@ namespace ringflow::cuda {
 // --- Collectives ----------------------------------------------------------------
 
 namespace {
-/// NCCL's op for ringflow's. avg is a sum here for every type, and the
-/// caller divides afterwards with ringflow's finish(): ringflow's avg is one
-/// division of the finished sum (round(round(sum) / n) for floats, truncation
-/// toward zero for integers, as on the CPU), whereas ncclAvg pre-multiplies
-/// each input by 1/n (other rounding).
-ncclRedOp_t op_for(dtype, op_kind op) {
-  if (op == op_kind::avg) return ncclSum;
-  return detail::nccl_op(op);
-}
-
-/// After an avg: the division ringflow's CPU collectives do.
-void finish_avg(dtype t, op_kind op, void* data, std::size_t n, int nranks, cudaStream_t s) {
-  if (op == op_kind::avg && n > 0) cuda::finish(t, op, data, n, nranks, s);
-}
-
-std::byte* at(void* p, std::size_t elems, std::size_t esz) {
-  return static_cast<std::byte*>(p) + elems * esz;
-}
-const std::byte* at(const void* p, std::size_t elems, std::size_t esz) {
-  return static_cast<const std::byte*>(p) + elems * esz;
-}
-
-const nccl_state& usable(const std::shared_ptr<nccl_state>& st, const char* what) {
-  if (!st) throw usage_error(fmt::format("nccl {} on a moved-from nccl_communicator", what));
-  st->live(what);
-  return *st;
-}
-
-/// Runs `body` (which queues NCCL work); a failure marks the communicator
-/// broken, so it is aborted rather than destroyed.
-template <class F>
-void guarded(const nccl_state& st, F&& body) {
-  try {
-    body();
-  } catch (const nccl_error&) {
-    st.broken.store(true);
-    throw;
+/// ringflow::partition's pieces of `count` over p ranks, as counts and offsets.
+std::pair<std::vector<std::size_t>, std::vector<std::size_t>> partition_pieces(std::size_t count,
+                                                                               int p) {
+  std::vector<std::size_t> counts(static_cast<std::size_t>(p)), offsets(counts.size());
+  for (int c = 0; c < p; ++c) {
+    const chunk piece = partition(count, p, c);
+    counts[static_cast<std::size_t>(c)] = piece.count;
+    offsets[static_cast<std::size_t>(c)] = piece.offset;
   }
+  return {std::move(counts), std::move(offsets)};
 }
 
 /// The checks and checked-mode fingerprint every allreduce starts with
@@ -80,8 +52,8 @@ void nccl_communicator::allreduce_bytes(const void* in, void* out, std::size_t i
   if (!begin_allreduce(st, "allreduce", in, out, in_count, out_count, type, op)) return;
   device_guard dg(st.device);
   guarded(st, [&] {
-    RINGFLOW_CHECK_NCCL(ncclAllReduce(in, out, in_count, detail::nccl_type(type), op_for(type, op),
-                                      st.comm, stream));
+    RINGFLOW_CHECK_NCCL(
+        ncclAllReduce(in, out, in_count, detail::nccl_type(type), op_for(op), st.comm, stream));
     finish_avg(type, op, out, out_count, st.size, stream);
   });
 }
@@ -112,24 +84,16 @@ void nccl_communicator::reduce_scatter_bytes(const void* in, void* out, std::siz
   if (in_count == 0) return;
   device_guard dg(st.device);
   const ncclDataType_t nt = detail::nccl_type(type);
-  const ncclRedOp_t nop = op_for(type, op);
+  const ncclRedOp_t nop = op_for(op);
   guarded(st, [&] {
     if (in_count % static_cast<std::size_t>(p) == 0) {
       RINGFLOW_CHECK_NCCL(ncclReduceScatter(in, out, in_count / static_cast<std::size_t>(p), nt,
                                             nop, st.comm, stream));
     } else {
-      // Unequal pieces: one ncclReduce per piece, rooted at its owner, in
-      // one group (NCCL runs them together). Only the root's receive
-      // buffer is used; the others pass their send pointer, never written.
-      nccl_group g;
-      for (int c = 0; c < p; ++c) {
-        const chunk piece = partition(in_count, p, c);
-        if (piece.count == 0) continue;
-        const void* send = at(in, piece.offset, esz);
-        void* recv = c == r ? out : const_cast<void*>(send);
-        RINGFLOW_CHECK_NCCL(ncclReduce(send, recv, piece.count, nt, nop, c, st.comm, stream));
-      }
-      g.end();
+      // Unequal pieces: one ncclReduce per piece, in one group (NCCL runs
+      // them together).
+      const auto [counts, offsets] = partition_pieces(in_count, p);
+      detail::grouped_reduce_pieces(st, in, out, {counts, offsets}, type, op, stream);
     }
     finish_avg(type, op, out, out_count, p, stream);
   });
@@ -167,15 +131,8 @@ void nccl_communicator::allgather_bytes(const void* in, void* out, std::size_t i
           ncclAllGather(in, out, out_count / static_cast<std::size_t>(p), nt, st.comm, stream));
     } else {
       // Unequal pieces: every rank broadcasts its piece, all in one group.
-      nccl_group g;
-      for (int c = 0; c < p; ++c) {
-        const chunk piece = partition(out_count, p, c);
-        if (piece.count == 0) continue;
-        void* recv = at(out, piece.offset, esz);
-        const void* send = c == r ? in : recv;
-        RINGFLOW_CHECK_NCCL(ncclBroadcast(send, recv, piece.count, nt, c, st.comm, stream));
-      }
-      g.end();
+      const auto [counts, offsets] = partition_pieces(out_count, p);
+      detail::grouped_broadcast_pieces(st, in, out, {counts, offsets}, type, stream);
     }
   });
 }
@@ -210,6 +167,41 @@ void nccl_communicator::broadcast_bytes(const void* in, void* out, std::size_t i
                                       root, st.comm, stream));
   });
 }
+
+namespace detail {
+
+void grouped_reduce_pieces(const nccl_state& st, const void* in, void* out, pieces ps, dtype type,
+                           op_kind op, cudaStream_t stream) {
+  const std::size_t esz = dtype_size(type);
+  const ncclDataType_t nt = nccl_type(type);
+  const ncclRedOp_t nop = op_for(op);
+  nccl_group g;
+  for (int c = 0; c < st.size; ++c) {
+    const auto q = static_cast<std::size_t>(c);
+    if (ps.counts[q] == 0) continue;
+    const void* send = at(in, ps.offsets[q], esz);
+    void* recv = c == st.rank ? out : const_cast<void*>(send);
+    RINGFLOW_CHECK_NCCL(ncclReduce(send, recv, ps.counts[q], nt, nop, c, st.comm, stream));
+  }
+  g.end();
+}
+
+void grouped_broadcast_pieces(const nccl_state& st, const void* in, void* out, pieces ps,
+                              dtype type, cudaStream_t stream) {
+  const std::size_t esz = dtype_size(type);
+  const ncclDataType_t nt = nccl_type(type);
+  nccl_group g;
+  for (int c = 0; c < st.size; ++c) {
+    const auto q = static_cast<std::size_t>(c);
+    if (ps.counts[q] == 0) continue;
+    void* recv = at(out, ps.offsets[q], esz);
+    const void* send = c == st.rank ? in : recv;
+    RINGFLOW_CHECK_NCCL(ncclBroadcast(send, recv, ps.counts[q], nt, c, st.comm, stream));
+  }
+  g.end();
+}
+
+}  // namespace detail
 
 // --- Our ring over ncclSend/ncclRecv -------------------------------------------
 

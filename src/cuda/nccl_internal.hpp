@@ -17,6 +17,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <span>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -140,13 +141,77 @@ inline void require_device(const nccl_state& st, const char* what, const char* w
   }
 }
 
+// --- What the collectives share (nccl_collectives.cpp, nccl_peer_collectives.cpp) ---
+
+/// NCCL's op for ringflow's. avg is a sum here for every type, and the
+/// caller divides afterwards with ringflow's finish(): ringflow's avg is one
+/// division of the finished sum (round(round(sum) / n) for floats, truncation
+/// toward zero for integers, as on the CPU), whereas ncclAvg pre-multiplies
+/// each input by 1/n (other rounding).
+inline ncclRedOp_t op_for(op_kind op) { return op == op_kind::avg ? ncclSum : nccl_op(op); }
+
+/// After an avg: the division ringflow's CPU collectives do.
+inline void finish_avg(dtype t, op_kind op, void* data, std::size_t n, int nranks, cudaStream_t s) {
+  if (op == op_kind::avg && n > 0) cuda::finish(t, op, data, n, nranks, s);
+}
+
+/// `p` advanced by `elems` elements of `esz` bytes.
+inline std::byte* at(void* p, std::size_t elems, std::size_t esz) {
+  return static_cast<std::byte*>(p) + elems * esz;
+}
+inline const std::byte* at(const void* p, std::size_t elems, std::size_t esz) {
+  return static_cast<const std::byte*>(p) + elems * esz;
+}
+
+/// The state of a live communicator (usage_error when moved from,
+/// comm_error when aborted).
+inline const nccl_state& usable(const std::shared_ptr<nccl_state>& st, const char* what) {
+  if (!st) throw usage_error(fmt::format("nccl {} on a moved-from nccl_communicator", what));
+  st->live(what);
+  return *st;
+}
+
+/// Runs `body` (which queues NCCL work); a failure marks the communicator
+/// broken, so it is aborted rather than destroyed.
+template <class F>
+void guarded(const nccl_state& st, F&& body) {
+  try {
+    body();
+  } catch (const nccl_error&) {
+    st.broken.store(true);
+    throw;
+  }
+}
+
+/// Piece q of a collective over pieces: counts[q] elements at offsets[q].
+struct pieces {
+  std::span<const std::size_t> counts;
+  std::span<const std::size_t> offsets;
+};
+
+/// One ncclReduce per nonempty piece, rooted at its owner, in one group:
+/// rank r's piece lands in `out`. Only the root's receive buffer is used; the
+/// others pass their send pointer, never written. No avg division here.
+void grouped_reduce_pieces(const nccl_state& st, const void* in, void* out, pieces ps, dtype type,
+                           op_kind op, cudaStream_t stream);
+
+/// One ncclBroadcast per nonempty piece, rooted at its owner, in one group:
+/// every rank receives piece q at out + out_offsets[q]; rank r sends `in`.
+void grouped_broadcast_pieces(const nccl_state& st, const void* in, void* out, pieces ps,
+                              dtype type, cudaStream_t stream);
+
 }  // namespace ringflow::cuda::detail
 
 namespace ringflow::cuda {
 // The names every nccl_*.cpp uses unqualified.
+using detail::at;
+using detail::finish_avg;
+using detail::guarded;
 using detail::nccl_group;
 using detail::nccl_state;
+using detail::op_for;
 using detail::require_device;
+using detail::usable;
 }  // namespace ringflow::cuda
 
 #endif  // RINGFLOW_HAS_NCCL

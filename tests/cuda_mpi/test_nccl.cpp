@@ -699,4 +699,234 @@ TEST_CASE("nccl_transport: an unmatched receive times out instead of hanging",
   // The GPU is usable afterwards.
   RINGFLOW_CHECK_CUDA(cudaDeviceSynchronize());
 }
+// --- The rest of the collective set against the CPU collectives -------------
+
+namespace {
+/// Uneven counts with zeros: rank q's share of a collective of size n.
+std::vector<std::size_t> uneven_counts(std::size_t n, int p, std::uint64_t seed) {
+  std::vector<std::size_t> c(static_cast<std::size_t>(p));
+  for (int q = 0; q < p; ++q) {
+    c[static_cast<std::size_t>(q)] =
+        n == 0 ? 0 : static_cast<std::size_t>(pick(seed, q, 0, 0, static_cast<long long>(n)));
+  }
+  if (p > 1) c[1 % static_cast<std::size_t>(p)] = 0;  // a rank with nothing
+  return c;
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+}  // namespace
+
+TEST_CASE("nccl alltoall(v), gather(v), scatter(v) and allgatherv equal the CPU collectives",
+          "[cuda][nccl]") {
+  rc::nccl_communicator* c = nccl();
+  if (c == nullptr) {
+    SUCCEED("ranks share a GPU");
+    return;
+  }
+  const int p = c->size(), r = c->rank();
+  const auto P = static_cast<std::size_t>(p), R = static_cast<std::size_t>(r);
+  auto& w = world();
+  rc::stream s;
+  std::uint64_t seed = 20000;
+  for_each_type([&]<class T>() {
+    for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{4099}}) {
+      ++seed;
+      INFO(ringflow::dtype_name(ringflow::dtype_of<T>) << " n=" << n);
+      // alltoall: n elements per peer.
+      {
+        const auto host_in = input<T>(op_kind::max, seed, r, n * P);
+        std::vector<T> want(n * P);
+        ringflow::alltoall<T>(w, std::span<const T>(host_in), std::span<T>(want));
+        rc::device_buffer<T> in = to_device(host_in), out(n * P);
+        c->alltoall<T>(std::span<const T>(in.span()), out.span(), s);
+        s.synchronize();
+        CHECK(same_bits(to_host(out.data(), n * P), want));
+      }
+      // alltoallv: rank a sends (n + a + b) % 5 elements to rank b.
+      {
+        std::vector<std::size_t> sc(P), rcn(P);
+        for (std::size_t q = 0; q < P; ++q) {
+          sc[q] = (n + R + q) % 5;
+          rcn[q] = (n + q + R) % 5;
+        }
+        const auto sd = ringflow::detail::packed_displs(sc),
+                   rd = ringflow::detail::packed_displs(rcn);
+        const std::size_t ns = sd.back() + sc.back(), nr = rd.back() + rcn.back();
+        const auto host_in = input<T>(op_kind::max, seed + 1, r, ns);
+        std::vector<T> want(nr);
+        ringflow::alltoallv<T>(w, std::span<const T>(host_in), sc, sd, std::span<T>(want), rcn, rd);
+        rc::device_buffer<T> in = to_device(host_in), out(nr);
+        c->alltoallv<T>(std::span<const T>(in.span()), sc, sd, out.span(), rcn, rd, s);
+        s.synchronize();
+        CHECK(same_bits(to_host(out.data(), nr), want));
+      }
+      for (int root : {0, p - 1}) {
+        const bool is_root = r == root;
+        // gather and scatter: n elements per rank.
+        {
+          const auto mine = input<T>(op_kind::max, seed + 2, r, n);
+          std::vector<T> want(is_root ? n * P : 0);
+          ringflow::gather<T>(w, std::span<const T>(mine), std::span<T>(want), root);
+          rc::device_buffer<T> in = to_device(mine), out(is_root ? n * P : 0);
+          c->gather<T>(std::span<const T>(in.span()), out.span(), root, s);
+          s.synchronize();
+          if (is_root) CHECK(same_bits(to_host(out.data(), n * P), want));
+
+          const auto all = is_root ? input<T>(op_kind::max, seed + 3, r, n * P) : std::vector<T>();
+          std::vector<T> got_cpu(n);
+          ringflow::scatter<T>(w, std::span<const T>(all), std::span<T>(got_cpu), root);
+          rc::device_buffer<T> din = to_device(all), dout(n);
+          c->scatter<T>(std::span<const T>(din.span()), dout.span(), root, s);
+          s.synchronize();
+          CHECK(same_bits(to_host(dout.data(), n), got_cpu));
+        }
+        // gatherv and scatterv with uneven counts (one rank sends nothing).
+        {
+          const auto counts = uneven_counts(n, p, seed + 4);
+          const auto displs = ringflow::detail::packed_displs(counts);
+          const std::size_t total = displs.back() + counts.back();
+          const auto mine = input<T>(op_kind::max, seed + 5, r, counts[R]);
+          std::vector<T> want(is_root ? total : 0);
+          ringflow::gatherv<T>(w, std::span<const T>(mine), std::span<T>(want), counts, displs,
+                               root);
+          rc::device_buffer<T> in = to_device(mine), out(is_root ? total : 0);
+          c->gatherv<T>(std::span<const T>(in.span()), out.span(), counts, displs, root, s);
+          s.synchronize();
+          if (is_root) CHECK(same_bits(to_host(out.data(), total), want));
+
+          const auto all = is_root ? input<T>(op_kind::max, seed + 6, r, total) : std::vector<T>();
+          std::vector<T> got_cpu(counts[R]);
+          ringflow::scatterv<T>(w, std::span<const T>(all), counts, displs, std::span<T>(got_cpu),
+                                root);
+          rc::device_buffer<T> din = to_device(all), dout(counts[R]);
+          c->scatterv<T>(std::span<const T>(din.span()), counts, displs, dout.span(), root, s);
+          s.synchronize();
+          CHECK(same_bits(to_host(dout.data(), counts[R]), got_cpu));
+        }
+      }
+      // allgatherv, out of place and in place.
+      {
+        const auto counts = uneven_counts(n, p, seed + 7);
+        const auto displs = ringflow::detail::packed_displs(counts);
+        const std::size_t total = displs.back() + counts.back();
+        const auto mine = input<T>(op_kind::max, seed + 8, r, counts[R]);
+        std::vector<T> want(total);
+        ringflow::allgatherv<T>(w, std::span<const T>(mine), std::span<T>(want), counts, displs);
+        rc::device_buffer<T> in = to_device(mine), out(total);
+        c->allgatherv<T>(std::span<const T>(in.span()), out.span(), counts, displs, s);
+        s.synchronize();
+        CHECK(same_bits(to_host(out.data(), total), want));
+        rc::device_buffer<T> inplace(total);
+        upload(inplace.data() + displs[R], mine.data(), counts[R]);
+        c->allgatherv<T>(std::span<const T>(inplace.data() + displs[R], counts[R]), inplace.span(),
+                         counts, displs, s);
+        s.synchronize();
+        CHECK(same_bits(to_host(inplace.data(), total), want));
+      }
+    }
+  });
+}
+
+TEST_CASE("nccl reduce and reduce_scatter_v: ringflow's reduction for every op and dtype",
+          "[cuda][nccl]") {
+  rc::nccl_communicator* c = nccl();
+  if (c == nullptr) {
+    SUCCEED("ranks share a GPU");
+    return;
+  }
+  const int p = c->size(), r = c->rank();
+  const auto R = static_cast<std::size_t>(r);
+  rc::stream s;
+  std::uint64_t seed = 30000;
+  for_each_type([&]<class T>() {
+    for (op_kind op : ops) {
+      for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{4099}}) {
+        ++seed;
+        INFO(ringflow::dtype_name(ringflow::dtype_of<T>)
+             << " " << ringflow::op_name(op) << " n=" << n);
+        for (int root : {0, p - 1}) {
+          for (bool in_place : {false, true}) {
+            rc::device_buffer<T> in = to_device(input<T>(op, seed, r, n));
+            rc::device_buffer<T> out(in_place || r != root ? 0 : n);
+            with_op(op, [&](auto fn) {
+              if (in_place) {
+                c->reduce(in.span(), fn, root, s);
+              } else {
+                c->reduce<T>(std::span<const T>(in.span()), out.span(), fn, root, s);
+              }
+            });
+            s.synchronize();
+            if (r == root) {
+              CHECK(reduction_misses(to_host(in_place ? in.data() : out.data(), n), op, seed, p,
+                                     0) == 0);
+            }
+          }
+        }
+        // reduce_scatter_v: uneven pieces, one empty.
+        const auto counts = uneven_counts(n, p, seed + 1);
+        const auto offsets = ringflow::detail::packed_displs(counts);
+        const std::size_t total = offsets.back() + counts.back();
+        rc::device_buffer<T> in = to_device(input<T>(op, seed, r, total));
+        rc::device_buffer<T> out(counts[R]);
+        with_op(op, [&](auto fn) {
+          c->reduce_scatter_v<T>(std::span<const T>(in.span()), out.span(), counts, fn, s);
+        });
+        s.synchronize();
+        CHECK(reduction_misses(to_host(out.data(), counts[R]), op, seed, p, offsets[R]) == 0);
+      }
+    }
+  });
+}
+
+TEST_CASE("checked mode: NCCL gatherv and alltoallv with disagreeing counts throw on every rank",
+          "[cuda][nccl]") {
+  rc::nccl_communicator* c = nccl();
+  if (c == nullptr) {
+    SUCCEED("ranks share a GPU");
+    return;
+  }
+  if (c->size() < 2) {
+    SUCCEED("one rank: nothing to disagree about");
+    return;
+  }
+  REQUIRE(c->base().checked());
+  const int p = c->size(), r = c->rank();
+  const auto P = static_cast<std::size_t>(p);
+  rc::stream s;
+  // The root expects one element more from rank 1 than rank 1 sends.
+  std::vector<std::size_t> counts(P, 4);
+  counts[1] = 5;
+  const auto displs = ringflow::detail::packed_displs(counts);
+  rc::device_buffer<float> in(4), out(r == 0 ? displs.back() + counts.back() : 0);
+  std::string what;
+  try {
+    c->gatherv<float>(std::span<const float>(in.span()), out.span(), counts, displs, 0, s);
+  } catch (const ringflow::usage_error& e) {
+    what = e.what();
+  }
+  INFO(what);
+  CHECK(what.find("disagree about the counts") != std::string::npos);
+  if (r == 0)
+    CHECK(what.find("rank 1 sends 4 elements to rank 0, which expects 5") != std::string::npos);
+  // alltoallv: rank 0 sends 3 to everyone, everyone expects 2 from rank 0.
+  std::vector<std::size_t> sc(P, 2), rcn(P, 2);
+  if (r == 0) std::fill(sc.begin(), sc.end(), 3);
+  if (r == 0) rcn[0] = 3;  // its own block agrees with itself
+  const auto sd = ringflow::detail::packed_displs(sc), rd = ringflow::detail::packed_displs(rcn);
+  rc::device_buffer<float> a(sd.back() + sc.back()), b(rd.back() + rcn.back());
+  bool threw = false;
+  try {
+    c->alltoallv<float>(std::span<const float>(a.span()), sc, sd, b.span(), rcn, rd, s);
+  } catch (const ringflow::usage_error&) {
+    threw = true;
+  }
+  CHECK(threw);
+  // Still usable.
+  rc::device_buffer<float> ok(10);
+  c->allreduce(ok.span(), ringflow::sum, s);
+  s.synchronize();
+}
 #endif  // RINGFLOW_HAS_NCCL

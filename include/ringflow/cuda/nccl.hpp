@@ -220,6 +220,109 @@ class nccl_communicator {
     broadcast_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, root, stream);
   }
 
+  // --- The rest of ringflow's collective set, on device memory ---------------
+  //
+  // The same contracts as the CPU collectives (coll/collectives.hpp: sizes,
+  // roots, what may alias what), queued on `stream`.
+  // Counts and displacements are host arrays. NCCL has no message envelope:
+  // where only one side of a transfer knows its size (alltoallv, gatherv,
+  // scatterv) the ranks must agree, and in checked mode (RINGFLOW_CHECK=1)
+  // they compare those sizes over the ringflow communicator first (one small
+  // host alltoall), so a disagreement throws usage_error on every rank,
+  // naming the two ranks, instead of hanging in NCCL.
+
+  /// Reduce to `root`: ncclReduce; avg is ncclSum and then ringflow's one
+  /// division on the root, as in allreduce. `out` (root only; same size as
+  /// `in` there, may be `in`) is not touched elsewhere and may be empty.
+  template <element T, reduce_op Op = sum_op>
+  void reduce(std::span<const std::type_identity_t<T>> in, std::span<T> out, Op op, int root,
+              cudaStream_t stream) const {
+    (void)op;
+    reduce_bytes(in.data(), out.data(), in.size(), out.size(), dtype_of<T>, Op::kind, root, stream);
+  }
+  /// In-place reduce: `data` holds the result on `root`.
+  template <element T, reduce_op Op = sum_op>
+  void reduce(std::span<T> data, Op op, int root, cudaStream_t stream) const {
+    reduce<T, Op>(std::span<const T>(data), data, op, root, stream);
+  }
+
+  /// Alltoall: `in` holds size() blocks of in.size() / size() elements, block
+  /// q for rank q; `out` (same size, not overlapping) receives rank q's block
+  /// for this rank as its block q. One group of ncclSend/ncclRecv (this
+  /// rank's own block: a device copy).
+  template <element T>
+  void alltoall(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                cudaStream_t stream) const {
+    alltoall_bytes(in.data(), in.size(), out.data(), out.size(), dtype_of<T>, stream);
+  }
+  /// Alltoallv: send_counts[q] elements at in + send_displs[q] go to rank q,
+  /// recv_counts[q] from rank q land at out + recv_displs[q].
+  template <element T>
+  void alltoallv(std::span<const std::type_identity_t<T>> in,
+                 std::span<const std::size_t> send_counts, std::span<const std::size_t> send_displs,
+                 std::span<T> out, std::span<const std::size_t> recv_counts,
+                 std::span<const std::size_t> recv_displs, cudaStream_t stream) const {
+    alltoallv_bytes(in.data(), in.size(), send_counts, send_displs, out.data(), out.size(),
+                    recv_counts, recv_displs, dtype_of<T>, stream);
+  }
+
+  /// Gather: every rank's `in` (the same size everywhere) lands on `root` as
+  /// block q of `out` (size() * in.size() elements, read on the root only).
+  template <element T>
+  void gather(std::span<const std::type_identity_t<T>> in, std::span<T> out, int root,
+              cudaStream_t stream) const {
+    gather_bytes(in.data(), in.size(), out.data(), out.size(), {}, {}, root, dtype_of<T>, stream);
+  }
+  /// Gatherv: rank q's `in` lands at out + displs[q] on `root`, which expects
+  /// counts[q] elements from it (counts, displs and out: root only).
+  template <element T>
+  void gatherv(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+               std::span<const std::size_t> counts, std::span<const std::size_t> displs, int root,
+               cudaStream_t stream) const {
+    gather_bytes(in.data(), in.size(), out.data(), out.size(), counts, displs, root, dtype_of<T>,
+                 stream, true);
+  }
+
+  /// Scatter: block q of `in` on `root` (size() * out.size() elements, read on
+  /// the root only) goes to rank q's `out` (the same size everywhere).
+  template <element T>
+  void scatter(std::span<const std::type_identity_t<T>> in, std::span<T> out, int root,
+               cudaStream_t stream) const {
+    scatter_bytes(in.data(), in.size(), {}, {}, out.data(), out.size(), root, dtype_of<T>, stream);
+  }
+  /// Scatterv: counts[q] elements at in + displs[q] on `root` go to rank q's
+  /// `out`, whose size must match (counts, displs and in: root only).
+  template <element T>
+  void scatterv(std::span<const std::type_identity_t<T>> in, std::span<const std::size_t> counts,
+                std::span<const std::size_t> displs, std::span<T> out, int root,
+                cudaStream_t stream) const {
+    scatter_bytes(in.data(), in.size(), counts, displs, out.data(), out.size(), root, dtype_of<T>,
+                  stream, true);
+  }
+
+  /// Allgatherv: rank q contributes counts[q] elements and every rank
+  /// receives them at out + displs[q]; counts the same on every rank. One
+  /// ncclBroadcast per rank in a group. `in` may be this rank's block of `out`.
+  template <element T>
+  void allgatherv(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                  std::span<const std::size_t> counts, std::span<const std::size_t> displs,
+                  cudaStream_t stream) const {
+    allgatherv_bytes(in.data(), in.size(), out.data(), out.size(), counts, displs, dtype_of<T>,
+                     stream);
+  }
+
+  /// Reduce-scatter with uneven pieces: `in` holds sum(counts) elements, piece
+  /// q being counts[q] elements at the prefix sum before it; rank r receives
+  /// the reduction of piece r in `out` (may be that piece of `in`). One
+  /// ncclReduce per piece in a group; avg divides after, as in allreduce.
+  template <element T, reduce_op Op = sum_op>
+  void reduce_scatter_v(std::span<const std::type_identity_t<T>> in, std::span<T> out,
+                        std::span<const std::size_t> counts, Op op, cudaStream_t stream) const {
+    (void)op;
+    reduce_scatter_v_bytes(in.data(), in.size(), out.data(), out.size(), counts, dtype_of<T>,
+                           Op::kind, stream);
+  }
+
   /// ringflow's own ring allreduce over NCCL point-to-point, with the same
   /// algorithm code as the CPU transports: the schedule of coll/ring.hpp
   /// (ring_allreduce_on) with the device-direct memory policy of
@@ -280,6 +383,28 @@ class nccl_communicator {
                        dtype type, cudaStream_t stream) const;
   void broadcast_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
                        dtype type, int root, cudaStream_t stream) const;
+  void reduce_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
+                    dtype type, op_kind op, int root, cudaStream_t stream) const;
+  void alltoall_bytes(const void* in, std::size_t in_count, void* out, std::size_t out_count,
+                      dtype type, cudaStream_t stream) const;
+  void alltoallv_bytes(const void* in, std::size_t in_count,
+                       std::span<const std::size_t> send_counts,
+                       std::span<const std::size_t> send_displs, void* out, std::size_t out_count,
+                       std::span<const std::size_t> recv_counts,
+                       std::span<const std::size_t> recv_displs, dtype type,
+                       cudaStream_t stream) const;
+  void gather_bytes(const void* in, std::size_t in_count, void* out, std::size_t out_count,
+                    std::span<const std::size_t> counts, std::span<const std::size_t> displs,
+                    int root, dtype type, cudaStream_t stream, bool v = false) const;
+  void scatter_bytes(const void* in, std::size_t in_count, std::span<const std::size_t> counts,
+                     std::span<const std::size_t> displs, void* out, std::size_t out_count,
+                     int root, dtype type, cudaStream_t stream, bool v = false) const;
+  void allgatherv_bytes(const void* in, std::size_t in_count, void* out, std::size_t out_count,
+                        std::span<const std::size_t> counts, std::span<const std::size_t> displs,
+                        dtype type, cudaStream_t stream) const;
+  void reduce_scatter_v_bytes(const void* in, std::size_t in_count, void* out,
+                              std::size_t out_count, std::span<const std::size_t> counts,
+                              dtype type, op_kind op, cudaStream_t stream) const;
   void ring_allreduce_bytes(const void* in, void* out, std::size_t in_count, std::size_t out_count,
                             dtype type, op_kind op, cudaStream_t stream,
                             std::size_t segment_bytes) const;
