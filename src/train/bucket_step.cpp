@@ -19,7 +19,8 @@ double busy_seconds(std::span<const span_record> records) {
 }
 
 void step_tracker::plan(const std::vector<bucket>& buckets,
-                        const ad::parameter_store<float>& params) {
+                        const ad::parameter_store<float>& params, int r) {
+  rank = r;
   bucket_of.assign(params.size(), 0);
   expected.assign(params.size(), false);
   expected_in.assign(buckets.size(), 0);

@@ -69,8 +69,8 @@ struct step_tracker {
   explicit step_tracker(std::string_view trainer) : who(trainer) {}
 
   std::string_view who;
-  int rank = 0;
   // Fixed at construction (plan()).
+  int rank = 0;
   std::vector<std::size_t> bucket_of;    // parameter -> bucket
   std::vector<bool> expected;            // requires_grad when built
   std::vector<std::size_t> expected_in;  // per bucket: expected parameters
@@ -90,9 +90,9 @@ struct step_tracker {
   bool flag_launched = false;
   collective_handle flag_handle;
 
-  /// Maps the parameters of `buckets` to them; a parameter is expected when
-  /// it requires a gradient now.
-  void plan(const std::vector<bucket>& buckets, const ad::parameter_store<float>& params);
+  /// Maps the parameters of `buckets` to them on rank `r` (named in the
+  /// errors); a parameter is expected when it requires a gradient now.
+  void plan(const std::vector<bucket>& buckets, const ad::parameter_store<float>& params, int r);
   /// The start of a step: nothing fired, every bucket waits for all.
   void reset();
 

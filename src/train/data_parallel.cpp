@@ -267,8 +267,7 @@ data_parallel::data_parallel(communicator comm, ad::parameter_store<float> param
   s.buckets =
       without_sparse(plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes),
                      s.is_sparse, s.params);
-  s.t.rank = s.comm.rank();
-  s.t.plan(s.buckets, s.params);
+  s.t.plan(s.buckets, s.params, s.comm.rank());
   if (s.compression) {
     for (std::size_t b = 0; b < s.buckets.size(); ++b) {
       s.compression->set_layout(b, layout_of(s.buckets[b], s.params));

@@ -70,11 +70,6 @@ struct sharded_data_parallel::state {
     current = {};
   }
 
-  void launch_flag() {
-    t.launch_flag(comm);
-    current.bytes_sent += ring_bytes_sent(1, sizeof(std::int32_t), comm.size(), rank(), true, true);
-  }
-
   void on_ready(std::size_t i) {
     if (i >= t.fired.size() || !t.count_ready(i, params)) return;
     if (t.bucket_done(i)) {
@@ -120,7 +115,7 @@ struct sharded_data_parallel::state {
   }
 
   void launch(std::size_t b) {
-    if (opts.uneven_inputs && !t.flag_launched) launch_flag();
+    if (opts.uneven_inputs && !t.flag_launched) t.launch_flag(comm);
     const bucket& bk = buckets[b];
     std::span<const float> in;
     std::shared_ptr<float> staging;
@@ -231,8 +226,7 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
   s.tl = s.opts.timeline_path.empty() ? train::timeline::from_env(rank)
                                       : train::timeline(rank, s.opts.timeline_path);
   s.buckets = plan_buckets(s.params, s.opts.bucket_cap_bytes, s.opts.first_bucket_cap_bytes);
-  s.t.rank = rank;
-  s.t.plan(s.buckets, s.params);
+  s.t.plan(s.buckets, s.params, rank);
   const int p = s.comm.size();
   for (std::size_t b = 0; b < s.buckets.size(); ++b) {
     const bucket& bk = s.buckets[b];
@@ -313,7 +307,13 @@ void sharded_data_parallel::finish() {
         "scope; end the scope and run the last backward of the accumulation outside it",
         s.rank()));
   }
-  if (s.opts.uneven_inputs && !s.t.flag_launched) s.launch_flag();
+  if (s.opts.uneven_inputs) {
+    if (!s.t.flag_launched) s.t.launch_flag(s.comm);
+    // The step's one count of contributing ranks (launched here, by the first
+    // bucket, or by join()).
+    s.current.bytes_sent +=
+        ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(), s.rank(), true, true);
+  }
   for (std::size_t b = s.t.next; b < s.buckets.size(); ++b) {
     // As in data_parallel: a parameter with no gradient this step contributes
     // zero (at stage 2, take_bucket zeroes it in the bucket's own buffer).
@@ -348,9 +348,6 @@ bool sharded_data_parallel::shadow_finish() {
     s.current = {};
     return false;
   }
-  // The count just sent is this step's traffic, as launch_flag() counts it.
-  s.current.bytes_sent +=
-      ring_bytes_sent(1, sizeof(std::int32_t), s.comm.size(), s.rank(), true, true);
   // A zero contribution: stage 1 zeroes the flat buffer; stage 2's bucket
   // buffers are made as zeros when finish() launches them.
   if (s.opts.stage < 2) s.params.zero_grad();
