@@ -60,6 +60,33 @@ std::vector<std::size_t> equal_counts(int p, std::size_t n) {
   return std::vector<std::size_t>(static_cast<std::size_t>(p), n);
 }
 
+/// One rank's side of an alltoall(v): its own block as a device copy, the
+/// others as one group of ncclSend/ncclRecv, empty blocks skipped.
+void exchange_blocks(const nccl_state& st, const void* in, std::span<const std::size_t> send_counts,
+                     std::span<const std::size_t> send_displs, void* out,
+                     std::span<const std::size_t> recv_counts,
+                     std::span<const std::size_t> recv_displs, dtype type, cudaStream_t stream) {
+  const std::size_t esz = dtype_size(type);
+  const ncclDataType_t nt = detail::nccl_type(type);
+  const auto r = static_cast<std::size_t>(st.rank);
+  copy_block(at(out, recv_displs[r], esz), at(in, send_displs[r], esz), send_counts[r], esz,
+             stream);
+  nccl_group g;
+  for (int q = 0; q < st.size; ++q) {
+    const auto k = static_cast<std::size_t>(q);
+    if (k == r) continue;
+    if (send_counts[k] > 0) {
+      RINGFLOW_CHECK_NCCL(
+          ncclSend(at(in, send_displs[k], esz), send_counts[k], nt, q, st.comm, stream));
+    }
+    if (recv_counts[k] > 0) {
+      RINGFLOW_CHECK_NCCL(
+          ncclRecv(at(out, recv_displs[k], esz), recv_counts[k], nt, q, st.comm, stream));
+    }
+  }
+  g.end();
+}
+
 /// The root's layout of a gather (`role` "receive") or scatter ("send"):
 /// the blocks of its buffer of `whole` elements, one per rank, checked like
 /// the CPU collectives; `own` is the root's own block size ("input" for
@@ -86,8 +113,7 @@ root_layout layout_on_root(const nccl_state& st, const char* what, bool v, const
                       st.rank, whole_name, whole, p, own));
     }
     l.counts = equal_counts(st.size, own);
-    l.displs.resize(p);
-    for (std::size_t q = 0; q < p; ++q) l.displs[q] = q * own;
+    l.displs = ringflow::detail::packed_displs(l.counts);
   }
   if (l.counts[q_root] != own) {
     throw usage_error(
@@ -150,20 +176,10 @@ void nccl_communicator::alltoall_bytes(const void* in, std::size_t in_count, voi
   const std::size_t block = in_count / p;
   ext::begin_queued_collective(st.base, coll_kind::alltoall, type, op_kind::sum, block);
   if (block == 0) return;
+  const std::vector<std::size_t> counts = equal_counts(st.size, block);
+  const std::vector<std::size_t> displs = ringflow::detail::packed_displs(counts);
   device_guard dg(st.device);
-  const ncclDataType_t nt = detail::nccl_type(type);
-  guarded(st, [&] {
-    copy_block(at(out, block * static_cast<std::size_t>(st.rank), esz),
-               at(in, block * static_cast<std::size_t>(st.rank), esz), block, esz, stream);
-    nccl_group g;
-    for (int q = 0; q < st.size; ++q) {
-      if (q == st.rank) continue;
-      const auto k = static_cast<std::size_t>(q);
-      RINGFLOW_CHECK_NCCL(ncclSend(at(in, block * k, esz), block, nt, q, st.comm, stream));
-      RINGFLOW_CHECK_NCCL(ncclRecv(at(out, block * k, esz), block, nt, q, st.comm, stream));
-    }
-    g.end();
-  });
+  guarded(st, [&] { exchange_blocks(st, in, counts, displs, out, counts, displs, type, stream); });
 }
 
 void nccl_communicator::alltoallv_bytes(const void* in, std::size_t in_count,
@@ -193,24 +209,8 @@ void nccl_communicator::alltoallv_bytes(const void* in, std::size_t in_count,
   ext::begin_queued_collective(st.base, coll_kind::alltoallv, type, op_kind::sum, 0);
   check_peer_counts(st, "alltoallv", as_int64(send_counts), as_int64(recv_counts));
   device_guard dg(st.device);
-  const ncclDataType_t nt = detail::nccl_type(type);
   guarded(st, [&] {
-    copy_block(at(out, recv_displs[r], esz), at(in, send_displs[r], esz), send_counts[r], esz,
-               stream);
-    nccl_group g;
-    for (int q = 0; q < st.size; ++q) {
-      const auto k = static_cast<std::size_t>(q);
-      if (k == r) continue;
-      if (send_counts[k] > 0) {
-        RINGFLOW_CHECK_NCCL(
-            ncclSend(at(in, send_displs[k], esz), send_counts[k], nt, q, st.comm, stream));
-      }
-      if (recv_counts[k] > 0) {
-        RINGFLOW_CHECK_NCCL(
-            ncclRecv(at(out, recv_displs[k], esz), recv_counts[k], nt, q, st.comm, stream));
-      }
-    }
-    g.end();
+    exchange_blocks(st, in, send_counts, send_displs, out, recv_counts, recv_displs, type, stream);
   });
 }
 
