@@ -25,7 +25,7 @@ basic_tensor<S> make_custom(const char* op, std::string name,
           fmt::format("ad::{}: input {} is an empty (default-constructed) tensor", shown, i));
     }
     nodes.push_back(inputs[i].node());
-    values.emplace_back(inputs[i].node()->value.get(), static_cast<std::size_t>(inputs[i].numel()));
+    values.emplace_back(inputs[i].node()->value_ptr(), static_cast<std::size_t>(inputs[i].numel()));
   }
   auto out = std::make_shared<node<S>>();
   out->op = op;
@@ -48,7 +48,7 @@ basic_tensor<S> make_custom(const char* op, std::string name,
       custom_grad_args<S> args;
       args.input = i;
       for (const auto& in : self.inputs) {
-        args.inputs.emplace_back(in->value.get(), static_cast<std::size_t>(in->dims.numel()));
+        args.inputs.emplace_back(in->value_ptr(), static_cast<std::size_t>(in->dims.numel()));
       }
       const auto n = static_cast<std::size_t>(self.dims.numel());
       args.output = std::span<const S>(self.value.get(), n);

@@ -50,7 +50,7 @@ basic_tensor<S> embedding_lookup(const basic_tensor<S>& table, std::span<const s
   out->op = "embedding";
   out->dims = shape{n / fields, fields * dim};
   out->value = detail::allocate_uninitialized<S>(n * dim);
-  const S* tv = tn->value.get();
+  const S* tv = tn->value_ptr();
   S* ov = out->value.get();
   for (index k = 0; k < n; ++k) {
     std::copy_n(tv + ids[static_cast<std::size_t>(k)] * dim, dim, ov + k * dim);

@@ -24,6 +24,7 @@ const detail::node<S>& need(const basic_tensor<S>& t, const char* op) {
   if (!t.defined()) {
     throw usage_error(fmt::format("ad::{}: empty (default-constructed) tensor passed", op));
   }
+  t.node()->value_ptr();  // a released parameter value is made now
   return *t.node();
 }
 

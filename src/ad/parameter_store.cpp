@@ -23,7 +23,9 @@ struct parameter_store<S>::state {
   std::shared_ptr<std::vector<S>> grads = std::make_shared<std::vector<S>>();
   std::vector<parameter_info<S>> params;
   hook_type hook;
+  std::size_t numel = 0;  // values->size() unless the values are released
   bool grads_released = false;
+  bool values_released = false;
 };
 
 template <class S>
@@ -79,11 +81,12 @@ void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_ten
   for (const auto& [name, t] : params) {
     auto& n = *t.node();
     const auto size = static_cast<std::size_t>(n.dims.numel());
-    std::copy_n(n.value.get(), size, values->data() + offset);
+    std::copy_n(n.value_ptr(), size, values->data() + offset);
     if (n.grad) std::copy_n(n.grad.get(), size, grads->data() + offset);
     n.value = std::shared_ptr<S>(values, values->data() + offset);
     n.grad = std::shared_ptr<S>(grads, grads->data() + offset);
     n.make_grad = nullptr;
+    n.make_value = nullptr;
     n.name = name;
     n.is_parameter = true;  // requires_grad is left as is: a frozen parameter stays frozen
     infos.push_back({name, offset, size, t});
@@ -92,6 +95,8 @@ void parameter_store<S>::pack(const std::vector<std::pair<std::string, basic_ten
   state_->values = std::move(values);
   state_->grads = std::move(grads);
   state_->grads_released = false;
+  state_->values_released = false;
+  state_->numel = total;
   state_->params = std::move(infos);
   for (std::size_t i = 0; i < state_->params.size(); ++i) {
     install_hook<S>(*state_->params[i].tensor.node(), i, state_->hook);
@@ -105,7 +110,7 @@ std::size_t parameter_store<S>::size() const {
 
 template <class S>
 std::size_t parameter_store<S>::numel() const {
-  return state_->values->size();
+  return state_->numel;
 }
 
 template <class S>
@@ -179,7 +184,7 @@ void parameter_store<S>::release_grads(grad_allocator alloc) const {
 template <class S>
 void parameter_store<S>::pack_grads() const {
   if (!state_->grads_released) return;
-  auto grads = std::make_shared<std::vector<S>>(state_->values->size(), S(0));
+  auto grads = std::make_shared<std::vector<S>>(state_->numel, S(0));
   for (auto& p : state_->params) {
     auto& n = *p.tensor.node();
     if (n.grad) std::copy_n(n.grad.get(), p.size, grads->data() + p.offset);
@@ -196,6 +201,44 @@ bool parameter_store<S>::grads_released() const {
 }
 
 template <class S>
+void parameter_store<S>::release_values(value_allocator alloc) const {
+  if (!alloc) {
+    throw usage_error(
+        "ad::parameter_store::release_values: no allocator given; the released values must be "
+        "made again somewhere when read");
+  }
+  for (std::size_t i = 0; i < state_->params.size(); ++i) {
+    auto& n = *state_->params[i].tensor.node();
+    n.value.reset();
+    n.make_value = [alloc, i] { return alloc(i); };
+  }
+  state_->values = std::make_shared<std::vector<S>>();
+  state_->values_released = true;
+}
+
+template <class S>
+void parameter_store<S>::pack_values(std::vector<S> values) const {
+  if (values.size() != state_->numel) {
+    throw usage_error(
+        fmt::format("ad::parameter_store::pack_values: {} values given for a store of {} elements",
+                    values.size(), state_->numel));
+  }
+  auto flat = std::make_shared<std::vector<S>>(std::move(values));
+  for (auto& p : state_->params) {
+    auto& n = *p.tensor.node();
+    n.value = std::shared_ptr<S>(flat, flat->data() + p.offset);
+    n.make_value = nullptr;
+  }
+  state_->values = std::move(flat);
+  state_->values_released = false;
+}
+
+template <class S>
+bool parameter_store<S>::values_released() const {
+  return state_->values_released;
+}
+
+template <class S>
 void parameter_store<S>::set_grad_ready_hook(hook_type hook) const {
   state_->hook = std::move(hook);
   for (std::size_t i = 0; i < state_->params.size(); ++i) {
@@ -209,7 +252,11 @@ void parameter_store<S>::check_bound() const {
     const auto& n = *p.tensor.node();
     // Released gradients are the parameters' own allocations (or none).
     const bool grad_ok = state_->grads_released || n.grad.get() == state_->grads->data() + p.offset;
-    if (n.value.get() != state_->values->data() + p.offset || !grad_ok) {
+    // Released values are made where their owner puts them (or are absent).
+    const bool value_ok = state_->values_released
+                              ? n.make_value != nullptr
+                              : n.value.get() == state_->values->data() + p.offset;
+    if (!value_ok || !grad_ok) {
       throw usage_error(fmt::format(
           "ad::parameter_store: parameter '{}' was re-packed into another store (its module "
           "was added to another model?); get the store again with model.parameters() and "

@@ -117,6 +117,18 @@ matrix_map<S> node<S>::grad_map() {
   return {grad.get(), rows(), cols()};
 }
 
+template <class S>
+void node<S>::materialize() const {
+  // Nodes live in shared_ptrs and are never const objects: making a released
+  // value is not a change a reader can see.
+  auto& self = const_cast<node&>(*this);
+  self.value = make_value();
+  if (!self.value) {
+    throw usage_error(
+        fmt::format("ad: parameter '{}': its released value could not be made", name));
+  }
+}
+
 }  // namespace detail
 
 // ---------------------------------------------------------------------------
@@ -210,7 +222,7 @@ detail::node<S>& basic_tensor<S>::checked() const {
 template <class S>
 std::span<S> basic_tensor<S>::data() const {
   auto& n = checked();
-  return {n.value.get(), static_cast<std::size_t>(n.dims.numel())};
+  return {n.value_ptr(), static_cast<std::size_t>(n.dims.numel())};
 }
 
 template <class S>
@@ -228,7 +240,7 @@ S basic_tensor<S>::item() const {
                     "element (reduce with ad::sum or ad::mean first)",
                     n.dims.str(), n.dims.numel()));
   }
-  return *n.value;
+  return *n.value_ptr();
 }
 
 template <class S>
@@ -262,6 +274,7 @@ basic_tensor<S> basic_tensor<S>::detach() const {
   auto& n = checked();
   auto d = std::make_shared<detail::node<S>>();
   d->dims = n.dims;
+  n.value_ptr();
   d->value = n.value;
   return basic_tensor<S>(std::move(d));
 }
@@ -313,6 +326,7 @@ void weight_grad_pass<S>::run() {
   edges_.clear();
   remaining_.clear();
   for (auto& [consumer, i] : edges) {
+    for (auto& in : consumer->inputs) in->value_ptr();  // released parameter values are made
     consumer->backward(*consumer, i);
     detail::node<S>* param = consumer->inputs[i].get();
     if (--remaining[param] == 0 && param->grad_ready) param->grad_ready(*param);
@@ -381,6 +395,9 @@ weight_grad_pass<S> run_backward(const basic_tensor<S>& root_tensor, const matri
       continue;
     }
     n->grad_map();
+    // A released parameter value (ZeRO stage 3) is made before the closures
+    // read it.
+    for (auto& in : n->inputs) in->value_ptr();
     bool deferred = false;
     for (std::size_t i = 0; i < n->inputs.size(); ++i) {
       detail::node<S>* in = n->inputs[i].get();

@@ -1,5 +1,6 @@
-// sharded_data_parallel: ZeRO stages 1 and 2 over data_parallel's buckets (reduce-scatter during
-// backward, the optimizer on this rank's pieces, allgather of the parameters).
+// sharded_data_parallel: ZeRO stages 1-3 over data_parallel's buckets (reduce-scatter during
+// backward, the optimizer on this rank's pieces, allgather of the parameters: after each step at
+// stages 1 and 2, bucket by bucket when read at stage 3).
 #include "ringflow/train/sharded_data_parallel.hpp"
 
 #include <fmt/format.h>
@@ -7,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <deque>
 #include <utility>
 
 #include "bucket_step.hpp"
@@ -47,6 +49,21 @@ struct sharded_data_parallel::state {
   // finish() ran and shard()'s averaged gradients await step() (which then
   // must not reduce again: the model's gradients are consumed).
   bool reduced = false;
+  // Stage 3. sharded: the model's values are released (not inside a
+  // full_parameters scope, not after unshard()). Each bucket's gathered
+  // values (null: not resident) and its gather started ahead, both placed
+  // like the bucket's slice of the model's flat value buffer modulo 64 bytes
+  // (as the stage-2 gradient buffers are), so the products round alike.
+  bool sharded = false;
+  bool unsharded = false;
+  bool in_backward = false;
+  std::vector<std::shared_ptr<float>> bucket_values;
+  std::vector<std::shared_ptr<float>> prefetch_values;
+  std::vector<collective_handle> prefetch;
+  std::deque<detail::span_record> gather_records;  // this step's gathers (stable addresses)
+  std::size_t flat_values_mod64 = 0;
+  std::size_t value_bytes = 0;  // gathered + prefetched buckets (stage 3)
+  std::size_t peak_value_bytes = 0;
 
   int rank() const { return comm.rank(); }
 
@@ -56,6 +73,13 @@ struct sharded_data_parallel::state {
   std::span<float> shard_values(std::size_t b) const {
     return shard.all_values().subspan(shard_offset[b], owned[b].count);
   }
+
+  std::size_t parameter_bytes_now() const {
+    const std::size_t model = opts.stage >= 3 ? value_bytes + params.all_values().size_bytes()
+                                              : params.numel() * sizeof(float);
+    return model + shard_numel * sizeof(float);
+  }
+  void note_value_peak() { peak_value_bytes = std::max(peak_value_bytes, parameter_bytes_now()); }
 
   std::size_t gradient_bytes_now() const {
     const std::size_t model =
@@ -67,12 +91,185 @@ struct sharded_data_parallel::state {
   void reset_step() {
     t.reset();
     std::fill(records.begin(), records.end(), detail::span_record{});
+    gather_records.clear();
     current = {};
+  }
+
+  // A zeroed buffer for bucket b placed at `mod64` + its offset, modulo 64
+  // bytes; counted in *bytes.
+  std::shared_ptr<float> placed_buffer(std::size_t b, std::size_t mod64, std::size_t& bytes) {
+    const bucket& bk = buckets[b];
+    constexpr std::size_t pad = 64 / sizeof(float);
+    std::shared_ptr<float[]> mem(new float[bk.size + pad]());
+    const auto addr = reinterpret_cast<std::uintptr_t>(mem.get());
+    const std::size_t target = (mod64 + bk.offset * sizeof(float)) % 64;
+    const std::size_t shift = ((target + 64 - addr % 64) % 64) / sizeof(float);
+    bytes += (bk.size + pad) * sizeof(float);
+    return std::shared_ptr<float>(mem, mem.get() + shift);
+  }
+  static std::size_t placed_bytes(const bucket& bk) {
+    return (bk.size + 64 / sizeof(float)) * sizeof(float);
+  }
+
+  // Stage 3: queues the allgather of bucket b's values into a new buffer.
+  void start_gather(std::size_t b) {
+    std::shared_ptr<float> buf = placed_buffer(b, flat_values_mod64, value_bytes);
+    note_value_peak();
+    const bucket& bk = buckets[b];
+    const std::span<const float> in = shard_values(b);
+    const std::span<float> out(buf.get(), bk.size);
+    const coll_options coll = opts.coll;
+    current.bytes_sent += ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), false, true);
+    ++current.parameter_gathers;
+    detail::span_record* rec = &gather_records.emplace_back();
+    prefetch[b] = detail::enqueue_timed(
+        comm, rec, tl, t.step,
+        [in, out, coll](const communicator& c) { allgather<float>(c, in, out, coll); },
+        [out, b](trace_event& e) {
+          e.name = fmt::format("allgather parameters bucket {}", b);
+          e.bucket = static_cast<std::int64_t>(b);
+          e.bytes = static_cast<std::int64_t>(out.size_bytes());
+        });
+    prefetch_values[b] = std::move(buf);
+  }
+
+  // Stage 3: the next bucket a forward (b - 1) or a backward (b + 1) reads,
+  // gathered ahead unless resident or on its way.
+  void prefetch_after(std::size_t b) {
+    const bool backward = in_backward;
+    if (!backward && b == 0) return;
+    const std::size_t n = backward ? b + 1 : b - 1;
+    if (n >= buckets.size() || bucket_values[n] || prefetch_values[n]) return;
+    start_gather(n);
+    ++current.prefetched_gathers;
+  }
+
+  // Stage 3: makes bucket b's values resident (waiting for its gather) and
+  // points its parameters at them.
+  void gather_values(std::size_t b) {
+    if (!prefetch_values[b]) start_gather(b);
+    std::exception_ptr failure;
+    try {
+      const double w0 = now_us();
+      prefetch[b].wait();
+      current.wait_s += (now_us() - w0) * 1e-6;
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    std::shared_ptr<float> buf = std::move(prefetch_values[b]);
+    prefetch_values[b].reset();
+    if (failure) {
+      value_bytes -= placed_bytes(buckets[b]);
+      std::rethrow_exception(failure);
+    }
+    const bucket& bk = buckets[b];
+    for (const std::size_t i : bk.params) {
+      params[i].tensor.node()->value =
+          std::shared_ptr<float>(buf, buf.get() + (params[i].offset - bk.offset));
+    }
+    bucket_values[b] = std::move(buf);
+    if (!in_backward) {
+      // A forward: keep this bucket and its neighbours (an op's parameters
+      // may straddle two), drop the rest.
+      for (std::size_t c = 0; c < buckets.size(); ++c) {
+        if (c + 1 < b || c > b + 1) drop_values(c);
+      }
+    }
+    prefetch_after(b);
+  }
+
+  // Stage 3: the value of parameter i, read while released.
+  std::shared_ptr<float> value_of(std::size_t i) {
+    const std::size_t b = t.bucket_of[i];
+    if (!bucket_values[b]) gather_values(b);
+    return std::shared_ptr<float>(bucket_values[b],
+                                  bucket_values[b].get() + (params[i].offset - buckets[b].offset));
+  }
+
+  // Stage 3: releases bucket b's values (its parameters read them again by
+  // gathering).
+  void drop_values(std::size_t b) {
+    if (!bucket_values[b]) return;
+    for (const std::size_t i : buckets[b].params) params[i].tensor.node()->value.reset();
+    bucket_values[b].reset();
+    value_bytes -= placed_bytes(buckets[b]);
+  }
+
+  // Stage 3: waits for the gathers started ahead and drops every gathered
+  // value (before the optimizer changes the shard they were read from).
+  std::exception_ptr drop_all_values() noexcept {
+    std::exception_ptr failure;
+    for (std::size_t b = 0; b < buckets.size(); ++b) {
+      if (prefetch_values[b]) {
+        try {
+          prefetch[b].wait();
+        } catch (...) {
+          if (!failure) failure = std::current_exception();
+        }
+        prefetch_values[b].reset();
+        value_bytes -= placed_bytes(buckets[b]);
+      }
+      drop_values(b);
+    }
+    return failure;
+  }
+
+  void release_values() {
+    state* self = this;
+    params.release_values([self](std::size_t i) { return self->value_of(i); });
+    sharded = true;
+  }
+
+  // Stage 3: every bucket gathered into one flat buffer given to the store.
+  void pack_values() {
+    if (const auto failure = drop_all_values()) std::rethrow_exception(failure);
+    std::vector<float> flat(params.numel());
+    std::vector<collective_handle> gathers;
+    for (std::size_t b = 0; b < buckets.size(); ++b) {
+      const bucket& bk = buckets[b];
+      current.bytes_sent +=
+          ring_bytes_sent(bk.size, sizeof(float), comm.size(), rank(), false, true);
+      gathers.push_back(allgather_async(
+          comm, shard_values(b), std::span<float>(flat).subspan(bk.offset, bk.size), opts.coll));
+    }
+    wait_all(std::span<collective_handle>(gathers));
+    params.pack_values(std::move(flat));
+    sharded = false;
+    note_value_peak();
+  }
+
+  // The model's values (authoritative: a checkpoint may have been loaded
+  // into them) copied into this rank's pieces.
+  void copy_owned_to_shard() {
+    const auto values = params.all_values();
+    for (std::size_t b = 0; b < buckets.size(); ++b) {
+      const chunk& o = owned[b];
+      std::copy_n(values.begin() + static_cast<std::ptrdiff_t>(o.offset), o.count,
+                  shard_values(b).begin());
+    }
+  }
+
+  void check_usable(const char* what) const {
+    if (unsharded) {
+      throw usage_error(fmt::format(
+          "train::sharded_data_parallel on rank {}: {} after unshard(); the parameters are "
+          "whole again and this trainer no longer steps them (build a new trainer)",
+          rank(), what));
+    }
+    if (opts.stage >= 3 && !sharded) {
+      throw usage_error(fmt::format(
+          "train::sharded_data_parallel on rank {}: {} inside a full_parameters() scope; end "
+          "the scope first (its values would overwrite the update)",
+          rank(), what));
+    }
   }
 
   void on_ready(std::size_t i) {
     if (i >= t.fired.size() || !t.count_ready(i, params)) return;
     if (t.bucket_done(i)) {
+      // Stage 3: every gradient of the bucket is final, so no closure of
+      // this backward reads its values again.
+      if (sharded) drop_values(t.bucket_of[i]);
       while (t.next < buckets.size() && t.pending[t.next] == 0) {
         launch(t.next++);
         ++current.buckets_launched_in_backward;
@@ -83,14 +280,9 @@ struct sharded_data_parallel::state {
   // Stage 2: the gradient buffer of bucket b (zeros), made on first use.
   std::shared_ptr<float> bucket_buffer(std::size_t b) {
     if (bucket_grads[b]) return bucket_grads[b];
-    const bucket& bk = buckets[b];
-    constexpr std::size_t pad = 64 / sizeof(float);
-    std::shared_ptr<float[]> mem(new float[bk.size + pad]());
-    const auto addr = reinterpret_cast<std::uintptr_t>(mem.get());
-    const std::size_t target = (flat_grads_mod64 + bk.offset * sizeof(float)) % 64;
-    const std::size_t shift = ((target + 64 - addr % 64) % 64) / sizeof(float);
-    bucket_grads[b] = std::shared_ptr<float>(mem, mem.get() + shift);
-    bucket_grad_bytes += (bk.size + pad) * sizeof(float);
+    std::size_t bytes = 0;
+    bucket_grads[b] = placed_buffer(b, flat_grads_mod64, bytes);
+    bucket_grad_bytes += bytes;
     note_peak();
     return bucket_grads[b];
   }
@@ -157,7 +349,9 @@ struct sharded_data_parallel::state {
         });
   }
 
-  void wait_quietly() noexcept { t.wait_quietly({std::span<collective_handle>(handles)}); }
+  void wait_quietly() noexcept {
+    t.wait_quietly({std::span<collective_handle>(handles), std::span<collective_handle>(prefetch)});
+  }
 };
 
 sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_store<float> params,
@@ -168,23 +362,24 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
     throw usage_error("train::sharded_data_parallel: the communicator is not valid");
   }
   const int rank = comm.rank();
-  if (opts.stage == 3) {
-    throw not_supported_error(
-        fmt::format("train::sharded_data_parallel on rank {}: stage 3 (sharded parameters) is not "
-                    "implemented yet; use stage 1 or 2",
-                    rank));
-  }
   if (opts.stage == 0) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: stage 0 is plain data parallelism; use "
-        "train::data_parallel (or stage 1 or 2 here)",
+        "train::data_parallel (or stage 1, 2 or 3 here)",
         rank));
   }
-  if (opts.stage != 1 && opts.stage != 2) {
+  if (opts.stage < 1 || opts.stage > 3) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: stage {} does not exist; use 1 (optimizer "
-        "state sharded) or 2 (gradients too)",
+        "state sharded), 2 (gradients too) or 3 (parameters too)",
         rank, opts.stage));
+  }
+  if (opts.stage == 3 && opts.uneven_inputs) {
+    throw not_supported_error(fmt::format(
+        "train::sharded_data_parallel on rank {}: uneven_inputs with stage 3: a joined rank "
+        "runs no forward, so it cannot take part in the parameter gathers of the others; use "
+        "stage 1 or 2 with uneven inputs",
+        rank));
   }
   if (opts.root < 0 || opts.root >= comm.size()) {
     throw usage_error(
@@ -239,6 +434,9 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
     s.shard.add("shard", ad::shape{static_cast<ad::index>(s.shard_numel)});
   }
   s.bucket_grads.resize(s.buckets.size());
+  s.bucket_values.resize(s.buckets.size());
+  s.prefetch_values.resize(s.buckets.size());
+  s.prefetch.resize(s.buckets.size());
   s.last_fired = s.t.fired;
   s.handles.resize(s.buckets.size());
   s.records.resize(s.buckets.size());
@@ -254,15 +452,37 @@ sharded_data_parallel::sharded_data_parallel(communicator comm, ad::parameter_st
     state* raw = state_.get();
     s.params.release_grads([raw](std::size_t i) { return raw->grad_of(i); });
   }
+  if (s.opts.stage >= 3) {
+    s.flat_values_mod64 = reinterpret_cast<std::uintptr_t>(s.params.all_values().data()) % 64;
+    s.copy_owned_to_shard();
+    s.release_values();
+  }
   s.note_peak();
+  s.note_value_peak();
   state* raw = state_.get();
   s.params.set_grad_ready_hook([raw](std::size_t i, const ad::tensor&) { raw->on_ready(i); });
 }
 
 sharded_data_parallel::~sharded_data_parallel() {
   if (!state_) return;
-  state_->params.set_grad_ready_hook(nullptr);
-  state_->wait_quietly();
+  auto& s = *state_;
+  s.params.set_grad_ready_hook(nullptr);
+  s.wait_quietly();
+  if (s.sharded) {
+    // The values are spread over the ranks and this trainer (which gathers
+    // them) is going: a read from now on is an error that says so.
+    (void)s.drop_all_values();
+    const int rank = s.rank();
+    std::vector<std::string> names;
+    for (const auto& p : s.params) names.push_back(p.name);
+    s.params.release_values([rank, names](std::size_t i) -> std::shared_ptr<float> {
+      throw usage_error(fmt::format(
+          "rank {}: parameter '{}' is sharded over the ranks by a stage-3 "
+          "train::sharded_data_parallel that no longer exists; call unshard() (collective) "
+          "before the trainer goes to keep the model whole",
+          rank, names[i]));
+    });
+  }
   try {
     state_->params.pack_grads();
     state_->tl.write();
@@ -280,10 +500,18 @@ train::timeline::scoped_span sharded_data_parallel::span(std::string_view name) 
 
 void sharded_data_parallel::backward(const ad::tensor& loss) {
   auto& s = *state_;
+  s.check_usable("backward()");
   s.reduced = false;  // a new step's gradients
   if (s.t.no_sync) ++s.t.accumulated_backwards;
   const double t0 = now_us();
-  ad::backward(loss);
+  s.in_backward = true;
+  try {
+    ad::backward(loss);
+  } catch (...) {
+    s.in_backward = false;
+    throw;
+  }
+  s.in_backward = false;
   const double t1 = now_us();
   s.tl.record("backward", lane::compute, t0, t1, s.t.step);
   s.current.backward_s += (t1 - t0) * 1e-6;
@@ -307,6 +535,7 @@ void sharded_data_parallel::finish() {
         "scope; end the scope and run the last backward of the accumulation outside it",
         s.rank()));
   }
+  s.check_usable("finish() (or step())");
   if (s.opts.uneven_inputs) {
     if (!s.t.flag_launched) s.t.launch_flag(s.comm);
     // The step's one count of contributing ranks (launched here, by the first
@@ -322,15 +551,18 @@ void sharded_data_parallel::finish() {
   }
   s.t.next = s.buckets.size();
   const double w0 = now_us();
-  const std::exception_ptr failure = s.t.wait_step({std::span<collective_handle>(s.handles)});
+  std::exception_ptr failure = s.t.wait_step({std::span<collective_handle>(s.handles)});
+  // Stage 3: the values gathered for this step go (the optimizer is next).
+  if (const auto dropped = s.drop_all_values(); dropped && !failure) failure = dropped;
   const double w1 = now_us();
   s.tl.record("wait", lane::compute, w0, w1, s.t.step);
   s.current.contributing_ranks = s.t.contributing(s.comm, s.opts.uneven_inputs);
   // The model's gradients are consumed: the next step accumulates from zero
   // (at stage 2 they were freed bucket by bucket already).
   if (s.opts.stage < 2) s.params.zero_grad();
-  s.current.wait_s = (w1 - w0) * 1e-6;
+  s.current.wait_s += (w1 - w0) * 1e-6;
   s.current.comm_s = detail::busy_seconds(s.records);
+  for (const auto& r : s.gather_records) s.current.comm_s += (r.end_us - r.start_us) * 1e-6;
   s.current.accumulated_backwards = s.t.accumulated_backwards;
   s.last = s.current;
   s.last_fired = s.t.fired;
@@ -367,14 +599,63 @@ void sharded_data_parallel::check_optimizer(const ad::parameter_store<float>& op
 
 void sharded_data_parallel::before_update() {
   auto& s = *state_;
+  if (s.opts.stage >= 3) {
+    // The shard is authoritative; a value read since finish() is dropped
+    // before the optimizer changes what it was gathered from.
+    if (const auto failure = s.drop_all_values()) std::rethrow_exception(failure);
+    return;
+  }
   // The model's parameters are authoritative (a checkpoint may have been
   // loaded into them): the shard starts each update from their values.
-  const auto values = s.params.all_values();
-  for (std::size_t b = 0; b < s.buckets.size(); ++b) {
-    const chunk& o = s.owned[b];
-    std::copy_n(values.begin() + static_cast<std::ptrdiff_t>(o.offset), o.count,
-                s.shard_values(b).begin());
+  s.copy_owned_to_shard();
+}
+
+void sharded_data_parallel::after_update() {
+  auto& s = *state_;
+  if (s.opts.stage < 3) {
+    gather_parameters();
+    return;
   }
+  // Stage 3: nothing gathered between steps; the next forward's reads gather.
+  s.reduced = false;
+}
+
+full_parameters_scope sharded_data_parallel::full_parameters() {
+  auto& s = *state_;
+  if (s.opts.stage < 3 || s.unsharded) return full_parameters_scope();
+  if (!s.sharded) {
+    throw usage_error(
+        fmt::format("train::sharded_data_parallel on rank {}: full_parameters() inside another "
+                    "full_parameters() scope",
+                    s.rank()));
+  }
+  const double t0 = now_us();
+  s.pack_values();
+  s.tl.record("allgather (full parameters)", lane::compute, t0, now_us(), s.t.step);
+  return full_parameters_scope(this);
+}
+
+void sharded_data_parallel::unshard() {
+  auto& s = *state_;
+  if (s.opts.stage < 3 || s.unsharded) return;
+  if (!s.sharded) {
+    throw usage_error(fmt::format(
+        "train::sharded_data_parallel on rank {}: unshard() inside a full_parameters() scope",
+        s.rank()));
+  }
+  s.pack_values();
+  s.unsharded = true;
+}
+
+void sharded_data_parallel::reshard() noexcept {
+  auto& s = *state_;
+  if (s.sharded || s.unsharded) return;
+  s.copy_owned_to_shard();
+  s.release_values();
+}
+
+full_parameters_scope::~full_parameters_scope() {
+  if (owner_ != nullptr) owner_->reshard();
 }
 
 void sharded_data_parallel::gather_parameters() {
@@ -430,11 +711,11 @@ const std::vector<std::uint32_t>& sharded_data_parallel::ready_counts() const {
 
 memory_stats sharded_data_parallel::memory(std::size_t optimizer_state_bytes) const {
   const auto& s = *state_;
-  return {(s.params.numel() + s.shard_numel) * sizeof(float), s.gradient_bytes_now(),
-          optimizer_state_bytes};
+  return {s.parameter_bytes_now(), s.gradient_bytes_now(), optimizer_state_bytes};
 }
 
 std::size_t sharded_data_parallel::peak_gradient_bytes() const { return state_->peak_grad_bytes; }
+std::size_t sharded_data_parallel::peak_parameter_bytes() const { return state_->peak_value_bytes; }
 const communicator& sharded_data_parallel::comm() const { return state_->comm; }
 const ad::parameter_store<float>& sharded_data_parallel::parameters() const {
   return state_->params;

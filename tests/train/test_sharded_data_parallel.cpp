@@ -88,6 +88,18 @@ struct counted_comm {
   }
 };
 
+// The model's parameter values; at stage 3 they are whole only inside
+// full_parameters() (collective: every rank calls it).
+template <class Trainer>
+std::vector<float> values_of(Trainer& trainer, ad::module& model) {
+  if constexpr (requires { trainer.full_parameters(); }) {
+    const auto full = trainer.full_parameters();
+    return copy_of(model.parameters().all_values());
+  } else {
+    return copy_of(model.parameters().all_values());
+  }
+}
+
 const std::vector<ad::index> model_sizes = {10, 24, 17, 4};  // odd sizes: uneven pieces
 constexpr std::size_t features = 10;
 constexpr std::size_t local_batch = 6;
@@ -537,7 +549,9 @@ TEST_CASE("no_sync and sharded usage errors name the problem and the rank",
         out.push_back(e.what());
       }
     };
-    expect([&] { train::sharded_data_parallel s(c, model.parameters(), {.stage = 3}); });
+    expect([&] {
+      train::sharded_data_parallel s(c, model.parameters(), {.stage = 3, .uneven_inputs = true});
+    });
     expect([&] { train::sharded_data_parallel s(c, model.parameters(), {.stage = 7}); });
     expect([&] { train::sharded_data_parallel s(c, model.parameters(), {.stage = 0}); });
     expect([&] {
@@ -673,6 +687,236 @@ TEST_CASE("sharded: finish(), clip_grad_norm(), step() updates with the clipped 
       REQUIRE(full > 0);
       REQUIRE(small > 0);
       REQUIRE(small < 0.5 * full);  // clipped to a norm of 1e-3: a much smaller step
+    }
+  }
+}
+
+TEST_CASE("stage 3: gathered on read, prefetched, dropped; bitwise equal without gathering",
+          "[train][zero][zero3]") {
+  // Small buckets (one per parameter at cap 0), no full_parameters() between
+  // the steps: every value of every step comes from the bucket gathers.
+  const int steps = 4;
+  const auto adamw = [](ad::parameter_store<float> p) {
+    return ad::adamw(p, {.lr = 1e-2, .weight_decay = 0.05});
+  };
+  for (int p : {1, 2, 3, 4}) {
+    for (std::size_t cap : {std::size_t{0}, std::size_t{512}}) {
+      struct result {
+        std::vector<float> values;
+        std::size_t gathers = 0, prefetched = 0, buckets = 0, peak = 0, shard = 0;
+        std::size_t largest = 0, numel = 0;
+      };
+      const auto run = [&](int stage) {
+        return per_rank<result>(p, [&](communicator& c) {
+          result out;
+          ad::mlp model(model_sizes, ad::activation::tanh, 3 + static_cast<unsigned>(c.rank()));
+          out.numel = model.parameters().numel();
+          const auto train_with = [&](auto& trainer, auto& opt) {
+            for (int t = 0; t < steps; ++t) {
+              opt.set_lr(lr_at(t));
+              opt.zero_grad();
+              trainer.backward(loss_of(model, local_batch, features, 100 * t + c.rank()));
+              trainer.step(opt);
+            }
+          };
+          if (stage == 0) {
+            train::data_parallel dp(c, model.parameters(),
+                                    {.bucket_cap_bytes = cap,
+                                     .first_bucket_cap_bytes = cap / 2,
+                                     .coll = {algo::ring, 0}});
+            auto opt = adamw(model.parameters());
+            train_with(dp, opt);
+            out.values = copy_of(model.parameters().all_values());
+          } else {
+            train::sharded_data_parallel sdp(
+                c, model.parameters(),
+                {.stage = 3, .bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap / 2});
+            // Released: the store keeps no flat values, the count is unchanged.
+            REQUIRE(model.parameters().values_released());
+            REQUIRE(model.parameters().all_values().empty());
+            REQUIRE(model.parameters().numel() == out.numel);
+            auto opt = adamw(sdp.shard());
+            train_with(sdp, opt);
+            out.gathers = sdp.last_step().parameter_gathers;
+            out.prefetched = sdp.last_step().prefetched_gathers;
+            out.buckets = sdp.buckets().size();
+            out.peak = sdp.peak_parameter_bytes();
+            out.shard = sdp.shard().numel();
+            for (const auto& b : sdp.buckets()) out.largest = std::max(out.largest, b.size);
+            out.values = values_of(sdp, model);
+            sdp.unshard();  // the model outlives the trainer
+          }
+          return out;
+        });
+      };
+      const auto plain = run(0);
+      const auto sharded = run(3);
+      for (int r = 0; r < p; ++r) {
+        const auto& m = sharded[static_cast<std::size_t>(r)];
+        INFO("ranks " << p << " cap " << cap << " rank " << r << " buckets " << m.buckets
+                      << " gathers " << m.gathers << " prefetched " << m.prefetched);
+        REQUIRE(same_bits(m.values, plain[static_cast<std::size_t>(r)].values));
+        // Every bucket gathered in the forward, the ones dropped since
+        // gathered again in the backward; all but the first ahead of time.
+        REQUIRE(m.gathers >= m.buckets);
+        REQUIRE(m.gathers <= 2 * m.buckets);
+        REQUIRE(m.prefetched + 2 >= m.gathers);
+        // Never the whole model at once with many buckets: the shard plus at
+        // most four buckets (three kept by a forward and one on its way).
+        REQUIRE(m.buckets >= 5);
+        const std::size_t pad = 64 / sizeof(float);
+        REQUIRE(m.peak <= (m.shard + 4 * (m.largest + pad)) * sizeof(float));
+        REQUIRE(m.peak < (m.numel + m.shard) * sizeof(float));
+      }
+    }
+  }
+}
+
+TEST_CASE("stage 3 memory at 4 ranks: parameters about 1/4 plus the buckets in use",
+          "[train][zero][zero3][memory]") {
+  struct result {
+    train::memory_stats between;
+    std::size_t numel = 0, shard = 0, peak = 0, largest = 0, buckets = 0;
+  };
+  // Eight like layers of 96 x 96 (36 KiB each): one bucket each at 32 KiB.
+  const std::vector<ad::index> sizes = {32, 96, 96, 96, 96, 96, 96, 96, 96, 10};
+  const auto res = per_rank<result>(4, [&](communicator& c) {
+    result out;
+    ad::mlp model(sizes, ad::activation::relu, 5);
+    out.numel = model.parameters().numel();
+    train::sharded_data_parallel sdp(c, model.parameters(),
+                                     {.stage = 3, .bucket_cap_bytes = 32 * 1024});
+    ad::adamw opt(sdp.shard());
+    for (int t = 0; t < 2; ++t) {
+      opt.zero_grad();
+      sdp.backward(loss_of(model, 4, 32, c.rank() + 10 * t));
+      sdp.step(opt);
+    }
+    out.between = sdp.memory(opt);
+    out.shard = sdp.shard().numel();
+    out.peak = sdp.peak_parameter_bytes();
+    out.buckets = sdp.buckets().size();
+    for (const auto& b : sdp.buckets()) out.largest = std::max(out.largest, b.size);
+    sdp.unshard();
+    return out;
+  });
+  for (int r = 0; r < 4; ++r) {
+    const auto& m = res[static_cast<std::size_t>(r)];
+    INFO("rank " << r << " buckets " << m.buckets);
+    const std::size_t pad = 64 / sizeof(float);
+    // Between steps: the shard alone.
+    REQUIRE(m.buckets >= 8);
+    REQUIRE(m.between.parameter_bytes == m.shard * sizeof(float));
+    REQUIRE(static_cast<double>(m.shard) / static_cast<double>(m.numel) ==
+            Catch::Approx(0.25).margin(0.01));
+    REQUIRE(m.peak <= (m.shard + 4 * (m.largest + pad)) * sizeof(float));
+    REQUIRE(m.peak < 3 * m.numel * sizeof(float) / 4);
+    // Gradients as at stage 2: the shard's averaged piece between steps.
+    REQUIRE(m.between.gradient_bytes == m.shard * sizeof(float));
+  }
+}
+
+TEST_CASE("stage 3 traffic: counted exactly; reduce-scatter plus two allgathers at most",
+          "[train][zero][zero3][traffic]") {
+  for (int p : {2, 3, 4}) {
+    struct result {
+      std::uint64_t measured = 0, counted = 0, rs = 0, ag = 0;
+      std::size_t buckets = 0;
+    };
+    const auto res = per_rank<result>(p, [&](communicator& c) {
+      result out;
+      counted_comm cc(c);
+      ad::mlp model({64, 256, 128, 10}, ad::activation::relu, 5);
+      {
+        train::sharded_data_parallel sdp(cc.comm, model.parameters(),
+                                         {.stage = 3, .bucket_cap_bytes = 16 * 1024});
+        ad::adamw opt(sdp.shard());
+        for (int t = 0; t < 3; ++t) {  // the last step is the one measured
+          const std::uint64_t before = cc.sent->load();
+          opt.zero_grad();
+          sdp.backward(loss_of(model, 4, 64, 10 * t + c.rank()));
+          sdp.step(opt);
+          out.measured = cc.sent->load() - before;
+          out.counted = sdp.last_step().bytes_sent;
+        }
+        for (const auto& b : sdp.buckets()) {
+          out.rs += train::ring_bytes_sent(b.size, 4, p, c.rank(), true, false);
+          out.ag += train::ring_bytes_sent(b.size, 4, p, c.rank(), false, true);
+        }
+        out.buckets = sdp.buckets().size();
+        sdp.unshard();
+      }
+      return out;
+    });
+    for (int r = 0; r < p; ++r) {
+      const auto& m = res[static_cast<std::size_t>(r)];
+      INFO("ranks " << p << " rank " << r << " measured " << m.measured << " counted " << m.counted
+                    << " rs " << m.rs << " ag " << m.ag);
+      REQUIRE(m.buckets > 3);
+      REQUIRE(m.counted == m.measured);
+      // The forward gathers every bucket, the backward all but the ones the
+      // forward kept: between stage 2's traffic and ZeRO-3's 1.5x of it.
+      REQUIRE(m.measured > m.rs + m.ag);
+      REQUIRE(m.measured <= m.rs + 2 * m.ag);
+    }
+  }
+}
+
+TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, errors",
+          "[train][zero][zero3][errors]") {
+  const auto errs = per_rank<std::vector<std::string>>(2, [](communicator& c) {
+    std::vector<std::string> out;
+    const auto expect = [&](auto&& f) {
+      try {
+        f();
+        out.push_back("(no error)");
+      } catch (const error& e) {
+        out.push_back(e.what());
+      }
+    };
+    ad::mlp model({4, 5, 2}, ad::activation::relu, 1);
+    const std::vector<float> x(8, 0.5f);
+    const auto forward = [&] { return ad::sum(model(ad::tensor::from_data(x.data(), {2, 4}))); };
+    {
+      train::sharded_data_parallel sdp(c, model.parameters(), {.stage = 3});
+      ad::adamw opt(sdp.shard());
+      sdp.backward(forward());
+      sdp.step(opt);
+      {
+        auto full = sdp.full_parameters();
+        // Whole on this rank alone: a forward here is local.
+        REQUIRE(model.parameters().all_values().size() == model.parameters().numel());
+        if (c.rank() == 0) (void)forward();
+        expect([&] { sdp.backward(forward()); });
+        expect([&] { sdp.step(opt); });
+        expect([&] { auto again = sdp.full_parameters(); });
+        // A value written here (a checkpoint load) becomes the shard's.
+        for (float& v : model.parameters().all_values()) v = 0.25f;
+      }
+      for (const float v : sdp.shard().all_values()) REQUIRE(v == 0.25f);
+    }
+    // The trainer is gone without unshard(): reading the model says so.
+    expect([&] { (void)forward(); });
+    {
+      ad::mlp kept({4, 5, 2}, ad::activation::relu, 1);
+      train::sharded_data_parallel sdp(c, kept.parameters(), {.stage = 3});
+      ad::adamw opt(sdp.shard());
+      sdp.unshard();
+      expect([&] { sdp.backward(ad::sum(kept(ad::tensor::from_data(x.data(), {2, 4})))); });
+      // Whole and usable after the trainer.
+      REQUIRE(!kept.parameters().values_released());
+    }
+    return out;
+  });
+  for (int r = 0; r < 2; ++r) {
+    const auto& e = errs[static_cast<std::size_t>(r)];
+    REQUIRE(e.size() == 5);
+    const std::vector<std::string> want = {"full_parameters", "full_parameters", "full_parameters",
+                                           "unshard()", "unshard()"};
+    for (std::size_t i = 0; i < e.size(); ++i) {
+      INFO(e[i]);
+      REQUIRE(e[i].find(want[i]) != std::string::npos);
+      REQUIRE(e[i].find("rank " + std::to_string(r)) != std::string::npos);
     }
   }
 }

@@ -54,7 +54,8 @@ class parameter_store {
 
   /// Number of parameters.
   std::size_t size() const;
-  /// Total element count (the length of all_values() and all_grads()).
+  /// Total element count (the length of all_values() and all_grads() unless
+  /// released).
   std::size_t numel() const;
   const parameter_info<S>& operator[](std::size_t i) const;
   /// The parameter called `name`; throws usage_error naming the known ones.
@@ -62,7 +63,8 @@ class parameter_store {
   const parameter_info<S>* begin() const;
   const parameter_info<S>* end() const;
 
-  /// Every parameter value, back to back, in parameter order.
+  /// Every parameter value, back to back, in parameter order (empty while
+  /// the values are released).
   std::span<S> all_values() const;
   /// Every gradient, back to back; all_grads()[p.offset + k] IS p's grad element k.
   std::span<S> all_grads() const;
@@ -89,6 +91,24 @@ class parameter_store {
   void pack_grads() const;
   /// True after release_grads() (until pack_grads() or pack()).
   bool grads_released() const;
+
+  /// Where a released parameter's value comes from: called with the
+  /// parameter's index when it is read (an op's input, value(), data()) and
+  /// its value is absent; returns p.size elements, which the node keeps until
+  /// its value is reset (by whoever released it).
+  using value_allocator = std::function<std::shared_ptr<S>(std::size_t index)>;
+
+  /// Releases the flat value buffer (ZeRO stage 3: train::sharded_data_parallel
+  /// keeps 1/p of the values and gathers the rest when read): every
+  /// parameter's value is dropped and made by `alloc` on its next read.
+  /// all_values() is then empty; numel() is unchanged. pack_values() (or
+  /// pack()) undoes it.
+  void release_values(value_allocator alloc) const;
+  /// Gives the store a flat value buffer again, holding `values` (numel()
+  /// elements, in parameter order), every parameter's value pointing into it.
+  void pack_values(std::vector<S> values) const;
+  /// True after release_values() (until pack_values() or pack()).
+  bool values_released() const;
 
   /// Calls hook(index, param) during backward as soon as that parameter's
   /// gradient is final: exactly once per parameter reached by the backward,

@@ -82,6 +82,10 @@ struct node : std::enable_shared_from_this<node<S>> {
   // Where a leaf's gradient comes from when grad is null (empty: allocate()).
   // A store with released gradients places them (parameter_store::release_grads).
   std::function<std::shared_ptr<S>()> make_grad;
+  // Where a leaf's value comes from when value is null: a store with
+  // released values (parameter_store::release_values; ZeRO stage 3 gathers
+  // them) makes it here, on the first read.
+  std::function<std::shared_ptr<S>()> make_value;
   // A table parameter with sparse row gradients (ad::embedding with sparse
   // on): its backward adds rows here and leaves `grad` alone.
   std::shared_ptr<sparse_rows_grad<S>> sparse;
@@ -101,9 +105,20 @@ struct node : std::enable_shared_from_this<node<S>> {
   bool is_leaf() const { return inputs.empty(); }
   index rows() const { return dims.rows(); }
   index cols() const { return dims.cols(); }
-  matrix_map<S> value_map() const { return {value.get(), rows(), cols()}; }
+  /// The value, made first when released (make_value). Every read of an
+  /// op's inputs goes through here; the check is on a pointer that is
+  /// almost always set.
+  S* value_ptr() const {
+    if (!value && make_value) [[unlikely]]
+      materialize();
+    return value.get();
+  }
+  matrix_map<S> value_map() const { return {value_ptr(), rows(), cols()}; }
   /// The gradient, allocated (zeros) on first use.
   matrix_map<S> grad_map();
+
+ private:
+  void materialize() const;
 };
 
 /// `n` zero-initialized elements, shared.

@@ -138,6 +138,11 @@ struct step_stats {
   /// Ranks whose gradients the step averaged: the communicator's size, or
   /// with uneven_inputs the ranks that had not joined (the divisor).
   int contributing_ranks = 0;
+  /// sharded_data_parallel stage 3: bucket allgathers of parameter values
+  /// the step made (forward and backward), and how many of them had been
+  /// started ahead (prefetched) rather than when a value was first read.
+  std::size_t parameter_gathers = 0;
+  std::size_t prefetched_gathers = 0;
 };
 
 /// While alive, the trainer that made it only accumulates gradients (see

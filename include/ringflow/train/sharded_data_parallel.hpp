@@ -1,5 +1,5 @@
-// Sharded data parallelism (ZeRO stages 1 and 2): each rank keeps the optimizer state (and at
-// stage 2 the averaged gradients) of its piece of every bucket only.
+// Sharded data parallelism (ZeRO stages 1-3): each rank keeps the optimizer state (stage 1), the
+// averaged gradients (2) and the parameter values (3) of its piece of every bucket only.
 #pragma once
 
 #include <cstddef>
@@ -23,8 +23,8 @@ namespace ringflow::train {
 
 /// Options of sharded_data_parallel.
 struct sharded_data_parallel_options {
-  /// 1: optimizer state sharded; 2: gradients too. 3 (parameters too) is not
-  /// implemented and throws not_supported_error; 0 is train::data_parallel.
+  /// 1: optimizer state sharded; 2: gradients too; 3: parameter values too
+  /// (gathered bucket by bucket when read); 0 is train::data_parallel.
   int stage = 1;
   /// The bucket plan, as for data_parallel (same caps: same buckets).
   std::size_t bucket_cap_bytes = default_bucket_cap_bytes;
@@ -37,7 +37,31 @@ struct sharded_data_parallel_options {
   std::filesystem::path timeline_path = {};
   /// Uneven inputs, as data_parallel_options::uneven_inputs: one int32
   /// allreduce per step counts the ranks still training; join() works.
+  /// Stages 1 and 2 only (at stage 3 a joined rank runs no forward, so it
+  /// could not take part in the others' parameter gathers).
   bool uneven_inputs = false;
+};
+
+class sharded_data_parallel;
+
+/// While alive, the model's parameters are whole on every rank (stage 3;
+/// see sharded_data_parallel::full_parameters()). Move-only.
+class full_parameters_scope {
+ public:
+  full_parameters_scope() = default;
+  full_parameters_scope(full_parameters_scope&& o) noexcept : owner_(o.owner_) {
+    o.owner_ = nullptr;
+  }
+  full_parameters_scope& operator=(full_parameters_scope&&) = delete;
+  full_parameters_scope(const full_parameters_scope&) = delete;
+  /// Stage 3: copies this rank's pieces of the (perhaps reloaded) values into
+  /// shard() and releases the values again. Local, never throws.
+  ~full_parameters_scope();
+
+ private:
+  friend class sharded_data_parallel;
+  explicit full_parameters_scope(sharded_data_parallel* owner) : owner_(owner) {}
+  sharded_data_parallel* owner_ = nullptr;
 };
 
 /// ZeRO-style data-parallel trainer over a model's parameter store.
@@ -77,6 +101,28 @@ struct sharded_data_parallel_options {
 ///
 /// ad::clip_grad_norm(shard()) would clip by this rank's piece alone; use
 /// clip_grad_norm() here, which takes the norm over all ranks.
+///
+/// Stage 3 also releases the model's flat value buffer
+/// (parameter_store::release_values): a rank holds shard() (its pieces, the
+/// authoritative values the optimizer updates) plus the buckets in use. The
+/// first read of a released value (an op's input in forward or backward,
+/// value(), data()) allgathers that parameter's whole bucket and starts the
+/// next bucket's gather (the one before it in a forward, after it in a
+/// backward: buckets are in reverse registration order). A forward keeps
+/// the bucket it reads and its two neighbours and drops the others; the
+/// backward drops a bucket once all its gradients are final; finish() drops
+/// everything (the values are stale once the optimizer steps): between
+/// steps a rank holds shard() only. So every
+/// forward and backward at stage 3 is collective: every rank must run the
+/// same ones (evaluate inside full_parameters(), where they are local).
+/// After each step the parameters (gathered) are bitwise equal to stage
+/// 2's, and so to data_parallel's with algo::ring.
+///
+/// Limits at stage 3: an op whose parameters lie two or more buckets apart
+/// (weight tying across distant layers) must not be the first reader of both
+/// (the second gather may drop the first); uneven_inputs is not supported;
+/// the model's parameters are unusable after the trainer is gone unless
+/// unshard() ran (their reads then throw usage_error).
 class sharded_data_parallel {
  public:
   sharded_data_parallel(communicator comm, ad::parameter_store<float> params,
@@ -102,7 +148,8 @@ class sharded_data_parallel {
   void finish();
   /// finish() (unless the caller already ran it for this step, e.g. before
   /// clip_grad_norm(): a second reduction would average the consumed, zeroed
-  /// model gradients), opt.step() on the shard, allgather of the parameters.
+  /// model gradients), opt.step() on the shard, allgather of the parameters
+  /// (stage 3: none; the next forward gathers what it reads).
   /// `opt` must be built over shard() (usage_error otherwise).
   template <class Optimizer>
   void step(Optimizer& opt) {
@@ -113,8 +160,22 @@ class sharded_data_parallel {
       auto s = trace().scope("optimizer", steps() - 1);
       opt.step();
     }
-    gather_parameters();
+    after_update();
   }
+
+  /// Stage 3: gathers every parameter into the model's store (one allgather
+  /// per bucket; collective) for as long as the returned scope lives, so the
+  /// model works like an unsharded one on each rank alone: evaluation on some
+  /// ranks only, save_checkpoint / load_checkpoint over parameters(),
+  /// all_values(). When the scope ends, this rank's pieces of the values
+  /// (reloaded ones included) become shard()'s and the values are released
+  /// again. backward(), finish() and step() inside it are usage_errors.
+  /// Stages 1 and 2: the parameters are always whole; an empty scope.
+  [[nodiscard]] full_parameters_scope full_parameters();
+  /// Stage 3: gathers every parameter into the model's store for good
+  /// (collective), so the model outlives the trainer; the trainer cannot
+  /// step afterwards. No-op at stages 1 and 2.
+  void unshard();
 
   /// Uneven inputs (needs uneven_inputs = true), as data_parallel::join():
   /// on a rank with no batch left, takes part in the other ranks' steps with
@@ -132,7 +193,7 @@ class sharded_data_parallel {
         auto s = trace().scope("optimizer", steps() - 1);
         opt.step();
       }
-      gather_parameters();
+      after_update();
       ++shadowed;
     }
     return shadowed;
@@ -170,6 +231,11 @@ class sharded_data_parallel {
   /// The largest gradient bytes held at any moment since construction
   /// (stage 2: what is in flight during backward).
   std::size_t peak_gradient_bytes() const;
+  /// The largest parameter bytes held at any moment since construction
+  /// (stage 3: shard() plus the gathered and prefetched buckets, counted
+  /// from when the constructor released the model's values; stages 1 and 2:
+  /// the model's values plus shard()).
+  std::size_t peak_parameter_bytes() const;
 
   const communicator& comm() const;
   const ad::parameter_store<float>& parameters() const;
@@ -181,7 +247,10 @@ class sharded_data_parallel {
   bool shadow_finish();
   bool reduced() const;
   void before_update();
+  void after_update();
   void gather_parameters();
+  friend class full_parameters_scope;
+  void reshard() noexcept;
   struct state;
   std::unique_ptr<state> state_;
 };
