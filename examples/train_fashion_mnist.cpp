@@ -102,10 +102,11 @@ void print_help() {
       "                         (the cost model picks per bucket) (default none; see\n"
       "                         docs/compression.md); bytes sent are reported at the end\n"
       "  --zero STAGE           0: plain data parallel; 1: optimizer state sharded over the\n"
-      "                         ranks; 2: gradients too (ZeRO; bitwise equal to 0 with --algo\n"
-      "                         ring; docs/training.md) (default 0). Memory per rank and bytes\n"
-      "                         per step are reported at the end. Checkpoints of any stage\n"
-      "                         resume at any rank count and stage\n"
+      "                         ranks; 2: gradients too; 3: parameters too, gathered layer\n"
+      "                         bucket by bucket when used (ZeRO; bitwise equal to 0 with\n"
+      "                         --algo ring; docs/training.md) (default 0). Memory per rank\n"
+      "                         and bytes per step are reported at the end. Checkpoints of\n"
+      "                         any stage resume at any rank count and stage\n"
       "  --help                 this text\n"
       "\n"
       "Environment: RINGFLOW_TIMELINE=trace.json writes a Chrome trace per rank\n"
@@ -195,12 +196,12 @@ std::optional<options> parse_args(int argc, char** argv) {
   if (o.zero > 0) {
     if (o.compress != "none") {
       throw bad_flag(
-          "--compress: gradient compression is not available with --zero 1|2; use "
+          "--compress: gradient compression is not available with --zero 1|2|3; use "
           "--zero 0");
     }
     if (o.algorithm != ringflow::algo::automatic && o.algorithm != ringflow::algo::ring) {
       throw bad_flag(
-          "--algo: --zero 1|2 runs ring reduce-scatters and allgathers; use auto or ring");
+          "--algo: --zero 1|2|3 runs ring reduce-scatters and allgathers; use auto or ring");
     }
   }
   if (o.checkpoint_every > 0 && o.checkpoint_dir.empty()) {
@@ -353,7 +354,7 @@ int train(const options& o, const ringflow::communicator& comm) {
 
   ad::sequential model = build_model(o, static_cast<ad::index>(fm.train.features()),
                                      static_cast<ad::index>(fm.train.num_classes));
-  // --zero 0: data_parallel, the optimizer over the whole model; 1, 2: the
+  // --zero 0: data_parallel, the optimizer over the whole model; 1, 2, 3: the
   // sharded trainer, the optimizer over this rank's shard only.
   std::optional<rt::data_parallel> dp;
   std::optional<rt::sharded_data_parallel> sdp;
@@ -399,8 +400,14 @@ int train(const options& o, const ringflow::communicator& comm) {
   if (!ckpt.empty() && rank == 0) std::filesystem::create_directories(ckpt.parent_path());
   int start_epoch = 0;
   bool resumed = false;
+  // --zero 3: the parameters are whole only inside full_parameters()
+  // (collective): evaluation and checkpoints run there. Otherwise an empty scope.
+  const auto whole = [&] { return sdp ? sdp->full_parameters() : rt::full_parameters_scope(); };
   if (o.resume) {
-    const auto info = rt::load_checkpoint(comm, ckpt, state);
+    const auto info = [&] {
+      const auto full = whole();
+      return rt::load_checkpoint(comm, ckpt, state);
+    }();
     const std::string saved_batch =
         state.extra.count("global_batch") ? state.extra["global_batch"] : "?";
     if (saved_batch != std::to_string(o.batch)) {
@@ -440,6 +447,7 @@ int train(const options& o, const ringflow::communicator& comm) {
 
   const auto save = [&] {
     if (ckpt.empty()) return;
+    const auto full = whole();
     rt::save_checkpoint(comm, ckpt, state);
   };
 
@@ -515,7 +523,10 @@ int train(const options& o, const ringflow::communicator& comm) {
         }
       }
       const double epoch_s = seconds_since(t_epoch);
-      test_acc = accuracy(comm, model, fm.test);
+      {
+        const auto full = whole();
+        test_acc = accuracy(comm, model, fm.test);
+      }
       report.line(
           "epoch {}/{} done: test accuracy {:.4f}, {:.1f}s, {:.0f} samples/s, {:.1f}% of "
           "the time waiting on communication ({:.0f}% of it hidden behind backward)",
@@ -530,26 +541,40 @@ int train(const options& o, const ringflow::communicator& comm) {
   } else {
     run_epochs(*sdp);
   }
-  if (start_epoch >= o.epochs) test_acc = accuracy(comm, model, fm.test);
+  if (start_epoch >= o.epochs) {
+    const auto full = whole();
+    test_acc = accuracy(comm, model, fm.test);
+  }
   report.line("trained {} epoch(s) in {:.1f}s on {} rank(s)", o.epochs - start_epoch,
               seconds_since(t_train), np);
   {
     // Model-state memory and traffic of rank 0 (docs/training.md, "Sharded data parallel").
     const rt::memory_stats m = dp ? dp->memory(opt) : sdp->memory(opt);
     const double mib = 1.0 / (1024.0 * 1024.0);
-    const double ring = 2.0 * (np - 1) / np * static_cast<double>(model.parameters().numel()) * 4;
+    const double psi = static_cast<double>(model.parameters().numel()) * 4;
+    const double ring = 2.0 * (np - 1) / np * psi;
     report.line(
-        "memory per rank (zero {}): parameters {:.2f} MiB, gradients {:.2f} MiB{}, "
+        "memory per rank (zero {}): parameters {:.2f} MiB{}, gradients {:.2f} MiB{}, "
         "optimizer state {:.2f} MiB, total {:.2f} MiB; bytes sent per step {} (ring "
-        "formula 2(p-1)/p x {} parameter bytes = {:.0f})",
+        "formula 2(p-1)/p x {} parameter bytes = {:.0f}{})",
         o.zero, static_cast<double>(m.parameter_bytes) * mib,
+        sdp && o.zero >= 3 ? fmt::format(" (peak {:.2f} MiB while gathered)",
+                                         static_cast<double>(sdp->peak_parameter_bytes()) * mib)
+                           : std::string(),
         static_cast<double>(m.gradient_bytes) * mib,
         sdp && o.zero >= 2 ? fmt::format(" (peak {:.2f} MiB during backward)",
                                          static_cast<double>(sdp->peak_gradient_bytes()) * mib)
                            : std::string(),
         static_cast<double>(m.optimizer_state_bytes) * mib, static_cast<double>(m.total()) * mib,
-        bytes_last_step, model.parameters().numel() * 4, ring);
+        bytes_last_step, model.parameters().numel() * 4, ring,
+        // Stage 3 gathers the parameters in the forward and again in the backward
+        // (less the buckets the forward kept): up to ZeRO-3's 3(p-1)/p.
+        sdp && o.zero >= 3 ? fmt::format("; stage 3 at most 3(p-1)/p x = {:.0f}", 1.5 * ring)
+                           : std::string());
   }
+  // --zero 3: the model is whole again after training (collective), so it
+  // outlives the trainer.
+  if (sdp) sdp->unshard();
   if (o.compress != "none") {
     const auto t = dp->compression_traffic();
     std::string chosen;

@@ -92,7 +92,15 @@ void train_steps(Trainer& trainer, ad::mlp& model, ad::adamw& opt, const communi
     opt.zero_grad();
     trainer.backward(loss_of(model, c.rank(), c.size(), t));
     trainer.step(opt);
-    if (after != nullptr) after->push_back(copy_of(model.parameters().all_values()));
+    if (after != nullptr) {
+      // Stage 3: whole only inside full_parameters() (collective).
+      if constexpr (requires { trainer.full_parameters(); }) {
+        const auto full = trainer.full_parameters();
+        after->push_back(copy_of(model.parameters().all_values()));
+      } else {
+        after->push_back(copy_of(model.parameters().all_values()));
+      }
+    }
   }
 }
 
@@ -107,7 +115,8 @@ struct rank_result {
 TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for bit",
           "[train][zero][checkpoint]") {
   const fs::path dir = temp_dir("reshard");
-  for (int stage : {1, 2}) {
+  // Stage 3 saves and loads inside full_parameters() (an empty scope below it).
+  for (int stage : {1, 2, 3}) {
     INFO("stage " << stage);
     const fs::path file = dir / "ck.rfck";
     // Written at 4 ranks after 3 steps; the writers go on 3 more steps.
@@ -124,16 +133,20 @@ TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for b
                                .optimizer = train::optimizer_state_of(opt, sdp.owned()),
                                .step = before_save,
                                .world_size = c.size()};
-      train::save_checkpoint(c, file, st);
-      // The file holds every rank's pieces at their places.
-      const full_state f = read_full(file);
-      out.state_matches_file =
-          same_bits(pieces_of(f.m, sdp.owned()), copy_of(opt.first_moment())) &&
-          same_bits(pieces_of(f.v, sdp.owned()), copy_of(opt.second_moment())) &&
-          same_bits(f.params, copy_of(model.parameters().all_values())) && f.steps == before_save &&
-          f.step == before_save;
+      {
+        const auto full = sdp.full_parameters();
+        train::save_checkpoint(c, file, st);
+        // The file holds every rank's pieces at their places.
+        const full_state f = read_full(file);
+        out.state_matches_file =
+            same_bits(pieces_of(f.m, sdp.owned()), copy_of(opt.first_moment())) &&
+            same_bits(pieces_of(f.v, sdp.owned()), copy_of(opt.second_moment())) &&
+            same_bits(f.params, copy_of(model.parameters().all_values())) &&
+            f.steps == before_save && f.step == before_save;
+      }
       train_steps(sdp, model, opt, c, before_save, before_save + after_save, &out.after);
       st.step = before_save + after_save;
+      const auto full = sdp.full_parameters();
       train::save_checkpoint(c, dir / "writers_end.rfck", st);
     });
     for (const auto& w : writers) REQUIRE(w.state_matches_file);
@@ -156,15 +169,21 @@ TEST_CASE("sharded checkpoints written at 4 ranks resume at 2, 3 and 4 bit for b
           ad::adamw opt(sdp.shard(), {.lr = 1e-2, .weight_decay = 0.05});
           train::training_state st{.params = model.parameters(),
                                    .optimizer = train::optimizer_state_of(opt, sdp.owned())};
-          const auto info = train::load_checkpoint(c, file, st);
-          // Same parameters; the optimizer state cut into this rank count's pieces.
-          resharded_ok[r] =
-              info.world_size == 4 && st.step == before_save && opt.steps() == before_save &&
-              same_bits(copy_of(model.parameters().all_values()), saved.params) &&
-              same_bits(copy_of(opt.first_moment()), pieces_of(saved.m, sdp.owned())) &&
-              same_bits(copy_of(opt.second_moment()), pieces_of(saved.v, sdp.owned()));
+          {
+            // Stage 3: loaded into the whole parameters; the scope's end
+            // hands this rank's pieces to the shard.
+            const auto full = sdp.full_parameters();
+            const auto info = train::load_checkpoint(c, file, st);
+            // Same parameters; the optimizer state cut into this rank count's pieces.
+            resharded_ok[r] =
+                info.world_size == 4 && st.step == before_save && opt.steps() == before_save &&
+                same_bits(copy_of(model.parameters().all_values()), saved.params) &&
+                same_bits(copy_of(opt.first_moment()), pieces_of(saved.m, sdp.owned())) &&
+                same_bits(copy_of(opt.second_moment()), pieces_of(saved.v, sdp.owned()));
+          }
           train_steps(sdp, model, opt, c, before_save, before_save + after_save, &sharded[r].after);
           st.step = before_save + after_save;
+          const auto full = sdp.full_parameters();
           train::save_checkpoint(c, again_sharded, st);
         }
         {
