@@ -504,7 +504,9 @@ TEST_CASE("no_sync: k backwards, one reduction, the gradient of the k-times batc
       }
       return std::sqrt(d / nb);
     };
-    for (int stage : {0, 1, 2}) {
+    // Stage 3 with one bucket: under no_sync its values stay gathered across
+    // the k backwards, so the parameter gathers shrink by k as well.
+    for (int stage : {0, 1, 2, 3}) {
       INFO("ranks " << p << " stage " << stage);
       const auto synced =
           per_rank<accumulation>(p, [&](communicator& c) { return accumulate(c, stage, k, true); });
@@ -820,7 +822,7 @@ TEST_CASE("stage 3 traffic: counted exactly; reduce-scatter plus two allgathers 
           "[train][zero][zero3][traffic]") {
   for (int p : {2, 3, 4}) {
     struct result {
-      std::uint64_t measured = 0, counted = 0, rs = 0, ag = 0;
+      std::uint64_t measured = 0, counted = 0, rs = 0, ag = 0, ag_backward = 0;
       std::size_t buckets = 0;
     };
     const auto res = per_rank<result>(p, [&](communicator& c) {
@@ -839,9 +841,11 @@ TEST_CASE("stage 3 traffic: counted exactly; reduce-scatter plus two allgathers 
           out.measured = cc.sent->load() - before;
           out.counted = sdp.last_step().bytes_sent;
         }
-        for (const auto& b : sdp.buckets()) {
-          out.rs += train::ring_bytes_sent(b.size, 4, p, c.rank(), true, false);
-          out.ag += train::ring_bytes_sent(b.size, 4, p, c.rank(), false, true);
+        for (std::size_t b = 0; b < sdp.buckets().size(); ++b) {
+          const std::size_t n = sdp.buckets()[b].size;
+          out.rs += train::ring_bytes_sent(n, 4, p, c.rank(), true, false);
+          out.ag += train::ring_bytes_sent(n, 4, p, c.rank(), false, true);
+          if (b >= 2) out.ag_backward += train::ring_bytes_sent(n, 4, p, c.rank(), false, true);
         }
         out.buckets = sdp.buckets().size();
         sdp.unshard();
@@ -854,8 +858,10 @@ TEST_CASE("stage 3 traffic: counted exactly; reduce-scatter plus two allgathers 
                     << " rs " << m.rs << " ag " << m.ag);
       REQUIRE(m.buckets > 3);
       REQUIRE(m.counted == m.measured);
-      // The forward gathers every bucket, the backward all but the ones the
-      // forward kept: between stage 2's traffic and ZeRO-3's 1.5x of it.
+      // The forward gathers every bucket, the backward all but the two the
+      // forward kept (buckets 0 and 1, which the backward reads first):
+      // between stage 2's traffic and ZeRO-3's 1.5x of it.
+      REQUIRE(m.measured == m.rs + m.ag + m.ag_backward);
       REQUIRE(m.measured > m.rs + m.ag);
       REQUIRE(m.measured <= m.rs + 2 * m.ag);
     }
