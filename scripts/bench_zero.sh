@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Interleaved samples/s of train_fashion_mnist --zero 0, 1, 2 (a benchmark, not a test).
+# Interleaved samples/s of train_fashion_mnist --zero 0, 1, 2, 3 (a benchmark, not a test).
 #   scripts/bench_zero.sh [build/bin/train_fashion_mnist] [rounds]
 # Prints one line per run: np hidden zero samples/s, then the memory line of rank 0.
 set -euo pipefail
@@ -14,7 +14,7 @@ run() {  # np hidden limit zero
 }
 for r in $(seq "$rounds"); do
   for np in 2 4; do
-    for z in 0 1 2; do run "$np" 256,128 8000 "$z"; done
-    for z in 0 1 2; do run "$np" 4096,4096 512 "$z"; done
+    for z in 0 1 2 3; do run "$np" 256,128 8000 "$z"; done
+    for z in 0 1 2 3; do run "$np" 4096,4096 512 "$z"; done
   done
 done
