@@ -468,6 +468,7 @@ sharded_data_parallel::~sharded_data_parallel() {
   auto& s = *state_;
   s.params.set_grad_ready_hook(nullptr);
   s.wait_quietly();
+  // A full_parameters() scope still alive: the values are whole and stay so.
   if (s.sharded) {
     // The values are spread over the ranks and this trainer (which gathers
     // them) is going: a read from now on is an error that says so.
@@ -632,7 +633,7 @@ full_parameters_scope sharded_data_parallel::full_parameters() {
   const double t0 = now_us();
   s.pack_values();
   s.tl.record("allgather (full parameters)", lane::compute, t0, now_us(), s.t.step);
-  return full_parameters_scope(this);
+  return full_parameters_scope(this, alive_);
 }
 
 void sharded_data_parallel::unshard() {
@@ -655,7 +656,7 @@ void sharded_data_parallel::reshard() noexcept {
 }
 
 full_parameters_scope::~full_parameters_scope() {
-  if (owner_ != nullptr) owner_->reshard();
+  if (owner_ != nullptr && !alive_.expired()) owner_->reshard();
 }
 
 void sharded_data_parallel::gather_parameters() {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -911,6 +912,17 @@ TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, err
       expect([&] { sdp.backward(ad::sum(kept(ad::tensor::from_data(x.data(), {2, 4})))); });
       // Whole and usable after the trainer.
       REQUIRE(!kept.parameters().values_released());
+    }
+    {
+      // A scope that outlives its trainer leaves the values whole.
+      ad::mlp outlived({4, 5, 2}, ad::activation::relu, 1);
+      std::optional<train::full_parameters_scope> full;
+      {
+        train::sharded_data_parallel sdp(c, outlived.parameters(), {.stage = 3});
+        full.emplace(sdp.full_parameters());
+      }
+      REQUIRE(!outlived.parameters().values_released());
+      (void)ad::sum(outlived(ad::tensor::from_data(x.data(), {2, 4})));
     }
     return out;
   });

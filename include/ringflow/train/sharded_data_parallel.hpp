@@ -49,19 +49,23 @@ class sharded_data_parallel;
 class full_parameters_scope {
  public:
   full_parameters_scope() = default;
-  full_parameters_scope(full_parameters_scope&& o) noexcept : owner_(o.owner_) {
+  full_parameters_scope(full_parameters_scope&& o) noexcept
+      : owner_(o.owner_), alive_(std::move(o.alive_)) {
     o.owner_ = nullptr;
   }
   full_parameters_scope& operator=(full_parameters_scope&&) = delete;
   full_parameters_scope(const full_parameters_scope&) = delete;
   /// Stage 3: copies this rank's pieces of the (perhaps reloaded) values into
-  /// shard() and releases the values again. Local, never throws.
+  /// shard() and releases the values again. Local, never throws. After the
+  /// trainer is gone it does nothing (the values stay whole).
   ~full_parameters_scope();
 
  private:
   friend class sharded_data_parallel;
-  explicit full_parameters_scope(sharded_data_parallel* owner) : owner_(owner) {}
+  full_parameters_scope(sharded_data_parallel* owner, std::weak_ptr<void> alive)
+      : owner_(owner), alive_(std::move(alive)) {}
   sharded_data_parallel* owner_ = nullptr;
+  std::weak_ptr<void> alive_;  // expires with the trainer
 };
 
 /// ZeRO-style data-parallel trainer over a model's parameter store.
@@ -253,6 +257,7 @@ class sharded_data_parallel {
   void reshard() noexcept;
   struct state;
   std::unique_ptr<state> state_;
+  std::shared_ptr<void> alive_ = std::make_shared<char>();  // full_parameters_scope checks it
 };
 
 }  // namespace ringflow::train
