@@ -558,7 +558,7 @@ int train(const options& o, const ringflow::communicator& comm) {
         "optimizer state {:.2f} MiB, total {:.2f} MiB; bytes sent per step {} (ring "
         "formula 2(p-1)/p x {} parameter bytes = {:.0f}{})",
         o.zero, static_cast<double>(m.parameter_bytes) * mib,
-        sdp && o.zero >= 3 ? fmt::format(" (peak {:.2f} MiB while gathered)",
+        sdp && o.zero >= 3 ? fmt::format(" (peak {:.2f} MiB in forward and backward)",
                                          static_cast<double>(sdp->peak_parameter_bytes()) * mib)
                            : std::string(),
         static_cast<double>(m.gradient_bytes) * mib,

@@ -234,8 +234,7 @@ struct sharded_data_parallel::state {
     }
     wait_all(std::span<collective_handle>(gathers));
     params.pack_values(std::move(flat));
-    sharded = false;
-    note_value_peak();
+    sharded = false;  // not a peak of training: the scope holds the whole model by design
   }
 
   // The model's values (authoritative: a checkpoint may have been loaded

@@ -237,8 +237,9 @@ class sharded_data_parallel {
   std::size_t peak_gradient_bytes() const;
   /// The largest parameter bytes held at any moment since construction
   /// (stage 3: shard() plus the gathered and prefetched buckets, counted
-  /// from when the constructor released the model's values; stages 1 and 2:
-  /// the model's values plus shard()).
+  /// from when the constructor released the model's values, not counting
+  /// full_parameters() scopes and unshard(), which hold the whole model by
+  /// design; stages 1 and 2: the model's values plus shard()).
   std::size_t peak_parameter_bytes() const;
 
   const communicator& comm() const;
