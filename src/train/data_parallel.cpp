@@ -156,14 +156,17 @@ struct data_parallel::state {
         comm, &sparse_records[k], tl, t.step,
         [g, bytes, count](const communicator& c) {
           g->coalesce();
+          // The table's row count lets sparse_allreduce reduce densely when
+          // the ranks' rows together would send more than the table.
           auto r = sparse_allreduce<float>(c, std::span<const std::int64_t>(g->indices),
-                                           std::span<const float>(g->values), g->width);
+                                           std::span<const float>(g->values), g->width,
+                                           {.table_rows = static_cast<std::size_t>(g->rows)});
           const int n = count != nullptr ? *count : c.size();
           if (n > 0) {
             const avg_op average;
             for (float& v : r.values) v = average.finish(v, n);
           }
-          *bytes = sparse_allreduce_bytes_sent(r.rank_rows, r.width, sizeof(float), c.rank());
+          *bytes = sparse_allreduce_bytes_sent(r, c.rank());
           g->indices = std::move(r.indices);
           g->values = std::move(r.values);
           g->coalesced = true;

@@ -44,6 +44,9 @@ TEST_CASE("mpi: sparse allreduce sums every rank's rows per index", "[mpi][v][sp
   for (int seed = 0; seed < 3; ++seed) {
     testing::check_sparse_allreduce<float>(world, seed, 3, f);
     testing::check_sparse_allreduce<std::int64_t>(world, seed, 2, f);
+    // The dense fallback, and the packed path with a padded block (half rows of 5).
+    testing::check_sparse_allreduce<float>(world, seed, 3, f, {41, sparse_reduction::dense});
+    testing::check_sparse_allreduce<half>(world, seed, 5, f, {41, sparse_reduction::sparse});
   }
   require_none(f);
 }

@@ -435,8 +435,12 @@ inline std::vector<std::int64_t> sparse_indices(int rank, int seed) {
   return v;
 }
 
+/// sparse_allreduce of sparse_indices' rows against a serial sum; with
+/// `opt` (the indices lie in [0, 41)) on the dense path too: the rows are
+/// small integers, so every order of summation gives the same bits.
 template <class T>
-void check_sparse_allreduce(const communicator& c, int seed, std::size_t width, failures& out) {
+void check_sparse_allreduce(const communicator& c, int seed, std::size_t width, failures& out,
+                            sparse_allreduce_options opt = {}) {
   const int p = c.size(), r = c.rank();
   auto row_value = [&](int rank, std::size_t k, std::size_t j) {
     return static_cast<T>(static_cast<int>((static_cast<std::size_t>(rank) * 3 + k * 5 + j) % 7));
@@ -446,7 +450,7 @@ void check_sparse_allreduce(const communicator& c, int seed, std::size_t width, 
   for (std::size_t k = 0; k < idx.size(); ++k) {
     for (std::size_t j = 0; j < width; ++j) rows[k * width + j] = row_value(r, k, j);
   }
-  const auto got = sparse_allreduce<T>(c, idx, std::span<const T>(rows), width);
+  const auto got = sparse_allreduce<T>(c, idx, std::span<const T>(rows), width, opt);
   // Serial reference: every rank's rows in (rank, position) order.
   std::vector<std::int64_t> want_idx;
   std::vector<double> want;
@@ -464,8 +468,17 @@ void check_sparse_allreduce(const communicator& c, int seed, std::size_t width, 
       }
     }
   }
-  const std::string what = fmt::format("rank {} of {}: sparse_allreduce<{}>(seed={}, width={})", r,
-                                       p, dtype_name(dtype_of<T>), seed, width);
+  const std::string what = fmt::format(
+      "rank {} of {}: sparse_allreduce<{}>(seed={}, width={}, table_rows={}, {})", r, p,
+      dtype_name(dtype_of<T>), seed, width, opt.table_rows, got.dense ? "dense" : "sparse");
+  const bool want_dense =
+      opt.reduction == sparse_reduction::dense ||
+      (opt.reduction == sparse_reduction::automatic &&
+       sparse_allreduce_prefers_dense(got.rank_rows, width, sizeof(T), opt.table_rows));
+  if (got.dense != want_dense) {
+    out.push_back(fmt::format("{}: took the other path", what));
+    return;
+  }
   if (got.indices != want_idx || got.values.size() != want.size() || got.width != width) {
     out.push_back(
         fmt::format("{}: {} indices, want {}", what, got.indices.size(), want_idx.size()));

@@ -134,10 +134,12 @@ TEST_CASE("sparse embedding: bad ids name the rank; the sharded trainer refuses 
   }
 }
 
-TEST_CASE("sparse_allreduce_bytes_sent: the ring allgather and allgathervs", "[train][embedding]") {
+TEST_CASE("sparse_allreduce_bytes_sent: the Bruck gathers of the shapes and packed rows",
+          "[train][embedding]") {
   const std::vector<std::size_t> rows = {3, 0, 5};
-  // rank 0 sends all blocks but rank 1's: 8 rows of (8 + 4 * 4) bytes, plus 2 x 2 shapes.
-  CHECK(sparse_allreduce_bytes_sent(rows, 4, 4, 0) == 2 * 16 + 8 * 24);
-  CHECK(sparse_allreduce_bytes_sent(rows, 4, 4, 1) == 2 * 16 + 3 * 24);
+  // 3 ranks: each sends its own block in both rounds (3 indices and 3 x 4
+  // floats = 9 words for rank 0), after 2 blocks of 5 shape words.
+  CHECK(sparse_allreduce_bytes_sent(rows, 4, 4, 0) == 2 * 40 + 2 * 9 * 8);
+  CHECK(sparse_allreduce_bytes_sent(rows, 4, 4, 1) == 2 * 40);
   CHECK(sparse_allreduce_bytes_sent(std::vector<std::size_t>{7}, 4, 4, 0) == 0);
 }
