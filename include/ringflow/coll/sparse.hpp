@@ -12,9 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <numeric>
+#include <queue>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ringflow/coll/collectives.hpp"
@@ -151,11 +154,15 @@ inline void bruck_gather_words(const communicator& comm, coll_kind kind,
 
 /// The sparse path: every rank's indices and rows, packed into one block
 /// per rank, gathered in one Bruck allgatherv; then summed per index in
-/// (rank, position) order.
+/// (rank, position) order. Each rank sorts its own rows by index (stably,
+/// so repeats keep their order) before packing them, so every gathered
+/// block is sorted and the receivers merge p runs instead of sorting all
+/// rows: the sort is spread over the ranks, and skipped where the indices
+/// are already ascending (data_parallel's coalesced gradients).
 template <class T>
 void packed_sparse_allreduce(const communicator& comm, std::span<const std::int64_t> indices,
                              std::span<const T> rows, sparse_rows<T>& out) {
-  const std::size_t width = out.width;
+  const std::size_t width = out.width, row_bytes = width * sizeof(T);
   const std::size_t up = out.rank_rows.size();
   const auto r = static_cast<std::size_t>(comm.rank());
   std::vector<std::size_t> words(up), at(up + 1, 0);
@@ -163,42 +170,59 @@ void packed_sparse_allreduce(const communicator& comm, std::span<const std::int6
     words[q] = sparse_block_words(out.rank_rows[q], width, sizeof(T));
     at[q + 1] = at[q] + words[q];
   }
-  // This rank's block: the indices, then the rows' bytes (the padding zero).
+  // This rank's block: the indices ascending, then their rows' bytes in
+  // the same order (the padding zero).
+  const std::size_t n = indices.size();
   std::vector<std::int64_t> mine(words[r], 0);
-  copy_elems(mine.data(), indices.data(), indices.size());
-  if (!rows.empty()) std::memcpy(mine.data() + indices.size(), rows.data(), rows.size_bytes());
+  auto* mine_rows = reinterpret_cast<unsigned char*>(mine.data() + n);
+  if (std::is_sorted(indices.begin(), indices.end())) {
+    copy_elems(mine.data(), indices.data(), n);
+    if (n != 0 && row_bytes != 0) std::memcpy(mine_rows, rows.data(), n * row_bytes);
+  } else {
+    std::vector<std::size_t> order(n);
+    std::iota(order.begin(), order.end(), std::size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::size_t x, std::size_t y) { return indices[x] < indices[y]; });
+    for (std::size_t k = 0; k < n; ++k) {
+      mine[k] = indices[order[k]];
+      if (row_bytes != 0) {
+        std::memcpy(mine_rows + k * row_bytes, rows.data() + order[k] * width, row_bytes);
+      }
+    }
+  }
   std::vector<std::int64_t> all(at[up]);
   bruck_gather_words(comm, coll_kind::allgatherv, mine, all, words);
 
-  // Gathered rows in (rank, position) order, then stably sorted by index:
-  // (index, rank, position). The rows stay in the gathered words and are
-  // read with memcpy (they are T's bytes inside int64 words).
+  // Merge the p sorted blocks by (index, rank): with each block in position
+  // order among equal indices, that is (index, rank, position). The rows
+  // stay in the gathered words and are read with memcpy (they are T's
+  // bytes inside int64 words).
   const std::size_t total =
       std::accumulate(out.rank_rows.begin(), out.rank_rows.end(), std::size_t{0});
-  std::vector<std::int64_t> all_indices(total);
-  std::vector<const unsigned char*> row_at(total);
-  for (std::size_t q = 0, k = 0; q < up; ++q) {
-    const std::int64_t* block = all.data() + at[q];
-    const std::size_t n = out.rank_rows[q];
-    const auto* bytes = reinterpret_cast<const unsigned char*>(block + n);
-    for (std::size_t i = 0; i < n; ++i, ++k) {
-      all_indices[k] = block[i];
-      row_at[k] = bytes + i * width * sizeof(T);
-    }
+  out.indices.reserve(total);
+  out.values.reserve(total * width);
+  std::vector<std::size_t> next(up, 0);
+  using head = std::pair<std::int64_t, std::size_t>;  // (index, rank)
+  std::priority_queue<head, std::vector<head>, std::greater<head>> heads;
+  for (std::size_t q = 0; q < up; ++q) {
+    if (out.rank_rows[q] != 0) heads.emplace(all[at[q]], q);
   }
-  std::vector<std::size_t> order(total);
-  std::iota(order.begin(), order.end(), std::size_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](std::size_t a, std::size_t b) { return all_indices[a] < all_indices[b]; });
   const sum_op add;
   std::vector<T> row(width);
-  for (std::size_t k = 0; k < total; ++k) {
-    const std::size_t from = order[k];
-    if (width != 0) std::memcpy(row.data(), row_at[from], width * sizeof(T));
-    if (out.indices.empty() || out.indices.back() != all_indices[from]) {
-      out.indices.push_back(all_indices[from]);
-      out.values.insert(out.values.end(), row.begin(), row.end());
+  while (!heads.empty()) {
+    const auto [index, q] = heads.top();
+    heads.pop();
+    const std::size_t k = next[q]++, nq = out.rank_rows[q];
+    const std::int64_t* block = all.data() + at[q];
+    if (k + 1 < nq) heads.emplace(block[k + 1], q);
+    const auto* from = reinterpret_cast<const unsigned char*>(block + nq) + k * row_bytes;
+    if (out.indices.empty() || out.indices.back() != index) {
+      out.indices.push_back(index);
+      out.values.resize(out.values.size() + width);
+      if (row_bytes != 0)
+        std::memcpy(out.values.data() + out.values.size() - width, from, row_bytes);
     } else {
+      if (row_bytes != 0) std::memcpy(row.data(), from, row_bytes);
       T* acc = out.values.data() + (out.indices.size() - 1) * width;
       for (std::size_t j = 0; j < width; ++j) acc[j] = add(acc[j], row[j]);
     }
