@@ -3,12 +3,16 @@
 //
 //   mpirun -np 2 build/bin/sparse_bench                          # 100000 x 16, 1% rows per rank
 //   mpirun -np 4 build/bin/sparse_bench --density 0.01 --reps 31
+//   mpirun -np 4 build/bin/sparse_bench --density 0.5 --reduction auto   # dense fallback
 //
 // Each repetition runs both (alternating which goes first) after a barrier;
 // a run's time is the slowest rank's. Rank 0 prints the medians, their ratio
 // (dense / sparse) and the bytes each sends from rank 0. Every rank touches
 // its own random density * rows distinct rows (seeded per rank), so at p
-// ranks the reduced result holds up to p * density * rows rows.
+// ranks the reduced result holds up to p * density * rows rows. --reduction
+// auto or dense passes the table's row count (sparse_allreduce_options), so
+// sparse_allreduce may (auto) or must (dense) reduce the table densely;
+// sparse (the default) never does.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -51,6 +55,8 @@ int main(int argc, char** argv) {
   std::size_t dim = 16;
   double density = 0.01;
   int reps = 21;
+  // --reduction: sparse by default (and then without the table's rows).
+  ringflow::sparse_allreduce_options opt{.reduction = ringflow::sparse_reduction::sparse};
   try {
     ringflow::tool_flags::reader flags(argc, argv);
     while (flags.next()) {
@@ -61,7 +67,9 @@ int main(int argc, char** argv) {
               "usage: mpirun -np N sparse_bench [--rows N] [--dim N] [--density X] [--reps R]\n"
               "  --rows     table rows (default 100000)      --dim   row width (default 16)\n"
               "  --density  share of rows each rank touches, in (0, 1] (default 0.01)\n"
-              "  --reps     interleaved repetitions, medians reported (default 21)\n");
+              "  --reps     interleaved repetitions, medians reported (default 21)\n"
+              "  --reduction sparse|auto|dense  sparse_allreduce's path (default sparse; auto\n"
+              "             and dense pass the table's rows, so it may or must reduce densely)\n");
         }
         return 0;
       } else if (arg == "--rows") {
@@ -70,6 +78,18 @@ int main(int argc, char** argv) {
         dim = static_cast<std::size_t>(flags.integer(1, 4096));
       } else if (arg == "--density") {
         density = flags.number(0, 1, /*lo_open=*/true);
+      } else if (arg == "--reduction") {
+        const std::string v = flags.value();
+        if (v == "sparse") {
+          opt.reduction = ringflow::sparse_reduction::sparse;
+        } else if (v == "auto") {
+          opt.reduction = ringflow::sparse_reduction::automatic;
+        } else if (v == "dense") {
+          opt.reduction = ringflow::sparse_reduction::dense;
+        } else {
+          throw ringflow::tool_flags::bad_flag(
+              fmt::format("--reduction takes sparse, auto or dense, not '{}'", v));
+        }
       } else if (arg == "--reps") {
         reps = static_cast<int>(flags.integer(1, 100000));
       } else {
@@ -79,6 +99,9 @@ int main(int argc, char** argv) {
   } catch (const ringflow::tool_flags::bad_flag& e) {
     return comm.rank() == 0 ? ringflow::tool_flags::report("sparse_bench", e)
                             : ringflow::tool_flags::bad_flag_status;
+  }
+  if (opt.reduction != ringflow::sparse_reduction::sparse) {
+    opt.table_rows = static_cast<std::size_t>(rows);
   }
   const int rank = comm.rank(), np = comm.size();
   const auto touched =
@@ -96,6 +119,7 @@ int main(int argc, char** argv) {
   std::vector<double> t_dense, t_sparse;
   std::size_t union_rows = 0;
   std::uint64_t sparse_bytes = 0;
+  bool went_dense = false;
   for (int r = 0; r < reps + 1; ++r) {  // repetition 0 warms up, not counted
     double td = 0, ts = 0;
     auto run_dense = [&] {
@@ -111,10 +135,10 @@ int main(int argc, char** argv) {
     auto run_sparse = [&] {
       ts = timed(comm, [&] {
         auto out = ringflow::sparse_allreduce<float>(comm, std::span<const std::int64_t>(ids),
-                                                     std::span<const float>(values), dim);
+                                                     std::span<const float>(values), dim, opt);
         union_rows = out.indices.size();
-        sparse_bytes =
-            ringflow::sparse_allreduce_bytes_sent(out.rank_rows, dim, sizeof(float), rank);
+        went_dense = out.dense;
+        sparse_bytes = ringflow::sparse_allreduce_bytes_sent(out, rank);
       });
     };
     if (r % 2 == 0) {
@@ -141,7 +165,8 @@ int main(int argc, char** argv) {
     fmt::print("| reduction | median ms | bytes sent by rank 0 |\n|---|---|---|\n");
     fmt::print("| dense allreduce (sum, automatic algorithm) | {:.3f} | {} |\n", md * 1e3,
                dense_bytes);
-    fmt::print("| sparse_allreduce | {:.3f} | {} |\n", ms * 1e3, sparse_bytes);
+    fmt::print("| sparse_allreduce ({} path) | {:.3f} | {} |\n", went_dense ? "dense" : "sparse",
+               ms * 1e3, sparse_bytes);
     fmt::print("ratio dense/sparse: time {:.1f}x, bytes {:.1f}x\n", ms > 0 ? md / ms : 0.0,
                sparse_bytes > 0
                    ? static_cast<double>(dense_bytes) / static_cast<double>(sparse_bytes)

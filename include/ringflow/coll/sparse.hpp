@@ -253,6 +253,9 @@ void dense_sparse_allreduce(const communicator& comm, std::span<const std::int64
   const coll_options ring{algo::ring, 0};
   allreduce<T>(comm, std::span<T>(table), sum, ring);
   allreduce<std::uint8_t>(comm, std::span<std::uint8_t>(touched), max, ring);
+  const auto kept = static_cast<std::size_t>(std::count(touched.begin(), touched.end(), 1));
+  out.indices.reserve(kept);
+  out.values.reserve(kept * width);
   for (std::size_t i = 0; i < n; ++i) {
     if (!touched[i]) continue;
     out.indices.push_back(static_cast<std::int64_t>(i));
