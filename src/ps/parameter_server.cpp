@@ -4,6 +4,7 @@
 #include "ringflow/ps/parameter_server.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <array>
@@ -11,8 +12,11 @@
 #include <limits>
 #include <optional>
 
+#include "core/trace_clock.hpp"
+#include "ps/trace.hpp"
 #include "ringflow/ad/parameter_store.hpp"
 #include "ringflow/coll/collectives.hpp"
+#include "ringflow/core/env.hpp"
 #include "ringflow/core/log.hpp"
 
 namespace ringflow::ps {
@@ -127,33 +131,53 @@ pending::~pending() {
 }
 
 void pending::wait() {
-  const auto deadline = detail::deadline_after(timeout_);
+  const auto deadline = ringflow::detail::deadline_after(timeout_);
   backoff b;
-  std::size_t next = 0;
-  while (next < requests_.size()) {
-    bool done = false;
-    try {
-      done = requests_[next].test();
-    } catch (const std::exception& e) {
-      const int server = peers_[next];
-      // The rest fail alike (or complete); waited here, not logged by destructors.
-      for (auto& r : requests_) {
-        try {
-          r.wait();
-        } catch (const std::exception&) {}
+  // Every open request is polled each round, so each server's span ends when
+  // its own last request completed, not when an earlier server's did.
+  std::vector<char> done(requests_.size(), 0);
+  std::size_t left = requests_.size();
+  while (left > 0) {
+    bool progress = false;
+    for (std::size_t i = 0; i < requests_.size(); ++i) {
+      if (done[i]) continue;
+      bool ok = false;
+      try {
+        ok = requests_[i].test();
+      } catch (const std::exception& e) {
+        const int server = peers_[i];
+        // The rest fail alike (or complete); waited here, not logged by destructors.
+        for (auto& r : requests_) {
+          try {
+            r.wait();
+          } catch (const std::exception&) {}
+        }
+        requests_.clear();
+        throw server_error(fmt::format("rank {}: ps {}: parameter server rank {} is gone: {}",
+                                       rank_, what_, server, e.what()),
+                           server);
       }
-      requests_.clear();
-      throw server_error(fmt::format("rank {}: ps {}: parameter server rank {} is gone: {}", rank_,
-                                     what_, server, e.what()),
-                         server);
+      if (!ok) continue;
+      done[i] = 1;
+      --left;
+      progress = true;
+      const auto s = static_cast<std::size_t>(peers_[i]);  // server index == server rank
+      if (trace_ && s < open_by_server_.size() && --open_by_server_[s] == 0) {
+        trace_->record(what_, detail::worker_lane(peers_[i]), start_us_,
+                       ringflow::detail::trace::now_us(),
+                       fmt::format("\"step\":{},\"server\":{},\"bytes\":{}", step_, peers_[i],
+                                   bytes_by_server_[s]));
+      }
     }
-    if (done) {
-      ++next;
+    if (left == 0) break;
+    if (progress) {
       b.busy();
       continue;
     }
     if (clock_type::now() > deadline) {
-      const int server = peers_[next];
+      std::size_t first = 0;
+      while (done[first]) ++first;
+      const int server = peers_[first];
       // Left pending: their destructors wait out the transport's timeout.
       throw server_error(
           fmt::format("rank {}: ps {}: parameter server rank {} did not answer within {} ms "
@@ -189,6 +213,16 @@ node::node(communicator comm, std::span<const float> initial, options o)
     stats_.staleness.assign(staleness_buckets, 0);
   }
   workers_ = comm_.split(worker_index_ >= 0 ? 0 : -1, rank);
+  std::filesystem::path trace_path = opts_.timeline_path;
+  if (trace_path.empty()) {
+    if (auto p = env::text("RINGFLOW_TIMELINE")) trace_path = *p;
+  }
+  if (!trace_path.empty()) {
+    trace_ = std::make_shared<detail::trace_recorder>(
+        rank, ringflow::detail::trace::rank_file(trace_path, rank),
+        opts_.mode == consistency::local_sgd ? 0 : layout_.servers(), worker_index_ >= 0,
+        server_index_ >= 0 && opts_.mode != consistency::local_sgd);
+  }
   if (opts_.mode == consistency::local_sgd) return;  // no server traffic
   if (server_index_ >= 0) {
     const auto r = layout_.shard(server_index_);
@@ -230,6 +264,38 @@ node::~node() {
       r.wait();
     } catch (const std::exception&) {}
   }
+  if (trace_ && trace_->dirty()) {
+    try {
+      trace_->write();
+    } catch (const std::exception& e) {
+      log::error("{}", e.what());
+    }
+  }
+}
+
+void node::write_timeline() {
+  if (trace_) trace_->write();
+}
+
+std::filesystem::path node::timeline_file() const {
+  return trace_ ? trace_->file() : std::filesystem::path();
+}
+
+void node::trace_pending(pending& p, double start_us, std::int64_t step) const {
+  if (!trace_) return;
+  const auto S = static_cast<std::size_t>(layout_.servers());
+  p.trace_ = trace_;
+  p.start_us_ = start_us;
+  p.step_ = step;
+  p.bytes_by_server_.assign(S, 0);
+  p.open_by_server_.assign(S, 0);
+  for (const int peer : p.peers_) ++p.open_by_server_[static_cast<std::size_t>(peer)];
+  for (std::size_t s = 0; s < S; ++s) {
+    const auto r = layout_.shard(static_cast<int>(s));
+    // push: what it sent (header and slice); pull: the parameters it received.
+    p.bytes_by_server_[s] =
+        (p.what_ == "push" ? header_words * sizeof(std::int64_t) : 0) + r.size() * sizeof(float);
+  }
 }
 
 void node::check_worker(const char* what, std::size_t n) const {
@@ -255,6 +321,7 @@ void node::check_worker(const char* what, std::size_t n) const {
 
 pending node::pull(std::span<float> params) {
   check_worker("pull", params.size());
+  const double t0 = trace_ ? ringflow::detail::trace::now_us() : 0.0;
   pending p;
   p.rank_ = comm_.rank();
   p.what_ = "pull";
@@ -279,11 +346,13 @@ pending node::pull(std::span<float> params) {
     p.peers_.push_back(peer);
     bytes_sent_ += h.size_bytes();
   }
+  trace_pending(p, t0, clock_);
   return p;
 }
 
 pending node::push(std::span<const float> grads) {
   check_worker("push", grads.size());
+  const double t0 = trace_ ? ringflow::detail::trace::now_us() : 0.0;
   pending p;
   p.rank_ = comm_.rank();
   p.what_ = "push";
@@ -304,6 +373,7 @@ pending node::push(std::span<const float> grads) {
     p.peers_.push_back(peer);
     bytes_sent_ += h.size_bytes() + r.size() * sizeof(float);
   }
+  trace_pending(p, t0, clock_);
   return p;
 }
 
@@ -318,8 +388,13 @@ bool node::average(std::span<float> params, std::int64_t step) {
                                   comm_.rank(), params.size(), layout_.numel()));
   }
   if ((step + 1) % opts_.local_steps != 0) return false;
+  const double t0 = trace_ ? ringflow::detail::trace::now_us() : 0.0;
   allreduce(workers_, params, avg);
   bytes_sent_ += 2 * params.size_bytes();  // a ring sends about 2(W-1)/W of it
+  if (trace_) {
+    trace_->record("average", detail::worker_lane(0), t0, ringflow::detail::trace::now_us(),
+                   fmt::format("\"step\":{},\"bytes\":{}", step, 2 * params.size_bytes()));
+  }
   return true;
 }
 
@@ -421,6 +496,9 @@ void node::serve_loop() {
   }
   const auto values = store.all_values();
   const auto grads = store.all_grads();
+  detail::trace_recorder* const trace = trace_.get();
+  const auto now_us = [] { return ringflow::detail::trace::now_us(); };
+  const double loop_start_us = trace ? now_us() : 0.0;
 
   stats_ = server_stats{};
   stats_.server = server_index_;
@@ -433,8 +511,9 @@ void node::serve_loop() {
         std::vector<std::int64_t>(header_words, 0);  // heap: may outlive the loop
     request header_req;
     bool active = true;
-    std::int64_t clock = 0;  // pushes received
-    std::int64_t pull = -1;  // clock of the pull waiting for an answer, or -1
+    std::int64_t clock = 0;      // pushes received
+    std::int64_t pull = -1;      // clock of the pull waiting for an answer, or -1
+    double pull_arrived_us = 0;  // trace: when that pull's header was seen
     std::uint64_t pulled_at = 0;
     clock_type::time_point heard;
     std::deque<std::vector<float>> pushes;  // received, not applied
@@ -471,7 +550,10 @@ void node::serve_loop() {
     log::warn("ps: server rank {} dropped worker rank {}: {}; {} worker(s) continue", comm_.rank(),
               p.rank, why, active);
   };
-  const auto apply = [&](std::span<const float> g) {
+  // One optimizer step; the trace's "apply" span (from `start_us`: a sync
+  // step's span includes summing the workers' gradients).
+  const auto apply = [&](std::span<const float> g, double start_us, int worker, int gradients,
+                         std::uint64_t stale) {
     std::copy(g.begin(), g.end(), grads.begin());
     if (sgd) {
       sgd->step();
@@ -479,12 +561,18 @@ void node::serve_loop() {
       adamw->step();
     }
     ++stats_.updates;
+    if (trace) {
+      trace->record("apply", detail::server_lane, start_us, now_us(),
+                    fmt::format(R"("step":{},"worker":{},"gradients":{},"staleness":{})",
+                                stats_.updates, worker, gradients, stale));
+    }
   };
   const auto apply_one = [&](int w) {
+    const double t0 = trace ? now_us() : 0.0;
     peer& p = peers[static_cast<std::size_t>(w)];
     const std::uint64_t stale = stats_.updates - p.pulled_at;
     ++stats_.staleness[std::min<std::size_t>(stale, staleness_buckets - 1)];
-    apply(p.pushes.front());
+    apply(p.pushes.front(), t0, w, 1, stale);
     p.pushes.pop_front();
     stats_.record.push_back({event_kind::apply, w});
   };
@@ -496,8 +584,17 @@ void node::serve_loop() {
       drop(w, fmt::format("its last pull's reply failed: {}", e.what()), false);
       return;
     }
+    const double t0 = trace ? now_us() : 0.0;
     p.reply.assign(values.begin(), values.end());
     p.reply_req = comm_.isend(std::span<const float>(p.reply), p.rank, tag + 2);
+    ++stats_.pulls;
+    stats_.bytes_sent += n * sizeof(float);
+    if (trace) {
+      // held_us: how long the pull waited here for the consistency model.
+      trace->record("serve", detail::server_lane, t0, now_us(),
+                    fmt::format(R"("step":{},"worker":{},"bytes":{},"held_us":{:.1f})", p.pull, w,
+                                n * sizeof(float), std::max(0.0, t0 - p.pull_arrived_us)));
+    }
     p.pulled_at = stats_.updates;
     p.pull = -1;
     p.heard = clock_type::now();  // it owes us nothing from here: silence counts again
@@ -528,6 +625,7 @@ void node::serve_loop() {
     peer& p = peers[static_cast<std::size_t>(w)];
     p.heard = clock_type::now();
     const std::int64_t kind = p.header[0];
+    stats_.bytes_received += header_words * sizeof(std::int64_t);
     if (kind == wire_push) {
       std::vector<float> g(n);
       try {
@@ -537,6 +635,7 @@ void node::serve_loop() {
         return;
       }
       p.clock = p.header[1];
+      stats_.bytes_received += n * sizeof(float);
       ++stats_.pushes;
       ++stats_.pushes_by_worker[static_cast<std::size_t>(w)];
       p.pushes.push_back(std::move(g));
@@ -545,6 +644,7 @@ void node::serve_loop() {
       post(p);
     } else if (kind == wire_pull) {
       p.pull = p.header[1];
+      if (trace) p.pull_arrived_us = now_us();
       post(p);
     } else if (kind == wire_goodbye) {
       p.active = false;
@@ -593,6 +693,7 @@ void node::serve_loop() {
           }
         }
         if (with == 0 || without > 0) break;
+        const double t0 = trace ? now_us() : 0.0;
         // Summed in worker order, then divided: the same on every run.
         std::vector<float> total(n, 0.0f);
         for (int w = 0; w < W; ++w) {
@@ -606,7 +707,7 @@ void node::serve_loop() {
         }
         const float count = static_cast<float>(with);
         for (auto& x : total) x /= count;
-        apply(total);
+        apply(total, t0, -1, with, 0);
         progress = true;
       }
       for (int w = 0; w < W; ++w) {
@@ -686,6 +787,19 @@ void node::serve_loop() {
     }
   }
   final_shard_.assign(values.begin(), values.end());
+  if (trace) {
+    // The server's load over the whole run, one span for the loop.
+    const auto list = [](const auto& v) { return fmt::format("[{}]", fmt::join(v, ",")); };
+    trace->record(
+        "server load", detail::server_lane, loop_start_us, now_us(),
+        fmt::format(R"("server":{},"updates":{},"pushes":{},"pulls":{},"bytes_received":{},)"
+                    R"("bytes_sent":{},"pushes_by_worker":{},"staleness":{},"max_clock_gap":{},)"
+                    R"("finished":{},"dropped":{})",
+                    server_index_, stats_.updates, stats_.pushes, stats_.pulls,
+                    stats_.bytes_received, stats_.bytes_sent, list(stats_.pushes_by_worker),
+                    list(stats_.staleness), stats_.max_clock_gap, stats_.finished.size(),
+                    stats_.dropped.size()));
+  }
 }
 
 }  // namespace ringflow::ps

@@ -97,6 +97,7 @@ check(serve_bench OFF --batch --batch 0)
 check(ps_fashion_mnist ON --mode --mode eventual)
 check(ps_fashion_mnist ON --slowdown --slowdown 0.5)
 check(ps_fashion_mnist ON --servers --servers 1)
+check(ps_fashion_mnist ON --trace --trace=)
 
 message("${_runs} bad-flag runs, ${_failures} failed")
 if(_failures GREATER 0)

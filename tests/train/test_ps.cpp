@@ -1,10 +1,16 @@
 // ps::node on thread ranks: layout and bad input, sync == allreduce-average
-// SGD, the SSP bound, async record/replay bit for bit, dropped workers and a
-// lost server (no hang).
+// SGD, the SSP bound, async record/replay bit for bit, dropped workers, a
+// lost server (no hang), and the Chrome trace of pushes, pulls and applies.
+#include <unistd.h>
+
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
 #include <vector>
@@ -14,6 +20,7 @@
 #include "ringflow/backends/local.hpp"
 #include "ringflow/coll/collectives.hpp"
 #include "ringflow/ps/parameter_server.hpp"
+#include "ringflow/train/timeline.hpp"
 #include "support/catch.hpp"
 #include "support/collect.hpp"
 
@@ -21,6 +28,8 @@ using namespace ringflow;
 using ringflow::testing::failures;
 using ringflow::testing::require_none;
 using ringflow::testing::run_collecting;
+using ringflow::testing::scoped_env;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -405,4 +414,195 @@ TEST_CASE("ps local SGD: H local steps, then the workers' average", "[ps]") {
   }
   REQUIRE(got.size() == numel);
   for (std::size_t i = 0; i < numel; ++i) CHECK(std::abs(got[i] - w[0][i]) <= 1e-6);
+}
+
+namespace {
+
+fs::path fresh_dir(const std::string& tag) {
+  auto d = fs::temp_directory_path() / ("ringflow_ps_" + tag + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+struct span {
+  std::string name;
+  int tid = -1;
+  nlohmann::json args;
+};
+
+// The complete events of a trace file, with their args (read_trace keeps
+// only step, bucket and bytes; the ps spans carry more).
+std::vector<span> read_spans(const fs::path& file) {
+  std::ifstream f(file);
+  const auto doc = nlohmann::json::parse(f);
+  std::vector<span> out;
+  for (const auto& e : doc.at("traceEvents")) {
+    if (e.at("ph") != "X") continue;
+    out.push_back({e.at("name").get<std::string>(), e.at("tid").get<int>(), e.at("args")});
+  }
+  return out;
+}
+
+std::vector<span> named(const std::vector<span>& all, const std::string& name) {
+  std::vector<span> out;
+  for (const auto& s : all) {
+    if (s.name == name) out.push_back(s);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("ps timeline: a span per push, pull, apply and serve, and each server's load",
+          "[ps][timeline]") {
+  const scoped_env no_env("RINGFLOW_TIMELINE", nullptr);
+  const int steps = 4;
+  const std::size_t numel = 101;
+  constexpr std::uint64_t header = 24;
+  struct setup {
+    int ranks;
+    ps::consistency mode;
+    ps::placement where;
+    int servers;
+  };
+  for (const setup s : {setup{4, ps::consistency::sync, ps::placement::dedicated, 2},
+                        setup{4, ps::consistency::async, ps::placement::dedicated, 2},
+                        setup{3, ps::consistency::ssp, ps::placement::colocated, 0}}) {
+    INFO("mode " << ps::to_string(s.mode) << " ranks " << s.ranks << " servers " << s.servers);
+    const fs::path dir = fresh_dir("trace");
+    ps::options o{.mode = s.mode, .where = s.where, .servers = s.servers, .staleness = 1};
+    o.optimizer.sgd = {.lr = 0.05, .momentum = 0.0};
+    o.timeline_path = dir / "ps.json";
+    const auto r =
+        run_job(s.ranks, numel, o, [&](ps::node& n, std::vector<float>& p) { work(n, p, steps); });
+    require_none(r.errors);
+    const ps::layout l(numel, s.ranks, o);
+    const int S = l.servers(), W = l.workers();
+    REQUIRE(static_cast<int>(r.stats.size()) == S);
+    for (int rank = 0; rank < s.ranks; ++rank) {
+      INFO("rank " << rank);
+      const fs::path file = dir / fmt::format("ps.rank{}.json", rank);
+      REQUIRE(fs::exists(file));
+      const auto all = read_spans(file);
+      // The library's own strict reader takes it too (same format as train's).
+      CHECK(train::read_trace(file).size() == all.size());
+      if (l.worker_index(rank) >= 0) {
+        const auto pushes = named(all, "push"), pulls = named(all, "pull");
+        CHECK(pushes.size() == static_cast<std::size_t>(steps * S));
+        CHECK(pulls.size() == static_cast<std::size_t>((steps + 1) * S));
+        std::map<int, int> push_count, pull_count;
+        for (const auto& e : pushes) {
+          const int srv = e.args.at("server").get<int>();
+          ++push_count[srv];
+          CHECK(e.tid == 1 + srv);
+          CHECK(e.args.at("bytes").get<std::uint64_t>() == header + l.shard(srv).size() * 4);
+          CHECK(e.args.at("step").get<int>() >= 1);
+        }
+        for (const auto& e : pulls) {
+          const int srv = e.args.at("server").get<int>();
+          ++pull_count[srv];
+          CHECK(e.args.at("bytes").get<std::uint64_t>() == l.shard(srv).size() * 4);
+        }
+        for (int srv = 0; srv < S; ++srv) {
+          CHECK(push_count[srv] == steps);
+          CHECK(pull_count[srv] == steps + 1);
+        }
+      } else {
+        CHECK(named(all, "push").empty());
+        CHECK(named(all, "pull").empty());
+      }
+      if (l.server_index(rank) >= 0) {
+        const auto& st = r.stats[static_cast<std::size_t>(l.server_index(rank))];
+        const auto applies = named(all, "apply"), serves = named(all, "serve");
+        CHECK(applies.size() == st.updates);
+        std::uint64_t gradients = 0;
+        std::vector<std::uint64_t> hist(ps::staleness_buckets, 0);
+        for (const auto& e : applies) {
+          CHECK(e.tid == 0);
+          const auto g = e.args.at("gradients").get<std::uint64_t>();
+          gradients += g;
+          const auto k = e.args.at("staleness").get<std::size_t>();
+          hist[std::min(k, ps::staleness_buckets - 1)] += g;
+          const int w = e.args.at("worker").get<int>();
+          CHECK((s.mode == ps::consistency::sync ? w == -1 : (w >= 0 && w < W)));
+        }
+        CHECK(gradients == st.pushes);
+        CHECK(hist == st.staleness);
+        CHECK(st.pushes == static_cast<std::uint64_t>(steps * W));
+        CHECK(serves.size() == st.pulls);
+        CHECK(st.pulls == static_cast<std::uint64_t>((steps + 1) * W));
+        if (s.mode == ps::consistency::sync) CHECK(st.updates == static_cast<std::uint64_t>(steps));
+        // Headers of every push, pull and goodbye, and the gradient slices.
+        const std::uint64_t n = l.shard(l.server_index(rank)).size();
+        CHECK(st.bytes_received ==
+              static_cast<std::uint64_t>(W) * ((2 * steps + 2) * header + steps * n * 4));
+        CHECK(st.bytes_sent == st.pulls * n * 4);
+        const auto load = named(all, "server load");
+        REQUIRE(load.size() == 1);
+        const auto& a = load[0].args;
+        CHECK(a.at("updates").get<std::uint64_t>() == st.updates);
+        CHECK(a.at("pushes").get<std::uint64_t>() == st.pushes);
+        CHECK(a.at("pulls").get<std::uint64_t>() == st.pulls);
+        CHECK(a.at("bytes_received").get<std::uint64_t>() == st.bytes_received);
+        CHECK(a.at("bytes_sent").get<std::uint64_t>() == st.bytes_sent);
+        CHECK(a.at("pushes_by_worker").get<std::vector<std::uint64_t>>() == st.pushes_by_worker);
+        CHECK(a.at("staleness").get<std::vector<std::uint64_t>>() == st.staleness);
+      } else {
+        CHECK(named(all, "apply").empty());
+        CHECK(named(all, "server load").empty());
+      }
+    }
+    fs::remove_all(dir);
+  }
+}
+
+TEST_CASE("ps timeline: off writes nothing; RINGFLOW_TIMELINE turns it on; bad paths throw",
+          "[ps][timeline]") {
+  const fs::path dir = fresh_dir("trace_off");
+  const auto body = [](ps::node& n, std::vector<float>& p) { work(n, p, 2); };
+  ps::options o{.mode = ps::consistency::async, .servers = 1};
+  {
+    const scoped_env no_env("RINGFLOW_TIMELINE", nullptr);
+    std::atomic<int> with_file{0};
+    const auto r = run_job(3, 40, o, [&](ps::node& n, std::vector<float>& p) {
+      if (!n.timeline_file().empty()) ++with_file;
+      n.write_timeline();  // a no-op when off
+      body(n, p);
+    });
+    require_none(r.errors);
+    CHECK(with_file == 0);
+    CHECK(fs::is_empty(dir));
+  }
+  {
+    const scoped_env env("RINGFLOW_TIMELINE", (dir / "env.json").c_str());
+    const auto r = run_job(3, 40, o, body);
+    require_none(r.errors);
+    for (int rank = 0; rank < 3; ++rank) {
+      const auto spans = read_spans(dir / fmt::format("env.rank{}.json", rank));
+      CHECK(named(spans, rank == 0 ? "apply" : "push").size() == (rank == 0 ? 4u : 2u));
+    }
+  }
+  {
+    const scoped_env no_env("RINGFLOW_TIMELINE", nullptr);
+    o.timeline_path = dir / "missing" / "folder" / "ps.json";
+    std::mutex m;
+    std::vector<std::string> messages;
+    const auto r = run_job(3, 40, o, [&](ps::node& n, std::vector<float>& p) {
+      body(n, p);
+      try {
+        n.write_timeline();
+      } catch (const ringflow::error& e) {
+        std::lock_guard lock(m);
+        messages.push_back(e.what());
+      }
+    });
+    require_none(r.errors);  // the servers' destructors log the failure, never throw
+    REQUIRE(messages.size() == 2);
+    for (const auto& msg : messages) {
+      CHECK_THAT(msg, Catch::Contains("ps::node on rank") && Catch::Contains("ps.rank") &&
+                          Catch::Contains("writable"));
+    }
+  }
+  fs::remove_all(dir);
 }

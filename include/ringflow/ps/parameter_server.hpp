@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <filesystem>
 #include <memory>
 #include <span>
 #include <string>
@@ -23,6 +24,10 @@
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::ps {
+
+namespace detail {
+class trace_recorder;
+}
 
 /// Where the servers run. dedicated: ranks 0..servers-1 only serve, the rest
 /// only work. colocated: every rank serves its shard (on a thread of its own)
@@ -84,6 +89,12 @@ struct options {
   /// async/ssp: apply and serve in exactly this recorded order (a replay);
   /// null: live.
   const replay_record* replay = nullptr;
+  /// A Chrome trace of this node's pushes, pulls, applies and serves, one
+  /// file per rank (`trace.json` -> `trace.rank<r>.json`), written by
+  /// write_timeline() or the destructor. Empty: `$RINGFLOW_TIMELINE` when
+  /// set, else no trace (nothing recorded, nothing written). docs/ps.md
+  /// lists the spans.
+  std::filesystem::path timeline_path{};
 };
 
 /// A server rank stopped answering (ended, failed or timed out): the job
@@ -130,8 +141,11 @@ class layout {
 /// One server's account of a run.
 struct server_stats {
   int server = -1;
-  std::uint64_t updates = 0;  ///< optimizer steps applied to the shard
-  std::uint64_t pushes = 0;   ///< gradient slices received
+  std::uint64_t updates = 0;         ///< optimizer steps applied to the shard
+  std::uint64_t pushes = 0;          ///< gradient slices received
+  std::uint64_t pulls = 0;           ///< pulls answered (parameter slices sent)
+  std::uint64_t bytes_received = 0;  ///< headers and gradient slices, from all workers
+  std::uint64_t bytes_sent = 0;      ///< parameter slices, to all workers
   std::vector<std::uint64_t> pushes_by_worker;
   /// [k]: pushes applied k shard updates after the pull their gradient was
   /// computed from; the last bucket counts k >= its index.
@@ -163,6 +177,13 @@ class pending {
   std::string what_;
   int rank_ = -1;
   std::chrono::milliseconds timeout_{0};
+  // The trace (null: off): one span per server, from the call to the moment
+  // wait() saw that server's last request complete.
+  std::shared_ptr<detail::trace_recorder> trace_;
+  double start_us_ = 0;
+  std::int64_t step_ = 0;
+  std::vector<std::uint64_t> bytes_by_server_;
+  std::vector<int> open_by_server_;    // requests not yet complete, per server
   std::vector<std::int64_t> headers_;  // wire headers: declared before requests_,
   std::vector<int> peers_;             // so they outlive the requests' destructors
   std::vector<request> requests_;
@@ -220,12 +241,21 @@ class node {
   /// of what they pass in `out`.
   void gather_parameters(std::span<float> out);
 
+  /// Writes this rank's trace (options::timeline_path) now, replacing an
+  /// earlier one; the destructor writes it again when spans were added
+  /// since. A no-op when the trace is off. Throws ringflow::error naming the
+  /// file when it cannot be written.
+  void write_timeline();
+  /// The file write_timeline() writes; empty when the trace is off.
+  std::filesystem::path timeline_file() const;
+
   /// Workers: bytes this worker sent to servers (headers included).
   std::uint64_t bytes_sent() const noexcept { return bytes_sent_; }
   std::int64_t pushes() const noexcept { return clock_; }
 
  private:
   void check_worker(const char* what, std::size_t n) const;
+  void trace_pending(pending& p, double start_us, std::int64_t step) const;
   void serve_loop();
 
   communicator comm_;
@@ -244,6 +274,7 @@ class node {
   std::vector<std::pair<std::vector<std::int64_t>, request>> abandoned_;
   std::thread server_thread_;
   std::exception_ptr server_failure_;
+  std::shared_ptr<detail::trace_recorder> trace_;  // null: no trace
 };
 
 }  // namespace ringflow::ps
