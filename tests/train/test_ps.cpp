@@ -606,3 +606,247 @@ TEST_CASE("ps timeline: off writes nothing; RINGFLOW_TIMELINE turns it on; bad p
   }
   fs::remove_all(dir);
 }
+
+namespace {
+
+// A buffer of a dense head, one table of 50 rows x 4 and a dense tail.
+constexpr std::size_t head = 37, table_rows_n = 50, width = 4, tail = 13;
+constexpr std::size_t table_numel = head + table_rows_n * width + tail;
+const ps::table_range the_table{.offset = head, .rows = table_rows_n, .width = width};
+
+bool in_table(std::size_t i) { return i >= head && i < head + table_rows_n * width; }
+
+// The rows worker w looks up at step t (a repeat included).
+std::vector<std::int64_t> rows_of(int w, int t) {
+  std::vector<std::int64_t> r;
+  for (int j = 0; j < 6; ++j) r.push_back((7 * w + 3 * t + j * j) % 50);
+  r.push_back(r.front());
+  return r;
+}
+
+// The gradient of a step: dense elements from p, one row per looked-up id
+// (a function of that row's values).
+void table_gradient(std::span<const float> p, int w, int t, std::span<float> dense,
+                    const std::vector<std::int64_t>& rows, std::vector<float>& row_values) {
+  for (std::size_t i = 0; i < p.size(); ++i) {
+    dense[i] = in_table(i) ? 0.0f
+                           : 0.3f * p[i] - 0.1f * std::cos(0.01f * static_cast<float>(i * (w + 1)) +
+                                                           0.2f * static_cast<float>(t));
+  }
+  row_values.clear();
+  for (std::size_t k = 0; k < rows.size(); ++k) {
+    for (std::size_t j = 0; j < width; ++j) {
+      const float v = p[head + static_cast<std::size_t>(rows[k]) * width + j];
+      row_values.push_back(0.2f * v + 0.05f * std::sin(static_cast<float>(w + t) +
+                                                       0.3f * static_cast<float>(k + j)));
+    }
+  }
+}
+
+// sparse: pull_sparse / push_sparse of the looked-up rows; otherwise pull
+// and push the whole buffer, the rows scatter-added into a zero table.
+void table_work(ps::node& n, std::vector<float>& params, int steps, bool sparse) {
+  std::vector<float> g(params.size());
+  std::vector<float> row_values;
+  const int w = n.worker_index();
+  for (int t = 0; t < steps; ++t) {
+    const auto rows = rows_of(w, t);
+    if (sparse) {
+      const std::span<const std::int64_t> want(rows);
+      n.pull_sparse(params, std::span(&want, 1)).wait();
+    } else {
+      n.pull(params).wait();
+    }
+    table_gradient(params, w, t, g, rows, row_values);
+    if (sparse) {
+      const ps::table_rows tr{rows, row_values};
+      n.push_sparse(g, std::span(&tr, 1)).wait();
+    } else {
+      for (std::size_t k = 0; k < rows.size(); ++k) {
+        for (std::size_t j = 0; j < width; ++j) {
+          g[head + static_cast<std::size_t>(rows[k]) * width + j] += row_values[k * width + j];
+        }
+      }
+      n.push(g).wait();
+    }
+  }
+  n.finish();
+}
+
+}  // namespace
+
+TEST_CASE("ps sparse rows: a sync sparse push equals the dense push with zero rows (bitwise)",
+          "[ps][sparse]") {
+  const scoped_env no_env("RINGFLOW_TIMELINE", nullptr);
+  const int steps = 6;
+  struct setup {
+    int ranks;
+    ps::placement where;
+    int servers;
+  };
+  // 3 servers: the balanced cuts (84, 167) fall inside table rows and move
+  // back to row starts (81, 165).
+  for (const setup s :
+       {setup{5, ps::placement::dedicated, 2}, setup{4, ps::placement::dedicated, 3},
+        setup{3, ps::placement::colocated, 0}}) {
+    INFO("ranks " << s.ranks << " servers " << s.servers);
+    ps::options o{.mode = ps::consistency::sync, .where = s.where, .servers = s.servers};
+    o.optimizer.sgd = {.lr = 0.1, .momentum = 0.0};
+    std::atomic<std::uint64_t> dense_bytes{0}, sparse_bytes{0};
+    const auto dense = run_job(s.ranks, table_numel, o, [&](ps::node& n, std::vector<float>& p) {
+      table_work(n, p, steps, false);
+      dense_bytes += n.bytes_sent();
+    });
+    require_none(dense.errors);
+    ps::options ot = o;
+    ot.tables = {the_table};
+    const auto sparse = run_job(s.ranks, table_numel, ot, [&](ps::node& n, std::vector<float>& p) {
+      table_work(n, p, steps, true);
+      sparse_bytes += n.bytes_sent();
+    });
+    require_none(sparse.errors);
+    // A dense push to a job with tables names every row: the same again.
+    const auto mixed = run_job(s.ranks, table_numel, ot, [&](ps::node& n, std::vector<float>& p) {
+      table_work(n, p, steps, false);
+    });
+    require_none(mixed.errors);
+    REQUIRE(dense.params.size() == table_numel);
+    REQUIRE(sparse.params.size() == table_numel);
+    REQUIRE(mixed.params.size() == table_numel);
+    CHECK(std::memcmp(dense.params.data(), sparse.params.data(), table_numel * 4) == 0);
+    CHECK(std::memcmp(dense.params.data(), mixed.params.data(), table_numel * 4) == 0);
+    CHECK(dense.params != initial_params(table_numel));
+    CHECK(sparse_bytes < dense_bytes / 2);
+    if (s.servers == 3) {
+      const ps::layout l(table_numel, s.ranks, ot);
+      CHECK(l.shard(0).end == 81);
+      CHECK(l.shard(1).end == 165);
+      CHECK(l.server_of(80) == 0);
+      CHECK(l.server_of(81) == 1);
+    }
+  }
+}
+
+TEST_CASE("ps sparse rows: AdamW moves only the rows named (lazy, as ad::adamw's tables)",
+          "[ps][sparse]") {
+  const int steps = 4, W = 2;
+  ps::options o{.mode = ps::consistency::sync, .servers = 1};
+  o.optimizer.type = ps::optimizer_options::kind::adamw;
+  o.optimizer.adamw = {.lr = 0.01, .weight_decay = 0.1};
+  o.tables = {the_table};
+  const auto r = run_job(1 + W, table_numel, o, [&](ps::node& n, std::vector<float>& p) {
+    table_work(n, p, steps, true);
+  });
+  require_none(r.errors);
+
+  // The reference: ad::adamw over the same store layout, a sparse table in
+  // the middle, fed the workers' averaged gradients.
+  ad::parameter_store<float> store;
+  store.add("head", ad::shape{static_cast<ad::index>(head)});
+  auto t = store.add(
+      "table", ad::shape{static_cast<ad::index>(table_rows_n), static_cast<ad::index>(width)});
+  store.add("tail", ad::shape{static_cast<ad::index>(tail)});
+  auto sg = std::make_shared<ad::sparse_rows_grad<float>>();
+  sg->width = width;
+  sg->rows = static_cast<std::int64_t>(table_rows_n);
+  t.node()->sparse = sg;
+  const auto init = initial_params(table_numel);
+  std::copy(init.begin(), init.end(), store.all_values().begin());
+  ad::adamw opt(store, o.optimizer.adamw);
+  std::vector<bool> touched(table_rows_n, false);
+  for (int step = 0; step < steps; ++step) {
+    std::vector<float> total(table_numel, 0.0f), g(table_numel), rv;
+    const std::vector<float> p(store.all_values().begin(), store.all_values().end());
+    sg->clear();
+    for (int w = 0; w < W; ++w) {
+      const auto rows = rows_of(w, step);
+      table_gradient(p, w, step, g, rows, rv);
+      for (std::size_t i = 0; i < table_numel; ++i) total[i] += g[i];
+      for (std::size_t k = 0; k < rows.size(); ++k) {
+        sg->add_row(rows[k], rv.data() + k * width);
+        touched[static_cast<std::size_t>(rows[k])] = true;
+      }
+    }
+    sg->coalesce();
+    for (auto& x : sg->values) x /= static_cast<float>(W);
+    for (auto& x : total) x /= static_cast<float>(W);
+    std::copy(total.begin(), total.end(), store.all_grads().begin());
+    opt.step();
+  }
+  const auto ref = store.all_values();
+  REQUIRE(r.params.size() == table_numel);
+  CHECK(std::memcmp(r.params.data(), ref.data(), table_numel * 4) == 0);
+  int untouched = 0;
+  for (std::size_t row = 0; row < table_rows_n; ++row) {
+    if (touched[row]) continue;
+    ++untouched;
+    for (std::size_t j = 0; j < width; ++j) {
+      const std::size_t i = head + row * width + j;
+      CHECK(r.params[i] == init[i]);  // dense AdamW would decay these
+    }
+  }
+  CHECK(untouched > 0);
+}
+
+TEST_CASE("ps sparse rows: rows outside the table and bad tables are refused, naming the rank",
+          "[ps][sparse]") {
+  ps::options o{.mode = ps::consistency::sync, .servers = 1};
+  o.tables = {the_table};
+  std::mutex m;
+  std::vector<std::string> messages;
+  const auto r = run_job(3, table_numel, o, [&](ps::node& n, std::vector<float>& p) {
+    const auto note = [&](auto&& f) {
+      try {
+        f();
+      } catch (const usage_error& e) {
+        std::lock_guard lock(m);
+        messages.push_back(e.what());
+      }
+    };
+    if (n.worker_index() == 0) {
+      std::vector<float> g(p.size(), 0.0f), v(2 * width, 0.0f);
+      const std::vector<std::int64_t> bad = {3, 50};
+      const ps::table_rows tr{bad, v};
+      note([&] { n.push_sparse(g, std::span(&tr, 1)).wait(); });
+      const std::vector<std::int64_t> neg = {-1};
+      const std::span<const std::int64_t> want(neg);
+      note([&] { n.pull_sparse(p, std::span(&want, 1)).wait(); });
+      const ps::table_rows short_values{std::span<const std::int64_t>(bad).first(1),
+                                        std::span<const float>(v).first(3)};
+      note([&] { n.push_sparse(g, std::span(&short_values, 1)).wait(); });
+      note([&] { n.push_sparse(g, {}).wait(); });
+    }
+    table_work(n, p, 2, true);
+  });
+  require_none(r.errors);
+  REQUIRE(messages.size() == 4);
+  CHECK_THAT(messages[0], Catch::Contains("rank 1") && Catch::Contains("push_sparse") &&
+                              Catch::Contains("row 50 of table 0 is outside [0, 50)"));
+  CHECK_THAT(messages[1], Catch::Contains("rank 1") && Catch::Contains("pull_sparse") &&
+                              Catch::Contains("row -1"));
+  CHECK_THAT(messages[2], Catch::Contains("rank 1") && Catch::Contains("3 values"));
+  CHECK_THAT(messages[3], Catch::Contains("rank 1") && Catch::Contains("rows for 0 table(s)"));
+
+  ps::options bad = o;
+  bad.tables = {{.offset = 240, .rows = 5, .width = 4}};
+  CHECK_THROWS_WITH(ps::layout(table_numel, 3, bad, 2),
+                    Catch::Contains("rank 2") && Catch::Contains("table 0"));
+  bad.tables = {{.offset = 0, .rows = 1, .width = 10}};
+  bad.servers = 2;
+  CHECK_THROWS_WITH(ps::layout(10, 4, bad, 1),
+                    Catch::Contains("rank 1") && Catch::Contains("wider than a shard"));
+  ps::options none{.servers = 1};
+  const auto r2 = run_job(2, 40, none, [&](ps::node& n, std::vector<float>& p) {
+    std::vector<float> g(p.size(), 0.0f);
+    try {
+      n.push_sparse(g, {}).wait();
+    } catch (const usage_error& e) {
+      std::lock_guard lock(m);
+      messages.push_back(e.what());
+    }
+    work(n, p, 1);
+  });
+  require_none(r2.errors);
+  REQUIRE(messages.size() == 5);
+  CHECK_THAT(messages[4], Catch::Contains("no sparse tables"));
+}

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -67,6 +68,24 @@ struct replay_record {
   std::vector<std::vector<replay_event>> servers;
 };
 
+/// A table of `rows` rows of `width` floats in the flat buffer, from
+/// `offset` (an embedding's weight, say): push_sparse() and pull_sparse() move
+/// only named rows of it, and shard boundaries fall between its rows.
+struct table_range {
+  std::size_t offset = 0;
+  std::size_t rows = 0;
+  std::size_t width = 0;
+  std::size_t end() const noexcept { return offset + rows * width; }
+};
+
+/// One table's part of a sparse push: row indices in [0, rows) and one
+/// gradient row for each (indices.size() x width values, row after row). A
+/// repeated index adds, in order (as a dense scatter-add would).
+struct table_rows {
+  std::span<const std::int64_t> indices;
+  std::span<const float> values;
+};
+
 struct options {
   consistency mode = consistency::sync;
   placement where = placement::dedicated;
@@ -95,6 +114,10 @@ struct options {
   /// set, else no trace (nothing recorded, nothing written). docs/ps.md
   /// lists the spans.
   std::filesystem::path timeline_path{};
+  /// Sparse tables in the buffer, ascending and disjoint (docs/ps.md,
+  /// "Sparse rows"). Their rows are updated lazily on the servers, as ad's
+  /// optimizers update an ad::embedding's: only rows a gradient names move.
+  std::vector<table_range> tables{};
 };
 
 /// A server rank stopped answering (ended, failed or timed out): the job
@@ -131,9 +154,12 @@ class layout {
   int worker_index(int rank) const noexcept;
   /// Server s's shard: balanced contiguous ranges.
   shard_range shard(int s) const noexcept;
+  /// The server whose shard holds flat element `i` (< numel()).
+  int server_of(std::size_t i) const noexcept;
 
  private:
   std::size_t numel_;
+  std::vector<std::size_t> bounds_;  // shard s is [bounds_[s], bounds_[s + 1])
   int size_, servers_, workers_;
   bool colocated_;
 };
@@ -186,6 +212,12 @@ class pending {
   std::vector<int> open_by_server_;    // requests not yet complete, per server
   std::vector<std::int64_t> headers_;  // wire headers: declared before requests_,
   std::vector<int> peers_;             // so they outlive the requests' destructors
+  // Sparse pushes and pulls: packed slices and row offsets the requests read
+  // or fill (the vectors' buffers stay put when pending moves), and what
+  // wait() does once everything arrived (scatter a sparse pull's reply).
+  std::vector<std::vector<float>> floats_;
+  std::vector<std::vector<std::int64_t>> offsets_;
+  std::vector<std::function<void()>> on_done_;
   std::vector<request> requests_;
 };
 
@@ -229,6 +261,16 @@ class node {
   pending pull(std::span<float> params);
   /// Workers: sends every server its slice of `grads`.
   pending push(std::span<const float> grads);
+  /// Workers, with options::tables: sends every server its slice of `grads`
+  /// outside the tables (their ranges in `grads` are not read) and, of
+  /// table t, only the rows rows[t] names. Servers apply the optimizer to
+  /// the dense part and to those rows only. usage_error (naming the rank)
+  /// for a row index outside the table or a wrong count of values or tables.
+  pending push_sparse(std::span<const float> grads, std::span<const table_rows> rows);
+  /// Workers, with options::tables: pulls the parameters outside the tables
+  /// and, of table t, only the rows rows[t] names into `params` (the other
+  /// rows of `params` are left as they are); held like pull().
+  pending pull_sparse(std::span<float> params, std::span<const std::span<const std::int64_t>> rows);
   /// Workers, local_sgd: after local step `step` (0-based), averages `params`
   /// over the workers when (step + 1) % local_steps == 0; returns whether it did.
   bool average(std::span<float> params, std::int64_t step);
@@ -255,7 +297,9 @@ class node {
 
  private:
   void check_worker(const char* what, std::size_t n) const;
-  void trace_pending(pending& p, double start_us, std::int64_t step) const;
+  void trace_pending(pending& p, double start_us, std::int64_t step,
+                     const std::vector<std::uint64_t>* bytes = nullptr) const;
+  void check_rows(const char* what, std::size_t tables) const;
   void serve_loop();
 
   communicator comm_;
