@@ -152,7 +152,8 @@ class layout {
   /// -1 when `rank` does not serve / work.
   int server_index(int rank) const noexcept { return rank < servers_ ? rank : -1; }
   int worker_index(int rank) const noexcept;
-  /// Server s's shard: balanced contiguous ranges.
+  /// Server s's shard: balanced contiguous ranges, each cut moved back to a
+  /// row start where it would split a row of options::tables.
   shard_range shard(int s) const noexcept;
   /// The server whose shard holds flat element `i` (< numel()).
   int server_of(std::size_t i) const noexcept;
