@@ -4,6 +4,7 @@
 //   mpirun -np 3 build/bin/ps_fashion_mnist --mode async --servers 1
 //   mpirun -np 4 build/bin/ps_fashion_mnist --mode ssp --staleness 2 --slow-worker 1 --slowdown 3
 //   mpirun -np 4 build/bin/ps_fashion_mnist --mode local --local-steps 4 --servers 0
+//   mpirun -np 3 build/bin/ps_fashion_mnist --mode async --trace /tmp/ps.json   # ps.rank<r>.json
 //
 // Every worker takes --steps steps of --batch samples from its own part of the
 // training set. --servers S: ranks 0..S-1 are dedicated servers; --servers 0:
@@ -53,6 +54,7 @@ struct options {
   double slowdown = 1.0;
   std::string data_dir;
   std::size_t limit = 0;
+  std::string trace;  // empty: $RINGFLOW_TIMELINE or none
 };
 
 void print_help() {
@@ -81,6 +83,8 @@ void print_help() {
       "  --data-dir DIR      Fashion-MNIST IDX files (default $RINGFLOW_DATA_DIR or\n"
       "                      /usr/share/datasets/fashion-mnist)\n"
       "  --limit N           load only the first N samples of each split\n"
+      "  --trace FILE        Chrome trace of every push, pull, apply and serve, one file per\n"
+      "                      rank (FILE.rank<r>.json); also $RINGFLOW_TIMELINE\n"
       "  --help              this text\n");
 }
 
@@ -128,6 +132,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.data_dir = flags.text();
     } else if (arg == "--limit") {
       o.limit = static_cast<std::size_t>(flags.integer(1, INT64_MAX));
+    } else if (arg == "--trace") {
+      o.trace = flags.text();
     } else {
       flags.unknown();
     }
@@ -167,6 +173,7 @@ int run(const options& o, const ringflow::communicator& comm) {
     po.staleness = o.staleness;
     po.local_steps = o.local_steps;
     po.optimizer.sgd = {.lr = o.lr, .momentum = 0.9};
+    po.timeline_path = o.trace;  // empty: the node reads $RINGFLOW_TIMELINE
   }
   if (!allreduce_mode) {
     try {
@@ -264,21 +271,40 @@ int run(const options& o, const ringflow::communicator& comm) {
     node->serve();
     wall = seconds_since(t0);
   }
+  if (node && !node->timeline_file().empty()) {
+    node->write_timeline();
+    if (rank == 0) {
+      fmt::print(stderr,
+                 "ps_fashion_mnist: wrote the ps trace, one file per rank: {} and beside it\n",
+                 node->timeline_file().string());
+    }
+  }
   if (node) {
     std::vector<float> final_params(values.begin(), values.end());
     node->gather_parameters(final_params);
     std::copy(final_params.begin(), final_params.end(), values.begin());
   }
 
-  // Reports: sums over ranks of [staleness buckets][updates per server][samples, bytes].
+  // Reports: sums over ranks of [staleness buckets][per server: updates, pushes,
+  // pulls, bytes received, bytes sent, pushes of each worker][samples, bytes].
   const int S = node ? node->roles().servers() : 0;
-  std::vector<double> t(ps::staleness_buckets + static_cast<std::size_t>(S) + 2, 0.0);
+  const std::size_t per_server = 5 + static_cast<std::size_t>(workers);
+  const auto load_at = [&](int s) {
+    return ps::staleness_buckets + static_cast<std::size_t>(s) * per_server;
+  };
+  std::vector<double> t(load_at(S) + 2, 0.0);
   if (node && node->is_server() && po.mode != ps::consistency::local_sgd) {
     const auto& st = node->stats();
     for (std::size_t k = 0; k < ps::staleness_buckets; ++k)
       t[k] = static_cast<double>(st.staleness[k]);
-    t[ps::staleness_buckets + static_cast<std::size_t>(node->server_index())] =
-        static_cast<double>(st.updates);
+    double* load = &t[load_at(node->server_index())];
+    load[0] = static_cast<double>(st.updates);
+    load[1] = static_cast<double>(st.pushes);
+    load[2] = static_cast<double>(st.pulls);
+    load[3] = static_cast<double>(st.bytes_received);
+    load[4] = static_cast<double>(st.bytes_sent);
+    for (std::size_t w = 0; w < st.pushes_by_worker.size(); ++w)
+      load[5 + w] = static_cast<double>(st.pushes_by_worker[w]);
     for (std::size_t d = 0; d < st.dropped.size(); ++d) {
       ringflow::log::warn("ps_fashion_mnist: server rank {} dropped worker rank {}: {}", rank,
                           st.dropped[d], st.drop_reasons[d]);
@@ -314,10 +340,18 @@ int run(const options& o, const ringflow::communicator& comm) {
       fmt::print("staleness histogram (updates between a gradient's pull and its apply):{}\n",
                  hist);
       std::string counts;
-      for (int s = 0; s < S; ++s)
-        counts +=
-            fmt::format(" {}:{:.0f}", s, t[ps::staleness_buckets + static_cast<std::size_t>(s)]);
+      for (int s = 0; s < S; ++s) counts += fmt::format(" {}:{:.0f}", s, t[load_at(s)]);
       fmt::print("updates per server:{}\n", counts);
+      for (int s = 0; s < S; ++s) {
+        const double* load = &t[load_at(s)];
+        std::string by_worker;
+        for (int w = 0; w < workers; ++w)
+          by_worker += fmt::format("{}{:.0f}", w == 0 ? "" : "/", load[5 + w]);
+        fmt::print(
+            "server {} load: updates {:.0f}, pushes {:.0f} (per worker {}), pulls answered "
+            "{:.0f}, received {:.2f} MB, sent {:.2f} MB\n",
+            s, load[0], load[1], by_worker, load[2], load[3] / 1e6, load[4] / 1e6);
+      }
     }
     fmt::print(
         "mode={} servers={} workers={} samples_per_s={:.0f} bytes_per_sample={:.0f} "

@@ -4,6 +4,9 @@
 //   mpirun -np 2 build/bin/recommend_clicks                      # sparse reduction
 //   mpirun -np 2 build/bin/recommend_clicks --reduction dense    # the same model, dense table
 //   grads
+//   mpirun -np 3 build/bin/recommend_clicks --ps 1               # 1 parameter server, 2 workers:
+//                                                                # pushes and pulls only the rows
+//                                                                used
 //
 // Every sample has --fields categorical ids (field f owns rows [f R/F, (f+1) R/F)
 // of the shared table, drawn from a power law so a few ids are common), and a
@@ -31,10 +34,12 @@
 #include <ringflow/backends/mpi.hpp>
 #include <ringflow/coll/collectives.hpp>
 #include <ringflow/core/log.hpp>
+#include <ringflow/ps/parameter_server.hpp>
 #include <ringflow/train/data_parallel.hpp>
 
 namespace ad = ringflow::ad;
 namespace rt = ringflow::train;
+namespace ps = ringflow::ps;
 using ringflow::tool_flags::bad_flag;
 
 namespace {
@@ -52,6 +57,7 @@ struct options {
   std::string reduction = "sparse";
   std::uint64_t seed = 42;
   std::size_t eval = 8192;
+  int ps_servers = 0;  // 0: data parallel; S: S dedicated parameter servers (sync)
 };
 
 void print_help() {
@@ -72,6 +78,9 @@ void print_help() {
       "                    table gradient in the bucketed allreduce) (default sparse)\n"
       "  --seed N          seed of the click log and the weights (default 42)\n"
       "  --eval N          held-out samples for AUC and accuracy (default 8192)\n"
+      "  --ps S            train through S dedicated parameter servers (ranks 0..S-1, sync)\n"
+      "                    instead of data parallel; with sparse reduction the workers push\n"
+      "                    and pull only the table rows their batch uses (default: off)\n"
       "  --help            this text\n"
       "\n"
       "The last line on stdout is auc=<value>.\n");
@@ -114,6 +123,8 @@ std::optional<options> parse_args(int argc, char** argv) {
       o.seed = static_cast<std::uint64_t>(flags.integer(0, INT64_MAX));
     } else if (arg == "--eval") {
       o.eval = static_cast<std::size_t>(flags.integer(1, 1 << 24));
+    } else if (arg == "--ps") {
+      o.ps_servers = static_cast<int>(flags.integer(1, 4096));
     } else {
       flags.unknown();
     }
@@ -335,6 +346,154 @@ int train(const options& o, const ringflow::communicator& comm) {
   return 0;
 }
 
+// --ps S: the same model through S dedicated parameter servers (sync: each
+// step's update is the average of the workers' gradients, as data parallel).
+// Sparse reduction: a worker pulls the dense MLP and only the table rows its
+// batch looks up, and pushes the MLP's gradient and only those rows.
+int train_ps(const options& o, const ringflow::communicator& comm) {
+  const int rank = comm.rank(), np = comm.size();
+  const bool sparse = o.reduction == "sparse";
+  click_model model(o, rank);
+  auto params = pack(model);
+  const auto values = params.all_values();
+  const auto grads = params.all_grads();
+  ps::options po{.mode = ps::consistency::sync, .servers = o.ps_servers};
+  if (o.optimizer == "adamw") {
+    po.optimizer.type = ps::optimizer_options::kind::adamw;
+    po.optimizer.adamw = {.lr = o.lr, .weight_decay = 0.0};
+  } else {
+    po.optimizer.sgd = {.lr = o.lr, .momentum = 0.0};
+  }
+  // pack() puts the table first: rows x dim floats from offset 0.
+  if (sparse) {
+    po.tables = {{.offset = params.at("table.weight").offset,
+                  .rows = static_cast<std::size_t>(o.rows),
+                  .width = static_cast<std::size_t>(o.dim)}};
+  }
+  const std::vector<float> initial(values.begin(), values.end());
+  ps::node node(comm, initial, po);
+  const int W = node.roles().workers();
+  if (o.batch % static_cast<std::size_t>(W) != 0) {
+    throw ringflow::usage_error(
+        fmt::format("--batch {} is not a multiple of the {} workers (ranks - --ps); use a multiple",
+                    o.batch, W));
+  }
+  const std::size_t local = o.batch / static_cast<std::size_t>(W);
+  const int reporter = node.roles().worker_rank(0);
+  if (rank == 0) {
+    std::printf(
+        "recommend_clicks: %d ranks (%d parameter server(s), %d workers), table %lld x %lld, %lld "
+        "fields, mlp %lld-%lld-2, global batch %zu, %s, %s push/pull\n",
+        np, node.roles().servers(), W, static_cast<long long>(o.rows),
+        static_cast<long long>(o.dim), static_cast<long long>(o.fields),
+        static_cast<long long>(o.fields * o.dim), static_cast<long long>(o.hidden), o.batch,
+        o.optimizer.c_str(), sparse ? "sparse" : "dense");
+    std::fflush(stdout);
+  }
+  if (!node.is_worker()) {
+    node.serve();
+    return 0;
+  }
+  const click_log log{o};
+  const std::uint64_t eval_first = std::uint64_t{1} << 40;
+  std::vector<std::int64_t> eval_ids;
+  std::vector<int> eval_clicks;
+  if (rank == reporter) log.fill(eval_first, o.eval, eval_ids, eval_clicks);
+  auto evaluate = [&](double& acc) {
+    node.pull(values).wait();  // every row, for the held-out samples
+    ad::no_grad guard;
+    std::vector<float> score(o.eval);
+    std::size_t right = 0;
+    for (std::size_t s = 0; s < o.eval; s += 1024) {
+      const std::size_t n = std::min<std::size_t>(1024, o.eval - s);
+      std::vector<std::int64_t> ids(
+          eval_ids.begin() + static_cast<std::ptrdiff_t>(s * static_cast<std::size_t>(o.fields)),
+          eval_ids.begin() +
+              static_cast<std::ptrdiff_t>((s + n) * static_cast<std::size_t>(o.fields)));
+      auto p = ad::softmax(model.logits(ids, o.fields));
+      for (std::size_t k = 0; k < n; ++k) {
+        score[s + k] = p.data()[k * 2 + 1];
+        right += (score[s + k] > 0.5f ? 1 : 0) == eval_clicks[s + k] ? 1u : 0u;
+      }
+    }
+    acc = static_cast<double>(right) / static_cast<double>(o.eval);
+    return auc(score, eval_clicks);
+  };
+  const int w = node.worker_index();
+  std::vector<std::int64_t> ids, rows;
+  std::vector<int> clicks;
+  double loss_sum = 0;
+  int loss_count = 0;
+  std::uint64_t train_bytes = 0;  // pushes and pulls of training steps (not the evaluations)
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int step = 0; step < o.steps; ++step) {
+    log.fill(static_cast<std::uint64_t>(step) * o.batch + static_cast<std::uint64_t>(w) * local,
+             local, ids, clicks);
+    const std::uint64_t before = node.bytes_sent();
+    if (sparse) {
+      rows = ids;
+      std::sort(rows.begin(), rows.end());
+      rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+      const std::span<const std::int64_t> want(rows);
+      node.pull_sparse(values, std::span(&want, 1)).wait();
+    } else {
+      node.pull(values).wait();
+    }
+    params.zero_grad();
+    auto loss =
+        ad::softmax_cross_entropy(model.logits(ids, o.fields), std::span<const int>(clicks));
+    loss.backward();
+    if (sparse) {
+      auto* sg = model.table.weight().sparse_grad();
+      sg->coalesce();  // one row per distinct id on the wire
+      const ps::table_rows tr{sg->indices, sg->values};
+      node.push_sparse(grads, std::span(&tr, 1)).wait();
+    } else {
+      node.push(grads).wait();
+    }
+    train_bytes += node.bytes_sent() - before;
+    loss_sum += loss.item();
+    ++loss_count;
+    if ((step + 1) % o.report == 0 || step + 1 == o.steps) {
+      double mean[2] = {loss_sum, static_cast<double>(loss_count)};
+      ringflow::allreduce(node.workers(), std::span<double>(mean, 2), ringflow::sum);
+      loss_sum = 0;
+      loss_count = 0;
+      if (rank == reporter) {
+        double acc = 0;
+        const double a = evaluate(acc);
+        std::printf("step %5d  loss %.4f  held-out auc %.4f  accuracy %.4f\n", step + 1,
+                    mean[0] / mean[1], a, acc);
+        std::fflush(stdout);
+      }
+    }
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (rank == reporter) {
+    const double samples = static_cast<double>(o.steps) * static_cast<double>(local);
+    // A dense step sends a pull header and a push of the whole buffer to
+    // every server.
+    const double dense_step = static_cast<double>(params.numel() * sizeof(float)) +
+                              2.0 * 24.0 * static_cast<double>(node.roles().servers());
+    const double per_sample = samples > 0 ? static_cast<double>(train_bytes) / samples : 0.0;
+    const double dense_per_sample = dense_step / static_cast<double>(local);
+    std::printf("trained %d steps in %.2f s (%.1f ms/step)\n", o.steps, secs,
+                o.steps > 0 ? secs * 1e3 / o.steps : 0.0);
+    std::printf(
+        "bytes sent per sample by worker rank %d: %.0f with %s push/pull; a dense push of all "
+        "%zu parameters sends %.0f (%.1fx %s)\n",
+        rank, per_sample, sparse ? "sparse" : "dense", params.numel(), dense_per_sample,
+        per_sample > 0 ? dense_per_sample / per_sample : 0.0,
+        per_sample > 0 && per_sample < dense_per_sample ? "fewer" : "as many");
+    double acc = 0;
+    const double a = evaluate(acc);
+    std::printf("auc=%.4f\n", a);
+    std::fflush(stdout);
+  }
+  node.finish();
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -352,7 +511,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    return train(*o, comm);
+    return o->ps_servers > 0 ? train_ps(*o, comm) : train(*o, comm);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "recommend_clicks (rank %d): %s\n", comm.rank(), e.what());
     return 1;

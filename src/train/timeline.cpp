@@ -4,7 +4,6 @@
 #include <fmt/format.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +15,7 @@
 #include <utility>
 
 #include "core/json.hpp"
+#include "core/trace_clock.hpp"
 #include "ringflow/core/atomic_file.hpp"
 #include "ringflow/core/env.hpp"
 #include "ringflow/core/error.hpp"
@@ -23,21 +23,6 @@
 namespace ringflow::train {
 
 namespace {
-
-// Offset from the steady clock to system time, fixed at first use, so spans
-// are monotonic within a process and roughly aligned across processes.
-double clock_offset_us() {
-  static const double offset = [] {
-    const auto sys = std::chrono::duration<double, std::micro>(
-                         std::chrono::system_clock::now().time_since_epoch())
-                         .count();
-    const auto steady = std::chrono::duration<double, std::micro>(
-                            std::chrono::steady_clock::now().time_since_epoch())
-                            .count();
-    return sys - steady;
-  }();
-  return offset;
-}
 
 const char* lane_name(lane l) { return l == lane::comm ? "comm" : "compute"; }
 
@@ -87,19 +72,12 @@ constexpr std::uintmax_t max_trace_bytes = std::uintmax_t{1} << 30;
 
 }  // namespace
 
+// One clock and one naming for every trace the library writes (core/trace_clock.hpp).
 std::filesystem::path rank_file(const std::filesystem::path& path, int rank) {
-  std::filesystem::path out = path;
-  const std::string ext = path.has_extension() ? path.extension().string() : ".json";
-  out.replace_filename(fmt::format("{}.rank{}{}", path.stem().string(), rank, ext));
-  return out;
+  return detail::trace::rank_file(path, rank);
 }
 
-double now_us() {
-  return std::chrono::duration<double, std::micro>(
-             std::chrono::steady_clock::now().time_since_epoch())
-             .count() +
-         clock_offset_us();
-}
+double now_us() { return detail::trace::now_us(); }
 
 struct timeline::state {
   int rank = 0;
@@ -114,7 +92,7 @@ timeline::timeline(int rank, std::filesystem::path path) : state_(std::make_shar
   }
   state_->rank = rank;
   state_->file = rank_file(path, rank);
-  (void)clock_offset_us();
+  (void)now_us();  // fixes the clock offset now, not at the first span
 }
 
 timeline timeline::from_env(int rank) {

@@ -1,7 +1,9 @@
 // ps::node over MPI (mpirun -np 1..5): sync equals a serial allreduce-average
 // SGD reference (dedicated servers from 2 ranks, co-located at any count), and
-// an async job runs to the end with every push applied.
+// an async job runs to the end with every push applied; sparse rows equal
+// the dense push bit for bit (SGD).
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "ringflow/backends/mpi.hpp"
@@ -87,4 +89,68 @@ TEST_CASE("mpi ps: async runs to the end", "[mpi][ps]") {
   ps::options o{.mode = ps::consistency::async, .servers = c.size() >= 4 ? 2 : 1};
   const auto p = run_job(c, 50, 5, o);
   for (float x : p) REQUIRE(std::isfinite(x));
+}
+
+TEST_CASE("mpi ps: a sync sparse push equals the dense push with zero rows (bitwise)",
+          "[mpi][ps][sparse]") {
+  auto c = mpi::world();
+  // A dense head of 11, a table of 30 rows x 3, a dense tail of 5.
+  constexpr std::size_t head = 11, rows = 30, width = 3, numel = head + rows * width + 5;
+  const int steps = 5;
+  std::vector<ps::options> setups;
+  if (c.size() >= 2) setups.push_back({.mode = ps::consistency::sync, .servers = 1});
+  if (c.size() >= 4) setups.push_back({.mode = ps::consistency::sync, .servers = 2});
+  if (c.raw().concurrent_use_ok()) {
+    setups.push_back({.mode = ps::consistency::sync, .where = ps::placement::colocated});
+  }
+  for (auto o : setups) {
+    o.optimizer.sgd = {.lr = 0.1, .momentum = 0.0};
+    std::vector<std::vector<float>> results;
+    for (const bool sparse : {false, true}) {
+      ps::options oj = o;
+      if (sparse) oj.tables = {{.offset = head, .rows = rows, .width = width}};
+      const auto init = start(numel);
+      ps::node n(c, init, oj);
+      std::vector<float> p = init, g(numel), rv;
+      if (n.is_worker()) {
+        const int w = n.worker_index();
+        for (int t = 0; t < steps; ++t) {
+          std::vector<std::int64_t> ids;
+          for (int j = 0; j < 4; ++j) ids.push_back((5 * w + 2 * t + j * j) % 30);
+          ids.push_back(ids.front());
+          const std::span<const std::int64_t> want(ids);
+          if (sparse) {
+            n.pull_sparse(p, std::span(&want, 1)).wait();
+          } else {
+            n.pull(p).wait();
+          }
+          grad(p, w, t, g);
+          for (std::size_t i = head; i < head + rows * width; ++i) g[i] = 0.0f;
+          rv.clear();
+          for (std::size_t k = 0; k < ids.size(); ++k) {
+            for (std::size_t j = 0; j < width; ++j) {
+              rv.push_back(0.3f * p[head + static_cast<std::size_t>(ids[k]) * width + j] +
+                           0.01f * static_cast<float>(k + j + static_cast<std::size_t>(t)));
+            }
+          }
+          if (sparse) {
+            const ps::table_rows tr{ids, rv};
+            n.push_sparse(g, std::span(&tr, 1)).wait();
+          } else {
+            for (std::size_t k = 0; k < ids.size(); ++k) {
+              for (std::size_t j = 0; j < width; ++j)
+                g[head + static_cast<std::size_t>(ids[k]) * width + j] += rv[k * width + j];
+            }
+            n.push(g).wait();
+          }
+        }
+        n.finish();
+      } else {
+        n.serve();
+      }
+      n.gather_parameters(p);
+      results.push_back(p);
+    }
+    REQUIRE(std::memcmp(results[0].data(), results[1].data(), numel * sizeof(float)) == 0);
+  }
 }

@@ -10,6 +10,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <filesystem>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -23,6 +25,10 @@
 #include "ringflow/core/error.hpp"
 
 namespace ringflow::ps {
+
+namespace detail {
+class trace_recorder;
+}
 
 /// Where the servers run. dedicated: ranks 0..servers-1 only serve, the rest
 /// only work. colocated: every rank serves its shard (on a thread of its own)
@@ -62,6 +68,24 @@ struct replay_record {
   std::vector<std::vector<replay_event>> servers;
 };
 
+/// A table of `rows` rows of `width` floats in the flat buffer, from
+/// `offset` (an embedding's weight, say): push_sparse() and pull_sparse() move
+/// only named rows of it, and shard boundaries fall between its rows.
+struct table_range {
+  std::size_t offset = 0;
+  std::size_t rows = 0;
+  std::size_t width = 0;
+  std::size_t end() const noexcept { return offset + rows * width; }
+};
+
+/// One table's part of a sparse push: row indices in [0, rows) and one
+/// gradient row for each (indices.size() x width values, row after row). A
+/// repeated index adds, in order (as a dense scatter-add would).
+struct table_rows {
+  std::span<const std::int64_t> indices;
+  std::span<const float> values;
+};
+
 struct options {
   consistency mode = consistency::sync;
   placement where = placement::dedicated;
@@ -84,6 +108,16 @@ struct options {
   /// async/ssp: apply and serve in exactly this recorded order (a replay);
   /// null: live.
   const replay_record* replay = nullptr;
+  /// A Chrome trace of this node's pushes, pulls, applies and serves, one
+  /// file per rank (`trace.json` -> `trace.rank<r>.json`), written by
+  /// write_timeline() or the destructor. Empty: `$RINGFLOW_TIMELINE` when
+  /// set, else no trace (nothing recorded, nothing written). docs/ps.md
+  /// lists the spans.
+  std::filesystem::path timeline_path{};
+  /// Sparse tables in the buffer, ascending and disjoint (docs/ps.md,
+  /// "Sparse rows"). Their rows are updated lazily on the servers, as ad's
+  /// optimizers update an ad::embedding's: only rows a gradient names move.
+  std::vector<table_range> tables{};
 };
 
 /// A server rank stopped answering (ended, failed or timed out): the job
@@ -118,11 +152,15 @@ class layout {
   /// -1 when `rank` does not serve / work.
   int server_index(int rank) const noexcept { return rank < servers_ ? rank : -1; }
   int worker_index(int rank) const noexcept;
-  /// Server s's shard: balanced contiguous ranges.
+  /// Server s's shard: balanced contiguous ranges, each cut moved back to a
+  /// row start where it would split a row of options::tables.
   shard_range shard(int s) const noexcept;
+  /// The server whose shard holds flat element `i` (< numel()).
+  int server_of(std::size_t i) const noexcept;
 
  private:
   std::size_t numel_;
+  std::vector<std::size_t> bounds_;  // shard s is [bounds_[s], bounds_[s + 1])
   int size_, servers_, workers_;
   bool colocated_;
 };
@@ -130,8 +168,11 @@ class layout {
 /// One server's account of a run.
 struct server_stats {
   int server = -1;
-  std::uint64_t updates = 0;  ///< optimizer steps applied to the shard
-  std::uint64_t pushes = 0;   ///< gradient slices received
+  std::uint64_t updates = 0;         ///< optimizer steps applied to the shard
+  std::uint64_t pushes = 0;          ///< gradient slices received
+  std::uint64_t pulls = 0;           ///< pulls answered (parameter slices sent)
+  std::uint64_t bytes_received = 0;  ///< headers and gradient slices, from all workers
+  std::uint64_t bytes_sent = 0;      ///< parameter slices, to all workers
   std::vector<std::uint64_t> pushes_by_worker;
   /// [k]: pushes applied k shard updates after the pull their gradient was
   /// computed from; the last bucket counts k >= its index.
@@ -163,8 +204,21 @@ class pending {
   std::string what_;
   int rank_ = -1;
   std::chrono::milliseconds timeout_{0};
+  // The trace (null: off): one span per server, from the call to the moment
+  // wait() saw that server's last request complete.
+  std::shared_ptr<detail::trace_recorder> trace_;
+  double start_us_ = 0;
+  std::int64_t step_ = 0;
+  std::vector<std::uint64_t> bytes_by_server_;
+  std::vector<int> open_by_server_;    // requests not yet complete, per server
   std::vector<std::int64_t> headers_;  // wire headers: declared before requests_,
   std::vector<int> peers_;             // so they outlive the requests' destructors
+  // Sparse pushes and pulls: packed slices and row offsets the requests read
+  // or fill (the vectors' buffers stay put when pending moves), and what
+  // wait() does once everything arrived (scatter a sparse pull's reply).
+  std::vector<std::vector<float>> floats_;
+  std::vector<std::vector<std::int64_t>> offsets_;
+  std::vector<std::function<void()>> on_done_;
   std::vector<request> requests_;
 };
 
@@ -208,6 +262,16 @@ class node {
   pending pull(std::span<float> params);
   /// Workers: sends every server its slice of `grads`.
   pending push(std::span<const float> grads);
+  /// Workers, with options::tables: sends every server its slice of `grads`
+  /// outside the tables (their ranges in `grads` are not read) and, of
+  /// table t, only the rows rows[t] names. Servers apply the optimizer to
+  /// the dense part and to those rows only. usage_error (naming the rank)
+  /// for a row index outside the table or a wrong count of values or tables.
+  pending push_sparse(std::span<const float> grads, std::span<const table_rows> rows);
+  /// Workers, with options::tables: pulls the parameters outside the tables
+  /// and, of table t, only the rows rows[t] names into `params` (the other
+  /// rows of `params` are left as they are); held like pull().
+  pending pull_sparse(std::span<float> params, std::span<const std::span<const std::int64_t>> rows);
   /// Workers, local_sgd: after local step `step` (0-based), averages `params`
   /// over the workers when (step + 1) % local_steps == 0; returns whether it did.
   bool average(std::span<float> params, std::int64_t step);
@@ -220,12 +284,23 @@ class node {
   /// of what they pass in `out`.
   void gather_parameters(std::span<float> out);
 
+  /// Writes this rank's trace (options::timeline_path) now, replacing an
+  /// earlier one; the destructor writes it again when spans were added
+  /// since. A no-op when the trace is off. Throws ringflow::error naming the
+  /// file when it cannot be written.
+  void write_timeline();
+  /// The file write_timeline() writes; empty when the trace is off.
+  std::filesystem::path timeline_file() const;
+
   /// Workers: bytes this worker sent to servers (headers included).
   std::uint64_t bytes_sent() const noexcept { return bytes_sent_; }
   std::int64_t pushes() const noexcept { return clock_; }
 
  private:
   void check_worker(const char* what, std::size_t n) const;
+  void trace_pending(pending& p, double start_us, std::int64_t step,
+                     const std::vector<std::uint64_t>* bytes = nullptr) const;
+  void check_rows(const char* what, std::size_t tables) const;
   void serve_loop();
 
   communicator comm_;
@@ -244,6 +319,7 @@ class node {
   std::vector<std::pair<std::vector<std::int64_t>, request>> abandoned_;
   std::thread server_thread_;
   std::exception_ptr server_failure_;
+  std::shared_ptr<detail::trace_recorder> trace_;  // null: no trace
 };
 
 }  // namespace ringflow::ps
