@@ -228,6 +228,28 @@ double auc(const std::vector<float>& score, const std::vector<int>& label) {
   return (rank_sum - pos * (pos + 1) / 2.0) / (pos * neg);
 }
 
+// Held-out AUC of `model` on `clicks` (ids: `fields` per sample), in chunks of
+// 1024 samples; `acc` gets the accuracy at threshold 0.5.
+double evaluate_clicks(click_model& model, const std::vector<std::int64_t>& ids,
+                       const std::vector<int>& clicks, ad::index fields, double& acc) {
+  ad::no_grad guard;
+  const std::size_t samples = clicks.size(), f = static_cast<std::size_t>(fields);
+  std::vector<float> score(samples);
+  std::size_t right = 0;
+  for (std::size_t s = 0; s < samples; s += 1024) {
+    const std::size_t n = std::min<std::size_t>(1024, samples - s);
+    std::vector<std::int64_t> chunk(ids.begin() + static_cast<std::ptrdiff_t>(s * f),
+                                    ids.begin() + static_cast<std::ptrdiff_t>((s + n) * f));
+    auto p = ad::softmax(model.logits(chunk, fields));
+    for (std::size_t k = 0; k < n; ++k) {
+      score[s + k] = p.data()[k * 2 + 1];
+      right += (score[s + k] > 0.5f ? 1 : 0) == clicks[s + k] ? 1u : 0u;
+    }
+  }
+  acc = samples ? static_cast<double>(right) / static_cast<double>(samples) : 0.0;
+  return auc(score, clicks);
+}
+
 int train(const options& o, const ringflow::communicator& comm) {
   const int rank = comm.rank(), np = comm.size();
   if (o.batch % static_cast<std::size_t>(np) != 0) {
@@ -252,23 +274,7 @@ int train(const options& o, const ringflow::communicator& comm) {
   std::vector<int> eval_clicks;
   if (rank == 0) log.fill(eval_first, o.eval, eval_ids, eval_clicks);
   auto evaluate = [&](double& acc) {
-    ad::no_grad guard;
-    std::vector<float> score(o.eval);
-    std::size_t right = 0;
-    for (std::size_t s = 0; s < o.eval; s += 1024) {
-      const std::size_t n = std::min<std::size_t>(1024, o.eval - s);
-      std::vector<std::int64_t> ids(
-          eval_ids.begin() + static_cast<std::ptrdiff_t>(s * static_cast<std::size_t>(o.fields)),
-          eval_ids.begin() +
-              static_cast<std::ptrdiff_t>((s + n) * static_cast<std::size_t>(o.fields)));
-      auto p = ad::softmax(model.logits(ids, o.fields));
-      for (std::size_t k = 0; k < n; ++k) {
-        score[s + k] = p.data()[k * 2 + 1];
-        right += (score[s + k] > 0.5f ? 1 : 0) == eval_clicks[s + k] ? 1u : 0u;
-      }
-    }
-    acc = static_cast<double>(right) / static_cast<double>(o.eval);
-    return auc(score, eval_clicks);
+    return evaluate_clicks(model, eval_ids, eval_clicks, o.fields, acc);
   };
 
   if (rank == 0) {
@@ -401,23 +407,7 @@ int train_ps(const options& o, const ringflow::communicator& comm) {
   if (rank == reporter) log.fill(eval_first, o.eval, eval_ids, eval_clicks);
   auto evaluate = [&](double& acc) {
     node.pull(values).wait();  // every row, for the held-out samples
-    ad::no_grad guard;
-    std::vector<float> score(o.eval);
-    std::size_t right = 0;
-    for (std::size_t s = 0; s < o.eval; s += 1024) {
-      const std::size_t n = std::min<std::size_t>(1024, o.eval - s);
-      std::vector<std::int64_t> ids(
-          eval_ids.begin() + static_cast<std::ptrdiff_t>(s * static_cast<std::size_t>(o.fields)),
-          eval_ids.begin() +
-              static_cast<std::ptrdiff_t>((s + n) * static_cast<std::size_t>(o.fields)));
-      auto p = ad::softmax(model.logits(ids, o.fields));
-      for (std::size_t k = 0; k < n; ++k) {
-        score[s + k] = p.data()[k * 2 + 1];
-        right += (score[s + k] > 0.5f ? 1 : 0) == eval_clicks[s + k] ? 1u : 0u;
-      }
-    }
-    acc = static_cast<double>(right) / static_cast<double>(o.eval);
-    return auc(score, eval_clicks);
+    return evaluate_clicks(model, eval_ids, eval_clicks, o.fields, acc);
   };
   const int w = node.worker_index();
   std::vector<std::int64_t> ids, rows;
