@@ -1,5 +1,6 @@
 // sharded_data_parallel (ZeRO 1/2) and no_sync on the thread backend: bitwise equality with
 // data_parallel over the ring, memory and traffic counters, accumulation, errors.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -708,6 +709,7 @@ TEST_CASE("stage 3: gathered on read, prefetched, dropped; bitwise equal without
         std::vector<float> values;
         std::size_t gathers = 0, prefetched = 0, buckets = 0, peak = 0, shard = 0;
         std::size_t largest = 0, numel = 0;
+        bool released = false;
       };
       const auto run = [&](int stage) {
         return per_rank<result>(p, [&](communicator& c) {
@@ -735,9 +737,10 @@ TEST_CASE("stage 3: gathered on read, prefetched, dropped; bitwise equal without
                 c, model.parameters(),
                 {.stage = 3, .bucket_cap_bytes = cap, .first_bucket_cap_bytes = cap / 2});
             // Released: the store keeps no flat values, the count is unchanged.
-            REQUIRE(model.parameters().values_released());
-            REQUIRE(model.parameters().all_values().empty());
-            REQUIRE(model.parameters().numel() == out.numel);
+            // (Checked outside the ranks: Catch2's assertions are not thread-safe.)
+            out.released = model.parameters().values_released() &&
+                           model.parameters().all_values().empty() &&
+                           model.parameters().numel() == out.numel;
             auto opt = adamw(sdp.shard());
             train_with(sdp, opt);
             out.gathers = sdp.last_step().parameter_gathers;
@@ -758,6 +761,7 @@ TEST_CASE("stage 3: gathered on read, prefetched, dropped; bitwise equal without
         const auto& m = sharded[static_cast<std::size_t>(r)];
         INFO("ranks " << p << " cap " << cap << " rank " << r << " buckets " << m.buckets
                       << " gathers " << m.gathers << " prefetched " << m.prefetched);
+        REQUIRE(m.released);
         REQUIRE(same_bits(m.values, plain[static_cast<std::size_t>(r)].values));
         // Every bucket gathered in the forward, the ones dropped since
         // gathered again in the backward; all but the first ahead of time.
@@ -871,8 +875,14 @@ TEST_CASE("stage 3 traffic: counted exactly; reduce-scatter plus two allgathers 
 
 TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, errors",
           "[train][zero][zero3][errors]") {
-  const auto errs = per_rank<std::vector<std::string>>(2, [](communicator& c) {
-    std::vector<std::string> out;
+  struct result {
+    std::vector<std::string> errors;
+    std::vector<bool> facts;  // checked outside the ranks (Catch2 is not thread-safe)
+  };
+  const auto res = per_rank<result>(2, [](communicator& c) {
+    result r;
+    std::vector<std::string>& out = r.errors;
+    std::vector<bool>& facts = r.facts;
     const auto expect = [&](auto&& f) {
       try {
         f();
@@ -892,7 +902,7 @@ TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, err
       {
         auto full = sdp.full_parameters();
         // Whole on this rank alone: a forward here is local.
-        REQUIRE(model.parameters().all_values().size() == model.parameters().numel());
+        facts.push_back(model.parameters().all_values().size() == model.parameters().numel());
         if (c.rank() == 0) (void)forward();
         expect([&] { sdp.backward(forward()); });
         expect([&] { sdp.step(opt); });
@@ -900,7 +910,8 @@ TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, err
         // A value written here (a checkpoint load) becomes the shard's.
         for (float& v : model.parameters().all_values()) v = 0.25f;
       }
-      for (const float v : sdp.shard().all_values()) REQUIRE(v == 0.25f);
+      const auto shard = sdp.shard().all_values();
+      facts.push_back(std::all_of(shard.begin(), shard.end(), [](float v) { return v == 0.25f; }));
     }
     // The trainer is gone without unshard(): reading the model says so.
     expect([&] { (void)forward(); });
@@ -911,7 +922,7 @@ TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, err
       sdp.unshard();
       expect([&] { sdp.backward(ad::sum(kept(ad::tensor::from_data(x.data(), {2, 4})))); });
       // Whole and usable after the trainer.
-      REQUIRE(!kept.parameters().values_released());
+      facts.push_back(!kept.parameters().values_released());
     }
     {
       // A scope that outlives its trainer leaves the values whole.
@@ -921,13 +932,19 @@ TEST_CASE("stage 3: full_parameters for evaluation and checkpoints, unshard, err
         train::sharded_data_parallel sdp(c, outlived.parameters(), {.stage = 3});
         full.emplace(sdp.full_parameters());
       }
-      REQUIRE(!outlived.parameters().values_released());
+      facts.push_back(!outlived.parameters().values_released());
       (void)ad::sum(outlived(ad::tensor::from_data(x.data(), {2, 4})));
     }
-    return out;
+    return r;
   });
   for (int r = 0; r < 2; ++r) {
-    const auto& e = errs[static_cast<std::size_t>(r)];
+    const auto& m = res[static_cast<std::size_t>(r)];
+    REQUIRE(m.facts.size() == 4);
+    for (std::size_t i = 0; i < m.facts.size(); ++i) {
+      INFO("rank " << r << " fact " << i);
+      REQUIRE(m.facts[i]);
+    }
+    const auto& e = m.errors;
     REQUIRE(e.size() == 5);
     const std::vector<std::string> want = {"full_parameters", "full_parameters", "full_parameters",
                                            "unshard()", "unshard()"};
