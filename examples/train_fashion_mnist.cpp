@@ -545,7 +545,9 @@ int train(const options& o, const ringflow::communicator& comm) {
     const auto full = whole();
     test_acc = accuracy(comm, model, fm.test);
   }
-  report.line("trained {} epoch(s) in {:.1f}s on {} rank(s)", o.epochs - start_epoch,
+  // The epochs this run trained (--stop-after may end it early).
+  const int last_epoch = o.stop_after > 0 ? std::min(o.stop_after, o.epochs) : o.epochs;
+  report.line("trained {} epoch(s) in {:.1f}s on {} rank(s)", std::max(0, last_epoch - start_epoch),
               seconds_since(t_train), np);
   {
     // Model-state memory and traffic of rank 0 (docs/training.md, "Sharded data parallel").
