@@ -32,11 +32,11 @@
 #include <string>
 #include <vector>
 
+#include "mpi_example_main.hpp"
 #include "tool_flags.hpp"
 #include <ringflow/ad/autodiff.hpp>
 #include <ringflow/backends/mpi.hpp>
 #include <ringflow/coll/collectives.hpp>
-#include <ringflow/core/log.hpp>
 #include <ringflow/data/batch.hpp>
 #include <ringflow/data/dataset.hpp>
 #include <ringflow/data/sampler.hpp>
@@ -441,26 +441,6 @@ int run(const options& o, const ringflow::communicator& comm) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  ringflow::mpi::environment env(argc, argv);
-  auto comm = ringflow::mpi::world();
-  std::optional<options> o;
-  try {
-    o = parse_args(argc, argv);
-  } catch (const bad_flag& e) {
-    return comm.rank() == 0 ? ringflow::tool_flags::report("distill_fashion_mnist", e) : exit_usage;
-  }
-  if (!o) {
-    if (comm.rank() == 0) print_help();
-    return 0;
-  }
-  try {
-    return run(*o, comm);
-  } catch (const std::exception& e) {
-    if (comm.rank() == 0) {
-      std::fprintf(stderr, "\ndistill_fashion_mnist: %s\n", e.what());
-    } else {
-      ringflow::log::info("distill_fashion_mnist (rank {}): {}", comm.rank(), e.what());
-    }
-    return 1;
-  }
+  return ringflow::examples::mpi_example_main(argc, argv, "distill_fashion_mnist", parse_args,
+                                              print_help, run);
 }

@@ -26,12 +26,12 @@
 #include <string_view>
 #include <vector>
 
+#include "mpi_example_main.hpp"
 #include "tool_flags.hpp"
 #include <ringflow/ad/autodiff.hpp>
 #include <ringflow/backends/mpi.hpp>
 #include <ringflow/coll/collectives.hpp>
 #include <ringflow/compress/compressor.hpp>
-#include <ringflow/core/log.hpp>
 #include <ringflow/data/batch.hpp>
 #include <ringflow/data/dataset.hpp>
 #include <ringflow/data/sampler.hpp>
@@ -605,28 +605,6 @@ int train(const options& o, const ringflow::communicator& comm) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  ringflow::mpi::environment env(argc, argv);
-  auto comm = ringflow::mpi::world();
-  std::optional<options> o;
-  try {
-    o = parse_args(argc, argv);
-  } catch (const bad_flag& e) {
-    return comm.rank() == 0 ? ringflow::tool_flags::report("train_fashion_mnist", e) : exit_usage;
-  }
-  if (!o) {
-    if (comm.rank() == 0) print_help();
-    return 0;
-  }
-  try {
-    return train(*o, comm);
-  } catch (const std::exception& e) {
-    // Errors here are the same on every rank (data files, checkpoints, flags),
-    // so rank 0 speaks for all; RINGFLOW_LOG_LEVEL=info shows every rank's.
-    if (comm.rank() == 0) {
-      std::fprintf(stderr, "\ntrain_fashion_mnist: %s\n", e.what());
-    } else {
-      ringflow::log::info("train_fashion_mnist (rank {}): {}", comm.rank(), e.what());
-    }
-    return 1;
-  }
+  return ringflow::examples::mpi_example_main(argc, argv, "train_fashion_mnist", parse_args,
+                                              print_help, train);
 }
