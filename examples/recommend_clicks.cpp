@@ -250,6 +250,25 @@ double evaluate_clicks(click_model& model, const std::vector<std::int64_t>& ids,
   return auc(score, clicks);
 }
 
+// A progress line: the mean training loss over `comm`'s ranks since the
+// last report (the sums are reset), and, on `reporter`, the held-out AUC and
+// accuracy. Collective over `comm`.
+template <class Evaluate>
+void report_step(const ringflow::communicator& comm, int step, double& loss_sum, int& loss_count,
+                 bool reporter, Evaluate& evaluate) {
+  double mean[2] = {loss_sum, static_cast<double>(loss_count)};
+  ringflow::allreduce(comm, std::span<double>(mean, 2), ringflow::sum);
+  loss_sum = 0;
+  loss_count = 0;
+  if (reporter) {
+    double acc = 0;
+    const double a = evaluate(acc);
+    std::printf("step %5d  loss %.4f  held-out auc %.4f  accuracy %.4f\n", step + 1,
+                mean[0] / mean[1], a, acc);
+    std::fflush(stdout);
+  }
+}
+
 int train(const options& o, const ringflow::communicator& comm) {
   const int rank = comm.rank(), np = comm.size();
   if (o.batch % static_cast<std::size_t>(np) != 0) {
@@ -310,18 +329,7 @@ int train(const options& o, const ringflow::communicator& comm) {
     loss_sum += loss.item();
     ++loss_count;
     if ((step + 1) % o.report == 0 || step + 1 == o.steps) {
-      // The mean training loss over the ranks since the last report.
-      double mean[2] = {loss_sum, static_cast<double>(loss_count)};
-      ringflow::allreduce(comm, std::span<double>(mean, 2), ringflow::sum);
-      loss_sum = 0;
-      loss_count = 0;
-      if (rank == 0) {
-        double acc = 0;
-        const double a = evaluate(acc);
-        std::printf("step %5d  loss %.4f  held-out auc %.4f  accuracy %.4f\n", step + 1,
-                    mean[0] / mean[1], a, acc);
-        std::fflush(stdout);
-      }
+      report_step(comm, step, loss_sum, loss_count, rank == 0, evaluate);
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -445,17 +453,7 @@ int train_ps(const options& o, const ringflow::communicator& comm) {
     loss_sum += loss.item();
     ++loss_count;
     if ((step + 1) % o.report == 0 || step + 1 == o.steps) {
-      double mean[2] = {loss_sum, static_cast<double>(loss_count)};
-      ringflow::allreduce(node.workers(), std::span<double>(mean, 2), ringflow::sum);
-      loss_sum = 0;
-      loss_count = 0;
-      if (rank == reporter) {
-        double acc = 0;
-        const double a = evaluate(acc);
-        std::printf("step %5d  loss %.4f  held-out auc %.4f  accuracy %.4f\n", step + 1,
-                    mean[0] / mean[1], a, acc);
-        std::fflush(stdout);
-      }
+      report_step(node.workers(), step, loss_sum, loss_count, rank == reporter, evaluate);
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
