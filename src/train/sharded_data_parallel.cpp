@@ -49,12 +49,10 @@ struct sharded_data_parallel::state {
   // finish() ran and shard()'s averaged gradients await step() (which then
   // must not reduce again: the model's gradients are consumed).
   bool reduced = false;
-  // Stage 3. sharded: the model's values are released (not inside a
-  // full_parameters scope, not after unshard()). Each bucket's gathered
-  // values (null: not resident) and its gather started ahead, both placed
-  // like the bucket's slice of the model's flat value buffer modulo 64 bytes
-  // (as the stage-2 gradient buffers are), so the products round alike.
-  bool sharded = false;
+  // Stage 3. Each bucket's gathered values (null: not resident) and its
+  // gather started ahead, both placed like the bucket's slice of the model's
+  // flat value buffer modulo 64 bytes (as the stage-2 gradient buffers are),
+  // so the products round alike.
   bool unsharded = false;
   bool in_backward = false;
   std::vector<std::shared_ptr<float>> bucket_values;
@@ -66,6 +64,9 @@ struct sharded_data_parallel::state {
   std::size_t peak_value_bytes = 0;
 
   int rank() const { return comm.rank(); }
+  // Stage 3 with the model's values released: not inside a full_parameters()
+  // scope, not after unshard().
+  bool sharded() const { return params.values_released(); }
 
   std::span<float> shard_grads(std::size_t b) const {
     return shard.all_grads().subspan(shard_offset[b], owned[b].count);
@@ -104,7 +105,7 @@ struct sharded_data_parallel::state {
     const auto addr = reinterpret_cast<std::uintptr_t>(mem.get());
     const std::size_t target = (mod64 + bk.offset * sizeof(float)) % 64;
     const std::size_t shift = ((target + 64 - addr % 64) % 64) / sizeof(float);
-    bytes += (bk.size + pad) * sizeof(float);
+    bytes += placed_bytes(bk);
     return std::shared_ptr<float>(mem, mem.get() + shift);
   }
   static std::size_t placed_bytes(const bucket& bk) {
@@ -217,7 +218,6 @@ struct sharded_data_parallel::state {
   void release_values() {
     state* self = this;
     params.release_values([self](std::size_t i) { return self->value_of(i); });
-    sharded = true;
   }
 
   // Stage 3: every bucket gathered into one flat buffer given to the store.
@@ -233,8 +233,8 @@ struct sharded_data_parallel::state {
           comm, shard_values(b), std::span<float>(flat).subspan(bk.offset, bk.size), opts.coll));
     }
     wait_all(std::span<collective_handle>(gathers));
+    // Not noted as a peak of training: the scope holds the whole model by design.
     params.pack_values(std::move(flat));
-    sharded = false;  // not a peak of training: the scope holds the whole model by design
   }
 
   // The model's values (authoritative: a checkpoint may have been loaded
@@ -255,7 +255,7 @@ struct sharded_data_parallel::state {
           "whole again and this trainer no longer steps them (build a new trainer)",
           rank(), what));
     }
-    if (opts.stage >= 3 && !sharded) {
+    if (opts.stage >= 3 && !sharded()) {
       throw usage_error(fmt::format(
           "train::sharded_data_parallel on rank {}: {} inside a full_parameters() scope; end "
           "the scope first (its values would overwrite the update)",
@@ -268,7 +268,7 @@ struct sharded_data_parallel::state {
     if (t.bucket_done(i)) {
       // Stage 3: every gradient of the bucket is final, so no closure of
       // this backward reads its values again.
-      if (sharded) drop_values(t.bucket_of[i]);
+      if (sharded()) drop_values(t.bucket_of[i]);
       while (t.next < buckets.size() && t.pending[t.next] == 0) {
         launch(t.next++);
         ++current.buckets_launched_in_backward;
@@ -314,7 +314,7 @@ struct sharded_data_parallel::state {
     if (opts.stage >= 2) {
       staging = take_bucket(b);
       in = std::span<const float>(staging.get(), bk.size);
-      staged_bytes = (bk.size + 64 / sizeof(float)) * sizeof(float);
+      staged_bytes = placed_bytes(bk);
     } else {
       in = params.all_grads().subspan(bk.offset, bk.size);
     }
@@ -468,7 +468,7 @@ sharded_data_parallel::~sharded_data_parallel() {
   s.params.set_grad_ready_hook(nullptr);
   s.wait_quietly();
   // A full_parameters() scope still alive: the values are whole and stay so.
-  if (s.sharded) {
+  if (s.sharded()) {
     // The values are spread over the ranks and this trainer (which gathers
     // them) is going: a read from now on is an error that says so.
     (void)s.drop_all_values();
@@ -623,7 +623,7 @@ void sharded_data_parallel::after_update() {
 full_parameters_scope sharded_data_parallel::full_parameters() {
   auto& s = *state_;
   if (s.opts.stage < 3 || s.unsharded) return full_parameters_scope();
-  if (!s.sharded) {
+  if (!s.sharded()) {
     throw usage_error(
         fmt::format("train::sharded_data_parallel on rank {}: full_parameters() inside another "
                     "full_parameters() scope",
@@ -638,7 +638,7 @@ full_parameters_scope sharded_data_parallel::full_parameters() {
 void sharded_data_parallel::unshard() {
   auto& s = *state_;
   if (s.opts.stage < 3 || s.unsharded) return;
-  if (!s.sharded) {
+  if (!s.sharded()) {
     throw usage_error(fmt::format(
         "train::sharded_data_parallel on rank {}: unshard() inside a full_parameters() scope",
         s.rank()));
@@ -649,7 +649,7 @@ void sharded_data_parallel::unshard() {
 
 void sharded_data_parallel::reshard() noexcept {
   auto& s = *state_;
-  if (s.sharded || s.unsharded) return;
+  if (s.sharded() || s.unsharded) return;
   s.copy_owned_to_shard();
   s.release_values();
 }
